@@ -1,0 +1,1 @@
+//! FreeKV for mistral.rs.

@@ -1,0 +1,1 @@
+//! Test support for FreeKV end-to-end tests.
