@@ -1,0 +1,469 @@
+//! Typed launches of the FreeKV kernels, and the descriptor structs they read.
+//!
+//! Every launch takes raw device pointers (`u64`) and a raw stream: the pipeline orders its streams
+//! with events itself (see `recall.rs`). Launch shapes are fixed here, next to the kernels' own
+//! comments in `kernels/*.cu`.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys};
+
+use super::module::LoadedKernels;
+
+/// Per-sequence descriptor of one layer's device tier. Mirrors `struct SeqDesc` in
+/// `kernels/common.cuh` (same field order, sizes and alignment: 4 x u64 then 4 x i32 = 48 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqDesc {
+    pub slots: u64,
+    pub slot_len: u64,
+    pub summaries: u64,
+    pub sel_pages: u64,
+    pub n_slots: i32,
+    pub sel_slot0: i32,
+    pub cand_begin: i32,
+    pub cand_count: i32,
+}
+
+/// Mirrors `struct RecallJob` in `kernels/transfer.cu` (32 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecallJob {
+    pub slots: u64,
+    pub slot_len: u64,
+    /// Staging offset in elements (scatter) or host chunk pointer (direct).
+    pub src: u64,
+    pub slot: i32,
+    pub head: i32,
+}
+
+/// Mirrors `struct GatherJob` in `kernels/transfer.cu` (24 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatherJob {
+    pub src_k: u64,
+    pub src_v: u64,
+    pub dst: u64,
+}
+
+/// Mirrors `struct AppendJob` in `kernels/transfer.cu` (24 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AppendJob {
+    pub slots: u64,
+    pub slot_len: u64,
+    pub slot: i32,
+    pub pos: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<SeqDesc>() == 48);
+const _: () = assert!(std::mem::size_of::<RecallJob>() == 32);
+const _: () = assert!(std::mem::size_of::<GatherJob>() == 24);
+const _: () = assert!(std::mem::size_of::<AppendJob>() == 24);
+
+/// Views a slice of plain-old-data descriptors as bytes for uploads.
+pub fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: the descriptor types are repr(C) integers without padding (asserted sizes above).
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// Summary kind (`mode` of freekv_summarize).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SummaryMode {
+    MinMax = 0,
+    CentreMad = 1,
+}
+
+/// GQA pooling (`mode` of freekv_pool_scores).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    SoftmaxMean = 0,
+    Mean = 1,
+    Max = 2,
+}
+
+/// A kernel argument: every parameter of our kernels is one of these.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    Ptr(u64),
+    I64(i64),
+    I32(i32),
+    F32(f32),
+}
+
+/// Candidates scored per block by freekv_score_pages.
+pub const SCORE_PAGES_PER_BLOCK: i32 = 64;
+/// Threads of freekv_topk_replace (a multiple of 32).
+pub const TOPK_THREADS: u32 = 512;
+/// Largest number of selectable slots freekv_topk_replace accepts (FKV_MAX_SEL).
+pub const MAX_SEL: usize = 1024;
+
+/// The kernels of one configuration on one device, with typed launches.
+pub struct Kernels {
+    pub loaded: Arc<LoadedKernels>,
+}
+
+impl Kernels {
+    pub fn new(loaded: Arc<LoadedKernels>) -> Self {
+        Self { loaded }
+    }
+
+    fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        stream: sys::CUstream,
+        args: &[Arg],
+    ) -> anyhow::Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        // Each argument gets an 8-byte slot; the driver reads the parameter's own size from the
+        // start of its slot (little-endian), so i32/f32 values sit in the low bytes.
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr(v) => v,
+                Arg::I64(v) => v as u64,
+                Arg::I32(v) => v as u32 as u64,
+                Arg::F32(v) => v.to_bits() as u64,
+            })
+            .collect();
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        // SAFETY: the argument list matches the kernel's signature (each wrapper below mirrors the
+        // kernel it launches); pointers are device addresses the caller keeps alive.
+        unsafe {
+            result::launch_kernel(
+                self.loaded.function(name),
+                grid,
+                (block, 1, 1),
+                0,
+                stream,
+                &mut params,
+            )
+        }
+        .map_err(|e| anyhow::anyhow!("launching {name} (grid {grid:?}, block {block}): {e:?}"))
+    }
+
+    fn kv_threads(n_kv: usize, head_dim: usize) -> u32 {
+        (n_kv * head_dim / 8).div_ceil(32).clamp(1, 32) as u32 * 32
+    }
+
+    /// freekv_summarize: `src_keys`/`dst` are device arrays of `n_jobs` u64 pointers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn summarize(
+        &self,
+        stream: sys::CUstream,
+        src_keys: u64,
+        dst: u64,
+        n_jobs: usize,
+        n_kv: usize,
+        tok_stride: i64,
+        head_stride: i64,
+        mode: SummaryMode,
+    ) -> anyhow::Result<()> {
+        let block = Self::kv_threads(n_kv, self.loaded.config.head_dim);
+        self.launch(
+            "freekv_summarize",
+            (n_jobs as u32, 1, 1),
+            block,
+            stream,
+            &[
+                Arg::Ptr(src_keys),
+                Arg::Ptr(dst),
+                Arg::I32(n_jobs as i32),
+                Arg::I32(n_kv as i32),
+                Arg::I64(tok_stride),
+                Arg::I64(head_stride),
+                Arg::I32(mode as i32),
+            ],
+        )
+    }
+
+    /// freekv_score_pages + freekv_pool_scores: pooled scores `[n_seq][n_kv][cand_stride]` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn score_and_pool(
+        &self,
+        stream: sys::CUstream,
+        q: u64,
+        q_seq_stride: i64,
+        descs: u64,
+        n_seq: usize,
+        n_kv: usize,
+        max_cand: usize,
+        cand_stride: usize,
+        raw: u64,
+        pooled: u64,
+        pooling: Pooling,
+    ) -> anyhow::Result<()> {
+        let blocks = (max_cand as u32).div_ceil(SCORE_PAGES_PER_BLOCK as u32);
+        self.launch(
+            "freekv_score_pages",
+            (blocks, n_kv as u32, n_seq as u32),
+            128,
+            stream,
+            &[
+                Arg::Ptr(q),
+                Arg::I64(q_seq_stride),
+                Arg::Ptr(descs),
+                Arg::Ptr(raw),
+                Arg::I32(n_kv as i32),
+                Arg::I32(cand_stride as i32),
+                Arg::I32(SCORE_PAGES_PER_BLOCK),
+            ],
+        )?;
+        self.launch(
+            "freekv_pool_scores",
+            (n_kv as u32, n_seq as u32, 1),
+            256,
+            stream,
+            &[
+                Arg::Ptr(raw),
+                Arg::Ptr(descs),
+                Arg::Ptr(pooled),
+                Arg::I32(n_kv as i32),
+                Arg::I32(cand_stride as i32),
+                Arg::I32(pooling as i32),
+            ],
+        )
+    }
+
+    /// freekv_topk_replace: recall_count `[n_seq][n_kv]` i32, recall_list `[n_seq][n_kv][n_sel]` int2.
+    #[allow(clippy::too_many_arguments)]
+    pub fn topk_replace(
+        &self,
+        stream: sys::CUstream,
+        pooled: u64,
+        descs: u64,
+        n_seq: usize,
+        n_kv: usize,
+        cand_stride: usize,
+        n_sel: usize,
+        recall_count: u64,
+        recall_list: u64,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            n_sel <= MAX_SEL,
+            "{n_sel} selectable slots exceed the kernel's limit of {MAX_SEL}"
+        );
+        self.launch(
+            "freekv_topk_replace",
+            (n_kv as u32, n_seq as u32, 1),
+            TOPK_THREADS,
+            stream,
+            &[
+                Arg::Ptr(pooled),
+                Arg::Ptr(descs),
+                Arg::I32(n_kv as i32),
+                Arg::I32(cand_stride as i32),
+                Arg::I32(n_sel as i32),
+                Arg::Ptr(recall_count),
+                Arg::Ptr(recall_list),
+            ],
+        )
+    }
+
+    /// freekv_correction: cos `[n_seq][n_kv]` f32 and flags `[n_seq][n_kv]` i32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn correction(
+        &self,
+        stream: sys::CUstream,
+        q_cur: u64,
+        q_prev: u64,
+        q_seq_stride: i64,
+        n_seq: usize,
+        n_kv: usize,
+        tau: f32,
+        cos_out: u64,
+        flags: u64,
+    ) -> anyhow::Result<()> {
+        self.launch(
+            "freekv_correction",
+            (n_kv as u32, n_seq as u32, 1),
+            128,
+            stream,
+            &[
+                Arg::Ptr(q_cur),
+                Arg::Ptr(q_prev),
+                Arg::I64(q_seq_stride),
+                Arg::I32(n_kv as i32),
+                Arg::F32(tau),
+                Arg::Ptr(cos_out),
+                Arg::Ptr(flags),
+            ],
+        )
+    }
+
+    /// freekv_recall_scatter: staging chunks -> NHD slots.
+    pub fn recall_scatter(
+        &self,
+        stream: sys::CUstream,
+        staging: u64,
+        jobs: u64,
+        n_jobs: usize,
+        n_kv: usize,
+    ) -> anyhow::Result<()> {
+        self.launch(
+            "freekv_recall_scatter",
+            (n_jobs as u32, 1, 1),
+            256,
+            stream,
+            &[
+                Arg::Ptr(staging),
+                Arg::Ptr(jobs),
+                Arg::I32(n_jobs as i32),
+                Arg::I32(n_kv as i32),
+            ],
+        )
+    }
+
+    /// freekv_recall_direct: mapped pinned host chunks -> NHD slots.
+    pub fn recall_direct(
+        &self,
+        stream: sys::CUstream,
+        jobs: u64,
+        n_jobs: usize,
+        n_kv: usize,
+    ) -> anyhow::Result<()> {
+        self.launch(
+            "freekv_recall_direct",
+            (n_jobs as u32, 1, 1),
+            256,
+            stream,
+            &[
+                Arg::Ptr(jobs),
+                Arg::I32(n_jobs as i32),
+                Arg::I32(n_kv as i32),
+            ],
+        )
+    }
+
+    /// freekv_offload_gather: strided pages -> HND pages.
+    #[allow(clippy::too_many_arguments)]
+    pub fn offload_gather(
+        &self,
+        stream: sys::CUstream,
+        jobs: u64,
+        n_jobs: usize,
+        n_kv: usize,
+        tok_stride: i64,
+        head_stride: i64,
+    ) -> anyhow::Result<()> {
+        self.launch(
+            "freekv_offload_gather",
+            (n_jobs as u32, 1, 1),
+            256,
+            stream,
+            &[
+                Arg::Ptr(jobs),
+                Arg::I32(n_jobs as i32),
+                Arg::I32(n_kv as i32),
+                Arg::I64(tok_stride),
+                Arg::I64(head_stride),
+            ],
+        )
+    }
+
+    /// freekv_append: one new token per sequence into its window slot.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(
+        &self,
+        stream: sys::CUstream,
+        k_new: u64,
+        v_new: u64,
+        seq_stride: i64,
+        jobs: u64,
+        n_seq: usize,
+        n_kv: usize,
+    ) -> anyhow::Result<()> {
+        let block = Self::kv_threads(n_kv, self.loaded.config.head_dim);
+        self.launch(
+            "freekv_append",
+            (n_seq as u32, 1, 1),
+            block,
+            stream,
+            &[
+                Arg::Ptr(k_new),
+                Arg::Ptr(v_new),
+                Arg::I64(seq_stride),
+                Arg::Ptr(jobs),
+                Arg::I32(n_kv as i32),
+            ],
+        )
+    }
+
+    /// Decode attention: freekv_decode_partial over `n_chunks` chunks of `slots_per_chunk` slots,
+    /// then freekv_decode_combine into `out` (`[n_seq][n_q][D]`, sequence stride `out_seq_stride`).
+    /// `part_o` holds n_seq*n_q*n_chunks*D f32, `part_ml` n_seq*n_q*n_chunks*2 f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode(
+        &self,
+        stream: sys::CUstream,
+        q: u64,
+        q_seq_stride: i64,
+        descs: u64,
+        n_seq: usize,
+        n_kv: usize,
+        max_slots: usize,
+        slots_per_chunk: usize,
+        part_o: u64,
+        part_ml: u64,
+        out: u64,
+        out_seq_stride: i64,
+        scale: f32,
+        softcap: f32,
+    ) -> anyhow::Result<()> {
+        let n_chunks = max_slots.div_ceil(slots_per_chunk.max(1)).max(1);
+        self.launch(
+            "freekv_decode_partial",
+            (n_chunks as u32, n_kv as u32, n_seq as u32),
+            128,
+            stream,
+            &[
+                Arg::Ptr(q),
+                Arg::I64(q_seq_stride),
+                Arg::Ptr(descs),
+                Arg::Ptr(part_o),
+                Arg::Ptr(part_ml),
+                Arg::I32(n_kv as i32),
+                Arg::I32(n_chunks as i32),
+                Arg::I32(slots_per_chunk as i32),
+                Arg::F32(scale),
+                Arg::F32(softcap),
+            ],
+        )?;
+        let n_q = n_kv * self.loaded.config.group;
+        self.launch(
+            "freekv_decode_combine",
+            (n_q as u32, n_seq as u32, 1),
+            self.loaded.config.head_dim as u32,
+            stream,
+            &[
+                Arg::Ptr(part_o),
+                Arg::Ptr(part_ml),
+                Arg::Ptr(out),
+                Arg::I64(out_seq_stride),
+                Arg::I32(n_kv as i32),
+                Arg::I32(n_chunks as i32),
+            ],
+        )
+    }
+
+    /// Chunking for decode: enough blocks to fill the device (about 2 per SM), at least 2 slots
+    /// per block.
+    pub fn decode_slots_per_chunk(
+        n_seq: usize,
+        n_kv: usize,
+        max_slots: usize,
+        sm_count: usize,
+    ) -> usize {
+        let target_blocks = (2 * sm_count).max(1);
+        let per_head = target_blocks.div_ceil((n_seq * n_kv).max(1)).max(1);
+        max_slots.div_ceil(per_head).max(2)
+    }
+}

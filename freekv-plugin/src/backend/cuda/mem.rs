@@ -1,0 +1,179 @@
+//! Raw device and pinned host buffers.
+//!
+//! The FreeKV pipeline orders its streams itself with events (recall streams, compute stream), so it
+//! works on raw pointers instead of cudarc's event-tracked `CudaSlice`. Each buffer frees itself on
+//! drop; the owner must make sure no queued work still uses it (the tiers drop only after a
+//! context synchronize).
+
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys, CudaContext};
+
+/// `cuMemAlloc`ed device memory.
+pub struct DeviceBuffer {
+    ctx: Arc<CudaContext>,
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+impl DeviceBuffer {
+    pub fn new(ctx: &Arc<CudaContext>, bytes: usize) -> anyhow::Result<Self> {
+        ctx.bind_to_thread()?;
+        // SAFETY: plain allocation in the bound context; freed in Drop.
+        let ptr = unsafe { result::malloc_sync(bytes.max(16)) }
+            .map_err(|e| anyhow::anyhow!("cuMemAlloc of {bytes} bytes failed: {e:?}"))?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            ptr,
+            bytes,
+        })
+    }
+
+    /// Allocates and zero-fills (synchronously).
+    pub fn zeroed(ctx: &Arc<CudaContext>, bytes: usize) -> anyhow::Result<Self> {
+        let b = Self::new(ctx, bytes)?;
+        // SAFETY: the range is inside the allocation.
+        unsafe { result::memset_d8_sync(b.ptr, 0, b.bytes) }?;
+        Ok(b)
+    }
+
+    /// Fills with `byte` on `stream` (e.g. 0xff makes every i32 -1).
+    pub fn fill_async(&self, byte: u8, stream: sys::CUstream) -> anyhow::Result<()> {
+        // SAFETY: the range is inside the allocation.
+        unsafe { result::memset_d8_async(self.ptr, byte, self.bytes, stream) }?;
+        Ok(())
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Copies `src` to offset `offset_bytes` on `stream`. `src` must stay valid and unchanged until
+    /// the copy has run (pinned memory: truly asynchronous; pageable: staged by the driver).
+    ///
+    /// # Safety
+    /// The caller keeps `src` alive and unmodified until the stream has passed this copy.
+    pub unsafe fn copy_from_host_async<T>(
+        &self,
+        offset_bytes: usize,
+        src: &[T],
+        stream: sys::CUstream,
+    ) -> anyhow::Result<()> {
+        let n = std::mem::size_of_val(src);
+        anyhow::ensure!(
+            offset_bytes + n <= self.bytes,
+            "host->device copy of {n} bytes at {offset_bytes} overruns a {}-byte buffer",
+            self.bytes
+        );
+        result::memcpy_htod_async(self.ptr + offset_bytes as u64, src, stream)?;
+        Ok(())
+    }
+
+    /// Synchronous upload (tests, setup).
+    pub fn upload<T>(&self, offset_bytes: usize, src: &[T]) -> anyhow::Result<()> {
+        let n = std::mem::size_of_val(src);
+        anyhow::ensure!(
+            offset_bytes + n <= self.bytes,
+            "upload of {n} bytes at {offset_bytes} overruns a {}-byte buffer",
+            self.bytes
+        );
+        self.ctx.bind_to_thread()?;
+        // SAFETY: bounds checked above; the copy is synchronous.
+        unsafe { result::memcpy_htod_sync(self.ptr + offset_bytes as u64, src) }?;
+        Ok(())
+    }
+
+    /// Synchronous download (tests, setup).
+    pub fn download<T>(&self, offset_bytes: usize, dst: &mut [T]) -> anyhow::Result<()> {
+        let n = std::mem::size_of_val(dst);
+        anyhow::ensure!(
+            offset_bytes + n <= self.bytes,
+            "download of {n} bytes at {offset_bytes} overruns a {}-byte buffer",
+            self.bytes
+        );
+        self.ctx.bind_to_thread()?;
+        // SAFETY: bounds checked above; the copy is synchronous.
+        unsafe { result::memcpy_dtoh_sync(dst, self.ptr + offset_bytes as u64) }?;
+        Ok(())
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: we own the allocation; owners synchronize before dropping (module docs).
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
+}
+
+/// Page-locked host memory from `cuMemHostAlloc`.
+///
+/// Allocated WITHOUT `CU_MEMHOSTALLOC_WRITECOMBINED` (cudarc's `alloc_pinned` sets it): the host
+/// tier is written *and read* by the CPU (offload, CPU-side checks), and write-combined memory is
+/// uncached for CPU reads. With unified addressing the same pointer is valid on the device, which
+/// `freekv_recall_direct` uses.
+pub struct PinnedBuffer {
+    ctx: Arc<CudaContext>,
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the buffer exclusively owns its allocation; access goes through &self/&mut self.
+unsafe impl Send for PinnedBuffer {}
+unsafe impl Sync for PinnedBuffer {}
+
+/// `CU_MEMHOSTALLOC_PORTABLE`: pinned for every context, not only the allocating one.
+pub const HOST_ALLOC_PORTABLE: u32 = 0x01;
+
+impl PinnedBuffer {
+    pub fn new(ctx: &Arc<CudaContext>, bytes: usize) -> anyhow::Result<Self> {
+        ctx.bind_to_thread()?;
+        // SAFETY: cuMemHostAlloc with flags PORTABLE (never WRITECOMBINED); freed in Drop.
+        let ptr =
+            unsafe { result::malloc_host(bytes.max(16), HOST_ALLOC_PORTABLE) }.map_err(|e| {
+                anyhow::anyhow!("cuMemHostAlloc of {bytes} bytes (pinned host tier) failed: {e:?}")
+            })?;
+        // Touch the pages now so that first use is not a page-fault storm on the decode path.
+        // SAFETY: the allocation is `bytes` long.
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
+        Ok(Self {
+            ctx: ctx.clone(),
+            ptr: ptr as *mut u8,
+            bytes,
+        })
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `bytes` long and initialised in `new`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: we own the allocation.
+        let _ = unsafe { result::free_host(self.ptr as *mut std::ffi::c_void) };
+    }
+}

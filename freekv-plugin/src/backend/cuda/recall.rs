@@ -1,0 +1,357 @@
+//! Double-buffered streamed recall: host HND chunks -> device NHD slots, issued by a worker thread.
+//!
+//! Two copy streams, each with its own device staging buffer and pinned job table. A request's
+//! chunks are cut into groups of at most `chunks_per_buffer`; group j goes to buffer j % 2: the
+//! copy engine fills staging buffer A (one `cuMemcpyHtoDAsync` per run of host-contiguous chunks)
+//! while `freekv_recall_scatter` spreads buffer B (group j-1) into the slots on the other stream.
+//! A buffer is reused only after the host has seen its previous group's event.
+//!
+//! The worker, not the decode thread, issues the copies: the decode thread hands over a request
+//! (optionally with an event to wait for first, e.g. "this layer's attention has run") and keeps
+//! queueing compute. The request's `done` event is recorded after its last scatter; the decode
+//! thread makes the next attention of that layer wait on it (`Ticket::wait_enqueued` then
+//! `cuStreamWaitEvent`). Correction uses the same path and waits right away ("blocking"), but only
+//! for the heads that need it.
+//!
+//! `RecallMode::Direct` skips the staging buffers: `freekv_recall_direct` reads the pinned chunks
+//! through unified addressing, one launch per group. Which is faster is measured by the bench.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
+
+use super::kernels::{as_bytes, Kernels, RecallJob};
+use super::mem::{DeviceBuffer, PinnedBuffer};
+
+/// A CUDA event owned by us (timing disabled: cheapest to record and wait on).
+pub struct RawEvent(sys::CUevent);
+
+// SAFETY: CUDA events may be used from any thread of the process.
+unsafe impl Send for RawEvent {}
+unsafe impl Sync for RawEvent {}
+
+impl RawEvent {
+    pub fn new(ctx: &Arc<CudaContext>) -> anyhow::Result<Self> {
+        ctx.bind_to_thread()?;
+        Ok(Self(result::event::create(
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
+        )?))
+    }
+    pub fn raw(&self) -> sys::CUevent {
+        self.0
+    }
+    pub fn record(&self, stream: sys::CUstream) -> anyhow::Result<()> {
+        // SAFETY: valid event and stream.
+        unsafe { result::event::record(self.0, stream) }?;
+        Ok(())
+    }
+    /// Makes `stream` wait (on the device) for the last record of this event.
+    pub fn wait_on(&self, stream: sys::CUstream) -> anyhow::Result<()> {
+        // SAFETY: valid event and stream.
+        unsafe {
+            result::stream::wait_event(
+                stream,
+                self.0,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }?;
+        Ok(())
+    }
+    pub fn synchronize(&self) -> anyhow::Result<()> {
+        // SAFETY: valid event.
+        unsafe { result::event::synchronize(self.0) }?;
+        Ok(())
+    }
+}
+
+impl Drop for RawEvent {
+    fn drop(&mut self) {
+        // SAFETY: we own the event.
+        let _ = unsafe { result::event::destroy(self.0) };
+    }
+}
+
+/// One chunk to recall: one KV head's K+V of one page, into one slot.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkCopy {
+    /// Pinned host address of the chunk (HND, `chunk_bytes` long).
+    pub host: *const u8,
+    /// Destination slot tensor and valid-token table of the (sequence, layer).
+    pub slots: u64,
+    pub slot_len: u64,
+    pub slot: i32,
+    pub head: i32,
+}
+
+// SAFETY: `host` points into the pinned host tier, which outlives the pipeline's use of it.
+unsafe impl Send for ChunkCopy {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecallMode {
+    /// Copy engines into staging buffers + scatter kernel (the paper's design).
+    CopyEngine,
+    /// The scatter kernel reads the pinned host memory itself.
+    Direct,
+}
+
+/// What a request moved, reported once its work is enqueued.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecallStats {
+    pub chunks: usize,
+    pub bytes: usize,
+    /// Host->device copy calls issued (runs of host-contiguous chunks are merged).
+    pub copy_calls: usize,
+    pub groups: usize,
+}
+
+struct Request {
+    chunks: Vec<ChunkCopy>,
+    mode: RecallMode,
+    wait: Option<Arc<RawEvent>>,
+    done: Arc<RawEvent>,
+    reply: mpsc::Sender<anyhow::Result<RecallStats>>,
+}
+
+/// Handle of a submitted request.
+pub struct Ticket(mpsc::Receiver<anyhow::Result<RecallStats>>);
+
+impl Ticket {
+    /// Blocks until the worker has enqueued all of the request's work and recorded its `done`
+    /// event (not until the copies have run).
+    pub fn wait_enqueued(self) -> anyhow::Result<RecallStats> {
+        self.0
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the recall worker thread has stopped"))?
+    }
+}
+
+struct Buffers {
+    stream: Arc<CudaStream>,
+    staging: DeviceBuffer,
+    jobs_dev: DeviceBuffer,
+    jobs_host: PinnedBuffer,
+    reusable: RawEvent,
+}
+
+/// The recall pipeline (one per device).
+pub struct RecallPipeline {
+    tx: Option<mpsc::Sender<Request>>,
+    worker: Option<JoinHandle<()>>,
+    pub chunk_bytes: usize,
+    pub chunks_per_buffer: usize,
+}
+
+impl RecallPipeline {
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        kernels: Arc<Kernels>,
+        chunk_bytes: usize,
+        chunks_per_buffer: usize,
+        n_kv: usize,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(chunks_per_buffer > 0, "chunks_per_buffer must be > 0");
+        let mk = || -> anyhow::Result<Buffers> {
+            Ok(Buffers {
+                stream: ctx.new_stream()?,
+                staging: DeviceBuffer::new(ctx, chunk_bytes * chunks_per_buffer)?,
+                jobs_dev: DeviceBuffer::new(
+                    ctx,
+                    chunks_per_buffer * std::mem::size_of::<RecallJob>(),
+                )?,
+                jobs_host: PinnedBuffer::new(
+                    ctx,
+                    chunks_per_buffer * std::mem::size_of::<RecallJob>(),
+                )?,
+                reusable: RawEvent::new(ctx)?,
+            })
+        };
+        let mut bufs = [mk()?, mk()?];
+        let (tx, rx) = mpsc::channel::<Request>();
+        let ctx2 = ctx.clone();
+        let elem_bytes = 2;
+        let worker = std::thread::Builder::new()
+            .name("freekv-recall".into())
+            .spawn(move || {
+                if let Err(e) = ctx2.bind_to_thread() {
+                    for r in rx {
+                        let _ = r.reply.send(Err(anyhow::anyhow!(
+                            "recall worker could not bind the CUDA context: {e:?}"
+                        )));
+                    }
+                    return;
+                }
+                let mut next = 0usize;
+                for req in rx {
+                    let r = run_request(
+                        &kernels,
+                        &mut bufs,
+                        &mut next,
+                        &req,
+                        chunk_bytes,
+                        chunks_per_buffer,
+                        elem_bytes,
+                        n_kv,
+                    );
+                    let _ = req.reply.send(r);
+                }
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            worker: Some(worker),
+            chunk_bytes,
+            chunks_per_buffer,
+        })
+    }
+
+    /// Hands `chunks` to the worker. `wait`: an event the copies must wait for on the device (e.g.
+    /// recorded after attention). `done` is recorded once everything has landed in the slots.
+    pub fn submit(
+        &self,
+        chunks: Vec<ChunkCopy>,
+        mode: RecallMode,
+        wait: Option<Arc<RawEvent>>,
+        done: Arc<RawEvent>,
+    ) -> Ticket {
+        let (reply, rx) = mpsc::channel();
+        let req = Request {
+            chunks,
+            mode,
+            wait,
+            done,
+            reply,
+        };
+        if let Some(tx) = &self.tx {
+            if let Err(mpsc::SendError(req)) = tx.send(req) {
+                let _ = req
+                    .reply
+                    .send(Err(anyhow::anyhow!("the recall worker thread has stopped")));
+            }
+        }
+        Ticket(rx)
+    }
+}
+
+impl Drop for RecallPipeline {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_request(
+    kernels: &Kernels,
+    bufs: &mut [Buffers; 2],
+    next: &mut usize,
+    req: &Request,
+    chunk_bytes: usize,
+    per_buffer: usize,
+    elem_bytes: usize,
+    n_kv: usize,
+) -> anyhow::Result<RecallStats> {
+    let mut stats = RecallStats {
+        chunks: req.chunks.len(),
+        ..Default::default()
+    };
+    let mut used = [false, false];
+    for group in req.chunks.chunks(per_buffer) {
+        let b = *next;
+        *next ^= 1;
+        let buf = &mut bufs[b];
+        let stream = buf.stream.cu_stream();
+        // The job table and staging buffer of `b` may still be read by its previous group.
+        buf.reusable.synchronize()?;
+        if !used[b] {
+            if let Some(w) = &req.wait {
+                w.wait_on(stream)?;
+            }
+            used[b] = true;
+        }
+        let chunk_elems = (chunk_bytes / elem_bytes) as u64;
+        let jobs: Vec<RecallJob> = group
+            .iter()
+            .enumerate()
+            .map(|(i, c)| RecallJob {
+                slots: c.slots,
+                slot_len: c.slot_len,
+                src: match req.mode {
+                    RecallMode::CopyEngine => i as u64 * chunk_elems,
+                    RecallMode::Direct => c.host as u64,
+                },
+                slot: c.slot,
+                head: c.head,
+            })
+            .collect();
+        let bytes = as_bytes(&jobs);
+        buf.jobs_host.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        // SAFETY: the pinned job table stays untouched until `reusable` fires (checked above).
+        unsafe {
+            result::memcpy_htod_async(
+                buf.jobs_dev.ptr(),
+                &buf.jobs_host.as_slice()[..bytes.len()],
+                stream,
+            )
+        }?;
+        match req.mode {
+            RecallMode::CopyEngine => {
+                // Merge runs of chunks that are contiguous on the host (same page, next head).
+                let mut i = 0;
+                while i < group.len() {
+                    let mut j = i + 1;
+                    // SAFETY: pointer arithmetic only for comparison.
+                    while j < group.len()
+                        && group[j].host == unsafe { group[j - 1].host.add(chunk_bytes) }
+                    {
+                        j += 1;
+                    }
+                    let n = (j - i) * chunk_bytes;
+                    // SAFETY: host run is inside the pinned tier; destination inside staging.
+                    let src = unsafe { std::slice::from_raw_parts(group[i].host, n) };
+                    unsafe {
+                        result::memcpy_htod_async(
+                            buf.staging.ptr() + (i * chunk_bytes) as u64,
+                            src,
+                            stream,
+                        )
+                    }?;
+                    stats.copy_calls += 1;
+                    i = j;
+                }
+                kernels.recall_scatter(
+                    stream,
+                    buf.staging.ptr(),
+                    buf.jobs_dev.ptr(),
+                    group.len(),
+                    n_kv,
+                )?;
+            }
+            RecallMode::Direct => {
+                kernels.recall_direct(stream, buf.jobs_dev.ptr(), group.len(), n_kv)?
+            }
+        }
+        buf.reusable.record(stream)?;
+        stats.bytes += group.len() * chunk_bytes;
+        stats.groups += 1;
+    }
+    // One `done` event for the whole request: join the other stream into the last used one.
+    let s0 = bufs[0].stream.cu_stream();
+    match used {
+        [true, true] => {
+            bufs[1].reusable.wait_on(s0)?;
+            req.done.record(s0)?;
+        }
+        [false, true] => req.done.record(bufs[1].stream.cu_stream())?,
+        [true, false] => req.done.record(s0)?,
+        [false, false] => {
+            if let Some(w) = &req.wait {
+                w.wait_on(s0)?;
+            }
+            req.done.record(s0)?;
+        }
+    }
+    Ok(stats)
+}
