@@ -1,0 +1,919 @@
+//! GPU tests: every FreeKV kernel against a CPU reference on seeded random cases.
+//!
+//! Criteria (as Quest/FlashInfer test their kernels): >= 99% of outputs within tolerance and no
+//! NaN; selections compared by score sums (ties make index comparison unreliable), plus the
+//! replacement invariants. Data movement (recall, offload, append) must be bit-exact.
+//!
+//! The reference here is plain f64/f32 loops written from the spec, independent of the kernels.
+//! Without a CUDA device every test prints why it is skipped and passes. Build for a GPU machine
+//! with `kernels/build-device.sh` (see kernels/README.md).
+
+use std::sync::Arc;
+
+use cudarc::driver::{result, CudaContext};
+use freekv_plugin::cuda::device_tier::{LayerTier, TierShape};
+use freekv_plugin::cuda::kernels::{
+    as_bytes, AppendJob, GatherJob, Kernels, Pooling, SeqDesc, SummaryMode,
+};
+use freekv_plugin::cuda::mem::DeviceBuffer;
+use freekv_plugin::cuda::module;
+use freekv_plugin::cuda::pinned::{HostLayout, HostTier};
+use freekv_plugin::cuda::recall::{ChunkCopy, RawEvent, RecallMode, RecallPipeline};
+use freekv_plugin::cuda::source::{KernelConfig, KvDtype};
+
+// ---------------------------------------------------------------- helpers
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn enc(dt: KvDtype, x: f32) -> u16 {
+    match dt {
+        KvDtype::F16 => half::f16::from_f32(x).to_bits(),
+        KvDtype::Bf16 => half::bf16::from_f32(x).to_bits(),
+    }
+}
+fn dec(dt: KvDtype, x: u16) -> f32 {
+    match dt {
+        KvDtype::F16 => half::f16::from_bits(x).to_f32(),
+        KvDtype::Bf16 => half::bf16::from_bits(x).to_f32(),
+    }
+}
+
+/// The device, or None with the reason printed (the test then passes as skipped).
+fn device(test: &str) -> Option<Arc<CudaContext>> {
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => match CudaContext::new(0) {
+            Ok(ctx) => Some(ctx),
+            Err(e) => {
+                eprintln!("SKIPPED {test}: CUDA device 0 could not be opened: {e:?}");
+                None
+            }
+        },
+        Ok(_) => {
+            eprintln!("SKIPPED {test}: no CUDA device present");
+            None
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: CUDA driver unavailable ({e:?})");
+            None
+        }
+    }
+}
+
+fn kernels(ctx: &Arc<CudaContext>, cfg: KernelConfig) -> Kernels {
+    Kernels::new(module::load(ctx, cfg).expect("kernels compile and load"))
+}
+
+fn stream(ctx: &Arc<CudaContext>) -> Arc<cudarc::driver::CudaStream> {
+    ctx.new_stream().unwrap()
+}
+
+fn sync(s: &Arc<cudarc::driver::CudaStream>) {
+    s.synchronize().unwrap();
+}
+
+fn upload<T: Copy>(ctx: &Arc<CudaContext>, v: &[T]) -> DeviceBuffer {
+    let b = DeviceBuffer::new(ctx, std::mem::size_of_val(v)).unwrap();
+    b.upload(0, v).unwrap();
+    b
+}
+
+fn download<T: Copy + Default>(b: &DeviceBuffer, n: usize) -> Vec<T> {
+    let mut v = vec![T::default(); n];
+    b.download(0, &mut v).unwrap();
+    v
+}
+
+/// Asserts >= 99% of `got` within atol + rtol*|want| and no NaN.
+fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let nan = got.iter().filter(|x| x.is_nan()).count();
+    assert_eq!(nan, 0, "{what}: {nan} NaN outputs");
+    let bad: Vec<usize> = (0..got.len())
+        .filter(|&i| (got[i] - want[i]).abs() > atol + rtol * want[i].abs())
+        .collect();
+    let frac = bad.len() as f64 / got.len().max(1) as f64;
+    assert!(
+        frac <= 0.01,
+        "{what}: {} of {} outside tolerance (first: index {} got {} want {})",
+        bad.len(),
+        got.len(),
+        bad[0],
+        got[bad[0]],
+        want[bad[0]]
+    );
+}
+
+const DTYPES: [KvDtype; 2] = [KvDtype::F16, KvDtype::Bf16];
+
+fn cfg(dtype: KvDtype, head_dim: usize, page_size: usize, group: usize) -> KernelConfig {
+    KernelConfig {
+        dtype,
+        head_dim,
+        page_size,
+        group,
+    }
+}
+
+// ---------------------------------------------------------------- summaries
+
+#[test]
+fn summaries_match_cpu() {
+    let Some(ctx) = device("summaries_match_cpu") else {
+        return;
+    };
+    let s = stream(&ctx);
+    for dtype in DTYPES {
+        for (d, p, n_kv) in [(64, 16, 3), (128, 32, 8), (256, 8, 2)] {
+            let k = kernels(&ctx, cfg(dtype, d, p, 1));
+            let mut rng = Rng(d as u64 * 31 + p as u64);
+            let n_pages = 9;
+            // NHD slots: [page][2][p][n_kv][d]
+            let slot_elems = 2 * p * n_kv * d;
+            let host: Vec<u16> = (0..n_pages * slot_elems)
+                .map(|_| enc(dtype, rng.f() * 3.0))
+                .collect();
+            let src = upload(&ctx, &host);
+            let dst = DeviceBuffer::zeroed(&ctx, n_pages * n_kv * 2 * d * 2).unwrap();
+            let srcs: Vec<u64> = (0..n_pages)
+                .map(|i| src.ptr() + (i * slot_elems * 2) as u64)
+                .collect();
+            let dsts: Vec<u64> = (0..n_pages)
+                .map(|i| dst.ptr() + (i * n_kv * 2 * d * 2) as u64)
+                .collect();
+            let (srcs_d, dsts_d) = (upload(&ctx, &srcs), upload(&ctx, &dsts));
+            for mode in [SummaryMode::MinMax, SummaryMode::CentreMad] {
+                k.summarize(
+                    s.cu_stream(),
+                    srcs_d.ptr(),
+                    dsts_d.ptr(),
+                    n_pages,
+                    n_kv,
+                    (n_kv * d) as i64,
+                    d as i64,
+                    mode,
+                )
+                .unwrap();
+                sync(&s);
+                let got: Vec<f32> = download::<u16>(&dst, n_pages * n_kv * 2 * d)
+                    .iter()
+                    .map(|&x| dec(dtype, x))
+                    .collect();
+                let mut want = vec![0f32; got.len()];
+                for pg in 0..n_pages {
+                    for h in 0..n_kv {
+                        for c in 0..d {
+                            let key = |t: usize| {
+                                dec(dtype, host[pg * slot_elems + (t * n_kv + h) * d + c])
+                            };
+                            let mx = (0..p).map(key).fold(f32::NEG_INFINITY, f32::max);
+                            let mn = (0..p).map(key).fold(f32::INFINITY, f32::min);
+                            let (up, lo) = match mode {
+                                SummaryMode::MinMax => (mx, mn),
+                                SummaryMode::CentreMad => {
+                                    let cen = 0.5 * (mx + mn);
+                                    let r = (0..p).map(|t| (key(t) - cen).abs()).sum::<f32>()
+                                        / p as f32;
+                                    (cen + r, cen - r)
+                                }
+                            };
+                            let o = (pg * n_kv + h) * 2 * d;
+                            want[o + c] = dec(dtype, enc(dtype, up));
+                            want[o + d + c] = dec(dtype, enc(dtype, lo));
+                        }
+                    }
+                }
+                let (atol, rtol) = if mode == SummaryMode::MinMax {
+                    (0.0, 0.0)
+                } else {
+                    (1e-2, 1e-2)
+                };
+                assert_close(
+                    &format!("summary {dtype:?} d{d} p{p} {mode:?}"),
+                    &got,
+                    &want,
+                    atol,
+                    rtol,
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- scoring + pooling
+
+fn cpu_pooled(
+    q: &[f32],
+    summ: &[f32],
+    n_kv: usize,
+    group: usize,
+    d: usize,
+    cand_begin: usize,
+    n: usize,
+    pooling: Pooling,
+) -> Vec<f32> {
+    let mut out = vec![0f32; n_kv * n];
+    for g in 0..n_kv {
+        let raw: Vec<Vec<f64>> = (0..group)
+            .map(|h| {
+                let qh = &q[(g * group + h) * d..][..d];
+                (0..n)
+                    .map(|j| {
+                        let rec = &summ[((cand_begin + j) * n_kv + g) * 2 * d..][..2 * d];
+                        (0..d)
+                            .map(|c| {
+                                (qh[c] as f64 * rec[c] as f64).max(qh[c] as f64 * rec[d + c] as f64)
+                            })
+                            .sum()
+                    })
+                    .collect()
+            })
+            .collect();
+        for j in 0..n {
+            out[g * n + j] = match pooling {
+                Pooling::SoftmaxMean => {
+                    (0..group)
+                        .map(|h| {
+                            let m = raw[h].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let z: f64 = raw[h].iter().map(|x| (x - m).exp()).sum();
+                            (raw[h][j] - m).exp() / z
+                        })
+                        .sum::<f64>()
+                        / group as f64
+                }
+                Pooling::Mean => (0..group).map(|h| raw[h][j]).sum::<f64>() / group as f64,
+                Pooling::Max => (0..group)
+                    .map(|h| raw[h][j])
+                    .fold(f64::NEG_INFINITY, f64::max),
+            } as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn scores_and_pooling_match_cpu_for_any_group() {
+    let Some(ctx) = device("scores_and_pooling_match_cpu_for_any_group") else {
+        return;
+    };
+    let s = stream(&ctx);
+    for (dtype, d, group, n_kv) in [
+        (KvDtype::Bf16, 128, 4, 8),
+        (KvDtype::F16, 64, 3, 3),
+        (KvDtype::Bf16, 128, 7, 4),
+        (KvDtype::F16, 256, 1, 2),
+        (KvDtype::Bf16, 128, 20, 2),
+    ] {
+        let p = 32;
+        let k = kernels(&ctx, cfg(dtype, d, p, group));
+        let mut rng = Rng(7 + group as u64);
+        let (n_pages, cand_begin) = (300, 5);
+        let n = n_pages - cand_begin - 7;
+        let q16: Vec<u16> = (0..n_kv * group * d).map(|_| enc(dtype, rng.f())).collect();
+        let sm16: Vec<u16> = (0..n_pages * n_kv * 2 * d)
+            .map(|_| enc(dtype, rng.f()))
+            .collect();
+        let q: Vec<f32> = q16.iter().map(|&x| dec(dtype, x)).collect();
+        let sm: Vec<f32> = sm16.iter().map(|&x| dec(dtype, x)).collect();
+        let (qd, smd) = (upload(&ctx, &q16), upload(&ctx, &sm16));
+        let desc = SeqDesc {
+            summaries: smd.ptr(),
+            cand_begin: cand_begin as i32,
+            cand_count: n as i32,
+            ..Default::default()
+        };
+        let descs = upload(&ctx, &[desc]);
+        let stride = n + 3;
+        let raw = DeviceBuffer::zeroed(&ctx, n_kv * group * stride * 4).unwrap();
+        let pooled = DeviceBuffer::zeroed(&ctx, n_kv * stride * 4).unwrap();
+        for pooling in [Pooling::SoftmaxMean, Pooling::Mean, Pooling::Max] {
+            k.score_and_pool(
+                s.cu_stream(),
+                qd.ptr(),
+                0,
+                descs.ptr(),
+                1,
+                n_kv,
+                n,
+                stride,
+                raw.ptr(),
+                pooled.ptr(),
+                pooling,
+            )
+            .unwrap();
+            sync(&s);
+            let all: Vec<f32> = download(&pooled, n_kv * stride);
+            let got: Vec<f32> = (0..n_kv)
+                .flat_map(|g| all[g * stride..g * stride + n].to_vec())
+                .collect();
+            let want = cpu_pooled(&q, &sm, n_kv, group, d, cand_begin, n, pooling);
+            let atol = if pooling == Pooling::SoftmaxMean {
+                1e-6
+            } else {
+                1e-3
+            };
+            assert_close(
+                &format!("pooled {dtype:?} d{d} g{group} {pooling:?}"),
+                &got,
+                &want,
+                atol,
+                1e-3,
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- top-k + replacement
+
+#[test]
+fn topk_selects_best_and_reuses_resident_pages() {
+    let Some(ctx) = device("topk_selects_best_and_reuses_resident_pages") else {
+        return;
+    };
+    let s = stream(&ctx);
+    let k = kernels(&ctx, cfg(KvDtype::Bf16, 128, 32, 4));
+    for (case, (n_kv, n_cand, n_sel, ties)) in [
+        (8, 1000, 32, false),
+        (2, 4000, 56, false),
+        (3, 20, 32, false),
+        (4, 500, 64, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut rng = Rng(100 + case as u64);
+        let (cand_begin, sel_slot0, n_slots) = (16, 16, 16 + n_sel + 16);
+        let stride = n_cand;
+        let pooled: Vec<f32> = (0..n_kv * stride)
+            .map(|_| if ties { (rng.below(8)) as f32 } else { rng.f() })
+            .collect();
+        // Initial state: a mix of empty slots and resident candidate pages (distinct per head).
+        let mut sel = vec![-1i32; n_kv * n_sel];
+        for g in 0..n_kv {
+            let mut used = std::collections::HashSet::new();
+            for i in 0..n_sel {
+                if rng.below(4) != 0 {
+                    let pg = (cand_begin + rng.below(n_cand)) as i32;
+                    if used.insert(pg) {
+                        sel[g * n_sel + i] = pg;
+                    }
+                }
+            }
+        }
+        let pooled_d = upload(&ctx, &pooled);
+        let sel_d = upload(&ctx, &sel);
+        let lens = vec![32i32; n_slots * n_kv];
+        let len_d = upload(&ctx, &lens);
+        let desc = SeqDesc {
+            sel_pages: sel_d.ptr(),
+            slot_len: len_d.ptr(),
+            n_slots: n_slots as i32,
+            sel_slot0: sel_slot0 as i32,
+            cand_begin: cand_begin as i32,
+            cand_count: n_cand as i32,
+            ..Default::default()
+        };
+        let descs = upload(&ctx, &[desc]);
+        let cnt = DeviceBuffer::zeroed(&ctx, n_kv * 4).unwrap();
+        let list = DeviceBuffer::zeroed(&ctx, n_kv * n_sel * 8).unwrap();
+        k.topk_replace(
+            s.cu_stream(),
+            pooled_d.ptr(),
+            descs.ptr(),
+            1,
+            n_kv,
+            stride,
+            n_sel,
+            cnt.ptr(),
+            list.ptr(),
+        )
+        .unwrap();
+        sync(&s);
+        let new_sel: Vec<i32> = download(&sel_d, n_kv * n_sel);
+        let counts: Vec<i32> = download(&cnt, n_kv);
+        let lst: Vec<i32> = download(&list, n_kv * n_sel * 2);
+        let new_len: Vec<i32> = download(&len_d, n_slots * n_kv);
+        for g in 0..n_kv {
+            let sc = |pg: i32| pooled[g * stride + (pg as usize - cand_begin)];
+            let kk = n_sel.min(n_cand);
+            let mut sorted: Vec<f32> = pooled[g * stride..g * stride + n_cand].to_vec();
+            sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+            let want_sum: f64 = sorted[..kk].iter().map(|&x| x as f64).sum();
+            let now: Vec<i32> = new_sel[g * n_sel..(g + 1) * n_sel].to_vec();
+            let held: Vec<i32> = now.iter().cloned().filter(|&p| p >= 0).collect();
+            let uniq: std::collections::HashSet<i32> = held.iter().cloned().collect();
+            assert_eq!(
+                held.len(),
+                kk,
+                "case {case} head {g}: {} pages held, want {kk}",
+                held.len()
+            );
+            assert_eq!(uniq.len(), kk, "case {case} head {g}: duplicate pages");
+            let got_sum: f64 = held.iter().map(|&p| sc(p) as f64).sum();
+            assert!(
+                (got_sum - want_sum).abs() <= 1e-5 * want_sum.abs().max(1.0),
+                "case {case} head {g}: score sum {got_sum} want {want_sum}"
+            );
+            // Resident winners stay in their slot; recalled pages are exactly the new ones.
+            let old: Vec<i32> = sel[g * n_sel..(g + 1) * n_sel].to_vec();
+            let mut recalled = std::collections::HashSet::new();
+            for r in 0..counts[g] as usize {
+                let (pg, slot) = (lst[(g * n_sel + r) * 2], lst[(g * n_sel + r) * 2 + 1]);
+                assert_eq!(
+                    now[slot as usize - sel_slot0],
+                    pg,
+                    "case {case} head {g}: recall entry disagrees with sel_pages"
+                );
+                assert!(
+                    !old.contains(&pg),
+                    "case {case} head {g}: page {pg} was resident but is recalled"
+                );
+                recalled.insert(pg);
+            }
+            for i in 0..n_sel {
+                if old[i] >= 0 && uniq.contains(&old[i]) {
+                    assert_eq!(
+                        now[i], old[i],
+                        "case {case} head {g}: resident winner moved from slot {i}"
+                    );
+                }
+                if now[i] >= 0 && now[i] != old[i] {
+                    assert!(
+                        recalled.contains(&now[i]),
+                        "case {case} head {g}: slot {i} changed without a recall"
+                    );
+                }
+                if now[i] < 0 {
+                    assert_eq!(
+                        new_len[(sel_slot0 + i) * n_kv + g],
+                        0,
+                        "case {case}: emptied slot keeps a length"
+                    );
+                }
+            }
+            // Evicted slots are the lowest-scored ones: every kept resident page that lost to no
+            // one scores >= every evicted page.
+            let evicted: Vec<f32> = (0..n_sel)
+                .filter(|&i| old[i] >= 0 && now[i] != old[i])
+                .map(|i| sc(old[i]))
+                .collect();
+            let kept_losers: Vec<f32> = (0..n_sel)
+                .filter(|&i| old[i] >= 0 && now[i] == old[i])
+                .map(|i| sc(old[i]))
+                .collect();
+            if let (Some(max_ev), Some(min_kept)) = (
+                evicted.iter().cloned().reduce(f32::max),
+                kept_losers.iter().cloned().reduce(f32::min),
+            ) {
+                assert!(
+                    max_ev <= min_kept,
+                    "case {case} head {g}: evicted a page scoring {max_ev} above a kept {min_kept}"
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- correction flags
+
+#[test]
+fn correction_flags_match_cpu() {
+    let Some(ctx) = device("correction_flags_match_cpu") else {
+        return;
+    };
+    let s = stream(&ctx);
+    for (dtype, d, group, n_kv, n_seq) in [
+        (KvDtype::Bf16, 128, 4, 8, 3),
+        (KvDtype::F16, 64, 3, 3, 2),
+        (KvDtype::Bf16, 256, 7, 2, 1),
+    ] {
+        let k = kernels(&ctx, cfg(dtype, d, 32, group));
+        let mut rng = Rng(55 + d as u64);
+        let n = n_seq * n_kv * group * d;
+        let a: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+        // Mix of near and far previous queries so that both flag values occur.
+        let b: Vec<f32> = a
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                if (i / (group * d)) % 2 == 0 {
+                    x + 0.1 * rng.f()
+                } else {
+                    rng.f()
+                }
+            })
+            .collect();
+        let (a16, b16): (Vec<u16>, Vec<u16>) = (
+            a.iter().map(|&x| enc(dtype, x)).collect(),
+            b.iter().map(|&x| enc(dtype, x)).collect(),
+        );
+        let (ad, bd) = (upload(&ctx, &a16), upload(&ctx, &b16));
+        let cos = DeviceBuffer::zeroed(&ctx, n_seq * n_kv * 4).unwrap();
+        let flags = DeviceBuffer::zeroed(&ctx, n_seq * n_kv * 4).unwrap();
+        let tau = 0.9;
+        k.correction(
+            s.cu_stream(),
+            ad.ptr(),
+            bd.ptr(),
+            (n_kv * group * d) as i64,
+            n_seq,
+            n_kv,
+            tau,
+            cos.ptr(),
+            flags.ptr(),
+        )
+        .unwrap();
+        sync(&s);
+        let got_cos: Vec<f32> = download(&cos, n_seq * n_kv);
+        let got_flags: Vec<i32> = download(&flags, n_seq * n_kv);
+        let mut want = vec![0f32; n_seq * n_kv];
+        for sg in 0..n_seq * n_kv {
+            let mut c = 0f64;
+            for h in 0..group {
+                let o = (sg * group + h) * d;
+                let (x, y) = (&a16[o..o + d], &b16[o..o + d]);
+                let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+                for i in 0..d {
+                    let (u, v) = (dec(dtype, x[i]) as f64, dec(dtype, y[i]) as f64);
+                    dot += u * v;
+                    na += u * u;
+                    nb += v * v;
+                }
+                c += dot / (na.sqrt() * nb.sqrt());
+            }
+            want[sg] = (c / group as f64) as f32;
+            if (want[sg] - tau).abs() > 1e-4 {
+                assert_eq!(
+                    got_flags[sg],
+                    (want[sg] < tau) as i32,
+                    "flag of (seq, head) {sg}: C = {}",
+                    want[sg]
+                );
+            }
+        }
+        assert_close("correction cosine", &got_cos, &want, 1e-4, 1e-4);
+        assert!(
+            got_flags.contains(&0) && got_flags.contains(&1),
+            "test data should exercise both flag values"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- recall, offload, append
+
+#[test]
+fn recall_pipeline_and_offload_roundtrip_are_exact() {
+    let Some(ctx) = device("recall_pipeline_and_offload_roundtrip_are_exact") else {
+        return;
+    };
+    let s = stream(&ctx);
+    for (dtype, d, p, n_kv) in [(KvDtype::Bf16, 128, 32, 8), (KvDtype::F16, 64, 16, 3)] {
+        let kc = cfg(dtype, d, p, 1);
+        let k = Arc::new(kernels(&ctx, kc));
+        let layout = HostLayout {
+            n_layers: 2,
+            n_kv,
+            head_dim: d,
+            page_size: p,
+            elem_bytes: 2,
+        };
+        let n_blocks = 40;
+        let mut host = HostTier::new(&ctx, layout, n_blocks).unwrap();
+        let mut rng = Rng(9 + d as u64);
+        for b in 0..n_blocks {
+            for l in 0..2 {
+                for x in host.page_mut(b, l).iter_mut() {
+                    *x = (rng.next() & 0xffff) as u16 & 0x7bff; // finite values only
+                }
+            }
+        }
+        let shape = TierShape {
+            n_kv,
+            group: 1,
+            head_dim: d,
+            page_size: p,
+            n_slots: 24,
+            sel_slot0: 4,
+            n_sel: 16,
+            elem_bytes: 2,
+        };
+        for mode in [RecallMode::CopyEngine, RecallMode::Direct] {
+            let tier = LayerTier::new(&ctx, shape, 64).unwrap();
+            // 3 chunks per buffer: forces several groups and both staging buffers.
+            let pipe = RecallPipeline::new(&ctx, k.clone(), layout.chunk_bytes(), 3, n_kv).unwrap();
+            let mut want: Vec<(usize, usize, usize)> = Vec::new(); // (block, slot, head)
+            let mut chunks = Vec::new();
+            for slot in 0..shape.n_slots {
+                for h in 0..n_kv {
+                    if rng.below(3) == 0 {
+                        continue;
+                    }
+                    let b = rng.below(n_blocks);
+                    want.push((b, slot, h));
+                    chunks.push(ChunkCopy {
+                        host: host.chunk_ptr(b, 1, h),
+                        slots: tier.slots.ptr(),
+                        slot_len: tier.slot_len.ptr(),
+                        slot: slot as i32,
+                        head: h as i32,
+                    });
+                }
+            }
+            // Same page, consecutive heads: exercises run merging.
+            for h in 0..n_kv {
+                want.push((7, 0, h));
+                chunks.push(ChunkCopy {
+                    host: host.chunk_ptr(7, 1, h),
+                    slots: tier.slots.ptr(),
+                    slot_len: tier.slot_len.ptr(),
+                    slot: 0,
+                    head: h as i32,
+                });
+            }
+            let done = Arc::new(RawEvent::new(&ctx).unwrap());
+            let stats = pipe
+                .submit(chunks, mode, None, done.clone())
+                .wait_enqueued()
+                .unwrap();
+            done.wait_on(s.cu_stream()).unwrap();
+            sync(&s);
+            assert!(stats.groups >= 2);
+            let slots: Vec<u16> = download(&tier.slots, shape.n_slots * shape.slot_elems());
+            let lens: Vec<i32> = download(&tier.slot_len, shape.n_slots * n_kv);
+            // Later entries win (slot 0 is written twice for some heads).
+            let mut last = std::collections::HashMap::new();
+            for &(b, slot, h) in &want {
+                last.insert((slot, h), b);
+            }
+            for (&(slot, h), &b) in &last {
+                let page = host.page(b, 1);
+                for kv in 0..2 {
+                    for t in 0..p {
+                        let dst = ((slot * 2 + kv) * p + t) * n_kv * d + h * d;
+                        let src = h * 2 * p * d + (kv * p + t) * d;
+                        assert_eq!(
+                            &slots[dst..dst + d],
+                            &page[src..src + d],
+                            "{mode:?}: slot {slot} head {h} kv {kv} token {t}"
+                        );
+                    }
+                }
+                assert_eq!(lens[slot * n_kv + h], p as i32);
+            }
+            // Offload gather: slot 0 (NHD) back to HND, compare with host page 7.
+            let dst = DeviceBuffer::zeroed(&ctx, layout.page_bytes()).unwrap();
+            let job = GatherJob {
+                src_k: tier.slot_ptr(0),
+                src_v: tier.slot_ptr(0) + (p * n_kv * d * 2) as u64,
+                dst: dst.ptr(),
+            };
+            let jobs = upload(&ctx, as_bytes(&[job]));
+            k.offload_gather(
+                s.cu_stream(),
+                jobs.ptr(),
+                1,
+                n_kv,
+                (n_kv * d) as i64,
+                d as i64,
+            )
+            .unwrap();
+            sync(&s);
+            let back: Vec<u16> = download(&dst, layout.page_elems());
+            assert_eq!(
+                back,
+                host.page(7, 1),
+                "{mode:?}: offload gather of slot 0 != host page 7"
+            );
+        }
+        // Append: two sequences, one token each.
+        let tiers = [
+            LayerTier::new(&ctx, shape, 4).unwrap(),
+            LayerTier::new(&ctx, shape, 4).unwrap(),
+        ];
+        let newk: Vec<u16> = (0..2 * n_kv * d)
+            .map(|_| (rng.next() & 0x7bff) as u16)
+            .collect();
+        let newv: Vec<u16> = (0..2 * n_kv * d)
+            .map(|_| (rng.next() & 0x7bff) as u16)
+            .collect();
+        let (kd, vd) = (upload(&ctx, &newk), upload(&ctx, &newv));
+        let jobs = [
+            AppendJob {
+                slots: tiers[0].slots.ptr(),
+                slot_len: tiers[0].slot_len.ptr(),
+                slot: 20,
+                pos: 5,
+            },
+            AppendJob {
+                slots: tiers[1].slots.ptr(),
+                slot_len: tiers[1].slot_len.ptr(),
+                slot: 3,
+                pos: 0,
+            },
+        ];
+        let jd = upload(&ctx, as_bytes(&jobs));
+        k.append(
+            s.cu_stream(),
+            kd.ptr(),
+            vd.ptr(),
+            (n_kv * d) as i64,
+            jd.ptr(),
+            2,
+            n_kv,
+        )
+        .unwrap();
+        sync(&s);
+        for (i, j) in jobs.iter().enumerate() {
+            let slots: Vec<u16> = download(&tiers[i].slots, shape.n_slots * shape.slot_elems());
+            let lens: Vec<i32> = download(&tiers[i].slot_len, shape.n_slots * n_kv);
+            for h in 0..n_kv {
+                let src = i * n_kv * d + h * d;
+                let dk = ((j.slot as usize * 2) * p + j.pos as usize) * n_kv * d + h * d;
+                let dv = ((j.slot as usize * 2 + 1) * p + j.pos as usize) * n_kv * d + h * d;
+                assert_eq!(&slots[dk..dk + d], &newk[src..src + d]);
+                assert_eq!(&slots[dv..dv + d], &newv[src..src + d]);
+                assert_eq!(lens[j.slot as usize * n_kv + h], j.pos + 1);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- decode attention
+
+#[test]
+fn decode_attention_matches_cpu() {
+    let Some(ctx) = device("decode_attention_matches_cpu") else {
+        return;
+    };
+    let s = stream(&ctx);
+    let sms = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .unwrap() as usize;
+    for (dtype, d, p, group, n_kv, n_slots, softcap) in [
+        (KvDtype::Bf16, 128, 32, 4, 8, 64, 0.0f32),
+        (KvDtype::F16, 128, 32, 4, 8, 40, 0.0),
+        (KvDtype::Bf16, 64, 16, 3, 3, 33, 0.0),
+        (KvDtype::F16, 256, 8, 2, 2, 20, 30.0),
+        (KvDtype::Bf16, 128, 32, 7, 4, 17, 0.0),
+        (KvDtype::Bf16, 128, 16, 1, 4, 9, 50.0),
+        (KvDtype::F16, 64, 32, 12, 2, 12, 0.0),
+    ] {
+        let k = kernels(&ctx, cfg(dtype, d, p, group));
+        let mut rng = Rng(1000 + d as u64 + group as u64);
+        let n_seq = 2;
+        let shape = TierShape {
+            n_kv,
+            group,
+            head_dim: d,
+            page_size: p,
+            n_slots,
+            sel_slot0: 0,
+            n_sel: 1,
+            elem_bytes: 2,
+        };
+        let tiers: Vec<LayerTier> = (0..n_seq)
+            .map(|_| LayerTier::new(&ctx, shape, 1).unwrap())
+            .collect();
+        let n_q = n_kv * group;
+        let q: Vec<u16> = (0..n_seq * n_q * d)
+            .map(|_| enc(dtype, rng.f() * 2.0))
+            .collect();
+        let mut all_slots = Vec::new();
+        let mut all_lens = Vec::new();
+        for t in &tiers {
+            let slots: Vec<u16> = (0..n_slots * shape.slot_elems())
+                .map(|_| enc(dtype, rng.f()))
+                .collect();
+            // Per (slot, head) lengths: mostly full, some partial, some empty.
+            let lens: Vec<i32> = (0..n_slots * n_kv)
+                .map(|_| match rng.below(6) {
+                    0 => 0,
+                    1 => 1 + rng.below(p) as i32,
+                    _ => p as i32,
+                })
+                .collect();
+            t.slots.upload(0, &slots).unwrap();
+            t.slot_len.upload(0, &lens).unwrap();
+            all_slots.push(slots);
+            all_lens.push(lens);
+        }
+        let descs: Vec<SeqDesc> = tiers.iter().map(|t| t.desc(n_slots, 0, 0)).collect();
+        let descs_d = upload(&ctx, &descs);
+        let qd = upload(&ctx, &q);
+        let spc = Kernels::decode_slots_per_chunk(n_seq, n_kv, n_slots, sms);
+        let n_chunks = n_slots.div_ceil(spc);
+        let part_o = DeviceBuffer::zeroed(&ctx, n_seq * n_q * n_chunks * d * 4).unwrap();
+        let part_ml = DeviceBuffer::zeroed(&ctx, n_seq * n_q * n_chunks * 2 * 4).unwrap();
+        let out = DeviceBuffer::zeroed(&ctx, n_seq * n_q * d * 2).unwrap();
+        let scale = 1.0 / (d as f32).sqrt();
+        k.decode(
+            s.cu_stream(),
+            qd.ptr(),
+            (n_q * d) as i64,
+            descs_d.ptr(),
+            n_seq,
+            n_kv,
+            n_slots,
+            spc,
+            part_o.ptr(),
+            part_ml.ptr(),
+            out.ptr(),
+            (n_q * d) as i64,
+            scale,
+            softcap,
+        )
+        .unwrap();
+        sync(&s);
+        let got: Vec<f32> = download::<u16>(&out, n_seq * n_q * d)
+            .iter()
+            .map(|&x| dec(dtype, x))
+            .collect();
+        let mut want = vec![0f32; got.len()];
+        for sq in 0..n_seq {
+            for hq in 0..n_q {
+                let g = hq / group;
+                let qv: Vec<f64> = (0..d)
+                    .map(|c| dec(dtype, q[(sq * n_q + hq) * d + c]) as f64)
+                    .collect();
+                let mut logits = Vec::new();
+                let mut vals = Vec::new();
+                for slot in 0..n_slots {
+                    for t in 0..all_lens[sq][slot * n_kv + g] as usize {
+                        let kb = ((slot * 2) * p + t) * n_kv * d + g * d;
+                        let vb = ((slot * 2 + 1) * p + t) * n_kv * d + g * d;
+                        let mut x: f64 = (0..d)
+                            .map(|c| qv[c] * dec(dtype, all_slots[sq][kb + c]) as f64)
+                            .sum::<f64>()
+                            * scale as f64;
+                        if softcap > 0.0 {
+                            x = softcap as f64 * (x / softcap as f64).tanh();
+                        }
+                        logits.push(x);
+                        vals.push(vb);
+                    }
+                }
+                let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = logits.iter().map(|x| (x - m).exp()).sum();
+                for c in 0..d {
+                    let o: f64 = logits
+                        .iter()
+                        .zip(&vals)
+                        .map(|(x, &vb)| (x - m).exp() * dec(dtype, all_slots[sq][vb + c]) as f64)
+                        .sum();
+                    want[(sq * n_q + hq) * d + c] = if z > 0.0 { (o / z) as f32 } else { 0.0 };
+                }
+            }
+        }
+        let tol = if dtype == KvDtype::Bf16 { 1e-2 } else { 2e-3 };
+        assert_close(
+            &format!("decode {dtype:?} d{d} p{p} g{group} softcap {softcap}"),
+            &got,
+            &want,
+            tol,
+            tol,
+        );
+    }
+}
+
+#[test]
+fn pinned_host_tier_is_not_write_combined() {
+    let Some(ctx) = device("pinned_host_tier_is_not_write_combined") else {
+        return;
+    };
+    let layout = HostLayout {
+        n_layers: 1,
+        n_kv: 2,
+        head_dim: 64,
+        page_size: 16,
+        elem_bytes: 2,
+    };
+    let host = HostTier::new(&ctx, layout, 2).unwrap();
+    let mut flags = 0u32;
+    // SAFETY: the pointer comes from cuMemHostAlloc.
+    unsafe { cudarc::driver::sys::cuMemHostGetFlags(&mut flags, host.page_ptr(0, 0) as *mut _) }
+        .result()
+        .unwrap();
+    assert_eq!(
+        flags & 0x04,
+        0,
+        "host tier must not be write-combined (flags {flags:#x})"
+    );
+    let _ = result::ctx::synchronize();
+}
