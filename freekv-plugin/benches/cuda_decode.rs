@@ -16,6 +16,8 @@
 //!
 //! Env: FREEKV_BENCH_LAYERS, FREEKV_BENCH_CONTEXTS (e.g. "32768,65536"), FREEKV_BENCH_STEPS.
 
+#![allow(clippy::needless_range_loop)] // per-layer tables indexed in step with the layer loop
+
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
@@ -294,7 +296,7 @@ fn build(
             let page = host.page_mut(blk, l);
             for (i, x) in page.iter_mut().enumerate() {
                 let c = i % D;
-                let is_key = (i / (P * D)) % 2 == 0;
+                let is_key = (i / (P * D)).is_multiple_of(2);
                 let v = rng.f() + if is_key && c < 16 { bias } else { 0.0 };
                 *x = bf(v);
             }

@@ -217,6 +217,7 @@ fn summaries_match_cpu() {
 
 // ---------------------------------------------------------------- scoring + pooling
 
+#[allow(clippy::too_many_arguments)]
 fn cpu_pooled(
     q: &[f32],
     summ: &[f32],
