@@ -1,6 +1,194 @@
-//! FreeKV for mistral.rs.
+//! FreeKV for mistral.rs: KV-cache retrieval with speculative selection, head-wise
+//! correction and hybrid layouts (Liu et al., arXiv 2505.13109), as a paged-attention backend.
+//!
+//! Map of the crate:
+//! - [`config`]: the knobs ([`FreeKvConfig`]), their defaults, `FREEKV_*` variables and
+//!   validation;
+//! - [`FreeKv`] (here): the instance the engine glue calls, one per loaded model;
+//! - `timeline` / `prefill`: the method itself, one decode step of one layer as the spec reads
+//!   (append -> correct? -> attend -> schedule) and the prompt path;
+//! - [`backend`]: the FreeKV operations behind one trait, [`backend::cpu`] implementing them;
+//!   `cuda` (feature `nvrtc`/`cuda`) holds the CUDA kernels and device code;
+//! - [`geometry`]: page arithmetic (sink / window / candidates / slots);
+//! - [`counters`]: what FreeKV did, per layer and in total;
+//! - `engine` / `cli` (features `engine` / `cli`): the mistral.rs glue and CLI flags.
+
+pub mod backend;
+pub mod config;
+pub mod counters;
+pub mod geometry;
+mod instance;
+mod prefill;
+mod state;
+mod timeline;
+mod types;
 
 /// The CUDA backend: kernels compiled with NVRTC (feature `nvrtc`), device code (feature `cuda`).
 #[cfg(feature = "nvrtc")]
 #[path = "backend/cuda/mod.rs"]
 pub mod cuda;
+
+/// The engine glue (mistral.rs paged-attention backend).
+#[cfg(feature = "engine")]
+pub mod engine;
+
+/// `--freekv-*` flags for the engine's CLI.
+#[cfg(feature = "cli")]
+pub mod cli;
+
+use candle_core::Tensor;
+use half::{bf16, f16};
+
+pub use config::{ConfigError, DeviceTier, FreeKvConfig, Mode, Pooling, SummaryKind};
+pub use counters::{Counters, LayerCounters};
+pub use state::StepTrace;
+pub use types::{AttnParams, DecodeRow, KvDType, ModelShape, PrefillRow};
+
+use backend::cpu::CpuBackend;
+use geometry::Geometry;
+use instance::{Engine, Instance};
+
+/// FreeKV for one loaded model: the host tier of every layer, every sequence's per-layer
+/// state, and a background worker thread for the speculative selections.
+///
+/// `Send + Sync`; every method takes `&self` (one lock per layer inside). Calls for one layer
+/// must come in the model's order (the engine's forward pass); a decode call for layer `l`
+/// waits for the background work that layer `l`'s previous call scheduled.
+pub struct FreeKv {
+    config: FreeKvConfig,
+    shape: ModelShape,
+    inner: Box<dyn Engine>,
+}
+
+impl FreeKv {
+    /// Validates `config` for `shape` and allocates the host tier: `num_blocks` pages (engine
+    /// blocks) per layer, zeroed and committed lazily. An allocation the system refuses is an
+    /// error naming the bytes and the engine knobs that lower it.
+    pub fn new(
+        config: FreeKvConfig,
+        shape: ModelShape,
+        num_blocks: usize,
+        dtype: KvDType,
+    ) -> anyhow::Result<Self> {
+        config.validate(Some(&shape))?;
+        let geo = Geometry::new(&config, &shape);
+        let inner: Box<dyn Engine> = match dtype {
+            KvDType::F32 => Box::new(Instance::new(
+                CpuBackend::<f32>::new(geo, &config),
+                config.clone(),
+                &shape,
+                num_blocks,
+                "f32",
+            )?),
+            KvDType::F16 => Box::new(Instance::new(
+                CpuBackend::<f16>::new(geo, &config),
+                config.clone(),
+                &shape,
+                num_blocks,
+                "f16",
+            )?),
+            KvDType::BF16 => Box::new(Instance::new(
+                CpuBackend::<bf16>::new(geo, &config),
+                config.clone(),
+                &shape,
+                num_blocks,
+                "bf16",
+            )?),
+        };
+        Ok(Self {
+            config,
+            shape,
+            inner,
+        })
+    }
+
+    /// A prompt batch on one layer. q: `(B, Hq, Lmax, D)`, k/v: `(B, Hkv, Lmax, D)` candle CPU
+    /// tensors of any float dtype (rows shorter than `Lmax` padded at the end). Writes every
+    /// new token to the host tier (and the summaries of pages that became full), builds the
+    /// sequence's state on this layer (replacing any earlier one) and makes the first
+    /// selection with the last prompt query. With `want_output`, returns the causal attention
+    /// output `(B, Hq, Lmax, D)` in q's dtype (new queries attend over cached + new keys;
+    /// padding positions hold zeros); otherwise `None`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefill(
+        &self,
+        layer: usize,
+        rows: &[PrefillRow<'_>],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &AttnParams,
+        want_output: bool,
+    ) -> anyhow::Result<Option<Tensor>> {
+        self.inner
+            .prefill(layer, rows, q, k, v, params, want_output)
+    }
+
+    /// One decode step of one layer. q: `(B, Hq, D)`, k/v: `(B, Hkv, D)`; returns `(B, Hq, D)`
+    /// in q's dtype. A row whose sequence has no state on this layer is an error naming it; a
+    /// row whose `context_len` is not the state's length + 1 (the engine trimmed or re-fed the
+    /// sequence) rebuilds the state from the host tier (blocking selection).
+    pub fn decode(
+        &self,
+        layer: usize,
+        rows: &[DecodeRow<'_>],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &AttnParams,
+    ) -> anyhow::Result<Tensor> {
+        self.inner.decode(layer, rows, q, k, v, params)
+    }
+
+    /// Drops all state of a sequence (every layer); unknown ids are a no-op. Its blocks stay
+    /// in the host tier until the engine reuses them.
+    pub fn free_sequence(&self, seq_id: u64) {
+        self.inner.free_sequence(seq_id)
+    }
+
+    /// Counters per layer and in total.
+    pub fn counters(&self) -> Counters {
+        self.inner.counters()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FreeKvConfig {
+        &self.config
+    }
+
+    /// The model shape.
+    pub fn shape(&self) -> &ModelShape {
+        &self.shape
+    }
+
+    /// Bytes of the host tier, all layers (KV pages and summaries; committed lazily).
+    pub fn host_tier_bytes(&self) -> usize {
+        self.inner.host_tier_bytes()
+    }
+
+    /// Bytes of one sequence's device tier over all sparse layers (O(budget)).
+    pub fn device_tier_bytes_per_sequence(&self) -> usize {
+        self.inner.device_tier_bytes_per_sequence()
+    }
+
+    /// Turns per-step traces on or off (for tests and debugging; off by default).
+    pub fn set_tracing(&self, on: bool) {
+        self.inner.set_tracing(on)
+    }
+
+    /// What the last decode step of `seq_id` on `layer` did (with tracing on).
+    pub fn step_trace(&self, layer: usize, seq_id: u64) -> Option<StepTrace> {
+        self.inner.step_trace(layer, seq_id)
+    }
+
+    /// The pages each KV head of `seq_id` will attend over at its next step on `layer`
+    /// (after the background work; `None` while the sequence attends densely).
+    pub fn resident_pages(&self, layer: usize, seq_id: u64) -> Option<Vec<Vec<u32>>> {
+        self.inner.resident_pages(layer, seq_id)
+    }
+
+    /// Waits for all background work (e.g. before measuring or tearing down).
+    pub fn join_background(&self) -> anyhow::Result<()> {
+        self.inner.join_all()
+    }
+}

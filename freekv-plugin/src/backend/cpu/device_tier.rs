@@ -1,0 +1,288 @@
+//! The CPU device tier of one (sequence, layer): the working set.
+//!
+//! Per KV head, a slot table says which logical page that head's slice of each slot holds
+//! (`[sink slots | selected slots | window slots]`, see [`crate::geometry`]); heads may hold
+//! different pages in the same slot. With [`DeviceTier::Copy`](crate::DeviceTier) the slots
+//! also hold the data, token-major (NHD, `[slot][k/v][p][n_kv][d]`); in place, attention reads
+//! the host-tier chunk of the page instead. Everything here is O(budget), independent of the
+//! context length.
+
+use crate::geometry::{Geometry, NO_PAGE};
+
+use super::elem::KvElem;
+use super::host_tier::HostTier;
+
+/// One pending replacement: KV head `head`'s slice of `slot` receives `page` (or is emptied
+/// when `page == NO_PAGE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanEntry {
+    pub slot: u32,
+    pub page: u32,
+}
+
+/// The working set of one (sequence, layer).
+pub struct CpuDeviceTier<T> {
+    geo: Geometry,
+    /// `[n_kv][slots]`: logical page per head and slot, [`NO_PAGE`] when empty.
+    slot_page: Vec<u32>,
+    /// `[n_kv][sel_pages]`: the pending plan of each head (first `plan_len[h]` entries).
+    plan: Vec<PlanEntry>,
+    plan_len: Vec<u32>,
+    /// `[n_q][d]`: the stored query (the last step's, once the step is over).
+    query: Vec<f32>,
+    /// Copy tier: `[slot][k/v][p][n_kv][d]`; empty in place.
+    data: Vec<T>,
+}
+
+impl<T: KvElem> CpuDeviceTier<T> {
+    /// An empty working set; `copy` allocates the NHD slot data.
+    pub fn new(geo: Geometry, copy: bool) -> Self {
+        let data_len = if copy {
+            geo.slots * 2 * geo.page_size * geo.num_kv_heads * geo.head_dim
+        } else {
+            0
+        };
+        Self {
+            geo,
+            slot_page: vec![NO_PAGE; geo.num_kv_heads * geo.slots],
+            plan: vec![
+                PlanEntry {
+                    slot: 0,
+                    page: NO_PAGE
+                };
+                geo.num_kv_heads * geo.sel_pages
+            ],
+            plan_len: vec![0; geo.num_kv_heads],
+            query: vec![0.0; geo.num_q_heads() * geo.head_dim],
+            data: vec![T::default(); data_len],
+        }
+    }
+
+    /// Bytes held (tables, query, slot data).
+    pub fn bytes(geo: &Geometry, copy: bool) -> usize {
+        let data = if copy {
+            geo.slots
+                * 2
+                * geo.page_size
+                * geo.num_kv_heads
+                * geo.head_dim
+                * std::mem::size_of::<T>()
+        } else {
+            0
+        };
+        geo.num_kv_heads * geo.slots * 4
+            + geo.num_kv_heads * geo.sel_pages * 8
+            + geo.num_kv_heads * 4
+            + geo.num_q_heads() * geo.head_dim * 4
+            + data
+    }
+
+    /// Whether the slots hold data (copy tier).
+    pub fn is_copy(&self) -> bool {
+        !self.data.is_empty()
+    }
+
+    /// The slot table of `head`.
+    #[inline]
+    pub fn slots(&self, head: usize) -> &[u32] {
+        &self.slot_page[head * self.geo.slots..(head + 1) * self.geo.slots]
+    }
+
+    /// The slot table of `head`, mutable.
+    #[inline]
+    pub fn slots_mut(&mut self, head: usize) -> &mut [u32] {
+        &mut self.slot_page[head * self.geo.slots..(head + 1) * self.geo.slots]
+    }
+
+    /// The stored query, `[n_q][d]`.
+    pub fn query(&self) -> &[f32] {
+        &self.query
+    }
+
+    /// The stored query, mutable.
+    pub fn query_mut(&mut self) -> &mut [f32] {
+        &mut self.query
+    }
+
+    /// The pending plan of `head`.
+    pub fn plan(&self, head: usize) -> &[PlanEntry] {
+        let n = self.plan_len[head] as usize;
+        let o = head * self.geo.sel_pages;
+        &self.plan[o..o + n]
+    }
+
+    /// Replaces the pending plan of `head`.
+    pub fn set_plan(&mut self, head: usize, entries: impl Iterator<Item = PlanEntry>) {
+        let o = head * self.geo.sel_pages;
+        let mut n = 0;
+        for e in entries {
+            self.plan[o + n] = e;
+            n += 1;
+        }
+        self.plan_len[head] = n as u32;
+    }
+
+    /// Takes the pending plan of `head` (leaves it empty).
+    pub fn clear_plan(&mut self, head: usize) {
+        self.plan_len[head] = 0;
+    }
+
+    /// Element offset of (slot, k/v, token, head) in the slot data.
+    #[inline]
+    fn data_offset(&self, slot: usize, kv: usize, token: usize, head: usize) -> usize {
+        let g = &self.geo;
+        (((slot * 2 + kv) * g.page_size + token) * g.num_kv_heads + head) * g.head_dim
+    }
+
+    /// The K and V rows of `head` in `slot` (copy tier): `(k, v, row stride)`; row `t` starts
+    /// at `t * stride`.
+    #[inline]
+    pub fn slot_rows(&self, slot: usize, head: usize) -> (&[T], &[T], usize) {
+        let g = &self.geo;
+        let stride = g.num_kv_heads * g.head_dim;
+        let span = (g.page_size - 1) * stride + g.head_dim;
+        let k = self.data_offset(slot, 0, 0, head);
+        let v = self.data_offset(slot, 1, 0, head);
+        (&self.data[k..k + span], &self.data[v..v + span], stride)
+    }
+
+    /// Raw slot data, for the staged recall's scatter thread.
+    pub fn data_mut(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+
+    /// Copies the first `n` tokens of a host chunk (HND: K rows then V rows) into `head`'s
+    /// slice of `slot` (NHD). Returns the bytes copied.
+    pub fn copy_in(&mut self, chunk: &[T], slot: usize, head: usize, n: usize) -> usize {
+        scatter_chunk(&self.geo, &mut self.data, chunk, slot, head, n);
+        2 * n * self.geo.head_dim * std::mem::size_of::<T>()
+    }
+
+    /// Writes one token's K and V rows of `head` at `token` in `slot` (copy tier).
+    pub fn write_token(&mut self, slot: usize, head: usize, token: usize, k: &[f32], v: &[f32]) {
+        let d = self.geo.head_dim;
+        let ko = self.data_offset(slot, 0, token, head);
+        T::from_f32s(k, &mut self.data[ko..ko + d]);
+        let vo = self.data_offset(slot, 1, token, head);
+        T::from_f32s(v, &mut self.data[vo..vo + d]);
+    }
+
+    /// Installs `page` in `slot` for every head, copying its first `n` tokens when the slots
+    /// hold data. Returns the bytes copied.
+    pub fn install_for_all_heads(
+        &mut self,
+        host: &HostTier<T>,
+        block: u32,
+        page: usize,
+        slot: usize,
+        n: usize,
+    ) -> usize {
+        let mut bytes = 0;
+        for h in 0..self.geo.num_kv_heads {
+            self.slots_mut(h)[slot] = page as u32;
+            if self.is_copy() {
+                bytes += self.copy_in(host.chunk(block, h), slot, h, n);
+            }
+        }
+        bytes
+    }
+
+    /// Empties every slot of every head and drops pending plans.
+    pub fn clear(&mut self) {
+        self.slot_page.fill(NO_PAGE);
+        self.plan_len.fill(0);
+    }
+}
+
+/// HND chunk -> NHD slot: token `t`'s K row goes to `[slot][0][t][head]`, its V row to
+/// `[slot][1][t][head]`. Shared by the direct recall and the staged recall's scatter thread.
+#[inline]
+pub fn scatter_chunk<T: Copy>(
+    geo: &Geometry,
+    data: &mut [T],
+    chunk: &[T],
+    slot: usize,
+    head: usize,
+    n: usize,
+) {
+    let (p, d, nkv) = (geo.page_size, geo.head_dim, geo.num_kv_heads);
+    for kv in 0..2 {
+        for t in 0..n {
+            let src = &chunk[(kv * p + t) * d..(kv * p + t + 1) * d];
+            let o = (((slot * 2 + kv) * p + t) * nkv + head) * d;
+            data[o..o + d].copy_from_slice(src);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FreeKvConfig, ModelShape};
+
+    fn geo() -> Geometry {
+        let c = FreeKvConfig {
+            page_size: 8,
+            budget: 48,
+            sink: 8,
+            window: 16,
+            ..Default::default()
+        };
+        Geometry::new(
+            &c,
+            &ModelShape {
+                num_layers: 1,
+                num_q_heads: 6,
+                num_kv_heads: 3,
+                head_dim: 4,
+            },
+        )
+    }
+
+    #[test]
+    fn hnd_to_nhd_round_trip() {
+        let g = geo();
+        let mut host = HostTier::<f32>::try_new(g, 4).unwrap();
+        for h in 0..3 {
+            for t in 0..8 {
+                let k: Vec<f32> = (0..4).map(|c| (h * 100 + t * 10 + c) as f32).collect();
+                let v: Vec<f32> = k.iter().map(|x| -x).collect();
+                host.write_row(2, h, t, &k, &v);
+            }
+        }
+        let mut dev = CpuDeviceTier::<f32>::new(g, true);
+        let bytes = dev.install_for_all_heads(&host, 2, 7, 1, 8);
+        assert_eq!(bytes, 3 * 2 * 8 * 4 * 4);
+        for h in 0..3 {
+            assert_eq!(dev.slots(h)[1], 7);
+            let (k, v, stride) = dev.slot_rows(1, h);
+            assert_eq!(stride, 12);
+            for t in 0..8 {
+                for c in 0..4 {
+                    let want = (h * 100 + t * 10 + c) as f32;
+                    assert_eq!(k[t * stride + c], want);
+                    assert_eq!(v[t * stride + c], -want);
+                    // The NHD layout itself: [slot][k/v][token][head][channel].
+                    assert_eq!(dev.data[((2 * 8 + t) * 3 + h) * 4 + c], want);
+                }
+            }
+        }
+        // Other slots untouched.
+        assert!((0..3).all(|h| dev.slots(h)[0] == NO_PAGE && dev.slots(h)[2] == NO_PAGE));
+        // In place: tables only.
+        let mut inplace = CpuDeviceTier::<f32>::new(g, false);
+        assert_eq!(inplace.install_for_all_heads(&host, 2, 7, 1, 8), 0);
+        assert!(!inplace.is_copy());
+        assert!(CpuDeviceTier::<f32>::bytes(&g, true) > CpuDeviceTier::<f32>::bytes(&g, false));
+    }
+
+    #[test]
+    fn plans_per_head() {
+        let mut dev = CpuDeviceTier::<f32>::new(geo(), false);
+        dev.set_plan(1, [PlanEntry { slot: 2, page: 9 }].into_iter());
+        assert_eq!(dev.plan(1), &[PlanEntry { slot: 2, page: 9 }]);
+        assert!(dev.plan(0).is_empty());
+        dev.clear_plan(1);
+        assert!(dev.plan(1).is_empty());
+    }
+}

@@ -1,0 +1,581 @@
+//! The CPU implementation of the FreeKV operations.
+//!
+//! - [`host_tier`]: HND pages and summaries by block id;
+//! - [`device_tier`]: the per-(sequence, layer) working set (slot tables, NHD slot data);
+//! - [`select`]: scores, pooling, top-k, replacement plan;
+//! - [`recall`]: direct and double-buffered staged recall into NHD slots;
+//! - [`attend`]: online-softmax attention over page segments;
+//! - [`io`]: candle tensors in and out; [`math`], [`elem`], [`alloc`]: the small pieces.
+
+pub mod alloc;
+pub mod attend;
+pub mod device_tier;
+pub mod elem;
+pub mod host_tier;
+pub mod io;
+pub mod math;
+pub mod recall;
+pub mod select;
+
+use std::marker::PhantomData;
+use std::ops::Range;
+
+use candle_core::{DType, Tensor};
+
+use crate::geometry::{Geometry, NO_PAGE};
+use crate::{AttnParams, DeviceTier, FreeKvConfig, Pooling, SummaryKind};
+
+use self::attend::{Attention, AttnScratch, Segment};
+use self::device_tier::CpuDeviceTier;
+use self::elem::KvElem;
+use self::host_tier::HostTier;
+use self::io::CpuBatch;
+use self::recall::{RecallEntry, StagedRecall};
+use self::select::SelectScratch;
+use super::{Backend, RecallStats, Role};
+
+/// Prefill attention work (multiply-adds) above which it is split over threads.
+const PARALLEL_PREFILL_WORK: usize = 1 << 24;
+
+/// The CPU backend for KV stored as `T`.
+pub struct CpuBackend<T> {
+    geo: Geometry,
+    summary: SummaryKind,
+    pooling: Pooling,
+    copy: bool,
+    _elem: PhantomData<fn() -> T>,
+}
+
+/// Per-thread working memory.
+pub struct CpuScratch<T: KvElem> {
+    attn: AttnScratch,
+    select: SelectScratch,
+    rows: Vec<f32>,
+    entries: Vec<RecallEntry>,
+    /// The worker's double-buffered recall (copy tier only).
+    staged: Option<StagedRecall<T>>,
+}
+
+impl<T: KvElem> CpuBackend<T> {
+    /// A backend for `geo` with the configuration's summary, pooling and device-tier kind.
+    pub fn new(geo: Geometry, config: &FreeKvConfig) -> Self {
+        Self {
+            geo,
+            summary: config.summary,
+            pooling: config.pooling,
+            copy: config.device_tier == DeviceTier::Copy,
+            _elem: PhantomData,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn segment<'a>(
+        &self,
+        host: &'a HostTier<T>,
+        dev: Option<&'a CpuDeviceTier<T>>,
+        block: u32,
+        slot: usize,
+        head: usize,
+        n: usize,
+        pos0: usize,
+    ) -> Segment<'a, T> {
+        let (p, d) = (self.geo.page_size, self.geo.head_dim);
+        match dev {
+            Some(dev) if dev.is_copy() => {
+                let (k, v, stride) = dev.slot_rows(slot, head);
+                Segment {
+                    k,
+                    v,
+                    stride,
+                    n,
+                    pos0,
+                }
+            }
+            _ => {
+                let chunk = host.chunk(block, head);
+                Segment {
+                    k: &chunk[..p * d],
+                    v: &chunk[p * d..],
+                    stride: d,
+                    n,
+                    pos0,
+                }
+            }
+        }
+    }
+}
+
+impl<T: KvElem> Backend for CpuBackend<T> {
+    type HostTier = HostTier<T>;
+    type DeviceTier = CpuDeviceTier<T>;
+    type Scratch = CpuScratch<T>;
+    type Batch = CpuBatch;
+
+    fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    fn alloc_host_tier(&self, num_blocks: usize) -> anyhow::Result<HostTier<T>> {
+        HostTier::try_new(self.geo, num_blocks).ok_or_else(|| {
+            anyhow::anyhow!(
+                "could not allocate {} bytes",
+                HostTier::<T>::bytes(&self.geo, num_blocks)
+            )
+        })
+    }
+
+    fn alloc_device_tier(&self) -> CpuDeviceTier<T> {
+        CpuDeviceTier::new(self.geo, self.copy)
+    }
+
+    fn alloc_scratch(&self, role: Role) -> CpuScratch<T> {
+        CpuScratch {
+            attn: AttnScratch::default(),
+            select: SelectScratch::default(),
+            rows: Vec::new(),
+            entries: Vec::new(),
+            staged: (self.copy && role == Role::Worker).then(|| StagedRecall::new(self.geo)),
+        }
+    }
+
+    fn alloc_batch(&self) -> CpuBatch {
+        CpuBatch::default()
+    }
+
+    fn host_tier_bytes(&self, num_blocks: usize) -> usize {
+        HostTier::<T>::bytes(&self.geo, num_blocks)
+    }
+
+    fn device_tier_bytes(&self) -> usize {
+        CpuDeviceTier::<T>::bytes(&self.geo, self.copy)
+    }
+
+    fn load_decode(
+        &self,
+        batch: &mut CpuBatch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> anyhow::Result<()> {
+        batch.load_decode(q, k, v)?;
+        self.check_heads(batch)
+    }
+
+    fn load_prefill(
+        &self,
+        batch: &mut CpuBatch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        last_only: Option<&[usize]>,
+    ) -> anyhow::Result<()> {
+        batch.load_prefill(q, k, v, last_only)?;
+        self.check_heads(batch)
+    }
+
+    fn take_output(&self, batch: &mut CpuBatch, dtype: DType) -> anyhow::Result<Tensor> {
+        batch.take_output(dtype)
+    }
+
+    fn write_tokens(
+        &self,
+        host: &mut HostTier<T>,
+        table: &[u32],
+        batch: &CpuBatch,
+        row: usize,
+        first_pos: usize,
+        n: usize,
+        scratch: &mut CpuScratch<T>,
+    ) {
+        let p = self.geo.page_size;
+        for j in 0..n {
+            let pos = first_pos + j;
+            let block = table[pos / p];
+            for h in 0..self.geo.num_kv_heads {
+                let (k, v) = batch.kv_row(row, h, j);
+                host.write_row(block, h, pos % p, k, v);
+            }
+            if pos % p == p - 1 {
+                host.summarise(block, self.summary, &mut scratch.rows);
+            }
+        }
+    }
+
+    fn ensure_summaries(
+        &self,
+        host: &mut HostTier<T>,
+        table: &[u32],
+        full_pages: usize,
+        scratch: &mut CpuScratch<T>,
+    ) -> usize {
+        let mut n = 0;
+        for &block in &table[..full_pages] {
+            if !host.is_summarised(block) {
+                host.summarise(block, self.summary, &mut scratch.rows);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn reset_working_set(
+        &self,
+        host: &HostTier<T>,
+        table: &[u32],
+        dev: &mut CpuDeviceTier<T>,
+        len: usize,
+    ) -> RecallStats {
+        let g = &self.geo;
+        dev.clear();
+        let mut stats = RecallStats::default();
+        let fixed = (0..g.sink_pages.min(g.pages(len))).map(|j| (j, j)).chain(
+            (g.window_start(len).max(g.sink_pages)..g.pages(len)).map(|j| (j, g.window_slot(j))),
+        );
+        for (page, slot) in fixed {
+            let n = g.valid_tokens(page, len);
+            stats.bytes += dev.install_for_all_heads(host, table[page], page, slot, n);
+            stats.pages += g.num_kv_heads;
+        }
+        stats
+    }
+
+    fn advance_window(
+        &self,
+        _table: &[u32],
+        dev: &mut CpuDeviceTier<T>,
+        len: usize,
+        batch: &CpuBatch,
+        row: usize,
+    ) {
+        let g = &self.geo;
+        let pos = len - 1;
+        let page = pos / g.page_size;
+        let slot = g.window_slot(page);
+        for h in 0..g.num_kv_heads {
+            dev.slots_mut(h)[slot] = page as u32;
+            if dev.is_copy() {
+                let (k, v) = batch.kv_row(row, h, 0);
+                dev.write_token(slot, h, pos % g.page_size, k, v);
+            }
+        }
+    }
+
+    fn store_query(&self, dev: &mut CpuDeviceTier<T>, batch: &CpuBatch, row: usize, token: usize) {
+        let d = self.geo.head_dim;
+        let q = dev.query_mut();
+        for h in 0..self.geo.num_q_heads() {
+            q[h * d..(h + 1) * d].copy_from_slice(batch.q_row(row, h, token));
+        }
+    }
+
+    fn query_similarity(
+        &self,
+        dev: &CpuDeviceTier<T>,
+        batch: &CpuBatch,
+        row: usize,
+        out: &mut [f32],
+    ) {
+        let (d, gs) = (self.geo.head_dim, self.geo.group);
+        let stored = dev.query();
+        for (h, o) in out.iter_mut().enumerate().take(self.geo.num_kv_heads) {
+            let mut sum = 0.0;
+            for qh in h * gs..(h + 1) * gs {
+                let a = batch.q_row(row, qh, 0);
+                let b = &stored[qh * d..(qh + 1) * d];
+                let norms = (math::dot(a, a) * math::dot(b, b)).sqrt();
+                sum += if norms > 0.0 {
+                    (math::dot(a, b) / norms).clamp(-1.0, 1.0)
+                } else {
+                    1.0
+                };
+            }
+            *o = sum / gs as f32;
+        }
+    }
+
+    fn select(
+        &self,
+        host: &HostTier<T>,
+        table: &[u32],
+        dev: &mut CpuDeviceTier<T>,
+        candidates: Range<usize>,
+        heads: &[bool],
+        scratch: &mut CpuScratch<T>,
+    ) {
+        let (d, gs) = (self.geo.head_dim, self.geo.group);
+        let sel = self.geo.selected_slots();
+        for h in (0..self.geo.num_kv_heads).filter(|&h| heads[h]) {
+            let group_q = &dev.query()[h * gs * d..(h + 1) * gs * d];
+            let start = candidates.start;
+            select::pooled_scores(
+                group_q,
+                d,
+                candidates.len(),
+                |j| host.summary(table[start + j], h),
+                self.pooling,
+                &mut scratch.select,
+            );
+            select::plan_replacement(
+                &self.geo,
+                candidates.clone(),
+                &dev.slots(h)[sel.clone()],
+                &mut scratch.select,
+            );
+            dev.set_plan(h, scratch.select.plan.iter().copied());
+        }
+    }
+
+    fn recall(
+        &self,
+        host: &HostTier<T>,
+        table: &[u32],
+        dev: &mut CpuDeviceTier<T>,
+        heads: &[bool],
+        scratch: &mut CpuScratch<T>,
+    ) -> RecallStats {
+        let g = &self.geo;
+        let mut stats = RecallStats::default();
+        let chunk_bytes = 2 * g.page_size * g.head_dim * std::mem::size_of::<T>();
+        scratch.entries.clear();
+        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
+            for e in dev.plan(h) {
+                if e.page != NO_PAGE {
+                    scratch.entries.push(RecallEntry {
+                        head: h as u32,
+                        slot: e.slot,
+                        block: table[e.page as usize],
+                    });
+                }
+            }
+        }
+        stats.pages = scratch.entries.len();
+        if dev.is_copy() {
+            stats.bytes = stats.pages * chunk_bytes;
+            match scratch.staged.as_mut() {
+                Some(staged) if scratch.entries.len() > 1 => {
+                    staged.run(dev.data_mut(), host, &scratch.entries)
+                }
+                _ => {
+                    for e in &scratch.entries {
+                        dev.copy_in(
+                            host.chunk(e.block, e.head as usize),
+                            e.slot as usize,
+                            e.head as usize,
+                            g.page_size,
+                        );
+                    }
+                }
+            }
+        }
+        // The tables follow the data.
+        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
+            for i in 0..dev.plan(h).len() {
+                let e = dev.plan(h)[i];
+                dev.slots_mut(h)[e.slot as usize] = e.page;
+            }
+            dev.clear_plan(h);
+        }
+        stats
+    }
+
+    fn resident_pages(&self, dev: &CpuDeviceTier<T>, head: usize, _len: usize) -> Vec<u32> {
+        let mut pages: Vec<u32> = dev
+            .slots(head)
+            .iter()
+            .copied()
+            .filter(|&p| p != NO_PAGE)
+            .collect();
+        pages.sort_unstable();
+        pages
+    }
+
+    fn attend_decode(
+        &self,
+        host: &HostTier<T>,
+        table: &[u32],
+        len: usize,
+        dev: Option<&CpuDeviceTier<T>>,
+        batch: &mut CpuBatch,
+        row: usize,
+        params: &AttnParams,
+        scratch: &mut CpuScratch<T>,
+    ) {
+        let g = &self.geo;
+        let (p, d, gs) = (g.page_size, g.head_dim, g.group);
+        let pos = len - 1;
+        let sc = &mut scratch.attn;
+        for h in 0..g.num_kv_heads {
+            sc.q.clear();
+            sc.q.extend_from_slice(batch.q_heads(row, h * gs..(h + 1) * gs));
+            sc.qpos.clear();
+            sc.qpos.resize(gs, pos);
+            let mut att = Attention::begin(sc, gs, d, params);
+            match dev {
+                None => {
+                    let first = params.first_visible(pos) / p;
+                    for (page, &block) in table.iter().enumerate().take(g.pages(len)).skip(first) {
+                        let n = g.valid_tokens(page, len);
+                        att.add(self.segment(host, None, block, 0, h, n, page * p), params);
+                    }
+                }
+                Some(dev) => {
+                    for (slot, &page) in dev.slots(h).iter().enumerate() {
+                        if page == NO_PAGE {
+                            continue;
+                        }
+                        let page = page as usize;
+                        let n = g.valid_tokens(page, len);
+                        if !att.any_visible(page * p, n) {
+                            continue;
+                        }
+                        att.add(
+                            self.segment(host, Some(dev), table[page], slot, h, n, page * p),
+                            params,
+                        );
+                    }
+                }
+            }
+            for r in 0..gs {
+                att.finish_row(r, batch.out_row(row, h * gs + r, 0));
+            }
+        }
+    }
+
+    fn attend_prefill(
+        &self,
+        host: &HostTier<T>,
+        table: &[u32],
+        cached_len: usize,
+        new_len: usize,
+        batch: &mut CpuBatch,
+        row: usize,
+        params: &AttnParams,
+        scratch: &mut CpuScratch<T>,
+    ) {
+        let g = self.geo;
+        let (n_kv, gs, d) = (g.num_kv_heads, g.group, g.head_dim);
+        let per_head = gs * batch.q_tokens * d;
+        let q_all = &batch.q;
+        let (n_q, q_tokens) = (batch.n_q, batch.q_tokens);
+        let out_row = &mut batch.out[row * n_q * q_tokens * d..(row + 1) * n_q * q_tokens * d];
+        let job = PrefillJob {
+            geo: &g,
+            host,
+            table,
+            cached_len,
+            new_len,
+            params,
+            q: &q_all[row * n_q * q_tokens * d..(row + 1) * n_q * q_tokens * d],
+            q_tokens,
+        };
+        let work = new_len * (cached_len + new_len) * n_q * d;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(n_kv);
+        if work < PARALLEL_PREFILL_WORK || threads < 2 {
+            for (h, out) in out_row.chunks_mut(per_head).enumerate() {
+                job.head(h, out, &mut scratch.attn);
+            }
+            return;
+        }
+        let heads_per = n_kv.div_ceil(threads);
+        std::thread::scope(|s| {
+            let mut chunks = out_row.chunks_mut(per_head * heads_per).enumerate();
+            let first = chunks.next();
+            for (i, out) in chunks {
+                let job = &job;
+                s.spawn(move || {
+                    let mut sc = AttnScratch::default();
+                    for (j, o) in out.chunks_mut(per_head).enumerate() {
+                        job.head(i * heads_per + j, o, &mut sc);
+                    }
+                });
+            }
+            if let Some((_, out)) = first {
+                for (j, o) in out.chunks_mut(per_head).enumerate() {
+                    job.head(j, o, &mut scratch.attn);
+                }
+            }
+        });
+    }
+}
+
+impl<T: KvElem> CpuBackend<T> {
+    fn check_heads(&self, batch: &CpuBatch) -> anyhow::Result<()> {
+        let g = &self.geo;
+        anyhow::ensure!(
+            batch.n_q == g.num_q_heads() && batch.n_kv == g.num_kv_heads && batch.d == g.head_dim,
+            "q/k/v have {} query heads, {} KV heads of dim {}; the model shape says {}, {} and {}",
+            batch.n_q,
+            batch.n_kv,
+            batch.d,
+            g.num_q_heads(),
+            g.num_kv_heads,
+            g.head_dim
+        );
+        Ok(())
+    }
+}
+
+/// Causal attention of one prompt row, one KV head at a time (heads may run in parallel).
+struct PrefillJob<'a, T> {
+    geo: &'a Geometry,
+    host: &'a HostTier<T>,
+    table: &'a [u32],
+    cached_len: usize,
+    new_len: usize,
+    params: &'a AttnParams,
+    /// The row's queries `[Hq][q_tokens][d]`.
+    q: &'a [f32],
+    q_tokens: usize,
+}
+
+impl<T: KvElem> PrefillJob<'_, T> {
+    /// Queries per block: about 32 query rows (tokens x group) share each key page.
+    fn block_tokens(&self) -> usize {
+        (32 / self.geo.group).max(1)
+    }
+
+    /// Output of KV head `h`'s query heads, `out` = `[G][q_tokens][d]`.
+    fn head(&self, h: usize, out: &mut [f32], sc: &mut AttnScratch) {
+        let g = self.geo;
+        let (p, d, gs) = (g.page_size, g.head_dim, g.group);
+        let bt = self.block_tokens();
+        for t0 in (0..self.new_len).step_by(bt) {
+            let t1 = (t0 + bt).min(self.new_len);
+            sc.q.clear();
+            sc.qpos.clear();
+            for t in t0..t1 {
+                for r in 0..gs {
+                    let o = ((h * gs + r) * self.q_tokens + t) * d;
+                    sc.q.extend_from_slice(&self.q[o..o + d]);
+                    sc.qpos.push(self.cached_len + t);
+                }
+            }
+            let rows = (t1 - t0) * gs;
+            let first = self.params.first_visible(self.cached_len + t0);
+            let last = self.cached_len + t1 - 1;
+            let mut att = Attention::begin(sc, rows, d, self.params);
+            for page in first / p..=last / p {
+                let n = g.valid_tokens(page, last + 1);
+                let chunk = self.host.chunk(self.table[page], h);
+                att.add(
+                    Segment {
+                        k: &chunk[..p * d],
+                        v: &chunk[p * d..],
+                        stride: d,
+                        n,
+                        pos0: page * p,
+                    },
+                    self.params,
+                );
+            }
+            for t in t0..t1 {
+                for r in 0..gs {
+                    let o = (r * self.q_tokens + t) * d;
+                    att.finish_row((t - t0) * gs + r, &mut out[o..o + d]);
+                }
+            }
+        }
+    }
+}

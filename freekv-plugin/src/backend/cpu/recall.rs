@@ -1,0 +1,230 @@
+//! Recall for the copy device tier: host chunks (HND) into NHD slots.
+//!
+//! Two paths:
+//! - direct: each chunk is scattered from the host tier straight into its slot (used on the
+//!   calling thread, where a blocking recall is a few pages);
+//! - staged ([`StagedRecall`], the worker's path, the paper's double buffering): the worker
+//!   copies one KV head's missing chunks (contiguous thanks to HND) into staging buffer A
+//!   while a scatter thread spreads buffer B (the previous head's) into the slots, converting
+//!   HND to NHD. A buffer is refilled only after the scatter thread has handed it back.
+
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::thread::JoinHandle;
+
+use crate::geometry::Geometry;
+
+use super::device_tier::scatter_chunk;
+use super::elem::KvElem;
+use super::host_tier::HostTier;
+
+/// One chunk to recall: KV head `head`'s K+V of host block `block` into `slot`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecallEntry {
+    pub head: u32,
+    pub slot: u32,
+    pub block: u32,
+}
+
+/// The slot data of the device tier being filled, handed to the scatter thread.
+struct SlotData<T>(*mut T, usize);
+
+// SAFETY: the pointer is only dereferenced by the scatter thread while `StagedRecall::run`
+// holds the `&mut [T]` it came from and waits for every job to come back (see `run`).
+unsafe impl<T: Send> Send for SlotData<T> {}
+
+/// One staging buffer and what to do with it.
+struct Job<T> {
+    staging: Vec<T>,
+    /// (slot, head) of each staged chunk, in staging order.
+    targets: Vec<(u32, u32)>,
+    dst: SlotData<T>,
+}
+
+/// Double-buffered staged recall with its scatter thread.
+pub struct StagedRecall<T: KvElem> {
+    geo: Geometry,
+    idle: Vec<Job<T>>,
+    to_scatter: Option<SyncSender<Job<T>>>,
+    returned: Receiver<Job<T>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<T: KvElem> StagedRecall<T> {
+    /// Two staging buffers of one head's selected pages each, and the scatter thread.
+    pub fn new(geo: Geometry) -> Self {
+        let chunk = 2 * geo.page_size * geo.head_dim;
+        let (to_scatter, jobs) = sync_channel::<Job<T>>(2);
+        let (back, returned): (Sender<Job<T>>, _) = channel();
+        let thread = std::thread::Builder::new()
+            .name("freekv-scatter".into())
+            .spawn(move || {
+                for job in jobs {
+                    let n = job.targets.len();
+                    // SAFETY: see `SlotData`: the filling thread holds the exclusive borrow of
+                    // these `len` elements until this job is returned below.
+                    let data = unsafe { std::slice::from_raw_parts_mut(job.dst.0, job.dst.1) };
+                    for (i, &(slot, head)) in job.targets[..n].iter().enumerate() {
+                        let src = &job.staging[i * chunk..(i + 1) * chunk];
+                        scatter_chunk(&geo, data, src, slot as usize, head as usize, geo.page_size);
+                    }
+                    if back.send(job).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the FreeKV scatter thread");
+        let idle = (0..2)
+            .map(|_| Job {
+                staging: vec![T::default(); geo.sel_pages * chunk],
+                targets: Vec::with_capacity(geo.sel_pages),
+                dst: SlotData(std::ptr::null_mut(), 0),
+            })
+            .collect();
+        Self {
+            geo,
+            idle,
+            to_scatter: Some(to_scatter),
+            returned,
+            thread: Some(thread),
+        }
+    }
+
+    /// Recalls `entries` (grouped by head: consecutive entries of one head form one group of
+    /// at most `sel_pages` chunks) from `host` into `data`, one staging buffer per group,
+    /// alternating between the two. Returns when every chunk is in place.
+    pub fn run(&mut self, data: &mut [T], host: &HostTier<T>, entries: &[RecallEntry]) {
+        let chunk = 2 * self.geo.page_size * self.geo.head_dim;
+        let mut outstanding = 0;
+        let mut rest = entries;
+        while let Some(first) = rest.first() {
+            let n = rest
+                .iter()
+                .take(self.geo.sel_pages)
+                .take_while(|e| e.head == first.head)
+                .count();
+            let (group, tail) = rest.split_at(n);
+            rest = tail;
+            let mut job = match self.idle.pop() {
+                Some(j) => j,
+                None => {
+                    outstanding -= 1;
+                    self.returned
+                        .recv()
+                        .expect("the FreeKV scatter thread died")
+                }
+            };
+            job.targets.clear();
+            for (i, e) in group.iter().enumerate() {
+                job.staging[i * chunk..(i + 1) * chunk]
+                    .copy_from_slice(host.chunk(e.block, e.head as usize));
+                job.targets.push((e.slot, e.head));
+            }
+            job.dst = SlotData(data.as_mut_ptr(), data.len());
+            outstanding += 1;
+            self.to_scatter
+                .as_ref()
+                .expect("scatter channel open")
+                .send(job)
+                .expect("the FreeKV scatter thread died");
+        }
+        // Every buffer comes back before `data`'s borrow ends.
+        while outstanding > 0 {
+            let job = self
+                .returned
+                .recv()
+                .expect("the FreeKV scatter thread died");
+            self.idle.push(job);
+            outstanding -= 1;
+        }
+    }
+}
+
+impl<T: KvElem> Drop for StagedRecall<T> {
+    fn drop(&mut self) {
+        self.to_scatter.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FreeKvConfig, ModelShape};
+
+    #[test]
+    fn staged_equals_direct_scatter() {
+        let c = FreeKvConfig {
+            page_size: 8,
+            budget: 64,
+            sink: 8,
+            window: 8,
+            ..Default::default()
+        };
+        let geo = Geometry::new(
+            &c,
+            &ModelShape {
+                num_layers: 1,
+                num_q_heads: 4,
+                num_kv_heads: 2,
+                head_dim: 4,
+            },
+        );
+        let mut host = HostTier::<f32>::try_new(geo, 10).unwrap();
+        for b in 0..10u32 {
+            for h in 0..2 {
+                for t in 0..8 {
+                    let k: Vec<f32> = (0..4)
+                        .map(|c| (b * 1000 + h as u32 * 100 + t * 10 + c) as f32)
+                        .collect();
+                    let v: Vec<f32> = k.iter().map(|x| -x).collect();
+                    host.write_row(b, h, t as usize, &k, &v);
+                }
+            }
+        }
+        let slots_len = geo.slots * 2 * 8 * geo.num_kv_heads * 4;
+        let mut want = vec![0f32; slots_len];
+        let mut got = vec![0f32; slots_len];
+        // Three groups (head 0 twice, split by a head-1 group) cycle the two buffers.
+        let entries = [
+            RecallEntry {
+                head: 0,
+                slot: 1,
+                block: 3,
+            },
+            RecallEntry {
+                head: 0,
+                slot: 4,
+                block: 7,
+            },
+            RecallEntry {
+                head: 1,
+                slot: 1,
+                block: 2,
+            },
+            RecallEntry {
+                head: 0,
+                slot: 5,
+                block: 9,
+            },
+        ];
+        for e in &entries {
+            scatter_chunk(
+                &geo,
+                &mut want,
+                host.chunk(e.block, e.head as usize),
+                e.slot as usize,
+                e.head as usize,
+                8,
+            );
+        }
+        let mut staged = StagedRecall::<f32>::new(geo);
+        for _ in 0..3 {
+            got.fill(0.0);
+            staged.run(&mut got, &host, &entries);
+            assert_eq!(got, want);
+        }
+        staged.run(&mut got, &host, &[]);
+    }
+}

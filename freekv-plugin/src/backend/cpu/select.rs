@@ -1,0 +1,289 @@
+//! Selection for one KV head: Quest upper-bound scores from the page summaries, GQA pooling,
+//! exact top-k, and the replacement plan (resident winners stay; missing winners go into the
+//! selected slots whose current pages score lowest).
+
+use std::cmp::Ordering;
+use std::ops::Range;
+
+use crate::geometry::{Geometry, NO_PAGE};
+use crate::Pooling;
+
+use super::device_tier::PlanEntry;
+use super::math;
+
+/// Working memory of selection, reused between calls.
+#[derive(Default)]
+pub struct SelectScratch {
+    /// `[G][2d]`: per query head, `max(q, 0)` then `min(q, 0)`.
+    qq: Vec<f32>,
+    /// `[G][n_cand]` raw scores.
+    raw: Vec<f32>,
+    /// `[n_cand]` pooled scores.
+    pub pooled: Vec<f32>,
+    order: Vec<u32>,
+    /// Per candidate: `stamp` when a winner not (yet) found resident.
+    mark: Vec<u32>,
+    stamp: u32,
+    evict: Vec<(f32, u32)>,
+    missing: Vec<(f32, u32)>,
+    pub plan: Vec<PlanEntry>,
+}
+
+/// Descending score, then ascending index: a total order, so ties pick lower pages.
+#[inline]
+fn better(a: (f32, u32), b: (f32, u32)) -> Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// Pooled scores of the candidates for one KV head.
+///
+/// `group_q` is the group's queries `[G][d]`; `summary(j)` returns candidate `j`'s summary
+/// (upper `[d]` then lower `[d]`). The Quest bound `sum_c max(q_c * upper_c, q_c * lower_c)`
+/// equals `q+ . upper + q- . lower` with `q+ = max(q, 0)`, `q- = min(q, 0)` (upper >= lower),
+/// one dot product of length `2d` per page and query head.
+pub fn pooled_scores<'a>(
+    group_q: &[f32],
+    d: usize,
+    n_cand: usize,
+    summary: impl Fn(usize) -> &'a [f32],
+    pooling: Pooling,
+    sc: &mut SelectScratch,
+) {
+    let g = group_q.len() / d;
+    sc.qq.resize(g * 2 * d, 0.0);
+    for h in 0..g {
+        let q = &group_q[h * d..(h + 1) * d];
+        let (pos, neg) = sc.qq[h * 2 * d..(h + 1) * 2 * d].split_at_mut(d);
+        for c in 0..d {
+            pos[c] = q[c].max(0.0);
+            neg[c] = q[c].min(0.0);
+        }
+    }
+    sc.raw.resize(g * n_cand, 0.0);
+    for j in 0..n_cand {
+        let s = summary(j);
+        for h in 0..g {
+            sc.raw[h * n_cand + j] = math::dot(&sc.qq[h * 2 * d..(h + 1) * 2 * d], s);
+        }
+    }
+    sc.pooled.clear();
+    match pooling {
+        Pooling::SoftmaxMean => {
+            sc.pooled.resize(n_cand, 0.0);
+            for h in 0..g {
+                let raw = &mut sc.raw[h * n_cand..(h + 1) * n_cand];
+                let m = math::max(raw);
+                let z = math::exp_sub_sum(raw, m);
+                let w = 1.0 / (z * g as f32);
+                for (p, e) in sc.pooled.iter_mut().zip(raw.iter()) {
+                    *p += e * w;
+                }
+            }
+        }
+        Pooling::Mean => {
+            sc.pooled.resize(n_cand, 0.0);
+            for h in 0..g {
+                math::axpy(
+                    &mut sc.pooled,
+                    1.0 / g as f32,
+                    &sc.raw[h * n_cand..(h + 1) * n_cand],
+                );
+            }
+        }
+        Pooling::Max => {
+            sc.pooled.resize(n_cand, f32::NEG_INFINITY);
+            for h in 0..g {
+                for (p, r) in sc
+                    .pooled
+                    .iter_mut()
+                    .zip(&sc.raw[h * n_cand..(h + 1) * n_cand])
+                {
+                    *p = p.max(*r);
+                }
+            }
+        }
+    }
+}
+
+/// Top-k of `sc.pooled` over the candidates `cand` and the replacement plan for one head
+/// whose selected slots currently hold `sel_slots` (pages, [`NO_PAGE`] when empty; slot `i`
+/// here is geometry slot `geo.selected_slots().start + i`). Leaves the plan in `sc.plan`.
+pub fn plan_replacement(
+    geo: &Geometry,
+    cand: Range<usize>,
+    sel_slots: &[u32],
+    sc: &mut SelectScratch,
+) {
+    let n_cand = cand.len();
+    let k = geo.sel_pages.min(n_cand);
+    sc.order.clear();
+    sc.order.extend(0..n_cand as u32);
+    if k < n_cand && k > 0 {
+        let pooled = &sc.pooled;
+        sc.order.select_nth_unstable_by(k - 1, |&a, &b| {
+            better((pooled[a as usize], a), (pooled[b as usize], b))
+        });
+    }
+    sc.order.truncate(k);
+    // Mark the winners.
+    sc.stamp = sc.stamp.wrapping_add(1);
+    if sc.stamp == 0 || sc.mark.len() < n_cand {
+        sc.mark.clear();
+        sc.mark.resize(n_cand.max(sc.mark.len()), 0);
+        sc.stamp = 1;
+    }
+    for &w in &sc.order {
+        sc.mark[w as usize] = sc.stamp;
+    }
+    // Resident winners stay (unmarked); every other selected slot may be replaced.
+    let slot0 = geo.selected_slots().start as u32;
+    sc.evict.clear();
+    for (i, &page) in sel_slots.iter().enumerate() {
+        let slot = slot0 + i as u32;
+        let j = page as usize;
+        if page != NO_PAGE && cand.contains(&j) {
+            let c = j - cand.start;
+            if sc.mark[c] == sc.stamp {
+                sc.mark[c] = 0;
+                continue;
+            }
+            sc.evict.push((sc.pooled[c], slot));
+        } else {
+            // Empty, or a page that is no longer a candidate: lowest possible score.
+            sc.evict.push((f32::NEG_INFINITY, slot));
+        }
+    }
+    sc.missing.clear();
+    for &w in &sc.order {
+        if sc.mark[w as usize] == sc.stamp {
+            sc.missing
+                .push((sc.pooled[w as usize], (cand.start + w as usize) as u32));
+        }
+    }
+    // Lowest-scored slots first (empty ones before any page); best missing pages first.
+    sc.evict
+        .sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    sc.missing.sort_unstable_by(|&a, &b| better(a, b));
+    debug_assert!(sc.missing.len() <= sc.evict.len());
+    sc.plan.clear();
+    for (i, &(_, slot)) in sc.evict.iter().enumerate() {
+        let page = sc.missing.get(i).map_or(NO_PAGE, |m| m.1);
+        let current = sel_slots[(slot - slot0) as usize];
+        if page != current {
+            sc.plan.push(PlanEntry { slot, page });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FreeKvConfig, ModelShape};
+
+    fn geo(sel_budget: usize) -> Geometry {
+        let c = FreeKvConfig {
+            page_size: 8,
+            budget: 16 + 16 + 8 * sel_budget,
+            sink: 16,
+            window: 16,
+            ..Default::default()
+        };
+        Geometry::new(
+            &c,
+            &ModelShape {
+                num_layers: 1,
+                num_q_heads: 2,
+                num_kv_heads: 1,
+                head_dim: 2,
+            },
+        )
+    }
+
+    fn apply(sel: &mut [u32], plan: &[PlanEntry], slot0: u32) {
+        for e in plan {
+            sel[(e.slot - slot0) as usize] = e.page;
+        }
+    }
+
+    #[test]
+    fn quest_bound_and_pooling() {
+        // Two query heads, d = 2; two pages.
+        let q = [1.0, -2.0, 0.5, 0.5];
+        let summaries = [[3.0, 1.0, /* lower */ -1.0, -4.0], [0.0, 0.0, 0.0, 0.0]];
+        let mut sc = SelectScratch::default();
+        // Head 0, page 0: max(1*3, 1*-1) + max(-2*1, -2*-4) = 3 + 8 = 11.
+        // Head 1, page 0: max(.5*3, .5*-1) + max(.5*1, .5*-4) = 1.5 + .5 = 2.
+        pooled_scores(&q, 2, 2, |j| &summaries[j][..], Pooling::Mean, &mut sc);
+        assert_eq!(sc.pooled, vec![6.5, 0.0]);
+        pooled_scores(&q, 2, 2, |j| &summaries[j][..], Pooling::Max, &mut sc);
+        assert_eq!(sc.pooled, vec![11.0, 0.0]);
+        pooled_scores(
+            &q,
+            2,
+            2,
+            |j| &summaries[j][..],
+            Pooling::SoftmaxMean,
+            &mut sc,
+        );
+        let sm = |a: f32, b: f32| a.exp() / (a.exp() + b.exp());
+        let want0 = (sm(11.0, 0.0) + sm(2.0, 0.0)) / 2.0;
+        assert!((sc.pooled[0] - want0).abs() < 1e-6);
+        assert!((sc.pooled[0] + sc.pooled[1] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn replacement_keeps_resident_winners_and_evicts_lowest() {
+        let g = geo(3);
+        let slot0 = g.selected_slots().start as u32;
+        // Candidates are pages 2..8 (6 of them); scores by candidate index.
+        let mut sc = SelectScratch {
+            pooled: vec![0.1, 0.9, 0.5, 0.8, 0.2, 0.7],
+            ..Default::default()
+        };
+        // Resident: page 3 (score .9, winner), page 6 (score .2), empty.
+        let mut sel = vec![3, 6, NO_PAGE];
+        plan_replacement(&g, 2..8, &sel, &mut sc);
+        // Winners: pages 3 (.9), 5 (.8), 7 (.7). Page 3 stays; 5 goes to the empty slot,
+        // 7 replaces page 6.
+        assert_eq!(
+            sc.plan,
+            vec![
+                PlanEntry {
+                    slot: slot0 + 2,
+                    page: 5
+                },
+                PlanEntry {
+                    slot: slot0 + 1,
+                    page: 7
+                }
+            ]
+        );
+        apply(&mut sel, &sc.plan, slot0);
+        assert_eq!(sel, vec![3, 7, 5]);
+        // Same scores again: nothing to do.
+        plan_replacement(&g, 2..8, &sel, &mut sc);
+        assert!(sc.plan.is_empty());
+        // Fewer candidates than slots: all are selected, stale pages are emptied.
+        sc.pooled = vec![0.3, 0.4];
+        let mut sel = vec![9, 2, NO_PAGE];
+        plan_replacement(&g, 2..4, &sel, &mut sc);
+        apply(&mut sel, &sc.plan, slot0);
+        let mut got: Vec<u32> = sel.iter().copied().filter(|&p| p != NO_PAGE).collect();
+        got.sort();
+        assert_eq!(got, vec![2, 3]);
+    }
+
+    #[test]
+    fn ties_pick_lower_pages() {
+        let g = geo(2);
+        let mut sc = SelectScratch {
+            pooled: vec![1.0; 5],
+            ..Default::default()
+        };
+        let mut sel = vec![NO_PAGE, NO_PAGE];
+        plan_replacement(&g, 2..7, &sel, &mut sc);
+        apply(&mut sel, &sc.plan, g.selected_slots().start as u32);
+        sel.sort();
+        assert_eq!(sel, vec![2, 3]);
+    }
+}

@@ -1,0 +1,225 @@
+//! The FreeKV operations a device provides, behind one trait (candle-style: the algorithm in
+//! [`crate::timeline`] and [`crate::prefill`] is written once against [`Backend`]; each
+//! device's code lives in its own folder: [`cpu`] here, `backend/cuda/` for CUDA).
+//!
+//! The trait splits along the spec's operations: write pages (+ summarise), maintain the
+//! working set, score/select, recall, attend. Storage is opaque (associated types); what
+//! crosses the boundary is plain: page ranges, per-head masks, counts. Selection results stay
+//! inside the device tier as a per-head recall plan (slot, page), FlashInfer-style plain
+//! arrays, so a device can keep them in its own memory.
+//!
+//! Calls for one layer are serialised by the caller (one lock per layer); a backend may run
+//! calls for different layers concurrently (the decode thread and the background worker).
+
+use std::ops::Range;
+
+use candle_core::{DType, Tensor};
+
+use crate::geometry::Geometry;
+use crate::AttnParams;
+
+pub mod cpu;
+
+/// What a recall moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecallStats {
+    /// (page, KV head) chunks that entered a working set.
+    pub pages: usize,
+    /// Bytes copied (0 when a recall only updates tables).
+    pub bytes: usize,
+}
+
+impl std::ops::AddAssign for RecallStats {
+    fn add_assign(&mut self, o: Self) {
+        self.pages += o.pages;
+        self.bytes += o.bytes;
+    }
+}
+
+/// Which thread a scratch area serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The engine's calling thread (critical path).
+    Caller,
+    /// The background selection + recall worker.
+    Worker,
+}
+
+/// The FreeKV operations of one device, for one model geometry and storage dtype.
+///
+/// Conventions: `table` is a sequence's block table (page `j` lives in block `table[j]`);
+/// `row` indexes the batch loaded by the last `load_*` call; `heads` is a per-KV-head mask.
+pub trait Backend: Send + Sync + 'static {
+    /// One layer's host tier: the KV pages of every engine block (HND) and their summaries.
+    type HostTier: Send;
+    /// One (sequence, layer) device tier: budget-sized slots with per-head slot tables, the
+    /// stored query of the last step and the pending recall plan.
+    type DeviceTier: Send;
+    /// Per-thread working memory, reused between calls.
+    type Scratch: Send;
+    /// One call's q/k/v (loaded from the engine's tensors) and output, reused between calls.
+    type Batch: Send;
+
+    /// The geometry this backend was built for.
+    fn geometry(&self) -> &Geometry;
+
+    // ---- allocation -------------------------------------------------------------------
+    /// Allocates one layer's host tier for `num_blocks` engine blocks (fallible).
+    fn alloc_host_tier(&self, num_blocks: usize) -> anyhow::Result<Self::HostTier>;
+    /// Allocates one (sequence, layer) device tier, all slots empty.
+    fn alloc_device_tier(&self) -> Self::DeviceTier;
+    /// Allocates a scratch area for a thread.
+    fn alloc_scratch(&self, role: Role) -> Self::Scratch;
+    /// An empty batch.
+    fn alloc_batch(&self) -> Self::Batch;
+    /// Bytes of one layer's host tier for `num_blocks` blocks (KV and summaries).
+    fn host_tier_bytes(&self, num_blocks: usize) -> usize;
+    /// Bytes of one (sequence, layer) device tier.
+    fn device_tier_bytes(&self) -> usize;
+
+    // ---- inputs and outputs -----------------------------------------------------------
+    /// Loads a decode step: q `(B, Hq, D)`, k/v `(B, Hkv, D)`; clears the output.
+    fn load_decode(
+        &self,
+        batch: &mut Self::Batch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> anyhow::Result<()>;
+    /// Loads a prompt batch: q `(B, Hq, L, D)`, k/v `(B, Hkv, L, D)`. With `last_only =
+    /// Some(new_lens)` only each row's last query is kept (no output will be computed).
+    fn load_prefill(
+        &self,
+        batch: &mut Self::Batch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        last_only: Option<&[usize]>,
+    ) -> anyhow::Result<()>;
+    /// The attention output of the loaded batch, shaped like its q, in `dtype`.
+    fn take_output(&self, batch: &mut Self::Batch, dtype: DType) -> anyhow::Result<Tensor>;
+
+    // ---- write pages ------------------------------------------------------------------
+    /// Writes `n` tokens of batch row `row` (batch token `j` goes to position `first_pos + j`)
+    /// into the host tier and summarises every page that becomes full. Any write into a
+    /// block invalidates its old summary (block ids are reused across sequences).
+    #[allow(clippy::too_many_arguments)]
+    fn write_tokens(
+        &self,
+        host: &mut Self::HostTier,
+        table: &[u32],
+        batch: &Self::Batch,
+        row: usize,
+        first_pos: usize,
+        n: usize,
+        scratch: &mut Self::Scratch,
+    );
+    /// Summarises the first `full_pages` pages of a sequence where their summary is missing
+    /// (prefix-cache hits, rebuilds). Returns how many were computed.
+    fn ensure_summaries(
+        &self,
+        host: &mut Self::HostTier,
+        table: &[u32],
+        full_pages: usize,
+        scratch: &mut Self::Scratch,
+    ) -> usize;
+
+    // ---- working set ------------------------------------------------------------------
+    /// Installs the sink and window pages of a sequence of `len` tokens and empties the
+    /// selected slots.
+    fn reset_working_set(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        dev: &mut Self::DeviceTier,
+        len: usize,
+    ) -> RecallStats;
+    /// The sequence grew to `len` tokens (the last one written from batch row `row`): moves
+    /// the window forward.
+    fn advance_window(
+        &self,
+        table: &[u32],
+        dev: &mut Self::DeviceTier,
+        len: usize,
+        batch: &Self::Batch,
+        row: usize,
+    );
+    /// Stores the query of batch row `row`, token `token` (0 for decode) as the sequence's
+    /// current query: selections use it, the next step's drift test compares against it.
+    fn store_query(
+        &self,
+        dev: &mut Self::DeviceTier,
+        batch: &Self::Batch,
+        row: usize,
+        token: usize,
+    );
+    /// Per KV head, the mean over its group of cos(batch query of `row`, stored query).
+    fn query_similarity(
+        &self,
+        dev: &Self::DeviceTier,
+        batch: &Self::Batch,
+        row: usize,
+        out: &mut [f32],
+    );
+
+    // ---- score / select ---------------------------------------------------------------
+    /// Scores the `candidates` pages with the stored query (Quest bound, GQA pooling), takes
+    /// the exact top-k per KV head in `heads` and plans the replacement: winners already
+    /// resident stay, missing winners go into the lowest-scored selected slots. The plan is
+    /// applied by [`Backend::recall`].
+    fn select(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        dev: &mut Self::DeviceTier,
+        candidates: Range<usize>,
+        heads: &[bool],
+        scratch: &mut Self::Scratch,
+    );
+
+    // ---- recall -----------------------------------------------------------------------
+    /// Applies the pending plan of the heads in `heads`: brings the missing pages into their
+    /// slots.
+    fn recall(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        dev: &mut Self::DeviceTier,
+        heads: &[bool],
+        scratch: &mut Self::Scratch,
+    ) -> RecallStats;
+
+    /// The logical pages KV head `head` attends over now (sorted; for traces and tests).
+    fn resident_pages(&self, dev: &Self::DeviceTier, head: usize, len: usize) -> Vec<u32>;
+
+    // ---- attend -----------------------------------------------------------------------
+    /// Decode attention of batch row `row` (query at position `len - 1`) over the working
+    /// set `dev`, or over every page of the sequence when `dev` is `None`; writes the row's
+    /// output into the batch.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_decode(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        len: usize,
+        dev: Option<&Self::DeviceTier>,
+        batch: &mut Self::Batch,
+        row: usize,
+        params: &AttnParams,
+        scratch: &mut Self::Scratch,
+    );
+    /// Causal prefill attention of batch row `row`: its `new_len` queries (positions
+    /// `cached_len..`) over the host-tier keys `0..=position`; writes the row's output.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_prefill(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        cached_len: usize,
+        new_len: usize,
+        batch: &mut Self::Batch,
+        row: usize,
+        params: &AttnParams,
+        scratch: &mut Self::Scratch,
+    );
+}

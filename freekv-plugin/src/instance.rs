@@ -1,0 +1,393 @@
+//! One FreeKV instance over a backend: per-layer state behind per-layer locks, and the
+//! background worker that runs the speculative selections.
+//!
+//! Threading: the engine calls a layer's prefill/decode from its thread; each call locks that
+//! layer only. A decode step that scheduled background work marks the layer pending and sends
+//! its index to the worker thread, which locks the layer, runs
+//! [`timeline::background_selection`] and clears the mark. Every call that touches a layer
+//! first joins its pending work (waits for the mark to clear), so the next step's attention
+//! always sees the recalled pages. The worker holds one layer at a time; the calling thread
+//! meanwhile works on the other layers: that is the overlap.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use crate::backend::{Backend, Role};
+use crate::counters::{Counters, LayerCounters};
+use crate::geometry::Geometry;
+use crate::state::{LayerState, StepTrace};
+use crate::timeline::{self, LayerCtx};
+use crate::{prefill, AttnParams, DecodeRow, FreeKvConfig, ModelShape, PrefillRow};
+
+/// The object-safe face of an instance (one per backend and dtype).
+pub trait Engine: Send + Sync {
+    #[allow(clippy::too_many_arguments)]
+    fn prefill(
+        &self,
+        layer: usize,
+        rows: &[PrefillRow<'_>],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &AttnParams,
+        want_output: bool,
+    ) -> anyhow::Result<Option<Tensor>>;
+    fn decode(
+        &self,
+        layer: usize,
+        rows: &[DecodeRow<'_>],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &AttnParams,
+    ) -> anyhow::Result<Tensor>;
+    fn free_sequence(&self, seq_id: u64);
+    fn counters(&self) -> Counters;
+    fn host_tier_bytes(&self) -> usize;
+    fn device_tier_bytes_per_sequence(&self) -> usize;
+    fn set_tracing(&self, on: bool);
+    fn step_trace(&self, layer: usize, seq_id: u64) -> Option<StepTrace>;
+    fn resident_pages(&self, layer: usize, seq_id: u64) -> Option<Vec<Vec<u32>>>;
+    fn join_all(&self) -> anyhow::Result<()>;
+}
+
+/// Whether a layer's background work is outstanding, and how the last one ended.
+#[derive(Default)]
+struct JobStatus {
+    pending: bool,
+    failure: Option<String>,
+}
+
+/// One layer: its state and its background-work status.
+struct LayerCell<B: Backend> {
+    state: Mutex<LayerState<B>>,
+    job: Mutex<JobStatus>,
+    done: Condvar,
+}
+
+/// What the calling thread and the worker share.
+struct Shared<B: Backend> {
+    backend: B,
+    config: FreeKvConfig,
+    geo: Geometry,
+    num_blocks: usize,
+    layers: Vec<LayerCell<B>>,
+    tracing: AtomicBool,
+}
+
+impl<B: Backend> Shared<B> {
+    fn ctx(&self, layer: usize) -> LayerCtx<'_, B> {
+        LayerCtx {
+            backend: &self.backend,
+            config: &self.config,
+            geo: self.geo,
+            layer,
+            dense_layer: self.config.is_dense_layer(layer),
+            num_blocks: self.num_blocks,
+            tracing: self.tracing.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn lock_status(cell: &Mutex<JobStatus>) -> MutexGuard<'_, JobStatus> {
+    // The status is two plain fields updated together; a panic cannot leave it half-written.
+    cell.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A FreeKV instance over backend `B`.
+pub struct Instance<B: Backend> {
+    shared: Arc<Shared<B>>,
+    jobs: Option<Sender<usize>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl<B: Backend> Instance<B> {
+    /// Allocates the host tier of every layer and starts the worker.
+    pub fn new(
+        backend: B,
+        config: FreeKvConfig,
+        shape: &ModelShape,
+        num_blocks: usize,
+        dtype_name: &str,
+    ) -> anyhow::Result<Self> {
+        let geo = *backend.geometry();
+        let per_layer = backend.host_tier_bytes(num_blocks);
+        let mut layers = Vec::with_capacity(shape.num_layers);
+        for layer in 0..shape.num_layers {
+            let host = backend.alloc_host_tier(num_blocks).map_err(|e| {
+                anyhow::anyhow!(
+                    "FreeKV host tier: {e} for layer {layer} ({num_blocks} blocks x {} KV heads x \
+                     2 x {} tokens x {} dims of {dtype_name}, plus summaries; {} bytes for all {} \
+                     layers). Lower --pa-memory-mb or --pa-context-len so the engine allocates \
+                     fewer blocks",
+                    geo.num_kv_heads,
+                    geo.page_size,
+                    geo.head_dim,
+                    per_layer.saturating_mul(shape.num_layers),
+                    shape.num_layers
+                )
+            })?;
+            layers.push(LayerCell {
+                state: Mutex::new(LayerState::new(&backend, host)),
+                job: Mutex::new(JobStatus::default()),
+                done: Condvar::new(),
+            });
+        }
+        let shared = Arc::new(Shared {
+            backend,
+            config,
+            geo,
+            num_blocks,
+            layers,
+            tracing: AtomicBool::new(false),
+        });
+        let (jobs, queue) = channel();
+        let worker_shared = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name("freekv-worker".into())
+            .spawn(move || worker_loop(worker_shared, queue))?;
+        Ok(Self {
+            shared,
+            jobs: Some(jobs),
+            worker: Some(worker),
+        })
+    }
+
+    fn cell(&self, layer: usize) -> anyhow::Result<&LayerCell<B>> {
+        self.shared.layers.get(layer).ok_or_else(|| {
+            anyhow::anyhow!(
+                "layer {layer} is out of range: the model has {} layers",
+                self.shared.layers.len()
+            )
+        })
+    }
+
+    /// Waits for the layer's background work without consuming its outcome.
+    fn wait_idle<'a>(&self, cell: &'a LayerCell<B>) -> (MutexGuard<'a, JobStatus>, u64) {
+        let mut status = lock_status(&cell.job);
+        let mut waited = 0;
+        if status.pending {
+            let t = Instant::now();
+            while status.pending {
+                status = cell.done.wait(status).unwrap_or_else(|e| e.into_inner());
+            }
+            waited = t.elapsed().as_nanos() as u64;
+        }
+        (status, waited)
+    }
+
+    /// Waits for the layer's background work; returns the nanoseconds waited, or the
+    /// background work's failure.
+    fn join(&self, layer: usize) -> anyhow::Result<u64> {
+        let (mut status, waited) = self.wait_idle(self.cell(layer)?);
+        if let Some(failure) = status.failure.take() {
+            anyhow::bail!("layer {layer}: the background selection failed: {failure}");
+        }
+        Ok(waited)
+    }
+
+    /// Joins the layer's background work and locks its state.
+    fn enter(&self, layer: usize) -> anyhow::Result<(MutexGuard<'_, LayerState<B>>, u64)> {
+        let waited = self.join(layer)?;
+        let state = self.cell(layer)?.state.lock().map_err(|_| {
+            anyhow::anyhow!("layer {layer}: FreeKV state is unusable after an earlier panic")
+        })?;
+        Ok((state, waited))
+    }
+
+    /// Hands the layer to the worker.
+    fn submit(&self, layer: usize) {
+        let cell = &self.shared.layers[layer];
+        lock_status(&cell.job).pending = true;
+        let sent = self.jobs.as_ref().is_some_and(|j| j.send(layer).is_ok());
+        if !sent {
+            let mut status = lock_status(&cell.job);
+            status.pending = false;
+            status.failure = Some("the FreeKV worker thread is gone".into());
+        }
+    }
+}
+
+fn worker_loop<B: Backend>(shared: Arc<Shared<B>>, queue: Receiver<usize>) {
+    let mut scratch = shared.backend.alloc_scratch(Role::Worker);
+    for layer in queue {
+        let cell = &shared.layers[layer];
+        let result = catch_unwind(AssertUnwindSafe(|| match cell.state.lock() {
+            Ok(mut state) => {
+                timeline::background_selection(&shared.ctx(layer), &mut state, &mut scratch);
+                None
+            }
+            Err(_) => Some("the layer's state is unusable after an earlier panic".to_string()),
+        }));
+        let failure = match result {
+            Ok(f) => f,
+            Err(panic) => {
+                scratch = shared.backend.alloc_scratch(Role::Worker);
+                Some(
+                    panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic".into()),
+                )
+            }
+        };
+        let mut status = lock_status(&cell.job);
+        status.pending = false;
+        if failure.is_some() {
+            status.failure = failure;
+        }
+        cell.done.notify_all();
+    }
+}
+
+impl<B: Backend> Drop for Instance<B> {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl<B: Backend> Engine for Instance<B> {
+    fn prefill(
+        &self,
+        layer: usize,
+        rows: &[PrefillRow<'_>],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &AttnParams,
+        want_output: bool,
+    ) -> anyhow::Result<Option<Tensor>> {
+        let (b, _, l, _) = q.dims4()?;
+        anyhow::ensure!(
+            rows.len() == b,
+            "prefill of layer {layer}: {} rows for a batch of {b}",
+            rows.len()
+        );
+        let cx = self.shared.ctx(layer);
+        for row in rows {
+            prefill::check_row(&cx, row, l)?;
+        }
+        let (mut guard, waited) = self.enter(layer)?;
+        let st = &mut *guard;
+        st.counters.wait_ns += waited;
+        let new_lens: Vec<usize> = rows.iter().map(|r| r.new_len).collect();
+        let last_only = (!want_output).then_some(&new_lens[..]);
+        self.shared
+            .backend
+            .load_prefill(&mut st.batch, q, k, v, last_only)?;
+        prefill::prefill_step(&cx, st, rows, params, want_output);
+        if want_output {
+            Ok(Some(
+                self.shared.backend.take_output(&mut st.batch, q.dtype())?,
+            ))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn decode(
+        &self,
+        layer: usize,
+        rows: &[DecodeRow<'_>],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        params: &AttnParams,
+    ) -> anyhow::Result<Tensor> {
+        let b = q.dim(0)?;
+        anyhow::ensure!(
+            rows.len() == b,
+            "decode of layer {layer}: {} rows for a batch of {b}",
+            rows.len()
+        );
+        let cx = self.shared.ctx(layer);
+        let (mut guard, waited) = self.enter(layer)?;
+        let st = &mut *guard;
+        st.counters.wait_ns += waited;
+        self.shared.backend.load_decode(&mut st.batch, q, k, v)?;
+        let scheduled = timeline::decode_step(&cx, st, rows, params)?;
+        let out = self.shared.backend.take_output(&mut st.batch, q.dtype())?;
+        drop(guard);
+        if scheduled {
+            self.submit(layer);
+        }
+        Ok(out)
+    }
+
+    fn free_sequence(&self, seq_id: u64) {
+        for cell in &self.shared.layers {
+            drop(self.wait_idle(cell));
+            let mut state = match cell.state.lock() {
+                Ok(s) => s,
+                Err(e) => e.into_inner(),
+            };
+            state.seqs.remove(&seq_id);
+        }
+    }
+
+    fn counters(&self) -> Counters {
+        Counters::from_layers(
+            self.shared
+                .layers
+                .iter()
+                .map(|cell| match cell.state.lock() {
+                    Ok(s) => s.counters,
+                    Err(e) => e.into_inner().counters,
+                })
+                .collect::<Vec<LayerCounters>>(),
+        )
+    }
+
+    fn host_tier_bytes(&self) -> usize {
+        self.shared
+            .backend
+            .host_tier_bytes(self.shared.num_blocks)
+            .saturating_mul(self.shared.layers.len())
+    }
+
+    fn device_tier_bytes_per_sequence(&self) -> usize {
+        let sparse_layers = (0..self.shared.layers.len())
+            .filter(|&l| !self.shared.config.is_dense_layer(l))
+            .count();
+        self.shared.backend.device_tier_bytes() * sparse_layers
+    }
+
+    fn set_tracing(&self, on: bool) {
+        self.shared.tracing.store(on, Ordering::Relaxed);
+    }
+
+    fn step_trace(&self, layer: usize, seq_id: u64) -> Option<StepTrace> {
+        let state = self.cell(layer).ok()?.state.lock().ok()?;
+        state.seqs.get(&seq_id)?.trace.clone()
+    }
+
+    fn resident_pages(&self, layer: usize, seq_id: u64) -> Option<Vec<Vec<u32>>> {
+        let cell = self.cell(layer).ok()?;
+        drop(self.wait_idle(cell));
+        let state = cell.state.lock().ok()?;
+        let seq = state.seqs.get(&seq_id)?;
+        let dev = seq.dev.as_ref().filter(|_| seq.ready)?;
+        Some(
+            (0..self.shared.geo.num_kv_heads)
+                .map(|h| self.shared.backend.resident_pages(dev, h, seq.len))
+                .collect(),
+        )
+    }
+
+    fn join_all(&self) -> anyhow::Result<()> {
+        for layer in 0..self.shared.layers.len() {
+            self.join(layer)?;
+        }
+        Ok(())
+    }
+}

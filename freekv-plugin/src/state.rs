@@ -1,0 +1,106 @@
+//! What FreeKV keeps per layer and per (sequence, layer), and the per-layer lock around it.
+//!
+//! Three kinds of state, kept apart (see `docs/../style.md`, vLLM's lesson): *which pages a
+//! sequence owns* is the engine's block table (copied here each step); *which pages are
+//! resident for this step* is the device tier's selection state; *how attention is computed*
+//! is the backend's business.
+
+use std::collections::HashMap;
+
+use crate::backend::{Backend, Role};
+use crate::counters::LayerCounters;
+use crate::AttnParams;
+
+/// The working set and bookkeeping of one sequence on one layer.
+pub struct SeqLayer<B: Backend> {
+    /// Tokens written (the context of the last step, including its token).
+    pub len: usize,
+    /// The sequence's block table as of the last call (page `j` in block `table[j]`).
+    pub table: Vec<u32>,
+    /// The working set; `None` until the sequence first attends sparsely.
+    pub dev: Option<B::DeviceTier>,
+    /// The working set holds a selection made for the next step (sink, window and selected
+    /// pages installed). False while the sequence attends densely or after a rebuild.
+    pub ready: bool,
+    /// The worker owes this sequence a selection with its stored query for `len + 1`.
+    pub pending: bool,
+    /// Attention parameters of the last step (the worker's selection needs the window).
+    pub params: AttnParams,
+    /// The last step, when traces are on.
+    pub trace: Option<StepTrace>,
+}
+
+impl<B: Backend> SeqLayer<B> {
+    pub fn new() -> Self {
+        Self {
+            len: 0,
+            table: Vec::new(),
+            dev: None,
+            ready: false,
+            pending: false,
+            params: AttnParams::scaled(1.0),
+            trace: None,
+        }
+    }
+}
+
+/// What one decode step of one sequence on one layer did (recorded when traces are on).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StepTrace {
+    /// Context length of the step (including its token).
+    pub len: usize,
+    /// Whether the step attended over a selection (false: densely over every page).
+    pub sparse: bool,
+    /// Whether the selection ran on the critical path for every head (first sparse step,
+    /// rebuild, or mode `sync`).
+    pub blocking: bool,
+    /// Per KV head: the logical pages attended (sorted; empty for dense steps).
+    pub pages: Vec<Vec<u32>>,
+    /// Per KV head: corrected at this step (mode `freekv`).
+    pub corrected: Vec<bool>,
+}
+
+/// How a row's step goes, decided at append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowStep {
+    /// Attend over every page.
+    Dense,
+    /// Attend over the working set, which holds a selection made for this step.
+    Speculated,
+    /// Attend over the working set after a blocking selection for every head (first sparse
+    /// step, rebuild).
+    Fresh,
+}
+
+/// Everything of one layer, behind its lock.
+pub struct LayerState<B: Backend> {
+    pub host: B::HostTier,
+    pub seqs: HashMap<u64, SeqLayer<B>>,
+    pub batch: B::Batch,
+    /// The calling thread's scratch for this layer.
+    pub scratch: B::Scratch,
+    pub counters: LayerCounters,
+    /// Per-row decisions of the current call.
+    pub steps: Vec<RowStep>,
+    /// Per-KV-head buffers of the current row.
+    pub similarity: Vec<f32>,
+    pub heads: Vec<bool>,
+    pub all_heads: Vec<bool>,
+}
+
+impl<B: Backend> LayerState<B> {
+    pub fn new(backend: &B, host: B::HostTier) -> Self {
+        let n_kv = backend.geometry().num_kv_heads;
+        Self {
+            host,
+            seqs: HashMap::new(),
+            batch: backend.alloc_batch(),
+            scratch: backend.alloc_scratch(Role::Caller),
+            counters: LayerCounters::default(),
+            steps: Vec::new(),
+            similarity: vec![0.0; n_kv],
+            heads: vec![false; n_kv],
+            all_heads: vec![true; n_kv],
+        }
+    }
+}

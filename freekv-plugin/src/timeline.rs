@@ -1,0 +1,320 @@
+//! The decode step of one layer: FreeKV's speculative-retrieval timeline, top to bottom.
+//!
+//! For each sequence of the batch at step `i` (context `L` tokens, query `q_i`):
+//!
+//! 1. **append** - write the new token's K/V into the host tier (summarising the page if it
+//!    just filled) and move the working set's window forward;
+//! 2. **correct?** - by mode: `sync`, a first sparse step or a rebuild select with `q_i` and
+//!    recall before attention for every head; `freekv` does so only for the KV heads whose
+//!    query drifted (mean cosine over the group of `q_i` vs `q_{i-1}` below `tau`);
+//!    `speculative` never does; the other heads keep the pages selected with `q_{i-1}`;
+//! 3. **attend** - over the working set (sink + selected + window pages), or over every page
+//!    while the sequence fits the budget or the layer is dense;
+//! 4. **schedule** - store `q_i`; in the speculative modes hand the layer to the background
+//!    worker, which selects with `q_i` for the context of step `i + 1` and recalls the missing
+//!    pages ([`background_selection`]), off the critical path. The next call for this layer
+//!    joins that work before it starts (see `crate::instance`).
+//!
+//! So the pages a head attends over at step `i` are `select(q_{i-1}, candidates(L))`, or
+//! `select(q_i, candidates(L))` when it was corrected (always, in `sync`).
+
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::geometry::Geometry;
+use crate::state::{LayerState, RowStep, SeqLayer, StepTrace};
+use crate::{AttnParams, DecodeRow, FreeKvConfig, Mode};
+
+/// What a step needs to know about its layer.
+pub struct LayerCtx<'a, B> {
+    pub backend: &'a B,
+    pub config: &'a FreeKvConfig,
+    pub geo: Geometry,
+    pub layer: usize,
+    /// This layer always attends densely (listed in `dense_layers`, or mode `dense`).
+    pub dense_layer: bool,
+    pub num_blocks: usize,
+    /// Record a [`StepTrace`] per sequence and step.
+    pub tracing: bool,
+}
+
+/// One decode step of one layer for a batch (the rows of the loaded batch). Returns whether
+/// background work was scheduled (the caller submits the layer to the worker).
+pub fn decode_step<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    st: &mut LayerState<B>,
+    rows: &[DecodeRow<'_>],
+    params: &AttnParams,
+) -> anyhow::Result<bool> {
+    st.steps.clear();
+    for (r, row) in rows.iter().enumerate() {
+        let step = append(cx, st, r, row, params)?;
+        st.steps.push(step);
+    }
+    for (r, row) in rows.iter().enumerate() {
+        correct(cx, st, r, row.seq_id);
+    }
+    for (r, row) in rows.iter().enumerate() {
+        attend(cx, st, r, row.seq_id, params);
+    }
+    let mut scheduled = false;
+    for (r, row) in rows.iter().enumerate() {
+        scheduled |= schedule(cx, st, r, row.seq_id);
+    }
+    Ok(scheduled)
+}
+
+/// 1. Writes the row's token and decides how the step goes. A context length that does not
+///    continue the sequence (the engine trimmed or re-fed it) rebuilds its state from the
+///    host tier.
+fn append<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    st: &mut LayerState<B>,
+    r: usize,
+    row: &DecodeRow<'_>,
+    params: &AttnParams,
+) -> anyhow::Result<RowStep> {
+    let geo = &cx.geo;
+    let len = row.context_len;
+    let seq = st.seqs.get_mut(&row.seq_id).ok_or_else(|| {
+        anyhow::anyhow!(
+            "layer {}: decode for sequence {} which has no FreeKV state (no prefill was seen for it, or it was freed)",
+            cx.layer,
+            row.seq_id
+        )
+    })?;
+    check_table(cx, row.seq_id, row.block_table, len)?;
+    let known = geo.pages(seq.len).min(seq.table.len());
+    let continuing = len == seq.len + 1 && row.block_table[..known] == seq.table[..known];
+    seq.table.clear();
+    seq.table
+        .extend_from_slice(&row.block_table[..geo.pages(len)]);
+    seq.len = len;
+    seq.params = *params;
+    seq.trace = None;
+    cx.backend.write_tokens(
+        &mut st.host,
+        &seq.table,
+        &st.batch,
+        r,
+        len - 1,
+        1,
+        &mut st.scratch,
+    );
+    if !continuing {
+        cx.backend.ensure_summaries(
+            &mut st.host,
+            &seq.table,
+            len / geo.page_size,
+            &mut st.scratch,
+        );
+        seq.ready = false;
+        seq.pending = false;
+        st.counters.rebuilds += 1;
+    }
+    st.counters.decode_steps += 1;
+    if cx.dense_layer || !geo.is_sparse(len) {
+        seq.ready = false;
+        return Ok(RowStep::Dense);
+    }
+    st.counters.sparse_steps += 1;
+    let dev = seq
+        .dev
+        .get_or_insert_with(|| cx.backend.alloc_device_tier());
+    if seq.ready {
+        cx.backend
+            .advance_window(&seq.table, dev, len, &st.batch, r);
+        Ok(RowStep::Speculated)
+    } else {
+        let stats = cx.backend.reset_working_set(&st.host, &seq.table, dev, len);
+        st.counters.pages_recalled += stats.pages as u64;
+        st.counters.bytes_moved += stats.bytes as u64;
+        Ok(RowStep::Fresh)
+    }
+}
+
+/// The block table must cover the context and name blocks the host tier has.
+fn check_table<B>(
+    cx: &LayerCtx<'_, B>,
+    seq_id: u64,
+    table: &[u32],
+    len: usize,
+) -> anyhow::Result<()> {
+    let pages = cx.geo.pages(len);
+    anyhow::ensure!(len > 0, "sequence {seq_id}: context length 0");
+    anyhow::ensure!(
+        table.len() >= pages,
+        "sequence {seq_id}: block table has {} blocks, but {len} tokens need {pages} of {} tokens",
+        table.len(),
+        cx.geo.page_size
+    );
+    if let Some(&bad) = table[..pages]
+        .iter()
+        .find(|&&b| b as usize >= cx.num_blocks)
+    {
+        anyhow::bail!(
+            "sequence {seq_id}: block id {bad} is outside the host tier's {} blocks",
+            cx.num_blocks
+        );
+    }
+    Ok(())
+}
+
+/// 2. The selection that must happen before attention, by step and mode.
+fn correct<B: Backend>(cx: &LayerCtx<'_, B>, st: &mut LayerState<B>, r: usize, seq_id: u64) {
+    let step = st.steps[r];
+    if step == RowStep::Dense {
+        return;
+    }
+    let LayerState {
+        host,
+        seqs,
+        batch,
+        scratch,
+        counters,
+        similarity,
+        heads,
+        all_heads,
+        ..
+    } = st;
+    let seq = seqs.get_mut(&seq_id).expect("appended above");
+    let dev = seq.dev.as_mut().expect("sparse rows have a working set");
+    let mut trace = StepTrace {
+        len: seq.len,
+        sparse: true,
+        ..Default::default()
+    };
+    let all = step == RowStep::Fresh || cx.config.mode == Mode::Sync;
+    if all {
+        heads.copy_from_slice(all_heads);
+        trace.blocking = true;
+        counters.blocking_selections += 1;
+    } else if cx.config.mode.correction() {
+        cx.backend.query_similarity(dev, batch, r, similarity);
+        let tau = cx.config.tau;
+        for (h, s) in heads.iter_mut().zip(similarity.iter()) {
+            // tau = 1 corrects every head (a cosine of identical queries may round to 1).
+            *h = *s < tau || tau >= 1.0;
+        }
+        counters.heads_checked += heads.len() as u64;
+        counters.heads_corrected += heads.iter().filter(|&&h| h).count() as u64;
+        if cx.tracing {
+            trace.corrected = heads.clone();
+        }
+    } else {
+        heads.fill(false);
+    }
+    cx.backend.store_query(dev, batch, r, 0);
+    let n = heads.iter().filter(|&&h| h).count();
+    if n > 0 {
+        let t = Instant::now();
+        let candidates = cx.geo.candidates(seq.len, &seq.params);
+        cx.backend
+            .select(host, &seq.table, dev, candidates, heads, scratch);
+        let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch);
+        counters.head_selections += n as u64;
+        counters.pages_recalled += stats.pages as u64;
+        counters.bytes_moved += stats.bytes as u64;
+        counters.blocking_ns += t.elapsed().as_nanos() as u64;
+    }
+    seq.ready = true;
+    if cx.tracing {
+        seq.trace = Some(trace);
+    }
+}
+
+/// 3. Attention over the working set (or every page).
+fn attend<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    st: &mut LayerState<B>,
+    r: usize,
+    seq_id: u64,
+    params: &AttnParams,
+) {
+    let step = st.steps[r];
+    let LayerState {
+        host,
+        seqs,
+        batch,
+        scratch,
+        ..
+    } = st;
+    let seq = seqs.get_mut(&seq_id).expect("appended above");
+    let dev = match step {
+        RowStep::Dense => None,
+        _ => seq.dev.as_ref(),
+    };
+    cx.backend
+        .attend_decode(host, &seq.table, seq.len, dev, batch, r, params, scratch);
+    if cx.tracing {
+        let trace = seq.trace.get_or_insert_with(|| StepTrace {
+            len: seq.len,
+            ..Default::default()
+        });
+        if let Some(dev) = dev {
+            trace.pages = (0..cx.geo.num_kv_heads)
+                .map(|h| cx.backend.resident_pages(dev, h, seq.len))
+                .collect();
+        }
+    }
+}
+
+/// 4. Queues the next step's selection and recall (speculative modes).
+fn schedule<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    st: &mut LayerState<B>,
+    r: usize,
+    seq_id: u64,
+) -> bool {
+    if st.steps[r] == RowStep::Dense || !cx.config.mode.speculation() {
+        return false;
+    }
+    let seq = st.seqs.get_mut(&seq_id).expect("appended above");
+    seq.pending = true;
+    true
+}
+
+/// The worker's share of step `i` for one layer: for every sequence that scheduled it, select
+/// with the stored `q_i` over the candidates of step `i + 1` and recall the missing pages.
+pub fn background_selection<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    st: &mut LayerState<B>,
+    scratch: &mut B::Scratch,
+) {
+    let t = Instant::now();
+    let LayerState {
+        host,
+        seqs,
+        counters,
+        all_heads,
+        ..
+    } = st;
+    for seq in seqs.values_mut().filter(|s| s.pending) {
+        select_for_next_step(cx, host, seq, all_heads, scratch, counters);
+    }
+    counters.background_ns += t.elapsed().as_nanos() as u64;
+}
+
+/// Selection with the stored query over the candidates of the sequence's next step, and the
+/// recall, for the heads in `heads`.
+pub fn select_for_next_step<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    host: &B::HostTier,
+    seq: &mut SeqLayer<B>,
+    heads: &[bool],
+    scratch: &mut B::Scratch,
+    counters: &mut crate::counters::LayerCounters,
+) {
+    seq.pending = false;
+    let Some(dev) = seq.dev.as_mut() else {
+        return;
+    };
+    let candidates = cx.geo.candidates(seq.len + 1, &seq.params);
+    cx.backend
+        .select(host, &seq.table, dev, candidates, heads, scratch);
+    let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch);
+    counters.head_selections += heads.iter().filter(|&&h| h).count() as u64;
+    counters.pages_recalled += stats.pages as u64;
+    counters.bytes_moved += stats.bytes as u64;
+    seq.ready = true;
+}

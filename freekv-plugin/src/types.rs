@@ -1,0 +1,87 @@
+//! The plain types of the public API: the model's geometry, the host-tier dtype, per-call
+//! attention parameters and the batch rows the engine glue hands over.
+
+/// The model's attention geometry (the same for every layer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelShape {
+    pub num_layers: usize,
+    pub num_q_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl ModelShape {
+    /// Query heads per KV head (the GQA group size).
+    pub fn group(&self) -> usize {
+        self.num_q_heads / self.num_kv_heads.max(1)
+    }
+}
+
+/// Storage dtype of the host tier (and of the copy device tier).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvDType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl KvDType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::F16 | KvDType::BF16 => 2,
+        }
+    }
+}
+
+/// Per-call attention parameters from the engine.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnParams {
+    /// Multiplies `q . k` before the softmax (usually `1/sqrt(head_dim)`).
+    pub softmax_scale: f32,
+    /// Logit soft-capping (gemma2): `logits = c * tanh(logits / c)`.
+    pub softcap: Option<f32>,
+    /// Sliding window: a query at position `pos` sees keys at positions `> pos - window`.
+    pub sliding_window: Option<usize>,
+}
+
+impl AttnParams {
+    /// Plain causal attention with the given scale.
+    pub fn scaled(softmax_scale: f32) -> Self {
+        Self {
+            softmax_scale,
+            softcap: None,
+            sliding_window: None,
+        }
+    }
+
+    /// First key position a query at `pos` may attend to.
+    pub fn first_visible(&self, pos: usize) -> usize {
+        match self.sliding_window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+}
+
+/// One batch row of a prompt. `block_table` = the engine's block ids of this sequence covering
+/// `cached_len + new_len` tokens (token `t` lives in block `block_table[t / page_size]` at
+/// offset `t % page_size`). `cached_len > 0` on a prefix-cache hit: those tokens' KV are
+/// already in the host tier (written earlier by another sequence sharing these blocks); q/k/v
+/// then hold only the new tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillRow<'a> {
+    pub seq_id: u64,
+    pub block_table: &'a [u32],
+    pub cached_len: usize,
+    pub new_len: usize,
+}
+
+/// One batch row of a decode step; `context_len` includes the token being decoded now.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeRow<'a> {
+    pub seq_id: u64,
+    pub block_table: &'a [u32],
+    pub context_len: usize,
+}
