@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's one entry point (see README.md).
 
 mod bootstrap;
+mod model;
 mod util;
 
 use util::Ctx;
@@ -10,6 +11,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   bootstrap [--check]   materialise the patched engine crates in patched/ (idempotent)
   save-patches          write patches/*.patch from the edited trees in patched/
+  fetch-model           fetch, verify and cache the real model (SmolLM2-135M GGUF); prints its path
 ";
 
 fn main() {
@@ -26,6 +28,11 @@ fn dispatch(args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
         Some("bootstrap") => bootstrap::bootstrap(&ctx, rest.contains(&"--check")),
         Some("save-patches") => bootstrap::save_patches(&ctx),
+        Some("fetch-model") => {
+            let path = model::fetch_smollm2(&ctx)?;
+            println!("{}", path.display());
+            Ok(())
+        }
         Some("help") | Some("--help") | Some("-h") | None => {
             print!("{USAGE}");
             Ok(())
