@@ -1,0 +1,132 @@
+//! Budget >= context: FreeKV equals dense attention at every prefill and decode step; mode
+//! `dense` and dense layers stay dense beyond the budget.
+
+use freekv_plugin::{KvDType, Mode};
+
+use crate::harness::{random_setup, tally, Checked, Harness, Limits, PromptSpec, Queries, Setup};
+use crate::rng::Rng;
+
+pub const GROUPS: [usize; 6] = [1, 2, 3, 4, 7, 8];
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+pub const PAGE_SIZES: [usize; 3] = [8, 16, 32];
+
+/// Head dims of the retrieval campaigns: small ones keep the debug-build suite fast, 64 and 128
+/// are the real models'.
+pub const FAST_DIMS: [usize; 4] = [16, 64, 32, 128];
+
+pub const ALL: Limits = Limits {
+    groups: &GROUPS,
+    head_dims: &HEAD_DIMS,
+    page_sizes: &PAGE_SIZES,
+    dtypes: &[KvDType::F32, KvDType::F16, KvDType::BF16],
+    modes: &[Mode::Dense, Mode::Sync, Mode::Speculative, Mode::FreeKv],
+    max_kv_heads: 2,
+};
+
+/// Case `i`'s setup: group size, head dim and page size cycle through every combination;
+/// the rest is random.
+pub fn cycled_setup(i: usize, rng: &mut Rng, lim: &Limits) -> Setup {
+    let mut s = random_setup(rng, lim);
+    let g = GROUPS[i % GROUPS.len()];
+    let dims = lim.head_dims;
+    let d = dims[(i / GROUPS.len()) % dims.len()];
+    let p = PAGE_SIZES[(i / (GROUPS.len() * dims.len())) % PAGE_SIZES.len()];
+    let old_p = s.cfg.page_size;
+    s.cfg.page_size = p;
+    s.cfg.sink = s.cfg.sink / old_p * p;
+    s.cfg.window = s.cfg.window / old_p * p;
+    s.cfg.budget = s.cfg.budget / old_p * p;
+    if let Some(w) = s.params.sliding_window.as_mut() {
+        *w = *w / old_p * p;
+    }
+    s.shape.num_q_heads = s.shape.num_kv_heads * g;
+    s.shape.head_dim = d;
+    s.params.softmax_scale = 1.0 / (d as f32).sqrt();
+    s
+}
+
+#[test]
+fn budget_covering_the_context_equals_dense_attention() {
+    let mut all = Checked::default();
+    let cases = 360;
+    for i in 0..cases {
+        let seed = 1000 + i as u64;
+        let mut rng = Rng::new(seed);
+        let mut s = cycled_setup(i, &mut rng, &ALL);
+        let p = s.p();
+        let steps = rng.range(2, 4);
+        let max_prompt = rng.range(1, 3 * p);
+        // Enough slots for the longest sequence after its last step.
+        let need = (max_prompt + steps).div_ceil(p) * p;
+        s.cfg.budget = s.cfg.budget.max(need);
+        s.cfg.validate(Some(&s.shape)).unwrap();
+        let mut h = Harness::new(s, seed);
+        let b = rng.range(1, 3);
+        let rows: Vec<PromptSpec> = (0..b)
+            .map(|r| (r as u64 + 1, rng.range(1, max_prompt), None))
+            .collect();
+        h.prefill(&rows, rng.chance(0.8));
+        let ids: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        for _ in 0..steps {
+            h.decode(&ids, Queries::Random, false);
+        }
+        assert_eq!(h.checked.sparse_steps, 0);
+        assert_eq!(h.checked.dense_steps, b * steps);
+        tally(&mut all, h.checked);
+    }
+    assert!(all.prefill_rows > cases);
+}
+
+#[test]
+fn dense_mode_stays_dense_beyond_the_budget() {
+    let lim = Limits {
+        modes: &[Mode::Dense],
+        ..ALL
+    };
+    for i in 0..60 {
+        let seed = 5000 + i as u64;
+        let mut rng = Rng::new(seed);
+        let s = cycled_setup(i, &mut rng, &lim);
+        let p = s.p();
+        let budget = s.cfg.budget;
+        let mut h = Harness::new(s, seed);
+        let prompt = budget + rng.range(1, 2 * p);
+        h.prefill(&[(1, prompt, None)], false);
+        for _ in 0..3 {
+            h.decode(&[1], Queries::Random, false);
+        }
+        assert_eq!(h.checked.dense_steps, 3);
+        assert_eq!(h.fk.counters().total.sparse_steps, 0);
+        assert_eq!(h.fk.device_tier_bytes_per_sequence(), 0);
+    }
+}
+
+#[test]
+fn dense_layers_attend_densely_and_the_others_retrieve() {
+    let lim = Limits {
+        modes: &[Mode::Sync, Mode::FreeKv],
+        ..ALL
+    };
+    for i in 0..24 {
+        let seed = 6000 + i as u64;
+        let mut rng = Rng::new(seed);
+        let mut s = cycled_setup(i, &mut rng, &lim);
+        s.shape.num_layers = 3;
+        s.cfg.dense_layers = vec![0, 2];
+        let budget = s.cfg.budget;
+        let mut h = Harness::new(s, seed);
+        h.prefill(&[(7, budget + 3, None)], false);
+        for _ in 0..3 {
+            h.decode(&[7], Queries::Drift { lo: 0.6, hi: 0.99 }, false);
+        }
+        // Per step: layers 0 and 2 dense, layer 1 sparse.
+        assert_eq!(h.checked.dense_steps, 6);
+        assert_eq!(h.checked.sparse_steps, 3);
+        let c = h.fk.counters();
+        assert_eq!(c.per_layer[0].sparse_steps, 0);
+        assert_eq!(c.per_layer[1].sparse_steps, 3);
+        assert_eq!(c.per_layer[2].sparse_steps, 0);
+        assert_eq!(c.total.decode_steps, 9);
+        assert!(h.fk.device_tier_bytes_per_sequence() > 0);
+    }
+}

@@ -1,0 +1,17 @@
+//! FreeKV core proven against brute-force references (one test binary; see the modules).
+//!
+//! - `reference`: naive attention, page summaries, scores, pooling, top-k (f64, plain loops);
+//! - `harness`: drives `FreeKv` and the reference side by side and checks every step;
+//! - `equivalence`: budget >= context equals dense, dense mode and dense layers;
+//! - `retrieval`: sync = brute force, speculation uses `q_{i-1}`, correction, tau = 1;
+//! - `tiers`: prefix hits, block reuse, rebuilds, freeing, errors, counters;
+//! - `trace`: an insta snapshot of a small deterministic trace.
+
+mod harness;
+mod reference;
+mod rng;
+
+mod equivalence;
+mod retrieval;
+mod tiers;
+mod trace;

@@ -1,0 +1,183 @@
+//! Brute-force references, written independently of the crate: plain loops in f64 over
+//! explicit token lists. Nothing here calls into `freekv_plugin` except for its plain types.
+
+use freekv_plugin::{AttnParams, Pooling, SummaryKind};
+
+/// One KV head's keys and values of a whole sequence: `k[pos][c]`.
+pub struct HeadKv<'a> {
+    pub k: &'a [Vec<f32>],
+    pub v: &'a [Vec<f32>],
+}
+
+/// Whether a query at `qpos` sees the key at `kpos` (causal + sliding window).
+pub fn visible(params: &AttnParams, qpos: usize, kpos: usize) -> bool {
+    if kpos > qpos {
+        return false;
+    }
+    match params.sliding_window {
+        Some(w) => kpos + w > qpos,
+        None => true,
+    }
+}
+
+/// Softmax attention of one query at `qpos` over the keys at `positions`.
+pub fn attend(
+    q: &[f32],
+    kv: &HeadKv<'_>,
+    positions: &[usize],
+    qpos: usize,
+    params: &AttnParams,
+) -> Vec<f64> {
+    let d = q.len();
+    let mut logits = Vec::new();
+    let mut used = Vec::new();
+    for &t in positions {
+        if !visible(params, qpos, t) {
+            continue;
+        }
+        let kt = &kv.k[t];
+        let mut s = 0f64;
+        for (a, b) in q.iter().zip(kt) {
+            s += *a as f64 * *b as f64;
+        }
+        s *= params.softmax_scale as f64;
+        if let Some(cap) = params.softcap {
+            s = cap as f64 * (s / cap as f64).tanh();
+        }
+        logits.push(s);
+        used.push(t);
+    }
+    let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = logits.iter().map(|s| (s - m).exp()).collect();
+    let z: f64 = w.iter().sum();
+    let mut out = vec![0f64; d];
+    for (wi, &t) in w.iter().zip(&used) {
+        let f = wi / z;
+        for (o, v) in out.iter_mut().zip(&kv.v[t]) {
+            *o += f * *v as f64;
+        }
+    }
+    out
+}
+
+/// Upper and lower bound of one page of one head's keys.
+pub fn summary(kv: &HeadKv<'_>, page: usize, p: usize, kind: SummaryKind) -> (Vec<f64>, Vec<f64>) {
+    let d = kv.k[0].len();
+    let mut mx = vec![f64::NEG_INFINITY; d];
+    let mut mn = vec![f64::INFINITY; d];
+    for kt in &kv.k[page * p..(page + 1) * p] {
+        for ((x, n), k) in mx.iter_mut().zip(mn.iter_mut()).zip(kt) {
+            *x = x.max(*k as f64);
+            *n = n.min(*k as f64);
+        }
+    }
+    match kind {
+        SummaryKind::MinMax => (mx, mn),
+        SummaryKind::CentreMad => {
+            let mut up = vec![0.0; d];
+            let mut lo = vec![0.0; d];
+            for c in 0..d {
+                let centre = (mx[c] + mn[c]) / 2.0;
+                let mut mad = 0.0;
+                for t in page * p..(page + 1) * p {
+                    mad += (kv.k[t][c] as f64 - centre).abs();
+                }
+                mad /= p as f64;
+                up[c] = centre + mad;
+                lo[c] = centre - mad;
+            }
+            (up, lo)
+        }
+    }
+}
+
+/// Pooled scores of the candidate pages for one KV head whose group queries are `qs`.
+pub fn page_scores(
+    qs: &[&[f32]],
+    kv: &HeadKv<'_>,
+    candidates: std::ops::Range<usize>,
+    p: usize,
+    kind: SummaryKind,
+    pooling: Pooling,
+) -> Vec<f64> {
+    let sums: Vec<(Vec<f64>, Vec<f64>)> = candidates
+        .clone()
+        .map(|j| summary(kv, j, p, kind))
+        .collect();
+    // raw[h][j] = sum_c max(q_c * upper_c, q_c * lower_c)
+    let raw: Vec<Vec<f64>> = qs
+        .iter()
+        .map(|q| {
+            sums.iter()
+                .map(|(up, lo)| {
+                    (0..q.len())
+                        .map(|c| (q[c] as f64 * up[c]).max(q[c] as f64 * lo[c]))
+                        .sum()
+                })
+                .collect()
+        })
+        .collect();
+    let n = sums.len();
+    let g = qs.len() as f64;
+    (0..n)
+        .map(|j| match pooling {
+            Pooling::Mean => raw.iter().map(|r| r[j]).sum::<f64>() / g,
+            Pooling::Max => raw.iter().map(|r| r[j]).fold(f64::NEG_INFINITY, f64::max),
+            Pooling::SoftmaxMean => {
+                raw.iter()
+                    .map(|r| {
+                        let m = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = r.iter().map(|s| (s - m).exp()).sum();
+                        (r[j] - m).exp() / z
+                    })
+                    .sum::<f64>()
+                    / g
+            }
+        })
+        .collect()
+}
+
+/// The `k` best candidates (page numbers) by score, ties to the lower page.
+pub fn top_k(scores: &[f64], first_page: usize, k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].partial_cmp(&scores[a]).unwrap().then(a.cmp(&b)));
+    let mut out: Vec<usize> = idx.into_iter().take(k).map(|i| first_page + i).collect();
+    out.sort();
+    out
+}
+
+/// Mean over the group of cos(a_h, b_h).
+pub fn mean_cosine(a: &[&[f32]], b: &[&[f32]]) -> f64 {
+    let mut sum = 0.0;
+    for (x, y) in a.iter().zip(b) {
+        let dot: f64 = x
+            .iter()
+            .zip(y.iter())
+            .map(|(p, q)| *p as f64 * *q as f64)
+            .sum();
+        let nx: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        let ny: f64 = y.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        sum += if nx * ny > 0.0 { dot / (nx * ny) } else { 1.0 };
+    }
+    sum / a.len() as f64
+}
+
+#[test]
+fn reference_attention_is_a_convex_combination() {
+    let k = vec![vec![1.0f32, 0.0], vec![0.0, 1.0], vec![1.0, 1.0]];
+    let v = vec![vec![1.0f32, 0.0], vec![0.0, 1.0], vec![5.0, 5.0]];
+    let kv = HeadKv { k: &k, v: &v };
+    let params = AttnParams::scaled(1.0);
+    // Causal: a query at 1 cannot see position 2.
+    let out = attend(&[1.0, 0.0], &kv, &[0, 1, 2], 1, &params);
+    let e = std::f64::consts::E;
+    assert!((out[0] - e / (e + 1.0)).abs() < 1e-12);
+    assert!((out[1] - 1.0 / (e + 1.0)).abs() < 1e-12);
+    // Window 1: only itself.
+    let w = AttnParams {
+        sliding_window: Some(1),
+        ..params
+    };
+    assert_eq!(attend(&[1.0, 0.0], &kv, &[0, 1, 2], 2, &w), vec![5.0, 5.0]);
+    assert_eq!(top_k(&[0.1, 0.5, 0.5, 0.2], 3, 2), vec![4, 5]);
+}

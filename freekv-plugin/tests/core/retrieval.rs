@@ -1,0 +1,179 @@
+//! Retrieval beyond the budget: sync equals the brute-force reference; speculation attends
+//! over the pages selected with the previous query; correction re-selects exactly the
+//! drifting heads; tau = 1 equals sync; both device tiers agree.
+
+use freekv_plugin::{DeviceTier, Mode};
+
+use crate::equivalence::{cycled_setup, ALL, FAST_DIMS};
+use crate::harness::{tally, Checked, Harness, Limits, PromptSpec, Queries, Setup};
+use crate::rng::Rng;
+
+/// Sequences whose prompts end around and beyond the budget, decoded `steps` steps.
+fn run(seed: u64, s: Setup, rng: &mut Rng, queries: Queries, steps: usize) -> Harness {
+    let p = s.p();
+    let budget = s.cfg.budget;
+    let mut h = Harness::new(s, seed);
+    let b = rng.range(1, 3);
+    let rows: Vec<PromptSpec> = (0..b)
+        .map(|r| {
+            let len = (budget + rng.range(0, 5 * p)).saturating_sub(2 * p).max(1);
+            (r as u64 + 10, len, None)
+        })
+        .collect();
+    h.prefill(&rows, rng.chance(0.3));
+    let ids: Vec<u64> = rows.iter().map(|r| r.0).collect();
+    for _ in 0..steps {
+        h.decode(&ids, queries, false);
+    }
+    h
+}
+
+fn campaign(
+    first_seed: u64,
+    cases: usize,
+    lim: &Limits,
+    queries: Queries,
+    steps: usize,
+) -> Checked {
+    let mut all = Checked::default();
+    for i in 0..cases {
+        let seed = first_seed + i as u64;
+        let mut rng = Rng::new(seed);
+        let s = cycled_setup(i, &mut rng, lim);
+        let h = run(seed, s, &mut rng, queries, steps);
+        tally(&mut all, h.checked);
+    }
+    all
+}
+
+#[test]
+fn sync_mode_equals_the_brute_force_reference() {
+    let lim = Limits {
+        modes: &[Mode::Sync],
+        head_dims: &FAST_DIMS,
+        ..ALL
+    };
+    let all = campaign(20_000, 160, &lim, Queries::Random, 4);
+    assert!(all.sparse_steps > 400, "{all:?}");
+    assert!(
+        all.dense_steps > 0,
+        "some sequences cross the budget during decode: {all:?}"
+    );
+    // Ties are rare; most selections match the reference exactly.
+    assert!(all.tie_resolved * 20 < all.heads_compared, "{all:?}");
+}
+
+#[test]
+fn speculation_attends_over_the_pages_selected_with_the_previous_query() {
+    let lim = Limits {
+        modes: &[Mode::Speculative],
+        head_dims: &FAST_DIMS,
+        ..ALL
+    };
+    let all = campaign(30_000, 120, &lim, Queries::Random, 4);
+    assert!(all.sparse_steps > 300, "{all:?}");
+    assert_eq!(all.corrected, 0);
+}
+
+#[test]
+fn correction_reselects_the_drifting_heads_before_attention() {
+    let lim = Limits {
+        modes: &[Mode::FreeKv],
+        head_dims: &FAST_DIMS,
+        ..ALL
+    };
+    let all = campaign(40_000, 120, &lim, Queries::Drift { lo: 0.4, hi: 1.0 }, 4);
+    assert!(all.sparse_steps > 300, "{all:?}");
+    assert!(
+        all.corrected > 50 && all.corrected < all.heads_compared,
+        "{all:?}"
+    );
+}
+
+#[test]
+fn crafted_drift_corrects_exactly_the_drifting_heads() {
+    let mut rng = Rng::new(77);
+    let mut s = cycled_setup(
+        3,
+        &mut rng,
+        &Limits {
+            modes: &[Mode::FreeKv],
+            ..ALL
+        },
+    );
+    s.shape.num_kv_heads = 4;
+    s.shape.num_q_heads = 4 * 2;
+    s.cfg.tau = 0.9;
+    s.params.sliding_window = None;
+    let budget = s.cfg.budget;
+    let mut h = Harness::new(s, 77);
+    h.prefill(&[(1, budget + 9, None)], false);
+    h.decode(&[1], Queries::Drifting(0), false);
+    for mask in [0b0000u64, 0b0101, 0b1000, 0b1111, 0b0110] {
+        let before = h.fk.counters().total;
+        h.decode(&[1], Queries::Drifting(mask), false);
+        let trace = &h.last_traces[0][0];
+        let want: Vec<bool> = (0..4).map(|b| mask & (1 << b) != 0).collect();
+        assert_eq!(trace.corrected, want, "mask {mask:04b}");
+        let after = h.fk.counters().total;
+        assert_eq!(after.heads_checked - before.heads_checked, 4);
+        assert_eq!(
+            after.heads_corrected - before.heads_corrected,
+            mask.count_ones() as u64
+        );
+    }
+}
+
+/// Runs the same inputs through two configurations and compares outputs and pages.
+fn same_inputs(seed: u64, a: Setup, b: Setup, steps: usize) {
+    let mut ra = Rng::new(seed);
+    let mut rb = Rng::new(seed);
+    let mut ha = run(seed, a, &mut ra, Queries::Drift { lo: 0.5, hi: 1.0 }, 0);
+    let mut hb = run(seed, b, &mut rb, Queries::Drift { lo: 0.5, hi: 1.0 }, 0);
+    let ids: Vec<u64> = ha.seqs.iter().map(|s| s.id).collect();
+    for _ in 0..steps {
+        ha.decode(&ids, Queries::Drift { lo: 0.5, hi: 1.0 }, false);
+        hb.decode(&ids, Queries::Drift { lo: 0.5, hi: 1.0 }, false);
+        for (x, y) in ha.last_outputs[0].iter().zip(&hb.last_outputs[0]) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+        }
+        for (ta, tb) in ha.last_traces[0].iter().zip(&hb.last_traces[0]) {
+            assert_eq!(ta.pages, tb.pages);
+            assert_eq!(ta.sparse, tb.sparse);
+        }
+    }
+}
+
+#[test]
+fn tau_one_equals_sync() {
+    for i in 0..30 {
+        let seed = 50_000 + i as u64;
+        let lim = Limits {
+            modes: &[Mode::Sync],
+            head_dims: &FAST_DIMS,
+            ..ALL
+        };
+        let sync = cycled_setup(i, &mut Rng::new(seed), &lim);
+        let mut freekv = sync.clone();
+        freekv.cfg.mode = Mode::FreeKv;
+        freekv.cfg.tau = 1.0;
+        same_inputs(seed, sync, freekv, 4);
+    }
+}
+
+#[test]
+fn copy_and_in_place_device_tiers_agree() {
+    for i in 0..30 {
+        let seed = 60_000 + i as u64;
+        let lim = Limits {
+            modes: &[Mode::FreeKv, Mode::Speculative, Mode::Sync],
+            head_dims: &FAST_DIMS,
+            ..ALL
+        };
+        let mut copy = cycled_setup(i, &mut Rng::new(seed), &lim);
+        copy.cfg.device_tier = DeviceTier::Copy;
+        let mut in_place = copy.clone();
+        in_place.cfg.device_tier = DeviceTier::InPlace;
+        same_inputs(seed, copy, in_place, 4);
+    }
+}
