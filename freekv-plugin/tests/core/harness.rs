@@ -684,6 +684,8 @@ impl Harness {
                             .map(|x| &prev.unwrap()[x][..])
                             .collect()
                     };
+                    let dt = self.s.dtype;
+                    let store = move |x: f64| round(x as f32, dt) as f64;
                     let scores = reference::page_scores(
                         &qsrc,
                         &kv,
@@ -691,6 +693,7 @@ impl Harness {
                         p,
                         self.s.cfg.summary,
                         self.s.cfg.pooling,
+                        &store,
                     );
                     let k = self.s.sel_pages().min(cand.len());
                     let want = reference::top_k(&scores, cand.start, k);

@@ -60,8 +60,15 @@ pub fn attend(
     out
 }
 
-/// Upper and lower bound of one page of one head's keys.
-pub fn summary(kv: &HeadKv<'_>, page: usize, p: usize, kind: SummaryKind) -> (Vec<f64>, Vec<f64>) {
+/// Upper and lower bound of one page of one head's keys, as stored: rounded by `store` (the
+/// KV dtype; exact for min/max, whose values are stored keys).
+pub fn summary(
+    kv: &HeadKv<'_>,
+    page: usize,
+    p: usize,
+    kind: SummaryKind,
+    store: &dyn Fn(f64) -> f64,
+) -> (Vec<f64>, Vec<f64>) {
     let d = kv.k[0].len();
     let mut mx = vec![f64::NEG_INFINITY; d];
     let mut mn = vec![f64::INFINITY; d];
@@ -83,8 +90,8 @@ pub fn summary(kv: &HeadKv<'_>, page: usize, p: usize, kind: SummaryKind) -> (Ve
                     mad += (kv.k[t][c] as f64 - centre).abs();
                 }
                 mad /= p as f64;
-                up[c] = centre + mad;
-                lo[c] = centre - mad;
+                up[c] = store(centre + mad);
+                lo[c] = store(centre - mad);
             }
             (up, lo)
         }
@@ -99,10 +106,11 @@ pub fn page_scores(
     p: usize,
     kind: SummaryKind,
     pooling: Pooling,
+    store: &dyn Fn(f64) -> f64,
 ) -> Vec<f64> {
     let sums: Vec<(Vec<f64>, Vec<f64>)> = candidates
         .clone()
-        .map(|j| summary(kv, j, p, kind))
+        .map(|j| summary(kv, j, p, kind, store))
         .collect();
     // raw[h][j] = sum_c max(q_c * upper_c, q_c * lower_c)
     let raw: Vec<Vec<f64>> = qs

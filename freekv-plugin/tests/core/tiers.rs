@@ -396,11 +396,11 @@ fn sizes_and_thread_safety() {
     send_sync::<FreeKv>();
     let (cfg, shape) = tiny();
     let fk = FreeKv::new(cfg.clone(), shape, 10, KvDType::F16).unwrap();
-    // Per layer and block: 2 heads x (K+V) x 8 tokens x 8 dims x 2 bytes, summaries
-    // 2 heads x 2 x 8 x 4 bytes, one flag byte.
+    // Per layer and block: 2 heads x (K+V) x 8 tokens x 8 dims x 2 bytes, summaries (in the
+    // KV dtype) 2 heads x 2 x 8 x 2 bytes, one flag byte.
     assert_eq!(
         fk.host_tier_bytes(),
-        2 * 10 * (2 * 2 * 8 * 8 * 2 + 2 * 2 * 8 * 4 + 1)
+        2 * 10 * (2 * 2 * 8 * 8 * 2 + 2 * 2 * 8 * 2 + 1)
     );
     let in_place = fk.device_tier_bytes_per_sequence();
     let copy = FreeKv::new(

@@ -24,6 +24,27 @@ pub struct Segment<'a, T> {
     pub pos0: usize,
 }
 
+impl<T> Segment<'_, T> {
+    /// Starts loading the segment's rows into the cache (call for the next segment while
+    /// computing the current one: pages are scattered, so hardware prefetchers stop at each).
+    #[inline]
+    pub fn prefetch(&self, d: usize) {
+        let size = std::mem::size_of::<T>();
+        if self.n == 0 {
+            return;
+        }
+        if self.stride == d {
+            math::prefetch(self.k.as_ptr() as *const u8, self.n * d * size);
+            math::prefetch(self.v.as_ptr() as *const u8, self.n * d * size);
+        } else {
+            for t in 0..self.n {
+                math::prefetch(self.k[t * self.stride..].as_ptr() as *const u8, d * size);
+                math::prefetch(self.v[t * self.stride..].as_ptr() as *const u8, d * size);
+            }
+        }
+    }
+}
+
 /// Working memory of the kernel, reused between calls.
 #[derive(Default)]
 pub struct AttnScratch {
@@ -109,9 +130,7 @@ impl<'s> Attention<'s> {
         for r in 0..rows {
             let q = &sc.q[r * d..(r + 1) * d];
             let s = &mut sc.s[r * n..(r + 1) * n];
-            for (t, st) in s.iter_mut().enumerate() {
-                *st = math::dot(q, &kf[t * d..(t + 1) * d]) * params.softmax_scale;
-            }
+            math::dots(q, kf, params.softmax_scale, s);
             if let Some(c) = params.softcap {
                 for st in s.iter_mut() {
                     *st = c * (*st / c).tanh();
@@ -172,15 +191,7 @@ impl<'s> Attention<'s> {
                 &sc.vf[..n * d]
             }
         };
-        for t in 0..n {
-            let v = &vf[t * d..(t + 1) * d];
-            for r in 0..rows {
-                let w = sc.s[r * n + t];
-                if w != 0.0 {
-                    math::axpy(&mut sc.acc[r * d..(r + 1) * d], w, v);
-                }
-            }
-        }
+        math::weighted_sum_rows(&mut sc.acc[..rows * d], &sc.s[..rows * n], vf, rows, d);
     }
 
     /// Writes row `r`'s normalised output.

@@ -3,6 +3,7 @@
 
 use half::{bf16, f16};
 
+use super::math::RowsRef;
 use crate::KvDType;
 
 /// Types whose all-zero bit pattern is a valid value (here: 0.0), so zeroed memory from the
@@ -31,6 +32,10 @@ pub trait KvElem:
     fn as_f32s(src: &[Self]) -> Option<&[f32]>;
     /// One element as f32.
     fn to_f32(self) -> f32;
+    /// `out[j] = q . rows[offsets[j]..][..q.len()]` with the rows stored as `Self`.
+    fn dots_indexed(q: &[f32], rows: &[Self], offsets: &[usize], out: &mut [f32]);
+    /// The rows as [`RowsRef`] for the grouped kernels.
+    fn rows_ref(rows: &[Self]) -> RowsRef<'_>;
 }
 
 impl KvElem for f32 {
@@ -50,6 +55,14 @@ impl KvElem for f32 {
     #[inline]
     fn to_f32(self) -> f32 {
         self
+    }
+    #[inline]
+    fn dots_indexed(q: &[f32], rows: &[f32], offsets: &[usize], out: &mut [f32]) {
+        super::math::dots_indexed(q, rows, offsets, out)
+    }
+    #[inline]
+    fn rows_ref(rows: &[f32]) -> RowsRef<'_> {
+        RowsRef::F32(rows)
     }
 }
 
@@ -72,16 +85,23 @@ impl KvElem for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
+    #[inline]
+    fn dots_indexed(q: &[f32], rows: &[f16], offsets: &[usize], out: &mut [f32]) {
+        let bits = half::slice::HalfFloatSliceExt::reinterpret_cast(rows);
+        super::math::dots_indexed_16(q, bits, offsets, out, false)
+    }
+    #[inline]
+    fn rows_ref(rows: &[f16]) -> RowsRef<'_> {
+        RowsRef::F16(half::slice::HalfFloatSliceExt::reinterpret_cast(rows))
+    }
 }
 
 impl KvElem for bf16 {
     const DTYPE: KvDType = KvDType::BF16;
     #[inline]
     fn to_f32s(src: &[bf16], dst: &mut [f32]) {
-        // bf16 is the top half of an f32: a shift, which vectorises.
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = f32::from_bits((s.to_bits() as u32) << 16);
-        }
+        // bf16 is the top half of an f32: a shift.
+        super::math::bf16_to_f32(half::slice::HalfFloatSliceExt::reinterpret_cast(src), dst);
     }
     #[inline]
     fn from_f32s(src: &[f32], dst: &mut [bf16]) {
@@ -96,6 +116,15 @@ impl KvElem for bf16 {
     #[inline]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
+    }
+    #[inline]
+    fn dots_indexed(q: &[f32], rows: &[bf16], offsets: &[usize], out: &mut [f32]) {
+        let bits = half::slice::HalfFloatSliceExt::reinterpret_cast(rows);
+        super::math::dots_indexed_16(q, bits, offsets, out, true)
+    }
+    #[inline]
+    fn rows_ref(rows: &[bf16]) -> RowsRef<'_> {
+        RowsRef::Bf16(half::slice::HalfFloatSliceExt::reinterpret_cast(rows))
     }
 }
 

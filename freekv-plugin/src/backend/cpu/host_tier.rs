@@ -3,8 +3,8 @@
 //!
 //! Page layout `[n_kv][2][p][d]`: one KV head's K rows then V rows of one page form one
 //! contiguous chunk (`2 p d` elements), the unit of per-head recall and of in-place
-//! attention. Summaries are kept per block id beside the pages (f32 `[n_kv][2][d]`: upper
-//! bound then lower bound), so sequences that share blocks (prefix cache) share summaries; a
+//! attention. Summaries are kept per block id beside the pages (f32, head-major
+//! `[n_kv][block][2][d]`: upper bound then lower bound), so sequences that share blocks (prefix cache) share summaries; a
 //! write into a block invalidates its summary, and a page that becomes full is summarised
 //! again: a reused block id can never serve a stale summary.
 
@@ -19,7 +19,7 @@ pub struct HostTier<T> {
     geo: Geometry,
     num_blocks: usize,
     pages: Vec<T>,
-    summaries: Vec<f32>,
+    summaries: Vec<T>,
     /// Per block: 1 when its summary matches its (full) contents.
     summarised: Vec<u8>,
 }
@@ -37,7 +37,7 @@ impl<T: KvElem> HostTier<T> {
     /// Bytes of a host tier of `num_blocks` blocks.
     pub fn bytes(geo: &Geometry, num_blocks: usize) -> usize {
         num_blocks
-            .saturating_mul(page_elems(geo) * std::mem::size_of::<T>() + summary_elems(geo) * 4 + 1)
+            .saturating_mul((page_elems(geo) + summary_elems(geo)) * std::mem::size_of::<T>() + 1)
     }
 
     /// Allocates a zeroed host tier (lazily committed); `None` when the allocator refuses.
@@ -94,21 +94,34 @@ impl<T: KvElem> HostTier<T> {
 
     /// The summary of `block` for `head`: upper bound `[d]` then lower bound `[d]`.
     #[inline]
-    pub fn summary(&self, block: u32, head: usize) -> &[f32] {
-        let d2 = 2 * self.geo.head_dim;
-        let o = (block as usize * self.geo.num_kv_heads + head) * d2;
-        &self.summaries[o..o + d2]
+    pub fn summary(&self, block: u32, head: usize) -> &[T] {
+        let o = self.summary_offset(block, head);
+        &self.summaries[o..o + 2 * self.geo.head_dim]
+    }
+
+    /// Where [`Self::summary`] starts in [`Self::summaries`]. Head-major, so one head's
+    /// selection scans one contiguous region.
+    #[inline]
+    pub fn summary_offset(&self, block: u32, head: usize) -> usize {
+        (head * self.num_blocks + block as usize) * 2 * self.geo.head_dim
+    }
+
+    /// Every summary, `[head][block][upper d | lower d]`.
+    pub fn summaries(&self) -> &[T] {
+        &self.summaries
     }
 
     /// Summarises the (full) page in `block`, every head. `scratch` is working memory.
+    /// Bounds are computed in f32 and stored in the KV dtype: min/max of stored keys are
+    /// stored keys, so exact; the centre +/- deviation box is rounded to nearest.
     pub fn summarise(&mut self, block: u32, kind: SummaryKind, scratch: &mut Vec<f32>) {
         let (p, d, n_kv) = (self.geo.page_size, self.geo.head_dim, self.geo.num_kv_heads);
-        scratch.resize(2 * d, 0.0);
-        let (row, mad) = scratch.split_at_mut(d);
+        scratch.resize(4 * d, 0.0);
+        let (row, rest) = scratch.split_at_mut(d);
+        let (mad, bounds) = rest.split_at_mut(d);
+        let (upper, lower) = bounds.split_at_mut(d);
         for h in 0..n_kv {
             let o = self.chunk_offset(block, h);
-            let so = (block as usize * n_kv + h) * 2 * d;
-            let (upper, lower) = self.summaries[so..so + 2 * d].split_at_mut(d);
             upper.fill(f32::NEG_INFINITY);
             lower.fill(f32::INFINITY);
             for t in 0..p {
@@ -134,6 +147,9 @@ impl<T: KvElem> HostTier<T> {
                     lower[c] = centre - r;
                 }
             }
+            let so = self.summary_offset(block, h);
+            T::from_f32s(upper, &mut self.summaries[so..so + d]);
+            T::from_f32s(lower, &mut self.summaries[so + d..so + 2 * d]);
         }
         self.summarised[block as usize] = 1;
     }
@@ -217,7 +233,7 @@ mod tests {
             host.summarise(1, kind, &mut row);
             assert!(host.is_summarised(1));
             for h in 0..2 {
-                let s = host.summary(1, h).to_vec();
+                let s: Vec<f32> = host.summary(1, h).iter().map(|x| x.to_f32()).collect();
                 for c in 0..4 {
                     let keys: Vec<f32> = (0..8).map(|t| val(1, h, t, c, 0) * 0.5).collect();
                     let mx = keys.iter().cloned().fold(f32::MIN, f32::max);
@@ -228,8 +244,10 @@ mod tests {
                         SummaryKind::CentreMad => {
                             let centre = (mx + mn) / 2.0;
                             let mad = keys.iter().map(|k| (k - centre).abs()).sum::<f32>() / 8.0;
-                            assert!((s[c] - (centre + mad)).abs() < 1e-5);
-                            assert!((s[4 + c] - (centre - mad)).abs() < 1e-5);
+                            // Stored as bf16: rounded to nearest.
+                            let r = |x: f32| bf16::from_f32(x).to_f32();
+                            assert_eq!(s[c], r(centre + mad));
+                            assert_eq!(s[4 + c], r(centre - mad));
                             // The box lies inside the min/max range.
                             assert!(s[c] <= mx + 1e-6 && s[4 + c] >= mn - 1e-6);
                         }

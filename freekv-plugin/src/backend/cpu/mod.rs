@@ -51,6 +51,8 @@ pub struct CpuScratch<T: KvElem> {
     attn: AttnScratch,
     select: SelectScratch,
     rows: Vec<f32>,
+    /// Summary offsets of the candidates of one selection.
+    offsets: Vec<usize>,
     entries: Vec<RecallEntry>,
     /// The worker's double-buffered recall (copy tier only).
     staged: Option<StagedRecall<T>>,
@@ -133,6 +135,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
             attn: AttnScratch::default(),
             select: SelectScratch::default(),
             rows: Vec::new(),
+            offsets: Vec::new(),
             entries: Vec::new(),
             staged: (self.copy && role == Role::Worker).then(|| StagedRecall::new(self.geo)),
         }
@@ -306,12 +309,17 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         let sel = self.geo.selected_slots();
         for h in (0..self.geo.num_kv_heads).filter(|&h| heads[h]) {
             let group_q = &dev.query()[h * gs * d..(h + 1) * gs * d];
-            let start = candidates.start;
+            scratch.offsets.clear();
+            scratch.offsets.extend(
+                table[candidates.clone()]
+                    .iter()
+                    .map(|&b| host.summary_offset(b, h)),
+            );
             select::pooled_scores(
                 group_q,
                 d,
-                candidates.len(),
-                |j| host.summary(table[start + j], h),
+                host.summaries(),
+                &scratch.offsets,
                 self.pooling,
                 &mut scratch.select,
             );
@@ -410,12 +418,15 @@ impl<T: KvElem> Backend for CpuBackend<T> {
             sc.qpos.clear();
             sc.qpos.resize(gs, pos);
             let mut att = Attention::begin(sc, gs, d, params);
+            // Each segment is added while the next one is being prefetched.
+            let mut pending: Option<Segment<'_, T>> = None;
             match dev {
                 None => {
                     let first = params.first_visible(pos) / p;
                     for (page, &block) in table.iter().enumerate().take(g.pages(len)).skip(first) {
                         let n = g.valid_tokens(page, len);
-                        att.add(self.segment(host, None, block, 0, h, n, page * p), params);
+                        let seg = self.segment(host, None, block, 0, h, n, page * p);
+                        feed(&mut pending, seg, &mut att, params, d);
                     }
                 }
                 Some(dev) => {
@@ -428,12 +439,13 @@ impl<T: KvElem> Backend for CpuBackend<T> {
                         if !att.any_visible(page * p, n) {
                             continue;
                         }
-                        att.add(
-                            self.segment(host, Some(dev), table[page], slot, h, n, page * p),
-                            params,
-                        );
+                        let seg = self.segment(host, Some(dev), table[page], slot, h, n, page * p);
+                        feed(&mut pending, seg, &mut att, params, d);
                     }
                 }
+            }
+            if let Some(last) = pending.take() {
+                att.add(last, params);
             }
             for r in 0..gs {
                 att.finish_row(r, batch.out_row(row, h * gs + r, 0));
@@ -497,6 +509,21 @@ impl<T: KvElem> Backend for CpuBackend<T> {
                 }
             }
         });
+    }
+}
+
+/// Prefetches `seg` and adds the segment before it (one segment of look-ahead).
+#[inline]
+fn feed<'a, T: KvElem>(
+    pending: &mut Option<Segment<'a, T>>,
+    seg: Segment<'a, T>,
+    att: &mut Attention<'_>,
+    params: &AttnParams,
+    d: usize,
+) {
+    seg.prefetch(d);
+    if let Some(prev) = pending.replace(seg) {
+        att.add(prev, params);
     }
 }
 

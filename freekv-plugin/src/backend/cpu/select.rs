@@ -9,6 +9,7 @@ use crate::geometry::{Geometry, NO_PAGE};
 use crate::Pooling;
 
 use super::device_tier::PlanEntry;
+use super::elem::KvElem;
 use super::math;
 
 /// Working memory of selection, reused between calls.
@@ -37,18 +38,20 @@ fn better(a: (f32, u32), b: (f32, u32)) -> Ordering {
 
 /// Pooled scores of the candidates for one KV head.
 ///
-/// `group_q` is the group's queries `[G][d]`; `summary(j)` returns candidate `j`'s summary
-/// (upper `[d]` then lower `[d]`). The Quest bound `sum_c max(q_c * upper_c, q_c * lower_c)`
-/// equals `q+ . upper + q- . lower` with `q+ = max(q, 0)`, `q- = min(q, 0)` (upper >= lower),
-/// one dot product of length `2d` per page and query head.
-pub fn pooled_scores<'a>(
+/// `group_q` is the group's queries `[G][d]`; candidate `j`'s summary (upper `[d]` then lower
+/// `[d]`) is `summaries[offsets[j]..offsets[j] + 2d]`. The Quest bound
+/// `sum_c max(q_c * upper_c, q_c * lower_c)` equals `q+ . upper + q- . lower` with
+/// `q+ = max(q, 0)`, `q- = min(q, 0)` (upper >= lower): one dot product of length `2d` per
+/// page and query head.
+pub fn pooled_scores<T: KvElem>(
     group_q: &[f32],
     d: usize,
-    n_cand: usize,
-    summary: impl Fn(usize) -> &'a [f32],
+    summaries: &[T],
+    offsets: &[usize],
     pooling: Pooling,
     sc: &mut SelectScratch,
 ) {
+    let n_cand = offsets.len();
     let g = group_q.len() / d;
     sc.qq.resize(g * 2 * d, 0.0);
     for h in 0..g {
@@ -60,12 +63,7 @@ pub fn pooled_scores<'a>(
         }
     }
     sc.raw.resize(g * n_cand, 0.0);
-    for j in 0..n_cand {
-        let s = summary(j);
-        for h in 0..g {
-            sc.raw[h * n_cand + j] = math::dot(&sc.qq[h * 2 * d..(h + 1) * 2 * d], s);
-        }
-    }
+    math::dots_indexed_group(&sc.qq, g, T::rows_ref(summaries), offsets, &mut sc.raw);
     sc.pooled.clear();
     match pooling {
         Pooling::SoftmaxMean => {
@@ -209,22 +207,16 @@ mod tests {
     fn quest_bound_and_pooling() {
         // Two query heads, d = 2; two pages.
         let q = [1.0, -2.0, 0.5, 0.5];
-        let summaries = [[3.0, 1.0, /* lower */ -1.0, -4.0], [0.0, 0.0, 0.0, 0.0]];
+        let summaries = [3.0f32, 1.0, /* lower */ -1.0, -4.0, 0.0, 0.0, 0.0, 0.0];
+        let offsets = [0, 4];
         let mut sc = SelectScratch::default();
         // Head 0, page 0: max(1*3, 1*-1) + max(-2*1, -2*-4) = 3 + 8 = 11.
         // Head 1, page 0: max(.5*3, .5*-1) + max(.5*1, .5*-4) = 1.5 + .5 = 2.
-        pooled_scores(&q, 2, 2, |j| &summaries[j][..], Pooling::Mean, &mut sc);
+        pooled_scores(&q, 2, &summaries, &offsets, Pooling::Mean, &mut sc);
         assert_eq!(sc.pooled, vec![6.5, 0.0]);
-        pooled_scores(&q, 2, 2, |j| &summaries[j][..], Pooling::Max, &mut sc);
+        pooled_scores(&q, 2, &summaries, &offsets, Pooling::Max, &mut sc);
         assert_eq!(sc.pooled, vec![11.0, 0.0]);
-        pooled_scores(
-            &q,
-            2,
-            2,
-            |j| &summaries[j][..],
-            Pooling::SoftmaxMean,
-            &mut sc,
-        );
+        pooled_scores(&q, 2, &summaries, &offsets, Pooling::SoftmaxMean, &mut sc);
         let sm = |a: f32, b: f32| a.exp() / (a.exp() + b.exp());
         let want0 = (sm(11.0, 0.0) + sm(2.0, 0.0)) / 2.0;
         assert!((sc.pooled[0] - want0).abs() < 1e-6);

@@ -1,0 +1,410 @@
+//! One decode step of one layer on CPU: dense vs synchronous retrieval vs FreeKV (speculative,
+//! and with correction) vs an oracle that attends over 2048 already-gathered tokens, measured
+//! side by side in one run, plus the copy vs in-place device tier.
+//!
+//! `cargo bench -p freekv-plugin --bench decode_step [-- --quick]`
+//!
+//! Steps are timed inside a multi-layer loop (8 layers round-robin, one sequence), so the
+//! background selection of layer `l` overlaps the attention of the other layers, as in a
+//! model. Queries drift: each query head's consecutive-step cosine is about 0.9 (drawn per
+//! step), so correction sometimes triggers; the report gives the correction rate. Modes are
+//! interleaved round by round so a noisy neighbour hits all of them alike.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use freekv_plugin::{
+    AttnParams, DecodeRow, DeviceTier, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow,
+};
+
+const LAYERS: usize = 8;
+const PAGE: usize = 32;
+const BUDGET: usize = 2048;
+
+/// SplitMix64 + Box-Muller: reproducible data without the rand crate.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// About standard normal (Irwin-Hall of 4 uniforms): cheap enough for 10^8 draws.
+    fn normal(&mut self) -> f32 {
+        let r = self.next();
+        let u = |s: u32| ((r >> s) & 0xFFFF) as f32 / 65536.0;
+        (u(0) + u(16) + u(32) + u(48) - 2.0) * 1.732_050_8
+    }
+    fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal()).collect()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    name: &'static str,
+    q: usize,
+    kv: usize,
+    d: usize,
+}
+
+impl Shape {
+    fn model(&self) -> ModelShape {
+        ModelShape {
+            num_layers: LAYERS,
+            num_q_heads: self.q,
+            num_kv_heads: self.kv,
+            head_dim: self.d,
+        }
+    }
+}
+
+const LLAMA: Shape = Shape {
+    name: "Llama-3.1-8B (32/8 heads, d 128)",
+    q: 32,
+    kv: 8,
+    d: 128,
+};
+const SMOL: Shape = Shape {
+    name: "SmolLM2-135M (9/3 heads, d 64)",
+    q: 9,
+    kv: 3,
+    d: 64,
+};
+
+/// The decode inputs of every (step, layer), shared by all variants.
+struct Steps {
+    q: Vec<Tensor>,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+/// Drifting queries: per query head, `q_i = c q_{i-1} + sqrt(1 - c^2) n` with the noise `n`
+/// orthogonal to `q_{i-1}` and `c` drawn per step around 0.93 (sometimes lower).
+fn make_steps(shape: Shape, steps: usize, rng: &mut Rng) -> Steps {
+    let d = shape.d;
+    let mut prev: Vec<Vec<Vec<f32>>> = (0..LAYERS)
+        .map(|_| (0..shape.q).map(|_| rng.normals(d)).collect())
+        .collect();
+    let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
+    for _ in 0..steps {
+        for layer_prev in prev.iter_mut() {
+            let mut flat = Vec::with_capacity(shape.q * d);
+            for p in layer_prev.iter_mut() {
+                let c = (0.93 + 0.06 * rng.normal() as f64).clamp(0.5, 0.999);
+                let n = rng.normals(d);
+                let pn: f64 = p.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+                let dot: f64 = p.iter().zip(&n).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let orth: Vec<f64> = n
+                    .iter()
+                    .zip(p.iter())
+                    .map(|(x, y)| *x as f64 - dot / (pn * pn) * *y as f64)
+                    .collect();
+                let on: f64 = orth.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let s = (1.0 - c * c).sqrt();
+                for (x, o) in p.iter_mut().zip(&orth) {
+                    *x = (c * *x as f64 + s * o / on * pn) as f32;
+                }
+                flat.extend_from_slice(p);
+            }
+            let t = |v: Vec<f32>, h: usize| {
+                Tensor::from_vec(v, (1, h, d), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+            };
+            qs.push(t(flat, shape.q));
+            ks.push(t(rng.normals(shape.kv * d), shape.kv));
+            vs.push(t(rng.normals(shape.kv * d), shape.kv));
+        }
+    }
+    Steps {
+        q: qs,
+        k: ks,
+        v: vs,
+    }
+}
+
+/// One configuration under test, with its sequence already prefilled.
+struct Variant {
+    label: &'static str,
+    /// Counters when timing started (prefill and warm-up excluded from the report).
+    base: freekv_plugin::LayerCounters,
+    fk: FreeKv,
+    table: Vec<u32>,
+    len: usize,
+    step: usize,
+    elapsed: Duration,
+    timed_steps: usize,
+}
+
+/// The prompt's keys (used as values too) and last query, shared by every variant and layer.
+struct Prompt {
+    k: Tensor,
+    last_q: Tensor,
+}
+
+fn make_prompt(shape: Shape, ctx: usize, rng: &mut Rng) -> Prompt {
+    let k = Tensor::from_vec(
+        rng.normals(shape.kv * ctx * shape.d),
+        (1, shape.kv, ctx, shape.d),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .to_dtype(DType::BF16)
+    .unwrap();
+    let last_q = Tensor::from_vec(
+        rng.normals(shape.q * shape.d),
+        (1, shape.q, 1, shape.d),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .to_dtype(DType::BF16)
+    .unwrap();
+    Prompt { k, last_q }
+}
+
+fn prefill(
+    shape: Shape,
+    config: FreeKvConfig,
+    prompt: &Prompt,
+    ctx: usize,
+    extra_steps: usize,
+    label: &'static str,
+) -> Variant {
+    let pages = (ctx + extra_steps).div_ceil(PAGE) + 1;
+    let fk = FreeKv::new(config, shape.model(), pages, KvDType::BF16).unwrap();
+    let table: Vec<u32> = (0..pages as u32).collect();
+    // Prompt K/V in chunks of 4096 tokens (cached_len grows), the last query random.
+    let chunk = 4096.min(ctx);
+    let params = AttnParams::scaled(1.0 / (shape.d as f32).sqrt());
+    for layer in 0..LAYERS {
+        let mut done = 0;
+        while done < ctx {
+            let n = chunk.min(ctx - done);
+            let k = prompt.k.narrow(2, done, n).unwrap();
+            let q = Tensor::zeros((1, shape.q, n, shape.d), DType::BF16, &Device::Cpu).unwrap();
+            let q = if done + n == ctx {
+                // A real last query.
+                Tensor::cat(&[q.narrow(2, 0, n - 1).unwrap(), prompt.last_q.clone()], 2).unwrap()
+            } else {
+                q
+            };
+            let row = PrefillRow {
+                seq_id: 1,
+                block_table: &table[..(done + n).div_ceil(PAGE)],
+                cached_len: done,
+                new_len: n,
+            };
+            fk.prefill(layer, &[row], &q, &k, &k, &params, false)
+                .unwrap();
+            done += n;
+        }
+    }
+    Variant {
+        label,
+        base: Default::default(),
+        fk,
+        table,
+        len: ctx,
+        step: 0,
+        elapsed: Duration::ZERO,
+        timed_steps: 0,
+    }
+}
+
+impl Variant {
+    /// Runs `n` decode steps over all layers; timed unless warming up. The background work of
+    /// the last step is joined afterwards, untimed, so it cannot leak into the next variant.
+    fn run(&mut self, steps: &Steps, n: usize, params: &AttnParams, timed: bool) {
+        let t = Instant::now();
+        for _ in 0..n {
+            self.len += 1;
+            let row = DecodeRow {
+                seq_id: 1,
+                block_table: &self.table[..self.len.div_ceil(PAGE)],
+                context_len: self.len,
+            };
+            for layer in 0..LAYERS {
+                let i = (self.step % (steps.q.len() / LAYERS)) * LAYERS + layer;
+                let out = self
+                    .fk
+                    .decode(layer, &[row], &steps.q[i], &steps.k[i], &steps.v[i], params)
+                    .unwrap();
+                std::hint::black_box(out);
+            }
+            self.step += 1;
+        }
+        if timed {
+            self.elapsed += t.elapsed();
+            self.timed_steps += n * LAYERS;
+        }
+        self.fk.join_background().unwrap();
+    }
+
+    /// Counters since timing started.
+    fn counters(&self) -> freekv_plugin::LayerCounters {
+        let now = self.fk.counters().total;
+        let b = &self.base;
+        freekv_plugin::LayerCounters {
+            decode_steps: now.decode_steps - b.decode_steps,
+            sparse_steps: now.sparse_steps - b.sparse_steps,
+            blocking_selections: now.blocking_selections - b.blocking_selections,
+            rebuilds: now.rebuilds - b.rebuilds,
+            heads_checked: now.heads_checked - b.heads_checked,
+            heads_corrected: now.heads_corrected - b.heads_corrected,
+            head_selections: now.head_selections - b.head_selections,
+            pages_recalled: now.pages_recalled - b.pages_recalled,
+            bytes_moved: now.bytes_moved - b.bytes_moved,
+            prefill_tokens: now.prefill_tokens - b.prefill_tokens,
+            blocking_ns: now.blocking_ns - b.blocking_ns,
+            background_ns: now.background_ns - b.background_ns,
+            wait_ns: now.wait_ns - b.wait_ns,
+        }
+    }
+
+    fn per_layer_step_us(&self) -> f64 {
+        self.elapsed.as_secs_f64() * 1e6 / self.timed_steps.max(1) as f64
+    }
+}
+
+fn config(mode: Mode, tier: DeviceTier) -> FreeKvConfig {
+    FreeKvConfig {
+        page_size: PAGE,
+        budget: BUDGET,
+        sink: 512,
+        window: 512,
+        tau: 0.9,
+        dense_layers: vec![],
+        mode,
+        device_tier: tier,
+        ..Default::default()
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    format!(
+        "{cpu}, {cores} cores available, load average at start {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (rounds, per_round, warmup) = if quick { (3, 4, 2) } else { (8, 6, 3) };
+    let cases: Vec<(Shape, usize)> = if quick {
+        vec![(LLAMA, 32768), (SMOL, 32768)]
+    } else {
+        vec![
+            (LLAMA, 4096),
+            (LLAMA, 16384),
+            (LLAMA, 32768),
+            (SMOL, 4096),
+            (SMOL, 16384),
+            (SMOL, 32768),
+        ]
+    };
+    println!("# decode_step: one decode step of one layer (bf16 KV, page {PAGE}, budget {BUDGET} = sink 512 + window 512 + 32 pages, tau 0.9)");
+    println!("# machine: {}", machine());
+    println!("# {LAYERS} layers round-robin, {rounds} rounds x {per_round} steps per variant (+{warmup} warm-up), modes interleaved; times are per layer-step");
+    println!();
+    println!("| shape | context | dense | sync | speculative | freekv | oracle 2048 | sync (copy) | freekv (copy) | dense/freekv | sync/freekv | freekv/oracle | correction rate | exposed wait |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (shape, ctx) in cases {
+        let mut rng = Rng(0xF4EE + ctx as u64 + shape.q as u64);
+        let total_steps = warmup + rounds * per_round;
+        let steps = make_steps(shape, total_steps, &mut rng);
+        let params = AttnParams::scaled(1.0 / (shape.d as f32).sqrt());
+        let prompt = make_prompt(shape, ctx, &mut rng);
+        let run = |mode, tier, len, label| {
+            prefill(shape, config(mode, tier), &prompt, len, total_steps, label)
+        };
+        let mut variants = vec![
+            run(Mode::Dense, DeviceTier::InPlace, ctx, "dense"),
+            run(Mode::Sync, DeviceTier::InPlace, ctx, "sync"),
+            run(Mode::Speculative, DeviceTier::InPlace, ctx, "speculative"),
+            run(Mode::FreeKv, DeviceTier::InPlace, ctx, "freekv"),
+            // The oracle: 2048 tokens already in place, plain attention over them.
+            run(
+                Mode::Dense,
+                DeviceTier::InPlace,
+                BUDGET - total_steps,
+                "oracle",
+            ),
+            run(Mode::Sync, DeviceTier::Copy, ctx, "sync-copy"),
+            run(Mode::FreeKv, DeviceTier::Copy, ctx, "freekv-copy"),
+        ];
+        drop(prompt);
+        for v in variants.iter_mut() {
+            v.run(&steps, warmup, &params, false);
+            v.base = v.fk.counters().total;
+        }
+        for _ in 0..rounds {
+            for v in variants.iter_mut() {
+                v.run(&steps, per_round, &params, true);
+            }
+        }
+        let us: Vec<f64> = variants.iter().map(Variant::per_layer_step_us).collect();
+        let by = |label: &str| variants.iter().position(|v| v.label == label).unwrap();
+        let (dense, sync, spec, fkv, oracle) = (
+            us[by("dense")],
+            us[by("sync")],
+            us[by("speculative")],
+            us[by("freekv")],
+            us[by("oracle")],
+        );
+        let c = variants[by("freekv")].counters();
+        let exposed = c.wait_ns as f64 / 1e3 / c.decode_steps.max(1) as f64;
+        println!(
+            "| {} | {}K | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.1}x | {:.2}x | {:.2}x | {:.1}% | {:.0} us |",
+            shape.name,
+            ctx / 1024,
+            dense,
+            sync,
+            spec,
+            fkv,
+            oracle,
+            us[by("sync-copy")],
+            us[by("freekv-copy")],
+            dense / fkv,
+            sync / fkv,
+            fkv / oracle,
+            100.0 * c.correction_rate(),
+            exposed,
+        );
+        for v in &variants {
+            let c = v.counters();
+            eprintln!(
+                "  {:<12} {:>8.0} us/layer-step  sparse {:>5}  corrected {}/{}  recalled {} pages, {} MiB  blocking {:.0} us/step  background {:.0} us/step  waited {:.0} us/step",
+                v.label,
+                v.per_layer_step_us(),
+                c.sparse_steps,
+                c.heads_corrected,
+                c.heads_checked,
+                c.pages_recalled,
+                c.bytes_moved >> 20,
+                c.blocking_ns as f64 / 1e3 / c.decode_steps.max(1) as f64,
+                c.background_ns as f64 / 1e3 / c.decode_steps.max(1) as f64,
+                c.wait_ns as f64 / 1e3 / c.decode_steps.max(1) as f64,
+            );
+        }
+    }
+}
