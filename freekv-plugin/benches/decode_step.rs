@@ -31,9 +31,6 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
     /// About standard normal (Irwin-Hall of 4 uniforms): cheap enough for 10^8 draws.
     fn normal(&mut self) -> f32 {
         let r = self.next();
@@ -140,7 +137,19 @@ struct Variant {
     len: usize,
     step: usize,
     elapsed: Duration,
+    /// On-CPU time of the calling thread during the timed steps.
+    cpu: Duration,
     timed_steps: usize,
+}
+
+/// On-CPU time of the calling thread so far (`/proc/thread-self/schedstat`, nanoseconds):
+/// what a step costs the engine's thread, whatever else competes for the cores.
+fn thread_cpu() -> Duration {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .map(Duration::from_nanos)
+        .unwrap_or_default()
 }
 
 /// The prompt's keys (used as values too) and last query, shared by every variant and layer.
@@ -214,6 +223,7 @@ fn prefill(
         len: ctx,
         step: 0,
         elapsed: Duration::ZERO,
+        cpu: Duration::ZERO,
         timed_steps: 0,
     }
 }
@@ -222,6 +232,7 @@ impl Variant {
     /// Runs `n` decode steps over all layers; timed unless warming up. The background work of
     /// the last step is joined afterwards, untimed, so it cannot leak into the next variant.
     fn run(&mut self, steps: &Steps, n: usize, params: &AttnParams, timed: bool) {
+        let cpu = thread_cpu();
         let t = Instant::now();
         for _ in 0..n {
             self.len += 1;
@@ -242,6 +253,7 @@ impl Variant {
         }
         if timed {
             self.elapsed += t.elapsed();
+            self.cpu += thread_cpu() - cpu;
             self.timed_steps += n * LAYERS;
         }
         self.fk.join_background().unwrap();
@@ -270,6 +282,10 @@ impl Variant {
 
     fn per_layer_step_us(&self) -> f64 {
         self.elapsed.as_secs_f64() * 1e6 / self.timed_steps.max(1) as f64
+    }
+
+    fn cpu_per_layer_step_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.timed_steps.max(1) as f64
     }
 }
 
@@ -310,6 +326,8 @@ fn machine() -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, per_round, warmup) = if quick { (3, 4, 2) } else { (8, 6, 3) };
+    let mut wall_rows = Vec::new();
+    let mut cpu_rows = Vec::new();
     let cases: Vec<(Shape, usize)> = if quick {
         vec![(LLAMA, 32768), (SMOL, 32768)]
     } else {
@@ -326,8 +344,6 @@ fn main() {
     println!("# machine: {}", machine());
     println!("# {LAYERS} layers round-robin, {rounds} rounds x {per_round} steps per variant (+{warmup} warm-up), modes interleaved; times are per layer-step");
     println!();
-    println!("| shape | context | dense | sync | speculative | freekv | oracle 2048 | sync (copy) | freekv (copy) | dense/freekv | sync/freekv | freekv/oracle | correction rate | exposed wait |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (shape, ctx) in cases {
         let mut rng = Rng(0xF4EE + ctx as u64 + shape.q as u64);
         let total_steps = warmup + rounds * per_round;
@@ -362,34 +378,48 @@ fn main() {
                 v.run(&steps, per_round, &params, true);
             }
         }
-        let us: Vec<f64> = variants.iter().map(Variant::per_layer_step_us).collect();
         let by = |label: &str| variants.iter().position(|v| v.label == label).unwrap();
-        let (dense, sync, spec, fkv, oracle) = (
-            us[by("dense")],
-            us[by("sync")],
-            us[by("speculative")],
-            us[by("freekv")],
-            us[by("oracle")],
-        );
         let c = variants[by("freekv")].counters();
-        let exposed = c.wait_ns as f64 / 1e3 / c.decode_steps.max(1) as f64;
-        println!(
-            "| {} | {}K | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.0} us | {:.1}x | {:.2}x | {:.2}x | {:.1}% | {:.0} us |",
-            shape.name,
-            ctx / 1024,
-            dense,
-            sync,
-            spec,
-            fkv,
-            oracle,
-            us[by("sync-copy")],
-            us[by("freekv-copy")],
-            dense / fkv,
-            sync / fkv,
-            fkv / oracle,
-            100.0 * c.correction_rate(),
-            exposed,
-        );
+        for (rows, us) in [
+            (
+                &mut wall_rows,
+                variants
+                    .iter()
+                    .map(Variant::per_layer_step_us)
+                    .collect::<Vec<f64>>(),
+            ),
+            (
+                &mut cpu_rows,
+                variants
+                    .iter()
+                    .map(Variant::cpu_per_layer_step_us)
+                    .collect::<Vec<f64>>(),
+            ),
+        ] {
+            let (dense, sync, fkv, oracle) = (
+                us[by("dense")],
+                us[by("sync")],
+                us[by("freekv")],
+                us[by("oracle")],
+            );
+            rows.push(format!(
+                "| {} | {}K | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.1}x** | **{:.2}x** | **{:.2}x** | {:.1}% |",
+                shape.name,
+                ctx / 1024,
+                dense,
+                sync,
+                us[by("speculative")],
+                fkv,
+                oracle,
+                us[by("sync-copy")],
+                us[by("freekv-copy")],
+                dense / fkv,
+                sync / fkv,
+                fkv / oracle,
+                100.0 * c.correction_rate(),
+            ));
+        }
+        eprintln!("{} at {}K:", shape.name, ctx / 1024);
         for v in &variants {
             let c = v.counters();
             eprintln!(
@@ -406,5 +436,16 @@ fn main() {
                 c.wait_ns as f64 / 1e3 / c.decode_steps.max(1) as f64,
             );
         }
+    }
+    let header = "| shape | context | dense | sync | speculative | freekv | oracle 2048 | sync (copy) | freekv (copy) | dense/freekv | sync/freekv | freekv/oracle | correction rate |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+    println!("Wall-clock time per layer-step (us):\n");
+    println!("{header}");
+    for r in &wall_rows {
+        println!("{r}");
+    }
+    println!("\nOn-CPU time of the calling thread per layer-step (us; background work on the worker thread excluded):\n");
+    println!("{header}");
+    for r in &cpu_rows {
+        println!("{r}");
     }
 }
