@@ -1,9 +1,8 @@
 //! What FreeKV keeps per layer and per (sequence, layer), and the per-layer lock around it.
 //!
-//! Three kinds of state, kept apart (see `docs/../style.md`, vLLM's lesson): *which pages a
-//! sequence owns* is the engine's block table (copied here each step); *which pages are
-//! resident for this step* is the device tier's selection state; *how attention is computed*
-//! is the backend's business.
+//! Three kinds of state, kept apart (vLLM's lesson): *which pages a sequence owns* is the
+//! engine's block table (copied here each step); *which pages are resident for this step* is
+//! the device tier's selection state; *how attention is computed* is the backend's business.
 
 use std::collections::HashMap;
 

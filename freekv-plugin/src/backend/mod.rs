@@ -1,5 +1,5 @@
 //! The FreeKV operations a device provides, behind one trait (candle-style: the algorithm in
-//! [`crate::timeline`] and [`crate::prefill`] is written once against [`Backend`]; each
+//! `timeline.rs` and `prefill.rs` is written once against [`Backend`]; each
 //! device's code lives in its own folder: [`cpu`] here, `backend/cuda/` for CUDA).
 //!
 //! The trait splits along the spec's operations: write pages (+ summarise), maintain the

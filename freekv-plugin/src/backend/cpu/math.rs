@@ -1,7 +1,7 @@
 //! The inner loops: dot products, scaled accumulation, a branch-free exp, max.
 //!
 //! Each public function dispatches at compile time: with AVX2 + FMA + F16C (the repo builds
-//! with `target-cpu=native`) to explicit intrinsics in [`simd`], which the decode benchmark
+//! with `target-cpu=native`) to explicit intrinsics in `simd`, which the decode benchmark
 //! measured about 4x faster than what LLVM made of the portable loops; otherwise to
 //! [`portable`], plain chunk loops LLVM vectorises as it can. Both are tested against each
 //! other and against naive sums.
