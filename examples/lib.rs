@@ -1,1 +1,3 @@
-//! Shared helpers for the examples.
+//! Shared pieces of the example programs: the long-context workloads they run.
+
+pub mod passkey;

@@ -15,7 +15,11 @@ use std::path::{Path, PathBuf};
 pub const ENGINE_VERSION: &str = "0.8.1";
 pub const PATCHED_CRATES: &[&str] = &["mistralrs-core", "mistralrs-server-core", "mistralrs-cli"];
 
-const STAMP: &str = ".freekv-stamp";
+/// Stamps live beside the crate folders, not inside: cargo fingerprints a path crate by the
+/// newest file in its folder, so a stamp written inside would rebuild the engine.
+fn stamp_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}-{ENGINE_VERSION}.stamp"))
+}
 
 pub fn bootstrap(ctx: &Ctx, check_only: bool) -> Result<(), String> {
     fetch_pristine(ctx)?;
@@ -26,8 +30,8 @@ pub fn bootstrap(ctx: &Ctx, check_only: bool) -> Result<(), String> {
         let patch = patch_file(ctx, name);
         let stamp = stamp_for(&archive, &patch)?;
         let dest = dir.join(format!("{name}-{ENGINE_VERSION}"));
-        let current = fs::read_to_string(dest.join(STAMP)).unwrap_or_default();
-        if current.trim() == stamp {
+        let current = fs::read_to_string(stamp_path(&dir, name)).unwrap_or_default();
+        if current.trim() == stamp && dest.is_dir() {
             continue;
         }
         if check_only {
@@ -37,7 +41,7 @@ pub fn bootstrap(ctx: &Ctx, check_only: bool) -> Result<(), String> {
             ));
         }
         materialise(&archive, patch.as_deref(), &dir, &dest)?;
-        fs::write(dest.join(STAMP), format!("{stamp}\n"))
+        fs::write(stamp_path(&dir, name), format!("{stamp}\n"))
             .map_err(|e| format!("cannot write stamp in {}: {e}", dest.display()))?;
         eprintln!("xtask: materialised {}", dest.display());
     }
@@ -51,12 +55,10 @@ fn fetch_pristine(ctx: &Ctx) -> Result<(), String> {
         return Ok(());
     }
     let manifest = ctx.root.join("xtask/pristine/Cargo.toml");
-    run(
-        std::process::Command::new("cargo")
-            .arg("fetch")
-            .arg("--manifest-path")
-            .arg(&manifest),
-    )
+    run(std::process::Command::new("cargo")
+        .arg("fetch")
+        .arg("--manifest-path")
+        .arg(&manifest))
 }
 
 /// The `.crate` archive of `name` in cargo's registry cache.
@@ -87,7 +89,12 @@ fn stamp_for(archive: &Path, patch: &Option<PathBuf>) -> Result<String, String> 
     Ok(format!("crate={a} patch={p}"))
 }
 
-fn materialise(archive: &Path, patch: Option<&Path>, dir: &Path, dest: &Path) -> Result<(), String> {
+fn materialise(
+    archive: &Path,
+    patch: Option<&Path>,
+    dir: &Path,
+    dest: &Path,
+) -> Result<(), String> {
     if dest.exists() {
         fs::remove_dir_all(dest).map_err(|e| format!("cannot remove {}: {e}", dest.display()))?;
     }
@@ -147,13 +154,16 @@ pub fn save_patches(ctx: &Ctx) -> Result<(), String> {
         let out = run_capture(
             std::process::Command::new("diff")
                 .current_dir(ctx.root.join("patched"))
-                .args(["-ruN", "--exclude", STAMP, "--exclude", "target"])
+                .args(["-ruN", "--exclude", "target"])
                 .arg(scratch.join(&dir_name))
                 .arg(&dir_name),
         )?;
         // diff exits 1 when the trees differ; >1 is trouble.
         if out.status.code().unwrap_or(2) > 1 {
-            return Err(format!("diff failed: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "diff failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let text = relabel(&String::from_utf8_lossy(&out.stdout), &scratch, &dir_name);
         let patch = ctx.root.join("patches").join(format!("{name}.patch"));
@@ -161,10 +171,16 @@ pub fn save_patches(ctx: &Ctx) -> Result<(), String> {
             let _ = fs::remove_file(&patch);
             continue;
         }
+        if fs::read_to_string(&patch).ok().as_deref() == Some(text.as_str()) {
+            continue;
+        }
         fs::write(&patch, text).map_err(|e| format!("{}: {e}", patch.display()))?;
         let stamp = stamp_for(&archive, &Some(patch.clone()))?;
-        fs::write(ctx.root.join("patched").join(&dir_name).join(STAMP), format!("{stamp}\n"))
-            .map_err(|e| e.to_string())?;
+        fs::write(
+            stamp_path(&ctx.root.join("patched"), name),
+            format!("{stamp}\n"),
+        )
+        .map_err(|e| e.to_string())?;
         eprintln!("xtask: wrote {}", patch.display());
     }
     let _ = fs::remove_dir_all(&scratch);
@@ -185,11 +201,19 @@ fn relabel(diff: &str, scratch: &Path, dir_name: &str) -> String {
         if let Some(rest) = line.strip_prefix("--- ") {
             let (path, absent) = header_path(rest);
             let rel = path.strip_prefix(&old_prefix).unwrap_or(path);
-            out.push_str(&if absent { "--- /dev/null\n".into() } else { format!("--- a/{rel}\n") });
+            out.push_str(&if absent {
+                "--- /dev/null\n".into()
+            } else {
+                format!("--- a/{rel}\n")
+            });
         } else if let Some(rest) = line.strip_prefix("+++ ") {
             let (path, absent) = header_path(rest);
             let rel = path.strip_prefix(&new_prefix).unwrap_or(path);
-            out.push_str(&if absent { "+++ /dev/null\n".into() } else { format!("+++ b/{rel}\n") });
+            out.push_str(&if absent {
+                "+++ /dev/null\n".into()
+            } else {
+                format!("+++ b/{rel}\n")
+            });
         } else {
             out.push_str(line);
             out.push('\n');

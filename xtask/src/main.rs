@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the project's one entry point (see README.md).
 
 mod bootstrap;
+mod jobs;
 mod model;
 mod util;
 
@@ -12,6 +13,9 @@ commands:
   bootstrap [--check]   materialise the patched engine crates in patched/ (idempotent)
   save-patches          write patches/*.patch from the edited trees in patched/
   fetch-model           fetch, verify and cache the real model (SmolLM2-135M GGUF); prints its path
+  demo [-- ARGS]        the main job: the passkey task through `mistralrs run` with FreeKV (CPU);
+                        ARGS go to examples/passkey_cli.rs (--tokens, --depth, --budget, --compare-stock)
+  test [-- ARGS]        every test (ARGS go to the test binaries, e.g. a name filter)
 ";
 
 fn main() {
@@ -33,10 +37,20 @@ fn dispatch(args: &[String]) -> Result<(), String> {
             println!("{}", path.display());
             Ok(())
         }
+        Some("demo") => jobs::demo(&ctx, after_dashes(&rest)),
+        Some("test") => jobs::test(&ctx, after_dashes(&rest)),
         Some("help") | Some("--help") | Some("-h") | None => {
             print!("{USAGE}");
             Ok(())
         }
         Some(other) => Err(format!("unknown command `{other}`\n{USAGE}")),
+    }
+}
+
+/// The arguments after a `--` (all of them if there is none).
+fn after_dashes<'a>(rest: &'a [&'a str]) -> &'a [&'a str] {
+    match rest.iter().position(|a| *a == "--") {
+        Some(i) => &rest[i + 1..],
+        None => rest,
     }
 }

@@ -350,7 +350,9 @@ impl Spec {
             let mut lm = normal("lm_head.weight", vec![v, h], LOGIT_STD / (h as f64).sqrt());
             for id in 0..v {
                 if !tok.is_printable(id as u32) {
-                    lm.data[id * h..(id + 1) * h].iter_mut().for_each(|x| *x = 0.0);
+                    lm.data[id * h..(id + 1) * h]
+                        .iter_mut()
+                        .for_each(|x| *x = 0.0);
                 }
             }
             w.insert("lm_head.weight".to_string(), lm);

@@ -146,20 +146,20 @@ pub fn write_all(root: &Path, seed: u64) -> Result<Vec<TinyModel>> {
 /// tokenizer, about 1.6 tokens per word), for prompts that span many KV pages.
 pub fn filler_text(seed: u64, approx_tokens: usize) -> String {
     const WORDS: &[&str] = &[
-        "the", "of", "and", "to", "in", "is", "that", "it", "was", "with", "as", "for", "on",
-        "be", "at", "by", "this", "had", "not", "are", "but", "from", "or", "have", "an",
-        "they", "which", "one", "you", "were", "her", "all", "she", "there", "would", "their",
-        "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so",
-        "said", "what", "up", "its", "about", "into", "than", "them", "can", "only", "other",
-        "new", "some", "could", "time", "these", "two", "may", "then", "do", "first", "any",
-        "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made",
-        "after", "also", "did", "many", "before", "must", "through", "back", "years", "where",
-        "much", "your", "way", "well", "down", "should", "because", "each", "just", "those",
-        "people", "how", "too", "little", "state", "good", "very", "make", "world", "still",
-        "own", "see", "men", "work", "long", "get", "here", "between", "both", "life",
-        "being", "under", "never", "day", "same", "another", "know", "while", "last", "might",
-        "us", "great", "old", "year", "off", "come", "since", "against", "go", "came", "right",
-        "used", "take", "three", "river", "garden", "window", "letter", "morning", "quiet",
+        "the", "of", "and", "to", "in", "is", "that", "it", "was", "with", "as", "for", "on", "be",
+        "at", "by", "this", "had", "not", "are", "but", "from", "or", "have", "an", "they",
+        "which", "one", "you", "were", "her", "all", "she", "there", "would", "their", "we", "him",
+        "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what",
+        "up", "its", "about", "into", "than", "them", "can", "only", "other", "new", "some",
+        "could", "time", "these", "two", "may", "then", "do", "first", "any", "my", "now", "such",
+        "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many",
+        "before", "must", "through", "back", "years", "where", "much", "your", "way", "well",
+        "down", "should", "because", "each", "just", "those", "people", "how", "too", "little",
+        "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long",
+        "get", "here", "between", "both", "life", "being", "under", "never", "day", "same",
+        "another", "know", "while", "last", "might", "us", "great", "old", "year", "off", "come",
+        "since", "against", "go", "came", "right", "used", "take", "three", "river", "garden",
+        "window", "letter", "morning", "quiet",
     ];
     let mut rng = rng::Rng::new(seed);
     let mut out = String::new();

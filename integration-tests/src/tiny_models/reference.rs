@@ -264,7 +264,9 @@ impl Reference {
             if gemma {
                 o = rms_norm(
                     &o,
-                    &self.t(&format!("{p}.post_attention_layernorm.weight"))?.data,
+                    &self
+                        .t(&format!("{p}.post_attention_layernorm.weight"))?
+                        .data,
                     sp.rms_norm_eps,
                     true,
                 );
@@ -301,7 +303,9 @@ impl Reference {
             if gemma {
                 m = rms_norm(
                     &m,
-                    &self.t(&format!("{p}.post_feedforward_layernorm.weight"))?.data,
+                    &self
+                        .t(&format!("{p}.post_feedforward_layernorm.weight"))?
+                        .data,
                     sp.rms_norm_eps,
                     true,
                 );

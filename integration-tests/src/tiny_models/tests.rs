@@ -32,7 +32,10 @@ fn expected_tensors(m: &TinyModel) -> BTreeMap<String, Vec<usize>> {
         add(format!("{p}.self_attn.o_proj.weight"), vec![h, q]);
         add(format!("{p}.mlp.down_proj.weight"), vec![h, i]);
         if m.arch == Arch::Phi3 {
-            add(format!("{p}.self_attn.qkv_proj.weight"), vec![q + 2 * kv, h]);
+            add(
+                format!("{p}.self_attn.qkv_proj.weight"),
+                vec![q + 2 * kv, h],
+            );
             add(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * i, h]);
         } else {
             add(format!("{p}.self_attn.q_proj.weight"), vec![q, h]);
@@ -62,35 +65,80 @@ fn expected_tensors(m: &TinyModel) -> BTreeMap<String, Vec<usize>> {
 fn required_keys(arch: Arch) -> &'static [&'static str] {
     match arch {
         Arch::Llama => &[
-            "hidden_act", "hidden_size", "intermediate_size", "vocab_size",
-            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
-            "rope_theta", "max_position_embeddings",
+            "hidden_act",
+            "hidden_size",
+            "intermediate_size",
+            "vocab_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "rope_theta",
+            "max_position_embeddings",
         ],
         Arch::Mistral => &[
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "hidden_act",
-            "max_position_embeddings", "rms_norm_eps",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "hidden_act",
+            "max_position_embeddings",
+            "rms_norm_eps",
         ],
         Arch::Qwen2 => &[
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-            "rope_theta", "rms_norm_eps", "hidden_act",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "rope_theta",
+            "rms_norm_eps",
+            "hidden_act",
         ],
         Arch::Qwen3 => &[
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "hidden_act",
-            "max_position_embeddings", "rms_norm_eps", "rope_theta", "max_window_layers",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "hidden_act",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "rope_theta",
+            "max_window_layers",
             "use_sliding_window",
         ],
         Arch::Phi3 => &[
-            "vocab_size", "hidden_act", "hidden_size", "intermediate_size",
-            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
-            "rope_theta", "max_position_embeddings", "original_max_position_embeddings",
+            "vocab_size",
+            "hidden_act",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "rope_theta",
+            "max_position_embeddings",
+            "original_max_position_embeddings",
         ],
         Arch::Gemma2 => &[
-            "attention_bias", "head_dim", "hidden_size", "intermediate_size",
-            "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps",
-            "rope_theta", "vocab_size", "sliding_window", "query_pre_attn_scalar",
+            "attention_bias",
+            "head_dim",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "rope_theta",
+            "vocab_size",
+            "sliding_window",
+            "query_pre_attn_scalar",
             "max_position_embeddings",
         ],
     }
@@ -131,15 +179,25 @@ fn files_match_the_loaders() {
         assert_eq!(added[1]["id"], m.eos_id);
         let tc = read_json(m.dir.join("tokenizer_config.json"));
         assert_eq!(tc["eos_token"], "</s>");
-        assert!(tc["chat_template"].as_str().unwrap().contains("add_generation_prompt"));
+        assert!(tc["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("add_generation_prompt"));
         let gc = read_json(m.dir.join("generation_config.json"));
         assert_eq!(gc["eos_token_id"], m.eos_id);
 
         let w = safetensors::read(&m.dir.join("model.safetensors")).unwrap();
-        let got: BTreeMap<String, Vec<usize>> =
-            w.iter().map(|(k, t)| (k.clone(), t.shape.clone())).collect();
+        let got: BTreeMap<String, Vec<usize>> = w
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape.clone()))
+            .collect();
         assert_eq!(got, expected_tensors(&m), "{}: tensor names/shapes", m.arch);
-        assert_eq!(w, m.spec().weights(&ByteBpe::new(), 3), "{}: file != memory", m.arch);
+        assert_eq!(
+            w,
+            m.spec().weights(&ByteBpe::new(), 3),
+            "{}: file != memory",
+            m.arch
+        );
     }
     let _ = std::fs::remove_dir_all(&root);
 }

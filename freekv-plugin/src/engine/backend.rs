@@ -1,0 +1,175 @@
+//! [`FreeKvBackend`]: the object registered with the engine.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Result, Tensor};
+use mistralrs_core::attention_backend::{
+    calculate_builtin_cache_config, paged_attention_backend, register_paged_attention_backend,
+    CacheConfig, CacheConfigRequest, ModelConfigLike, PagedAttentionBackend,
+    PagedAttentionLayerBackend,
+};
+use once_cell::sync::OnceCell;
+
+use super::{layer::FreeKvLayer, model_check, registry};
+use crate::{FreeKv, FreeKvConfig, KvDType};
+
+/// The FreeKV paged-attention backend. One per process; the configuration it holds applies
+/// to the models loaded after it was set.
+pub struct FreeKvBackend {
+    config: Mutex<FreeKvConfig>,
+}
+
+static BACKEND: OnceCell<Arc<FreeKvBackend>> = OnceCell::new();
+
+/// Validates `config`, registers the FreeKV backend with the engine (once per process) and
+/// makes `config` the configuration of the models loaded from now on.
+pub fn register(config: FreeKvConfig) -> anyhow::Result<()> {
+    config.validate(None)?;
+    let backend = BACKEND.get_or_try_init(|| -> anyhow::Result<_> {
+        let backend = Arc::new(FreeKvBackend {
+            config: Mutex::new(config.clone()),
+        });
+        if register_paged_attention_backend(backend.clone()).is_err() {
+            let other = paged_attention_backend().map_or("?", |b| b.name());
+            anyhow::bail!("another paged-attention backend (`{other}`) is already registered");
+        }
+        Ok(backend)
+    })?;
+    *backend.config.lock().unwrap_or_else(|e| e.into_inner()) = config;
+    Ok(())
+}
+
+/// [`register`] with the configuration from the `FREEKV_*` environment variables.
+pub fn register_from_env() -> anyhow::Result<()> {
+    register(FreeKvConfig::from_env()?)
+}
+
+/// Changes the configuration for models loaded from now on (the backend must be registered).
+pub fn configure(config: FreeKvConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        BACKEND.get().is_some(),
+        "FreeKV is not registered; call freekv_plugin::engine::register first"
+    );
+    register(config)
+}
+
+impl FreeKvBackend {
+    fn config(&self) -> FreeKvConfig {
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn kv_dtype(dtype: DType) -> Result<KvDType> {
+    Ok(match dtype {
+        DType::F32 => KvDType::F32,
+        DType::F16 => KvDType::F16,
+        DType::BF16 => KvDType::BF16,
+        other => candle_core::bail!("FreeKV stores KV as f32, f16 or bf16, not {other:?}"),
+    })
+}
+
+impl PagedAttentionBackend for FreeKvBackend {
+    fn name(&self) -> &str {
+        "freekv"
+    }
+
+    fn supports_device(&self, device: &Device) -> bool {
+        device.is_cpu()
+    }
+
+    fn cache_config(&self, req: &CacheConfigRequest<'_>) -> Option<anyhow::Result<CacheConfig>> {
+        Some((|| {
+            let config = self.config();
+            let shape = model_check::model_shape(req.model, req.cache_type)?;
+            config.validate(Some(&shape))?;
+            let page_size = config.page_size;
+            if let Some(block_size) = req.block_size.filter(|&b| b != page_size) {
+                anyhow::bail!(
+                    "--pa-block-size {block_size} differs from the FreeKV page size {page_size} \
+                     (--freekv-page-size / FREEKV_PAGE_SIZE): a FreeKV page is one engine block, \
+                     set them equal"
+                );
+            }
+            calculate_builtin_cache_config(
+                req.mem,
+                Some(page_size),
+                req.dtype,
+                req.cache_type,
+                req.model,
+                req.device,
+                req.layer_devices,
+                req.silent,
+                req.model_weight_size_in_bytes,
+                req.max_num_tokens,
+            )
+        })())
+    }
+
+    fn allocate_cache(
+        &self,
+        model: &dyn ModelConfigLike,
+        cache_config: &CacheConfig,
+        dtype: DType,
+        device: &Device,
+        _layer_devices: &[Option<Device>],
+    ) -> Result<Vec<(Tensor, Tensor)>> {
+        let config = self.config();
+        let shape = model_check::model_shape(model, cache_config.cache_type)
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        let freekv = FreeKv::new(config, shape, cache_config.num_gpu_blocks, kv_dtype(dtype)?)
+            .map_err(|e| candle_core::Error::Msg(format!("FreeKV: {e:#}")))?;
+        // One handle pair per layer: FreeKV owns the memory, the handles' ids name the layer.
+        let mut caches = Vec::with_capacity(model.num_layers());
+        for _ in 0..model.num_layers() {
+            let k = Tensor::zeros(1, dtype, device)?;
+            let v = Tensor::zeros(1, dtype, device)?;
+            caches.push((k, v));
+        }
+        let handles: Vec<_> = caches.iter().map(|(k, _)| k.id()).collect();
+        let index = registry::add_model(Arc::new(freekv), &handles);
+        let model = &registry::loaded_models()[index].freekv;
+        tracing::info!(
+            "FreeKV serves model #{index}: {} blocks of {} tokens, host tier {} MiB, device tier {} KiB per sequence, {:?}",
+            cache_config.num_gpu_blocks,
+            cache_config.block_size,
+            model.host_tier_bytes() >> 20,
+            model.device_tier_bytes_per_sequence() >> 10,
+            model.config()
+        );
+        Ok(caches)
+    }
+
+    fn new_layer(
+        &self,
+        _head_dim: usize,
+        _device: &Device,
+        alibi_slopes: Option<Vec<f32>>,
+    ) -> Result<Box<dyn PagedAttentionLayerBackend>> {
+        if alibi_slopes.is_some() {
+            candle_core::bail!(
+                "FreeKV cannot serve this model: it uses ALiBi position biases, while FreeKV's page \
+                 summaries assume rotary (or no) positions in the keys; run it with --paged-attn off"
+            );
+        }
+        Ok(Box::new(FreeKvLayer))
+    }
+
+    fn on_sequence_freed(&self, kv_cache_manager_id: usize, seq_id: usize) {
+        if let Some(model) = registry::model_for_manager(kv_cache_manager_id) {
+            model.freekv.free_sequence(seq_id as u64);
+            log_counters(&model);
+        }
+    }
+}
+
+/// One line of cumulative counters per finished sequence, through the engine's logging.
+fn log_counters(model: &registry::LoadedModel) {
+    let c = model.freekv.counters();
+    match serde_json::to_string(&c.total) {
+        Ok(json) => tracing::info!("FreeKV model #{} counters: {json}", model.index),
+        Err(e) => tracing::warn!("FreeKV counters could not be serialised: {e}"),
+    }
+}

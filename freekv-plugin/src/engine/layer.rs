@@ -1,0 +1,96 @@
+//! One attention layer's forward pass, served by FreeKV.
+
+use candle_core::{Result, Tensor};
+use mistralrs_core::attention_backend::{
+    FlashParams, PagedAttentionInputMetadata, PagedAttentionLayerBackend, Sdpa, SdpaParams,
+};
+
+use super::{batch, registry};
+use crate::AttnParams;
+
+/// A model layer's paged attention. The layer does not know its index at construction
+/// (the engine builds layers before the cache); each call finds it from its cache handle.
+pub struct FreeKvLayer;
+
+fn engine_err(e: anyhow::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("FreeKV: {e:#}"))
+}
+
+impl PagedAttentionLayerBackend for FreeKvLayer {
+    fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        key_cache: Option<Tensor>,
+        _value_cache: Option<Tensor>,
+        meta: &PagedAttentionInputMetadata,
+        sdpa: &SdpaParams,
+        flash: Option<&FlashParams>,
+    ) -> Result<Tensor> {
+        // Calibration (imatrix) forwards carry no cache: plain prefill attention, nothing kept.
+        let Some(key_cache) = key_cache else {
+            return Sdpa.run_attention(q, k, v, mask, flash, sdpa);
+        };
+        if sdpa.sinks.is_some() {
+            candle_core::bail!(
+                "FreeKV: this model uses attention-sink logits (e.g. GPT-OSS), which FreeKV does not support; run it with --paged-attn off"
+            );
+        }
+        let (model, layer) = registry::lookup(key_cache.id()).ok_or_else(|| {
+            candle_core::Error::Msg(
+                "FreeKV: a forward call came with a KV cache FreeKV did not allocate".into(),
+            )
+        })?;
+        if let Some(manager) = meta.kv_cache_manager_id {
+            registry::bind_manager(manager, model.index);
+        }
+        let freekv = &model.freekv;
+        let page_size = freekv.config().page_size;
+        let params = AttnParams {
+            softmax_scale: sdpa.softmax_scale,
+            softcap: sdpa.softcap,
+            sliding_window: sdpa.sliding_window,
+        };
+        let (batch, q_heads, q_len, head_dim) = q.dims4()?;
+
+        if meta.is_first_prompt_chunk {
+            let rows = batch::prompt_rows(meta, q.device(), batch, q_len, page_size)
+                .map_err(engine_err)?;
+            let rows: Vec<_> = rows.iter().map(batch::PromptRow::as_row).collect();
+            let prefix_hit = rows.iter().any(|r| r.cached_len > 0);
+            // Without a prefix hit the engine's own SDPA computes exactly what the stock
+            // engine computes; FreeKV only stores the pages and makes its first selection.
+            if let (Some(mask), false) = (mask, prefix_hit) {
+                let out = Sdpa.run_attention(q, k, v, Some(mask), flash, sdpa)?;
+                freekv
+                    .prefill(layer, &rows, q, k, v, &params, false)
+                    .map_err(engine_err)?;
+                return Ok(out);
+            }
+            let out = freekv
+                .prefill(layer, &rows, q, k, v, &params, true)
+                .map_err(engine_err)?
+                .ok_or_else(|| {
+                    candle_core::Error::Msg("FreeKV: prefill returned no output".into())
+                })?;
+            return Ok(out);
+        }
+
+        if q_len != 1 {
+            candle_core::bail!(
+                "FreeKV: decode steps of {q_len} tokens per sequence are not supported (speculative decoding); run with --paged-attn off"
+            );
+        }
+        let rows = batch::decode_rows(meta, q.device(), batch, page_size).map_err(engine_err)?;
+        let rows: Vec<_> = rows.iter().map(batch::StepRow::as_row).collect();
+        let kv_heads = k.dim(1)?;
+        let q = q.reshape((batch, q_heads, head_dim))?;
+        let k = k.reshape((batch, kv_heads, head_dim))?;
+        let v = v.reshape((batch, kv_heads, head_dim))?;
+        freekv
+            .decode(layer, &rows, &q, &k, &v, &params)
+            .map_err(engine_err)
+    }
+}

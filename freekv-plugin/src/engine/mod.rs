@@ -1,0 +1,27 @@
+//! The engine glue: FreeKV as mistral.rs's paged-attention backend.
+//!
+//! The patched engine (see `patches/`) calls a registered
+//! [`PagedAttentionBackend`](mistralrs_core::attention_backend::PagedAttentionBackend) to size and
+//! allocate the KV cache and to build each attention layer. This module translates the
+//! engine's metadata into FreeKV's batch rows and back, and nothing else: the method itself
+//! lives in the crate's core.
+//!
+//! Lifecycle:
+//! 1. [`register`] (the CLI does it from `--freekv-*` flags, an SDK user calls it before
+//!    building a model) validates the configuration and registers the backend once per
+//!    process; the configuration applies to the models loaded after the call.
+//! 2. At load, `cache_config` checks that FreeKV can serve the model and fixes the block size
+//!    to the page size; `allocate_cache` creates one [`FreeKv`](crate::FreeKv) per model whose
+//!    host tier holds the engine's blocks, and hands the engine one small handle tensor pair
+//!    per layer: their tensor ids tell each forward call which model and layer it serves.
+//! 3. Every forward call becomes a FreeKV prefill or decode of that layer for the batch's
+//!    sequences; the engine reports freed sequences, whose state is dropped.
+
+mod backend;
+mod batch;
+mod layer;
+mod model_check;
+mod registry;
+
+pub use backend::{configure, register, register_from_env, FreeKvBackend};
+pub use registry::{loaded_models, LoadedModel};

@@ -1,0 +1,161 @@
+//! Drives mistral.rs in-process through its Rust SDK, stock or with FreeKV, and collects
+//! greedy generations token by token.
+//!
+//! FreeKV's configuration is process-wide state read when a model loads, so loads are
+//! serialised ([`load`] holds a lock across "configure, then build").
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use freekv_plugin::{FreeKv, FreeKvConfig};
+use mistralrs::{
+    GgufModelBuilder, MemoryGpuConfig, Model, ModelDType, PagedAttentionMetaBuilder,
+    RequestBuilder, TextMessageRole, TextModelBuilder, TokenSource,
+};
+use tokio::sync::Mutex;
+
+/// Which attention path a model runs.
+#[derive(Debug, Clone)]
+pub enum Attention {
+    /// The engine's own eager path (no paged attention).
+    Stock,
+    /// Paged attention served by FreeKV with this configuration; the host tier holds
+    /// `context_tokens` tokens of KV (the engine's `--pa-context-len`).
+    FreeKv {
+        config: FreeKvConfig,
+        context_tokens: usize,
+    },
+}
+
+impl Attention {
+    /// FreeKV with `config` and room for 8,192 tokens.
+    pub fn freekv(config: FreeKvConfig) -> Self {
+        Self::FreeKv {
+            config,
+            context_tokens: 8192,
+        }
+    }
+}
+
+/// Where the model comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// A Hugging Face-style directory (config.json, safetensors, tokenizer.json), run in f32.
+    Plain(&'a Path),
+    /// A GGUF file (tokenizer and chat template inside).
+    Gguf(&'a Path),
+}
+
+/// A loaded model and, with FreeKV, the instance serving it.
+pub struct Loaded {
+    pub model: Model,
+    pub freekv: Option<Arc<FreeKv>>,
+}
+
+static LOAD_LOCK: Mutex<()> = Mutex::const_new(());
+
+/// Loads a model on the CPU with the given attention path.
+pub async fn load(source: Source<'_>, attention: &Attention, max_seqs: usize) -> Result<Loaded> {
+    let _guard = LOAD_LOCK.lock().await;
+    let paged = match attention {
+        Attention::Stock => None,
+        Attention::FreeKv {
+            config,
+            context_tokens,
+        } => {
+            freekv_plugin::engine::register(config.clone())?;
+            Some(
+                PagedAttentionMetaBuilder::default()
+                    .with_block_size(config.page_size)
+                    .with_gpu_memory(MemoryGpuConfig::ContextSize(*context_tokens))
+                    .build()?,
+            )
+        }
+    };
+    let before = freekv_plugin::engine::loaded_models().len();
+    let model = match source {
+        Source::Plain(dir) => {
+            let mut b = TextModelBuilder::new(dir.to_string_lossy())
+                .with_dtype(ModelDType::F32)
+                .with_token_source(TokenSource::None)
+                .with_force_cpu()
+                .with_max_num_seqs(max_seqs);
+            if let Some(p) = paged {
+                b = b.with_paged_attn(p);
+            }
+            b.build().await
+        }
+        Source::Gguf(file) => {
+            let dir = file.parent().context("GGUF path has no folder")?;
+            let name = file.file_name().context("GGUF path has no file name")?;
+            let mut b = GgufModelBuilder::new(
+                dir.to_string_lossy(),
+                vec![name.to_string_lossy().into_owned()],
+            )
+            .with_token_source(TokenSource::None)
+            .with_force_cpu()
+            .with_max_num_seqs(max_seqs);
+            if let Some(p) = paged {
+                b = b.with_paged_attn(p);
+            }
+            b.build().await
+        }
+    }
+    .context("model load")?;
+    let models = freekv_plugin::engine::loaded_models();
+    let freekv = match attention {
+        Attention::Stock => None,
+        Attention::FreeKv { .. } => {
+            anyhow::ensure!(
+                models.len() == before + 1,
+                "the model loaded without FreeKV (paged attention was not enabled)"
+            );
+            models.last().map(|m| m.freekv.clone())
+        }
+    };
+    Ok(Loaded { model, freekv })
+}
+
+/// A greedy generation: the tokens as the engine reports them, and the text.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<String>,
+    pub text: String,
+    pub finish_reason: String,
+}
+
+/// Greedy decoding of up to `max_tokens` tokens after the chat prompt `prompt`.
+pub async fn greedy(model: &Model, prompt: &str, max_tokens: usize) -> Result<Generation> {
+    let request = RequestBuilder::new()
+        .add_message(TextMessageRole::User, prompt)
+        .set_deterministic_sampler()
+        .set_sampler_max_len(max_tokens)
+        .return_logprobs(true);
+    let response = model.send_chat_request(request).await?;
+    let choice = response
+        .choices
+        .into_iter()
+        .next()
+        .context("response without choices")?;
+    let tokens = choice
+        .logprobs
+        .and_then(|l| l.content)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|l| l.token)
+        .collect();
+    Ok(Generation {
+        tokens,
+        text: choice.message.content.unwrap_or_default(),
+        finish_reason: choice.finish_reason,
+    })
+}
+
+/// How many leading tokens two generations share, and the fraction of positions that agree.
+pub fn agreement(a: &[String], b: &[String]) -> (usize, f64) {
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let n = a.len().max(b.len()).max(1);
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    (prefix, same as f64 / n as f64)
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests: the engine with FreeKV, in-process (Rust SDK), through its CLI and its
+//! OpenAI-compatible server. One test binary (each links the whole engine); heavy tests take
+//! `freekv_integration_tests::serial()` so they run one at a time.
+
+mod bad_input;
+mod server;
+mod smollm2;
+mod tiny;

@@ -1,0 +1,171 @@
+//! The tiny random-weight models of every architecture, stock vs FreeKV.
+
+use std::sync::Arc;
+
+use freekv_integration_tests::engine::{agreement, greedy, load, Attention, Source};
+use freekv_integration_tests::tiny_models::{filler_text, write_tiny_model, Arch};
+use freekv_integration_tests::{paths, serial};
+use freekv_plugin::{FreeKvConfig, Mode};
+
+/// Tokens generated per comparison.
+const GENERATE: usize = 200;
+
+fn big_budget() -> FreeKvConfig {
+    // Page 16 so a 600-token prompt spans 38 pages; budget above prompt + generation.
+    FreeKvConfig {
+        page_size: 16,
+        budget: 1024,
+        sink: 128,
+        window: 128,
+        ..FreeKvConfig::default()
+    }
+}
+
+fn small_budget() -> FreeKvConfig {
+    // 128 tokens: 32 sink + 32 window + 4 selected pages of 16, over a ~1,000-token context.
+    FreeKvConfig {
+        page_size: 16,
+        budget: 128,
+        sink: 32,
+        window: 32,
+        tau: 0.9,
+        ..FreeKvConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_above_context_gives_the_stock_tokens_on_every_arch() -> anyhow::Result<()> {
+    let _serial = serial();
+    for (i, arch) in Arch::ALL.into_iter().enumerate() {
+        let dir = paths::scratch(&format!("tiny-equal-{}", arch.name()))?;
+        let model = write_tiny_model(arch, &dir, 11 + i as u64)?;
+        let prompt = filler_text(100 + i as u64, 600);
+        let stock = load(Source::Plain(&model.dir), &Attention::Stock, 4).await?;
+        let want = greedy(&stock.model, &prompt, GENERATE).await?;
+        drop(stock);
+        let fkv = load(
+            Source::Plain(&model.dir),
+            &Attention::freekv(big_budget()),
+            4,
+        )
+        .await?;
+        let got = greedy(&fkv.model, &prompt, GENERATE).await?;
+        let (prefix, _) = agreement(&want.tokens, &got.tokens);
+        assert_eq!(
+            want.tokens.len(),
+            GENERATE,
+            "{}: stock stopped early",
+            arch.name()
+        );
+        assert_eq!(
+            prefix,
+            GENERATE,
+            "{}: FreeKV diverges from stock at token {prefix}: stock {:?} vs FreeKV {:?}",
+            arch.name(),
+            want.tokens.get(prefix),
+            got.tokens.get(prefix)
+        );
+        let c = fkv.freekv.as_ref().expect("FreeKV instance").counters();
+        // Every layer decoded every generated token through FreeKV.
+        assert!(
+            c.total.decode_steps as usize >= (GENERATE - 1) * model.layers,
+            "{}: {} FreeKV decode steps for {GENERATE} tokens x {} layers",
+            arch.name(),
+            c.total.decode_steps,
+            model.layers
+        );
+        println!("{:8} stock == FreeKV for {GENERATE} tokens", arch.name());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_budget_completes_and_reports_agreement() -> anyhow::Result<()> {
+    let _serial = serial();
+    println!("arch      mode       prefix  agree  sparse-steps  corrected-heads  pages-recalled");
+    for (i, arch) in Arch::ALL.into_iter().enumerate() {
+        let dir = paths::scratch(&format!("tiny-small-{}", arch.name()))?;
+        let model = write_tiny_model(arch, &dir, 21 + i as u64)?;
+        let prompt = filler_text(200 + i as u64, 1000);
+        let stock = load(Source::Plain(&model.dir), &Attention::Stock, 4).await?;
+        let want = greedy(&stock.model, &prompt, GENERATE).await?;
+        drop(stock);
+        for mode in [Mode::FreeKv, Mode::Sync] {
+            let config = FreeKvConfig {
+                mode,
+                ..small_budget()
+            };
+            let fkv = load(Source::Plain(&model.dir), &Attention::freekv(config), 4).await?;
+            let got = greedy(&fkv.model, &prompt, GENERATE).await?;
+            assert_eq!(
+                got.tokens.len(),
+                GENERATE,
+                "{}: generation stopped early",
+                arch.name()
+            );
+            let c = fkv
+                .freekv
+                .as_ref()
+                .expect("FreeKV instance")
+                .counters()
+                .total;
+            assert!(
+                c.sparse_steps > 0,
+                "{}: the small budget never went sparse",
+                arch.name()
+            );
+            let (prefix, agree) = agreement(&want.tokens, &got.tokens);
+            println!(
+                "{:8}  {:9}  {prefix:6}  {agree:5.3}  {:12}  {:15}  {:14}",
+                arch.name(),
+                format!("{mode:?}"),
+                c.sparse_steps,
+                c.heads_corrected,
+                c.pages_recalled
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_of_different_lengths_match_their_solo_runs() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = paths::scratch("tiny-concurrent")?;
+    let model = write_tiny_model(Arch::Qwen2, &dir, 31)?;
+    let prompts: Vec<String> = [90, 260, 430, 700]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| filler_text(300 + i as u64, n))
+        .collect();
+    let fkv = load(
+        Source::Plain(&model.dir),
+        &Attention::freekv(big_budget()),
+        8,
+    )
+    .await?;
+    let mut solo = Vec::new();
+    for p in &prompts {
+        solo.push(greedy(&fkv.model, p, 120).await?);
+    }
+    let model = Arc::new(fkv.model);
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            let model = model.clone();
+            tokio::spawn(async move { greedy(&model, &p, 120).await })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let got = h.await??;
+        let (prefix, _) = agreement(&solo[i].tokens, &got.tokens);
+        assert_eq!(
+            (prefix, got.tokens.len()),
+            (solo[i].tokens.len(), solo[i].tokens.len()),
+            "request {i} ({} prompt chars) differs when run concurrently",
+            prompts[i].len()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! The project's jobs: the main job (a real model through the engine's CLI with FreeKV on)
+//! and the whole test suite. Both build the workspace with exactly the same cargo arguments,
+//! so the engine is compiled once and every later command finds it fresh.
+
+use std::process::Command;
+
+use crate::bootstrap::bootstrap;
+use crate::model::fetch_smollm2;
+use crate::util::{run, Ctx};
+
+/// The one release build of the workspace: the engine's CLI with FreeKV, the plugin, the
+/// integration tests and the examples. Changing these arguments (or building a subset with
+/// other arguments) can change cargo's feature unification and rebuild the engine.
+const BUILD: &[&str] = &[
+    "--release",
+    "--workspace",
+    "--features",
+    "mistralrs-cli/freekv",
+];
+
+fn cargo(ctx: &Ctx, subcommand: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&ctx.root)
+        .arg(subcommand)
+        .args(BUILD)
+        .args(args);
+    cmd
+}
+
+/// Bootstrap, fetch the real model, build everything once.
+fn prepare(ctx: &Ctx) -> Result<std::path::PathBuf, String> {
+    bootstrap(ctx, false)?;
+    let model = fetch_smollm2(ctx)?;
+    eprintln!("xtask: building the workspace (the engine alone takes ~15-20 minutes cold)");
+    run(&mut cargo(ctx, "build", &["--all-targets"]))?;
+    Ok(model)
+}
+
+/// README command one: the passkey demo through `mistralrs run` with FreeKV on, on CPU.
+pub fn demo(ctx: &Ctx, extra: &[&str]) -> Result<(), String> {
+    let model = prepare(ctx)?;
+    let bin = ctx.root.join("target/release/mistralrs");
+    run(
+        Command::new(ctx.root.join("target/release/examples/passkey_cli"))
+            .current_dir(&ctx.root)
+            .arg("--mistralrs")
+            .arg(&bin)
+            .arg("--gguf")
+            .arg(&model)
+            .args(extra),
+    )
+}
+
+/// README command two: every test.
+pub fn test(ctx: &Ctx, extra: &[&str]) -> Result<(), String> {
+    let model = prepare(ctx)?;
+    let mut cmd = cargo(ctx, "test", &["--lib", "--bins", "--tests"]);
+    cmd.env("FREEKV_SMOLLM2_GGUF", &model).env(
+        "FREEKV_MISTRALRS_BIN",
+        ctx.root.join("target/release/mistralrs"),
+    );
+    if !extra.is_empty() {
+        cmd.arg("--").args(extra);
+    }
+    run(&mut cmd)?;
+    eprintln!(
+        "xtask: CUDA path: compile every kernel (sm_80, sm_90) and type-check the Rust CUDA code"
+    );
+    run(Command::new("bash")
+        .current_dir(&ctx.root)
+        .arg("kernels/check.sh"))?;
+    run(Command::new("cargo").current_dir(&ctx.root).args([
+        "fmt",
+        "--check",
+        "-p",
+        "freekv-plugin",
+        "-p",
+        "freekv-integration-tests",
+        "-p",
+        "freekv-examples",
+    ]))?;
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
