@@ -58,6 +58,10 @@ static LOAD_LOCK: Mutex<()> = Mutex::const_new(());
 /// Loads a model on the CPU with the given attention path.
 pub async fn load(source: Source<'_>, attention: &Attention, max_seqs: usize) -> Result<Loaded> {
     let _guard = LOAD_LOCK.lock().await;
+    // The engine's logs (and FreeKV's, filtered by RUST_LOG) when asked for.
+    if std::env::var_os("FREEKV_TEST_LOG").is_some() {
+        mistralrs::initialize_logging();
+    }
     let paged = match attention {
         Attention::Stock => None,
         Attention::FreeKv {
@@ -158,4 +162,34 @@ pub fn agreement(a: &[String], b: &[String]) -> (usize, f64) {
     let n = a.len().max(b.len()).max(1);
     let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
     (prefix, same as f64 / n as f64)
+}
+
+/// The naive f32 reference's greedy continuation of the chat prompt `prompt` on a tiny model:
+/// the tokens (as the engine spells them) and each token's top-1 minus top-2 logit margin.
+pub fn reference_greedy(
+    model: &crate::tiny_models::TinyModel,
+    prompt: &str,
+    n: usize,
+) -> Result<(Vec<String>, Vec<f32>)> {
+    use crate::tiny_models::reference::{greedy, Reference};
+    let tok = model.tokenizer();
+    let rendered = format!("<s>user: {prompt}\nassistant:");
+    let mut r = Reference::load(model.spec(), &model.dir)?;
+    let run = greedy(&mut r, &tok.encode(&rendered), n)?;
+    let tokens = run
+        .tokens
+        .iter()
+        .map(|&t| tok.decode(&[t], false))
+        .collect();
+    Ok((tokens, run.margins))
+}
+
+/// How many leading tokens must agree with a reference whose margins are `margins`: up to and
+/// including the first near-tie (margin below `eps`), after which float-rounding differences
+/// (batching, summation order) may legitimately pick the other token.
+pub fn robust_prefix(margins: &[f32], eps: f32) -> usize {
+    margins
+        .iter()
+        .position(|&m| m < eps)
+        .map_or(margins.len(), |i| i + 1)
 }

@@ -159,6 +159,7 @@ impl PagedAttentionBackend for FreeKvBackend {
 
     fn on_sequence_freed(&self, kv_cache_manager_id: usize, seq_id: usize) {
         if let Some(model) = registry::model_for_manager(kv_cache_manager_id) {
+            tracing::debug!("FreeKV: sequence {seq_id} freed");
             model.freekv.free_sequence(seq_id as u64);
             log_counters(&model);
         }

@@ -58,6 +58,9 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
         if meta.is_first_prompt_chunk {
             let rows = batch::prompt_rows(meta, q.device(), batch, q_len, page_size)
                 .map_err(engine_err)?;
+            if layer == 0 {
+                tracing::debug!("FreeKV prefill rows (L={q_len}): {rows:?}");
+            }
             let rows: Vec<_> = rows.iter().map(batch::PromptRow::as_row).collect();
             let prefix_hit = rows.iter().any(|r| r.cached_len > 0);
             // Without a prefix hit the engine's own SDPA computes exactly what the stock
@@ -84,6 +87,9 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
             );
         }
         let rows = batch::decode_rows(meta, q.device(), batch, page_size).map_err(engine_err)?;
+        if layer == 0 {
+            tracing::trace!("FreeKV decode rows: {rows:?}");
+        }
         let rows: Vec<_> = rows.iter().map(batch::StepRow::as_row).collect();
         let kv_heads = k.dim(1)?;
         let q = q.reshape((batch, q_heads, head_dim))?;
