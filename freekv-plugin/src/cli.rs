@@ -104,48 +104,50 @@ pub struct FreeKvArgs {
 }
 
 impl FreeKvArgs {
-    /// The configuration: `FREEKV_*` variables over the defaults, flags over both.
+    /// The configuration: `FREEKV_*` variables over the defaults, flags over both. An invalid
+    /// value is an error naming the flag, the value and what is valid.
     pub fn config(&self) -> anyhow::Result<FreeKvConfig> {
-        let base = FreeKvConfig::from_env()?;
-        let mut value = serde_json::to_value(&base)?;
-        let mut set = |knob: &str, v: Value| value[knob] = v;
+        let mut c = FreeKvConfig::from_env()?;
         if let Some(x) = self.budget {
-            set("budget", x.into());
+            c.budget = x;
         }
         if let Some(x) = self.sink {
-            set("sink", x.into());
+            c.sink = x;
         }
         if let Some(x) = self.window {
-            set("window", x.into());
+            c.window = x;
         }
         if let Some(x) = self.tau {
-            set("tau", x.into());
+            c.tau = x;
         }
         if let Some(x) = self.page_size {
-            set("page_size", x.into());
+            c.page_size = x;
         }
         if let Some(x) = &self.summary {
-            set("summary", x.as_str().into());
+            c.summary = parse_kind("--freekv-summary", x)?;
         }
         if let Some(x) = &self.pooling {
-            set("pooling", x.as_str().into());
+            c.pooling = parse_kind("--freekv-pooling", x)?;
         }
         if let Some(x) = &self.mode {
-            set("mode", x.as_str().into());
+            c.mode = parse_kind("--freekv-mode", x)?;
         }
         if let Some(x) = &self.device_tier {
-            set("device_tier", x.as_str().into());
+            c.device_tier = parse_kind("--freekv-device-tier", x)?;
         }
         if let Some(list) = &self.dense_layers {
-            let layers = crate::config::parse_layer_list(list)
+            c.dense_layers = crate::config::parse_layer_list(list)
                 .map_err(|e| anyhow::anyhow!("--freekv-dense-layers {list:?}: {e}"))?;
-            set("dense_layers", serde_json::to_value(layers)?);
         }
-        let config: FreeKvConfig = serde_json::from_value(value)
-            .map_err(|e| anyhow::anyhow!("invalid --freekv-* option: {e}"))?;
-        config.validate(None)?;
-        Ok(config)
+        c.validate(None)?;
+        Ok(c)
     }
+}
+
+/// One of a knob's named values (the config's serde spelling, e.g. `softmax-mean`).
+fn parse_kind<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> anyhow::Result<T> {
+    serde_json::from_value(Value::String(value.to_string()))
+        .map_err(|e| anyhow::anyhow!("{flag} {value:?} is not valid: {e}"))
 }
 
 /// Validates the knobs and registers FreeKV with the engine (the CLI's start-up hook).

@@ -137,12 +137,16 @@ pub fn post_stream(
     } else {
         Box::new(reader)
     };
-    let mut events = Vec::new();
+    let mut events: Vec<serde_json::Value> = Vec::new();
     let mut line = String::new();
     loop {
         line.clear();
         if reader.read_line(&mut line)? == 0 {
-            bail!("stream ended without [DONE] after {} events", events.len());
+            bail!(
+                "stream ended without [DONE] after {} events; the last: {}",
+                events.len(),
+                events.last().map_or("none".into(), |e| e.to_string())
+            );
         }
         // Blank lines and comments carry no event.
         let Some(data) = line.trim().strip_prefix("data:") else {

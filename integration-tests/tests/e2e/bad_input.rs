@@ -142,7 +142,12 @@ async fn a_request_larger_than_the_host_tier_fails_alone() -> anyhow::Result<()>
     assert_eq!(small.tokens.len(), 16, "the small request did not complete");
     let big = tokio::time::timeout(Duration::from_secs(120), big).await??;
     let err = big.expect_err("a 2,000-token prompt fit in a 512-token host tier");
-    println!("the oversized request failed with: {err:#}");
+    let err = format!("{err:#}");
+    println!("the oversized request failed with: {err}");
+    assert!(
+        err.contains("exceeds KV cache"),
+        "the oversized request's error does not say why: {err}"
+    );
     // And the model still serves.
     let again = greedy(&model, &filler_text(3, 60), 8).await?;
     assert_eq!(again.tokens.len(), 8);

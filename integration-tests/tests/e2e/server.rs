@@ -135,7 +135,7 @@ fn concurrent_chats_with_a_cancelled_stream() -> Result<()> {
         "Give a synonym for happy.",
         "What do bees make?",
         "Describe a cat in five words.",
-        "Say hello in Spanish.",
+        "Name a large animal.",
     ];
     let handles: Vec<_> = questions
         .iter()

@@ -193,3 +193,66 @@ async fn concurrent_requests_of_different_lengths_stay_on_their_own_path() -> an
     }
     Ok(())
 }
+
+/// Prompts of exactly the same token count (the paged scheduler batches only equal lengths),
+/// so prefill and decode run with several rows at once.
+fn equal_length_prompts(
+    model: &freekv_integration_tests::tiny_models::TinyModel,
+    n: usize,
+    tokens: usize,
+) -> Vec<String> {
+    let tok = model.tokenizer();
+    let mut out: Vec<String> = Vec::new();
+    let mut seed = 500;
+    while out.len() < n {
+        let p = filler_text(seed, tokens);
+        seed += 1;
+        let len = tok.encode(&format!("<s>user: {p}\nassistant:")).len();
+        let want = out
+            .first()
+            .map(|f| tok.encode(&format!("<s>user: {f}\nassistant:")).len());
+        if want.is_none_or(|w| w == len) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_requests_of_equal_length_stay_on_their_own_path() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = paths::scratch("tiny-batched")?;
+    let model = write_tiny_model(Arch::Llama, &dir, 41)?;
+    let prompts = equal_length_prompts(&model, 4, 300);
+    let mut references = Vec::new();
+    for p in &prompts {
+        references.push(reference_greedy(&model, p, 60)?);
+    }
+    let fkv = load(
+        Source::Plain(&model.dir),
+        &Attention::freekv(big_budget()),
+        8,
+    )
+    .await?;
+    let engine = Arc::new(fkv.model);
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            let engine = engine.clone();
+            tokio::spawn(async move { greedy(&engine, &p, 60).await })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let got = h.await??;
+        let (want, margins) = &references[i];
+        let (prefix, _) = agreement(want, &got.tokens);
+        let required = robust_prefix(margins, NEAR_TIE);
+        println!("batched request {i}: {prefix} leading tokens as the reference (first near-tie at {required})");
+        assert!(
+            prefix >= required,
+            "batched request {i} left its reference path at token {prefix}, before the first near-tie at {required}"
+        );
+    }
+    Ok(())
+}
