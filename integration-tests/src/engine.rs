@@ -121,20 +121,72 @@ pub async fn load(source: Source<'_>, attention: &Attention, max_seqs: usize) ->
     Ok(Loaded { model, freekv })
 }
 
-/// A greedy generation: the tokens as the engine reports them, and the text.
+/// A greedy generation: the tokens as the engine reports them, the text, and what the model
+/// scored at each step.
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub tokens: Vec<String>,
+    /// Each step's highest raw logit (the chosen token's, under greedy decoding).
+    pub logits: Vec<f32>,
+    /// Each step's top-1 minus top-2 raw logit margin.
+    pub margins: Vec<f32>,
+    /// Each step's runner-up token id (second-highest logit).
+    pub runner_up: Vec<u32>,
+    /// Each step's chosen token id.
+    pub ids: Vec<u32>,
     pub text: String,
     pub finish_reason: String,
 }
 
+/// One decoding step's two best raw logits, as a logits processor saw them.
+#[derive(Debug, Clone, Copy)]
+struct Scored {
+    best: (u32, f32),
+    second: (u32, f32),
+}
+
+/// A logits processor that changes nothing and records each step's top two logits. The
+/// engine's own top-logprob report cannot serve here: the deterministic preset samples with
+/// `top_k = 1`, which zeroes every probability but the winner's before the report is made.
+#[derive(Default)]
+struct TopTwo(std::sync::Mutex<Vec<Scored>>);
+
+impl mistralrs::CustomLogitsProcessor for TopTwo {
+    fn apply(
+        &self,
+        logits: &mistralrs::Tensor,
+        _context: &[u32],
+    ) -> mistralrs::Result<mistralrs::Tensor> {
+        let row = logits
+            .to_dtype(mistralrs::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut best = (0u32, f32::NEG_INFINITY);
+        let mut second = (0u32, f32::NEG_INFINITY);
+        for (i, &x) in row.iter().enumerate() {
+            if x > best.1 {
+                second = best;
+                best = (i as u32, x);
+            } else if x > second.1 {
+                second = (i as u32, x);
+            }
+        }
+        self.0
+            .lock()
+            .expect("TopTwo lock")
+            .push(Scored { best, second });
+        Ok(logits.clone())
+    }
+}
+
 /// Greedy decoding of up to `max_tokens` tokens after the chat prompt `prompt`.
 pub async fn greedy(model: &Model, prompt: &str, max_tokens: usize) -> Result<Generation> {
+    let scores = Arc::new(TopTwo::default());
     let request = RequestBuilder::new()
         .add_message(TextMessageRole::User, prompt)
         .set_deterministic_sampler()
         .set_sampler_max_len(max_tokens)
+        .add_logits_processor(scores.clone())
         .return_logprobs(true);
     let response = model.send_chat_request(request).await?;
     let choice = response
@@ -142,15 +194,26 @@ pub async fn greedy(model: &Model, prompt: &str, max_tokens: usize) -> Result<Ge
         .into_iter()
         .next()
         .context("response without choices")?;
-    let tokens = choice
+    let tokens: Vec<String> = choice
         .logprobs
         .and_then(|l| l.content)
         .unwrap_or_default()
         .into_iter()
         .map(|l| l.token)
         .collect();
+    let scored = scores.0.lock().expect("TopTwo lock").clone();
+    anyhow::ensure!(
+        scored.len() == tokens.len(),
+        "{} tokens but {} scored steps",
+        tokens.len(),
+        scored.len()
+    );
     Ok(Generation {
         tokens,
+        logits: scored.iter().map(|s| s.best.1).collect(),
+        margins: scored.iter().map(|s| s.best.1 - s.second.1).collect(),
+        runner_up: scored.iter().map(|s| s.second.0).collect(),
+        ids: scored.iter().map(|s| s.best.0).collect(),
         text: choice.message.content.unwrap_or_default(),
         finish_reason: choice.finish_reason,
     })

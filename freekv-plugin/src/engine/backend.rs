@@ -132,7 +132,7 @@ impl PagedAttentionBackend for FreeKvBackend {
         let index = registry::add_model(Arc::new(freekv), &handles);
         let model = &registry::loaded_models()[index].freekv;
         tracing::info!(
-            "FreeKV serves model #{index}: {} blocks of {} tokens, host tier {} MiB, device tier {} KiB per sequence, {:?}",
+            "FreeKV serves model #{index}: {} blocks of {} tokens, KV {dtype:?}, host tier {} MiB, device tier {} KiB per sequence, {:?}",
             cache_config.num_gpu_blocks,
             cache_config.block_size,
             model.host_tier_bytes() >> 20,
