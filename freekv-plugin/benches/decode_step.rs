@@ -262,22 +262,7 @@ impl Variant {
     /// Counters since timing started.
     fn counters(&self) -> freekv_plugin::LayerCounters {
         let now = self.fk.counters().total;
-        let b = &self.base;
-        freekv_plugin::LayerCounters {
-            decode_steps: now.decode_steps - b.decode_steps,
-            sparse_steps: now.sparse_steps - b.sparse_steps,
-            blocking_selections: now.blocking_selections - b.blocking_selections,
-            rebuilds: now.rebuilds - b.rebuilds,
-            heads_checked: now.heads_checked - b.heads_checked,
-            heads_corrected: now.heads_corrected - b.heads_corrected,
-            head_selections: now.head_selections - b.head_selections,
-            pages_recalled: now.pages_recalled - b.pages_recalled,
-            bytes_moved: now.bytes_moved - b.bytes_moved,
-            prefill_tokens: now.prefill_tokens - b.prefill_tokens,
-            blocking_ns: now.blocking_ns - b.blocking_ns,
-            background_ns: now.background_ns - b.background_ns,
-            wait_ns: now.wait_ns - b.wait_ns,
-        }
+        now.since(&self.base)
     }
 
     fn per_layer_step_us(&self) -> f64 {

@@ -37,6 +37,22 @@ pub struct LayerCounters {
     /// Nanoseconds the calling thread waited for the worker before attention (exposed part of
     /// the background work).
     pub wait_ns: u64,
+    /// Distribution of the per-KV-head query similarity the correction test saw (mean cosine
+    /// of `q_i` vs `q_{i-1}` over the head's group), in [`SIMILARITY_BINS`] equal bins over
+    /// [-1, 1]; bin `b` holds values in `[-1 + b/10, -1 + (b+1)/10)`, 1.0 in the last.
+    pub similarity_histogram: [u64; SIMILARITY_BINS],
+}
+
+/// Number of bins of [`LayerCounters::similarity_histogram`] (width 0.1 over [-1, 1]).
+pub const SIMILARITY_BINS: usize = 20;
+
+/// The histogram bin of a similarity (NaN lands in bin 0, values are clamped to [-1, 1]).
+pub fn similarity_bin(s: f32) -> usize {
+    if s.is_nan() {
+        return 0;
+    }
+    let b = ((s.clamp(-1.0, 1.0) + 1.0) * (SIMILARITY_BINS as f32 / 2.0)).floor() as usize;
+    b.min(SIMILARITY_BINS - 1)
 }
 
 impl LayerCounters {
@@ -55,6 +71,55 @@ impl LayerCounters {
         self.blocking_ns += o.blocking_ns;
         self.background_ns += o.background_ns;
         self.wait_ns += o.wait_ns;
+        for (a, b) in self
+            .similarity_histogram
+            .iter_mut()
+            .zip(o.similarity_histogram)
+        {
+            *a += b;
+        }
+    }
+
+    /// What was counted after `earlier` (a snapshot of the same counters).
+    pub fn since(&self, earlier: &LayerCounters) -> LayerCounters {
+        let mut d = LayerCounters {
+            decode_steps: self.decode_steps - earlier.decode_steps,
+            sparse_steps: self.sparse_steps - earlier.sparse_steps,
+            blocking_selections: self.blocking_selections - earlier.blocking_selections,
+            rebuilds: self.rebuilds - earlier.rebuilds,
+            heads_checked: self.heads_checked - earlier.heads_checked,
+            heads_corrected: self.heads_corrected - earlier.heads_corrected,
+            head_selections: self.head_selections - earlier.head_selections,
+            pages_recalled: self.pages_recalled - earlier.pages_recalled,
+            bytes_moved: self.bytes_moved - earlier.bytes_moved,
+            prefill_tokens: self.prefill_tokens - earlier.prefill_tokens,
+            blocking_ns: self.blocking_ns - earlier.blocking_ns,
+            background_ns: self.background_ns - earlier.background_ns,
+            wait_ns: self.wait_ns - earlier.wait_ns,
+            similarity_histogram: self.similarity_histogram,
+        };
+        for (a, b) in d
+            .similarity_histogram
+            .iter_mut()
+            .zip(earlier.similarity_histogram)
+        {
+            *a -= b;
+        }
+        d
+    }
+
+    /// Mean of the recorded similarities, from bin centres (None when none was recorded).
+    pub fn mean_similarity(&self) -> Option<f64> {
+        let n: u64 = self.similarity_histogram.iter().sum();
+        (n > 0).then(|| {
+            let width = 2.0 / SIMILARITY_BINS as f64;
+            self.similarity_histogram
+                .iter()
+                .enumerate()
+                .map(|(b, &c)| c as f64 * (-1.0 + (b as f64 + 0.5) * width))
+                .sum::<f64>()
+                / n as f64
+        })
     }
 
     /// Corrected heads per checked head (0 when none was checked).
@@ -105,7 +170,18 @@ mod tests {
             wait_ns: 5,
             ..Default::default()
         };
+        let mut a = a;
+        a.similarity_histogram[similarity_bin(0.95)] += 3;
+        let mut b = b;
+        b.similarity_histogram[similarity_bin(1.0)] += 1;
+        b.similarity_histogram[similarity_bin(-0.42)] += 1;
         let c = Counters::from_layers(vec![a, b]);
+        assert_eq!(c.total.similarity_histogram[19], 4);
+        assert_eq!(c.total.since(&a), b);
+        assert_eq!(c.total.since(&c.total), LayerCounters::default());
+        assert_eq!(c.total.similarity_histogram[5], 1);
+        let mean = c.total.mean_similarity().unwrap();
+        assert!((mean - (4.0 * 0.95 - 0.45) / 5.0).abs() < 1e-9, "{mean}");
         assert_eq!(c.total.decode_steps, 5);
         assert_eq!(c.total.bytes_moved, 10);
         assert_eq!(c.total.wait_ns, 5);

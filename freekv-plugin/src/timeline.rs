@@ -196,6 +196,9 @@ fn correct<B: Backend>(cx: &LayerCtx<'_, B>, st: &mut LayerState<B>, r: usize, s
             // tau = 1 corrects every head (a cosine of identical queries may round to 1).
             *h = *s < tau || tau >= 1.0;
         }
+        for &s in similarity.iter() {
+            counters.similarity_histogram[crate::counters::similarity_bin(s)] += 1;
+        }
         counters.heads_checked += heads.len() as u64;
         counters.heads_corrected += heads.iter().filter(|&&h| h).count() as u64;
         if cx.tracing {

@@ -136,6 +136,8 @@ pub struct Generation {
     pub ids: Vec<u32>,
     pub text: String,
     pub finish_reason: String,
+    /// Prompt length in tokens (after the chat template).
+    pub prompt_tokens: usize,
 }
 
 /// One decoding step's two best raw logits, as a logits processor saw them.
@@ -189,6 +191,7 @@ pub async fn greedy(model: &Model, prompt: &str, max_tokens: usize) -> Result<Ge
         .add_logits_processor(scores.clone())
         .return_logprobs(true);
     let response = model.send_chat_request(request).await?;
+    let prompt_tokens = response.usage.prompt_tokens;
     let choice = response
         .choices
         .into_iter()
@@ -216,6 +219,7 @@ pub async fn greedy(model: &Model, prompt: &str, max_tokens: usize) -> Result<Ge
         ids: scored.iter().map(|s| s.best.0).collect(),
         text: choice.message.content.unwrap_or_default(),
         finish_reason: choice.finish_reason,
+        prompt_tokens,
     })
 }
 

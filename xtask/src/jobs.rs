@@ -51,6 +51,23 @@ pub fn demo(ctx: &Ctx, extra: &[&str]) -> Result<(), String> {
     )
 }
 
+/// The evaluation (`freekv-eval`, integration-tests/src/bin/freekv-eval): accuracy and speed
+/// of FreeKV vs dense on the real model. `args` go to the tool (parts, `--quick`, `--out`).
+pub fn eval(ctx: &Ctx, args: &[&str]) -> Result<(), String> {
+    let model = prepare(ctx)?;
+    run(eval_command(ctx, &model).args(args))
+}
+
+fn eval_command(ctx: &Ctx, model: &std::path::Path) -> Command {
+    let mut cmd = Command::new(ctx.root.join("target/release/freekv-eval"));
+    cmd.current_dir(&ctx.root)
+        .arg("--gguf")
+        .arg(model)
+        .arg("--mistralrs")
+        .arg(ctx.root.join("target/release/mistralrs"));
+    cmd
+}
+
 /// README command two: every test.
 pub fn test(ctx: &Ctx, extra: &[&str]) -> Result<(), String> {
     let model = prepare(ctx)?;
@@ -63,6 +80,10 @@ pub fn test(ctx: &Ctx, extra: &[&str]) -> Result<(), String> {
         cmd.arg("--").args(extra);
     }
     run(&mut cmd)?;
+    if extra.is_empty() {
+        eprintln!("xtask: evaluation smoke run (freekv-eval all --quick)");
+        run(eval_command(ctx, &model).args(["all", "--quick", "--out", "target/eval-smoke"]))?;
+    }
     eprintln!(
         "xtask: CUDA path: compile every kernel (sm_80, sm_90) and type-check the Rust CUDA code"
     );

@@ -15,7 +15,10 @@ commands:
   fetch-model           fetch, verify and cache the real model (SmolLM2-135M GGUF); prints its path
   demo [-- ARGS]        the main job: the passkey task through `mistralrs run` with FreeKV (CPU);
                         ARGS go to examples/passkey_cli.rs (--tokens, --depth, --budget, --compare-stock)
-  test [-- ARGS]        every test (ARGS go to the test binaries, e.g. a name filter)
+  test [-- ARGS]        every test (ARGS go to the test binaries, e.g. a name filter; without
+                        ARGS also the evaluation's smoke run)
+  eval PART.. [--quick] the evaluation on the real model: passkey, agreement, speed or all;
+                        writes tables, JSON and PNG plots to docs/results (see docs/results.md)
 ";
 
 fn main() {
@@ -39,6 +42,7 @@ fn dispatch(args: &[String]) -> Result<(), String> {
         }
         Some("demo") => jobs::demo(&ctx, after_dashes(&rest)),
         Some("test") => jobs::test(&ctx, after_dashes(&rest)),
+        Some("eval") => jobs::eval(&ctx, after_dashes(&rest)),
         Some("help") | Some("--help") | Some("-h") | None => {
             print!("{USAGE}");
             Ok(())

@@ -121,6 +121,17 @@ fn crafted_drift_corrects_exactly_the_drifting_heads() {
             after.heads_corrected - before.heads_corrected,
             mask.count_ones() as u64
         );
+        // tau = 0.9 is the lower edge of the last similarity bin: every head below it was
+        // corrected, every head in it was not.
+        let delta: Vec<u64> = (0..20)
+            .map(|b| after.similarity_histogram[b] - before.similarity_histogram[b])
+            .collect();
+        assert_eq!(delta.iter().sum::<u64>(), 4, "{delta:?}");
+        assert_eq!(
+            delta[..19].iter().sum::<u64>(),
+            mask.count_ones() as u64,
+            "mask {mask:04b}: {delta:?}"
+        );
     }
 }
 

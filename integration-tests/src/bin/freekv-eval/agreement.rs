@@ -1,0 +1,346 @@
+//! Parts 2 and 3, agreement with dense and FreeKV's behaviour: a long real text (a licence
+//! under /usr/share/common-licenses) is teacher forced through the engine, so every variant
+//! sees the same tokens; at each forced step the next-token distribution is compared with
+//! the dense path's (top-1 agreement, KL(dense || variant)). FreeKV's counters give the
+//! correction rate per layer, the query-similarity distribution and recall traffic.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use either::Either;
+use freekv_integration_tests::engine::{load, Source};
+use freekv_plugin::LayerCounters;
+use mistralrs::{CustomLogitsProcessor, DType, RequestBuilder, Tensor, TextMessageRole};
+use serde::Serialize;
+
+use crate::variants::Variant;
+use crate::Ctx;
+
+/// What to run.
+pub struct Plan {
+    /// Tokens of the text in the prompt (prefilled densely).
+    pub prompt_tokens: usize,
+    /// Tokens of the text that follow, forced one decode step at a time.
+    pub forced_tokens: usize,
+    pub variants: Vec<Variant>,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Self {
+        use freekv_plugin::Mode::*;
+        if quick {
+            return Self {
+                prompt_tokens: 256,
+                forced_tokens: 64,
+                variants: vec![Variant::freekv(128, 0.9, FreeKv)],
+            };
+        }
+        Self {
+            prompt_tokens: 2048,
+            forced_tokens: 1024,
+            variants: vec![
+                // The numerical floor: FreeKV attending over every page (its f32 sums vs the
+                // engine's f16 matmuls), no retrieval.
+                Variant::freekv(1024, 0.9, Dense),
+                Variant::freekv(256, 0.9, FreeKv),
+                Variant::freekv(512, 0.9, FreeKv),
+                Variant::freekv(1024, 0.9, FreeKv),
+                Variant::freekv(512, 0.8, FreeKv),
+                Variant::freekv(1024, 0.8, FreeKv),
+                Variant::freekv(512, 0.9, Sync),
+                Variant::freekv(512, 0.9, Speculative),
+            ],
+        }
+    }
+}
+
+/// One variant's agreement with dense and what FreeKV did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub variant: String,
+    pub budget: usize,
+    pub tau: f32,
+    pub mode: freekv_plugin::Mode,
+    pub steps: usize,
+    pub top1_agreement: f64,
+    pub mean_kl: f64,
+    pub max_kl: f64,
+    /// Per layer (FreeKV's counters over the whole run).
+    pub per_layer: Vec<LayerCounters>,
+    pub total: LayerCounters,
+}
+
+/// Where the forced tokens are and what was seen at each step.
+struct Forcing {
+    targets: Vec<u32>,
+    prompt_len: Mutex<Option<usize>>,
+    /// Dense: the recorded log-distributions; a variant: compared against `reference`.
+    record: Mutex<Vec<Vec<f32>>>,
+    reference: Option<Arc<Vec<Vec<f32>>>>,
+    stats: Mutex<(usize, usize, f64, f64)>, // steps, top-1 agreements, KL sum, KL max
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    logits.iter().map(|&x| (x as f64 - lse) as f32).collect()
+}
+
+fn argmax(x: &[f32]) -> usize {
+    x.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+impl CustomLogitsProcessor for Forcing {
+    fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
+        let step = {
+            let mut p = self.prompt_len.lock().expect("forcing lock");
+            context.len() - *p.get_or_insert(context.len())
+        };
+        let row = logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let lp = log_softmax(&row);
+        match &self.reference {
+            None => self.record.lock().expect("forcing lock").push(lp),
+            Some(reference) => {
+                if let Some(want) = reference.get(step) {
+                    let kl: f64 = want
+                        .iter()
+                        .zip(&lp)
+                        .map(|(&p, &q)| (p as f64).exp() * (p as f64 - q as f64))
+                        .sum();
+                    let mut s = self.stats.lock().expect("forcing lock");
+                    s.0 += 1;
+                    s.1 += (argmax(want) == argmax(&lp)) as usize;
+                    s.2 += kl.max(0.0);
+                    s.3 = s.3.max(kl);
+                }
+            }
+        }
+        // Force the text's next token.
+        let target = self.targets.get(step).copied().unwrap_or(0) as usize;
+        let mut forced = vec![f32::NEG_INFINITY; row.len()];
+        if target < forced.len() {
+            forced[target] = 0.0;
+        }
+        Tensor::from_vec(forced, logits.shape(), logits.device())?.to_dtype(logits.dtype())
+    }
+}
+
+/// The licence text and its token ids under the model's tokenizer.
+async fn text_tokens(model: &mistralrs::Model) -> Result<(String, Vec<u32>)> {
+    let path = "/usr/share/common-licenses/GPL-3";
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let ids = model
+        .tokenize(Either::Right(text.clone()), None, false, false, None)
+        .await
+        .context("tokenizing the text")?;
+    Ok((text, ids))
+}
+
+/// Runs one variant (or dense when `reference` is None) over the text.
+async fn forced_run(
+    model: &mistralrs::Model,
+    plan: &Plan,
+    ids: &[u32],
+    reference: Option<Arc<Vec<Vec<f32>>>>,
+) -> Result<Arc<Forcing>> {
+    let prompt_ids = &ids[..plan.prompt_tokens.min(ids.len())];
+    let rest = &ids[prompt_ids.len()..];
+    anyhow::ensure!(rest.len() >= plan.forced_tokens, "the text is too short");
+    let prompt = model
+        .detokenize(prompt_ids.to_vec(), false)
+        .await
+        .context("detokenizing the prompt")?;
+    let forcing = Arc::new(Forcing {
+        targets: rest[..plan.forced_tokens].to_vec(),
+        prompt_len: Mutex::new(None),
+        record: Mutex::new(Vec::new()),
+        reference,
+        stats: Mutex::new((0, 0, 0.0, 0.0)),
+    });
+    let request = RequestBuilder::new()
+        .add_message(
+            TextMessageRole::User,
+            format!("Continue this text.\n\n{prompt}"),
+        )
+        .set_deterministic_sampler()
+        .set_sampler_max_len(plan.forced_tokens)
+        .add_logits_processor(forcing.clone());
+    let response = model.send_chat_request(request).await?;
+    let n = response.usage.completion_tokens;
+    anyhow::ensure!(
+        n == plan.forced_tokens,
+        "the forced run stopped after {n} of {} tokens",
+        plan.forced_tokens
+    );
+    Ok(forcing)
+}
+
+/// Runs dense, then every variant against it.
+pub async fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Outcome>> {
+    let context = plan.prompt_tokens + plan.forced_tokens + 64;
+    let dense = load(
+        Source::Gguf(&cx.gguf),
+        &Variant::dense().attention(context),
+        1,
+    )
+    .await?;
+    let (_, ids) = text_tokens(&dense.model).await?;
+    eprintln!(
+        "agreement: {} text tokens; prompt {} + forced {}",
+        ids.len(),
+        plan.prompt_tokens,
+        plan.forced_tokens
+    );
+    let t = std::time::Instant::now();
+    let recorded = forced_run(&dense.model, plan, &ids, None).await?;
+    let reference = Arc::new(std::mem::take(&mut *recorded.record.lock().expect("lock")));
+    eprintln!("agreement: dense run {:.0} s", t.elapsed().as_secs_f64());
+    drop(dense);
+    let mut out = Vec::new();
+    for v in &plan.variants {
+        let t = std::time::Instant::now();
+        let loaded = load(Source::Gguf(&cx.gguf), &v.attention(context), 1).await?;
+        let forcing = forced_run(&loaded.model, plan, &ids, Some(reference.clone())).await?;
+        let (steps, agree, kl_sum, kl_max) = *forcing.stats.lock().expect("lock");
+        let counters = loaded
+            .freekv
+            .as_ref()
+            .context("FreeKV instance")?
+            .counters();
+        let config = v.config.as_ref().context("FreeKV variant")?;
+        let o = Outcome {
+            variant: v.name.clone(),
+            budget: config.budget,
+            tau: config.tau,
+            mode: config.mode,
+            steps,
+            top1_agreement: agree as f64 / steps.max(1) as f64,
+            mean_kl: kl_sum / steps.max(1) as f64,
+            max_kl: kl_max,
+            per_layer: counters.per_layer,
+            total: counters.total,
+        };
+        eprintln!(
+            "agreement {:<12} top-1 {:.4} mean KL {:.5} ({} steps, correction rate {:.3}, {:.0} s)",
+            o.variant,
+            o.top1_agreement,
+            o.mean_kl,
+            o.steps,
+            o.total.correction_rate(),
+            t.elapsed().as_secs_f64()
+        );
+        out.push(o);
+    }
+    Ok(out)
+}
+
+/// Markdown: agreement and behaviour per variant.
+pub fn table(outcomes: &[Outcome]) -> String {
+    let mut s = String::from(
+        "| variant | top-1 agreement | mean KL | max KL | correction rate | mean query cosine | \
+         pages recalled / step | blocking selections |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for o in outcomes {
+        let t = &o.total;
+        let steps = t.decode_steps.max(1) as f64;
+        s += &format!(
+            "| {} | {:.2}% | {:.4} | {:.3} | {:.3} | {} | {:.2} | {} |\n",
+            o.variant,
+            100.0 * o.top1_agreement,
+            o.mean_kl,
+            o.max_kl,
+            t.correction_rate(),
+            t.mean_similarity()
+                .map_or("-".to_string(), |m| format!("{m:.3}")),
+            t.pages_recalled as f64 / steps,
+            t.blocking_selections
+        );
+    }
+    s
+}
+
+/// Markdown: the distribution of the query similarity of one variant (FreeKV mode).
+pub fn similarity_table(o: &Outcome) -> String {
+    let h = &o.total.similarity_histogram;
+    let n: u64 = h.iter().sum::<u64>().max(1);
+    let width = 2.0 / h.len() as f64;
+    let mut s = format!(
+        "Query cosine (step i vs i-1, mean over the group) for {}: {} head-steps\n\n\
+         | bin | share |\n|---|---|\n",
+        o.variant, n
+    );
+    for (b, &c) in h.iter().enumerate() {
+        if c > 0 {
+            let lo = -1.0 + b as f64 * width;
+            s += &format!(
+                "| [{lo:.1}, {:.1}) | {:.2}% |\n",
+                lo + width,
+                100.0 * c as f64 / n as f64
+            );
+        }
+    }
+    s
+}
+
+/// Correction rate per layer, one series per FreeKV-mode variant.
+pub fn correction_chart(outcomes: &[Outcome]) -> crate::plot::Chart<'static> {
+    let series = outcomes
+        .iter()
+        .filter(|o| o.total.heads_checked > 0)
+        .map(|o| crate::plot::Series {
+            label: o.variant.clone(),
+            points: o
+                .per_layer
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.heads_checked > 0)
+                .map(|(i, l)| (i as f64, l.correction_rate()))
+                .collect(),
+        })
+        .collect();
+    crate::plot::Chart {
+        title: "FreeKV correction rate by layer (teacher-forced licence text)",
+        x_label: "layer",
+        y_label: "corrected heads / checked heads",
+        y_range: None,
+        log2_x: false,
+        series,
+    }
+}
+
+/// Top-1 agreement vs budget, one series per tau.
+pub fn agreement_chart(outcomes: &[Outcome]) -> crate::plot::Chart<'static> {
+    let mut taus: Vec<f32> = outcomes
+        .iter()
+        .filter(|o| o.total.heads_checked > 0)
+        .map(|o| o.tau)
+        .collect();
+    taus.sort_by(f32::total_cmp);
+    taus.dedup();
+    let series = taus
+        .iter()
+        .map(|&tau| crate::plot::Series {
+            label: format!("FreeKV tau {tau}"),
+            points: outcomes
+                .iter()
+                .filter(|o| o.tau == tau && o.total.heads_checked > 0)
+                .map(|o| (o.budget as f64, o.top1_agreement))
+                .collect(),
+        })
+        .collect();
+    crate::plot::Chart {
+        title: "Top-1 agreement with dense vs budget",
+        x_label: "budget (tokens, log scale)",
+        y_label: "top-1 agreement",
+        y_range: None,
+        log2_x: true,
+        series,
+    }
+}

@@ -1,0 +1,213 @@
+//! `freekv-eval`: accuracy and speed of FreeKV vs dense attention on SmolLM2-135M-Instruct,
+//! through the engine as users run it (the Rust SDK, and the engine's `mistralrs bench`).
+//!
+//! ```text
+//! freekv-eval <passkey|agreement|speed|all> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
+//! ```
+//!
+//! Each part writes `<part>.json` (every measurement), `<part>.md` (tables) and PNG plots into
+//! the output folder (default `docs/results`, or `target/eval-smoke` with `--quick`).
+//! `cargo xtask eval <part>` builds what it needs and runs it; `--quick` is the minutes-long
+//! smoke variant that `cargo xtask test` runs.
+
+mod agreement;
+mod passkey;
+mod plot;
+mod speed;
+mod variants;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use freekv_integration_tests::paths;
+
+/// Where things are and how much to run.
+pub struct Ctx {
+    pub gguf: PathBuf,
+    pub mistralrs: PathBuf,
+    pub out: PathBuf,
+    pub quick: bool,
+}
+
+const USAGE: &str = "usage: freekv-eval <passkey|agreement|speed|all> [--quick] [--out DIR] \
+                     [--gguf FILE] [--mistralrs BIN]";
+
+fn parse_args() -> Result<(Vec<String>, Ctx)> {
+    let mut parts = Vec::new();
+    let (mut quick, mut out, mut gguf, mut bin) = (false, None, None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--out" => out = Some(PathBuf::from(value("--out")?)),
+            "--gguf" => gguf = Some(PathBuf::from(value("--gguf")?)),
+            "--mistralrs" => bin = Some(PathBuf::from(value("--mistralrs")?)),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "passkey" | "agreement" | "speed" => parts.push(a),
+            "all" => parts.extend(["passkey", "agreement", "speed"].map(String::from)),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if parts.is_empty() {
+        bail!("no part given\n{USAGE}");
+    }
+    let out = out.unwrap_or_else(|| {
+        if quick {
+            PathBuf::from("target/eval-smoke")
+        } else {
+            PathBuf::from("docs/results")
+        }
+    });
+    let gguf = match gguf {
+        Some(g) => g,
+        None => paths::smollm2_gguf()?,
+    };
+    let mistralrs = match bin {
+        Some(b) => b,
+        None => paths::mistralrs_bin()?,
+    };
+    Ok((
+        parts,
+        Ctx {
+            gguf,
+            mistralrs,
+            out,
+            quick,
+        },
+    ))
+}
+
+fn write(dir: &Path, name: &str, contents: &str) -> Result<()> {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<String> {
+    Ok(serde_json::to_string_pretty(value)?)
+}
+
+fn draw(cx: &Ctx, name: &str, chart: &plot::Chart) -> Result<()> {
+    if !plot::available() && cx.quick {
+        eprintln!("no system font: {name} not drawn (smoke run)");
+        return Ok(());
+    }
+    let path = cx.out.join(name);
+    plot::draw(&path, chart)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} hardware threads")
+}
+
+async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
+    std::fs::create_dir_all(&cx.out).with_context(|| format!("creating {}", cx.out.display()))?;
+    let header = |part: &str, secs: f64| {
+        format!(
+            "<!-- written by freekv-eval {part}{}; {}; {secs:.0} s -->\n\n",
+            if cx.quick { " --quick" } else { "" },
+            machine()
+        )
+    };
+    for part in parts {
+        let t = std::time::Instant::now();
+        match part.as_str() {
+            "passkey" => {
+                let trials = passkey::run(cx, &passkey::Plan::new(cx.quick)).await?;
+                write(&cx.out, "passkey.json", &json(&trials)?)?;
+                let md = header(part, t.elapsed().as_secs_f64()) + &passkey::table(&trials);
+                write(&cx.out, "passkey.md", &md)?;
+                println!("{md}");
+                draw(cx, "passkey-accuracy.png", &passkey::chart(&trials))?;
+                let (dense, fkv): (Vec<_>, Vec<_>) =
+                    trials.iter().partition(|t| t.variant == "dense");
+                anyhow::ensure!(!dense.is_empty() && !fkv.is_empty(), "passkey ran no trial");
+            }
+            "agreement" => {
+                let plan = agreement::Plan::new(cx.quick);
+                let outcomes = agreement::run(cx, &plan).await?;
+                write(&cx.out, "agreement.json", &json(&outcomes)?)?;
+                let mut md = header(part, t.elapsed().as_secs_f64());
+                md += &format!(
+                    "Teacher forced: {} prompt tokens of /usr/share/common-licenses/GPL-3, then {} \
+                     forced decode steps compared with dense.\n\n",
+                    plan.prompt_tokens, plan.forced_tokens
+                );
+                md += &agreement::table(&outcomes);
+                if let Some(o) = outcomes.iter().find(|o| o.total.heads_checked > 0) {
+                    md += "\n";
+                    md += &agreement::similarity_table(o);
+                }
+                write(&cx.out, "agreement.md", &md)?;
+                println!("{md}");
+                draw(
+                    cx,
+                    "correction-by-layer.png",
+                    &agreement::correction_chart(&outcomes),
+                )?;
+                draw(
+                    cx,
+                    "agreement-vs-budget.png",
+                    &agreement::agreement_chart(&outcomes),
+                )?;
+                for o in &outcomes {
+                    anyhow::ensure!(
+                        o.steps == plan.forced_tokens,
+                        "{}: compared {} of {} forced steps",
+                        o.variant,
+                        o.steps,
+                        plan.forced_tokens
+                    );
+                    anyhow::ensure!(o.mean_kl.is_finite(), "{}: KL is not finite", o.variant);
+                    anyhow::ensure!(
+                        o.mode == freekv_plugin::Mode::Dense || o.total.sparse_steps > 0,
+                        "{}: never went sparse",
+                        o.variant
+                    );
+                }
+            }
+            "speed" => {
+                let rows = speed::run(cx, &speed::Plan::new(cx.quick))?;
+                write(&cx.out, "speed.json", &json(&rows)?)?;
+                let md = header(part, t.elapsed().as_secs_f64()) + &speed::table(&rows);
+                write(&cx.out, "speed.md", &md)?;
+                println!("{md}");
+                draw(cx, "decode-latency.png", &speed::chart(&rows))?;
+            }
+            other => bail!("unknown part {other}"),
+        }
+        eprintln!("{part}: {:.0} s", t.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn main() {
+    let result = parse_args().and_then(|(parts, cx)| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(run(&parts, &cx))
+    });
+    if let Err(e) = result {
+        eprintln!("freekv-eval: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,65 @@
+//! The attention paths the evaluation compares: the engine's dense eager path and FreeKV
+//! configurations (budget, tau, mode).
+
+use freekv_integration_tests::engine::Attention;
+use freekv_plugin::{FreeKvConfig, Mode};
+
+/// One configuration under test.
+#[derive(Clone, Debug)]
+pub struct Variant {
+    /// Short name used in tables and plots ("dense", "b512 t0.9", "b512 sync", ...).
+    pub name: String,
+    /// FreeKV's configuration (None for the engine's dense eager path).
+    pub config: Option<FreeKvConfig>,
+}
+
+impl Variant {
+    /// The stock engine's eager attention over the whole KV cache.
+    pub fn dense() -> Self {
+        Self {
+            name: "dense".into(),
+            config: None,
+        }
+    }
+
+    /// FreeKV with `budget` tokens: sink and window of a quarter budget each (at most 128
+    /// tokens), the rest selected pages of 32 tokens.
+    pub fn freekv(budget: usize, tau: f32, mode: Mode) -> Self {
+        let edge = (budget / 4).min(128);
+        let config = FreeKvConfig {
+            budget,
+            sink: edge,
+            window: edge,
+            tau,
+            mode,
+            ..FreeKvConfig::default()
+        };
+        let name = match mode {
+            Mode::FreeKv => format!("b{budget} t{tau}"),
+            Mode::Sync => format!("b{budget} sync"),
+            Mode::Speculative => format!("b{budget} spec"),
+            Mode::Dense => "FreeKV dense mode".to_string(),
+        };
+        Self {
+            name,
+            config: Some(config),
+        }
+    }
+
+    /// The budget in tokens (None for dense).
+    pub fn budget(&self) -> Option<usize> {
+        self.config.as_ref().map(|c| c.budget)
+    }
+
+    /// How to load the engine for this variant, with room for `context` tokens.
+    pub fn attention(&self, context: usize) -> Attention {
+        match &self.config {
+            None => Attention::Stock,
+            Some(c) => Attention::FreeKv {
+                config: c.clone(),
+                // Whole pages, with room for the generated tokens.
+                context_tokens: (context + 256).div_ceil(c.page_size) * c.page_size,
+            },
+        }
+    }
+}
