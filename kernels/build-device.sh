@@ -20,7 +20,7 @@ out=$ROOT/.device/bin
 mkdir -p "$out"
 grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >>.git/info/exclude
 msg=$(mktemp)
-cargo test --release --no-run -p freekv-plugin --features cuda --test cuda_kernels --message-format=json >"$msg"
+cargo test --release --no-run -p freekv-plugin --features cuda --test cuda_kernels --test cuda_freekv --message-format=json >"$msg"
 cargo bench --no-run -p freekv-plugin --features cuda --bench cuda_decode --message-format=json >>"$msg"
 python3 - "$msg" "$out" <<'PY'
 import json, shutil, sys, os
@@ -30,7 +30,7 @@ for line in open(msgs):
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_kernels", "cuda_decode"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_kernels", "cuda_freekv", "cuda_decode"):
         dst = os.path.join(out, m["target"]["name"])
         shutil.copy2(m["executable"], dst)
         print("built", dst)

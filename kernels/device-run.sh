@@ -33,6 +33,10 @@ echo "== GPU tests (each kernel vs the CPU reference)"
 timeout 300 "$BIN/cuda_kernels" --test-threads=1
 echo "tests exit code: $?"
 
+echo "== GPU test (a whole FreeKV instance on CUDA vs the CPU backend)"
+timeout 240 "$BIN/cuda_freekv" --test-threads=1 --nocapture
+echo "freekv test exit code: $?"
+
 echo "== decode bench"
 FREEKV_BENCH_OUT=$OUT/bench.jsonl timeout 360 "$BIN/cuda_decode" --bench
 echo "bench exit code: $?"

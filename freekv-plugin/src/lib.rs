@@ -8,7 +8,8 @@
 //! - `timeline` / `prefill`: the method itself, one decode step of one layer as the spec reads
 //!   (append -> correct? -> attend -> schedule) and the prompt path;
 //! - [`backend`]: the FreeKV operations behind one trait, [`backend::cpu`] implementing them;
-//!   `cuda` (feature `nvrtc`/`cuda`) holds the CUDA kernels and device code;
+//!   `cuda` (feature `nvrtc`/`cuda`) holds the CUDA kernels, device code and `CudaBackend`
+//!   (used by [`FreeKv::new_on`] with a CUDA device);
 //! - [`geometry`]: page arithmetic (sink / window / candidates / slots);
 //! - [`counters`]: what FreeKV did, per layer and in total;
 //! - `engine` / `cli` (features `engine` / `cli`): the mistral.rs glue and CLI flags.
@@ -94,6 +95,69 @@ impl FreeKv {
                 num_blocks,
                 "bf16",
             )?),
+        };
+        Ok(Self {
+            config,
+            shape,
+            inner,
+        })
+    }
+
+    /// Like [`FreeKv::new`], with the device that runs FreeKV chosen by `device`: the CPU is
+    /// [`FreeKv::new`] itself; a CUDA device (feature `cuda`) runs the CUDA backend (working sets
+    /// in device memory, recall through the copy engines, decode attention with the FreeKV
+    /// kernels; f16 or bf16 KV only). q/k/v may then live on that device, and outputs are
+    /// returned on it. Any other device is an error naming it.
+    pub fn new_on(
+        device: &candle_core::Device,
+        config: FreeKvConfig,
+        shape: ModelShape,
+        num_blocks: usize,
+        dtype: KvDType,
+    ) -> anyhow::Result<Self> {
+        match device {
+            candle_core::Device::Cpu => Self::new(config, shape, num_blocks, dtype),
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(_) => {
+                Self::new_cuda(device, config, shape, num_blocks, dtype)
+            }
+            other => anyhow::bail!(
+                "FreeKV has no backend for {:?} (the CUDA backend needs the `cuda` feature)",
+                other.location()
+            ),
+        }
+    }
+
+    /// [`FreeKv::new_on`] for a CUDA device.
+    #[cfg(feature = "cuda")]
+    fn new_cuda(
+        device: &candle_core::Device,
+        config: FreeKvConfig,
+        shape: ModelShape,
+        num_blocks: usize,
+        dtype: KvDType,
+    ) -> anyhow::Result<Self> {
+        use cuda::backend::CudaBackend;
+        config.validate(Some(&shape))?;
+        let geo = Geometry::new(&config, &shape);
+        let inner: Box<dyn Engine> = match dtype {
+            KvDType::F16 => Box::new(Instance::new(
+                CudaBackend::<f16>::new(geo, &config, device)?,
+                config.clone(),
+                &shape,
+                num_blocks,
+                "f16",
+            )?),
+            KvDType::BF16 => Box::new(Instance::new(
+                CudaBackend::<bf16>::new(geo, &config, device)?,
+                config.clone(),
+                &shape,
+                num_blocks,
+                "bf16",
+            )?),
+            KvDType::F32 => anyhow::bail!(
+                "the FreeKV CUDA backend stores KV as f16 or bf16; use FreeKv::new (CPU) for f32"
+            ),
         };
         Ok(Self {
             config,
