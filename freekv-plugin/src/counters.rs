@@ -1,11 +1,11 @@
 //! What FreeKV did, per layer and in total: the numbers a user wants (correction rate, pages
 //! recalled, bytes moved, time exposed on the critical path vs hidden in the background).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Counters of one layer (or the sum over layers). Steps count sequence-steps: a decode call
 /// with a batch of 4 rows adds 4.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerCounters {
     /// Decode sequence-steps served.
     pub decode_steps: u64,

@@ -49,7 +49,7 @@ pub(crate) fn model_shape(
         }
     }
     let q_heads = model.num_attn_heads();
-    if kv_heads == 0 || q_heads % kv_heads != 0 {
+    if kv_heads == 0 || !q_heads.is_multiple_of(kv_heads) {
         anyhow::bail!(
             "FreeKV cannot serve this model: {q_heads} query heads are not a multiple of {kv_heads} KV heads"
         );

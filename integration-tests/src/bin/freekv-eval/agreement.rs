@@ -11,7 +11,7 @@ use either::Either;
 use freekv_integration_tests::engine::{load, Source};
 use freekv_plugin::LayerCounters;
 use mistralrs::{CustomLogitsProcessor, DType, RequestBuilder, Tensor, TextMessageRole};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::variants::Variant;
 use crate::Ctx;
@@ -55,7 +55,7 @@ impl Plan {
 }
 
 /// One variant's agreement with dense and what FreeKV did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
     pub variant: String,
     pub budget: usize,
@@ -245,7 +245,7 @@ pub async fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Outcome>> {
 pub fn table(outcomes: &[Outcome]) -> String {
     let mut s = String::from(
         "| variant | top-1 agreement | mean KL | max KL | correction rate | mean query cosine | \
-         pages recalled / step | blocking selections |\n|---|---|---|---|---|---|---|---|\n",
+         pages recalled per layer-step | blocking selections |\n|---|---|---|---|---|---|---|---|\n",
     );
     for o in outcomes {
         let t = &o.total;
@@ -310,6 +310,7 @@ pub fn correction_chart(outcomes: &[Outcome]) -> crate::plot::Chart<'static> {
         x_label: "layer",
         y_label: "corrected heads / checked heads",
         y_range: None,
+        x_named: None,
         log2_x: false,
         series,
     }
@@ -337,6 +338,7 @@ pub fn agreement_chart(outcomes: &[Outcome]) -> crate::plot::Chart<'static> {
         .collect();
     crate::plot::Chart {
         title: "Top-1 agreement with dense vs budget",
+        x_named: None,
         x_label: "budget (tokens, log scale)",
         y_label: "top-1 agreement",
         y_range: None,

@@ -2,8 +2,10 @@
 //! through the engine as users run it (the Rust SDK, and the engine's `mistralrs bench`).
 //!
 //! ```text
-//! freekv-eval <passkey|agreement|speed|all> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
+//! freekv-eval <passkey|agreement|speed|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
 //! ```
+//!
+//! `plots` redraws the PNGs from the JSON files already in the output folder.
 //!
 //! Each part writes `<part>.json` (every measurement), `<part>.md` (tables) and PNG plots into
 //! the output folder (default `docs/results`, or `target/eval-smoke` with `--quick`).
@@ -29,7 +31,7 @@ pub struct Ctx {
     pub quick: bool,
 }
 
-const USAGE: &str = "usage: freekv-eval <passkey|agreement|speed|all> [--quick] [--out DIR] \
+const USAGE: &str = "usage: freekv-eval <passkey|agreement|speed|all|plots> [--quick] [--out DIR] \
                      [--gguf FILE] [--mistralrs BIN]";
 
 fn parse_args() -> Result<(Vec<String>, Ctx)> {
@@ -47,7 +49,7 @@ fn parse_args() -> Result<(Vec<String>, Ctx)> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
-            "passkey" | "agreement" | "speed" => parts.push(a),
+            "passkey" | "agreement" | "speed" | "plots" => parts.push(a),
             "all" => parts.extend(["passkey", "agreement", "speed"].map(String::from)),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -100,6 +102,41 @@ fn draw(cx: &Ctx, name: &str, chart: &plot::Chart) -> Result<()> {
     let path = cx.out.join(name);
     plot::draw(&path, chart)?;
     eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(cx: &Ctx, name: &str) -> Result<Option<T>> {
+    let path = cx.out.join(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?,
+    ))
+}
+
+/// Redraws every plot from the JSON results in the output folder.
+fn replot(cx: &Ctx) -> Result<()> {
+    if let Some(trials) = read_json::<Vec<passkey::Trial>>(cx, "passkey.json")? {
+        draw(cx, "passkey-accuracy.png", &passkey::chart(&trials))?;
+    }
+    if let Some(outcomes) = read_json::<Vec<agreement::Outcome>>(cx, "agreement.json")? {
+        draw(
+            cx,
+            "correction-by-layer.png",
+            &agreement::correction_chart(&outcomes),
+        )?;
+        draw(
+            cx,
+            "agreement-vs-budget.png",
+            &agreement::agreement_chart(&outcomes),
+        )?;
+    }
+    if let Some(rows) = read_json::<Vec<speed::Bench>>(cx, "speed.json")? {
+        draw(cx, "decode-latency.png", &speed::chart(&rows))?;
+    }
     Ok(())
 }
 
@@ -190,6 +227,7 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                 println!("{md}");
                 draw(cx, "decode-latency.png", &speed::chart(&rows))?;
             }
+            "plots" => replot(cx)?,
             other => bail!("unknown part {other}"),
         }
         eprintln!("{part}: {:.0} s", t.elapsed().as_secs_f64());

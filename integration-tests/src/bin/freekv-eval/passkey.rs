@@ -6,13 +6,13 @@
 use anyhow::Result;
 use freekv_examples::passkey::{is_correct, passkey};
 use freekv_integration_tests::engine::{greedy, load, Source};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::variants::Variant;
 use crate::Ctx;
 
 /// One trial.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Trial {
     pub variant: String,
     pub budget: Option<usize>,
@@ -213,7 +213,8 @@ pub fn chart(trials: &[Trial]) -> crate::plot::Chart<'static> {
         })
         .collect();
     crate::plot::Chart {
-        title: "Passkey accuracy vs FreeKV budget (rightmost point: dense)",
+        title: "Passkey accuracy vs FreeKV budget",
+        x_named: Some((2.0 * max_budget as f64, "dense")),
         x_label: "budget (tokens, log scale)",
         y_label: "accuracy",
         y_range: Some((0.0, 1.05)),

@@ -18,6 +18,8 @@ pub struct Chart<'a> {
     pub x_label: &'a str,
     pub y_label: &'a str,
     pub y_range: Option<(f64, f64)>,
+    /// An x value labelled with a name instead of its number (e.g. dense drawn past the budgets).
+    pub x_named: Option<(f64, &'a str)>,
     pub log2_x: bool,
     pub series: Vec<Series>,
 }
@@ -104,8 +106,14 @@ fn render<DB: DrawingBackend>(
         .y_label_area_size(64)
         .build_cartesian_2d((x0 - pad)..(x1 + pad), y0..y1)?;
     let log2 = c.log2_x;
+    let named = c.x_named;
     let x_fmt = move |v: &f64| {
         let x = if log2 { 2f64.powf(*v) } else { *v };
+        if let Some((at, name)) = named {
+            if (x - at).abs() < 1e-6 * at.abs().max(1.0) {
+                return name.to_string();
+            }
+        }
         if (x - x.round()).abs() < 1e-6 {
             format!("{}", x.round() as i64)
         } else {

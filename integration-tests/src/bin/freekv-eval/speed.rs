@@ -5,7 +5,7 @@
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Ctx;
 
@@ -35,7 +35,7 @@ impl Plan {
 }
 
 /// One `mistralrs bench` result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bench {
     pub path: String,
     pub prompt_len: usize,
@@ -170,6 +170,7 @@ pub fn chart(rows: &[Bench]) -> crate::plot::Chart<'static> {
         .collect();
     crate::plot::Chart {
         title: "Decode latency vs context, SmolLM2-135M on CPU (mistralrs bench)",
+        x_named: None,
         x_label: "prompt tokens (log scale)",
         y_label: "ms per generated token",
         y_range: None,
