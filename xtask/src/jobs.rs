@@ -24,6 +24,26 @@ fn cargo(ctx: &Ctx, subcommand: &str, args: &[&str]) -> Command {
         .arg(subcommand)
         .args(BUILD)
         .args(args);
+    // `cargo xtask` runs us through `cargo run`, which sets the package variables of *xtask*.
+    // Some build scripts (ring's, among others) declare `rerun-if-env-changed` on them, so a
+    // build from here would not reuse (and would overwrite) one made by a plain `cargo build`
+    // in a shell, rebuilding the engine each time one alternates. Build with a shell's env.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let set_by_cargo_run = key.starts_with("CARGO_PKG_")
+            || matches!(
+                key.as_ref(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            );
+        if set_by_cargo_run {
+            cmd.env_remove(key.as_ref());
+        }
+    }
     cmd
 }
 

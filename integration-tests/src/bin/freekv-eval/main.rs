@@ -117,22 +117,26 @@ fn read_json<T: serde::de::DeserializeOwned>(cx: &Ctx, name: &str) -> Result<Opt
     ))
 }
 
+fn draw_agreement(cx: &Ctx, outcomes: &[agreement::Outcome]) -> Result<()> {
+    draw(
+        cx,
+        "correction-by-layer.png",
+        &agreement::correction_chart(outcomes),
+    )?;
+    draw(
+        cx,
+        "agreement-vs-budget.png",
+        &agreement::agreement_chart(outcomes),
+    )
+}
+
 /// Redraws every plot from the JSON results in the output folder.
 fn replot(cx: &Ctx) -> Result<()> {
     if let Some(trials) = read_json::<Vec<passkey::Trial>>(cx, "passkey.json")? {
         draw(cx, "passkey-accuracy.png", &passkey::chart(&trials))?;
     }
     if let Some(outcomes) = read_json::<Vec<agreement::Outcome>>(cx, "agreement.json")? {
-        draw(
-            cx,
-            "correction-by-layer.png",
-            &agreement::correction_chart(&outcomes),
-        )?;
-        draw(
-            cx,
-            "agreement-vs-budget.png",
-            &agreement::agreement_chart(&outcomes),
-        )?;
+        draw_agreement(cx, &outcomes)?;
     }
     if let Some(rows) = read_json::<Vec<speed::Bench>>(cx, "speed.json")? {
         draw(cx, "decode-latency.png", &speed::chart(&rows))?;
@@ -193,16 +197,7 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                 }
                 write(&cx.out, "agreement.md", &md)?;
                 println!("{md}");
-                draw(
-                    cx,
-                    "correction-by-layer.png",
-                    &agreement::correction_chart(&outcomes),
-                )?;
-                draw(
-                    cx,
-                    "agreement-vs-budget.png",
-                    &agreement::agreement_chart(&outcomes),
-                )?;
+                draw_agreement(cx, &outcomes)?;
                 for o in &outcomes {
                     anyhow::ensure!(
                         o.steps == plan.forced_tokens,
