@@ -182,7 +182,7 @@ pub fn filler_text(seed: u64, approx_tokens: usize) -> String {
                 out.push_str(w);
             }
             sentence_len += 1;
-            if sentence_len > 6 && rng.next_u64() % 5 == 0 {
+            if sentence_len > 6 && rng.next_u64().is_multiple_of(5) {
                 out.push('.');
                 sentence_len = 0;
             }

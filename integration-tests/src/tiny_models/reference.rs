@@ -255,9 +255,9 @@ impl Reference {
                 }
             }
             if self.perturb != 0.0 {
-                for i in 0..attn.len() {
+                for a in attn.iter_mut() {
                     let n = self.next_noise();
-                    attn[i] *= 1.0 + self.perturb * n;
+                    *a *= 1.0 + self.perturb * n;
                 }
             }
             let mut o = matvec(self.t(&format!("{p}.self_attn.o_proj.weight"))?, &attn);

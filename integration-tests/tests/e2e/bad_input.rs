@@ -39,9 +39,12 @@ fn cli_error(flags: &[&str], env: &[(&str, &str)]) -> anyhow::Result<String> {
     ))
 }
 
+/// A bad-knob case: CLI flags, environment variables, words the error must contain.
+type KnobCase<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+
 #[test]
 fn cli_rejects_bad_knobs_naming_them() -> anyhow::Result<()> {
-    let cases: &[(&[&str], &[(&str, &str)], &[&str])] = &[
+    let cases: &[KnobCase] = &[
         (&["--freekv-tau", "3"], &[], &["tau", "3"]),
         (&["--freekv-budget", "100"], &[], &["budget", "100"]),
         (&["--freekv-mode", "fast"], &[], &["mode", "fast"]),
