@@ -46,6 +46,7 @@ pub use state::StepTrace;
 pub use types::{AttnParams, DecodeRow, KvDType, ModelShape, PrefillRow};
 
 use backend::cpu::CpuBackend;
+use backend::Backend;
 use geometry::Geometry;
 use instance::{Engine, Instance};
 
@@ -61,6 +62,23 @@ pub struct FreeKv {
     inner: Box<dyn Engine>,
 }
 
+/// One backend's instance behind the object-safe [`Engine`] face.
+fn instance<B: Backend>(
+    backend: B,
+    config: &FreeKvConfig,
+    shape: &ModelShape,
+    num_blocks: usize,
+    dtype_name: &str,
+) -> anyhow::Result<Box<dyn Engine>> {
+    Ok(Box::new(Instance::new(
+        backend,
+        config.clone(),
+        shape,
+        num_blocks,
+        dtype_name,
+    )?))
+}
+
 impl FreeKv {
     /// Validates `config` for `shape` and allocates the host tier: `num_blocks` pages (engine
     /// blocks) per layer, zeroed and committed lazily. An allocation the system refuses is an
@@ -73,28 +91,11 @@ impl FreeKv {
     ) -> anyhow::Result<Self> {
         config.validate(Some(&shape))?;
         let geo = Geometry::new(&config, &shape);
-        let inner: Box<dyn Engine> = match dtype {
-            KvDType::F32 => Box::new(Instance::new(
-                CpuBackend::<f32>::new(geo, &config),
-                config.clone(),
-                &shape,
-                num_blocks,
-                "f32",
-            )?),
-            KvDType::F16 => Box::new(Instance::new(
-                CpuBackend::<f16>::new(geo, &config),
-                config.clone(),
-                &shape,
-                num_blocks,
-                "f16",
-            )?),
-            KvDType::BF16 => Box::new(Instance::new(
-                CpuBackend::<bf16>::new(geo, &config),
-                config.clone(),
-                &shape,
-                num_blocks,
-                "bf16",
-            )?),
+        let (c, s, n) = (&config, &shape, num_blocks);
+        let inner = match dtype {
+            KvDType::F32 => instance(CpuBackend::<f32>::new(geo, c), c, s, n, "f32")?,
+            KvDType::F16 => instance(CpuBackend::<f16>::new(geo, c), c, s, n, "f16")?,
+            KvDType::BF16 => instance(CpuBackend::<bf16>::new(geo, c), c, s, n, "bf16")?,
         };
         Ok(Self {
             config,
@@ -140,21 +141,15 @@ impl FreeKv {
         use cuda::backend::CudaBackend;
         config.validate(Some(&shape))?;
         let geo = Geometry::new(&config, &shape);
-        let inner: Box<dyn Engine> = match dtype {
-            KvDType::F16 => Box::new(Instance::new(
-                CudaBackend::<f16>::new(geo, &config, device)?,
-                config.clone(),
-                &shape,
-                num_blocks,
-                "f16",
-            )?),
-            KvDType::BF16 => Box::new(Instance::new(
-                CudaBackend::<bf16>::new(geo, &config, device)?,
-                config.clone(),
-                &shape,
-                num_blocks,
-                "bf16",
-            )?),
+        let inner = match dtype {
+            KvDType::F16 => {
+                let backend = CudaBackend::<f16>::new(geo, &config, device)?;
+                instance(backend, &config, &shape, num_blocks, "f16")?
+            }
+            KvDType::BF16 => {
+                let backend = CudaBackend::<bf16>::new(geo, &config, device)?;
+                instance(backend, &config, &shape, num_blocks, "bf16")?
+            }
             KvDType::F32 => anyhow::bail!(
                 "the FreeKV CUDA backend stores KV as f16 or bf16; use FreeKv::new (CPU) for f32"
             ),

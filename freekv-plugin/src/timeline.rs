@@ -192,11 +192,9 @@ fn correct<B: Backend>(cx: &LayerCtx<'_, B>, st: &mut LayerState<B>, r: usize, s
     } else if cx.config.mode.correction() {
         cx.backend.query_similarity(dev, batch, r, similarity);
         let tau = cx.config.tau;
-        for (h, s) in heads.iter_mut().zip(similarity.iter()) {
+        for (h, &s) in heads.iter_mut().zip(similarity.iter()) {
             // tau = 1 corrects every head (a cosine of identical queries may round to 1).
-            *h = *s < tau || tau >= 1.0;
-        }
-        for &s in similarity.iter() {
+            *h = s < tau || tau >= 1.0;
             counters.similarity_histogram[crate::counters::similarity_bin(s)] += 1;
         }
         counters.heads_checked += heads.len() as u64;

@@ -14,28 +14,15 @@ use freekv_plugin::{
     AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow,
 };
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn f(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len())]
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.f()).collect()
-    }
+// The core tests' seeded PRNG (only part of it is used here).
+#[allow(dead_code)]
+#[path = "core/rng.rs"]
+mod rng;
+use rng::Rng;
+
+/// `n` values uniform in [-1, 1).
+fn uniform(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| (2.0 * rng.unit() - 1.0) as f32).collect()
 }
 
 /// The CUDA device, or None with the reason printed (the test then passes as skipped).
@@ -70,9 +57,9 @@ struct Case {
 
 fn random_case(rng: &mut Rng, mode: Mode) -> Case {
     let p = rng.pick(&[8, 16, 32]);
-    let sink = rng.below(2) * p;
-    let window = (1 + rng.below(2)) * p;
-    let sel = 1 + rng.below(3);
+    let sink = rng.range(0, 1) * p;
+    let window = (1 + rng.range(0, 1)) * p;
+    let sel = 1 + rng.range(0, 2);
     let n_kv = rng.pick(&[1, 2, 4]);
     let group = rng.pick(&[1, 2, 4, 5]);
     let d = rng.pick(&[64, 128]);
@@ -83,19 +70,23 @@ fn random_case(rng: &mut Rng, mode: Mode) -> Case {
         sink,
         window,
         tau: rng.pick(&[0.5, 0.9, 0.95]),
-        dense_layers: if rng.below(3) == 0 { vec![0] } else { vec![] },
+        dense_layers: if rng.range(0, 2) == 0 {
+            vec![0]
+        } else {
+            vec![]
+        },
         mode,
         ..Default::default()
     };
     let params = AttnParams {
         softmax_scale: 1.0 / (d as f32).sqrt(),
-        softcap: (rng.below(5) == 0).then(|| 1.0 + rng.below(20) as f32 / 10.0),
-        sliding_window: (rng.below(6) == 0).then(|| 2 * p + rng.below(4 * p)),
+        softcap: (rng.range(0, 4) == 0).then(|| 1.0 + rng.range(0, 19) as f32 / 10.0),
+        sliding_window: (rng.range(0, 5) == 0).then(|| 2 * p + rng.range(0, 4 * p - 1)),
     };
     // Prompts beyond the budget (sparse) and one that crosses it during decode.
     let prompt_lens = vec![
-        budget * (2 + rng.below(3)) + rng.below(p),
-        budget.saturating_sub(rng.below(p)).max(1),
+        budget * (2 + rng.range(0, 2)) + rng.range(0, p - 1),
+        budget.saturating_sub(rng.range(0, p - 1)).max(1),
     ];
     Case {
         cfg,
@@ -192,7 +183,7 @@ fn run_case(cuda: &Device, seed: u64, c: &Case) -> f32 {
                 .collect()
         })
         .collect();
-    let mut rng = Rng(seed ^ 0xF4EE);
+    let mut rng = Rng::new(seed ^ 0xF4EE);
     let (hq, hkv, d) = (c.shape.num_q_heads, c.shape.num_kv_heads, c.shape.head_dim);
     let dt = candle_dtype(c.dtype);
     let tensor = |data: Vec<f32>, shape: &[usize]| {
@@ -214,9 +205,9 @@ fn run_case(cuda: &Device, seed: u64, c: &Case) -> f32 {
                 new_len: c.prompt_lens[r],
             })
             .collect();
-        let q = tensor(rng.vec(b * hq * lmax * d), &[b, hq, lmax, d]);
-        let k = tensor(rng.vec(b * hkv * lmax * d), &[b, hkv, lmax, d]);
-        let v = tensor(rng.vec(b * hkv * lmax * d), &[b, hkv, lmax, d]);
+        let q = tensor(uniform(&mut rng, b * hq * lmax * d), &[b, hq, lmax, d]);
+        let k = tensor(uniform(&mut rng, b * hkv * lmax * d), &[b, hkv, lmax, d]);
+        let v = tensor(uniform(&mut rng, b * hkv * lmax * d), &[b, hkv, lmax, d]);
         let want = cpu.prefill(layer, &rows, &q, &k, &v, &c.params, true);
         let got = gpu.prefill(
             layer,
@@ -248,9 +239,9 @@ fn run_case(cuda: &Device, seed: u64, c: &Case) -> f32 {
                     context_len: lens[r],
                 })
                 .collect();
-            let q = tensor(rng.vec(b * hq * d), &[b, hq, d]);
-            let k = tensor(rng.vec(b * hkv * d), &[b, hkv, d]);
-            let v = tensor(rng.vec(b * hkv * d), &[b, hkv, d]);
+            let q = tensor(uniform(&mut rng, b * hq * d), &[b, hq, d]);
+            let k = tensor(uniform(&mut rng, b * hkv * d), &[b, hkv, d]);
+            let v = tensor(uniform(&mut rng, b * hkv * d), &[b, hkv, d]);
             let want = cpu.decode(layer, &rows, &q, &k, &v, &c.params);
             let got = gpu.decode(
                 layer,
@@ -299,7 +290,7 @@ fn freekv_on_cuda_matches_the_cpu_backend() {
     let modes = [Mode::Dense, Mode::Sync, Mode::Speculative, Mode::FreeKv];
     let mut n = 0;
     for seed in 0..24u64 {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mode = modes[seed as usize % modes.len()];
         let case = random_case(&mut rng, mode);
         let worst = run_case(&cuda, seed, &case);

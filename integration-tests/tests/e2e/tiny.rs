@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use freekv_integration_tests::engine::{
-    agreement, greedy, load, reference_greedy, robust_prefix, Attention, Source,
+    agreement, greedy, load, reference_greedy, robust_prefix, Attention, Generation, Source,
 };
 use freekv_integration_tests::tiny_models::{filler_text, write_tiny_model, Arch};
 use freekv_integration_tests::{paths, serial};
@@ -153,23 +153,15 @@ async fn concurrent_requests_of_different_lengths_stay_on_their_own_path() -> an
         (small_budget(), "budget 128"),
     ] {
         let fkv = load(Source::Plain(&model.dir), &Attention::freekv(config), 8).await?;
-        let engine = Arc::new(fkv.model);
-        let handles: Vec<_> = prompts
-            .iter()
-            .cloned()
-            .map(|p| {
-                let engine = engine.clone();
-                tokio::spawn(async move { greedy(&engine, &p, 120).await })
-            })
-            .collect();
-        for (i, h) in handles.into_iter().enumerate() {
-            let got = h.await??;
+        let generations = greedy_concurrently(fkv.model, &prompts, 120).await?;
+        for (i, got) in generations.into_iter().enumerate() {
             assert_eq!(got.tokens.len(), 120, "{label}: request {i} stopped early");
             let (want, margins) = &references[i];
             let (prefix, agree) = agreement(want, &got.tokens);
             let required = robust_prefix(margins, NEAR_TIE);
             println!(
-                "{label:17} request {i}: {prefix:3} leading tokens as the reference                  (first near-tie at {required}), {agree:.3} agreement"
+                "{label:17} request {i}: {prefix:3} leading tokens as the reference \
+                 (first near-tie at {required}), {agree:.3} agreement"
             );
             // With every page resident, FreeKV is exact: the request must follow its own
             // reference path up to the first near-tie. (Any mix-up of sequences, blocks or
@@ -177,7 +169,8 @@ async fn concurrent_requests_of_different_lengths_stay_on_their_own_path() -> an
             if label == "budget >= context" {
                 assert!(
                     prefix >= required,
-                    "request {i} left its reference path at token {prefix}, before the first                      near-tie at {required}: {:?} vs {:?}",
+                    "request {i} left its reference path at token {prefix}, before the first \
+                     near-tie at {required}: {:?} vs {:?}",
                     want.get(prefix),
                     got.tokens.get(prefix)
                 );
@@ -192,6 +185,29 @@ async fn concurrent_requests_of_different_lengths_stay_on_their_own_path() -> an
         println!("{label}: {c:?}");
     }
     Ok(())
+}
+
+/// Sends every prompt at once (greedy, `n` tokens each) and returns the generations in
+/// prompt order.
+async fn greedy_concurrently(
+    model: mistralrs::Model,
+    prompts: &[String],
+    n: usize,
+) -> anyhow::Result<Vec<Generation>> {
+    let engine = Arc::new(model);
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            let engine = engine.clone();
+            tokio::spawn(async move { greedy(&engine, &p, n).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await??);
+    }
+    Ok(out)
 }
 
 /// Prompts of exactly the same token count (the paged scheduler batches only equal lengths),
@@ -234,17 +250,8 @@ async fn batched_requests_of_equal_length_stay_on_their_own_path() -> anyhow::Re
         8,
     )
     .await?;
-    let engine = Arc::new(fkv.model);
-    let handles: Vec<_> = prompts
-        .iter()
-        .cloned()
-        .map(|p| {
-            let engine = engine.clone();
-            tokio::spawn(async move { greedy(&engine, &p, 60).await })
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        let got = h.await??;
+    let generations = greedy_concurrently(fkv.model, &prompts, 60).await?;
+    for (i, got) in generations.into_iter().enumerate() {
         let (want, margins) = &references[i];
         let (prefix, _) = agreement(want, &got.tokens);
         let required = robust_prefix(margins, NEAR_TIE);

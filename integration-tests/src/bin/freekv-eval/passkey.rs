@@ -135,11 +135,15 @@ pub async fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Trial>> {
     Ok(trials)
 }
 
+/// The prompt lengths tried, ascending.
+fn lengths(trials: &[Trial]) -> Vec<usize> {
+    let set: std::collections::BTreeSet<usize> = trials.iter().map(|t| t.target_tokens).collect();
+    set.into_iter().collect()
+}
+
 /// Markdown: accuracy per variant (rows) and prompt length (columns).
 pub fn table(trials: &[Trial]) -> String {
-    let mut lengths: Vec<usize> = trials.iter().map(|t| t.target_tokens).collect();
-    lengths.sort_unstable();
-    lengths.dedup();
+    let lengths = lengths(trials);
     let mut variants: Vec<&str> = Vec::new();
     for t in trials {
         if !variants.contains(&t.variant.as_str()) {
@@ -173,43 +177,29 @@ pub fn table(trials: &[Trial]) -> String {
     s
 }
 
-/// Accuracy vs budget, one series per prompt length (dense drawn at the largest budget x 2).
+/// Accuracy vs budget, one series per prompt length: dense and the tau-0.9 FreeKV variants
+/// (dense drawn at twice the largest budget).
 pub fn chart(trials: &[Trial]) -> crate::plot::Chart<'static> {
-    let mut lengths: Vec<usize> = trials.iter().map(|t| t.target_tokens).collect();
-    lengths.sort_unstable();
-    lengths.dedup();
     let max_budget = trials.iter().filter_map(|t| t.budget).max().unwrap_or(512);
-    let series = lengths
+    // (prompt length, x) -> (correct, trials); ordered by length, then x.
+    let mut cells = std::collections::BTreeMap::<(usize, usize), (usize, usize)>::new();
+    for t in trials
         .iter()
-        .map(|&l| {
-            let mut points: Vec<(f64, f64)> = Vec::new();
-            let mut budgets: Vec<Option<usize>> = trials
-                .iter()
-                .filter(|t| {
-                    t.target_tokens == l && (t.variant == "dense" || t.variant.ends_with("t0.9"))
-                })
-                .map(|t| t.budget)
-                .collect();
-            budgets.sort_unstable();
-            budgets.dedup();
-            for b in budgets {
-                let sel: Vec<&Trial> = trials
-                    .iter()
-                    .filter(|t| {
-                        t.target_tokens == l
-                            && t.budget == b
-                            && (t.variant == "dense" || t.variant.ends_with("t0.9"))
-                    })
-                    .collect();
-                let acc = sel.iter().filter(|t| t.correct).count() as f64 / sel.len() as f64;
-                let x = b.unwrap_or(max_budget * 2) as f64;
-                points.push((x, acc));
-            }
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            crate::plot::Series {
-                label: format!("~{l}-token prompt"),
-                points,
-            }
+        .filter(|t| t.variant == "dense" || t.variant.ends_with("t0.9"))
+    {
+        let x = t.budget.unwrap_or(2 * max_budget);
+        let cell = cells.entry((t.target_tokens, x)).or_default();
+        cell.0 += t.correct as usize;
+        cell.1 += 1;
+    }
+    let series = lengths(trials)
+        .into_iter()
+        .map(|l| crate::plot::Series {
+            label: format!("~{l}-token prompt"),
+            points: cells
+                .range((l, 0)..=(l, usize::MAX))
+                .map(|(&(_, x), &(ok, n))| (x as f64, ok as f64 / n as f64))
+                .collect(),
         })
         .collect();
     crate::plot::Chart {
