@@ -48,6 +48,7 @@ pub trait Engine: Send + Sync {
         params: &AttnParams,
     ) -> anyhow::Result<Tensor>;
     fn free_sequence(&self, seq_id: u64);
+    fn live_sequences(&self) -> usize;
     fn counters(&self) -> Counters;
     fn host_tier_bytes(&self) -> usize;
     fn device_tier_bytes_per_sequence(&self) -> usize;
@@ -333,6 +334,15 @@ impl<B: Backend> Engine for Instance<B> {
             };
             state.seqs.remove(&seq_id);
         }
+    }
+
+    fn live_sequences(&self) -> usize {
+        let mut ids = std::collections::HashSet::new();
+        for cell in &self.shared.layers {
+            let state = cell.state.lock().unwrap_or_else(|e| e.into_inner());
+            ids.extend(state.seqs.keys().copied());
+        }
+        ids.len()
     }
 
     fn counters(&self) -> Counters {

@@ -205,6 +205,11 @@ impl FreeKv {
         self.inner.free_sequence(seq_id)
     }
 
+    /// Sequences that have FreeKV state on some layer (0 when the engine is idle).
+    pub fn live_sequences(&self) -> usize {
+        self.inner.live_sequences()
+    }
+
     /// Counters per layer and in total.
     pub fn counters(&self) -> Counters {
         self.inner.counters()

@@ -77,7 +77,10 @@ pub async fn load(source: Source<'_>, attention: &Attention, max_seqs: usize) ->
             )
         }
     };
-    let before = freekv_plugin::engine::loaded_models().len();
+    let before: Vec<usize> = freekv_plugin::engine::loaded_models()
+        .iter()
+        .map(|m| m.index)
+        .collect();
     let model = match source {
         Source::Plain(dir) => {
             let mut b = TextModelBuilder::new(dir.to_string_lossy())
@@ -111,11 +114,12 @@ pub async fn load(source: Source<'_>, attention: &Attention, max_seqs: usize) ->
     let freekv = match attention {
         Attention::Stock => None,
         Attention::FreeKv { .. } => {
+            let new = models.iter().find(|m| !before.contains(&m.index));
             anyhow::ensure!(
-                models.len() == before + 1,
+                new.is_some(),
                 "the model loaded without FreeKV (paged attention was not enabled)"
             );
-            models.last().map(|m| m.freekv.clone())
+            new.map(|m| m.freekv.clone())
         }
     };
     Ok(Loaded { model, freekv })

@@ -100,6 +100,11 @@ pub fn post_json(port: u16, path: &str, body: &serde_json::Value) -> Result<Repl
     request(port, "POST", path, Some(&body.to_string()))
 }
 
+/// `POST path` with a body sent as it is (for malformed requests).
+pub fn post_raw(port: u16, path: &str, body: &str) -> Result<Reply> {
+    request(port, "POST", path, Some(body))
+}
+
 fn request(port: u16, method: &str, path: &str, body: Option<&str>) -> Result<Reply> {
     let mut stream = connect(port)?;
     send(&mut stream, method, path, body)?;
@@ -119,6 +124,17 @@ pub fn post_stream(
     path: &str,
     body: &serde_json::Value,
     stop_after: Option<usize>,
+) -> Result<Vec<serde_json::Value>> {
+    post_stream_timed(port, path, body, stop_after, &mut |_| {})
+}
+
+/// [`post_stream`], calling `on_event` as each event arrives (e.g. to time the first token).
+pub fn post_stream_timed(
+    port: u16,
+    path: &str,
+    body: &serde_json::Value,
+    stop_after: Option<usize>,
+    on_event: &mut dyn FnMut(&serde_json::Value),
 ) -> Result<Vec<serde_json::Value>> {
     let mut stream = connect(port)?;
     send(&mut stream, "POST", path, Some(&body.to_string()))?;
@@ -156,7 +172,9 @@ pub fn post_stream(
         if data == "[DONE]" {
             return Ok(events);
         }
-        events.push(serde_json::from_str(data).with_context(|| format!("bad event {data:?}"))?);
+        let event = serde_json::from_str(data).with_context(|| format!("bad event {data:?}"))?;
+        on_event(&event);
+        events.push(event);
         if stop_after.is_some_and(|n| events.len() >= n) {
             // Dropping the reader closes the socket: the server sees the client go away.
             return Ok(events);

@@ -4,7 +4,9 @@
 
 pub mod engine;
 pub mod http;
+pub mod load;
 pub mod paths;
+pub mod server;
 pub mod tiny_models;
 
 /// Heavy end-to-end tests take this lock so they run one at a time on small machines.

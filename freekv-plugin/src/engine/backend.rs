@@ -6,11 +6,11 @@ use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_core::attention_backend::{
     calculate_builtin_cache_config, paged_attention_backend, register_paged_attention_backend,
     CacheConfig, CacheConfigRequest, ModelConfigLike, PagedAttentionBackend,
-    PagedAttentionLayerBackend,
+    PagedAttentionLayerBackend, SchedulerStats,
 };
 use once_cell::sync::OnceCell;
 
-use super::{layer::FreeKvLayer, model_check, registry};
+use super::{layer::FreeKvLayer, metrics, model_check, registry};
 use crate::{FreeKv, FreeKvConfig, KvDType};
 
 /// The FreeKV paged-attention backend. One per process; the configuration it holds applies
@@ -93,7 +93,7 @@ impl PagedAttentionBackend for FreeKvBackend {
                      set them equal"
                 );
             }
-            calculate_builtin_cache_config(
+            let mut cache_config = calculate_builtin_cache_config(
                 req.mem,
                 Some(page_size),
                 req.dtype,
@@ -104,7 +104,10 @@ impl PagedAttentionBackend for FreeKvBackend {
                 req.silent,
                 req.model_weight_size_in_bytes,
                 req.max_num_tokens,
-            )
+            )?;
+            // FreeKV keeps per-sequence state and attends over rows of any length.
+            cache_config.mixed_length_batches = true;
+            Ok(cache_config)
         })())
     }
 
@@ -129,8 +132,8 @@ impl PagedAttentionBackend for FreeKvBackend {
             caches.push((k, v));
         }
         let handles: Vec<_> = caches.iter().map(|(k, _)| k.id()).collect();
-        let index = registry::add_model(Arc::new(freekv), &handles);
-        let model = &registry::loaded_models()[index].freekv;
+        let model = Arc::new(freekv);
+        let index = registry::add_model(model.clone(), &handles);
         tracing::info!(
             "FreeKV serves model #{index}: {} blocks of {} tokens, KV {dtype:?}, host tier {} MiB, device tier {} KiB per sequence, {:?}",
             cache_config.num_gpu_blocks,
@@ -154,7 +157,7 @@ impl PagedAttentionBackend for FreeKvBackend {
                  summaries assume rotary (or no) positions in the keys; run it with --paged-attn off"
             );
         }
-        Ok(Box::new(FreeKvLayer))
+        Ok(Box::<FreeKvLayer>::default())
     }
 
     fn on_sequence_freed(&self, kv_cache_manager_id: usize, seq_id: usize) {
@@ -163,6 +166,14 @@ impl PagedAttentionBackend for FreeKvBackend {
             model.freekv.free_sequence(seq_id as u64);
             log_counters(&model);
         }
+    }
+
+    fn observe_scheduler(&self, kv_cache_manager_id: usize, stats: &SchedulerStats) {
+        registry::record_scheduler(kv_cache_manager_id, *stats);
+    }
+
+    fn metrics(&self) -> Option<String> {
+        Some(metrics::render(&registry::loaded_models()))
     }
 }
 

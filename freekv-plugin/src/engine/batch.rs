@@ -4,9 +4,12 @@
 //! sequence each row is, its blocks, how many tokens it already has and how many arrive.
 
 use candle_core::{DType, Device, Tensor};
-use mistralrs_core::attention_backend::{PagedAttentionInputMetadata, _PAD_SLOT_ID};
+use mistralrs_core::attention_backend::PagedAttentionInputMetadata;
 
 use crate::{DecodeRow, PrefillRow};
+
+/// The slot the engine's prompt metadata gives padding positions (mistral.rs `_PAD_SLOT_ID`).
+const PAD_SLOT: i64 = -1;
 
 /// One prompt row, owning its block table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,7 +126,7 @@ pub(crate) fn prompt_rows(
     for (b, (seq_id, table)) in ids.into_iter().zip(tables).enumerate() {
         let new_len = slots[b * max_len..(b + 1) * max_len]
             .iter()
-            .filter(|&&s| s != _PAD_SLOT_ID)
+            .filter(|&&s| s != PAD_SLOT)
             .count();
         let cached_len = meta
             .num_cached_tokens
@@ -179,4 +182,138 @@ pub(crate) fn decode_rows(
             })
         })
         .collect()
+}
+
+/// The core tests' seeded PRNG.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../../tests/core/rng.rs"]
+mod test_rng;
+
+#[cfg(test)]
+mod tests {
+    //! Arbitrary engine metadata through the translation: never a panic, and every row it
+    //! accepts is consistent (its table covers its tokens).
+
+    use std::collections::HashMap;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    use candle_core::{DType, Device, Tensor};
+    use mistralrs_core::attention_backend::PagedAttentionInputMetadata;
+
+    use super::test_rng::Rng;
+
+    fn tensor(rng: &mut Rng, dims: &[usize], lo: i64, hi: i64) -> Tensor {
+        let n: usize = dims.iter().product();
+        let values: Vec<i64> = (0..n)
+            .map(|_| lo + (rng.next_u64() % (hi - lo + 1) as u64) as i64)
+            .collect();
+        let t = Tensor::from_vec(values, dims, &Device::Cpu).expect("tensor");
+        let dtype = rng.pick(&[DType::I64, DType::U32, DType::F32, DType::U8]);
+        t.to_dtype(dtype).expect("dtype")
+    }
+
+    fn maybe_map(rng: &mut Rng, t: Tensor) -> Option<HashMap<candle_core::DeviceLocation, Tensor>> {
+        match rng.range(0, 5) {
+            0 => None,
+            1 => Some(HashMap::new()),
+            _ => Some(HashMap::from([(Device::Cpu.location(), t)])),
+        }
+    }
+
+    fn dims(rng: &mut Rng, batch: usize) -> Vec<usize> {
+        match rng.range(0, 4) {
+            0 => vec![rng.range(0, 6)],
+            1 => vec![rng.range(0, 4), rng.range(0, 4), rng.range(0, 3)],
+            _ => vec![batch, rng.range(0, 10)],
+        }
+    }
+
+    fn metadata(rng: &mut Rng, batch: usize, max_len: usize) -> PagedAttentionInputMetadata {
+        let mut meta = PagedAttentionInputMetadata::dummy(&Device::Cpu).expect("dummy");
+        let table_dims = dims(rng, batch);
+        let t = tensor(rng, &table_dims, -3, 40);
+        meta.block_tables = maybe_map(rng, t);
+        if rng.chance(0.5) {
+            meta.full_block_tables = meta.block_tables.clone();
+        }
+        let lens = [{
+            let alt = rng.range(0, 5);
+            rng.pick(&[batch, batch * max_len, alt])
+        }];
+        let t = tensor(rng, &lens, -2, 400);
+        meta.context_lens = maybe_map(rng, t);
+        if rng.chance(0.5) {
+            meta.full_context_lens = meta.context_lens.clone();
+        }
+        let slots = [{
+            let alt = rng.range(0, 9);
+            rng.pick(&[batch * max_len, alt])
+        }];
+        let t = tensor(rng, &slots, -1, 300);
+        meta.slot_mappings = maybe_map(rng, t).unwrap_or_default();
+        if rng.chance(0.8) {
+            let n = {
+                let alt = rng.range(0, 4);
+                rng.pick(&[batch, alt])
+            };
+            meta.seq_ids = Some((0..n).map(|i| i * 7).collect());
+        }
+        if rng.chance(0.3) {
+            let n = {
+                let alt = rng.range(0, 4);
+                rng.pick(&[batch, alt])
+            };
+            meta.num_cached_tokens = Some((0..n).map(|_| rng.range(0, 200)).collect());
+        }
+        meta
+    }
+
+    #[test]
+    fn arbitrary_metadata_never_panics() {
+        let cases = std::env::var("FREEKV_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000_000);
+        let mut rng = Rng::new(0xBA7C);
+        let (mut accepted, mut rejected) = (0, 0);
+        for case in 0..cases {
+            let batch = rng.range(0, 4);
+            let max_len = rng.range(0, 6);
+            let page = rng.pick(&[1, 8, 16, 32]);
+            let meta = metadata(&mut rng, batch, max_len);
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                let prompt = super::prompt_rows(&meta, &Device::Cpu, batch, max_len, page);
+                let decode = super::decode_rows(&meta, &Device::Cpu, batch, page);
+                if let Ok(rows) = &prompt {
+                    assert_eq!(rows.len(), batch);
+                    for r in rows {
+                        assert!(r.new_len <= max_len);
+                        assert!(r.block_table.len() * page >= r.cached_len + r.new_len);
+                    }
+                }
+                if let Ok(rows) = &decode {
+                    assert_eq!(rows.len(), batch);
+                    for r in rows {
+                        assert!(r.block_table.len() * page >= r.context_len);
+                    }
+                }
+                (prompt.is_ok(), decode.is_ok())
+            }));
+            match outcome {
+                Ok((p, d)) => {
+                    accepted += p as usize + d as usize;
+                    rejected += !p as usize + !d as usize;
+                }
+                Err(_) => {
+                    panic!("case {case} (batch {batch}, max_len {max_len}, page {page}) panicked")
+                }
+            }
+        }
+        println!("{accepted} translations accepted, {rejected} rejected, 0 panics");
+        assert!(
+            accepted > 0 && rejected > 0,
+            "the fuzz never reached one side"
+        );
+    }
 }

@@ -5,12 +5,18 @@ use mistralrs_core::attention_backend::{
     FlashParams, PagedAttentionInputMetadata, PagedAttentionLayerBackend, Sdpa, SdpaParams,
 };
 
+use std::sync::Arc;
+
 use super::{batch, registry};
-use crate::AttnParams;
+use crate::{AttnParams, FreeKv};
 
 /// A model layer's paged attention. The layer does not know its index at construction
 /// (the engine builds layers before the cache); each call finds it from its cache handle.
-pub struct FreeKvLayer;
+/// Once it has served a call it keeps its model's instance alive (see `registry`).
+#[derive(Default)]
+pub struct FreeKvLayer {
+    instance: std::sync::Mutex<Option<Arc<FreeKv>>>,
+}
 
 fn engine_err(e: anyhow::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("FreeKV: {e:#}"))
@@ -38,15 +44,16 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
                 "FreeKV: this model uses attention-sink logits (e.g. GPT-OSS), which FreeKV does not support; run it with --paged-attn off"
             );
         }
-        let (model, layer) = registry::lookup(key_cache.id()).ok_or_else(|| {
+        let (index, freekv, layer) = registry::adopt(key_cache.id()).ok_or_else(|| {
             candle_core::Error::Msg(
                 "FreeKV: a forward call came with a KV cache FreeKV did not allocate".into(),
             )
         })?;
+        *self.instance.lock().unwrap_or_else(|e| e.into_inner()) = Some(freekv.clone());
         if let Some(manager) = meta.kv_cache_manager_id {
-            registry::bind_manager(manager, model.index);
+            registry::bind_manager(manager, index);
         }
-        let freekv = &model.freekv;
+        let freekv = &*freekv;
         let page_size = freekv.config().page_size;
         let params = AttnParams {
             softmax_scale: sdpa.softmax_scale,

@@ -15,11 +15,17 @@
 //!    host tier holds the engine's blocks, and hands the engine one small handle tensor pair
 //!    per layer: their tensor ids tell each forward call which model and layer it serves.
 //! 3. Every forward call becomes a FreeKV prefill or decode of that layer for the batch's
-//!    sequences; the engine reports freed sequences, whose state is dropped.
+//!    sequences (rows of any length: the cache configuration lets the engine's scheduler
+//!    batch them); the engine reports freed sequences, whose state is dropped, and after each
+//!    scheduling pass how full its block pool (our host tier) is.
+//! 4. The server's `/metrics` shows FreeKV's counters, live sequence states and the pool
+//!    ([`metrics`]). When the engine drops the model, its layers drop the instance and with
+//!    it the host tier.
 
 mod backend;
 mod batch;
 mod layer;
+mod metrics;
 mod model_check;
 mod registry;
 

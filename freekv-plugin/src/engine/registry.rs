@@ -1,15 +1,21 @@
-//! Which FreeKV instance and layer a forward call serves, and which instance a freed
-//! sequence belonged to.
+//! Which FreeKV instance and layer a forward call serves, which instance a freed sequence
+//! belonged to, and what the engine's scheduler last reported about its block pool.
 //!
 //! The engine hands every layer the cache tensors we allocated; their ids map to
 //! `(instance, layer)`. Sequence ids are unique only within one engine KV-cache manager,
 //! so each instance learns its manager id from the first metadata it sees and sequence
 //! frees are routed by that id.
+//!
+//! Ownership: the model's attention layers own their instance (each [`super::layer`] keeps an
+//! `Arc` once it has served a call), the registry only a weak reference, so the host tier is
+//! freed when the engine drops the model. Between allocation and the first forward call the
+//! registry holds the instance itself.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use candle_core::TensorId;
+use mistralrs_core::attention_backend::SchedulerStats;
 use once_cell::sync::Lazy;
 
 use crate::FreeKv;
@@ -20,11 +26,21 @@ pub struct LoadedModel {
     /// Process-unique number, in load order.
     pub index: usize,
     pub freekv: Arc<FreeKv>,
+    /// What the engine's scheduler last reported for this model's block pool (the host tier).
+    pub scheduler: Option<SchedulerStats>,
+}
+
+struct Entry {
+    freekv: Weak<FreeKv>,
+    /// The instance until a layer has adopted it (see the module docs).
+    unadopted: Option<Arc<FreeKv>>,
+    scheduler: Option<SchedulerStats>,
 }
 
 #[derive(Default)]
 struct Registry {
-    models: Vec<LoadedModel>,
+    /// Indexed by model index; entries of dropped models stay (their weak reference dead).
+    models: Vec<Entry>,
     /// Cache handle (key tensor id) -> (model index, layer).
     layers: HashMap<TensorId, (usize, usize)>,
     /// Engine KV-cache manager id -> model index.
@@ -39,22 +55,30 @@ fn lock() -> std::sync::MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Records a new model and the key-cache handle of each of its layers.
+/// Records a new model and the key-cache handle of each of its layers; returns its index.
 pub(crate) fn add_model(freekv: Arc<FreeKv>, layer_handles: &[TensorId]) -> usize {
     let mut reg = lock();
     let index = reg.models.len();
-    reg.models.push(LoadedModel { index, freekv });
+    reg.models.push(Entry {
+        freekv: Arc::downgrade(&freekv),
+        unadopted: Some(freekv),
+        scheduler: None,
+    });
     for (layer, id) in layer_handles.iter().enumerate() {
         reg.layers.insert(*id, (index, layer));
     }
     index
 }
 
-/// The model and layer a key-cache handle belongs to.
-pub(crate) fn lookup(handle: TensorId) -> Option<(LoadedModel, usize)> {
-    let reg = lock();
+/// The model (index and instance) and layer a key-cache handle belongs to. The caller (a
+/// model layer) keeps the instance alive from now on.
+pub(crate) fn adopt(handle: TensorId) -> Option<(usize, Arc<FreeKv>, usize)> {
+    let mut reg = lock();
     let (index, layer) = *reg.layers.get(&handle)?;
-    Some((reg.models[index].clone(), layer))
+    let entry = &mut reg.models[index];
+    let freekv = entry.freekv.upgrade()?;
+    entry.unadopted = None;
+    Some((index, freekv, layer))
 }
 
 /// Ties an engine KV-cache manager to a model (idempotent).
@@ -63,14 +87,34 @@ pub(crate) fn bind_manager(manager_id: usize, model_index: usize) {
     reg.managers.entry(manager_id).or_insert(model_index);
 }
 
-/// The model whose sequences the manager `manager_id` allocates, if it ran a forward yet.
+/// The live model whose sequences the manager `manager_id` allocates, if it ran a forward.
 pub(crate) fn model_for_manager(manager_id: usize) -> Option<LoadedModel> {
     let reg = lock();
     let index = *reg.managers.get(&manager_id)?;
-    Some(reg.models[index].clone())
+    live(&reg, index)
 }
 
-/// Every model loaded with FreeKV in this process (for counters and diagnostics).
+/// Records the scheduler's report for the model of manager `manager_id` (if bound).
+pub(crate) fn record_scheduler(manager_id: usize, stats: SchedulerStats) {
+    let mut reg = lock();
+    if let Some(&index) = reg.managers.get(&manager_id) {
+        reg.models[index].scheduler = Some(stats);
+    }
+}
+
+fn live(reg: &Registry, index: usize) -> Option<LoadedModel> {
+    let entry = reg.models.get(index)?;
+    Some(LoadedModel {
+        index,
+        freekv: entry.freekv.upgrade()?,
+        scheduler: entry.scheduler,
+    })
+}
+
+/// Every model served by FreeKV in this process that is still loaded, in load order.
 pub fn loaded_models() -> Vec<LoadedModel> {
-    lock().models.clone()
+    let reg = lock();
+    (0..reg.models.len())
+        .filter_map(|i| live(&reg, i))
+        .collect()
 }

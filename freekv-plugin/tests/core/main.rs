@@ -5,13 +5,15 @@
 //! - `equivalence`: budget >= context equals dense, dense mode and dense layers;
 //! - `retrieval`: sync = brute force, speculation uses `q_{i-1}`, correction, tau = 1;
 //! - `tiers`: prefix hits, block reuse, rebuilds, freeing, errors, counters;
-//! - `trace`: an insta snapshot of a small deterministic trace.
+//! - `trace`: an insta snapshot of a small deterministic trace;
+//! - `fuzz`: arbitrary knob values through parsing, validation and an instance.
 
 mod harness;
 mod reference;
 mod rng;
 
 mod equivalence;
+mod fuzz;
 mod retrieval;
 mod tiers;
 mod trace;

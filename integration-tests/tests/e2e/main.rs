@@ -7,6 +7,7 @@
 #![allow(clippy::await_holding_lock)]
 
 mod bad_input;
+mod load;
 mod server;
 mod smollm2;
 mod tiny;

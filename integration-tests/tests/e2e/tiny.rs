@@ -153,6 +153,7 @@ async fn concurrent_requests_of_different_lengths_stay_on_their_own_path() -> an
         (small_budget(), "budget 128"),
     ] {
         let fkv = load(Source::Plain(&model.dir), &Attention::freekv(config), 8).await?;
+        let freekv = fkv.freekv.clone().expect("a FreeKV model");
         let generations = greedy_concurrently(fkv.model, &prompts, 120).await?;
         for (i, got) in generations.into_iter().enumerate() {
             assert_eq!(got.tokens.len(), 120, "{label}: request {i} stopped early");
@@ -176,12 +177,7 @@ async fn concurrent_requests_of_different_lengths_stay_on_their_own_path() -> an
                 );
             }
         }
-        let c = freekv_plugin::engine::loaded_models()
-            .last()
-            .expect("a FreeKV model")
-            .freekv
-            .counters()
-            .total;
+        let c = freekv.counters().total;
         println!("{label}: {c:?}");
     }
     Ok(())
@@ -260,6 +256,37 @@ async fn batched_requests_of_equal_length_stay_on_their_own_path() -> anyhow::Re
             prefix >= required,
             "batched request {i} left its reference path at token {prefix}, before the first near-tie at {required}"
         );
+    }
+    Ok(())
+}
+
+/// A long-lived SDK host loads and drops models: dropping a `Model` must free its FreeKV
+/// instance (host tier, per-sequence state, worker thread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_model_frees_its_host_tier() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = paths::scratch("tiny-drop")?;
+    let model = write_tiny_model(Arch::Llama, &dir, 5)?;
+    let fkv = load(
+        Source::Plain(&model.dir),
+        &Attention::freekv(small_budget()),
+        2,
+    )
+    .await?;
+    let freekv = fkv.freekv.clone().expect("a FreeKV model");
+    greedy(&fkv.model, &filler_text(9, 300), 8).await?;
+    assert_eq!(freekv.live_sequences(), 0, "a finished request left state");
+    let weak = Arc::downgrade(&freekv);
+    drop(freekv);
+    drop(fkv);
+    let start = std::time::Instant::now();
+    while weak.strong_count() > 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "the FreeKV instance is still alive 30 s after its model was dropped ({} owners)",
+            weak.strong_count()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     Ok(())
 }

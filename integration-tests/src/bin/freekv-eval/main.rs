@@ -2,7 +2,7 @@
 //! through the engine as users run it (the Rust SDK, and the engine's `mistralrs bench`).
 //!
 //! ```text
-//! freekv-eval <passkey|agreement|speed|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
+//! freekv-eval <passkey|agreement|speed|load|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
 //! ```
 //!
 //! `plots` redraws the PNGs from the JSON files already in the output folder.
@@ -13,6 +13,7 @@
 //! smoke variant that `cargo xtask test` runs.
 
 mod agreement;
+mod load;
 mod passkey;
 mod plot;
 mod speed;
@@ -31,7 +32,8 @@ pub struct Ctx {
     pub quick: bool,
 }
 
-const USAGE: &str = "usage: freekv-eval <passkey|agreement|speed|all|plots> [--quick] [--out DIR] \
+const USAGE: &str =
+    "usage: freekv-eval <passkey|agreement|speed|load|all|plots> [--quick] [--out DIR] \
                      [--gguf FILE] [--mistralrs BIN]";
 
 fn parse_args() -> Result<(Vec<String>, Ctx)> {
@@ -49,8 +51,8 @@ fn parse_args() -> Result<(Vec<String>, Ctx)> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
-            "passkey" | "agreement" | "speed" | "plots" => parts.push(a),
-            "all" => parts.extend(["passkey", "agreement", "speed"].map(String::from)),
+            "passkey" | "agreement" | "speed" | "load" | "plots" => parts.push(a),
+            "all" => parts.extend(["passkey", "agreement", "speed", "load"].map(String::from)),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -221,6 +223,36 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                 write(&cx.out, "speed.md", &md)?;
                 println!("{md}");
                 draw(cx, "decode-latency.png", &speed::chart(&rows))?;
+            }
+            "load" => {
+                let plan = load::Plan::new(cx.quick);
+                let runs = load::run(cx, &plan)?;
+                write(&cx.out, "load.json", &json(&runs)?)?;
+                let mut md = header(part, t.elapsed().as_secs_f64());
+                md += &format!(
+                    "{} streaming chats, every {}th abandoned after three events, {} completion \
+                     tokens each, prompts of {}-{} filler words; `mistralrs serve` on this CPU.\n\n",
+                    plan.load.streams,
+                    plan.load.cancel_every,
+                    plan.load.max_tokens,
+                    plan.load.min_words,
+                    plan.load.min_words + plan.load.span_words
+                );
+                md += &load::table(&runs);
+                write(&cx.out, "load.md", &md)?;
+                println!("{md}");
+                let fkv = &runs[0];
+                anyhow::ensure!(
+                    fkv.completed == fkv.expected && fkv.failed == 0,
+                    "FreeKV under load: {} of {} streams completed",
+                    fkv.completed,
+                    fkv.expected
+                );
+                anyhow::ensure!(
+                    fkv.idle_sequences == Some(0.0),
+                    "FreeKV state not back to idle after the load: {:?}",
+                    fkv.idle_sequences
+                );
             }
             "plots" => replot(cx)?,
             other => bail!("unknown part {other}"),
