@@ -11,6 +11,17 @@ use crate::http;
 use crate::server::{chat, streamed_answer};
 use crate::tiny_models::filler_text;
 
+/// The FreeKV knobs of the load runs: budget 128 = 32 sink + 32 window + 2 pages of 32
+/// (sparse from 128 tokens on).
+pub const FREEKV_B128: &[&str] = &[
+    "--freekv-budget",
+    "128",
+    "--freekv-sink",
+    "32",
+    "--freekv-window",
+    "32",
+];
+
 /// What to send.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct LoadPlan {

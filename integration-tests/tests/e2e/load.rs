@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use freekv_integration_tests::load::{run_concurrent, LoadPlan};
+use freekv_integration_tests::load::{run_concurrent, LoadPlan, FREEKV_B128};
 use freekv_integration_tests::server::{answer, chat, Server};
 use freekv_integration_tests::tiny_models::filler_text;
 use freekv_integration_tests::{http, serial};
@@ -26,16 +26,6 @@ const PLAN: LoadPlan = LoadPlan {
 };
 /// No request may take longer than this (the whole load takes ~2-3 minutes on 2 cores).
 const REQUEST_BOUND_S: f64 = 420.0;
-
-/// FreeKV budget 128 = 32 sink + 32 window + 2 pages of 32: sparse from 128 tokens on.
-const FREEKV: &[&str] = &[
-    "--freekv-budget",
-    "128",
-    "--freekv-sink",
-    "32",
-    "--freekv-window",
-    "32",
-];
 
 /// Polls `/metrics` until FreeKV holds no sequence and the pool is entirely free.
 fn wait_idle(server: &Server) -> Result<std::collections::HashMap<String, f64>> {
@@ -63,7 +53,7 @@ fn mixed_length_streams_under_memory_pressure() -> Result<()> {
     // 2048 tokens = 64 blocks of 32: the 32 requests need ~130 blocks at once.
     let mut server = Server::smollm2(
         "load",
-        FREEKV,
+        FREEKV_B128,
         &["--pa-context-len", "2048", "--max-seqs", "32"],
     )?;
     let report = run_concurrent(server.port, &PLAN);
@@ -134,7 +124,7 @@ fn preempted_sequences_finish_when_the_pool_is_short() -> Result<()> {
     // preempted and prefilled again (a prefix-cache hit), and every one still finishes.
     let mut server = Server::smollm2(
         "preemption",
-        FREEKV,
+        FREEKV_B128,
         &["--pa-context-len", "384", "--max-seqs", "4"],
     )?;
     let port = server.port;
@@ -214,7 +204,7 @@ fn bad_requests_get_client_errors_and_the_server_keeps_serving() -> Result<()> {
     let _serial = serial();
     let mut server = Server::smollm2(
         "bad-requests",
-        FREEKV,
+        FREEKV_B128,
         &["--pa-context-len", "2048", "--max-seqs", "4"],
     )?;
     let port = server.port;

@@ -6,7 +6,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Result;
-use freekv_integration_tests::load::{run_concurrent, run_sequential, LoadPlan, LoadReport};
+use freekv_integration_tests::load::{
+    run_concurrent, run_sequential, LoadPlan, LoadReport, FREEKV_B128,
+};
 use freekv_integration_tests::server::Server;
 use serde::{Deserialize, Serialize};
 
@@ -137,15 +139,6 @@ fn with_server(
     Ok((report, metrics))
 }
 
-const FREEKV: &[&str] = &[
-    "--freekv-budget",
-    "128",
-    "--freekv-sink",
-    "32",
-    "--freekv-window",
-    "32",
-];
-
 pub fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Run>> {
     let load = plan.load;
     let serve = ["--pa-context-len", "16384", "--max-seqs", "32"];
@@ -154,7 +147,7 @@ pub fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Run>> {
     let (r, m) = with_server(
         cx,
         "load-freekv",
-        FREEKV,
+        FREEKV_B128,
         &serve,
         plan.sequential_cap,
         move |p| run_concurrent(p, &load),
@@ -168,9 +161,14 @@ pub fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Run>> {
     runs.push(run);
 
     let cap = plan.sequential_cap;
-    let (r, _) = with_server(cx, "load-freekv-seq", FREEKV, &serve, cap * 2, move |p| {
-        run_sequential(p, &load, cap)
-    })?;
+    let (r, _) = with_server(
+        cx,
+        "load-freekv-seq",
+        FREEKV_B128,
+        &serve,
+        cap * 2,
+        move |p| run_sequential(p, &load, cap),
+    )?;
     let run = summarise("FreeKV B=128", "one at a time", &load, &r);
     eprintln!("{run:?}");
     runs.push(run);
