@@ -24,12 +24,12 @@ use std::time::Instant;
 
 use cudarc::driver::{result, sys, CudaContext};
 use freekv_plugin::cuda::device_tier::{LayerTier, TierShape};
-use freekv_plugin::cuda::kernels::{Kernels, Pooling, RecallJob, SeqDesc, SummaryMode};
+use freekv_plugin::cuda::kernels::{KernelPooling, Kernels, RecallJob, SeqDesc, SummaryMode};
 use freekv_plugin::cuda::mem::{DeviceBuffer, PinnedBuffer};
 use freekv_plugin::cuda::module;
-use freekv_plugin::cuda::pinned::{HostLayout, HostTier};
+use freekv_plugin::cuda::pinned::{HostLayout, PinnedHostTier};
 use freekv_plugin::cuda::recall::{ChunkCopy, RawEvent, RecallMode, RecallPipeline};
-use freekv_plugin::cuda::source::{KernelConfig, KvDtype};
+use freekv_plugin::cuda::source::{KernelConfig, KernelDtype};
 
 const N_KV: usize = 8;
 const GROUP: usize = 4;
@@ -82,7 +82,7 @@ struct Setup {
     ctx_len: usize,
     n_pages: usize,
     layers: usize,
-    host: HostTier,
+    host: PinnedHostTier,
     dense: Vec<LayerTier>,
     tiers: Vec<LayerTier>,
     /// Queries of every step and layer: [steps + 1][layers][N_Q][D] bf16.
@@ -140,7 +140,7 @@ fn main() -> anyhow::Result<()> {
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![32768, 65536, 131072]);
     let cfg = KernelConfig {
-        dtype: KvDtype::Bf16,
+        dtype: KernelDtype::Bf16,
         head_dim: D,
         page_size: P,
         group: GROUP,
@@ -227,7 +227,7 @@ fn bandwidth(b: &Bench, out: &mut Out, layout: HostLayout) -> anyhow::Result<()>
     }
     // Recall: random (page, head) chunks of a 2 GiB host region into 64-slot layer tiers.
     let n_blocks = (2usize << 30) / layout.page_bytes() / layout.n_layers;
-    let host = HostTier::new(&b.ctx, layout, n_blocks.max(1))?;
+    let host = PinnedHostTier::new(&b.ctx, layout, n_blocks.max(1))?;
     let shape = TierShape {
         n_kv: N_KV,
         group: GROUP,
@@ -287,7 +287,7 @@ fn build(
     layout: HostLayout,
 ) -> anyhow::Result<Setup> {
     let n_pages = ctx_len / P;
-    let mut host = HostTier::new(&b.ctx, layout, n_pages)?;
+    let mut host = PinnedHostTier::new(&b.ctx, layout, n_pages)?;
     let mut rng = Rng(0x9e3779b97f4a7c15 ^ ctx_len as u64);
     // Keys: noise plus a per-page direction so that pages differ in relevance; values: noise.
     for blk in 0..n_pages {
@@ -534,7 +534,7 @@ fn select(b: &Bench, st: &Setup, l: usize, q: u64, stream: sys::CUstream) -> any
         cc,
         raw,
         pooled,
-        Pooling::SoftmaxMean,
+        KernelPooling::SoftmaxMean,
     )?;
     b.k.topk_replace(stream, pooled, descs, 1, N_KV, cc, N_SEL, counts, lists)?;
     let host = &b.lists_host.as_slice()[l * N_KV * (N_SEL * 8 + 4)..];

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use freekv_plugin::{
-    AttnParams, DecodeRow, DeviceTier, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow,
+    AttnParams, DecodeRow, DeviceTierLayout, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape,
+    PrefillRow,
 };
 
 const LAYERS: usize = 8;
@@ -274,7 +275,7 @@ impl Variant {
     }
 }
 
-fn config(mode: Mode, tier: DeviceTier) -> FreeKvConfig {
+fn config(mode: Mode, tier: DeviceTierLayout) -> FreeKvConfig {
     FreeKvConfig {
         page_size: PAGE,
         budget: BUDGET,
@@ -339,19 +340,24 @@ fn main() {
             prefill(shape, config(mode, tier), &prompt, len, total_steps, label)
         };
         let mut variants = vec![
-            run(Mode::Dense, DeviceTier::InPlace, ctx, "dense"),
-            run(Mode::Sync, DeviceTier::InPlace, ctx, "sync"),
-            run(Mode::Speculative, DeviceTier::InPlace, ctx, "speculative"),
-            run(Mode::FreeKv, DeviceTier::InPlace, ctx, "freekv"),
+            run(Mode::Dense, DeviceTierLayout::InPlace, ctx, "dense"),
+            run(Mode::Sync, DeviceTierLayout::InPlace, ctx, "sync"),
+            run(
+                Mode::Speculative,
+                DeviceTierLayout::InPlace,
+                ctx,
+                "speculative",
+            ),
+            run(Mode::FreeKv, DeviceTierLayout::InPlace, ctx, "freekv"),
             // The oracle: 2048 tokens already in place, plain attention over them.
             run(
                 Mode::Dense,
-                DeviceTier::InPlace,
+                DeviceTierLayout::InPlace,
                 BUDGET - total_steps,
                 "oracle",
             ),
-            run(Mode::Sync, DeviceTier::Copy, ctx, "sync-copy"),
-            run(Mode::FreeKv, DeviceTier::Copy, ctx, "freekv-copy"),
+            run(Mode::Sync, DeviceTierLayout::Copy, ctx, "sync-copy"),
+            run(Mode::FreeKv, DeviceTierLayout::Copy, ctx, "freekv-copy"),
         ];
         drop(prompt);
         for v in variants.iter_mut() {

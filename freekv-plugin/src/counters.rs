@@ -122,6 +122,28 @@ impl LayerCounters {
         })
     }
 
+    /// One line for a log: the user-facing figures as `key=value` pairs (times in ms).
+    pub fn summary(&self) -> String {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        format!(
+            "prefill_tokens={} decode_steps={} sparse_steps={} blocking_selections={} \
+             rebuilds={} correction_rate={:.3} head_selections={} pages_recalled={} \
+             bytes_moved={} blocking_ms={:.2} background_ms={:.2} wait_ms={:.2}",
+            self.prefill_tokens,
+            self.decode_steps,
+            self.sparse_steps,
+            self.blocking_selections,
+            self.rebuilds,
+            self.correction_rate(),
+            self.head_selections,
+            self.pages_recalled,
+            self.bytes_moved,
+            ms(self.blocking_ns),
+            ms(self.background_ns),
+            ms(self.wait_ns),
+        )
+    }
+
     /// Corrected heads per checked head (0 when none was checked).
     pub fn correction_rate(&self) -> f64 {
         if self.heads_checked == 0 {
@@ -187,6 +209,14 @@ mod tests {
         assert_eq!(c.total.wait_ns, 5);
         assert!((c.total.correction_rate() - 0.2).abs() < 1e-12);
         assert_eq!(LayerCounters::default().correction_rate(), 0.0);
+        let line = c.total.summary();
+        assert!(
+            line.starts_with("prefill_tokens=0 decode_steps=5 sparse_steps=0"),
+            "{line}"
+        );
+        assert!(line.contains(" correction_rate=0.200 "), "{line}");
+        assert!(line.contains(" bytes_moved=10 "), "{line}");
+        assert!(line.ends_with(" wait_ms=0.00"), "{line}");
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json["total"]["heads_corrected"], 2);
         assert_eq!(json["per_layer"][1]["decode_steps"], 3);

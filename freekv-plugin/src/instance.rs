@@ -26,7 +26,7 @@ use crate::timeline::{self, LayerCtx};
 use crate::{prefill, AttnParams, DecodeRow, FreeKvConfig, ModelShape, PrefillRow};
 
 /// The object-safe face of an instance (one per backend and dtype).
-pub trait Engine: Send + Sync {
+pub trait AnyInstance: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn prefill(
         &self,
@@ -47,7 +47,7 @@ pub trait Engine: Send + Sync {
         v: &Tensor,
         params: &AttnParams,
     ) -> anyhow::Result<Tensor>;
-    fn free_sequence(&self, seq_id: u64);
+    fn free_sequence(&self, seq_id: u64) -> Option<LayerCounters>;
     fn live_sequences(&self) -> usize;
     fn counters(&self) -> Counters;
     fn host_tier_bytes(&self) -> usize;
@@ -257,7 +257,7 @@ impl<B: Backend> Drop for Instance<B> {
     }
 }
 
-impl<B: Backend> Engine for Instance<B> {
+impl<B: Backend> AnyInstance for Instance<B> {
     fn prefill(
         &self,
         layer: usize,
@@ -325,15 +325,19 @@ impl<B: Backend> Engine for Instance<B> {
         Ok(out)
     }
 
-    fn free_sequence(&self, seq_id: u64) {
+    fn free_sequence(&self, seq_id: u64) -> Option<LayerCounters> {
+        let mut freed: Option<LayerCounters> = None;
         for cell in &self.shared.layers {
             drop(self.wait_idle(cell));
             let mut state = match cell.state.lock() {
                 Ok(s) => s,
                 Err(e) => e.into_inner(),
             };
-            state.seqs.remove(&seq_id);
+            if let Some(c) = state.remove_sequence(seq_id) {
+                freed.get_or_insert_with(LayerCounters::default).add(&c);
+            }
         }
+        freed
     }
 
     fn live_sequences(&self) -> usize {
@@ -351,8 +355,8 @@ impl<B: Backend> Engine for Instance<B> {
                 .layers
                 .iter()
                 .map(|cell| match cell.state.lock() {
-                    Ok(s) => s.counters,
-                    Err(e) => e.into_inner().counters,
+                    Ok(s) => s.totals(),
+                    Err(e) => e.into_inner().totals(),
                 })
                 .collect::<Vec<LayerCounters>>(),
         )
@@ -386,7 +390,7 @@ impl<B: Backend> Engine for Instance<B> {
         drop(self.wait_idle(cell));
         let state = cell.state.lock().ok()?;
         let seq = state.seqs.get(&seq_id)?;
-        let dev = seq.dev.as_ref().filter(|_| seq.ready)?;
+        let dev = seq.dev.as_ref().filter(|_| seq.has_selection())?;
         Some(
             (0..self.shared.geo.num_kv_heads)
                 .map(|h| self.shared.backend.resident_pages(dev, h, seq.len))

@@ -40,7 +40,7 @@ pub mod cli;
 use candle_core::Tensor;
 use half::{bf16, f16};
 
-pub use config::{ConfigError, DeviceTier, FreeKvConfig, Mode, Pooling, SummaryKind};
+pub use config::{ConfigError, DeviceTierLayout, FreeKvConfig, Mode, Pooling, SummaryKind};
 pub use counters::{Counters, LayerCounters};
 pub use state::StepTrace;
 pub use types::{AttnParams, DecodeRow, KvDType, ModelShape, PrefillRow};
@@ -48,7 +48,7 @@ pub use types::{AttnParams, DecodeRow, KvDType, ModelShape, PrefillRow};
 use backend::cpu::CpuBackend;
 use backend::Backend;
 use geometry::Geometry;
-use instance::{Engine, Instance};
+use instance::{AnyInstance, Instance};
 
 /// FreeKV for one loaded model: the host tier of every layer, every sequence's per-layer
 /// state, and a background worker thread for the speculative selections.
@@ -59,17 +59,17 @@ use instance::{Engine, Instance};
 pub struct FreeKv {
     config: FreeKvConfig,
     shape: ModelShape,
-    inner: Box<dyn Engine>,
+    inner: Box<dyn AnyInstance>,
 }
 
-/// One backend's instance behind the object-safe [`Engine`] face.
+/// One backend's instance behind the object-safe [`AnyInstance`] face.
 fn instance<B: Backend>(
     backend: B,
     config: &FreeKvConfig,
     shape: &ModelShape,
     num_blocks: usize,
     dtype_name: &str,
-) -> anyhow::Result<Box<dyn Engine>> {
+) -> anyhow::Result<Box<dyn AnyInstance>> {
     Ok(Box::new(Instance::new(
         backend,
         config.clone(),
@@ -199,9 +199,10 @@ impl FreeKv {
         self.inner.decode(layer, rows, q, k, v, params)
     }
 
-    /// Drops all state of a sequence (every layer); unknown ids are a no-op. Its blocks stay
-    /// in the host tier until the engine reuses them.
-    pub fn free_sequence(&self, seq_id: u64) {
+    /// Drops all state of a sequence (every layer) and returns what FreeKV did for it since
+    /// its prefill, summed over layers (None for an unknown id, which is a no-op). Its blocks
+    /// stay in the host tier until the engine reuses them.
+    pub fn free_sequence(&self, seq_id: u64) -> Option<LayerCounters> {
         self.inner.free_sequence(seq_id)
     }
 

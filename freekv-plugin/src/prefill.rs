@@ -70,7 +70,6 @@ pub fn prefill_step<B: Backend>(
         );
         cx.backend
             .ensure_summaries(&mut st.host, table, total / geo.page_size, &mut st.scratch);
-        st.counters.prefill_tokens += row.new_len as u64;
     }
     // 2. Dense causal attention of the new queries over cached + new keys.
     if want_output {
@@ -94,7 +93,6 @@ pub fn prefill_step<B: Backend>(
         seqs,
         batch,
         scratch,
-        counters,
         all_heads,
         ..
     } = st;
@@ -106,9 +104,9 @@ pub fn prefill_step<B: Backend>(
         seq.table
             .extend_from_slice(&row.block_table[..geo.pages(total)]);
         seq.params = *params;
-        seq.ready = false;
-        seq.pending = false;
+        seq.forget();
         seq.trace = None;
+        seq.counters.prefill_tokens += row.new_len as u64;
         if cx.dense_layer || !geo.is_sparse(total + 1) {
             continue;
         }
@@ -117,10 +115,10 @@ pub fn prefill_step<B: Backend>(
             .dev
             .get_or_insert_with(|| cx.backend.alloc_device_tier());
         let stats = cx.backend.reset_working_set(host, &seq.table, dev, total);
-        counters.pages_recalled += stats.pages as u64;
-        counters.bytes_moved += stats.bytes as u64;
+        seq.counters.pages_recalled += stats.pages as u64;
+        seq.counters.bytes_moved += stats.bytes as u64;
         cx.backend.store_query(dev, batch, r, row.new_len - 1);
-        select_for_next_step(cx, host, seq, all_heads, scratch, counters);
-        counters.blocking_ns += t.elapsed().as_nanos() as u64;
+        select_for_next_step(cx, host, seq, all_heads, scratch);
+        seq.counters.blocking_ns += t.elapsed().as_nanos() as u64;
     }
 }

@@ -18,15 +18,15 @@ pub struct SeqLayer<B: Backend> {
     pub table: Vec<u32>,
     /// The working set; `None` until the sequence first attends sparsely.
     pub dev: Option<B::DeviceTier>,
-    /// The working set holds a selection made for the next step (sink, window and selected
-    /// pages installed). False while the sequence attends densely or after a rebuild.
-    pub ready: bool,
-    /// The worker owes this sequence a selection with its stored query for `len + 1`.
-    pub pending: bool,
+    /// Where the sequence's selection stands (see [`Phase`]).
+    pub phase: Phase,
     /// Attention parameters of the last step (the worker's selection needs the window).
     pub params: AttnParams,
     /// The last step, when traces are on.
     pub trace: Option<StepTrace>,
+    /// What FreeKV did for this sequence on this layer since its prefill (the per-request
+    /// counters; folded into the layer's when the sequence is freed).
+    pub counters: LayerCounters,
 }
 
 impl<B: Backend> SeqLayer<B> {
@@ -35,11 +35,54 @@ impl<B: Backend> SeqLayer<B> {
             len: 0,
             table: Vec::new(),
             dev: None,
-            ready: false,
-            pending: false,
+            phase: Phase::Unselected,
             params: AttnParams::scaled(1.0),
             trace: None,
+            counters: LayerCounters::default(),
         }
+    }
+}
+
+/// Where a sequence's selection stands on one layer. Every transition is a method here:
+///
+/// ```text
+/// Unselected --select()--> Selected --speculate()--> Speculating --select()--> Selected
+///      ^                                                                          |
+///      +------------------------ forget() (rebuild, dense step) -----------------+
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// No selection is installed: the next sparse step selects for every head on the critical
+    /// path (a first sparse step, or after a rebuild or a dense step).
+    Unselected,
+    /// The working set holds the selection made for the next step (sink, window and selected
+    /// pages installed).
+    Selected,
+    /// The worker owes the sequence the selection for its next step, made with the stored
+    /// query; the calling thread joins it before the layer's next call.
+    Speculating,
+}
+
+impl<B: Backend> SeqLayer<B> {
+    /// A selection for the next step is installed.
+    pub fn select(&mut self) {
+        self.phase = Phase::Selected;
+    }
+
+    /// The next step's selection is left to the worker.
+    pub fn speculate(&mut self) {
+        self.phase = Phase::Speculating;
+    }
+
+    /// The installed selection no longer applies (the context was rebuilt, or the step was
+    /// dense).
+    pub fn forget(&mut self) {
+        self.phase = Phase::Unselected;
+    }
+
+    /// Whether the working set holds a selection (made, or being made by the worker).
+    pub fn has_selection(&self) -> bool {
+        self.phase != Phase::Unselected
     }
 }
 
@@ -78,6 +121,8 @@ pub struct LayerState<B: Backend> {
     pub batch: B::Batch,
     /// The calling thread's scratch for this layer.
     pub scratch: B::Scratch,
+    /// The layer's own counts (waits, background time) and those of freed sequences; live
+    /// sequences count in their [`SeqLayer::counters`] (see [`LayerState::totals`]).
     pub counters: LayerCounters,
     /// Per-row decisions of the current call.
     pub steps: Vec<RowStep>,
@@ -101,5 +146,21 @@ impl<B: Backend> LayerState<B> {
             heads: vec![false; n_kv],
             all_heads: vec![true; n_kv],
         }
+    }
+
+    /// Everything this layer counted: its own counts plus those of its live sequences.
+    pub fn totals(&self) -> LayerCounters {
+        let mut t = self.counters;
+        for seq in self.seqs.values() {
+            t.add(&seq.counters);
+        }
+        t
+    }
+
+    /// Drops a sequence's state, folding its counters into the layer's; returns them.
+    pub fn remove_sequence(&mut self, seq_id: u64) -> Option<LayerCounters> {
+        let seq = self.seqs.remove(&seq_id)?;
+        self.counters.add(&seq.counters);
+        Some(seq.counters)
     }
 }

@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use crate::backend::Backend;
 use crate::geometry::Geometry;
-use crate::state::{LayerState, RowStep, SeqLayer, StepTrace};
+use crate::state::{LayerState, Phase, RowStep, SeqLayer, StepTrace};
 use crate::{AttnParams, DecodeRow, FreeKvConfig, Mode};
 
 /// What a step needs to know about its layer.
@@ -108,27 +108,26 @@ fn append<B: Backend>(
             len / geo.page_size,
             &mut st.scratch,
         );
-        seq.ready = false;
-        seq.pending = false;
-        st.counters.rebuilds += 1;
+        seq.forget();
+        seq.counters.rebuilds += 1;
     }
-    st.counters.decode_steps += 1;
+    seq.counters.decode_steps += 1;
     if cx.dense_layer || !geo.is_sparse(len) {
-        seq.ready = false;
+        seq.forget();
         return Ok(RowStep::Dense);
     }
-    st.counters.sparse_steps += 1;
+    seq.counters.sparse_steps += 1;
     let dev = seq
         .dev
         .get_or_insert_with(|| cx.backend.alloc_device_tier());
-    if seq.ready {
+    if seq.phase != Phase::Unselected {
         cx.backend
             .advance_window(&seq.table, dev, len, &st.batch, r);
         Ok(RowStep::Speculated)
     } else {
         let stats = cx.backend.reset_working_set(&st.host, &seq.table, dev, len);
-        st.counters.pages_recalled += stats.pages as u64;
-        st.counters.bytes_moved += stats.bytes as u64;
+        seq.counters.pages_recalled += stats.pages as u64;
+        seq.counters.bytes_moved += stats.bytes as u64;
         Ok(RowStep::Fresh)
     }
 }
@@ -171,13 +170,13 @@ fn correct<B: Backend>(cx: &LayerCtx<'_, B>, st: &mut LayerState<B>, r: usize, s
         seqs,
         batch,
         scratch,
-        counters,
         similarity,
         heads,
         all_heads,
         ..
     } = st;
     let seq = seqs.get_mut(&seq_id).expect("appended above");
+    let counters = &mut seq.counters;
     let dev = seq.dev.as_mut().expect("sparse rows have a working set");
     let mut trace = StepTrace {
         len: seq.len,
@@ -218,7 +217,7 @@ fn correct<B: Backend>(cx: &LayerCtx<'_, B>, st: &mut LayerState<B>, r: usize, s
         counters.bytes_moved += stats.bytes as u64;
         counters.blocking_ns += t.elapsed().as_nanos() as u64;
     }
-    seq.ready = true;
+    seq.select();
     if cx.tracing {
         seq.trace = Some(trace);
     }
@@ -271,7 +270,7 @@ fn schedule<B: Backend>(
         return false;
     }
     let seq = st.seqs.get_mut(&seq_id).expect("appended above");
-    seq.pending = true;
+    seq.speculate();
     true
 }
 
@@ -290,32 +289,31 @@ pub fn background_selection<B: Backend>(
         all_heads,
         ..
     } = st;
-    for seq in seqs.values_mut().filter(|s| s.pending) {
-        select_for_next_step(cx, host, seq, all_heads, scratch, counters);
+    for seq in seqs.values_mut().filter(|s| s.phase == Phase::Speculating) {
+        select_for_next_step(cx, host, seq, all_heads, scratch);
     }
     counters.background_ns += t.elapsed().as_nanos() as u64;
 }
 
 /// Selection with the stored query over the candidates of the sequence's next step, and the
-/// recall, for the heads in `heads`.
+/// recall, for the heads in `heads` (counted in the sequence's counters).
 pub fn select_for_next_step<B: Backend>(
     cx: &LayerCtx<'_, B>,
     host: &B::HostTier,
     seq: &mut SeqLayer<B>,
     heads: &[bool],
     scratch: &mut B::Scratch,
-    counters: &mut crate::counters::LayerCounters,
 ) {
-    seq.pending = false;
     let Some(dev) = seq.dev.as_mut() else {
+        seq.forget();
         return;
     };
     let candidates = cx.geo.candidates(seq.len + 1, &seq.params);
     cx.backend
         .select(host, &seq.table, dev, candidates, heads, scratch);
     let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch);
-    counters.head_selections += heads.iter().filter(|&&h| h).count() as u64;
-    counters.pages_recalled += stats.pages as u64;
-    counters.bytes_moved += stats.bytes as u64;
-    seq.ready = true;
+    seq.counters.head_selections += heads.iter().filter(|&&h| h).count() as u64;
+    seq.counters.pages_recalled += stats.pages as u64;
+    seq.counters.bytes_moved += stats.bytes as u64;
+    seq.select();
 }

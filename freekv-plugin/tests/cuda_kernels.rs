@@ -13,13 +13,13 @@ use std::sync::Arc;
 use cudarc::driver::{result, CudaContext};
 use freekv_plugin::cuda::device_tier::{LayerTier, TierShape};
 use freekv_plugin::cuda::kernels::{
-    as_bytes, AppendJob, GatherJob, Kernels, Pooling, SeqDesc, SummaryMode,
+    as_bytes, AppendJob, GatherJob, KernelPooling, Kernels, SeqDesc, SummaryMode,
 };
 use freekv_plugin::cuda::mem::DeviceBuffer;
 use freekv_plugin::cuda::module;
-use freekv_plugin::cuda::pinned::{HostLayout, HostTier};
+use freekv_plugin::cuda::pinned::{HostLayout, PinnedHostTier};
 use freekv_plugin::cuda::recall::{ChunkCopy, RawEvent, RecallMode, RecallPipeline};
-use freekv_plugin::cuda::source::{KernelConfig, KvDtype};
+use freekv_plugin::cuda::source::{KernelConfig, KernelDtype};
 
 // ---------------------------------------------------------------- helpers
 
@@ -41,16 +41,16 @@ impl Rng {
     }
 }
 
-fn enc(dt: KvDtype, x: f32) -> u16 {
+fn enc(dt: KernelDtype, x: f32) -> u16 {
     match dt {
-        KvDtype::F16 => half::f16::from_f32(x).to_bits(),
-        KvDtype::Bf16 => half::bf16::from_f32(x).to_bits(),
+        KernelDtype::F16 => half::f16::from_f32(x).to_bits(),
+        KernelDtype::Bf16 => half::bf16::from_f32(x).to_bits(),
     }
 }
-fn dec(dt: KvDtype, x: u16) -> f32 {
+fn dec(dt: KernelDtype, x: u16) -> f32 {
     match dt {
-        KvDtype::F16 => half::f16::from_bits(x).to_f32(),
-        KvDtype::Bf16 => half::bf16::from_bits(x).to_f32(),
+        KernelDtype::F16 => half::f16::from_bits(x).to_f32(),
+        KernelDtype::Bf16 => half::bf16::from_bits(x).to_f32(),
     }
 }
 
@@ -119,9 +119,9 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     );
 }
 
-const DTYPES: [KvDtype; 2] = [KvDtype::F16, KvDtype::Bf16];
+const DTYPES: [KernelDtype; 2] = [KernelDtype::F16, KernelDtype::Bf16];
 
-fn cfg(dtype: KvDtype, head_dim: usize, page_size: usize, group: usize) -> KernelConfig {
+fn cfg(dtype: KernelDtype, head_dim: usize, page_size: usize, group: usize) -> KernelConfig {
     KernelConfig {
         dtype,
         head_dim,
@@ -226,7 +226,7 @@ fn cpu_pooled(
     d: usize,
     cand_begin: usize,
     n: usize,
-    pooling: Pooling,
+    pooling: KernelPooling,
 ) -> Vec<f32> {
     let mut out = vec![0f32; n_kv * n];
     for g in 0..n_kv {
@@ -247,7 +247,7 @@ fn cpu_pooled(
             .collect();
         for j in 0..n {
             out[g * n + j] = match pooling {
-                Pooling::SoftmaxMean => {
+                KernelPooling::SoftmaxMean => {
                     (0..group)
                         .map(|h| {
                             let m = raw[h].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -257,8 +257,8 @@ fn cpu_pooled(
                         .sum::<f64>()
                         / group as f64
                 }
-                Pooling::Mean => (0..group).map(|h| raw[h][j]).sum::<f64>() / group as f64,
-                Pooling::Max => (0..group)
+                KernelPooling::Mean => (0..group).map(|h| raw[h][j]).sum::<f64>() / group as f64,
+                KernelPooling::Max => (0..group)
                     .map(|h| raw[h][j])
                     .fold(f64::NEG_INFINITY, f64::max),
             } as f32;
@@ -274,11 +274,11 @@ fn scores_and_pooling_match_cpu_for_any_group() {
     };
     let s = stream(&ctx);
     for (dtype, d, group, n_kv) in [
-        (KvDtype::Bf16, 128, 4, 8),
-        (KvDtype::F16, 64, 3, 3),
-        (KvDtype::Bf16, 128, 7, 4),
-        (KvDtype::F16, 256, 1, 2),
-        (KvDtype::Bf16, 128, 20, 2),
+        (KernelDtype::Bf16, 128, 4, 8),
+        (KernelDtype::F16, 64, 3, 3),
+        (KernelDtype::Bf16, 128, 7, 4),
+        (KernelDtype::F16, 256, 1, 2),
+        (KernelDtype::Bf16, 128, 20, 2),
     ] {
         let p = 32;
         let k = kernels(&ctx, cfg(dtype, d, p, group));
@@ -302,7 +302,11 @@ fn scores_and_pooling_match_cpu_for_any_group() {
         let stride = n + 3;
         let raw = DeviceBuffer::zeroed(&ctx, n_kv * group * stride * 4).unwrap();
         let pooled = DeviceBuffer::zeroed(&ctx, n_kv * stride * 4).unwrap();
-        for pooling in [Pooling::SoftmaxMean, Pooling::Mean, Pooling::Max] {
+        for pooling in [
+            KernelPooling::SoftmaxMean,
+            KernelPooling::Mean,
+            KernelPooling::Max,
+        ] {
             k.score_and_pool(
                 s.cu_stream(),
                 qd.ptr(),
@@ -323,7 +327,7 @@ fn scores_and_pooling_match_cpu_for_any_group() {
                 .flat_map(|g| all[g * stride..g * stride + n].to_vec())
                 .collect();
             let want = cpu_pooled(&q, &sm, n_kv, group, d, cand_begin, n, pooling);
-            let atol = if pooling == Pooling::SoftmaxMean {
+            let atol = if pooling == KernelPooling::SoftmaxMean {
                 1e-6
             } else {
                 1e-3
@@ -347,7 +351,7 @@ fn topk_selects_best_and_reuses_resident_pages() {
         return;
     };
     let s = stream(&ctx);
-    let k = kernels(&ctx, cfg(KvDtype::Bf16, 128, 32, 4));
+    let k = kernels(&ctx, cfg(KernelDtype::Bf16, 128, 32, 4));
     for (case, (n_kv, n_cand, n_sel, ties)) in [
         (8, 1000, 32, false),
         (2, 4000, 56, false),
@@ -499,9 +503,9 @@ fn correction_flags_match_cpu() {
     };
     let s = stream(&ctx);
     for (dtype, d, group, n_kv, n_seq) in [
-        (KvDtype::Bf16, 128, 4, 8, 3),
-        (KvDtype::F16, 64, 3, 3, 2),
-        (KvDtype::Bf16, 256, 7, 2, 1),
+        (KernelDtype::Bf16, 128, 4, 8, 3),
+        (KernelDtype::F16, 64, 3, 3, 2),
+        (KernelDtype::Bf16, 256, 7, 2, 1),
     ] {
         let k = kernels(&ctx, cfg(dtype, d, 32, group));
         let mut rng = Rng(55 + d as u64);
@@ -583,7 +587,10 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
         return;
     };
     let s = stream(&ctx);
-    for (dtype, d, p, n_kv) in [(KvDtype::Bf16, 128, 32, 8), (KvDtype::F16, 64, 16, 3)] {
+    for (dtype, d, p, n_kv) in [
+        (KernelDtype::Bf16, 128, 32, 8),
+        (KernelDtype::F16, 64, 16, 3),
+    ] {
         let kc = cfg(dtype, d, p, 1);
         let k = Arc::new(kernels(&ctx, kc));
         let layout = HostLayout {
@@ -594,7 +601,7 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
             elem_bytes: 2,
         };
         let n_blocks = 40;
-        let mut host = HostTier::new(&ctx, layout, n_blocks).unwrap();
+        let mut host = PinnedHostTier::new(&ctx, layout, n_blocks).unwrap();
         let mut rng = Rng(9 + d as u64);
         for b in 0..n_blocks {
             for l in 0..2 {
@@ -768,13 +775,13 @@ fn decode_attention_matches_cpu() {
         )
         .unwrap() as usize;
     for (dtype, d, p, group, n_kv, n_slots, softcap) in [
-        (KvDtype::Bf16, 128, 32, 4, 8, 64, 0.0f32),
-        (KvDtype::F16, 128, 32, 4, 8, 40, 0.0),
-        (KvDtype::Bf16, 64, 16, 3, 3, 33, 0.0),
-        (KvDtype::F16, 256, 8, 2, 2, 20, 30.0),
-        (KvDtype::Bf16, 128, 32, 7, 4, 17, 0.0),
-        (KvDtype::Bf16, 128, 16, 1, 4, 9, 50.0),
-        (KvDtype::F16, 64, 32, 12, 2, 12, 0.0),
+        (KernelDtype::Bf16, 128, 32, 4, 8, 64, 0.0f32),
+        (KernelDtype::F16, 128, 32, 4, 8, 40, 0.0),
+        (KernelDtype::Bf16, 64, 16, 3, 3, 33, 0.0),
+        (KernelDtype::F16, 256, 8, 2, 2, 20, 30.0),
+        (KernelDtype::Bf16, 128, 32, 7, 4, 17, 0.0),
+        (KernelDtype::Bf16, 128, 16, 1, 4, 9, 50.0),
+        (KernelDtype::F16, 64, 32, 12, 2, 12, 0.0),
     ] {
         let k = kernels(&ctx, cfg(dtype, d, p, group));
         let mut rng = Rng(1000 + d as u64 + group as u64);
@@ -882,7 +889,11 @@ fn decode_attention_matches_cpu() {
                 }
             }
         }
-        let tol = if dtype == KvDtype::Bf16 { 1e-2 } else { 2e-3 };
+        let tol = if dtype == KernelDtype::Bf16 {
+            1e-2
+        } else {
+            2e-3
+        };
         assert_close(
             &format!("decode {dtype:?} d{d} p{p} g{group} softcap {softcap}"),
             &got,
@@ -905,7 +916,7 @@ fn pinned_host_tier_is_not_write_combined() {
         page_size: 16,
         elem_bytes: 2,
     };
-    let host = HostTier::new(&ctx, layout, 2).unwrap();
+    let host = PinnedHostTier::new(&ctx, layout, 2).unwrap();
     let mut flags = 0u32;
     // SAFETY: the pointer comes from cuMemHostAlloc.
     unsafe { cudarc::driver::sys::cuMemHostGetFlags(&mut flags, host.page_ptr(0, 0) as *mut _) }

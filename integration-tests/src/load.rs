@@ -26,7 +26,7 @@ pub const FREEKV_B128: &[&str] = &[
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct LoadPlan {
     pub streams: usize,
-    /// Stream `i` hangs up after three events when `i % cancel_every == 0`.
+    /// Stream `i` hangs up after three events when `i % cancel_every == 0` (0: none does).
     pub cancel_every: usize,
     /// Completion tokens of an uncancelled stream.
     pub max_tokens: usize,
@@ -37,7 +37,7 @@ pub struct LoadPlan {
 
 impl LoadPlan {
     pub fn cancelled(&self, i: usize) -> bool {
-        i % self.cancel_every == 0
+        self.cancel_every > 0 && i % self.cancel_every == 0
     }
 
     pub fn uncancelled(&self) -> usize {
@@ -64,6 +64,8 @@ pub struct StreamOutcome {
     pub first_token_s: f64,
     /// Completion tokens the server reported (its usage), else content events.
     pub completion_tokens: usize,
+    /// When each content event arrived, seconds from sending the request.
+    pub event_times_s: Vec<f64>,
     pub text: String,
 }
 
@@ -94,6 +96,38 @@ impl LoadReport {
         n as f64 / self.wall_s
     }
 
+    /// Decode tokens per second of all streams together while every one of them is decoding:
+    /// content events of all streams between the last stream's first token and the first
+    /// stream's last one, over that window (streams that start together; NaN without such a
+    /// window).
+    pub fn aggregate_decode_tokens_per_s(&self) -> f64 {
+        let all = |f: fn(&StreamOutcome) -> f64| self.completed.iter().map(f);
+        let from = all(|o| o.first_token_s).fold(f64::NEG_INFINITY, f64::max);
+        let to =
+            all(|o| o.event_times_s.last().copied().unwrap_or(0.0)).fold(f64::INFINITY, f64::min);
+        if self.completed.is_empty() || to <= from {
+            return f64::NAN;
+        }
+        let events = self
+            .completed
+            .iter()
+            .flat_map(|o| &o.event_times_s)
+            .filter(|&&t| t > from && t <= to)
+            .count();
+        events as f64 / (to - from)
+    }
+
+    /// Mean decode rate of one stream: tokens after the first over the time after the first.
+    pub fn stream_decode_tokens_per_s(&self) -> f64 {
+        let rates: Vec<f64> = self
+            .completed
+            .iter()
+            .filter(|o| o.completion_tokens > 1 && o.latency_s > o.first_token_s)
+            .map(|o| (o.completion_tokens - 1) as f64 / (o.latency_s - o.first_token_s))
+            .collect();
+        rates.iter().sum::<f64>() / rates.len().max(1) as f64
+    }
+
     pub fn requests_per_s(&self) -> f64 {
         self.completed.len() as f64 / self.wall_s
     }
@@ -104,15 +138,15 @@ pub fn send_stream(port: u16, plan: &LoadPlan, i: usize) -> Result<Option<Stream
     let cancel = plan.cancelled(i);
     let max_tokens = if cancel { 200 } else { plan.max_tokens };
     let start = Instant::now();
-    let mut first = None;
+    let mut times = Vec::new();
     let events = http::post_stream_timed(
         port,
         "/v1/chat/completions",
         &chat(&plan.prompt(i), max_tokens, true),
         cancel.then_some(3),
         &mut |e| {
-            if first.is_none() && e["choices"][0]["delta"]["content"].is_string() {
-                first = Some(start.elapsed());
+            if e["choices"][0]["delta"]["content"].is_string() {
+                times.push(start.elapsed().as_secs_f64());
             }
         },
     )?;
@@ -135,8 +169,9 @@ pub fn send_stream(port: u16, plan: &LoadPlan, i: usize) -> Result<Option<Stream
     Ok(Some(StreamOutcome {
         index: i,
         latency_s: latency.as_secs_f64(),
-        first_token_s: first.unwrap_or(latency).as_secs_f64(),
+        first_token_s: times.first().copied().unwrap_or(latency.as_secs_f64()),
         completion_tokens: reported.map_or(content_events, |n| n as usize),
+        event_times_s: times,
         text,
     }))
 }

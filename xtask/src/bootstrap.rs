@@ -1,11 +1,17 @@
-//! Materialises the engine crates we patch: pristine crates.io sources + `patches/*.patch`,
-//! unpacked into the git-ignored `patched/` folder that the root workspace's
-//! `[patch.crates-io]` points at.
+//! Materialises the engine crates we patch: pristine crates.io sources + the patch series in
+//! `patches/<crate>/NN-name.patch` (applied in name order), unpacked into the git-ignored
+//! `patched/` folder that the root workspace's `[patch.crates-io]` points at.
 //!
-//! Idempotent: each crate folder carries a stamp (sha256 of the pristine `.crate` archive
-//! and of its patch); a folder whose stamp matches is left alone, so cargo's fingerprints
-//! stay valid and nothing is rebuilt. A patch that does not apply stops with the file and
-//! hunk that failed.
+//! Each crate folder is the work tree of a git repository kept beside it
+//! (`patched/.git-<crate>`, outside the folder so cargo and the engine's build script do not
+//! see it): one commit of the pristine sources (tag `pristine`), then one commit per patch
+//! (subject = the patch's name, body = its reason). `save-patches` writes the series back from
+//! those commits, so each patch stays a separate, upstreamable change.
+//!
+//! Idempotent: a stamp beside each folder holds the sha256 of the pristine `.crate` archive and
+//! of every patch; a folder whose stamp matches is left alone, so cargo's fingerprints stay
+//! valid and nothing is rebuilt. A patch that does not apply stops with the file and hunk that
+//! failed.
 
 use crate::util::{cargo_home, run, run_capture, sha256_file, Ctx};
 use std::fs;
@@ -27,8 +33,8 @@ pub fn bootstrap(ctx: &Ctx, check_only: bool) -> Result<(), String> {
     fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     for name in PATCHED_CRATES {
         let archive = crate_archive(name)?;
-        let patch = patch_file(ctx, name);
-        let stamp = stamp_for(&archive, &patch)?;
+        let series = patch_series(ctx, name)?;
+        let stamp = stamp_for(&archive, &series)?;
         let dest = dir.join(format!("{name}-{ENGINE_VERSION}"));
         let current = fs::read_to_string(stamp_path(&dir, name)).unwrap_or_default();
         if current.trim() == stamp && dest.is_dir() {
@@ -40,10 +46,14 @@ pub fn bootstrap(ctx: &Ctx, check_only: bool) -> Result<(), String> {
                 dest.display()
             ));
         }
-        materialise(&archive, patch.as_deref(), &dir, &dest)?;
+        materialise(&archive, &series, &dir, name)?;
         fs::write(stamp_path(&dir, name), format!("{stamp}\n"))
             .map_err(|e| format!("cannot write stamp in {}: {e}", dest.display()))?;
-        eprintln!("xtask: materialised {}", dest.display());
+        eprintln!(
+            "xtask: materialised {} ({} patches)",
+            dest.display(),
+            series.len()
+        );
     }
     Ok(())
 }
@@ -75,157 +85,260 @@ fn crate_archive(name: &str) -> Result<PathBuf, String> {
     Err(format!("{file} is not in {}", cache.display()))
 }
 
-fn patch_file(ctx: &Ctx, name: &str) -> Option<PathBuf> {
-    let p = ctx.root.join("patches").join(format!("{name}.patch"));
-    p.is_file().then_some(p)
-}
-
-fn stamp_for(archive: &Path, patch: &Option<PathBuf>) -> Result<String, String> {
-    let a = sha256_file(archive)?;
-    let p = match patch {
-        Some(p) => sha256_file(p)?,
-        None => "no-patch".to_string(),
+/// `patches/<crate>/*.patch`, in the order they apply (by name).
+fn patch_series(ctx: &Ctx, name: &str) -> Result<Vec<PathBuf>, String> {
+    let dir = ctx.root.join("patches").join(name);
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Ok(Vec::new());
     };
-    Ok(format!("crate={a} patch={p}"))
+    let mut series: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "patch"))
+        .collect();
+    series.sort();
+    Ok(series)
 }
 
-fn materialise(
-    archive: &Path,
-    patch: Option<&Path>,
-    dir: &Path,
-    dest: &Path,
-) -> Result<(), String> {
-    if dest.exists() {
-        fs::remove_dir_all(dest).map_err(|e| format!("cannot remove {}: {e}", dest.display()))?;
+fn stamp_for(archive: &Path, series: &[PathBuf]) -> Result<String, String> {
+    let mut stamp = format!("crate={}", sha256_file(archive)?);
+    for patch in series {
+        let name = patch.file_name().unwrap_or_default().to_string_lossy();
+        stamp += &format!(" {name}={}", sha256_file(patch)?);
+    }
+    Ok(stamp)
+}
+
+/// The series repository of a crate folder (kept outside it).
+fn git_dir(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".git-{name}"))
+}
+
+/// A git command on the series repository of `name`, with a fixed identity (CI has none).
+fn git(dir: &Path, name: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new("git");
+    cmd.arg("--git-dir")
+        .arg(git_dir(dir, name))
+        .arg("--work-tree")
+        .arg(dir.join(format!("{name}-{ENGINE_VERSION}")))
+        .args([
+            "-c",
+            "user.name=xtask",
+            "-c",
+            "user.email=xtask@localhost",
+            "-c",
+            "commit.gpgsign=false",
+            "-c",
+            "core.autocrlf=false",
+        ]);
+    cmd
+}
+
+/// Runs a git command, returning its stdout; an error carries its stderr.
+fn git_run(cmd: &mut std::process::Command) -> Result<String, String> {
+    let out = run_capture(cmd)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{} failed: {}",
+            crate::util::describe(cmd),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A patch file: its reason (the text before the first `diff --git`) and the diff.
+fn split_patch(text: &str) -> (&str, &str) {
+    let at = if text.starts_with("diff --git ") {
+        0
+    } else {
+        text.find("\ndiff --git ").map_or(text.len(), |i| i + 1)
+    };
+    (text[..at].trim(), &text[at..])
+}
+
+fn materialise(archive: &Path, series: &[PathBuf], dir: &Path, name: &str) -> Result<(), String> {
+    let dest = dir.join(format!("{name}-{ENGINE_VERSION}"));
+    let repo = git_dir(dir, name);
+    for old in [&dest, &repo] {
+        if old.exists() {
+            fs::remove_dir_all(old).map_err(|e| format!("cannot remove {}: {e}", old.display()))?;
+        }
     }
     run(std::process::Command::new("tar")
         .arg("-xzf")
         .arg(archive)
         .arg("-C")
         .arg(dir))?;
-    if let Some(patch) = patch {
-        apply_patch(patch, dest)?;
+    let result = (|| {
+        git_run(git(dir, name).args(["init", "--quiet", "--initial-branch=series"]))?;
+        git_run(git(dir, name).args(["add", "--all"]))?;
+        git_run(git(dir, name).args(["commit", "--quiet", "-m", "pristine"]))?;
+        git_run(git(dir, name).args(["tag", "pristine"]))?;
+        for patch in series {
+            apply_patch(dir, name, patch)?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        // Leave no half-patched tree behind: the next run starts from the archive again.
+        let _ = fs::remove_dir_all(&dest);
+        let _ = fs::remove_dir_all(&repo);
     }
-    Ok(())
+    result
 }
 
-/// Applies `patch` inside `dest` with `git apply`, which names the file and the hunk that
-/// failed. The folder is not a git repository, so `git apply` behaves like `patch -p1`.
-fn apply_patch(patch: &Path, dest: &Path) -> Result<(), String> {
+/// Applies one patch of the series with `git apply` (which names the file and the hunk that
+/// failed) and commits it.
+fn apply_patch(dir: &Path, name: &str, patch: &Path) -> Result<(), String> {
     let out = run_capture(
-        std::process::Command::new("git")
-            .current_dir(dest)
+        git(dir, name)
             .args(["apply", "--verbose", "--whitespace=nowarn"])
             .arg(patch),
     )?;
-    if out.status.success() {
-        return Ok(());
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let failing: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("error:") || l.contains("patch failed"))
+            .collect();
+        return Err(format!(
+            "patch {} does not apply to the sources of {name} {ENGINE_VERSION} (pristine + the \
+             patches before it):\n  {}\n(the engine's sources changed, or the patch was edited \
+             by hand; regenerate the series with `cargo xtask save-patches` from `patched/`)",
+            patch.display(),
+            failing.join("\n  ")
+        ));
     }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let failing: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("error:") || l.contains("patch failed"))
-        .collect();
-    // Leave no half-patched tree behind: the next run starts from the archive again.
-    let _ = fs::remove_dir_all(dest);
-    Err(format!(
-        "patch {} does not apply to the pristine sources of {}:\n  {}\n\
-         (the engine's sources changed, or the patch was edited by hand; regenerate it with \
-         `cargo xtask save-patches` from an edited `patched/` tree)",
-        patch.display(),
-        dest.file_name().unwrap_or_default().to_string_lossy(),
-        failing.join("\n  ")
-    ))
-}
-
-/// Writes `patches/<crate>.patch` from the difference between the pristine archive and the
-/// edited tree in `patched/`. The developer's loop: edit `patched/…`, build, then save.
-pub fn save_patches(ctx: &Ctx) -> Result<(), String> {
-    let scratch = std::env::temp_dir().join(format!("freekv-pristine-{}", std::process::id()));
-    fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
-    for name in PATCHED_CRATES {
-        let dir_name = format!("{name}-{ENGINE_VERSION}");
-        let archive = crate_archive(name)?;
-        run(std::process::Command::new("tar")
-            .arg("-xzf")
-            .arg(&archive)
-            .arg("-C")
-            .arg(&scratch))?;
-        let out = run_capture(
-            std::process::Command::new("diff")
-                .current_dir(ctx.root.join("patched"))
-                .args(["-ruN", "--exclude", "target"])
-                .arg(scratch.join(&dir_name))
-                .arg(&dir_name),
-        )?;
-        // diff exits 1 when the trees differ; >1 is trouble.
-        if out.status.code().unwrap_or(2) > 1 {
-            return Err(format!(
-                "diff failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let text = relabel(&String::from_utf8_lossy(&out.stdout), &scratch, &dir_name);
-        let patch = ctx.root.join("patches").join(format!("{name}.patch"));
-        if text.is_empty() {
-            let _ = fs::remove_file(&patch);
-            continue;
-        }
-        if fs::read_to_string(&patch).ok().as_deref() == Some(text.as_str()) {
-            continue;
-        }
-        fs::write(&patch, text).map_err(|e| format!("{}: {e}", patch.display()))?;
-        let stamp = stamp_for(&archive, &Some(patch.clone()))?;
-        fs::write(
-            stamp_path(&ctx.root.join("patched"), name),
-            format!("{stamp}\n"),
-        )
-        .map_err(|e| e.to_string())?;
-        eprintln!("xtask: wrote {}", patch.display());
-    }
-    let _ = fs::remove_dir_all(&scratch);
+    let text = fs::read_to_string(patch).map_err(|e| format!("{}: {e}", patch.display()))?;
+    let (reason, _) = split_patch(&text);
+    let subject = patch.file_stem().unwrap_or_default().to_string_lossy();
+    git_run(git(dir, name).args(["add", "--all"]))?;
+    git_run(
+        git(dir, name)
+            .args(["commit", "--quiet", "--allow-empty", "-m"])
+            .arg(subject.as_ref())
+            .arg("-m")
+            .arg(if reason.is_empty() { "-" } else { reason }),
+    )?;
     Ok(())
 }
 
-/// Turns `diff -ruN` headers into `a/…`/`b/…` paths relative to the crate root, without
-/// timestamps, so the patch is stable and applies with `git apply` (`-p1`).
-fn relabel(diff: &str, scratch: &Path, dir_name: &str) -> String {
-    let old_prefix = format!("{}/{}/", scratch.display(), dir_name);
-    let new_prefix = format!("{dir_name}/");
-    let mut out = String::new();
-    for line in diff.lines() {
-        if line.starts_with("diff -ruN ") {
-            continue;
-        }
-        // `diff -N` marks an absent side with the epoch as its timestamp.
-        if let Some(rest) = line.strip_prefix("--- ") {
-            let (path, absent) = header_path(rest);
-            let rel = path.strip_prefix(&old_prefix).unwrap_or(path);
-            out.push_str(&if absent {
-                "--- /dev/null\n".into()
-            } else {
-                format!("--- a/{rel}\n")
-            });
-        } else if let Some(rest) = line.strip_prefix("+++ ") {
-            let (path, absent) = header_path(rest);
-            let rel = path.strip_prefix(&new_prefix).unwrap_or(path);
-            out.push_str(&if absent {
-                "+++ /dev/null\n".into()
-            } else {
-                format!("+++ b/{rel}\n")
-            });
-        } else {
-            out.push_str(line);
-            out.push('\n');
-        }
+/// Writes `patches/<crate>/*.patch` from the series repositories in `patched/`: one file per
+/// commit after `pristine`, named by its subject, its body as the reason. Uncommitted edits
+/// must first go into a patch: `into` (`<crate>/<NN-name>`) folds them into that patch (a new
+/// name appends a new patch, with `reason` as its reason); without it they are refused.
+pub fn save_patches(ctx: &Ctx, into: Option<&str>, reason: Option<&str>) -> Result<(), String> {
+    let dir = ctx.root.join("patched");
+    if let Some(target) = into {
+        let (krate, patch) = target
+            .split_once('/')
+            .filter(|(k, _)| PATCHED_CRATES.contains(k))
+            .ok_or_else(|| {
+                format!("--into takes <crate>/<NN-name>, the crate one of {PATCHED_CRATES:?}")
+            })?;
+        fold_edits(&dir, krate, patch.trim_end_matches(".patch"), reason)?;
     }
-    out
+    for name in PATCHED_CRATES {
+        if !git_dir(&dir, name).is_dir() {
+            return Err(format!(
+                "{} has no series repository (run `cargo xtask bootstrap`)",
+                dir.join(format!("{name}-{ENGINE_VERSION}")).display()
+            ));
+        }
+        let dirty = git_run(git(&dir, name).args(["status", "--porcelain"]))?;
+        if !dirty.trim().is_empty() {
+            let series = git_run(git(&dir, name).args(["log", "--format=%s", "pristine..HEAD"]))?;
+            return Err(format!(
+                "patched/{name}-{ENGINE_VERSION} has edits in no patch:\n{}\nsay which patch \
+                 they belong to: `cargo xtask save-patches --into {name}/<NN-name>` (one of: {}; \
+                 a new name adds a patch, with --reason \"...\")",
+                dirty.trim_end(),
+                series.split_whitespace().rev().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        write_series(ctx, &dir, name)?;
+    }
+    Ok(())
 }
 
-/// Splits a `diff` file header into its path and whether that side is absent (epoch stamp).
-fn header_path(rest: &str) -> (&str, bool) {
-    let mut parts = rest.splitn(2, '\t');
-    let path = parts.next().unwrap_or(rest);
-    let absent = parts.next().is_some_and(|t| t.starts_with("1970-01-01"));
-    (path, absent)
+/// Commits the uncommitted edits of crate `name` into the patch `patch` (a fixup squashed
+/// into it, or a new patch at the end of the series).
+fn fold_edits(dir: &Path, name: &str, patch: &str, reason: Option<&str>) -> Result<(), String> {
+    git_run(git(dir, name).args(["add", "--all"]))?;
+    let log = git_run(git(dir, name).args(["log", "--format=%H %s", "pristine..HEAD"]))?;
+    let existing = log
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(_, subject)| *subject == patch)
+        .map(|(sha, _)| sha.to_string());
+    match existing {
+        Some(sha) => {
+            git_run(git(dir, name).args(["commit", "--quiet", "--fixup", &sha]))?;
+            git_run(
+                git(dir, name)
+                    .env("GIT_SEQUENCE_EDITOR", "true")
+                    .args(["rebase", "--quiet", "-i", "--autosquash", "pristine"]),
+            )
+            .map_err(|e| {
+                format!(
+                    "{e}\n(the edit conflicts with a later patch: resolve it with `git \
+                     --git-dir patched/.git-{name} --work-tree patched/{name}-{ENGINE_VERSION} \
+                     rebase --continue`, then run save-patches again)"
+                )
+            })?;
+        }
+        None => {
+            let reason = reason.ok_or_else(|| {
+                format!("{name}/{patch} is a new patch: give its reason with --reason \"...\"")
+            })?;
+            git_run(
+                git(dir, name)
+                    .args(["commit", "--quiet", "-m", patch, "-m"])
+                    .arg(reason),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites `patches/<name>/` from the commits after `pristine` and refreshes the stamp.
+fn write_series(ctx: &Ctx, dir: &Path, name: &str) -> Result<(), String> {
+    let out_dir = ctx.root.join("patches").join(name);
+    fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let commits = git_run(git(dir, name).args(["rev-list", "--reverse", "pristine..HEAD"]))?;
+    let mut written = Vec::new();
+    for sha in commits.split_whitespace() {
+        let subject = git_run(git(dir, name).args(["log", "-1", "--format=%s", sha]))?;
+        let body = git_run(git(dir, name).args(["log", "-1", "--format=%b", sha]))?;
+        let diff = git_run(git(dir, name).args([
+            "diff",
+            "--no-color",
+            "--no-ext-diff",
+            "--full-index",
+            &format!("{sha}^"),
+            sha,
+        ]))?;
+        let body = body.trim();
+        let text = if body.is_empty() || body == "-" {
+            diff
+        } else {
+            format!("{body}\n\n{diff}")
+        };
+        let file = out_dir.join(format!("{}.patch", subject.trim()));
+        if fs::read_to_string(&file).ok().as_deref() != Some(text.as_str()) {
+            fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+            eprintln!("xtask: wrote {}", file.display());
+        }
+        written.push(file);
+    }
+    for old in patch_series(ctx, name)? {
+        if !written.contains(&old) {
+            fs::remove_file(&old).map_err(|e| format!("{}: {e}", old.display()))?;
+            eprintln!("xtask: removed {}", old.display());
+        }
+    }
+    let stamp = stamp_for(&crate_archive(name)?, &patch_series(ctx, name)?)?;
+    fs::write(stamp_path(dir, name), format!("{stamp}\n")).map_err(|e| e.to_string())
 }

@@ -11,13 +11,16 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   bootstrap [--check]   materialise the patched engine crates in patched/ (idempotent)
-  save-patches          write patches/*.patch from the edited trees in patched/
+  save-patches [--into CRATE/NN-NAME [--reason TEXT]]
+                        write the patch series patches/CRATE/*.patch from patched/ (edits not yet
+                        in a patch go into the one named by --into; a new name adds a patch)
   fetch-model           fetch, verify and cache the real model (SmolLM2-135M GGUF); prints its path
   demo [-- ARGS]        the main job: the passkey task through `mistralrs run` with FreeKV (CPU);
                         ARGS go to examples/passkey_cli.rs (--tokens, --depth, --budget, --compare-stock)
   test [-- ARGS]        every test (ARGS go to the test binaries, e.g. a name filter; without
                         ARGS also the evaluation's smoke run)
-  eval PART.. [--quick] the evaluation on the real model: passkey, agreement, speed, load or all;
+  eval PART.. [--quick] the evaluation on the real model: passkey, agreement, speed, load,
+                        batching or all;
                         writes tables, JSON and PNG plots to docs/results (see docs/results.md)
 ";
 
@@ -34,7 +37,15 @@ fn dispatch(args: &[String]) -> Result<(), String> {
     let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
     match args.first().map(String::as_str) {
         Some("bootstrap") => bootstrap::bootstrap(&ctx, rest.contains(&"--check")),
-        Some("save-patches") => bootstrap::save_patches(&ctx),
+        Some("save-patches") => {
+            let value = |flag: &str| {
+                rest.iter()
+                    .position(|a| *a == flag)
+                    .map(|i| rest.get(i + 1).copied().ok_or(format!("{flag} needs a value")))
+                    .transpose()
+            };
+            bootstrap::save_patches(&ctx, value("--into")?, value("--reason")?)
+        }
         Some("fetch-model") => {
             let path = model::fetch_smollm2(&ctx)?;
             println!("{}", path.display());

@@ -4,9 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_core::attention_backend::{
-    calculate_builtin_cache_config, paged_attention_backend, register_paged_attention_backend,
-    CacheConfig, CacheConfigRequest, ModelConfigLike, PagedAttentionBackend,
-    PagedAttentionLayerBackend, SchedulerStats,
+    paged_attention_backend, register_paged_attention_backend, CacheConfig, ModelConfigLike,
+    PagedAttentionBackend, PagedAttentionLayerBackend, PagedCacheType, SchedulerStats,
 };
 use once_cell::sync::OnceCell;
 
@@ -80,35 +79,29 @@ impl PagedAttentionBackend for FreeKvBackend {
         device.is_cpu()
     }
 
-    fn cache_config(&self, req: &CacheConfigRequest<'_>) -> Option<anyhow::Result<CacheConfig>> {
-        Some((|| {
-            let config = self.config();
-            let shape = model_check::model_shape(req.model, req.cache_type)?;
-            config.validate(Some(&shape))?;
-            let page_size = config.page_size;
-            if let Some(block_size) = req.block_size.filter(|&b| b != page_size) {
-                anyhow::bail!(
-                    "--pa-block-size {block_size} differs from the FreeKV page size {page_size} \
-                     (--freekv-page-size / FREEKV_PAGE_SIZE): a FreeKV page is one engine block, \
-                     set them equal"
-                );
-            }
-            let mut cache_config = calculate_builtin_cache_config(
-                req.mem,
-                Some(page_size),
-                req.dtype,
-                req.cache_type,
-                req.model,
-                req.device,
-                req.layer_devices,
-                req.silent,
-                req.model_weight_size_in_bytes,
-                req.max_num_tokens,
-            )?;
-            // FreeKV keeps per-sequence state and attends over rows of any length.
-            cache_config.mixed_length_batches = true;
-            Ok(cache_config)
-        })())
+    fn block_size(
+        &self,
+        model: &dyn ModelConfigLike,
+        cache_type: PagedCacheType,
+        requested: Option<usize>,
+    ) -> anyhow::Result<Option<usize>> {
+        let config = self.config();
+        let shape = model_check::model_shape(model, cache_type)?;
+        config.validate(Some(&shape))?;
+        let page_size = config.page_size;
+        if let Some(block_size) = requested.filter(|&b| b != page_size) {
+            anyhow::bail!(
+                "--pa-block-size {block_size} differs from the FreeKV page size {page_size} \
+                 (--freekv-page-size / FREEKV_PAGE_SIZE): a FreeKV page is one engine block, \
+                 set them equal"
+            );
+        }
+        Ok(Some(page_size))
+    }
+
+    /// FreeKV keeps per-sequence state and attends over rows of any length.
+    fn mixed_length_batches(&self) -> bool {
+        true
     }
 
     fn allocate_cache(
@@ -161,10 +154,17 @@ impl PagedAttentionBackend for FreeKvBackend {
     }
 
     fn on_sequence_freed(&self, kv_cache_manager_id: usize, seq_id: usize) {
-        if let Some(model) = registry::model_for_manager(kv_cache_manager_id) {
-            tracing::debug!("FreeKV: sequence {seq_id} freed");
-            model.freekv.free_sequence(seq_id as u64);
-            log_counters(&model);
+        let Some(model) = registry::model_for_manager(kv_cache_manager_id) else {
+            return;
+        };
+        // The engine's sequence id is the `id` of the request's response (and of its chunks).
+        // A preempted sequence is released too, and counts again from its new prefill.
+        if let Some(c) = model.freekv.free_sequence(seq_id as u64) {
+            tracing::info!(
+                "FreeKV model #{} request {seq_id} released: {}",
+                model.index,
+                c.summary()
+            );
         }
     }
 
@@ -174,14 +174,5 @@ impl PagedAttentionBackend for FreeKvBackend {
 
     fn metrics(&self) -> Option<String> {
         Some(metrics::render(&registry::loaded_models()))
-    }
-}
-
-/// One line of cumulative counters per finished sequence, through the engine's logging.
-fn log_counters(model: &registry::LoadedModel) {
-    let c = model.freekv.counters();
-    match serde_json::to_string(&c.total) {
-        Ok(json) => tracing::info!("FreeKV model #{} counters: {json}", model.index),
-        Err(e) => tracing::warn!("FreeKV counters could not be serialised: {e}"),
     }
 }

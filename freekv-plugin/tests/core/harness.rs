@@ -801,9 +801,9 @@ pub fn random_setup(rng: &mut Rng, lim: &Limits) -> Setup {
         dense_layers: vec![],
         mode: rng.pick(lim.modes),
         device_tier: if rng.chance(0.5) {
-            freekv_plugin::DeviceTier::Copy
+            freekv_plugin::DeviceTierLayout::Copy
         } else {
-            freekv_plugin::DeviceTier::InPlace
+            freekv_plugin::DeviceTierLayout::InPlace
         },
     };
     let params = AttnParams {

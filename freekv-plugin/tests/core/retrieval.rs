@@ -2,7 +2,7 @@
 //! over the pages selected with the previous query; correction re-selects exactly the
 //! drifting heads; tau = 1 equals sync; both device tiers agree.
 
-use freekv_plugin::{DeviceTier, Mode};
+use freekv_plugin::{DeviceTierLayout, Mode};
 
 use crate::equivalence::{cycled_setup, ALL, FAST_DIMS};
 use crate::harness::{tally, Checked, Harness, Limits, PromptSpec, Queries, Setup};
@@ -182,9 +182,9 @@ fn copy_and_in_place_device_tiers_agree() {
             ..ALL
         };
         let mut copy = cycled_setup(i, &mut Rng::new(seed), &lim);
-        copy.cfg.device_tier = DeviceTier::Copy;
+        copy.cfg.device_tier = DeviceTierLayout::Copy;
         let mut in_place = copy.clone();
-        in_place.cfg.device_tier = DeviceTier::InPlace;
+        in_place.cfg.device_tier = DeviceTierLayout::InPlace;
         same_inputs(seed, copy, in_place, 4);
     }
 }

@@ -3,7 +3,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use freekv_plugin::{
-    AttnParams, DecodeRow, DeviceTier, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow,
+    AttnParams, DecodeRow, DeviceTierLayout, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape,
+    PrefillRow,
 };
 
 use crate::equivalence::{cycled_setup, ALL};
@@ -95,7 +96,7 @@ fn a_stale_summary_cannot_attract_the_selection() {
         num_kv_heads: 1,
         head_dim: 4,
     };
-    for tier in [DeviceTier::Copy, DeviceTier::InPlace] {
+    for tier in [DeviceTierLayout::Copy, DeviceTierLayout::InPlace] {
         let fk = FreeKv::new(
             FreeKvConfig {
                 device_tier: tier,
@@ -405,7 +406,7 @@ fn sizes_and_thread_safety() {
     let in_place = fk.device_tier_bytes_per_sequence();
     let copy = FreeKv::new(
         FreeKvConfig {
-            device_tier: DeviceTier::Copy,
+            device_tier: DeviceTierLayout::Copy,
             ..cfg.clone()
         },
         shape,
@@ -434,9 +435,9 @@ fn sizes_and_thread_safety() {
 #[test]
 fn counters_add_up() {
     for (mode, tier) in [
-        (Mode::FreeKv, DeviceTier::Copy),
-        (Mode::Speculative, DeviceTier::InPlace),
-        (Mode::Sync, DeviceTier::Copy),
+        (Mode::FreeKv, DeviceTierLayout::Copy),
+        (Mode::Speculative, DeviceTierLayout::InPlace),
+        (Mode::Sync, DeviceTierLayout::Copy),
     ] {
         let mut rng = Rng::new(3);
         let mut s = cycled_setup(8, &mut rng, &ALL);
@@ -457,7 +458,7 @@ fn counters_add_up() {
         assert_eq!(t.sparse_steps as usize, h.checked.sparse_steps);
         assert_eq!(t.prefill_tokens as usize, budget + 5 + 3);
         assert!(t.pages_recalled > 0);
-        assert_eq!(t.bytes_moved > 0, tier == DeviceTier::Copy, "{t:?}");
+        assert_eq!(t.bytes_moved > 0, tier == DeviceTierLayout::Copy, "{t:?}");
         match mode {
             Mode::FreeKv => {
                 assert_eq!(t.heads_corrected as usize, h.checked.corrected);
@@ -476,5 +477,23 @@ fn counters_add_up() {
         }
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json["total"]["decode_steps"], 12);
+        // Per request: each sequence's own counts, returned when it is freed; the totals keep
+        // them.
+        let one = h.fk.free_sequence(1).expect("sequence 1 has state");
+        let two = h.fk.free_sequence(2).expect("sequence 2 has state");
+        assert_eq!(h.fk.free_sequence(1), None);
+        assert_eq!((one.decode_steps, two.decode_steps), (6, 6));
+        assert_eq!(one.prefill_tokens as usize, budget + 5);
+        assert_eq!(two.prefill_tokens, 3);
+        assert_eq!(one.sparse_steps + two.sparse_steps, t.sparse_steps);
+        assert!(one.sparse_steps > 0);
+        assert_eq!(one.pages_recalled + two.pages_recalled, t.pages_recalled);
+        assert_eq!(one.heads_corrected + two.heads_corrected, t.heads_corrected);
+        assert_eq!(
+            one.wait_ns + two.wait_ns + one.background_ns + two.background_ns,
+            0
+        );
+        assert_eq!(h.fk.counters().total, t);
+        assert_eq!(h.fk.live_sequences(), 0);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Per KV head, a slot table says which logical page that head's slice of each slot holds
 //! (`[sink slots | selected slots | window slots]`, see [`crate::geometry`]); heads may hold
-//! different pages in the same slot. With [`DeviceTier::Copy`](crate::DeviceTier) the slots
+//! different pages in the same slot. With [`DeviceTierLayout::Copy`](crate::DeviceTierLayout) the slots
 //! also hold the data, token-major (NHD, `[slot][k/v][p][n_kv][d]`); in place, attention reads
 //! the host-tier chunk of the page instead. Everything here is O(budget), independent of the
 //! context length.

@@ -23,7 +23,7 @@ use std::ops::Range;
 use candle_core::{DType, Tensor};
 
 use crate::geometry::{Geometry, NO_PAGE};
-use crate::{AttnParams, DeviceTier, FreeKvConfig, Pooling, SummaryKind};
+use crate::{AttnParams, DeviceTierLayout, FreeKvConfig, Pooling, SummaryKind};
 
 use self::attend::{Attention, AttnScratch, Segment};
 use self::device_tier::CpuDeviceTier;
@@ -65,7 +65,7 @@ impl<T: KvElem> CpuBackend<T> {
             geo,
             summary: config.summary,
             pooling: config.pooling,
-            copy: config.device_tier == DeviceTier::Copy,
+            copy: config.device_tier == DeviceTierLayout::Copy,
             _elem: PhantomData,
         }
     }

@@ -31,7 +31,7 @@ use crate::{AttnParams, FreeKvConfig, KvDType};
 use super::kernels::Kernels;
 use super::module;
 use super::recall::RecallPipeline;
-use super::source::{KernelConfig, KvDtype};
+use super::source::{KernelConfig, KernelDtype};
 
 mod imp;
 
@@ -68,8 +68,8 @@ impl<T: KvElem> CudaBackend<T> {
             );
         };
         let dtype = match T::DTYPE {
-            KvDType::F16 => KvDtype::F16,
-            KvDType::BF16 => KvDtype::Bf16,
+            KvDType::F16 => KernelDtype::F16,
+            KvDType::BF16 => KernelDtype::Bf16,
             KvDType::F32 => anyhow::bail!(
                 "the FreeKV CUDA kernels store KV as f16 or bf16; f32 KV runs on the CPU backend"
             ),
@@ -101,7 +101,7 @@ impl<T: KvElem> CudaBackend<T> {
             .max(1) as usize;
         // The CPU backend serves the host-side operations with table-only working sets.
         let cpu_config = FreeKvConfig {
-            device_tier: crate::DeviceTier::InPlace,
+            device_tier: crate::DeviceTierLayout::InPlace,
             ..config.clone()
         };
         Ok(Self {

@@ -77,7 +77,7 @@ pub enum SummaryMode {
 
 /// GQA pooling (`mode` of freekv_pool_scores).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pooling {
+pub enum KernelPooling {
     SoftmaxMean = 0,
     Mean = 1,
     Max = 2,
@@ -199,7 +199,7 @@ impl Kernels {
         cand_stride: usize,
         raw: u64,
         pooled: u64,
-        pooling: Pooling,
+        pooling: KernelPooling,
     ) -> anyhow::Result<()> {
         let blocks = (max_cand as u32).div_ceil(SCORE_PAGES_PER_BLOCK as u32);
         self.launch(

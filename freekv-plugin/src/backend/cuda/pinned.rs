@@ -40,13 +40,13 @@ impl HostLayout {
 }
 
 /// Pinned HND pages for `n_blocks` engine blocks x `n_layers` layers.
-pub struct HostTier {
+pub struct PinnedHostTier {
     pub layout: HostLayout,
     pub n_blocks: usize,
     buf: PinnedBuffer,
 }
 
-impl HostTier {
+impl PinnedHostTier {
     pub fn new(
         ctx: &Arc<CudaContext>,
         layout: HostLayout,

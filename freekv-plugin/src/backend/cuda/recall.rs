@@ -98,7 +98,7 @@ pub enum RecallMode {
 
 /// What a request moved, reported once its work is enqueued.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct RecallStats {
+pub struct PipelineStats {
     pub chunks: usize,
     pub bytes: usize,
     /// Host->device copy calls issued (runs of host-contiguous chunks are merged).
@@ -111,16 +111,16 @@ struct Request {
     mode: RecallMode,
     wait: Option<Arc<RawEvent>>,
     done: Arc<RawEvent>,
-    reply: mpsc::Sender<anyhow::Result<RecallStats>>,
+    reply: mpsc::Sender<anyhow::Result<PipelineStats>>,
 }
 
 /// Handle of a submitted request.
-pub struct Ticket(mpsc::Receiver<anyhow::Result<RecallStats>>);
+pub struct Ticket(mpsc::Receiver<anyhow::Result<PipelineStats>>);
 
 impl Ticket {
     /// Blocks until the worker has enqueued all of the request's work and recorded its `done`
     /// event (not until the copies have run).
-    pub fn wait_enqueued(self) -> anyhow::Result<RecallStats> {
+    pub fn wait_enqueued(self) -> anyhow::Result<PipelineStats> {
         self.0
             .recv()
             .map_err(|_| anyhow::anyhow!("the recall worker thread has stopped"))?
@@ -252,8 +252,8 @@ fn run_request(
     per_buffer: usize,
     elem_bytes: usize,
     n_kv: usize,
-) -> anyhow::Result<RecallStats> {
-    let mut stats = RecallStats {
+) -> anyhow::Result<PipelineStats> {
+    let mut stats = PipelineStats {
         chunks: req.chunks.len(),
         ..Default::default()
     };

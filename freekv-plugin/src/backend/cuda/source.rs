@@ -76,12 +76,12 @@ impl KernelFile {
 
 /// Element type of the KV cache, queries, summaries and attention output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum KvDtype {
+pub enum KernelDtype {
     F16,
     Bf16,
 }
 
-impl KvDtype {
+impl KernelDtype {
     fn define(self) -> u32 {
         match self {
             Self::F16 => 0,
@@ -97,7 +97,7 @@ impl KvDtype {
 /// What a compiled module is specialised for. One model uses one configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KernelConfig {
-    pub dtype: KvDtype,
+    pub dtype: KernelDtype,
     /// 64, 128 or 256.
     pub head_dim: usize,
     /// Tokens per page: 8, 16 or 32.
@@ -157,8 +157,8 @@ impl KernelConfig {
     /// A short name for files and logs: `bf16-d128-p32-g4`.
     pub fn tag(&self) -> String {
         let dt = match self.dtype {
-            KvDtype::F16 => "f16",
-            KvDtype::Bf16 => "bf16",
+            KernelDtype::F16 => "f16",
+            KernelDtype::Bf16 => "bf16",
         };
         format!(
             "{dt}-d{}-p{}-g{}",
@@ -189,7 +189,7 @@ impl fmt::Display for ComputeCap {
 /// group size and page size, plus the group sizes of the models we target.
 pub fn ci_matrix() -> Vec<KernelConfig> {
     let mut out = Vec::new();
-    for dtype in [KvDtype::F16, KvDtype::Bf16] {
+    for dtype in [KernelDtype::F16, KernelDtype::Bf16] {
         for head_dim in [64, 128, 256] {
             out.push(KernelConfig {
                 dtype,
@@ -208,7 +208,7 @@ pub fn ci_matrix() -> Vec<KernelConfig> {
         (20, 128, 32),
     ] {
         out.push(KernelConfig {
-            dtype: KvDtype::Bf16,
+            dtype: KernelDtype::Bf16,
             head_dim,
             page_size,
             group,

@@ -81,12 +81,6 @@ pub struct Run {
 fn summarise(server: &str, sending: &str, plan: &LoadPlan, r: &LoadReport) -> Run {
     let mut firsts: Vec<f64> = r.completed.iter().map(|o| o.first_token_s).collect();
     firsts.sort_by(f64::total_cmp);
-    let decode: Vec<f64> = r
-        .completed
-        .iter()
-        .filter(|o| o.completion_tokens > 1 && o.latency_s > o.first_token_s)
-        .map(|o| (o.completion_tokens - 1) as f64 / (o.latency_s - o.first_token_s))
-        .collect();
     Run {
         server: server.into(),
         sending: sending.into(),
@@ -101,7 +95,7 @@ fn summarise(server: &str, sending: &str, plan: &LoadPlan, r: &LoadReport) -> Ru
         latency_p99_s: r.latency_percentile(0.99),
         first_token_p50_s: firsts.get(firsts.len() / 2).copied().unwrap_or(f64::NAN),
         tokens_per_s: r.tokens_per_s(),
-        stream_decode_tokens_per_s: decode.iter().sum::<f64>() / decode.len().max(1) as f64,
+        stream_decode_tokens_per_s: r.stream_decode_tokens_per_s(),
         preemptions: None,
         idle_sequences: None,
     }
@@ -109,7 +103,7 @@ fn summarise(server: &str, sending: &str, plan: &LoadPlan, r: &LoadReport) -> Ru
 
 /// Runs `send` against a fresh server; past `cap` the server is stopped, which fails the
 /// streams still open (they count as not completed).
-fn with_server(
+pub fn with_server(
     cx: &Ctx,
     name: &str,
     global: &[&str],

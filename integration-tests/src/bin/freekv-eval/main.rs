@@ -2,7 +2,7 @@
 //! through the engine as users run it (the Rust SDK, and the engine's `mistralrs bench`).
 //!
 //! ```text
-//! freekv-eval <passkey|agreement|speed|load|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
+//! freekv-eval <passkey|agreement|speed|load|batching|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
 //! ```
 //!
 //! `plots` redraws the PNGs from the JSON files already in the output folder.
@@ -13,6 +13,7 @@
 //! smoke variant that `cargo xtask test` runs.
 
 mod agreement;
+mod batching;
 mod load;
 mod passkey;
 mod plot;
@@ -33,7 +34,7 @@ pub struct Ctx {
 }
 
 const USAGE: &str =
-    "usage: freekv-eval <passkey|agreement|speed|load|all|plots> [--quick] [--out DIR] \
+    "usage: freekv-eval <passkey|agreement|speed|load|batching|all|plots> [--quick] [--out DIR] \
                      [--gguf FILE] [--mistralrs BIN]";
 
 fn parse_args() -> Result<(Vec<String>, Ctx)> {
@@ -51,8 +52,9 @@ fn parse_args() -> Result<(Vec<String>, Ctx)> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
-            "passkey" | "agreement" | "speed" | "load" | "plots" => parts.push(a),
-            "all" => parts.extend(["passkey", "agreement", "speed", "load"].map(String::from)),
+            "passkey" | "agreement" | "speed" | "load" | "batching" | "plots" => parts.push(a),
+            "all" => parts
+                .extend(["passkey", "agreement", "speed", "load", "batching"].map(String::from)),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -252,6 +254,29 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                     fkv.idle_sequences == Some(0.0),
                     "FreeKV state not back to idle after the load: {:?}",
                     fkv.idle_sequences
+                );
+            }
+            "batching" => {
+                let plan = batching::Plan::new(cx.quick);
+                let runs = batching::run(cx, &plan)?;
+                write(&cx.out, "batching.json", &json(&runs)?)?;
+                let mut md = header(part, t.elapsed().as_secs_f64());
+                md += &format!(
+                    "{} streaming chats with prompts of {}-{} filler words and {} completion \
+                     tokens each, sent all at once and (the first {}) one at a time; FreeKV \
+                     budget 128 through `mistralrs serve` on this CPU.\n\n",
+                    plan.concurrent.streams,
+                    plan.concurrent.min_words,
+                    plan.concurrent.min_words + plan.concurrent.span_words,
+                    plan.concurrent.max_tokens,
+                    plan.single_streams
+                );
+                md += &batching::table(&runs);
+                write(&cx.out, "batching.md", &md)?;
+                println!("{md}");
+                anyhow::ensure!(
+                    runs.iter().all(|r| r.completed == r.streams),
+                    "batching: not every stream completed: {runs:?}"
                 );
             }
             "plots" => replot(cx)?,

@@ -1,0 +1,122 @@
+//! The knobs that take one of a few named values. Each enum's `ALL` table is the one list of
+//! its configuration strings (serde's spelling too: a test checks they agree); parsing and
+//! the error for an unknown name go through it (see `super::knobs`).
+
+use serde::{Deserialize, Serialize};
+
+/// Which parts of the method run. The "speculation on/off, correction on/off" knobs are
+/// expressed by this one enum (correction needs speculation, since it corrects a speculative
+/// selection, so no combination is left out):
+///
+/// | mode          | speculation | correction | selection + recall                          |
+/// |---------------|-------------|------------|---------------------------------------------|
+/// | `dense`       | -           | -          | none: full attention over every page         |
+/// | `sync`        | off         | off        | with `q_i`, on the critical path every step  |
+/// | `speculative` | on          | off        | with `q_{i-1}`, off the critical path        |
+/// | `freekv`      | on          | on         | speculative, drifting heads corrected first  |
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Full attention over all pages every step; no selection (the accuracy and speed baseline).
+    Dense,
+    /// Synchronous retrieval, as Quest/ArkVale do: select with the current query and recall the
+    /// missing pages before attention, every step.
+    Sync,
+    /// Speculative retrieval without correction: step `i` attends over the pages selected with
+    /// `q_{i-1}`; selection with `q_i` and recall run in the background after attention.
+    Speculative,
+    /// Speculative retrieval with fine-grained (per KV head) correction: the full method.
+    #[default]
+    #[serde(rename = "freekv")]
+    FreeKv,
+}
+
+impl Mode {
+    /// Every mode with its configuration string.
+    pub const ALL: [(Mode, &'static str); 4] = [
+        (Mode::Dense, "dense"),
+        (Mode::Sync, "sync"),
+        (Mode::Speculative, "speculative"),
+        (Mode::FreeKv, "freekv"),
+    ];
+
+    /// Whether selection runs with the previous step's query, off the critical path.
+    pub fn speculation(self) -> bool {
+        matches!(self, Mode::Speculative | Mode::FreeKv)
+    }
+
+    /// Whether drifting heads are re-selected before attention.
+    pub fn correction(self) -> bool {
+        matches!(self, Mode::FreeKv)
+    }
+}
+
+/// Page summary kept per full page and KV head.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SummaryKind {
+    /// Element-wise max and min of the page's post-RoPE keys (Quest; what the paper's accuracy
+    /// results used).
+    #[default]
+    MinMax,
+    /// ArkVale's box: centre `(max+min)/2` plus/minus the per-channel mean absolute deviation
+    /// of the keys from that centre (what the authors' latency code used).
+    CentreMad,
+}
+
+impl SummaryKind {
+    /// Every kind with its configuration string.
+    pub const ALL: [(SummaryKind, &'static str); 2] = [
+        (SummaryKind::MinMax, "min-max"),
+        (SummaryKind::CentreMad, "centre-mad"),
+    ];
+}
+
+/// How the query heads of one GQA group pool their page scores into one score per page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pooling {
+    /// Softmax over the candidate pages per query head, then the mean over the group (the
+    /// paper's best, "avgSM").
+    #[default]
+    SoftmaxMean,
+    /// Mean of the raw scores over the group (the authors' latency code, "avgS").
+    Mean,
+    /// Max of the raw scores over the group ("maxS", Quest's GQA policy).
+    Max,
+}
+
+impl Pooling {
+    /// Every pooling with its configuration string.
+    pub const ALL: [(Pooling, &'static str); 3] = [
+        (Pooling::SoftmaxMean, "softmax-mean"),
+        (Pooling::Mean, "mean"),
+        (Pooling::Max, "max"),
+    ];
+}
+
+/// How the CPU device tier holds a sequence's working set.
+///
+/// Both keep per-head slot tables (which logical page each KV head's slice of a slot holds);
+/// they differ in where attention reads the keys and values. `in-place` is the default: on a
+/// CPU both tiers live in the same RAM, so copying recalled pages only adds work (see
+/// `docs/benchmarks.md`, "CPU: one decode step of one layer", for the measurement).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceTierLayout {
+    /// Recalled pages are copied from the host tier (HND) into budget-sized NHD slots, through
+    /// two staging buffers on the background worker (the GPU design, run on CPU).
+    Copy,
+    /// Attention reads the host-tier pages named by the per-head slot tables; a recall only
+    /// updates the tables.
+    #[default]
+    InPlace,
+}
+
+impl DeviceTierLayout {
+    /// Every kind with its configuration string.
+    pub const ALL: [(DeviceTierLayout, &'static str); 2] = [
+        (DeviceTierLayout::Copy, "copy"),
+        (DeviceTierLayout::InPlace, "in-place"),
+    ];
+}
