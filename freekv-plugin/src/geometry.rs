@@ -84,6 +84,16 @@ impl Geometry {
         self.sink_pages + self.sel_pages + page % self.window_pages
     }
 
+    /// The pages every head always holds at context `len`, with their slots: the sink pages
+    /// (slot = page) and the window pages (ring slots after the selectable ones).
+    pub fn fixed_pages(&self, len: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let pages = self.pages(len);
+        let sink = (0..self.sink_pages.min(pages)).map(|j| (j, j));
+        let window =
+            (self.window_start(len).max(self.sink_pages)..pages).map(|j| (j, self.window_slot(j)));
+        sink.chain(window)
+    }
+
     /// Candidate pages of a step whose context is `len` tokens (the query at position
     /// `len - 1`): full pages that are neither sink nor window, without the pages that lie
     /// entirely outside the layer's sliding window.

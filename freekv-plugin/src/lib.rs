@@ -2,8 +2,8 @@
 //! correction and hybrid layouts (Liu et al., arXiv 2505.13109), as a paged-attention backend.
 //!
 //! Map of the crate:
-//! - [`config`]: the knobs ([`FreeKvConfig`]), their defaults, `FREEKV_*` variables and
-//!   validation;
+//! - [`config`]: the knobs, declared once ([`FreeKvConfig`] and its [`FreeKvConfig::KNOBS`]
+//!   table of flags, `FREEKV_*` variables and help), their parsers and validation;
 //! - [`FreeKv`] (here): the instance the engine glue calls, one per loaded model;
 //! - `timeline` / `prefill`: the method itself, one decode step of one layer as the spec reads
 //!   (append -> correct? -> attend -> schedule) and the prompt path;
@@ -11,6 +11,9 @@
 //!   `cuda` (feature `nvrtc`/`cuda`) holds the CUDA kernels, device code and `CudaBackend`
 //!   (used by [`FreeKv::new_on`] with a CUDA device);
 //! - [`geometry`]: page arithmetic (sink / window / candidates / slots);
+//! - [`plan`]: a sequence's per-step plan as plain arrays (slot tables, pending
+//!   replacements, stored query), what every backend's working set is built on;
+//! - `state`: what is kept per layer and per (sequence, layer), the sequence's phase;
 //! - [`counters`]: what FreeKV did, per layer and in total;
 //! - `engine` / `cli` (features `engine` / `cli`): the mistral.rs glue and CLI flags.
 
@@ -19,6 +22,7 @@ pub mod config;
 pub mod counters;
 pub mod geometry;
 mod instance;
+pub mod plan;
 mod prefill;
 mod state;
 mod timeline;

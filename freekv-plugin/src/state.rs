@@ -121,7 +121,7 @@ pub struct LayerState<B: Backend> {
     pub batch: B::Batch,
     /// The calling thread's scratch for this layer.
     pub scratch: B::Scratch,
-    /// The layer's own counts (waits, background time) and those of freed sequences; live
+    /// The layer's own counts (waits for background work) and those of freed sequences; live
     /// sequences count in their [`SeqLayer::counters`] (see [`LayerState::totals`]).
     pub counters: LayerCounters,
     /// Per-row decisions of the current call.

@@ -281,18 +281,17 @@ pub fn background_selection<B: Backend>(
     st: &mut LayerState<B>,
     scratch: &mut B::Scratch,
 ) {
-    let t = Instant::now();
     let LayerState {
         host,
         seqs,
-        counters,
         all_heads,
         ..
     } = st;
     for seq in seqs.values_mut().filter(|s| s.phase == Phase::Speculating) {
+        let t = Instant::now();
         select_for_next_step(cx, host, seq, all_heads, scratch);
+        seq.counters.background_ns += t.elapsed().as_nanos() as u64;
     }
-    counters.background_ns += t.elapsed().as_nanos() as u64;
 }
 
 /// Selection with the stored query over the candidates of the sequence's next step, and the

@@ -30,14 +30,15 @@ pub struct LoadPlan {
     pub cancel_every: usize,
     /// Completion tokens of an uncancelled stream.
     pub max_tokens: usize,
-    /// Prompt `i` holds a note of `min_words + (i * 37) % span_words` words.
+    /// Prompt `i` holds a note of `min_words + (i * 37) % span_words` units of filler text
+    /// (`filler_text`'s test-tokenizer tokens; ~0.62 SmolLM2 tokens each).
     pub min_words: usize,
     pub span_words: usize,
 }
 
 impl LoadPlan {
     pub fn cancelled(&self, i: usize) -> bool {
-        self.cancel_every > 0 && i % self.cancel_every == 0
+        self.cancel_every > 0 && i.is_multiple_of(self.cancel_every)
     }
 
     pub fn uncancelled(&self) -> usize {

@@ -1,37 +1,38 @@
 //! The CPU device tier of one (sequence, layer): the working set.
 //!
-//! Per KV head, a slot table says which logical page that head's slice of each slot holds
-//! (`[sink slots | selected slots | window slots]`, see [`crate::geometry`]); heads may hold
-//! different pages in the same slot. With [`DeviceTierLayout::Copy`](crate::DeviceTierLayout) the slots
+//! Per KV head, the plan's slot table ([`crate::plan`]) says which logical page that head's
+//! slice of each slot holds; heads may hold different pages in the same slot. With [`DeviceTierLayout::Copy`](crate::DeviceTierLayout) the slots
 //! also hold the data, token-major (NHD, `[slot][k/v][p][n_kv][d]`); in place, attention reads
 //! the host-tier chunk of the page instead. Everything here is O(budget), independent of the
 //! context length.
 
-use crate::geometry::{Geometry, NO_PAGE};
+use crate::geometry::Geometry;
+use crate::plan::SlotPlan;
 
 use super::elem::KvElem;
 use super::host_tier::HostTier;
 
-/// One pending replacement: KV head `head`'s slice of `slot` receives `page` (or is emptied
-/// when `page == NO_PAGE`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PlanEntry {
-    pub slot: u32,
-    pub page: u32,
-}
-
-/// The working set of one (sequence, layer).
+/// The working set of one (sequence, layer): the plan (slot tables, pending replacements,
+/// stored query) and, for the copy tier, the slot data.
 pub struct CpuDeviceTier<T> {
     geo: Geometry,
-    /// `[n_kv][slots]`: logical page per head and slot, [`NO_PAGE`] when empty.
-    slot_page: Vec<u32>,
-    /// `[n_kv][sel_pages]`: the pending plan of each head (first `plan_len[h]` entries).
-    plan: Vec<PlanEntry>,
-    plan_len: Vec<u32>,
-    /// `[n_q][d]`: the stored query (the last step's, once the step is over).
-    query: Vec<f32>,
+    plan: SlotPlan,
     /// Copy tier: `[slot][k/v][p][n_kv][d]`; empty in place.
     data: Vec<T>,
+}
+
+impl<T> std::ops::Deref for CpuDeviceTier<T> {
+    type Target = SlotPlan;
+
+    fn deref(&self) -> &SlotPlan {
+        &self.plan
+    }
+}
+
+impl<T> std::ops::DerefMut for CpuDeviceTier<T> {
+    fn deref_mut(&mut self) -> &mut SlotPlan {
+        &mut self.plan
+    }
 }
 
 impl<T: KvElem> CpuDeviceTier<T> {
@@ -44,16 +45,7 @@ impl<T: KvElem> CpuDeviceTier<T> {
         };
         Self {
             geo,
-            slot_page: vec![NO_PAGE; geo.num_kv_heads * geo.slots],
-            plan: vec![
-                PlanEntry {
-                    slot: 0,
-                    page: NO_PAGE
-                };
-                geo.num_kv_heads * geo.sel_pages
-            ],
-            plan_len: vec![0; geo.num_kv_heads],
-            query: vec![0.0; geo.num_q_heads() * geo.head_dim],
+            plan: SlotPlan::new(geo),
             data: vec![T::default(); data_len],
         }
     }
@@ -70,61 +62,12 @@ impl<T: KvElem> CpuDeviceTier<T> {
         } else {
             0
         };
-        geo.num_kv_heads * geo.slots * 4
-            + geo.num_kv_heads * geo.sel_pages * 8
-            + geo.num_kv_heads * 4
-            + geo.num_q_heads() * geo.head_dim * 4
-            + data
+        SlotPlan::bytes(geo) + data
     }
 
     /// Whether the slots hold data (copy tier).
     pub fn is_copy(&self) -> bool {
         !self.data.is_empty()
-    }
-
-    /// The slot table of `head`.
-    #[inline]
-    pub fn slots(&self, head: usize) -> &[u32] {
-        &self.slot_page[head * self.geo.slots..(head + 1) * self.geo.slots]
-    }
-
-    /// The slot table of `head`, mutable.
-    #[inline]
-    pub fn slots_mut(&mut self, head: usize) -> &mut [u32] {
-        &mut self.slot_page[head * self.geo.slots..(head + 1) * self.geo.slots]
-    }
-
-    /// The stored query, `[n_q][d]`.
-    pub fn query(&self) -> &[f32] {
-        &self.query
-    }
-
-    /// The stored query, mutable.
-    pub fn query_mut(&mut self) -> &mut [f32] {
-        &mut self.query
-    }
-
-    /// The pending plan of `head`.
-    pub fn plan(&self, head: usize) -> &[PlanEntry] {
-        let n = self.plan_len[head] as usize;
-        let o = head * self.geo.sel_pages;
-        &self.plan[o..o + n]
-    }
-
-    /// Replaces the pending plan of `head`.
-    pub fn set_plan(&mut self, head: usize, entries: impl Iterator<Item = PlanEntry>) {
-        let o = head * self.geo.sel_pages;
-        let mut n = 0;
-        for e in entries {
-            self.plan[o + n] = e;
-            n += 1;
-        }
-        self.plan_len[head] = n as u32;
-    }
-
-    /// Takes the pending plan of `head` (leaves it empty).
-    pub fn clear_plan(&mut self, head: usize) {
-        self.plan_len[head] = 0;
     }
 
     /// Element offset of (slot, k/v, token, head) in the slot data.
@@ -186,12 +129,6 @@ impl<T: KvElem> CpuDeviceTier<T> {
         }
         bytes
     }
-
-    /// Empties every slot of every head and drops pending plans.
-    pub fn clear(&mut self) {
-        self.slot_page.fill(NO_PAGE);
-        self.plan_len.fill(0);
-    }
 }
 
 /// HND chunk -> NHD slot: token `t`'s K row goes to `[slot][0][t][head]`, its V row to
@@ -218,6 +155,7 @@ pub fn scatter_chunk<T: Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::geometry::NO_PAGE;
     use crate::{FreeKvConfig, ModelShape};
 
     fn geo() -> Geometry {
@@ -274,15 +212,5 @@ mod tests {
         assert_eq!(inplace.install_for_all_heads(&host, 2, 7, 1, 8), 0);
         assert!(!inplace.is_copy());
         assert!(CpuDeviceTier::<f32>::bytes(&g, true) > CpuDeviceTier::<f32>::bytes(&g, false));
-    }
-
-    #[test]
-    fn plans_per_head() {
-        let mut dev = CpuDeviceTier::<f32>::new(geo(), false);
-        dev.set_plan(1, [PlanEntry { slot: 2, page: 9 }].into_iter());
-        assert_eq!(dev.plan(1), &[PlanEntry { slot: 2, page: 9 }]);
-        assert!(dev.plan(0).is_empty());
-        dev.clear_plan(1);
-        assert!(dev.plan(1).is_empty());
     }
 }

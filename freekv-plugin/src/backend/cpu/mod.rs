@@ -231,10 +231,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         let g = &self.geo;
         dev.clear();
         let mut stats = RecallStats::default();
-        let fixed = (0..g.sink_pages.min(g.pages(len))).map(|j| (j, j)).chain(
-            (g.window_start(len).max(g.sink_pages)..g.pages(len)).map(|j| (j, g.window_slot(j))),
-        );
-        for (page, slot) in fixed {
+        for (page, slot) in g.fixed_pages(len) {
             let n = g.valid_tokens(page, len);
             stats.bytes += dev.install_for_all_heads(host, table[page], page, slot, n);
             stats.pages += g.num_kv_heads;
@@ -375,14 +372,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
                 }
             }
         }
-        // The tables follow the data.
-        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
-            for i in 0..dev.plan(h).len() {
-                let e = dev.plan(h)[i];
-                dev.slots_mut(h)[e.slot as usize] = e.page;
-            }
-            dev.clear_plan(h);
-        }
+        dev.apply_plans(heads);
         stats
     }
 

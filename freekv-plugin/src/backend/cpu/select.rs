@@ -8,9 +8,9 @@ use std::ops::Range;
 use crate::geometry::{Geometry, NO_PAGE};
 use crate::Pooling;
 
-use super::device_tier::PlanEntry;
 use super::elem::KvElem;
 use super::math;
+use crate::plan::PlanEntry;
 
 /// Working memory of selection, reused between calls.
 #[derive(Default)]

@@ -1,7 +1,7 @@
 //! Does batching pay? Decode throughput of many concurrent streams vs one stream, through
 //! `mistralrs serve` with FreeKV (budget 128): the same short-prompt, long-answer requests
-//! sent all at once, then one at a time. Prompts of ~250 tokens, so that decoding crosses
-//! into FreeKV's sparse path (from 128 tokens) and prompt work stays small next to decoding.
+//! sent all at once, then one at a time. Prompts of ~100-120 tokens, so that decoding
+//! crosses into FreeKV's sparse path (from 128 tokens) and prompt work stays small.
 
 use std::time::Duration;
 

@@ -233,7 +233,7 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                 let mut md = header(part, t.elapsed().as_secs_f64());
                 md += &format!(
                     "{} streaming chats, every {}th abandoned after three events, {} completion \
-                     tokens each, prompts of {}-{} filler words; `mistralrs serve` on this CPU.\n\n",
+                     tokens each, prompts of {}-{} units of filler text (~0.62 SmolLM2 tokens each); `mistralrs serve` on this CPU.\n\n",
                     plan.load.streams,
                     plan.load.cancel_every,
                     plan.load.max_tokens,
@@ -262,7 +262,7 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                 write(&cx.out, "batching.json", &json(&runs)?)?;
                 let mut md = header(part, t.elapsed().as_secs_f64());
                 md += &format!(
-                    "{} streaming chats with prompts of {}-{} filler words and {} completion \
+                    "{} streaming chats with prompts of {}-{} units of filler text (~0.62 SmolLM2 tokens each) and {} completion \
                      tokens each, sent all at once and (the first {}) one at a time; FreeKV \
                      budget 128 through `mistralrs serve` on this CPU.\n\n",
                     plan.concurrent.streams,

@@ -163,6 +163,11 @@ pub fn dots_indexed_group(
     imp::dots_indexed_group(qs, g, base, offsets, out)
 }
 
+/// An implementation's logits over indexed f32 rows (`dots_indexed`).
+type F32Rows = fn(&[f32], &[f32], &[usize], &mut [f32]);
+/// An implementation's logits over indexed 16-bit rows (`dots_indexed_16`).
+type HalfRows = fn(&[f32], &[u16], &[usize], &mut [f32], bool);
+
 /// [`dots_indexed_group`] one query at a time, with an implementation's single-query kernels.
 fn each_query(
     qs: &[f32],
@@ -170,8 +175,8 @@ fn each_query(
     base: RowsRef<'_>,
     offsets: &[usize],
     out: &mut [f32],
-    f32_rows: fn(&[f32], &[f32], &[usize], &mut [f32]),
-    half_rows: fn(&[f32], &[u16], &[usize], &mut [f32], bool),
+    f32_rows: F32Rows,
+    half_rows: HalfRows,
 ) {
     let (dd, n) = (qs.len() / g.max(1), offsets.len());
     for h in 0..g {
@@ -247,8 +252,6 @@ fn exp_reduced(r: f32) -> f32 {
     }
     fmadd(p, r * r, r) + 1.0
 }
-
-/// `x[i] = e^(x[i] - m)` and returns the sum.
 
 /// `x[i] = e^(x[i] - m)` and returns the sum.
 #[inline]

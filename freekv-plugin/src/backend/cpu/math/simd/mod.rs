@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{each_query, exp, RowsRef, EXP_P, LN2_HI, LN2_LO};
+use super::{each_query, exp, portable, RowsRef, EXP_P, LN2_HI, LN2_LO};
 
 mod convert;
 mod products;

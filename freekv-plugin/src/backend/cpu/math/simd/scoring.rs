@@ -197,18 +197,6 @@ pub fn dots_indexed_16(q: &[f32], base: &[u16], offsets: &[usize], out: &mut [f3
             _ => {}
         }
     }
-    for (o, &off) in out.iter_mut().zip(offs) {
-        *o = base[off..off + d]
-            .iter()
-            .zip(q)
-            .map(|(b, q)| {
-                let x = if bf16 {
-                    half::bf16::from_bits(*b).to_f32()
-                } else {
-                    half::f16::from_bits(*b).to_f32()
-                };
-                x * q
-            })
-            .sum();
-    }
+    // Other head dims: the plain loop.
+    super::portable::dots_indexed_16(q, base, offs, &mut out[..n], bf16)
 }
