@@ -116,11 +116,14 @@ fn git_dir(dir: &Path, name: &str) -> PathBuf {
 
 /// A git command on the series repository of `name`, with a fixed identity (CI has none).
 fn git(dir: &Path, name: &str) -> std::process::Command {
+    let tree = dir.join(format!("{name}-{ENGINE_VERSION}"));
     let mut cmd = std::process::Command::new("git");
-    cmd.arg("--git-dir")
+    // From inside the tree: `git apply` takes paths relative to the current directory.
+    cmd.current_dir(&tree)
+        .arg("--git-dir")
         .arg(git_dir(dir, name))
         .arg("--work-tree")
-        .arg(dir.join(format!("{name}-{ENGINE_VERSION}")))
+        .arg(&tree)
         .args([
             "-c",
             "user.name=xtask",
