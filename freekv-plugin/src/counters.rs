@@ -122,6 +122,12 @@ impl LayerCounters {
         })
     }
 
+    /// Counts a recall: the pages that entered a working set and the bytes copied.
+    pub fn add_recall(&mut self, stats: crate::backend::RecallStats) {
+        self.pages_recalled += stats.pages as u64;
+        self.bytes_moved += stats.bytes as u64;
+    }
+
     /// One line for a request's log: its figures as `key=value` pairs (times in ms; the wait
     /// for background work is a layer's, not a request's, and is left out).
     pub fn summary(&self) -> String {

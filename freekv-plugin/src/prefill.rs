@@ -24,25 +24,7 @@ pub fn check_row<B>(
         row.seq_id,
         row.new_len
     );
-    let pages = cx.geo.pages(total);
-    anyhow::ensure!(
-        row.block_table.len() >= pages,
-        "sequence {}: block table has {} blocks, but {total} tokens need {pages} of {} tokens",
-        row.seq_id,
-        row.block_table.len(),
-        cx.geo.page_size
-    );
-    if let Some(&bad) = row.block_table[..pages]
-        .iter()
-        .find(|&&b| b as usize >= cx.num_blocks)
-    {
-        anyhow::bail!(
-            "sequence {}: block id {bad} is outside the host tier's {} blocks",
-            row.seq_id,
-            cx.num_blocks
-        );
-    }
-    Ok(())
+    cx.check_table(row.seq_id, row.block_table, total)
 }
 
 /// Prefill of one layer for the loaded batch.
@@ -115,8 +97,7 @@ pub fn prefill_step<B: Backend>(
             .dev
             .get_or_insert_with(|| cx.backend.alloc_device_tier());
         let stats = cx.backend.reset_working_set(host, &seq.table, dev, total);
-        seq.counters.pages_recalled += stats.pages as u64;
-        seq.counters.bytes_moved += stats.bytes as u64;
+        seq.counters.add_recall(stats);
         cx.backend.store_query(dev, batch, r, row.new_len - 1);
         select_for_next_step(cx, host, seq, all_heads, scratch);
         seq.counters.blocking_ns += t.elapsed().as_nanos() as u64;

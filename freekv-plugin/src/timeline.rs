@@ -83,7 +83,7 @@ fn append<B: Backend>(
             row.seq_id
         )
     })?;
-    check_table(cx, row.seq_id, row.block_table, len)?;
+    cx.check_table(row.seq_id, row.block_table, len)?;
     let known = geo.pages(seq.len).min(seq.table.len());
     let continuing = len == seq.len + 1 && row.block_table[..known] == seq.table[..known];
     seq.table.clear();
@@ -126,37 +126,34 @@ fn append<B: Backend>(
         Ok(RowStep::Speculated)
     } else {
         let stats = cx.backend.reset_working_set(&st.host, &seq.table, dev, len);
-        seq.counters.pages_recalled += stats.pages as u64;
-        seq.counters.bytes_moved += stats.bytes as u64;
+        seq.counters.add_recall(stats);
         Ok(RowStep::Fresh)
     }
 }
 
-/// The block table must cover the context and name blocks the host tier has.
-fn check_table<B>(
-    cx: &LayerCtx<'_, B>,
-    seq_id: u64,
-    table: &[u32],
-    len: usize,
-) -> anyhow::Result<()> {
-    let pages = cx.geo.pages(len);
-    anyhow::ensure!(len > 0, "sequence {seq_id}: context length 0");
-    anyhow::ensure!(
-        table.len() >= pages,
-        "sequence {seq_id}: block table has {} blocks, but {len} tokens need {pages} of {} tokens",
-        table.len(),
-        cx.geo.page_size
-    );
-    if let Some(&bad) = table[..pages]
-        .iter()
-        .find(|&&b| b as usize >= cx.num_blocks)
-    {
-        anyhow::bail!(
-            "sequence {seq_id}: block id {bad} is outside the host tier's {} blocks",
-            cx.num_blocks
+impl<B> LayerCtx<'_, B> {
+    /// The block table of a `len`-token context must cover it and name blocks the host tier
+    /// has (prompt and decode rows alike).
+    pub fn check_table(&self, seq_id: u64, table: &[u32], len: usize) -> anyhow::Result<()> {
+        let pages = self.geo.pages(len);
+        anyhow::ensure!(len > 0, "sequence {seq_id}: context length 0");
+        anyhow::ensure!(
+            table.len() >= pages,
+            "sequence {seq_id}: block table has {} blocks, but {len} tokens need {pages} of {} tokens",
+            table.len(),
+            self.geo.page_size
         );
+        if let Some(&bad) = table[..pages]
+            .iter()
+            .find(|&&b| b as usize >= self.num_blocks)
+        {
+            anyhow::bail!(
+                "sequence {seq_id}: block id {bad} is outside the host tier's {} blocks",
+                self.num_blocks
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// 2. The selection that must happen before attention, by step and mode.
@@ -213,8 +210,7 @@ fn correct<B: Backend>(cx: &LayerCtx<'_, B>, st: &mut LayerState<B>, r: usize, s
             .select(host, &seq.table, dev, candidates, heads, scratch);
         let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch);
         counters.head_selections += n as u64;
-        counters.pages_recalled += stats.pages as u64;
-        counters.bytes_moved += stats.bytes as u64;
+        counters.add_recall(stats);
         counters.blocking_ns += t.elapsed().as_nanos() as u64;
     }
     seq.select();
@@ -312,7 +308,6 @@ pub fn select_for_next_step<B: Backend>(
         .select(host, &seq.table, dev, candidates, heads, scratch);
     let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch);
     seq.counters.head_selections += heads.iter().filter(|&&h| h).count() as u64;
-    seq.counters.pages_recalled += stats.pages as u64;
-    seq.counters.bytes_moved += stats.bytes as u64;
+    seq.counters.add_recall(stats);
     seq.select();
 }
