@@ -147,3 +147,52 @@ async fn small_budget_completes_and_reports_agreement() -> anyhow::Result<()> {
     assert!(c.sparse_steps > 0, "the 256-token budget never went sparse");
     Ok(())
 }
+
+/// `mistralrs bench --depth N` (our CLI patch) times decode after an N-token context, with
+/// FreeKV on a sparse budget: the row names the depth and holds a positive rate.
+#[test]
+fn bench_times_decode_at_depth() -> anyhow::Result<()> {
+    use anyhow::Context;
+    let _serial = serial();
+    let gguf = paths::smollm2_gguf()?;
+    let out = std::process::Command::new(paths::mistralrs_bin()?)
+        .args(["--token-source", "none"])
+        .args([
+            "--freekv-budget",
+            "128",
+            "--freekv-sink",
+            "32",
+            "--freekv-window",
+            "32",
+        ])
+        .args(["bench", "--format", "gguf", "-m"])
+        .arg(gguf.parent().context("model folder")?)
+        .arg("-f")
+        .arg(gguf.file_name().context("model file")?)
+        .args(["--cpu", "--paged-attn", "on", "--pa-context-len", "1024"])
+        .args(["--prompt-len", "0", "--gen-len", "8", "--depth", "300"])
+        .args(["--iterations", "1", "--warmup", "0"])
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(out.status.success(), "bench failed: {text}");
+    let row = text
+        .lines()
+        .find(|l| l.contains("Decode (8 tokens at depth 300)"))
+        .with_context(|| format!("no decode-at-depth row in: {text}"))?;
+    let cells: Vec<&str> = row
+        .split(['│', '┆'])
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    let rate: f64 = cells
+        .get(1)
+        .and_then(|c| c.split_whitespace().next())
+        .context("no rate cell")?
+        .parse()?;
+    assert!(rate > 0.0, "{row}");
+    Ok(())
+}
