@@ -157,14 +157,7 @@ fn bench_times_decode_at_depth() -> anyhow::Result<()> {
     let gguf = paths::smollm2_gguf()?;
     let out = std::process::Command::new(paths::mistralrs_bin()?)
         .args(["--token-source", "none"])
-        .args([
-            "--freekv-budget",
-            "128",
-            "--freekv-sink",
-            "32",
-            "--freekv-window",
-            "32",
-        ])
+        .args(freekv_integration_tests::load::FREEKV_B128)
         .args(["bench", "--format", "gguf", "-m"])
         .arg(gguf.parent().context("model folder")?)
         .arg("-f")
