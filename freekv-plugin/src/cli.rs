@@ -82,13 +82,6 @@ impl FromArgMatches for FreeKvArgs {
 }
 
 impl FreeKvArgs {
-    /// Flags as if given on the command line: `[("budget", "1024"), ...]` by knob name.
-    pub fn from_pairs(pairs: &[(&'static str, &str)]) -> Self {
-        Self {
-            given: pairs.iter().map(|(k, v)| (*k, v.to_string())).collect(),
-        }
-    }
-
     /// The configuration: `FREEKV_*` variables over the defaults, flags over both, validated.
     /// An invalid value is an error naming the flag, the value and what is valid.
     pub fn config(&self) -> anyhow::Result<FreeKvConfig> {
@@ -112,6 +105,13 @@ pub fn install(args: &FreeKvArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    /// Flags as if given on the command line, by knob name.
+    fn flags(pairs: &[(&'static str, &str)]) -> FreeKvArgs {
+        FreeKvArgs {
+            given: pairs.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        }
+    }
 
     #[derive(Parser, Debug)]
     struct Cli {
@@ -155,18 +155,12 @@ mod tests {
         assert_eq!(c.mode, crate::Mode::Sync);
         assert!(c.dense_layers.is_empty());
         assert_eq!(cli.other.as_deref(), Some("y"));
-        let e = FreeKvArgs::from_pairs(&[("mode", "fast")])
-            .config()
-            .unwrap_err()
-            .to_string();
+        let e = flags(&[("mode", "fast")]).config().unwrap_err().to_string();
         assert_eq!(
             e,
             "--freekv-mode: invalid FreeKV mode = fast: one of dense, sync, speculative, freekv"
         );
-        let e = FreeKvArgs::from_pairs(&[("tau", "3")])
-            .config()
-            .unwrap_err()
-            .to_string();
+        let e = flags(&[("tau", "3")]).config().unwrap_err().to_string();
         assert!(e.contains("tau = 3") && e.contains("[-1, 1]"), "{e}");
     }
 }

@@ -151,11 +151,13 @@ impl fmt::Display for SlotPlan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{FreeKvConfig, ModelShape};
 
-    fn geo() -> Geometry {
+    /// A small geometry: pages of 8, 1 sink + 3 selected + 2 window slots, 3 KV heads of
+    /// groups of 2 (also the CPU device tier's tests').
+    pub(crate) fn geo() -> Geometry {
         let c = FreeKvConfig {
             page_size: 8,
             budget: 48,

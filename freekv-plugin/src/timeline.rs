@@ -117,10 +117,11 @@ fn append<B: Backend>(
         return Ok(RowStep::Dense);
     }
     seq.counters.sparse_steps += 1;
+    let selected = seq.has_selection();
     let dev = seq
         .dev
         .get_or_insert_with(|| cx.backend.alloc_device_tier());
-    if seq.phase != Phase::Unselected {
+    if selected {
         cx.backend
             .advance_window(&seq.table, dev, len, &st.batch, r);
         Ok(RowStep::Speculated)

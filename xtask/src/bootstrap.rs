@@ -258,7 +258,11 @@ pub fn save_patches(ctx: &Ctx, into: Option<&str>, reason: Option<&str>) -> Resu
                  they belong to: `cargo xtask save-patches --into {name}/<NN-name>` (one of: {}; \
                  a new name adds a patch, with --reason \"...\")",
                 dirty.trim_end(),
-                series.split_whitespace().rev().collect::<Vec<_>>().join(", ")
+                series
+                    .split_whitespace()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         write_series(ctx, &dir, name)?;
@@ -279,11 +283,13 @@ fn fold_edits(dir: &Path, name: &str, patch: &str, reason: Option<&str>) -> Resu
     match existing {
         Some(sha) => {
             git_run(git(dir, name).args(["commit", "--quiet", "--fixup", &sha]))?;
-            git_run(
-                git(dir, name)
-                    .env("GIT_SEQUENCE_EDITOR", "true")
-                    .args(["rebase", "--quiet", "-i", "--autosquash", "pristine"]),
-            )
+            git_run(git(dir, name).env("GIT_SEQUENCE_EDITOR", "true").args([
+                "rebase",
+                "--quiet",
+                "-i",
+                "--autosquash",
+                "pristine",
+            ]))
             .map_err(|e| {
                 format!(
                     "{e}\n(the edit conflicts with a later patch: resolve it with `git \

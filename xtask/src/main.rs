@@ -41,7 +41,11 @@ fn dispatch(args: &[String]) -> Result<(), String> {
             let value = |flag: &str| {
                 rest.iter()
                     .position(|a| *a == flag)
-                    .map(|i| rest.get(i + 1).copied().ok_or(format!("{flag} needs a value")))
+                    .map(|i| {
+                        rest.get(i + 1)
+                            .copied()
+                            .ok_or(format!("{flag} needs a value"))
+                    })
                     .transpose()
             };
             bootstrap::save_patches(&ctx, value("--into")?, value("--reason")?)

@@ -5,17 +5,31 @@ use mistralrs_core::attention_backend::{
     FlashParams, PagedAttentionInputMetadata, PagedAttentionLayerBackend, Sdpa, SdpaParams,
 };
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use candle_core::TensorId;
 
 use super::{batch, registry};
 use crate::{AttnParams, FreeKv};
 
 /// A model layer's paged attention. The layer does not know its index at construction
-/// (the engine builds layers before the cache); each call finds it from its cache handle.
-/// Once it has served a call it keeps its model's instance alive (see `registry`).
+/// (the engine builds layers before the cache); its first call finds it from its cache
+/// handle in the registry, and from then on it keeps its model's instance alive (see
+/// `registry`) and needs no lookup.
 #[derive(Default)]
 pub struct FreeKvLayer {
-    instance: std::sync::Mutex<Option<Arc<FreeKv>>>,
+    adopted: OnceLock<Adopted>,
+    /// The engine's KV-cache manager has been tied to the model.
+    manager_bound: AtomicBool,
+}
+
+/// What a layer learned at its first call: which cache, model and layer it serves.
+struct Adopted {
+    handle: TensorId,
+    index: usize,
+    freekv: Arc<FreeKv>,
+    layer: usize,
 }
 
 fn engine_err(e: anyhow::Error) -> candle_core::Error {
@@ -44,16 +58,41 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
                 "FreeKV: this model uses attention-sink logits (e.g. GPT-OSS), which FreeKV does not support; run it with --paged-attn off"
             );
         }
-        let (index, freekv, layer) = registry::adopt(key_cache.id()).ok_or_else(|| {
-            candle_core::Error::Msg(
-                "FreeKV: a forward call came with a KV cache FreeKV did not allocate".into(),
-            )
-        })?;
-        *self.instance.lock().unwrap_or_else(|e| e.into_inner()) = Some(freekv.clone());
+        let handle = key_cache.id();
+        let looked_up;
+        let served = match self.adopted.get().filter(|a| a.handle == handle) {
+            Some(a) => a,
+            None => {
+                let (index, freekv, layer) = registry::adopt(handle).ok_or_else(|| {
+                    candle_core::Error::Msg(
+                        "FreeKV: a forward call came with a KV cache FreeKV did not allocate"
+                            .into(),
+                    )
+                })?;
+                let fresh = Adopted {
+                    handle,
+                    index,
+                    freekv,
+                    layer,
+                };
+                // A cache other than the adopted one (not seen from the engine) is served
+                // through the registry on every call.
+                match self.adopted.set(fresh) {
+                    Ok(()) => self.adopted.get().expect("just set"),
+                    Err(other) => {
+                        self.manager_bound.store(false, Ordering::Relaxed);
+                        looked_up = other;
+                        &looked_up
+                    }
+                }
+            }
+        };
         if let Some(manager) = meta.kv_cache_manager_id {
-            registry::bind_manager(manager, index);
+            if !self.manager_bound.swap(true, Ordering::Relaxed) {
+                registry::bind_manager(manager, served.index);
+            }
         }
-        let freekv = &*freekv;
+        let (freekv, layer) = (&*served.freekv, served.layer);
         let page_size = freekv.config().page_size;
         let params = AttnParams {
             softmax_scale: sdpa.softmax_scale,

@@ -156,26 +156,7 @@ pub fn scatter_chunk<T: Copy>(
 mod tests {
     use super::*;
     use crate::geometry::NO_PAGE;
-    use crate::{FreeKvConfig, ModelShape};
-
-    fn geo() -> Geometry {
-        let c = FreeKvConfig {
-            page_size: 8,
-            budget: 48,
-            sink: 8,
-            window: 16,
-            ..Default::default()
-        };
-        Geometry::new(
-            &c,
-            &ModelShape {
-                num_layers: 1,
-                num_q_heads: 6,
-                num_kv_heads: 3,
-                head_dim: 4,
-            },
-        )
-    }
+    use crate::plan::tests::geo;
 
     #[test]
     fn hnd_to_nhd_round_trip() {
