@@ -14,9 +14,12 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use freekv_plugin::{
-    AttnParams, DecodeRow, DeviceTierLayout, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape,
-    PrefillRow,
+    AttnParams, CpuKernels, DecodeRow, DeviceTierLayout, FreeKv, FreeKvConfig, KvDType, Mode,
+    ModelShape, PrefillRow,
 };
+
+mod shapes;
+use shapes::{Shape, LLAMA, SMOL};
 
 const LAYERS: usize = 8;
 const PAGE: usize = 32;
@@ -43,37 +46,15 @@ impl Rng {
     }
 }
 
-#[derive(Clone, Copy)]
-struct Shape {
-    name: &'static str,
-    q: usize,
-    kv: usize,
-    d: usize,
-}
-
-impl Shape {
-    fn model(&self) -> ModelShape {
-        ModelShape {
-            num_layers: LAYERS,
-            num_q_heads: self.q,
-            num_kv_heads: self.kv,
-            head_dim: self.d,
-        }
+/// The model shape of `s` with the bench's layer count.
+fn model(s: Shape) -> ModelShape {
+    ModelShape {
+        num_layers: LAYERS,
+        num_q_heads: s.q,
+        num_kv_heads: s.kv,
+        head_dim: s.d,
     }
 }
-
-const LLAMA: Shape = Shape {
-    name: "Llama-3.1-8B (32/8 heads, d 128)",
-    q: 32,
-    kv: 8,
-    d: 128,
-};
-const SMOL: Shape = Shape {
-    name: "SmolLM2-135M (9/3 heads, d 64)",
-    q: 9,
-    kv: 3,
-    d: 64,
-};
 
 /// The decode inputs of every (step, layer), shared by all variants.
 struct Steps {
@@ -141,6 +122,8 @@ struct Variant {
     /// On-CPU time of the calling thread during the timed steps.
     cpu: Duration,
     timed_steps: usize,
+    /// The inner loops this variant runs (selected for the process before each of its runs).
+    kernels: CpuKernels,
 }
 
 /// On-CPU time of the calling thread so far (`/proc/thread-self/schedstat`, nanoseconds):
@@ -188,7 +171,7 @@ fn prefill(
     label: &'static str,
 ) -> Variant {
     let pages = (ctx + extra_steps).div_ceil(PAGE) + 1;
-    let fk = FreeKv::new(config, shape.model(), pages, KvDType::BF16).unwrap();
+    let fk = FreeKv::new(config, model(shape), pages, KvDType::BF16).unwrap();
     let table: Vec<u32> = (0..pages as u32).collect();
     // Prompt K/V in chunks of 4096 tokens (cached_len grows), the last query random.
     let chunk = 4096.min(ctx);
@@ -226,6 +209,7 @@ fn prefill(
         elapsed: Duration::ZERO,
         cpu: Duration::ZERO,
         timed_steps: 0,
+        kernels: CpuKernels::detected(),
     }
 }
 
@@ -233,6 +217,7 @@ impl Variant {
     /// Runs `n` decode steps over all layers; timed unless warming up. The background work of
     /// the last step is joined afterwards, untimed, so it cannot leak into the next variant.
     fn run(&mut self, steps: &Steps, n: usize, params: &AttnParams, timed: bool) {
+        self.kernels.select().unwrap();
         let cpu = thread_cpu();
         let t = Instant::now();
         for _ in 0..n {
@@ -314,6 +299,7 @@ fn main() {
     let (rounds, per_round, warmup) = if quick { (3, 4, 2) } else { (8, 6, 3) };
     let mut wall_rows = Vec::new();
     let mut cpu_rows = Vec::new();
+    let mut kernel_rows = Vec::new();
     let cases: Vec<(Shape, usize)> = if quick {
         vec![(LLAMA, 32768), (SMOL, 32768)]
     } else {
@@ -358,7 +344,26 @@ fn main() {
             ),
             run(Mode::Sync, DeviceTierLayout::Copy, ctx, "sync-copy"),
             run(Mode::FreeKv, DeviceTierLayout::Copy, ctx, "freekv-copy"),
+            // The same with the portable loops instead of the SIMD kernels.
+            run(
+                Mode::Dense,
+                DeviceTierLayout::InPlace,
+                ctx,
+                "dense-portable",
+            ),
+            run(
+                Mode::FreeKv,
+                DeviceTierLayout::InPlace,
+                ctx,
+                "freekv-portable",
+            ),
         ];
+        for v in variants
+            .iter_mut()
+            .filter(|v| v.label.ends_with("-portable"))
+        {
+            v.kernels = CpuKernels::Portable;
+        }
         drop(prompt);
         for v in variants.iter_mut() {
             v.run(&steps, warmup, &params, false);
@@ -371,6 +376,18 @@ fn main() {
         }
         let by = |label: &str| variants.iter().position(|v| v.label == label).unwrap();
         let c = variants[by("freekv")].counters();
+        let wall = |label: &str| variants[by(label)].per_layer_step_us();
+        kernel_rows.push(format!(
+            "| {} | {}K | {:.0} | {:.0} | **{:.1}x** | {:.0} | {:.0} | **{:.1}x** |",
+            shape.name,
+            ctx / 1024,
+            wall("dense-portable"),
+            wall("dense"),
+            wall("dense-portable") / wall("dense"),
+            wall("freekv-portable"),
+            wall("freekv"),
+            wall("freekv-portable") / wall("freekv"),
+        ));
         for (rows, us) in [
             (
                 &mut wall_rows,
@@ -437,6 +454,23 @@ fn main() {
     println!("\nOn-CPU time of the calling thread per layer-step (us; background work on the worker thread excluded):\n");
     println!("{header}");
     for r in &cpu_rows {
+        println!("{r}");
+    }
+    let build = if cfg!(all(
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )) {
+        "a build whose target has AVX2/FMA/F16C (e.g. target-cpu=native): the code around the kernels may use them too"
+    } else {
+        "a build for the baseline target: the SIMD kernels are chosen at run time"
+    };
+    println!(
+        "\nInner loops, wall-clock per layer-step (us): portable vs the {} kernels ({build}):\n",
+        CpuKernels::detected().name()
+    );
+    println!("| shape | context | dense portable | dense SIMD | SIMD speed-up | freekv portable | freekv SIMD | SIMD speed-up |\n|---|---|---|---|---|---|---|---|");
+    for r in &kernel_rows {
         println!("{r}");
     }
 }

@@ -44,6 +44,7 @@ pub mod cli;
 use candle_core::Tensor;
 use half::{bf16, f16};
 
+pub use backend::cpu::math::CpuKernels;
 pub use config::{ConfigError, DeviceTierLayout, FreeKvConfig, Mode, Pooling, SummaryKind};
 pub use counters::{Counters, LayerCounters};
 pub use state::StepTrace;

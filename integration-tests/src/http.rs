@@ -15,9 +15,12 @@ pub struct Reply {
     pub body: String,
 }
 
-fn connect(port: u16) -> Result<TcpStream> {
+/// How long a read may wait for the server before the request counts as hung.
+pub const PATIENCE: Duration = Duration::from_secs(600);
+
+fn connect(port: u16, patience: Duration) -> Result<TcpStream> {
     let stream = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
-    stream.set_read_timeout(Some(Duration::from_secs(600)))?;
+    stream.set_read_timeout(Some(patience))?;
     Ok(stream)
 }
 
@@ -106,7 +109,7 @@ pub fn post_raw(port: u16, path: &str, body: &str) -> Result<Reply> {
 }
 
 fn request(port: u16, method: &str, path: &str, body: Option<&str>) -> Result<Reply> {
-    let mut stream = connect(port)?;
+    let mut stream = connect(port, PATIENCE)?;
     send(&mut stream, method, path, body)?;
     let mut reader = BufReader::new(stream);
     let (status, chunked, length) = read_head(&mut reader)?;
@@ -125,18 +128,20 @@ pub fn post_stream(
     body: &serde_json::Value,
     stop_after: Option<usize>,
 ) -> Result<Vec<serde_json::Value>> {
-    post_stream_timed(port, path, body, stop_after, &mut |_| {})
+    post_stream_timed(port, path, body, stop_after, PATIENCE, &mut |_| {})
 }
 
-/// [`post_stream`], calling `on_event` as each event arrives (e.g. to time the first token).
+/// [`post_stream`], calling `on_event` as each event arrives (e.g. to time the first token),
+/// waiting up to `patience` for each read (a long prompt's first token comes late).
 pub fn post_stream_timed(
     port: u16,
     path: &str,
     body: &serde_json::Value,
     stop_after: Option<usize>,
+    patience: Duration,
     on_event: &mut dyn FnMut(&serde_json::Value),
 ) -> Result<Vec<serde_json::Value>> {
-    let mut stream = connect(port)?;
+    let mut stream = connect(port, patience)?;
     send(&mut stream, "POST", path, Some(&body.to_string()))?;
     let mut reader = BufReader::new(stream);
     let (status, chunked, _) = read_head(&mut reader)?;

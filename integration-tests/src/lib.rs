@@ -1,11 +1,12 @@
 //! Test support for FreeKV's end-to-end tests: tiny random-weight models, an in-process
-//! engine driver (Rust SDK), a minimal HTTP client for the server tests, and where to find
-//! the engine's CLI and the real model.
+//! engine driver (Rust SDK), a minimal HTTP client for the server tests, real prose for long
+//! prompts, and where to find the engine's CLI and the real model.
 
 pub mod engine;
 pub mod http;
 pub mod load;
 pub mod paths;
+pub mod prose;
 pub mod server;
 pub mod tiny_models;
 

@@ -145,6 +145,7 @@ pub fn send_stream(port: u16, plan: &LoadPlan, i: usize) -> Result<Option<Stream
         "/v1/chat/completions",
         &chat(&plan.prompt(i), max_tokens, true),
         cancel.then_some(3),
+        http::PATIENCE,
         &mut |e| {
             if e["choices"][0]["delta"]["content"].is_string() {
                 times.push(start.elapsed().as_secs_f64());

@@ -128,11 +128,12 @@ impl PagedAttentionBackend for FreeKvBackend {
         let model = Arc::new(freekv);
         let index = registry::add_model(model.clone(), &handles);
         tracing::info!(
-            "FreeKV serves model #{index}: {} blocks of {} tokens, KV {dtype:?}, host tier {} MiB, device tier {} KiB per sequence, {:?}",
+            "FreeKV serves model #{index}: {} blocks of {} tokens, KV {dtype:?}, host tier {} MiB, device tier {} KiB per sequence, CPU kernels {}, {:?}",
             cache_config.num_gpu_blocks,
             cache_config.block_size,
             model.host_tier_bytes() >> 20,
             model.device_tier_bytes_per_sequence() >> 10,
+            crate::CpuKernels::active().name(),
             model.config()
         );
         Ok(caches)

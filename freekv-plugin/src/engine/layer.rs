@@ -108,16 +108,9 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
                 tracing::debug!("FreeKV prefill rows (L={q_len}): {rows:?}");
             }
             let rows: Vec<_> = rows.iter().map(batch::PromptRow::as_row).collect();
-            let prefix_hit = rows.iter().any(|r| r.cached_len > 0);
-            // Without a prefix hit the engine's own SDPA computes exactly what the stock
-            // engine computes; FreeKV only stores the pages and makes its first selection.
-            if let (Some(mask), false) = (mask, prefix_hit) {
-                let out = sdpa_per_row(q, k, v, mask, flash, sdpa)?;
-                freekv
-                    .prefill(layer, &rows, q, k, v, &params, false)
-                    .map_err(engine_err)?;
-                return Ok(out);
-            }
+            // Every prompt is attended by FreeKV's own causal kernel, over the cached prefix
+            // (if any) and the new tokens, straight from the host tier: the engine's mask is
+            // not read (the kernel masks by position, window and softcap from `sdpa`).
             let out = freekv
                 .prefill(layer, &rows, q, k, v, &params, true)
                 .map_err(engine_err)?
@@ -145,34 +138,4 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
             .decode(layer, &rows, &q, &k, &v, &params)
             .map_err(engine_err)
     }
-}
-
-/// The engine's SDPA, one batch row at a time. Row by row it computes exactly what the
-/// stock engine computes for that sequence alone; batched, the engine's CPU attention mixes
-/// rows of f16 prompts (seen as cross-talk between concurrent requests in 0.8.1).
-fn sdpa_per_row(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: &Tensor,
-    flash: Option<&FlashParams>,
-    sdpa: &SdpaParams,
-) -> Result<Tensor> {
-    let batch = q.dim(0)?;
-    if batch == 1 {
-        return Sdpa.run_attention(q, k, v, Some(mask), flash, sdpa);
-    }
-    let rows = (0..batch)
-        .map(|b| {
-            Sdpa.run_attention(
-                &q.narrow(0, b, 1)?,
-                &k.narrow(0, b, 1)?,
-                &v.narrow(0, b, 1)?,
-                Some(mask),
-                flash,
-                sdpa,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&rows, 0)
 }

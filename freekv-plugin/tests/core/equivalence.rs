@@ -77,6 +77,41 @@ fn budget_covering_the_context_equals_dense_attention() {
     assert!(all.prefill_rows > cases);
 }
 
+/// Prefill attention alone, on prompts long enough for many query tiles and the parallel
+/// path (up to ~9 pages), lengths that are no multiple of a tile or page, batches of rows with
+/// and without a cached prefix of another sequence's pages: every output row equals naive
+/// causal attention (f64) within the storage type's tolerance.
+#[test]
+fn prefill_of_long_prompts_and_cached_prefixes_equals_naive_attention() {
+    let mut all = Checked::default();
+    let (cases, mut want_rows) = (72, 0);
+    for i in 0..cases {
+        let seed = 5000 + i as u64;
+        let mut rng = Rng::new(seed);
+        let s = cycled_setup(i, &mut rng, &ALL);
+        let p = s.p();
+        s.cfg.validate(Some(&s.shape)).unwrap();
+        let layers = s.shape.num_layers;
+        let mut h = Harness::new(s, seed);
+        let src_len = rng.range(p + 1, 4 * p + 7);
+        h.prefill(&[(1, src_len, None)], true);
+        let b = rng.range(1, 3);
+        let rows: Vec<PromptSpec> = (0..b)
+            .map(|r| {
+                let prefix = rng.chance(0.6).then(|| (1, rng.range(1, src_len / p)));
+                (r as u64 + 2, rng.range(1, 5 * p + 3), prefix)
+            })
+            .collect();
+        h.prefill(&rows, true);
+        want_rows += (1 + b) * layers;
+        let ids: Vec<u64> = rows.iter().map(|r| r.0).collect();
+        h.decode(&ids, Queries::Random, false);
+        tally(&mut all, h.checked);
+    }
+    // Every row of every layer was compared.
+    assert_eq!(all.prefill_rows, want_rows);
+}
+
 #[test]
 fn dense_mode_stays_dense_beyond_the_budget() {
     let lim = Limits {

@@ -9,11 +9,11 @@ use freekv_plugin::FreeKvConfig;
 const LONG: usize = 256;
 
 /// How far apart stock's and FreeKV's logits may be. Both run the model in f16, but stock
-/// multiplies attention with f16 matmuls and FreeKV sums in f32, so decode-step logits differ
-/// by rounding: measured up to 0.42 (typically 0.1) over 36 steps, not growing with the step;
-/// the first step (prefill only, the engine's own attention) is identical. So: the chosen
-/// logits may differ by this much while the paths agree, and the paths may part only where
-/// stock's top-2 margin is below it, with FreeKV taking stock's runner-up.
+/// multiplies attention with f16 matmuls and FreeKV sums in f32 (in prefill and decode), so
+/// logits differ by rounding: measured up to 0.42 (typically 0.1-0.3, the first token's 0.24)
+/// over the shared steps, not growing with the step. So: the chosen logits may differ by this
+/// much while the paths agree, and the paths may part only where stock's top-2 margin is below
+/// it, with FreeKV taking stock's runner-up.
 const LOGIT_TOLERANCE: f32 = 1.0;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,8 +74,8 @@ async fn budget_above_context_gives_the_stock_tokens() -> anyhow::Result<()> {
         &want.margins[..8]
     );
     assert!(
-        (got.logits[0] - want.logits[0]).abs() < 1e-3,
-        "the first token's logits differ ({} vs {}): prefill no longer runs the engine's attention",
+        (got.logits[0] - want.logits[0]).abs() <= LOGIT_TOLERANCE,
+        "the first token's logits differ ({} vs {}): FreeKV's prefill attention is not the stock one",
         got.logits[0],
         want.logits[0]
     );

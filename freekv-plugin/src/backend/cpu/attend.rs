@@ -101,10 +101,29 @@ impl<'s> Attention<'s> {
     }
 
     /// Adds one segment.
+    #[inline]
     pub fn add<T: KvElem>(&mut self, seg: Segment<'_, T>, params: &AttnParams) {
         if !self.any_visible(seg.pos0, seg.n) {
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if math::CpuKernels::active() == math::CpuKernels::Avx2 {
+            // SAFETY: the AVX2 kernels are active only on a CPU that has these features.
+            return unsafe { self.add_avx2(seg, params) };
+        }
+        self.add_body(seg, params)
+    }
+
+    /// [`Attention::add`] compiled for AVX2 + FMA + F16C: the masking, scaling and softcap
+    /// loops between the kernels vectorise as in a `target-cpu=native` build.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add_avx2<T: KvElem>(&mut self, seg: Segment<'_, T>, params: &AttnParams) {
+        self.add_body(seg, params)
+    }
+
+    #[inline(always)]
+    fn add_body<T: KvElem>(&mut self, seg: Segment<'_, T>, params: &AttnParams) {
         let (rows, d, n) = (self.rows, self.d, seg.n);
         let sc = &mut *self.scratch;
         // Keys as f32 rows of `d` (no copy when stored as contiguous f32).

@@ -5,10 +5,12 @@
 //! - [`select`]: scores, pooling, top-k, replacement plan;
 //! - [`recall`]: direct and double-buffered staged recall into NHD slots;
 //! - [`attend`]: online-softmax attention over page segments;
+//! - [`causal`]: a prompt chunk's tiled causal attention over the host tier;
 //! - [`io`]: candle tensors in and out; [`math`], [`elem`], [`alloc`]: the small pieces.
 
 pub mod alloc;
 pub mod attend;
+pub mod causal;
 pub mod device_tier;
 pub mod elem;
 pub mod host_tier;
@@ -26,6 +28,7 @@ use crate::geometry::{Geometry, NO_PAGE};
 use crate::{AttnParams, DeviceTierLayout, FreeKvConfig, Pooling, SummaryKind};
 
 use self::attend::{Attention, AttnScratch, Segment};
+use self::causal::PrefillJob;
 use self::device_tier::CpuDeviceTier;
 use self::elem::KvElem;
 use self::host_tier::HostTier;
@@ -33,9 +36,6 @@ use self::io::CpuBatch;
 use self::recall::{RecallEntry, StagedRecall};
 use self::select::SelectScratch;
 use super::{Backend, RecallStats, Role};
-
-/// Prefill attention work (multiply-adds) above which it is split over threads.
-const PARALLEL_PREFILL_WORK: usize = 1 << 24;
 
 /// The CPU backend for KV stored as `T`.
 pub struct CpuBackend<T> {
@@ -49,6 +49,8 @@ pub struct CpuBackend<T> {
 /// Per-thread working memory.
 pub struct CpuScratch<T: KvElem> {
     attn: AttnScratch,
+    /// One computed tile of prefill attention.
+    tile: Vec<f32>,
     select: SelectScratch,
     rows: Vec<f32>,
     /// Summary offsets of the candidates of one selection.
@@ -133,6 +135,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
     fn alloc_scratch(&self, role: Role) -> CpuScratch<T> {
         CpuScratch {
             attn: AttnScratch::default(),
+            tile: Vec::new(),
             select: SelectScratch::default(),
             rows: Vec::new(),
             offsets: Vec::new(),
@@ -454,51 +457,19 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         params: &AttnParams,
         scratch: &mut CpuScratch<T>,
     ) {
-        let g = self.geo;
-        let (n_kv, gs, d) = (g.num_kv_heads, g.group, g.head_dim);
-        let per_head = gs * batch.q_tokens * d;
-        let q_all = &batch.q;
-        let (n_q, q_tokens) = (batch.n_q, batch.q_tokens);
-        let out_row = &mut batch.out[row * n_q * q_tokens * d..(row + 1) * n_q * q_tokens * d];
+        let (n_q, q_tokens, d) = (batch.n_q, batch.q_tokens, batch.d);
+        let span = row * n_q * q_tokens * d..(row + 1) * n_q * q_tokens * d;
         let job = PrefillJob {
-            geo: &g,
+            geo: &self.geo,
             host,
             table,
             cached_len,
             new_len,
             params,
-            q: &q_all[row * n_q * q_tokens * d..(row + 1) * n_q * q_tokens * d],
+            q: &batch.q[span.clone()],
             q_tokens,
         };
-        let work = new_len * (cached_len + new_len) * n_q * d;
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(n_kv);
-        if work < PARALLEL_PREFILL_WORK || threads < 2 {
-            for (h, out) in out_row.chunks_mut(per_head).enumerate() {
-                job.head(h, out, &mut scratch.attn);
-            }
-            return;
-        }
-        let heads_per = n_kv.div_ceil(threads);
-        std::thread::scope(|s| {
-            let mut chunks = out_row.chunks_mut(per_head * heads_per).enumerate();
-            let first = chunks.next();
-            for (i, out) in chunks {
-                let job = &job;
-                s.spawn(move || {
-                    let mut sc = AttnScratch::default();
-                    for (j, o) in out.chunks_mut(per_head).enumerate() {
-                        job.head(i * heads_per + j, o, &mut sc);
-                    }
-                });
-            }
-            if let Some((_, out)) = first {
-                for (j, o) in out.chunks_mut(per_head).enumerate() {
-                    job.head(j, o, &mut scratch.attn);
-                }
-            }
-        });
+        job.run(&mut batch.out[span], &mut scratch.attn, &mut scratch.tile);
     }
 }
 
@@ -531,68 +502,5 @@ impl<T: KvElem> CpuBackend<T> {
             g.head_dim
         );
         Ok(())
-    }
-}
-
-/// Causal attention of one prompt row, one KV head at a time (heads may run in parallel).
-struct PrefillJob<'a, T> {
-    geo: &'a Geometry,
-    host: &'a HostTier<T>,
-    table: &'a [u32],
-    cached_len: usize,
-    new_len: usize,
-    params: &'a AttnParams,
-    /// The row's queries `[Hq][q_tokens][d]`.
-    q: &'a [f32],
-    q_tokens: usize,
-}
-
-impl<T: KvElem> PrefillJob<'_, T> {
-    /// Queries per block: about 32 query rows (tokens x group) share each key page.
-    fn block_tokens(&self) -> usize {
-        (32 / self.geo.group).max(1)
-    }
-
-    /// Output of KV head `h`'s query heads, `out` = `[G][q_tokens][d]`.
-    fn head(&self, h: usize, out: &mut [f32], sc: &mut AttnScratch) {
-        let g = self.geo;
-        let (p, d, gs) = (g.page_size, g.head_dim, g.group);
-        let bt = self.block_tokens();
-        for t0 in (0..self.new_len).step_by(bt) {
-            let t1 = (t0 + bt).min(self.new_len);
-            sc.q.clear();
-            sc.qpos.clear();
-            for t in t0..t1 {
-                for r in 0..gs {
-                    let o = ((h * gs + r) * self.q_tokens + t) * d;
-                    sc.q.extend_from_slice(&self.q[o..o + d]);
-                    sc.qpos.push(self.cached_len + t);
-                }
-            }
-            let rows = (t1 - t0) * gs;
-            let first = self.params.first_visible(self.cached_len + t0);
-            let last = self.cached_len + t1 - 1;
-            let mut att = Attention::begin(sc, rows, d, self.params);
-            for page in first / p..=last / p {
-                let n = g.valid_tokens(page, last + 1);
-                let chunk = self.host.chunk(self.table[page], h);
-                att.add(
-                    Segment {
-                        k: &chunk[..p * d],
-                        v: &chunk[p * d..],
-                        stride: d,
-                        n,
-                        pos0: page * p,
-                    },
-                    self.params,
-                );
-            }
-            for t in t0..t1 {
-                for r in 0..gs {
-                    let o = (r * self.q_tokens + t) * d;
-                    att.finish_row((t - t0) * gs + r, &mut out[o..o + d]);
-                }
-            }
-        }
     }
 }

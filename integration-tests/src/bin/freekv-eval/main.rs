@@ -1,5 +1,5 @@
 //! `freekv-eval`: accuracy and speed of FreeKV vs dense attention on SmolLM2-135M-Instruct,
-//! through the engine as users run it (the Rust SDK, and the engine's `mistralrs bench`).
+//! through the engine as users run it (the Rust SDK and the engine's server).
 //!
 //! ```text
 //! freekv-eval <passkey|agreement|speed|load|batching|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
@@ -142,8 +142,9 @@ fn replot(cx: &Ctx) -> Result<()> {
     if let Some(outcomes) = read_json::<Vec<agreement::Outcome>>(cx, "agreement.json")? {
         draw_agreement(cx, &outcomes)?;
     }
-    if let Some(rows) = read_json::<Vec<speed::Bench>>(cx, "speed.json")? {
-        draw(cx, "decode-latency.png", &speed::chart(&rows))?;
+    if let Some(points) = read_json::<Vec<speed::Point>>(cx, "speed.json")? {
+        draw(cx, "decode-latency.png", &speed::decode_chart(&points))?;
+        draw(cx, "ttft.png", &speed::ttft_chart(&points))?;
     }
     Ok(())
 }
@@ -219,12 +220,13 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                 }
             }
             "speed" => {
-                let rows = speed::run(cx, &speed::Plan::new(cx.quick))?;
-                write(&cx.out, "speed.json", &json(&rows)?)?;
-                let md = header(part, t.elapsed().as_secs_f64()) + &speed::table(&rows);
+                let points = speed::run(cx, &speed::Plan::new(cx.quick))?;
+                write(&cx.out, "speed.json", &json(&points)?)?;
+                let md = header(part, t.elapsed().as_secs_f64()) + &speed::table(&points);
                 write(&cx.out, "speed.md", &md)?;
                 println!("{md}");
-                draw(cx, "decode-latency.png", &speed::chart(&rows))?;
+                draw(cx, "decode-latency.png", &speed::decode_chart(&points))?;
+                draw(cx, "ttft.png", &speed::ttft_chart(&points))?;
             }
             "load" => {
                 let plan = load::Plan::new(cx.quick);

@@ -1,191 +1,369 @@
-//! Part 4, speed through the engine: `mistralrs bench` (the engine's own benchmark, the
-//! binary built from this workspace) with the stock eager path and with FreeKV, side by side
-//! per prompt length, in one run.
+//! Part 4, speed at a context, as a user of the server sees it: per path (the stock eager
+//! engine, FreeKV at several budgets, FreeKV's dense mode) one `mistralrs serve`, and per
+//! context length one streamed greedy chat whose prompt is real prose of that length
+//! (`freekv_integration_tests::prose`), `gen_tokens` generated with the end-of-text tokens
+//! banned (`logit_bias`) so every run decodes the same number of tokens.
+//!
+//! Timed from the client: time to first token (the prompt's prefill), then each content
+//! event's arrival: decode rate = events after the first / time after the first, per-token
+//! latency p50/p99 over the gaps between events. FreeKV's own figures for the request come
+//! from the engine log line FreeKV writes when the request is released (its counters summed
+//! over layers). Paths run one after another, shortest context first.
 
-use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use freekv_integration_tests::http;
+use freekv_integration_tests::prose::Prose;
+use freekv_integration_tests::server::{streamed_answer, Server};
+use freekv_plugin::{FreeKvConfig, Mode};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
+use crate::variants::Variant;
 use crate::Ctx;
+
+/// SmolLM2 tokens per word of the licence prose (measured: ~1.37); prompts aim at the context
+/// length through it, the table reports what the server counted.
+const TOKENS_PER_WORD: f64 = 1.38;
+
+/// SmolLM2's `<|endoftext|>` and `<|im_end|>`: banned so that decoding runs its full length.
+const END_TOKENS: [u32; 2] = [0, 2];
 
 /// What to run.
 pub struct Plan {
-    pub prompt_lengths: Vec<usize>,
-    pub gen_len: usize,
-    pub budget: usize,
+    pub contexts: Vec<usize>,
+    pub gen_tokens: usize,
+    pub variants: Vec<Variant>,
 }
 
 impl Plan {
     pub fn new(quick: bool) -> Self {
         if quick {
-            Self {
-                prompt_lengths: vec![256],
-                gen_len: 16,
-                budget: 128,
-            }
-        } else {
-            Self {
-                prompt_lengths: vec![512, 1024, 2048, 4096],
-                gen_len: 64,
-                budget: 512,
-            }
+            return Self {
+                contexts: vec![300],
+                gen_tokens: 16,
+                variants: vec![Variant::dense(), small(128)],
+            };
+        }
+        Self {
+            contexts: vec![1024, 2048, 4096, 7680],
+            gen_tokens: 64,
+            variants: vec![
+                Variant::dense(),
+                Variant::freekv(256, 0.9, Mode::FreeKv),
+                Variant::freekv(512, 0.9, Mode::FreeKv),
+                Variant::freekv(1024, 0.9, Mode::FreeKv),
+                Variant::freekv(512, 0.9, Mode::Dense),
+            ],
         }
     }
 }
 
-/// One `mistralrs bench` result.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Bench {
-    pub path: String,
-    pub prompt_len: usize,
-    pub prefill_tok_s: f64,
-    pub ttft_ms: f64,
-    pub decode_tok_s: f64,
-    pub decode_ms_per_token: f64,
-}
-
-/// Parses the engine's results table: the `Prefill (...)` and `Decode (...)` rows.
-fn parse(out: &str) -> Option<(f64, f64, f64, f64)> {
-    let row = |name: &str| -> Option<(f64, f64)> {
-        let line = out.lines().find(|l| l.contains(name))?;
-        let cells: Vec<&str> = line
-            .split(['│', '┆'])
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .collect();
-        let rate = cells.get(1)?.split_whitespace().next()?.parse().ok()?;
-        let latency = cells.get(2)?.split_whitespace().next()?.parse().ok()?;
-        Some((rate, latency))
-    };
-    let (p, ttft) = row("Prefill (")?;
-    let (d, ms) = row("Decode (")?;
-    Some((p, ttft, d, ms))
-}
-
-fn bench(cx: &Ctx, plan: &Plan, prompt_len: usize, freekv: bool) -> Result<Bench> {
-    let dir = cx.gguf.parent().context("GGUF path has no folder")?;
-    let file = cx.gguf.file_name().context("GGUF path has no file name")?;
-    let mut cmd = Command::new(&cx.mistralrs);
-    if freekv {
-        let edge = (plan.budget / 4).min(128).to_string();
-        cmd.args(["--freekv-budget", &plan.budget.to_string()])
-            .args(["--freekv-sink", &edge, "--freekv-window", &edge]);
+/// Budget `b` with pages of 32 and a sink and window of a quarter budget each.
+fn small(budget: usize) -> Variant {
+    let mut v = Variant::freekv(budget, 0.9, Mode::FreeKv);
+    if let Some(c) = v.config.as_mut() {
+        c.sink = budget / 4;
+        c.window = budget / 4;
     }
-    let context = (prompt_len + plan.gen_len + 128).to_string();
-    cmd.args(["--token-source", "none", "bench", "--format", "gguf", "-m"])
-        .arg(dir)
-        .arg("-f")
-        .arg(file)
-        .args(["--cpu", "--paged-attn", if freekv { "on" } else { "off" }])
-        .args(["--pa-context-len", &context])
-        .args(["--prompt-len", &prompt_len.to_string()])
-        .args(["--gen-len", &plan.gen_len.to_string()])
-        .args(["--iterations", "1", "--warmup", "0"]);
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {}", cx.mistralrs.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    anyhow::ensure!(
-        out.status.success(),
-        "mistralrs bench failed ({}): {}",
-        out.status,
-        stderr.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+    v
+}
+
+/// One streamed request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Point {
+    pub path: String,
+    /// The context length aimed at.
+    pub context: usize,
+    /// Prompt tokens as the server counted them (chat template included).
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub ttft_s: f64,
+    pub decode_tok_s: f64,
+    pub token_p50_ms: f64,
+    pub token_p99_ms: f64,
+    /// FreeKV's release line for the request (`key=value ...`), None for the stock path.
+    pub freekv: Option<String>,
+}
+
+impl Point {
+    /// A number from the FreeKV release line.
+    pub fn counter(&self, key: &str) -> Option<f64> {
+        self.freekv
+            .as_deref()?
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    }
+}
+
+/// The `--freekv-*` flags of a configuration (every knob, as the CLI spells it).
+fn flags(config: &FreeKvConfig) -> Vec<String> {
+    FreeKvConfig::KNOBS
+        .iter()
+        .flat_map(|k| [format!("--{}", k.flag), (k.show)(config)])
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+/// Sends one prompt of about `context` tokens and times its stream.
+fn one(server: &Server, prose: &Prose, v: &Variant, context: usize, gen: usize) -> Result<Point> {
+    let words = (context as f64 / TOKENS_PER_WORD) as usize;
+    let prompt = format!(
+        "Read the text, then continue it.\n\n{}",
+        prose.words(context, words)
     );
-    let (prefill_tok_s, ttft_ms, decode_tok_s, decode_ms_per_token) = parse(&stdout)
-        .or_else(|| parse(&stderr))
-        .context("no results table in the output of mistralrs bench")?;
-    Ok(Bench {
-        path: if freekv {
-            format!("FreeKV b{}", plan.budget)
-        } else {
-            "stock eager".into()
+    let bias: serde_json::Map<String, serde_json::Value> = END_TOKENS
+        .iter()
+        .map(|t| (t.to_string(), json!(-100.0)))
+        .collect();
+    let body = json!({
+        "model": "default",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": gen,
+        "temperature": 0.0,
+        "logit_bias": bias,
+        "stream": true,
+    });
+    let start = Instant::now();
+    let mut times = Vec::new();
+    let events = http::post_stream_timed(
+        server.port,
+        "/v1/chat/completions",
+        &body,
+        None,
+        Duration::from_secs(3600),
+        &mut |e| {
+            if e["choices"][0]["delta"]["content"].is_string() {
+                times.push(start.elapsed().as_secs_f64());
+            }
         },
-        prompt_len,
-        prefill_tok_s,
-        ttft_ms,
-        decode_tok_s,
-        decode_ms_per_token,
+    )?;
+    streamed_answer(&events)?;
+    let usage = |key: &str| {
+        events
+            .iter()
+            .rev()
+            .find_map(|e| e["usage"][key].as_u64())
+            .map(|n| n as usize)
+    };
+    let prompt_tokens = usage("prompt_tokens").context("the stream reported no usage")?;
+    let completion_tokens = usage("completion_tokens").unwrap_or(times.len());
+    let (first, last) = (times.first().copied(), times.last().copied());
+    let (first, last) = first.zip(last).context("the stream carried no content")?;
+    let mut gaps: Vec<f64> = times.windows(2).map(|w| (w[1] - w[0]) * 1e3).collect();
+    gaps.sort_by(f64::total_cmp);
+    // FreeKV logs the request's counters when the engine releases it, just after the stream.
+    let freekv = match v.config {
+        None => None,
+        Some(_) => {
+            std::thread::sleep(Duration::from_millis(500));
+            release_line(server)
+        }
+    };
+    Ok(Point {
+        path: match v.config {
+            None => "stock eager".into(),
+            Some(_) => v.name.clone(),
+        },
+        context,
+        prompt_tokens,
+        completion_tokens,
+        ttft_s: first,
+        decode_tok_s: (times.len() - 1) as f64 / (last - first).max(1e-9),
+        token_p50_ms: percentile(&gaps, 0.5),
+        token_p99_ms: percentile(&gaps, 0.99),
+        freekv,
     })
 }
 
-/// Stock then FreeKV at every prompt length.
-pub fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Bench>> {
+/// The last "request ... released:" line of the server's log.
+fn release_line(server: &Server) -> Option<String> {
+    [server.log.clone(), server.log.with_extension("err")]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| {
+                    l.split_once(" released: ")
+                        .map(|(_, r)| r.trim().to_string())
+                })
+                .collect::<Vec<_>>()
+        })
+        .next_back()
+}
+
+/// Every path at every context.
+pub fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Point>> {
+    let prose = Prose::load();
+    eprintln!("speed: prompts from {}", prose.source());
+    let longest = plan.contexts.iter().max().copied().unwrap_or(0);
+    let room = (longest * 5 / 4 + plan.gen_tokens + 512).to_string();
     let mut out = Vec::new();
-    for &n in &plan.prompt_lengths {
-        for freekv in [false, true] {
-            let b = bench(cx, plan, n, freekv)?;
+    for v in &plan.variants {
+        let (global, serve): (Vec<String>, Vec<&str>) = match &v.config {
+            None => (vec![], vec!["--paged-attn", "off"]),
+            Some(c) => (flags(c), vec!["--pa-context-len", &room]),
+        };
+        let global: Vec<&str> = global.iter().map(String::as_str).collect();
+        let name = format!("speed-{}", v.name.replace(' ', "-"));
+        let server = Server::start(&cx.mistralrs, &cx.gguf, &name, &global, &serve)?;
+        for &context in &plan.contexts {
+            let p = one(&server, &prose, v, context, plan.gen_tokens)
+                .with_context(|| format!("{} at {context} tokens", v.name))?;
             eprintln!(
-                "speed {:<12} prompt {n:>5}: prefill {:.1} tok/s ({:.0} ms), decode {:.1} tok/s ({:.2} ms/token)",
-                b.path, b.prefill_tok_s, b.ttft_ms, b.decode_tok_s, b.decode_ms_per_token
+                "speed {:<18} {:>5} prompt tokens: first token {:.1} s, decode {:.1} tok/s (p50 {:.1} ms, p99 {:.1} ms){}",
+                p.path,
+                p.prompt_tokens,
+                p.ttft_s,
+                p.decode_tok_s,
+                p.token_p50_ms,
+                p.token_p99_ms,
+                p.freekv.as_deref().map(|f| format!("\n  FreeKV: {f}")).unwrap_or_default()
             );
-            out.push(b);
+            out.push(p);
         }
     }
     Ok(out)
 }
 
-/// Markdown: side by side per prompt length, with FreeKV/stock ratios.
-pub fn table(rows: &[Bench]) -> String {
+/// Markdown: per context, every path with its ratios to stock.
+pub fn table(points: &[Point]) -> String {
     let mut s = String::from(
-        "| prompt tokens | stock prefill tok/s | FreeKV prefill tok/s | prefill time FreeKV/stock | \
-         stock decode tok/s | FreeKV decode tok/s | decode speed-up |\n|---|---|---|---|---|---|---|\n",
+        "| context | path | prompt tokens | time to first token s | TTFT speed-up | decode tok/s | \
+         decode speed-up | per-token p50 ms | p99 ms | correction rate | FreeKV blocking us/token |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for pair in rows.chunks(2) {
-        if let [a, b] = pair {
+    let mut contexts: Vec<usize> = points.iter().map(|p| p.context).collect();
+    contexts.dedup();
+    contexts.sort_unstable();
+    contexts.dedup();
+    for c in contexts {
+        let at: Vec<&Point> = points.iter().filter(|p| p.context == c).collect();
+        let stock = at.iter().find(|p| p.freekv.is_none());
+        for p in &at {
+            let ratio = |f: fn(&Point) -> f64, inverse: bool| match stock {
+                Some(s) if p.freekv.is_some() => {
+                    let r = if inverse { f(s) / f(p) } else { f(p) / f(s) };
+                    format!("{r:.2}x")
+                }
+                _ => "-".into(),
+            };
+            let blocking = p
+                .counter("blocking_ms")
+                .map(|ms| format!("{:.0}", ms * 1e3 / p.completion_tokens.max(1) as f64))
+                .unwrap_or_else(|| "-".into());
+            let correction = p
+                .counter("correction_rate")
+                .map(|r| format!("{r:.3}"))
+                .unwrap_or_else(|| "-".into());
             s += &format!(
-                "| {} | {:.1} | {:.1} | {:.2}x | {:.1} | {:.1} | {:.2}x |\n",
-                a.prompt_len,
-                a.prefill_tok_s,
-                b.prefill_tok_s,
-                b.ttft_ms / a.ttft_ms,
-                a.decode_tok_s,
-                b.decode_tok_s,
-                b.decode_tok_s / a.decode_tok_s
+                "| {c} | {} | {} | {:.1} | {} | {:.1} | {} | {:.1} | {:.1} | {correction} | {blocking} |\n",
+                p.path,
+                p.prompt_tokens,
+                p.ttft_s,
+                ratio(|p| p.ttft_s, true),
+                p.decode_tok_s,
+                ratio(|p| p.decode_tok_s, false),
+                p.token_p50_ms,
+                p.token_p99_ms,
             );
         }
     }
     s
 }
 
-/// Decode latency per token vs prompt length, stock vs FreeKV.
-pub fn chart(rows: &[Bench]) -> crate::plot::Chart<'static> {
+fn series(points: &[Point], y: fn(&Point) -> f64) -> Vec<crate::plot::Series> {
     let mut paths: Vec<&str> = Vec::new();
-    for r in rows {
-        if !paths.contains(&r.path.as_str()) {
-            paths.push(&r.path);
+    for p in points {
+        if !paths.contains(&p.path.as_str()) {
+            paths.push(&p.path);
         }
     }
-    let series = paths
+    paths
         .iter()
-        .map(|p| crate::plot::Series {
-            label: p.to_string(),
-            points: rows
+        .map(|name| crate::plot::Series {
+            label: name.to_string(),
+            points: points
                 .iter()
-                .filter(|r| r.path == *p)
-                .map(|r| (r.prompt_len as f64, r.decode_ms_per_token))
+                .filter(|p| p.path == *name)
+                .map(|p| (p.prompt_tokens as f64, y(p)))
                 .collect(),
         })
-        .collect();
+        .collect()
+}
+
+/// Decode latency per token (p50) vs context, per path.
+pub fn decode_chart(points: &[Point]) -> crate::plot::Chart<'static> {
     crate::plot::Chart {
-        title: "Decode latency vs context, SmolLM2-135M on CPU (mistralrs bench)",
+        title: "Decode latency vs context, SmolLM2-135M on 2 CPU cores (mistralrs serve)",
         x_named: None,
         x_label: "prompt tokens (log scale)",
-        y_label: "ms per generated token",
+        y_label: "ms per generated token (p50)",
         y_range: None,
         log2_x: true,
-        series,
+        series: series(points, |p| p.token_p50_ms),
+    }
+}
+
+/// Time to first token vs context, per path.
+pub fn ttft_chart(points: &[Point]) -> crate::plot::Chart<'static> {
+    crate::plot::Chart {
+        title: "Time to first token vs context, SmolLM2-135M on 2 CPU cores (mistralrs serve)",
+        x_named: None,
+        x_label: "prompt tokens (log scale)",
+        y_label: "seconds to the first token",
+        y_range: None,
+        log2_x: true,
+        series: series(points, |p| p.ttft_s),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn parses_the_engine_table() {
-        let out = "│ Prefill (512 tokens) ┆ 56.3 ± 0.0 ┆ 9097.11 ms (TTFT) │\n\
-                   ├╌╌╌┤\n│ Decode (32 tokens)   ┆ 41.8 ± 0.0 ┆ 23.89 ms/T        │\n";
-        assert_eq!(super::parse(out), Some((56.3, 9097.11, 41.8, 23.89)));
-        assert_eq!(super::parse("no table"), None);
+    fn flags_spell_every_knob_and_parse_back() {
+        let v = Variant::freekv(512, 0.8, Mode::Sync);
+        let config = v.config.unwrap();
+        let f = flags(&config);
+        assert_eq!(f.len(), 2 * FreeKvConfig::KNOBS.len());
+        assert!(f
+            .windows(2)
+            .any(|w| w[0] == "--freekv-budget" && w[1] == "512"));
+        assert!(f
+            .windows(2)
+            .any(|w| w[0] == "--freekv-mode" && w[1] == "sync"));
+        // What the CLI would read back is the same configuration.
+        let mut back = FreeKvConfig::default();
+        for (k, pair) in FreeKvConfig::KNOBS.iter().zip(f.chunks(2)) {
+            (k.set)(&mut back, &pair[1]).unwrap();
+        }
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn release_line_counters_parse() {
+        let p = Point {
+            path: "b512 t0.9".into(),
+            context: 1024,
+            prompt_tokens: 1030,
+            completion_tokens: 64,
+            ttft_s: 1.0,
+            decode_tok_s: 40.0,
+            token_p50_ms: 25.0,
+            token_p99_ms: 30.0,
+            freekv: Some("prefill_tokens=3570 correction_rate=0.605 blocking_ms=0.41".into()),
+        };
+        assert_eq!(p.counter("correction_rate"), Some(0.605));
+        assert_eq!(p.counter("blocking_ms"), Some(0.41));
+        assert_eq!(p.counter("rate"), None);
     }
 }

@@ -2,49 +2,119 @@
 //! attention's value side), scoring (logits over rows looked up by offset, in f32, bf16 or
 //! f16), softmax (a branch-free exp, max) and conversions.
 //!
-//! One dispatch point: `imp` is [`simd`] (AVX2 + FMA + F16C intrinsics, which the decode
-//! benchmark measured about 4x faster than what LLVM made of the portable loops) when the
-//! build targets those features (the repo builds with `target-cpu=native`), else
-//! [`portable`] (plain chunk loops LLVM vectorises as it can). The public functions here check
-//! their arguments and forward to `imp`; both implementations are tested against each other
-//! and against naive sums (`tests`).
+//! One dispatch point, at run time: [`CpuKernels::active`] is [`simd`] (AVX2 + FMA + F16C
+//! intrinsics, which the decode benchmark measured about 4x faster than what LLVM made of the
+//! portable loops) on a CPU that has those features, whatever the build's target, else
+//! [`portable`] (plain chunk loops LLVM vectorises as it can). The CPU is asked once; the
+//! public functions here check their arguments and forward through the `imp!` macro. Both
+//! implementations are tested against each other and against naive sums (`tests`).
 
-// With the SIMD path on, the portable loops remain the reference the tests compare against.
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ),
-    allow(dead_code)
-)]
+use std::sync::atomic::{AtomicU8, Ordering};
+
 mod portable;
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
+#[cfg(target_arch = "x86_64")]
 mod simd;
 #[cfg(test)]
 mod tests;
 
-// The dispatch point.
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-)))]
-use portable as imp;
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-use simd as imp;
+/// The implementation of the CPU backend's inner loops, chosen for the whole process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuKernels {
+    /// Plain loops, vectorised by LLVM for the build's target (the fallback on any CPU).
+    Portable,
+    /// AVX2 + FMA + F16C intrinsics (x86-64 CPUs since Intel Haswell and AMD Zen).
+    Avx2,
+}
+
+const UNSET: u8 = 0;
+const PORTABLE: u8 = 1;
+const AVX2: u8 = 2;
+/// The active kernels (`UNSET` until the first call asks the CPU).
+static ACTIVE: AtomicU8 = AtomicU8::new(UNSET);
+
+impl CpuKernels {
+    /// The fastest implementation this CPU can run.
+    pub fn detected() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return Self::Avx2;
+        }
+        Self::Portable
+    }
+
+    /// What runs: [`CpuKernels::detected`] unless [`CpuKernels::select`] chose otherwise.
+    pub fn active() -> Self {
+        match ACTIVE.load(Ordering::Relaxed) {
+            PORTABLE => Self::Portable,
+            AVX2 => Self::Avx2,
+            _ => {
+                let k = Self::detected();
+                ACTIVE.store(k.code(), Ordering::Relaxed);
+                k
+            }
+        }
+    }
+
+    /// Makes `self` what every FreeKV instance of the process runs from now on (benchmarks
+    /// and tests compare the two); an error, changing nothing, when this CPU cannot run it.
+    /// Switch only while no FreeKV work is in flight.
+    pub fn select(self) -> Result<(), String> {
+        if self == Self::Avx2 && Self::detected() != Self::Avx2 {
+            return Err(format!("this CPU cannot run the {} kernels", self.name()));
+        }
+        ACTIVE.store(self.code(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A short name for logs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::Avx2 => "avx2+fma+f16c",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Self::Portable => PORTABLE,
+            Self::Avx2 => AVX2,
+        }
+    }
+}
+
+/// Whether the AVX2 kernels run (one relaxed load once the CPU has been asked).
+#[inline(always)]
+fn avx2_active() -> bool {
+    match ACTIVE.load(Ordering::Relaxed) {
+        AVX2 => true,
+        PORTABLE => false,
+        _ => CpuKernels::active() == CpuKernels::Avx2,
+    }
+}
+
+/// The dispatch point: `imp!(f(args))` calls `simd::f` where the AVX2 kernels are active,
+/// else `portable::f`.
+macro_rules! imp {
+    ($f:ident($($arg:expr),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2_active() {
+                // SAFETY: the AVX2 kernels are active only on a CPU with AVX2, FMA and F16C
+                // (`CpuKernels::select` refuses them elsewhere).
+                unsafe { simd::$f($($arg),*) }
+            } else {
+                portable::$f($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            portable::$f($($arg),*)
+        }
+    }};
+}
 
 const LANES: usize = 16;
 
@@ -63,7 +133,7 @@ fn fmadd(a: f32, b: f32, c: f32) -> f32 {
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    imp::dot(a, b)
+    imp!(dot(a, b))
 }
 
 /// `out[t] = scale * (q . k[t * d..(t + 1) * d])` for `t < out.len()`, `d = q.len()`: the
@@ -71,13 +141,13 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[inline]
 pub fn dots(q: &[f32], k: &[f32], scale: f32, out: &mut [f32]) {
     debug_assert!(k.len() >= out.len() * q.len());
-    imp::dots(q, k, scale, out)
+    imp!(dots(q, k, scale, out))
 }
 
 /// `y[i] += a * x[i]`.
 #[inline]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    imp::axpy(y, a, x)
+    imp!(axpy(y, a, x))
 }
 
 /// `y[i] *= a`.
@@ -92,7 +162,7 @@ pub fn scale(y: &mut [f32], a: f32) {
 #[inline]
 pub fn weighted_sum(acc: &mut [f32], w: &[f32], v: &[f32]) {
     debug_assert!(v.len() >= w.len() * acc.len());
-    imp::weighted_sum(acc, w, v)
+    imp!(weighted_sum(acc, w, v))
 }
 
 /// `acc[r][c] += sum_t w[r][t] * v[t][c]` for `rows` rows: `acc` is `[rows][d]`, `w` is
@@ -101,7 +171,7 @@ pub fn weighted_sum(acc: &mut [f32], w: &[f32], v: &[f32]) {
 pub fn weighted_sum_rows(acc: &mut [f32], w: &[f32], v: &[f32], rows: usize, d: usize) {
     let n = w.len() / rows.max(1);
     debug_assert!(acc.len() >= rows * d && v.len() >= n * d);
-    imp::weighted_sum_rows(acc, w, v, rows, d)
+    imp!(weighted_sum_rows(acc, w, v, rows, d))
 }
 
 // ---- Scoring.
@@ -136,7 +206,7 @@ fn check_rows(offsets: &[usize], d: usize, len: usize) {
 #[inline]
 pub fn dots_indexed(q: &[f32], base: &[f32], offsets: &[usize], out: &mut [f32]) {
     check_rows(offsets, q.len(), base.len());
-    imp::dots_indexed(q, base, offsets, out)
+    imp!(dots_indexed(q, base, offsets, out))
 }
 
 /// [`dots_indexed`] over rows stored as 16-bit floats (`bf16 = true`: bfloat16, else IEEE
@@ -144,7 +214,7 @@ pub fn dots_indexed(q: &[f32], base: &[f32], offsets: &[usize], out: &mut [f32])
 #[inline]
 pub fn dots_indexed_16(q: &[f32], base: &[u16], offsets: &[usize], out: &mut [f32], bf16: bool) {
     check_rows(offsets, q.len(), base.len());
-    imp::dots_indexed_16(q, base, offsets, out, bf16)
+    imp!(dots_indexed_16(q, base, offsets, out, bf16))
 }
 
 /// [`dots_indexed`] for `g` queries at once (`qs` is `[g][D]`, `out` is `[g][offsets.len()]`),
@@ -160,13 +230,8 @@ pub fn dots_indexed_group(
 ) {
     check_rows(offsets, qs.len() / g.max(1), base.len());
     assert!(out.len() >= g * offsets.len());
-    imp::dots_indexed_group(qs, g, base, offsets, out)
+    imp!(dots_indexed_group(qs, g, base, offsets, out))
 }
-
-/// An implementation's logits over indexed f32 rows (`dots_indexed`).
-type F32Rows = fn(&[f32], &[f32], &[usize], &mut [f32]);
-/// An implementation's logits over indexed 16-bit rows (`dots_indexed_16`).
-type HalfRows = fn(&[f32], &[u16], &[usize], &mut [f32], bool);
 
 /// [`dots_indexed_group`] one query at a time, with an implementation's single-query kernels.
 fn each_query(
@@ -175,8 +240,8 @@ fn each_query(
     base: RowsRef<'_>,
     offsets: &[usize],
     out: &mut [f32],
-    f32_rows: F32Rows,
-    half_rows: HalfRows,
+    f32_rows: impl Fn(&[f32], &[f32], &[usize], &mut [f32]),
+    half_rows: impl Fn(&[f32], &[u16], &[usize], &mut [f32], bool),
 ) {
     let (dd, n) = (qs.len() / g.max(1), offsets.len());
     for h in 0..g {
@@ -256,13 +321,13 @@ fn exp_reduced(r: f32) -> f32 {
 /// `x[i] = e^(x[i] - m)` and returns the sum.
 #[inline]
 pub fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
-    imp::exp_sub_sum(x, m)
+    imp!(exp_sub_sum(x, m))
 }
 
 /// The largest element (`-inf` for an empty slice).
 #[inline]
 pub fn max(x: &[f32]) -> f32 {
-    imp::max(x)
+    imp!(max(x))
 }
 
 // ---- Conversions.
@@ -270,5 +335,5 @@ pub fn max(x: &[f32]) -> f32 {
 /// bf16 bit patterns to f32 (a 16-bit shift).
 #[inline]
 pub fn bf16_to_f32(src: &[u16], dst: &mut [f32]) {
-    imp::bf16_to_f32(src, dst)
+    imp!(bf16_to_f32(src, dst))
 }

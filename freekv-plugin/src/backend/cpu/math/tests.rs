@@ -167,3 +167,20 @@ fn axpy_scale_max_sum() {
     let s = exp_sub_sum(&mut z, 1.0);
     assert!((s - (1.0 + (-1f32).exp())).abs() < 1e-6);
 }
+
+#[test]
+fn the_kernels_are_chosen_from_the_cpu() {
+    // Nothing in the tests selects kernels: what runs is what the CPU can run best.
+    assert_eq!(CpuKernels::active(), CpuKernels::detected());
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        CpuKernels::detected() == CpuKernels::Avx2,
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    );
+    if CpuKernels::detected() == CpuKernels::Portable {
+        assert!(CpuKernels::Avx2.select().is_err());
+    }
+    assert_eq!(CpuKernels::Avx2.name(), "avx2+fma+f16c");
+}

@@ -34,6 +34,7 @@ impl Load8 for F16 {
 }
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn bf16_to_f32(src: &[u16], dst: &mut [f32]) {
     let n = src.len().min(dst.len());
     let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());

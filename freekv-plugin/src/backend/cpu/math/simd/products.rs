@@ -3,6 +3,7 @@
 use super::*;
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -50,7 +51,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Logits with the query held in `CH` registers (`d = 8 * CH`).
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots_fixed<const CH: usize>(
     q: *const f32,
     k: *const f32,
@@ -77,6 +79,7 @@ unsafe fn dots_fixed<const CH: usize>(
 }
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn dots(q: &[f32], k: &[f32], scale: f32, out: &mut [f32]) {
     let d = q.len();
     let n = out.len().min(k.len() / d.max(1));
@@ -95,6 +98,7 @@ pub fn dots(q: &[f32], k: &[f32], scale: f32, out: &mut [f32]) {
 }
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     let n = y.len().min(x.len());
     let (py, px) = (y.as_mut_ptr(), x.as_ptr());
@@ -115,6 +119,7 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 }
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn weighted_sum(acc: &mut [f32], w: &[f32], v: &[f32]) {
     let d = acc.len();
     let n = w.len().min(v.len() / d.max(1));
@@ -166,7 +171,8 @@ pub fn weighted_sum(acc: &mut [f32], w: &[f32], v: &[f32]) {
 }
 
 /// Up to `R` rows at once over one 32-channel group: `4 R` accumulators.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_group<const R: usize>(
     acc: *mut f32,
     w: *const f32,
@@ -203,6 +209,7 @@ unsafe fn weighted_group<const R: usize>(
 }
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn weighted_sum_rows(acc: &mut [f32], w: &[f32], v: &[f32], rows: usize, d: usize) {
     let n = w.len() / rows.max(1);
     if !d.is_multiple_of(32) {

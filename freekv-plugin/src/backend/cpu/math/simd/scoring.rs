@@ -6,7 +6,8 @@ use super::*;
 
 /// Logits over indexed rows of `8 * CH` elements, two rows at a time sharing each query
 /// load; the row four ahead is prefetched (rows are scattered by block id).
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots_indexed_fixed<L: Load8, const CH: usize>(
     q: *const f32,
     base: *const L::E,
@@ -66,7 +67,8 @@ unsafe fn dots_indexed_fixed<L: Load8, const CH: usize>(
 
 /// Up to four queries over indexed rows of `dd` elements (a multiple of 64): each 64-wide
 /// quarter of a row is loaded once and used by every query.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots_indexed_group_l<L: Load8>(
     qs: *const f32,
     g: usize,
@@ -119,6 +121,7 @@ unsafe fn dots_indexed_group_l<L: Load8>(
 }
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn dots_indexed_group(
     qs: &[f32],
     g: usize,
@@ -128,7 +131,16 @@ pub fn dots_indexed_group(
 ) {
     let dd = qs.len() / g.max(1);
     if !dd.is_multiple_of(64) {
-        return each_query(qs, g, base, offsets, out, dots_indexed, dots_indexed_16);
+        // Closures inherit this function's target features.
+        return each_query(
+            qs,
+            g,
+            base,
+            offsets,
+            out,
+            |q, b, o, out| dots_indexed(q, b, o, out),
+            |q, b, o, out, bf| dots_indexed_16(q, b, o, out, bf),
+        );
     }
     assert!(qs.len() >= g * dd && out.len() >= g * offsets.len());
     // SAFETY: the public wrapper checked `offsets[j] + dd <= base.len()`; queries are
@@ -164,6 +176,7 @@ pub fn dots_indexed_group(
 }
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn dots_indexed(q: &[f32], base: &[f32], offsets: &[usize], out: &mut [f32]) {
     let d = q.len();
     let n = offsets.len().min(out.len());
@@ -183,6 +196,7 @@ pub fn dots_indexed(q: &[f32], base: &[f32], offsets: &[usize], out: &mut [f32])
 }
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn dots_indexed_16(q: &[f32], base: &[u16], offsets: &[usize], out: &mut [f32], bf16: bool) {
     let d = q.len();
     let n = offsets.len().min(out.len());

@@ -3,7 +3,8 @@
 use super::*;
 
 /// `e^x` on 8 lanes: the scalar algorithm, `2^n` built in the exponent bits.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn exp8(x: __m256) -> __m256 {
     let x = _mm256_min_ps(
         _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
@@ -32,6 +33,7 @@ unsafe fn exp8(x: __m256) -> __m256 {
 }
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
     let n = x.len();
     let px = x.as_mut_ptr();
@@ -58,6 +60,7 @@ pub fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
 }
 
 #[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub fn max(x: &[f32]) -> f32 {
     let n = x.len();
     let px = x.as_ptr();
