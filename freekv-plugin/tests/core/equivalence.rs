@@ -136,6 +136,33 @@ fn dense_mode_stays_dense_beyond_the_budget() {
     }
 }
 
+/// Dense decode steps over contexts long enough that the CPU backend spreads the KV heads
+/// over threads (context x KV heads >= 8192) equal naive attention.
+#[test]
+fn dense_steps_over_long_contexts_equal_naive_attention() {
+    let lim = Limits {
+        modes: &[Mode::Dense],
+        ..ALL
+    };
+    for i in 0..6 {
+        let seed = 7000 + i as u64;
+        let mut rng = Rng::new(seed);
+        let mut s = cycled_setup(i, &mut rng, &lim);
+        let g = s.group();
+        s.shape.num_kv_heads = 2;
+        s.shape.num_q_heads = 2 * g;
+        s.shape.num_layers = 1;
+        s.num_blocks = 1024;
+        let mut h = Harness::new(s, seed);
+        let prompt = rng.range(4100, 4700);
+        h.prefill(&[(1, prompt, None)], false);
+        for _ in 0..2 {
+            h.decode(&[1], Queries::Random, false);
+        }
+        assert_eq!(h.checked.dense_steps, 2);
+    }
+}
+
 #[test]
 fn dense_layers_attend_densely_and_the_others_retrieve() {
     let lim = Limits {

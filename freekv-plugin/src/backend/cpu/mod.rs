@@ -37,6 +37,9 @@ use self::recall::{RecallEntry, StagedRecall};
 use self::select::SelectScratch;
 use super::{Backend, RecallStats, Role};
 
+/// Context tokens x KV heads from which a dense decode step runs its heads in parallel.
+const PARALLEL_DENSE_DECODE: usize = 8192;
+
 /// The CPU backend for KV stored as `T`.
 pub struct CpuBackend<T> {
     geo: Geometry,
@@ -402,47 +405,27 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         scratch: &mut CpuScratch<T>,
     ) {
         let g = &self.geo;
-        let (p, d, gs) = (g.page_size, g.head_dim, g.group);
-        let pos = len - 1;
-        let sc = &mut scratch.attn;
-        for h in 0..g.num_kv_heads {
-            sc.q.clear();
-            sc.q.extend_from_slice(batch.q_heads(row, h * gs..(h + 1) * gs));
-            sc.qpos.clear();
-            sc.qpos.resize(gs, pos);
-            let mut att = Attention::begin(sc, gs, d, params);
-            // Each segment is added while the next one is being prefetched.
-            let mut pending: Option<Segment<'_, T>> = None;
-            match dev {
-                None => {
-                    let first = params.first_visible(pos) / p;
-                    for (page, &block) in table.iter().enumerate().take(g.pages(len)).skip(first) {
-                        let n = g.valid_tokens(page, len);
-                        let seg = self.segment(host, None, block, 0, h, n, page * p);
-                        feed(&mut pending, seg, &mut att, params, d);
-                    }
-                }
-                Some(dev) => {
-                    for (slot, &page) in dev.slots(h).iter().enumerate() {
-                        if page == NO_PAGE {
-                            continue;
-                        }
-                        let page = page as usize;
-                        let n = g.valid_tokens(page, len);
-                        if !att.any_visible(page * p, n) {
-                            continue;
-                        }
-                        let seg = self.segment(host, Some(dev), table[page], slot, h, n, page * p);
-                        feed(&mut pending, seg, &mut att, params, d);
-                    }
-                }
-            }
-            if let Some(last) = pending.take() {
-                att.add(last, params);
-            }
-            for r in 0..gs {
-                att.finish_row(r, batch.out_row(row, h * gs + r, 0));
-            }
+        let (n_q, per_head) = (batch.n_q, g.group * g.head_dim);
+        // One query position per row: the row's heads are contiguous in q and out.
+        let span = row * n_q * g.head_dim..(row + 1) * n_q * g.head_dim;
+        let (q, out) = (&batch.q[span.clone()], &mut batch.out[span]);
+        // A dense step over a long context reads every page of every KV head: the heads run
+        // on rayon's pool (the engine's matmul threads are idle during attention).
+        if dev.is_none()
+            && len * g.num_kv_heads >= PARALLEL_DENSE_DECODE
+            && rayon::current_num_threads() > 1
+        {
+            use rayon::prelude::*;
+            out.par_chunks_mut(per_head)
+                .zip(q.par_chunks(per_head))
+                .enumerate()
+                .for_each_init(AttnScratch::default, |sc, (h, (out, q))| {
+                    self.decode_head(host, table, len, None, h, q, out, params, sc)
+                });
+            return;
+        }
+        for (h, (out, q)) in out.chunks_mut(per_head).zip(q.chunks(per_head)).enumerate() {
+            self.decode_head(host, table, len, dev, h, q, out, params, &mut scratch.attn);
         }
     }
 
@@ -489,6 +472,63 @@ fn feed<'a, T: KvElem>(
 }
 
 impl<T: KvElem> CpuBackend<T> {
+    /// Decode attention of KV head `h`'s query heads (`q` and `out`: `[G][d]`) over the whole
+    /// context (`dev` None) or the working set's slots.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_head(
+        &self,
+        host: &HostTier<T>,
+        table: &[u32],
+        len: usize,
+        dev: Option<&CpuDeviceTier<T>>,
+        h: usize,
+        q: &[f32],
+        out: &mut [f32],
+        params: &AttnParams,
+        sc: &mut AttnScratch,
+    ) {
+        let g = &self.geo;
+        let (p, d, gs) = (g.page_size, g.head_dim, g.group);
+        let pos = len - 1;
+        sc.q.clear();
+        sc.q.extend_from_slice(q);
+        sc.qpos.clear();
+        sc.qpos.resize(gs, pos);
+        let mut att = Attention::begin(sc, gs, d, params);
+        // Each segment is added while the next one is being prefetched.
+        let mut pending: Option<Segment<'_, T>> = None;
+        match dev {
+            None => {
+                let first = params.first_visible(pos) / p;
+                for (page, &block) in table.iter().enumerate().take(g.pages(len)).skip(first) {
+                    let n = g.valid_tokens(page, len);
+                    let seg = self.segment(host, None, block, 0, h, n, page * p);
+                    feed(&mut pending, seg, &mut att, params, d);
+                }
+            }
+            Some(dev) => {
+                for (slot, &page) in dev.slots(h).iter().enumerate() {
+                    if page == NO_PAGE {
+                        continue;
+                    }
+                    let page = page as usize;
+                    let n = g.valid_tokens(page, len);
+                    if !att.any_visible(page * p, n) {
+                        continue;
+                    }
+                    let seg = self.segment(host, Some(dev), table[page], slot, h, n, page * p);
+                    feed(&mut pending, seg, &mut att, params, d);
+                }
+            }
+        }
+        if let Some(last) = pending.take() {
+            att.add(last, params);
+        }
+        for (r, o) in out.chunks_exact_mut(d).enumerate() {
+            att.finish_row(r, o);
+        }
+    }
+
     fn check_heads(&self, batch: &CpuBatch) -> anyhow::Result<()> {
         let g = &self.geo;
         anyhow::ensure!(
