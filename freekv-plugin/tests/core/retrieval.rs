@@ -188,3 +188,39 @@ fn copy_and_in_place_device_tiers_agree() {
         same_inputs(seed, copy, in_place, 4);
     }
 }
+
+/// Budgets large enough that the CPU backend spreads a sparse step's KV heads over threads
+/// (budget x KV heads >= 8192): sync and FreeKV steps still equal the reference, in both
+/// device tiers.
+#[test]
+fn large_budgets_attend_their_heads_in_parallel_and_equal_the_reference() {
+    let lim = Limits {
+        modes: &[Mode::Sync, Mode::FreeKv],
+        head_dims: &[64],
+        ..ALL
+    };
+    let mut all = Checked::default();
+    for i in 0..4 {
+        let seed = 9000 + i as u64;
+        let mut rng = Rng::new(seed);
+        let mut s = cycled_setup(i, &mut rng, &lim);
+        let p = s.p();
+        let g = s.group();
+        s.shape.num_kv_heads = 2;
+        s.shape.num_q_heads = 2 * g;
+        s.shape.num_layers = 1;
+        s.num_blocks = 1024;
+        s.cfg.budget = 4096 / p * p;
+        s.cfg.device_tier = [DeviceTierLayout::InPlace, DeviceTierLayout::Copy][i % 2];
+        s.cfg.validate(Some(&s.shape)).unwrap();
+        let budget = s.cfg.budget;
+        let mut h = Harness::new(s, seed);
+        h.prefill(&[(1, budget + rng.range(p + 1, 4 * p), None)], false);
+        for _ in 0..3 {
+            h.decode(&[1], Queries::Random, false);
+        }
+        assert_eq!(h.checked.sparse_steps, 3);
+        tally(&mut all, h.checked);
+    }
+    assert_eq!(all.sparse_steps, 12);
+}

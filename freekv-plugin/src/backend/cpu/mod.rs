@@ -37,8 +37,8 @@ use self::recall::{RecallEntry, StagedRecall};
 use self::select::SelectScratch;
 use super::{Backend, RecallStats, Role};
 
-/// Context tokens x KV heads from which a dense decode step runs its heads in parallel.
-const PARALLEL_DENSE_DECODE: usize = 8192;
+/// Attended tokens x KV heads from which a decode step runs its heads in parallel.
+const PARALLEL_DECODE: usize = 8192;
 
 /// The CPU backend for KV stored as `T`.
 pub struct CpuBackend<T> {
@@ -409,18 +409,20 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         // One query position per row: the row's heads are contiguous in q and out.
         let span = row * n_q * g.head_dim..(row + 1) * n_q * g.head_dim;
         let (q, out) = (&batch.q[span.clone()], &mut batch.out[span]);
-        // A dense step over a long context reads every page of every KV head: the heads run
-        // on rayon's pool (the engine's matmul threads are idle during attention).
-        if dev.is_none()
-            && len * g.num_kv_heads >= PARALLEL_DENSE_DECODE
-            && rayon::current_num_threads() > 1
-        {
+        // A step that attends over many tokens (a long dense context, or a large budget) runs
+        // its KV heads on rayon's pool (the engine's matmul threads are idle during attention).
+        let attended = if dev.is_some() {
+            len.min(g.slots * g.page_size)
+        } else {
+            len
+        };
+        if attended * g.num_kv_heads >= PARALLEL_DECODE && rayon::current_num_threads() > 1 {
             use rayon::prelude::*;
             out.par_chunks_mut(per_head)
                 .zip(q.par_chunks(per_head))
                 .enumerate()
                 .for_each_init(AttnScratch::default, |sc, (h, (out, q))| {
-                    self.decode_head(host, table, len, None, h, q, out, params, sc)
+                    self.decode_head(host, table, len, dev, h, q, out, params, sc)
                 });
             return;
         }
