@@ -70,6 +70,14 @@ pub struct StreamOutcome {
     pub text: String,
 }
 
+/// Percentile `p` in [0, 1] of sorted values (nearest rank; NaN when empty).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
 /// What a load did.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadReport {
@@ -85,10 +93,7 @@ impl LoadReport {
     pub fn latency_percentile(&self, p: f64) -> f64 {
         let mut l: Vec<f64> = self.completed.iter().map(|o| o.latency_s).collect();
         l.sort_by(f64::total_cmp);
-        if l.is_empty() {
-            return f64::NAN;
-        }
-        l[(((l.len() - 1) as f64) * p).round() as usize]
+        percentile(&l, p)
     }
 
     /// Completion tokens per second of wall time, all streams together (prefill included).

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use freekv_integration_tests::http;
+use freekv_integration_tests::load::percentile;
 use freekv_integration_tests::prose::Prose;
 use freekv_integration_tests::server::{streamed_answer, Server};
 use freekv_plugin::{FreeKvConfig, Mode};
@@ -103,13 +104,6 @@ fn flags(config: &FreeKvConfig) -> Vec<String> {
         .iter()
         .flat_map(|k| [format!("--{}", k.flag), (k.show)(config)])
         .collect()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
 /// Sends one prompt of about `context` tokens and times its stream.
@@ -241,7 +235,6 @@ pub fn table(points: &[Point]) -> String {
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut contexts: Vec<usize> = points.iter().map(|p| p.context).collect();
-    contexts.dedup();
     contexts.sort_unstable();
     contexts.dedup();
     for c in contexts {
