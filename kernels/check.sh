@@ -7,7 +7,9 @@
 #      spills, and fails if a kernel spills (FREEKV_ALLOW_SPILLS=1 to only warn)
 #   4. type-checks the CUDA backend, its tests and its bench (feature cuda; candle's CUDA backend
 #      runs nvcc in its build script) in its own target dir
-# Never builds the engine. Prints the time of each step.
+#   5. type-checks the engine glue with the CUDA backend on (features cuda + engine: the patched
+#      mistralrs-core against candle's CUDA backend; checked, never built)
+# Never builds the engine (step 5 only type-checks it). Prints the time of each step.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -55,5 +57,8 @@ fi
 
 step "cargo check --features cuda (lib, tests, bench)"
 cargo check --locked -p freekv-plugin --features cuda --lib --tests --benches
+
+step "cargo check --features cuda,engine (the engine glue against candle's CUDA backend)"
+cargo check --locked -p freekv-plugin --features cuda,engine --lib --tests
 
 step "done"

@@ -96,6 +96,17 @@ impl<B: Backend> Shared<B> {
     }
 }
 
+/// An error of one call, with the call and its layer in its message (once), so that its
+/// `Display` alone says everything.
+fn in_layer(e: anyhow::Error, call: &str, layer: usize) -> anyhow::Error {
+    let msg = format!("{e:#}");
+    let named = format!("layer {layer}");
+    match msg.strip_prefix(&named) {
+        Some(rest) => anyhow::anyhow!("{call} of {named}{rest}"),
+        None => anyhow::anyhow!("{call} of {named}: {msg}"),
+    }
+}
+
 fn lock_status(cell: &Mutex<JobStatus>) -> MutexGuard<'_, JobStatus> {
     // The status is two plain fields updated together; a panic cannot leave it half-written.
     cell.lock().unwrap_or_else(|e| e.into_inner())
@@ -248,6 +259,9 @@ fn worker_loop<B: Backend>(shared: Arc<Shared<B>>, queue: Receiver<usize>) {
     }
 }
 
+#[cfg(test)]
+mod faults;
+
 impl<B: Backend> Drop for Instance<B> {
     fn drop(&mut self) {
         self.jobs.take();
@@ -283,17 +297,19 @@ impl<B: Backend> AnyInstance for Instance<B> {
         st.counters.wait_ns += waited;
         let new_lens: Vec<usize> = rows.iter().map(|r| r.new_len).collect();
         let last_only = (!want_output).then_some(&new_lens[..]);
-        self.shared
-            .backend
-            .load_prefill(&mut st.batch, q, k, v, last_only)?;
-        prefill::prefill_step(&cx, st, rows, params, want_output);
-        if want_output {
-            Ok(Some(
-                self.shared.backend.take_output(&mut st.batch, q.dtype())?,
-            ))
-        } else {
-            Ok(None)
-        }
+        let backend = &self.shared.backend;
+        let step = backend
+            .load_prefill(&mut st.batch, q, k, v, last_only)
+            .and_then(|()| prefill::prefill_step(&cx, st, rows, params, want_output))
+            .and_then(|()| {
+                want_output
+                    .then(|| backend.take_output(&mut st.batch, q.dtype()))
+                    .transpose()
+            });
+        step.map_err(|e| {
+            st.forget_sequences(rows.iter().map(|r| r.seq_id));
+            in_layer(e, "prefill", layer)
+        })
     }
 
     fn decode(
@@ -315,9 +331,18 @@ impl<B: Backend> AnyInstance for Instance<B> {
         let (mut guard, waited) = self.enter(layer)?;
         let st = &mut *guard;
         st.counters.wait_ns += waited;
-        self.shared.backend.load_decode(&mut st.batch, q, k, v)?;
-        let scheduled = timeline::decode_step(&cx, st, rows, params)?;
-        let out = self.shared.backend.take_output(&mut st.batch, q.dtype())?;
+        let backend = &self.shared.backend;
+        let step = backend
+            .load_decode(&mut st.batch, q, k, v)
+            .and_then(|()| timeline::decode_step(&cx, st, rows, params))
+            .and_then(|scheduled| Ok((scheduled, backend.take_output(&mut st.batch, q.dtype())?)));
+        let (scheduled, out) = match step {
+            Ok(done) => done,
+            Err(e) => {
+                st.forget_sequences(rows.iter().map(|r| r.seq_id));
+                return Err(in_layer(e, "decode step", layer));
+            }
+        };
         drop(guard);
         if scheduled {
             self.submit(layer);
@@ -394,7 +419,8 @@ impl<B: Backend> AnyInstance for Instance<B> {
         Some(
             (0..self.shared.geo.num_kv_heads)
                 .map(|h| self.shared.backend.resident_pages(dev, h, seq.len))
-                .collect(),
+                .collect::<anyhow::Result<_>>()
+                .ok()?,
         )
     }
 

@@ -156,7 +156,8 @@ impl FreeKv {
                 instance(backend, &config, &shape, num_blocks, "bf16")?
             }
             KvDType::F32 => anyhow::bail!(
-                "the FreeKV CUDA backend stores KV as f16 or bf16; use FreeKv::new (CPU) for f32"
+                "the FreeKV CUDA backend stores KV as f16 or bf16, not f32: load the model with \
+                 --dtype bf16 or f16, or run it on the CPU"
             ),
         };
         Ok(Self {

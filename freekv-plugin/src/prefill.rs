@@ -34,7 +34,7 @@ pub fn prefill_step<B: Backend>(
     rows: &[PrefillRow<'_>],
     params: &AttnParams,
     want_output: bool,
-) {
+) -> anyhow::Result<()> {
     let geo = cx.geo;
     // 1. Every new token into the host tier; summaries for every full page (including a
     //    cached prefix written by another sequence).
@@ -49,9 +49,9 @@ pub fn prefill_step<B: Backend>(
             row.cached_len,
             row.new_len,
             &mut st.scratch,
-        );
+        )?;
         cx.backend
-            .ensure_summaries(&mut st.host, table, total / geo.page_size, &mut st.scratch);
+            .ensure_summaries(&mut st.host, table, total / geo.page_size, &mut st.scratch)?;
     }
     // 2. Dense causal attention of the new queries over cached + new keys.
     if want_output {
@@ -66,7 +66,7 @@ pub fn prefill_step<B: Backend>(
                 r,
                 params,
                 &mut st.scratch,
-            );
+            )?;
         }
     }
     // 3. The sequences' state and their first selection.
@@ -88,18 +88,21 @@ pub fn prefill_step<B: Backend>(
         seq.params = *params;
         seq.forget();
         seq.trace = None;
+        seq.failure = None;
         seq.counters.prefill_tokens += row.new_len as u64;
         if cx.dense_layer || !geo.is_sparse(total + 1) {
             continue;
         }
         let t = Instant::now();
-        let dev = seq
-            .dev
-            .get_or_insert_with(|| cx.backend.alloc_device_tier());
-        let stats = cx.backend.reset_working_set(host, &seq.table, dev, total);
+        if seq.dev.is_none() {
+            seq.dev = Some(cx.backend.alloc_device_tier()?);
+        }
+        let dev = seq.dev.as_mut().expect("allocated above");
+        let stats = cx.backend.reset_working_set(host, &seq.table, dev, total)?;
         seq.counters.add_recall(stats);
-        cx.backend.store_query(dev, batch, r, row.new_len - 1);
-        select_for_next_step(cx, host, seq, all_heads, scratch);
+        cx.backend.store_query(dev, batch, r, row.new_len - 1)?;
+        select_for_next_step(cx, host, seq, all_heads, scratch)?;
         seq.counters.blocking_ns += t.elapsed().as_nanos() as u64;
     }
+    Ok(())
 }

@@ -24,6 +24,8 @@ pub struct SeqLayer<B: Backend> {
     pub params: AttnParams,
     /// The last step, when traces are on.
     pub trace: Option<StepTrace>,
+    /// Why the worker's selection for the next step failed (reported by that step).
+    pub failure: Option<String>,
     /// What FreeKV did for this sequence on this layer since its prefill (the per-request
     /// counters; folded into the layer's when the sequence is freed).
     pub counters: LayerCounters,
@@ -38,6 +40,7 @@ impl<B: Backend> SeqLayer<B> {
             phase: Phase::Unselected,
             params: AttnParams::scaled(1.0),
             trace: None,
+            failure: None,
             counters: LayerCounters::default(),
         }
     }
@@ -155,6 +158,16 @@ impl<B: Backend> LayerState<B> {
             t.add(&seq.counters);
         }
         t
+    }
+
+    /// After a failed call: the selections of these sequences no longer apply (their working
+    /// sets may be half-updated); their next sparse step rebuilds them from the host tier.
+    pub fn forget_sequences(&mut self, seq_ids: impl IntoIterator<Item = u64>) {
+        for id in seq_ids {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.forget();
+            }
+        }
     }
 
     /// Drops a sequence's state, folding its counters into the layer's; returns them.

@@ -52,10 +52,10 @@ pub fn decode_step<B: Backend>(
         st.steps.push(step);
     }
     for (r, row) in rows.iter().enumerate() {
-        correct(cx, st, r, row.seq_id);
+        correct(cx, st, r, row.seq_id)?;
     }
     for (r, row) in rows.iter().enumerate() {
-        attend(cx, st, r, row.seq_id, params);
+        attend(cx, st, r, row.seq_id, params)?;
     }
     let mut scheduled = false;
     for (r, row) in rows.iter().enumerate() {
@@ -83,6 +83,13 @@ fn append<B: Backend>(
             row.seq_id
         )
     })?;
+    if let Some(failure) = seq.failure.take() {
+        anyhow::bail!(
+            "layer {}, sequence {}: the background selection for this step failed: {failure}",
+            cx.layer,
+            row.seq_id
+        );
+    }
     cx.check_table(row.seq_id, row.block_table, len)?;
     let known = geo.pages(seq.len).min(seq.table.len());
     let continuing = len == seq.len + 1 && row.block_table[..known] == seq.table[..known];
@@ -100,14 +107,14 @@ fn append<B: Backend>(
         len - 1,
         1,
         &mut st.scratch,
-    );
+    )?;
     if !continuing {
         cx.backend.ensure_summaries(
             &mut st.host,
             &seq.table,
             len / geo.page_size,
             &mut st.scratch,
-        );
+        )?;
         seq.forget();
         seq.counters.rebuilds += 1;
     }
@@ -118,15 +125,18 @@ fn append<B: Backend>(
     }
     seq.counters.sparse_steps += 1;
     let selected = seq.has_selection();
-    let dev = seq
-        .dev
-        .get_or_insert_with(|| cx.backend.alloc_device_tier());
+    if seq.dev.is_none() {
+        seq.dev = Some(cx.backend.alloc_device_tier()?);
+    }
+    let dev = seq.dev.as_mut().expect("allocated above");
     if selected {
         cx.backend
-            .advance_window(&seq.table, dev, len, &st.batch, r);
+            .advance_window(&seq.table, dev, len, &st.batch, r)?;
         Ok(RowStep::Speculated)
     } else {
-        let stats = cx.backend.reset_working_set(&st.host, &seq.table, dev, len);
+        let stats = cx
+            .backend
+            .reset_working_set(&st.host, &seq.table, dev, len)?;
         seq.counters.add_recall(stats);
         Ok(RowStep::Fresh)
     }
@@ -158,10 +168,15 @@ impl<B> LayerCtx<'_, B> {
 }
 
 /// 2. The selection that must happen before attention, by step and mode.
-fn correct<B: Backend>(cx: &LayerCtx<'_, B>, st: &mut LayerState<B>, r: usize, seq_id: u64) {
+fn correct<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    st: &mut LayerState<B>,
+    r: usize,
+    seq_id: u64,
+) -> anyhow::Result<()> {
     let step = st.steps[r];
     if step == RowStep::Dense {
-        return;
+        return Ok(());
     }
     let LayerState {
         host,
@@ -187,7 +202,7 @@ fn correct<B: Backend>(cx: &LayerCtx<'_, B>, st: &mut LayerState<B>, r: usize, s
         trace.blocking = true;
         counters.blocking_selections += 1;
     } else if cx.config.mode.correction() {
-        cx.backend.query_similarity(dev, batch, r, similarity);
+        cx.backend.query_similarity(dev, batch, r, similarity)?;
         let tau = cx.config.tau;
         for (h, &s) in heads.iter_mut().zip(similarity.iter()) {
             // tau = 1 corrects every head (a cosine of identical queries may round to 1).
@@ -202,14 +217,14 @@ fn correct<B: Backend>(cx: &LayerCtx<'_, B>, st: &mut LayerState<B>, r: usize, s
     } else {
         heads.fill(false);
     }
-    cx.backend.store_query(dev, batch, r, 0);
+    cx.backend.store_query(dev, batch, r, 0)?;
     let n = heads.iter().filter(|&&h| h).count();
     if n > 0 {
         let t = Instant::now();
         let candidates = cx.geo.candidates(seq.len, &seq.params);
         cx.backend
-            .select(host, &seq.table, dev, candidates, heads, scratch);
-        let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch);
+            .select(host, &seq.table, dev, candidates, heads, scratch)?;
+        let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch)?;
         counters.head_selections += n as u64;
         counters.add_recall(stats);
         counters.blocking_ns += t.elapsed().as_nanos() as u64;
@@ -218,6 +233,7 @@ fn correct<B: Backend>(cx: &LayerCtx<'_, B>, st: &mut LayerState<B>, r: usize, s
     if cx.tracing {
         seq.trace = Some(trace);
     }
+    Ok(())
 }
 
 /// 3. Attention over the working set (or every page).
@@ -227,7 +243,7 @@ fn attend<B: Backend>(
     r: usize,
     seq_id: u64,
     params: &AttnParams,
-) {
+) -> anyhow::Result<()> {
     let step = st.steps[r];
     let LayerState {
         host,
@@ -242,7 +258,7 @@ fn attend<B: Backend>(
         _ => seq.dev.as_ref(),
     };
     cx.backend
-        .attend_decode(host, &seq.table, seq.len, dev, batch, r, params, scratch);
+        .attend_decode(host, &seq.table, seq.len, dev, batch, r, params, scratch)?;
     if cx.tracing {
         let trace = seq.trace.get_or_insert_with(|| StepTrace {
             len: seq.len,
@@ -251,9 +267,10 @@ fn attend<B: Backend>(
         if let Some(dev) = dev {
             trace.pages = (0..cx.geo.num_kv_heads)
                 .map(|h| cx.backend.resident_pages(dev, h, seq.len))
-                .collect();
+                .collect::<anyhow::Result<_>>()?;
         }
     }
+    Ok(())
 }
 
 /// 4. Queues the next step's selection and recall (speculative modes).
@@ -272,7 +289,9 @@ fn schedule<B: Backend>(
 }
 
 /// The worker's share of step `i` for one layer: for every sequence that scheduled it, select
-/// with the stored `q_i` over the candidates of step `i + 1` and recall the missing pages.
+/// with the stored `q_i` over the candidates of step `i + 1` and recall the missing pages. A
+/// sequence whose selection fails keeps the error for its next step (which reports it) and
+/// loses its selection; the other sequences are not affected.
 pub fn background_selection<B: Backend>(
     cx: &LayerCtx<'_, B>,
     st: &mut LayerState<B>,
@@ -286,7 +305,10 @@ pub fn background_selection<B: Backend>(
     } = st;
     for seq in seqs.values_mut().filter(|s| s.phase == Phase::Speculating) {
         let t = Instant::now();
-        select_for_next_step(cx, host, seq, all_heads, scratch);
+        if let Err(e) = select_for_next_step(cx, host, seq, all_heads, scratch) {
+            seq.forget();
+            seq.failure = Some(format!("{e:#}"));
+        }
         seq.counters.background_ns += t.elapsed().as_nanos() as u64;
     }
 }
@@ -299,16 +321,17 @@ pub fn select_for_next_step<B: Backend>(
     seq: &mut SeqLayer<B>,
     heads: &[bool],
     scratch: &mut B::Scratch,
-) {
+) -> anyhow::Result<()> {
     let Some(dev) = seq.dev.as_mut() else {
         seq.forget();
-        return;
+        return Ok(());
     };
     let candidates = cx.geo.candidates(seq.len + 1, &seq.params);
     cx.backend
-        .select(host, &seq.table, dev, candidates, heads, scratch);
-    let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch);
+        .select(host, &seq.table, dev, candidates, heads, scratch)?;
+    let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch)?;
     seq.counters.head_selections += heads.iter().filter(|&&h| h).count() as u64;
     seq.counters.add_recall(stats);
     seq.select();
+    Ok(())
 }

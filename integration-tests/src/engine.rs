@@ -43,8 +43,12 @@ impl Attention {
 pub enum Source<'a> {
     /// A Hugging Face-style directory (config.json, safetensors, tokenizer.json), run in f32.
     Plain(&'a Path),
-    /// A GGUF file (tokenizer and chat template inside).
+    /// A GGUF file (tokenizer and chat template inside), run in the engine's automatic dtype
+    /// (bf16 on the CPU: its activations and KV cache).
     Gguf(&'a Path),
+    /// A GGUF file run with f32 activations and KV cache (the weights stay quantized): a
+    /// reference whose arithmetic FreeKV's f32 sums do not round differently from.
+    GgufF32(&'a Path),
 }
 
 /// A loaded model and, with FreeKV, the instance serving it.
@@ -93,6 +97,7 @@ pub async fn load(source: Source<'_>, attention: &Attention, max_seqs: usize) ->
             }
             b.build().await
         }
+        Source::GgufF32(file) => gguf_f32(file, paged, max_seqs).await,
         Source::Gguf(file) => {
             let dir = file.parent().context("GGUF path has no folder")?;
             let name = file.file_name().context("GGUF path has no file name")?;
@@ -123,6 +128,62 @@ pub async fn load(source: Source<'_>, attention: &Attention, max_seqs: usize) ->
         }
     };
     Ok(Loaded { model, freekv })
+}
+
+/// A GGUF model in f32: the SDK's `GgufModelBuilder` always loads in the automatic dtype, so
+/// this builds the same pipeline through the engine's loader with `ModelDType::F32`.
+async fn gguf_f32(
+    file: &Path,
+    paged: Option<mistralrs::PagedAttentionConfig>,
+    max_seqs: usize,
+) -> Result<Model> {
+    use mistralrs::core::{
+        AddModelConfig, AutoDeviceMapParams, DefaultSchedulerMethod, DeviceMapSetting,
+        EngineConfig, GGUFLoaderBuilder, GGUFSpecificConfig, SchedulerConfig,
+    };
+    let dir = file.parent().context("GGUF path has no folder")?;
+    let name = file.file_name().context("GGUF path has no file name")?;
+    let loader = GGUFLoaderBuilder::new(
+        None,
+        None,
+        dir.to_string_lossy().into_owned(),
+        vec![name.to_string_lossy().into_owned()],
+        GGUFSpecificConfig { topology: None },
+        false,
+        None,
+    )
+    .build();
+    let pipeline = loader.load_model_from_hf(
+        None,
+        TokenSource::None,
+        &ModelDType::F32,
+        &mistralrs::Device::Cpu,
+        true,
+        DeviceMapSetting::Auto(AutoDeviceMapParams::default_text()),
+        None,
+        paged,
+    )?;
+    let cache = pipeline.lock().await.get_metadata().cache_config.clone();
+    let scheduler = match (paged.is_some(), cache) {
+        (true, Some(config)) => SchedulerConfig::PagedAttentionMeta {
+            max_num_seqs: max_seqs,
+            config,
+        },
+        _ => SchedulerConfig::DefaultScheduler {
+            method: DefaultSchedulerMethod::Fixed(max_seqs.try_into()?),
+        },
+    };
+    // As the SDK's builders default: no throughput log lines, prefix caching on.
+    let engine = EngineConfig {
+        throughput_logging_enabled: false,
+        ..EngineConfig::default()
+    };
+    let add = AddModelConfig {
+        engine_config: engine,
+        mcp_client_config: None,
+        loader_config: None,
+    };
+    Ok(mistralrs::model_builder_trait::build_model_from_pipeline(pipeline, scheduler, add).await)
 }
 
 /// A greedy generation: the tokens as the engine reports them, the text, and what the model

@@ -10,6 +10,11 @@
 //!
 //! Calls for one layer are serialised by the caller (one lock per layer); a backend may run
 //! calls for different layers concurrently (the decode thread and the background worker).
+//!
+//! Every operation that touches storage is fallible, as candle's backend storage ops are: a
+//! device error or an exhausted memory fails the call (and the request it serves) with a
+//! message naming the operation; the caller keeps its locks usable and its other sequences
+//! intact (see `crate::instance`).
 
 use std::ops::Range;
 
@@ -67,7 +72,7 @@ pub trait Backend: Send + Sync + 'static {
     /// Allocates one layer's host tier for `num_blocks` engine blocks (fallible).
     fn alloc_host_tier(&self, num_blocks: usize) -> anyhow::Result<Self::HostTier>;
     /// Allocates one (sequence, layer) device tier, all slots empty.
-    fn alloc_device_tier(&self) -> Self::DeviceTier;
+    fn alloc_device_tier(&self) -> anyhow::Result<Self::DeviceTier>;
     /// Allocates a scratch area for a thread.
     fn alloc_scratch(&self, role: Role) -> Self::Scratch;
     /// An empty batch.
@@ -113,7 +118,7 @@ pub trait Backend: Send + Sync + 'static {
         first_pos: usize,
         n: usize,
         scratch: &mut Self::Scratch,
-    );
+    ) -> anyhow::Result<()>;
     /// Summarises the first `full_pages` pages of a sequence where their summary is missing
     /// (prefix-cache hits, rebuilds). Returns how many were computed.
     fn ensure_summaries(
@@ -122,7 +127,7 @@ pub trait Backend: Send + Sync + 'static {
         table: &[u32],
         full_pages: usize,
         scratch: &mut Self::Scratch,
-    ) -> usize;
+    ) -> anyhow::Result<usize>;
 
     // ---- working set ------------------------------------------------------------------
     /// Installs the sink and window pages of a sequence of `len` tokens and empties the
@@ -133,7 +138,7 @@ pub trait Backend: Send + Sync + 'static {
         table: &[u32],
         dev: &mut Self::DeviceTier,
         len: usize,
-    ) -> RecallStats;
+    ) -> anyhow::Result<RecallStats>;
     /// The sequence grew to `len` tokens (the last one written from batch row `row`): moves
     /// the window forward.
     fn advance_window(
@@ -143,7 +148,7 @@ pub trait Backend: Send + Sync + 'static {
         len: usize,
         batch: &Self::Batch,
         row: usize,
-    );
+    ) -> anyhow::Result<()>;
     /// Stores the query of batch row `row`, token `token` (0 for decode) as the sequence's
     /// current query: selections use it, the next step's drift test compares against it.
     fn store_query(
@@ -152,7 +157,7 @@ pub trait Backend: Send + Sync + 'static {
         batch: &Self::Batch,
         row: usize,
         token: usize,
-    );
+    ) -> anyhow::Result<()>;
     /// Per KV head, the mean over its group of cos(batch query of `row`, stored query).
     fn query_similarity(
         &self,
@@ -160,7 +165,7 @@ pub trait Backend: Send + Sync + 'static {
         batch: &Self::Batch,
         row: usize,
         out: &mut [f32],
-    );
+    ) -> anyhow::Result<()>;
 
     // ---- score / select ---------------------------------------------------------------
     /// Scores the `candidates` pages with the stored query (Quest bound, GQA pooling), takes
@@ -175,7 +180,7 @@ pub trait Backend: Send + Sync + 'static {
         candidates: Range<usize>,
         heads: &[bool],
         scratch: &mut Self::Scratch,
-    );
+    ) -> anyhow::Result<()>;
 
     // ---- recall -----------------------------------------------------------------------
     /// Applies the pending plan of the heads in `heads`: brings the missing pages into their
@@ -187,10 +192,15 @@ pub trait Backend: Send + Sync + 'static {
         dev: &mut Self::DeviceTier,
         heads: &[bool],
         scratch: &mut Self::Scratch,
-    ) -> RecallStats;
+    ) -> anyhow::Result<RecallStats>;
 
     /// The logical pages KV head `head` attends over now (sorted; for traces and tests).
-    fn resident_pages(&self, dev: &Self::DeviceTier, head: usize, len: usize) -> Vec<u32>;
+    fn resident_pages(
+        &self,
+        dev: &Self::DeviceTier,
+        head: usize,
+        len: usize,
+    ) -> anyhow::Result<Vec<u32>>;
 
     // ---- attend -----------------------------------------------------------------------
     /// Decode attention of batch row `row` (query at position `len - 1`) over the working
@@ -207,7 +217,7 @@ pub trait Backend: Send + Sync + 'static {
         row: usize,
         params: &AttnParams,
         scratch: &mut Self::Scratch,
-    );
+    ) -> anyhow::Result<()>;
     /// Causal prefill attention of batch row `row`: its `new_len` queries (positions
     /// `cached_len..`) over the host-tier keys `0..=position`; writes the row's output.
     #[allow(clippy::too_many_arguments)]
@@ -221,5 +231,5 @@ pub trait Backend: Send + Sync + 'static {
         row: usize,
         params: &AttnParams,
         scratch: &mut Self::Scratch,
-    );
+    ) -> anyhow::Result<()>;
 }

@@ -67,6 +67,9 @@ declare_knobs! {
     /// (8, 16 or 32).
     page_size: usize = 32, "freekv-page-size", "FREEKV_PAGE_SIZE", "TOKENS";
     /// Tokens attended per layer and KV head at a sparse step: sink + window + selected pages.
+    /// It bounds each sequence's working set (on a GPU, its device memory); the engine's
+    /// `--pa-memory-mb` / `--pa-context-len` size the host tier, which holds every token's KV
+    /// in host memory on CPU and CUDA alike.
     budget: usize = 2048, "freekv-budget", "FREEKV_BUDGET", "TOKENS";
     /// First tokens of every sequence, always attended (a multiple of the page size).
     sink: usize = 512, "freekv-sink", "FREEKV_SINK", "TOKENS";

@@ -75,8 +75,10 @@ impl PagedAttentionBackend for FreeKvBackend {
         "freekv"
     }
 
+    /// The CPU, and CUDA devices when built with the `cuda` feature (the host tier then lives
+    /// in host memory, the working sets on the device).
     fn supports_device(&self, device: &Device) -> bool {
-        device.is_cpu()
+        device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())
     }
 
     fn block_size(
@@ -110,13 +112,21 @@ impl PagedAttentionBackend for FreeKvBackend {
         cache_config: &CacheConfig,
         dtype: DType,
         device: &Device,
-        _layer_devices: &[Option<Device>],
+        layer_devices: &[Option<Device>],
     ) -> Result<Vec<(Tensor, Tensor)>> {
         let config = self.config();
         let shape = model_check::model_shape(model, cache_config.cache_type)
             .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
-        let freekv = FreeKv::new(config, shape, cache_config.num_gpu_blocks, kv_dtype(dtype)?)
+        model_check::one_device(device, layer_devices)
             .map_err(|e| candle_core::Error::Msg(format!("FreeKV: {e:#}")))?;
+        let freekv = FreeKv::new_on(
+            device,
+            config,
+            shape,
+            cache_config.num_gpu_blocks,
+            kv_dtype(dtype)?,
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("FreeKV: {e:#}")))?;
         // One handle pair per layer: FreeKV owns the memory, the handles' ids name the layer.
         let mut caches = Vec::with_capacity(model.num_layers());
         for _ in 0..model.num_layers() {
@@ -128,7 +138,8 @@ impl PagedAttentionBackend for FreeKvBackend {
         let model = Arc::new(freekv);
         let index = registry::add_model(model.clone(), &handles);
         tracing::info!(
-            "FreeKV serves model #{index}: {} blocks of {} tokens, KV {dtype:?}, host tier {} MiB, device tier {} KiB per sequence, CPU kernels {}, {:?}",
+            "FreeKV serves model #{index} on {:?}: {} blocks of {} tokens, KV {dtype:?}, host tier {} MiB, device tier {} KiB per sequence, CPU kernels {}, {:?}",
+            device.location(),
             cache_config.num_gpu_blocks,
             cache_config.block_size,
             model.host_tier_bytes() >> 20,

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::TensorId;
 
-use super::{batch, registry};
+use super::{batch, registry, step_rows};
 use crate::{AttnParams, FreeKv};
 
 /// A model layer's paged attention. The layer does not know its index at construction
@@ -102,7 +102,7 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
         let (batch, q_heads, q_len, head_dim) = q.dims4()?;
 
         if meta.is_first_prompt_chunk {
-            let rows = batch::prompt_rows(meta, q.device(), batch, q_len, page_size)
+            let rows = step_rows::prompt_rows(meta, q.device(), batch, q_len, page_size)
                 .map_err(engine_err)?;
             if layer == 0 {
                 tracing::debug!("FreeKV prefill rows (L={q_len}): {rows:?}");
@@ -125,7 +125,8 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
                 "FreeKV: decode steps of {q_len} tokens per sequence are not supported (speculative decoding); run with --paged-attn off"
             );
         }
-        let rows = batch::decode_rows(meta, q.device(), batch, page_size).map_err(engine_err)?;
+        let rows =
+            step_rows::decode_rows(meta, q.device(), batch, page_size).map_err(engine_err)?;
         if layer == 0 {
             tracing::trace!("FreeKV decode rows: {rows:?}");
         }

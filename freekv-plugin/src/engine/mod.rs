@@ -29,6 +29,7 @@ mod layer;
 mod metrics;
 mod model_check;
 mod registry;
+mod step_rows;
 
 pub use backend::{configure, register, register_from_env, FreeKvBackend};
 pub use registry::{loaded_models, LoadedModel};

@@ -62,9 +62,39 @@ pub(crate) fn model_shape(
     })
 }
 
+/// FreeKV keeps one instance per model on one device: a model whose layers are mapped
+/// across several devices (a device map, tensor parallelism) is refused, naming them.
+pub(crate) fn one_device(
+    device: &candle_core::Device,
+    layer_devices: &[Option<candle_core::Device>],
+) -> anyhow::Result<()> {
+    let mut others: Vec<String> = layer_devices
+        .iter()
+        .flatten()
+        .filter(|d| !d.same_device(device))
+        .map(|d| format!("{:?}", d.location()))
+        .collect();
+    others.dedup();
+    if !others.is_empty() {
+        anyhow::bail!(
+            "FreeKV serves a model on one device, but this model's layers are mapped to {:?} and              {}; load it on one device (drop the device map / --num-device-layers) or run it              with --paged-attn off",
+            device.location(),
+            others.join(", ")
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layers_on_the_model_device_are_one_device() {
+        let cpu = candle_core::Device::Cpu;
+        assert!(one_device(&cpu, &[]).is_ok());
+        assert!(one_device(&cpu, &[None, Some(cpu.clone()), None]).is_ok());
+    }
 
     struct Fake {
         layout: KvCacheLayout,

@@ -131,8 +131,8 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         })
     }
 
-    fn alloc_device_tier(&self) -> CpuDeviceTier<T> {
-        CpuDeviceTier::new(self.geo, self.copy)
+    fn alloc_device_tier(&self) -> anyhow::Result<CpuDeviceTier<T>> {
+        Ok(CpuDeviceTier::new(self.geo, self.copy))
     }
 
     fn alloc_scratch(&self, role: Role) -> CpuScratch<T> {
@@ -195,7 +195,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         first_pos: usize,
         n: usize,
         scratch: &mut CpuScratch<T>,
-    ) {
+    ) -> anyhow::Result<()> {
         let p = self.geo.page_size;
         for j in 0..n {
             let pos = first_pos + j;
@@ -208,6 +208,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
                 host.summarise(block, self.summary, &mut scratch.rows);
             }
         }
+        Ok(())
     }
 
     fn ensure_summaries(
@@ -216,7 +217,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         table: &[u32],
         full_pages: usize,
         scratch: &mut CpuScratch<T>,
-    ) -> usize {
+    ) -> anyhow::Result<usize> {
         let mut n = 0;
         for &block in &table[..full_pages] {
             if !host.is_summarised(block) {
@@ -224,7 +225,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
                 n += 1;
             }
         }
-        n
+        Ok(n)
     }
 
     fn reset_working_set(
@@ -233,7 +234,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         table: &[u32],
         dev: &mut CpuDeviceTier<T>,
         len: usize,
-    ) -> RecallStats {
+    ) -> anyhow::Result<RecallStats> {
         let g = &self.geo;
         dev.clear();
         let mut stats = RecallStats::default();
@@ -242,7 +243,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
             stats.bytes += dev.install_for_all_heads(host, table[page], page, slot, n);
             stats.pages += g.num_kv_heads;
         }
-        stats
+        Ok(stats)
     }
 
     fn advance_window(
@@ -252,7 +253,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         len: usize,
         batch: &CpuBatch,
         row: usize,
-    ) {
+    ) -> anyhow::Result<()> {
         let g = &self.geo;
         let pos = len - 1;
         let page = pos / g.page_size;
@@ -264,14 +265,22 @@ impl<T: KvElem> Backend for CpuBackend<T> {
                 dev.write_token(slot, h, pos % g.page_size, k, v);
             }
         }
+        Ok(())
     }
 
-    fn store_query(&self, dev: &mut CpuDeviceTier<T>, batch: &CpuBatch, row: usize, token: usize) {
+    fn store_query(
+        &self,
+        dev: &mut CpuDeviceTier<T>,
+        batch: &CpuBatch,
+        row: usize,
+        token: usize,
+    ) -> anyhow::Result<()> {
         let d = self.geo.head_dim;
         let q = dev.query_mut();
         for h in 0..self.geo.num_q_heads() {
             q[h * d..(h + 1) * d].copy_from_slice(batch.q_row(row, h, token));
         }
+        Ok(())
     }
 
     fn query_similarity(
@@ -280,7 +289,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         batch: &CpuBatch,
         row: usize,
         out: &mut [f32],
-    ) {
+    ) -> anyhow::Result<()> {
         let (d, gs) = (self.geo.head_dim, self.geo.group);
         let stored = dev.query();
         for (h, o) in out.iter_mut().enumerate().take(self.geo.num_kv_heads) {
@@ -297,6 +306,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
             }
             *o = sum / gs as f32;
         }
+        Ok(())
     }
 
     fn select(
@@ -307,7 +317,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         candidates: Range<usize>,
         heads: &[bool],
         scratch: &mut CpuScratch<T>,
-    ) {
+    ) -> anyhow::Result<()> {
         let (d, gs) = (self.geo.head_dim, self.geo.group);
         let sel = self.geo.selected_slots();
         for h in (0..self.geo.num_kv_heads).filter(|&h| heads[h]) {
@@ -334,6 +344,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
             );
             dev.set_plan(h, scratch.select.plan.iter().copied());
         }
+        Ok(())
     }
 
     fn recall(
@@ -343,7 +354,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         dev: &mut CpuDeviceTier<T>,
         heads: &[bool],
         scratch: &mut CpuScratch<T>,
-    ) -> RecallStats {
+    ) -> anyhow::Result<RecallStats> {
         let g = &self.geo;
         let mut stats = RecallStats::default();
         let chunk_bytes = 2 * g.page_size * g.head_dim * std::mem::size_of::<T>();
@@ -379,10 +390,15 @@ impl<T: KvElem> Backend for CpuBackend<T> {
             }
         }
         dev.apply_plans(heads);
-        stats
+        Ok(stats)
     }
 
-    fn resident_pages(&self, dev: &CpuDeviceTier<T>, head: usize, _len: usize) -> Vec<u32> {
+    fn resident_pages(
+        &self,
+        dev: &CpuDeviceTier<T>,
+        head: usize,
+        _len: usize,
+    ) -> anyhow::Result<Vec<u32>> {
         let mut pages: Vec<u32> = dev
             .slots(head)
             .iter()
@@ -390,7 +406,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
             .filter(|&p| p != NO_PAGE)
             .collect();
         pages.sort_unstable();
-        pages
+        Ok(pages)
     }
 
     fn attend_decode(
@@ -403,7 +419,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         row: usize,
         params: &AttnParams,
         scratch: &mut CpuScratch<T>,
-    ) {
+    ) -> anyhow::Result<()> {
         let g = &self.geo;
         let (n_q, per_head) = (batch.n_q, g.group * g.head_dim);
         // One query position per row: the row's heads are contiguous in q and out.
@@ -424,11 +440,12 @@ impl<T: KvElem> Backend for CpuBackend<T> {
                 .for_each_init(AttnScratch::default, |sc, (h, (out, q))| {
                     self.decode_head(host, table, len, dev, h, q, out, params, sc)
                 });
-            return;
+            return Ok(());
         }
         for (h, (out, q)) in out.chunks_mut(per_head).zip(q.chunks(per_head)).enumerate() {
             self.decode_head(host, table, len, dev, h, q, out, params, &mut scratch.attn);
         }
+        Ok(())
     }
 
     fn attend_prefill(
@@ -441,7 +458,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         row: usize,
         params: &AttnParams,
         scratch: &mut CpuScratch<T>,
-    ) {
+    ) -> anyhow::Result<()> {
         let (n_q, q_tokens, d) = (batch.n_q, batch.q_tokens, batch.d);
         let span = row * n_q * q_tokens * d..(row + 1) * n_q * q_tokens * d;
         let job = PrefillJob {
@@ -455,6 +472,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
             q_tokens,
         };
         job.run(&mut batch.out[span], &mut scratch.attn, &mut scratch.tile);
+        Ok(())
     }
 }
 

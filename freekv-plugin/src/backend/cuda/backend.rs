@@ -15,8 +15,8 @@
 //! - dense decode (no working set), sliding-window layers (the decode kernel has no position mask)
 //!   and prefill attention: on the host over the host tier, by the CPU backend.
 //!
-//! Device failures inside the trait's infallible methods panic with a message naming the
-//! operation; the instance reports a worker panic as that layer's failure.
+//! A device failure fails the operation with an error naming it (the request it serves fails;
+//! the instance and the server carry on).
 
 use std::sync::Arc;
 
@@ -48,12 +48,6 @@ pub struct CudaBackend<T: KvElem> {
     kernels: Arc<Kernels>,
     pipeline: RecallPipeline,
     sm_count: usize,
-}
-
-/// Panics with a message naming the failed device operation (for the trait's infallible
-/// methods).
-fn must<V>(r: anyhow::Result<V>, what: &str) -> V {
-    r.unwrap_or_else(|e| panic!("FreeKV CUDA backend: {what} failed: {e:#}"))
 }
 
 impl<T: KvElem> CudaBackend<T> {
@@ -116,11 +110,10 @@ impl<T: KvElem> CudaBackend<T> {
         })
     }
 
-    fn bind(&self) {
-        must(
-            self.ctx.bind_to_thread().map_err(anyhow::Error::from),
-            "binding the CUDA context",
-        );
+    fn bind(&self) -> anyhow::Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow::anyhow!("binding the CUDA context to this thread: {e}"))
     }
 
     /// Bytes of one chunk (one head's K+V of one page) as the CPU copy tier counts them.

@@ -3,6 +3,11 @@
 //! sees the same tokens; at each forced step the next-token distribution is compared with
 //! the dense path's (top-1 agreement, KL(dense || variant)). FreeKV's counters give the
 //! correction rate per layer, the query-similarity distribution and recall traffic.
+//!
+//! Each comparison runs in two precisions. In f32 (activations and KV cache; the weights stay
+//! quantized) the dense reference rounds as FreeKV's f32 sums do, so FreeKV attending over
+//! every page agrees ~100% and what remains is retrieval's own cost. In the engine's automatic
+//! dtype (bf16 on the CPU) the same floor is lower, because the two paths round differently.
 
 use std::sync::{Arc, Mutex};
 
@@ -16,8 +21,40 @@ use serde::{Deserialize, Serialize};
 use crate::variants::Variant;
 use crate::Ctx;
 
+/// The model's activation and KV dtype for one table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 activations and KV cache: the reference whose floor is ~100%.
+    F32,
+    /// The engine's automatic dtype (bf16 on the CPU); results from before the f32 reference
+    /// existed are this.
+    #[default]
+    Auto,
+}
+
+impl Precision {
+    /// How the model file is loaded in this precision.
+    fn source(self, gguf: &std::path::Path) -> Source<'_> {
+        match self {
+            Precision::F32 => Source::GgufF32(gguf),
+            Precision::Auto => Source::Gguf(gguf),
+        }
+    }
+
+    /// A table heading.
+    pub fn label(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32 (activations and KV; both paths the same arithmetic)",
+            Precision::Auto => "the engine's automatic dtype (bf16 on the CPU)",
+        }
+    }
+}
+
 /// What to run.
 pub struct Plan {
+    /// One table per precision, in this order.
+    pub precisions: Vec<Precision>,
     /// Tokens of the text in the prompt (prefilled densely).
     pub prompt_tokens: usize,
     /// Tokens of the text that follow, forced one decode step at a time.
@@ -30,21 +67,23 @@ impl Plan {
         use freekv_plugin::Mode::*;
         if quick {
             return Self {
+                precisions: vec![Precision::F32],
                 prompt_tokens: 256,
                 forced_tokens: 64,
                 variants: vec![Variant::freekv(128, 0.9, FreeKv)],
             };
         }
         Self {
+            precisions: vec![Precision::F32, Precision::Auto],
             prompt_tokens: 2048,
             forced_tokens: 1024,
             variants: vec![
-                // The numerical floor: FreeKV attending over every page (its f32 sums vs the
-                // engine's f16 matmuls), no retrieval.
+                // The numerical floor: FreeKV attending over every page, no retrieval.
                 Variant::freekv(1024, 0.9, Dense),
                 Variant::freekv(256, 0.9, FreeKv),
                 Variant::freekv(512, 0.9, FreeKv),
                 Variant::freekv(1024, 0.9, FreeKv),
+                Variant::freekv(2048, 0.9, FreeKv),
                 Variant::freekv(512, 0.8, FreeKv),
                 Variant::freekv(1024, 0.8, FreeKv),
                 Variant::freekv(512, 0.9, Sync),
@@ -57,6 +96,8 @@ impl Plan {
 /// One variant's agreement with dense and what FreeKV did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
+    #[serde(default)]
+    pub precision: Precision,
     pub variant: String,
     pub budget: usize,
     pub tau: f32,
@@ -196,18 +237,22 @@ async fn forced_run(
     Ok(forcing)
 }
 
-/// Runs dense, then every variant against it.
+/// Per precision: runs dense, then every variant against it.
 pub async fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Outcome>> {
+    let mut out = Vec::new();
+    for &precision in &plan.precisions {
+        out.extend(run_in(cx, plan, precision).await?);
+    }
+    Ok(out)
+}
+
+async fn run_in(cx: &Ctx, plan: &Plan, precision: Precision) -> Result<Vec<Outcome>> {
     let context = plan.prompt_tokens + plan.forced_tokens + 64;
-    let dense = load(
-        Source::Gguf(&cx.gguf),
-        &Variant::dense().attention(context),
-        1,
-    )
-    .await?;
+    let source = precision.source(&cx.gguf);
+    let dense = load(source, &Variant::dense().attention(context), 1).await?;
     let (_, ids) = text_tokens(&dense.model, cx.quick).await?;
     eprintln!(
-        "agreement: {} text tokens; prompt {} + forced {}",
+        "agreement ({precision:?}): {} text tokens; prompt {} + forced {}",
         ids.len(),
         plan.prompt_tokens,
         plan.forced_tokens
@@ -220,7 +265,7 @@ pub async fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Outcome>> {
     let mut out = Vec::new();
     for v in &plan.variants {
         let t = std::time::Instant::now();
-        let loaded = load(Source::Gguf(&cx.gguf), &v.attention(context), 1).await?;
+        let loaded = load(source, &v.attention(context), 1).await?;
         let forcing = forced_run(&loaded.model, plan, &ids, Some(reference.clone())).await?;
         let (steps, agree, kl_sum, kl_max) = *forcing.stats.lock().expect("lock");
         let counters = loaded
@@ -230,6 +275,7 @@ pub async fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Outcome>> {
             .counters();
         let config = v.config.as_ref().context("FreeKV variant")?;
         let o = Outcome {
+            precision,
             variant: v.name.clone(),
             budget: config.budget,
             tau: config.tau,
@@ -242,7 +288,7 @@ pub async fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Outcome>> {
             total: counters.total,
         };
         eprintln!(
-            "agreement {:<12} top-1 {:.4} mean KL {:.5} ({} steps, correction rate {:.3}, {:.0} s)",
+            "agreement {precision:?} {:<12} top-1 {:.4} mean KL {:.5} ({} steps, correction rate {:.3}, {:.0} s)",
             o.variant,
             o.top1_agreement,
             o.mean_kl,
@@ -255,8 +301,26 @@ pub async fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
+/// Markdown: agreement and behaviour per variant, one table per precision.
+pub fn tables(outcomes: &[Outcome]) -> String {
+    let mut precisions: Vec<Precision> = outcomes.iter().map(|o| o.precision).collect();
+    precisions.dedup();
+    let mut s = String::new();
+    for p in precisions {
+        s += &format!("Model in {}:\n\n", p.label());
+        let of: Vec<Outcome> = outcomes
+            .iter()
+            .filter(|o| o.precision == p)
+            .cloned()
+            .collect();
+        s += &table(&of);
+        s += "\n";
+    }
+    s
+}
+
 /// Markdown: agreement and behaviour per variant.
-pub fn table(outcomes: &[Outcome]) -> String {
+fn table(outcomes: &[Outcome]) -> String {
     let mut s = String::from(
         "| variant | top-1 agreement | mean KL | max KL | correction rate | mean query cosine | \
          pages recalled per layer-step | blocking selections |\n|---|---|---|---|---|---|---|---|\n",
@@ -303,10 +367,19 @@ pub fn similarity_table(o: &Outcome) -> String {
     s
 }
 
+/// The outcomes of the reference precision (f32 when it ran) for the charts.
+fn headline(outcomes: &[Outcome]) -> impl Iterator<Item = &Outcome> {
+    let p = outcomes
+        .iter()
+        .map(|o| o.precision)
+        .min_by_key(|p| *p as u8)
+        .unwrap_or_default();
+    outcomes.iter().filter(move |o| o.precision == p)
+}
+
 /// Correction rate per layer, one series per FreeKV-mode variant.
 pub fn correction_chart(outcomes: &[Outcome]) -> crate::plot::Chart<'static> {
-    let series = outcomes
-        .iter()
+    let series = headline(outcomes)
         .filter(|o| o.total.heads_checked > 0)
         .map(|o| crate::plot::Series {
             label: o.variant.clone(),
@@ -332,6 +405,7 @@ pub fn correction_chart(outcomes: &[Outcome]) -> crate::plot::Chart<'static> {
 
 /// Top-1 agreement vs budget, one series per tau.
 pub fn agreement_chart(outcomes: &[Outcome]) -> crate::plot::Chart<'static> {
+    let outcomes: Vec<&Outcome> = headline(outcomes).collect();
     let mut taus: Vec<f32> = outcomes
         .iter()
         .filter(|o| o.total.heads_checked > 0)

@@ -195,7 +195,7 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                      forced decode steps compared with dense.\n\n",
                     plan.prompt_tokens, plan.forced_tokens
                 );
-                md += &agreement::table(&outcomes);
+                md += &agreement::tables(&outcomes);
                 if let Some(o) = outcomes.iter().find(|o| o.total.heads_checked > 0) {
                     md += "\n";
                     md += &agreement::similarity_table(o);

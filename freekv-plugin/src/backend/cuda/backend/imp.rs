@@ -13,7 +13,8 @@ use crate::AttnParams;
 
 use super::super::ops::{self, ChunkMove};
 use super::super::tier::{layer_tier_bytes, tier_shape, CudaBatch, CudaDeviceTier, CudaScratch};
-use super::{must, CudaBackend};
+use super::CudaBackend;
+use anyhow::Context;
 
 impl<T: KvElem> Backend for CudaBackend<T> {
     type HostTier = HostTier<T>;
@@ -29,11 +30,9 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         self.cpu.alloc_host_tier(num_blocks)
     }
 
-    fn alloc_device_tier(&self) -> CudaDeviceTier<T> {
-        must(
-            CudaDeviceTier::new(&self.ctx, self.geo),
-            "allocating a device tier",
-        )
+    fn alloc_device_tier(&self) -> anyhow::Result<CudaDeviceTier<T>> {
+        self.bind()?;
+        CudaDeviceTier::new(&self.ctx, self.geo).context("allocating a device tier")
     }
 
     fn alloc_scratch(&self, role: Role) -> CudaScratch<T> {
@@ -105,7 +104,7 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         first_pos: usize,
         n: usize,
         scratch: &mut CudaScratch<T>,
-    ) {
+    ) -> anyhow::Result<()> {
         self.cpu
             .write_tokens(host, table, &batch.cpu, row, first_pos, n, &mut scratch.cpu)
     }
@@ -116,7 +115,7 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         table: &[u32],
         full_pages: usize,
         scratch: &mut CudaScratch<T>,
-    ) -> usize {
+    ) -> anyhow::Result<usize> {
         self.cpu
             .ensure_summaries(host, table, full_pages, &mut scratch.cpu)
     }
@@ -127,11 +126,11 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         table: &[u32],
         dev: &mut CudaDeviceTier<T>,
         len: usize,
-    ) -> RecallStats {
+    ) -> anyhow::Result<RecallStats> {
         let g = &self.geo;
         let mut stats = self
             .cpu
-            .reset_working_set(host, table, &mut dev.tables, len);
+            .reset_working_set(host, table, &mut dev.tables, len)?;
         let mut moves = Vec::new();
         for h in 0..g.num_kv_heads {
             for (slot, &page) in dev.tables.slots(h).iter().enumerate() {
@@ -149,12 +148,10 @@ impl<T: KvElem> Backend for CudaBackend<T> {
                     2 * g.valid_tokens(page, len) * g.head_dim * std::mem::size_of::<T>();
             }
         }
-        self.bind();
-        must(
-            ops::move_chunks(&self.ctx, &self.pipeline, dev, &moves),
-            "installing the sink and window pages",
-        );
-        stats
+        self.bind()?;
+        ops::move_chunks(&self.ctx, &self.pipeline, dev, &moves)
+            .context("installing the sink and window pages")?;
+        Ok(stats)
     }
 
     fn advance_window(
@@ -164,10 +161,10 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         len: usize,
         batch: &CudaBatch,
         row: usize,
-    ) {
+    ) -> anyhow::Result<()> {
         let g = &self.geo;
         self.cpu
-            .advance_window(table, &mut dev.tables, len, &batch.cpu, row);
+            .advance_window(table, &mut dev.tables, len, &batch.cpu, row)?;
         let pos = len - 1;
         let slot = g.window_slot(pos / g.page_size);
         let width = g.num_kv_heads * g.head_dim;
@@ -179,11 +176,9 @@ impl<T: KvElem> Backend for CudaBackend<T> {
             T::from_f32s(kr, &mut k[r.clone()]);
             T::from_f32s(vr, &mut v[r]);
         }
-        self.bind();
-        must(
-            ops::append_token(&self.stream, dev, slot, pos % g.page_size, &k, &v),
-            "appending the new token to its window slot",
-        );
+        self.bind()?;
+        ops::append_token(&self.stream, dev, slot, pos % g.page_size, &k, &v)
+            .context("appending the new token to its window slot")
     }
 
     fn store_query(
@@ -192,7 +187,7 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         batch: &CudaBatch,
         row: usize,
         token: usize,
-    ) {
+    ) -> anyhow::Result<()> {
         self.cpu
             .store_query(&mut dev.tables, &batch.cpu, row, token)
     }
@@ -203,7 +198,7 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         batch: &CudaBatch,
         row: usize,
         out: &mut [f32],
-    ) {
+    ) -> anyhow::Result<()> {
         self.cpu.query_similarity(&dev.tables, &batch.cpu, row, out)
     }
 
@@ -215,7 +210,7 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         candidates: Range<usize>,
         heads: &[bool],
         scratch: &mut CudaScratch<T>,
-    ) {
+    ) -> anyhow::Result<()> {
         self.cpu.select(
             host,
             table,
@@ -233,7 +228,7 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         dev: &mut CudaDeviceTier<T>,
         heads: &[bool],
         scratch: &mut CudaScratch<T>,
-    ) -> RecallStats {
+    ) -> anyhow::Result<RecallStats> {
         let g = &self.geo;
         let mut moves = Vec::new();
         for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
@@ -247,21 +242,24 @@ impl<T: KvElem> Backend for CudaBackend<T> {
                 }
             }
         }
-        self.bind();
-        must(
-            ops::move_chunks(&self.ctx, &self.pipeline, dev, &moves),
-            "recalling the selected pages",
-        );
+        self.bind()?;
+        ops::move_chunks(&self.ctx, &self.pipeline, dev, &moves)
+            .context("recalling the selected pages")?;
         // The tables follow the data (and the plans are consumed), as on CPU.
         let mut stats = self
             .cpu
-            .recall(host, table, &mut dev.tables, heads, &mut scratch.cpu);
+            .recall(host, table, &mut dev.tables, heads, &mut scratch.cpu)?;
         debug_assert_eq!(stats.pages, moves.len());
         stats.bytes = stats.pages * self.chunk_bytes();
-        stats
+        Ok(stats)
     }
 
-    fn resident_pages(&self, dev: &CudaDeviceTier<T>, head: usize, len: usize) -> Vec<u32> {
+    fn resident_pages(
+        &self,
+        dev: &CudaDeviceTier<T>,
+        head: usize,
+        len: usize,
+    ) -> anyhow::Result<Vec<u32>> {
         self.cpu.resident_pages(&dev.tables, head, len)
     }
 
@@ -275,7 +273,7 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         row: usize,
         params: &AttnParams,
         scratch: &mut CudaScratch<T>,
-    ) {
+    ) -> anyhow::Result<()> {
         let dev = match dev {
             Some(dev) if Self::decode_on_device(params) => dev,
             // Host tier (dense) or host chunks named by the tables (sliding window).
@@ -295,29 +293,28 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         let n_q = self.geo.num_q_heads();
         let d = self.geo.head_dim;
         let q = batch.cpu.q_heads(row, 0..n_q).to_vec();
-        self.bind();
-        must(
-            ops::decode(
-                &self.ctx,
-                &self.stream,
-                &self.kernels,
-                &self.geo,
-                self.sm_count,
-                dev,
-                len,
-                &q,
-                params.softmax_scale,
-                params.softcap.unwrap_or(0.0),
-                scratch,
-            ),
-            "decode attention over the working set",
-        );
+        self.bind()?;
+        ops::decode(
+            &self.ctx,
+            &self.stream,
+            &self.kernels,
+            &self.geo,
+            self.sm_count,
+            dev,
+            len,
+            &q,
+            params.softmax_scale,
+            params.softcap.unwrap_or(0.0),
+            scratch,
+        )
+        .context("decode attention over the working set")?;
         for h in 0..n_q {
             batch
                 .cpu
                 .out_row(row, h, 0)
                 .copy_from_slice(&scratch.out[h * d..(h + 1) * d]);
         }
+        Ok(())
     }
 
     fn attend_prefill(
@@ -330,7 +327,7 @@ impl<T: KvElem> Backend for CudaBackend<T> {
         row: usize,
         params: &AttnParams,
         scratch: &mut CudaScratch<T>,
-    ) {
+    ) -> anyhow::Result<()> {
         self.cpu.attend_prefill(
             host,
             table,

@@ -1,0 +1,499 @@
+//! Failing backend operations (a device error, an exhausted memory) fail the call that met
+//! them, with a message naming the operation, and nothing else: the layer stays usable, the
+//! other sequences decode exactly as on an instance that never failed, and the failed
+//! sequence's next step rebuilds its working set.
+//!
+//! The faults are injected by a backend that forwards every operation to the CPU backend and
+//! fails one chosen operation once (optionally only on the worker thread).
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{AnyInstance, Instance};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, RecallStats, Role};
+use crate::geometry::Geometry;
+use crate::{AttnParams, DecodeRow, FreeKvConfig, Mode, ModelShape, PrefillRow};
+
+/// The next call of `op` fails (on the worker thread only, with `worker_only`).
+#[derive(Clone, Copy)]
+struct Fault {
+    op: &'static str,
+    worker_only: bool,
+}
+
+/// The CPU backend with one armed fault.
+struct Faulty {
+    cpu: CpuBackend<f32>,
+    fault: Arc<Mutex<Option<Fault>>>,
+}
+
+impl Faulty {
+    fn check(&self, op: &'static str) -> anyhow::Result<()> {
+        let mut armed = self.fault.lock().unwrap();
+        let on_worker = std::thread::current().name() == Some("freekv-worker");
+        match *armed {
+            Some(f) if f.op == op && (on_worker || !f.worker_only) => {
+                *armed = None;
+                anyhow::bail!("injected device error in {op}")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+type Cpu = CpuBackend<f32>;
+type Host = <Cpu as Backend>::HostTier;
+type Dev = <Cpu as Backend>::DeviceTier;
+type Scratch = <Cpu as Backend>::Scratch;
+type Batch = <Cpu as Backend>::Batch;
+
+impl Backend for Faulty {
+    type HostTier = Host;
+    type DeviceTier = Dev;
+    type Scratch = Scratch;
+    type Batch = Batch;
+
+    fn geometry(&self) -> &Geometry {
+        self.cpu.geometry()
+    }
+    fn alloc_host_tier(&self, num_blocks: usize) -> anyhow::Result<Host> {
+        self.check("alloc_host_tier")?;
+        self.cpu.alloc_host_tier(num_blocks)
+    }
+    fn alloc_device_tier(&self) -> anyhow::Result<Dev> {
+        self.check("alloc_device_tier")?;
+        self.cpu.alloc_device_tier()
+    }
+    fn alloc_scratch(&self, role: Role) -> Scratch {
+        self.cpu.alloc_scratch(role)
+    }
+    fn alloc_batch(&self) -> Batch {
+        self.cpu.alloc_batch()
+    }
+    fn host_tier_bytes(&self, num_blocks: usize) -> usize {
+        self.cpu.host_tier_bytes(num_blocks)
+    }
+    fn device_tier_bytes(&self) -> usize {
+        self.cpu.device_tier_bytes()
+    }
+    fn load_decode(&self, b: &mut Batch, q: &Tensor, k: &Tensor, v: &Tensor) -> anyhow::Result<()> {
+        self.check("load_decode")?;
+        self.cpu.load_decode(b, q, k, v)
+    }
+    fn load_prefill(
+        &self,
+        b: &mut Batch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        last_only: Option<&[usize]>,
+    ) -> anyhow::Result<()> {
+        self.check("load_prefill")?;
+        self.cpu.load_prefill(b, q, k, v, last_only)
+    }
+    fn take_output(&self, b: &mut Batch, dtype: DType) -> anyhow::Result<Tensor> {
+        self.check("take_output")?;
+        self.cpu.take_output(b, dtype)
+    }
+    fn write_tokens(
+        &self,
+        host: &mut Host,
+        table: &[u32],
+        b: &Batch,
+        row: usize,
+        first_pos: usize,
+        n: usize,
+        s: &mut Scratch,
+    ) -> anyhow::Result<()> {
+        self.check("write_tokens")?;
+        self.cpu.write_tokens(host, table, b, row, first_pos, n, s)
+    }
+    fn ensure_summaries(
+        &self,
+        host: &mut Host,
+        table: &[u32],
+        full_pages: usize,
+        s: &mut Scratch,
+    ) -> anyhow::Result<usize> {
+        self.check("ensure_summaries")?;
+        self.cpu.ensure_summaries(host, table, full_pages, s)
+    }
+    fn reset_working_set(
+        &self,
+        host: &Host,
+        table: &[u32],
+        dev: &mut Dev,
+        len: usize,
+    ) -> anyhow::Result<RecallStats> {
+        self.check("reset_working_set")?;
+        self.cpu.reset_working_set(host, table, dev, len)
+    }
+    fn advance_window(
+        &self,
+        table: &[u32],
+        dev: &mut Dev,
+        len: usize,
+        b: &Batch,
+        row: usize,
+    ) -> anyhow::Result<()> {
+        self.check("advance_window")?;
+        self.cpu.advance_window(table, dev, len, b, row)
+    }
+    fn store_query(
+        &self,
+        dev: &mut Dev,
+        b: &Batch,
+        row: usize,
+        token: usize,
+    ) -> anyhow::Result<()> {
+        self.check("store_query")?;
+        self.cpu.store_query(dev, b, row, token)
+    }
+    fn query_similarity(
+        &self,
+        dev: &Dev,
+        b: &Batch,
+        row: usize,
+        out: &mut [f32],
+    ) -> anyhow::Result<()> {
+        self.check("query_similarity")?;
+        self.cpu.query_similarity(dev, b, row, out)
+    }
+    fn select(
+        &self,
+        host: &Host,
+        table: &[u32],
+        dev: &mut Dev,
+        candidates: Range<usize>,
+        heads: &[bool],
+        s: &mut Scratch,
+    ) -> anyhow::Result<()> {
+        self.check("select")?;
+        self.cpu.select(host, table, dev, candidates, heads, s)
+    }
+    fn recall(
+        &self,
+        host: &Host,
+        table: &[u32],
+        dev: &mut Dev,
+        heads: &[bool],
+        s: &mut Scratch,
+    ) -> anyhow::Result<RecallStats> {
+        self.check("recall")?;
+        self.cpu.recall(host, table, dev, heads, s)
+    }
+    fn resident_pages(&self, dev: &Dev, head: usize, len: usize) -> anyhow::Result<Vec<u32>> {
+        self.cpu.resident_pages(dev, head, len)
+    }
+    fn attend_decode(
+        &self,
+        host: &Host,
+        table: &[u32],
+        len: usize,
+        dev: Option<&Dev>,
+        b: &mut Batch,
+        row: usize,
+        params: &AttnParams,
+        s: &mut Scratch,
+    ) -> anyhow::Result<()> {
+        self.check("attend_decode")?;
+        self.cpu
+            .attend_decode(host, table, len, dev, b, row, params, s)
+    }
+    fn attend_prefill(
+        &self,
+        host: &Host,
+        table: &[u32],
+        cached_len: usize,
+        new_len: usize,
+        b: &mut Batch,
+        row: usize,
+        params: &AttnParams,
+        s: &mut Scratch,
+    ) -> anyhow::Result<()> {
+        self.check("attend_prefill")?;
+        self.cpu
+            .attend_prefill(host, table, cached_len, new_len, b, row, params, s)
+    }
+}
+
+const SHAPE: ModelShape = ModelShape {
+    num_layers: 2,
+    num_q_heads: 4,
+    num_kv_heads: 2,
+    head_dim: 16,
+};
+const PAGE: usize = 8;
+const PROMPT: usize = 80;
+const BLOCKS_PER_SEQ: u32 = 16;
+
+fn config() -> FreeKvConfig {
+    FreeKvConfig {
+        page_size: PAGE,
+        budget: 4 * PAGE,
+        sink: PAGE,
+        window: PAGE,
+        tau: 0.9,
+        mode: Mode::FreeKv,
+        dense_layers: vec![],
+        ..FreeKvConfig::default()
+    }
+}
+
+/// An instance over the faulty backend, and the switch that arms its fault.
+fn instance() -> (Instance<Faulty>, Arc<Mutex<Option<Fault>>>) {
+    let cfg = config();
+    cfg.validate(Some(&SHAPE)).unwrap();
+    let geo = Geometry::new(&cfg, &SHAPE);
+    let fault = Arc::new(Mutex::new(None));
+    let backend = Faulty {
+        cpu: CpuBackend::new(geo, &cfg),
+        fault: fault.clone(),
+    };
+    let inst = Instance::new(backend, cfg, &SHAPE, 64, "f32").unwrap();
+    (inst, fault)
+}
+
+/// Seeded inputs: the same (sequence, position, layer) always gets the same q/k/v.
+fn values(seq: u64, pos: usize, layer: usize, heads: usize, salt: u64) -> Vec<f32> {
+    let mut x = (seq * 1_000_003 + pos as u64 * 7919 + layer as u64 * 104_729 + salt)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        | 1;
+    (0..heads * SHAPE.head_dim)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn table(seq: u64) -> Vec<u32> {
+    let first = (seq as u32 % 4) * BLOCKS_PER_SEQ;
+    (first..first + BLOCKS_PER_SEQ).collect()
+}
+
+fn prefill(inst: &Instance<Faulty>, seq: u64) -> anyhow::Result<()> {
+    let t = table(seq);
+    let rows = [PrefillRow {
+        seq_id: seq,
+        block_table: &t,
+        cached_len: 0,
+        new_len: PROMPT,
+    }];
+    let d = SHAPE.head_dim;
+    for layer in 0..SHAPE.num_layers {
+        // (1, H, L, D): head-major, token after token.
+        let gather = |n_heads: usize, salt: u64| {
+            let per_pos: Vec<Vec<f32>> = (0..PROMPT)
+                .map(|p| values(seq, p, layer, n_heads, salt))
+                .collect();
+            let mut out = Vec::with_capacity(n_heads * PROMPT * d);
+            for h in 0..n_heads {
+                for row in &per_pos {
+                    out.extend_from_slice(&row[h * d..(h + 1) * d]);
+                }
+            }
+            Tensor::from_vec(out, (1, n_heads, PROMPT, d), &Device::Cpu).unwrap()
+        };
+        let q = gather(SHAPE.num_q_heads, 1);
+        let k = gather(SHAPE.num_kv_heads, 2);
+        let v = gather(SHAPE.num_kv_heads, 3);
+        let params = AttnParams::scaled(0.25);
+        inst.prefill(layer, &rows, &q, &k, &v, &params, true)?;
+    }
+    Ok(())
+}
+
+/// One decode step of `seqs` at context `len` (same for all), every layer; the last layer's
+/// output, or the first error.
+fn decode(inst: &Instance<Faulty>, seqs: &[u64], len: usize) -> anyhow::Result<Vec<f32>> {
+    let tables: Vec<Vec<u32>> = seqs.iter().map(|&s| table(s)).collect();
+    let rows: Vec<DecodeRow<'_>> = seqs
+        .iter()
+        .zip(&tables)
+        .map(|(&seq_id, t)| DecodeRow {
+            seq_id,
+            block_table: t,
+            context_len: len,
+        })
+        .collect();
+    let d = SHAPE.head_dim;
+    let mut last = Vec::new();
+    for layer in 0..SHAPE.num_layers {
+        let make = |n_heads: usize, salt: u64| {
+            let data: Vec<f32> = seqs
+                .iter()
+                .flat_map(|&s| values(s, len - 1, layer, n_heads, salt))
+                .collect();
+            Tensor::from_vec(data, (seqs.len(), n_heads, d), &Device::Cpu).unwrap()
+        };
+        let q = make(SHAPE.num_q_heads, 1);
+        let k = make(SHAPE.num_kv_heads, 2);
+        let v = make(SHAPE.num_kv_heads, 3);
+        let out = inst.decode(layer, &rows, &q, &k, &v, &AttnParams::scaled(0.25))?;
+        last = out.flatten_all()?.to_vec1::<f32>()?;
+    }
+    Ok(last)
+}
+
+fn arm(fault: &Arc<Mutex<Option<Fault>>>, op: &'static str, worker_only: bool) {
+    *fault.lock().unwrap() = Some(Fault { op, worker_only });
+}
+
+#[test]
+fn a_failed_decode_operation_fails_only_its_call_and_names_the_operation() {
+    for op in [
+        "load_decode",
+        "write_tokens",
+        "advance_window",
+        "query_similarity",
+        "store_query",
+        "select",
+        "recall",
+        "attend_decode",
+        "take_output",
+    ] {
+        let (clean, _) = instance();
+        let (faulty, fault) = instance();
+        for inst in [&clean, &faulty] {
+            prefill(inst, 1).unwrap();
+            prefill(inst, 2).unwrap();
+        }
+        let mut len = PROMPT + 1;
+        assert_eq!(
+            decode(&clean, &[1, 2], len).unwrap(),
+            decode(&faulty, &[1, 2], len).unwrap()
+        );
+        len += 1;
+        // Sequence 1 drifts (its queries are unrelated step to step), so its correction
+        // selects and recalls on the calling thread.
+        decode(&clean, &[1], len).unwrap();
+        faulty.join_all().unwrap();
+        arm(&fault, op, false);
+        let err = format!("{:#}", decode(&faulty, &[1], len).unwrap_err());
+        assert!(err.contains(op), "{op}: {err}");
+        assert!(err.contains("layer 0"), "{op}: {err}");
+        assert!(fault.lock().unwrap().is_none(), "{op} was never called");
+        // The engine fails the request and frees its sequence; sequence 2 goes on.
+        for inst in [&clean, &faulty] {
+            inst.free_sequence(1);
+        }
+        for _ in 0..3 {
+            assert_eq!(
+                decode(&clean, &[2], len).unwrap(),
+                decode(&faulty, &[2], len).unwrap(),
+                "{op}: sequence 2 differs after sequence 1 failed"
+            );
+            len += 1;
+        }
+        // A new request on the same blocks is served as on the clean instance.
+        for inst in [&clean, &faulty] {
+            prefill(inst, 5).unwrap();
+        }
+        assert_eq!(
+            decode(&clean, &[5], PROMPT + 1).unwrap(),
+            decode(&faulty, &[5], PROMPT + 1).unwrap(),
+            "{op}: a new sequence differs"
+        );
+        assert_eq!(
+            decode(&clean, &[2], len).unwrap(),
+            decode(&faulty, &[2], len).unwrap()
+        );
+    }
+}
+
+#[test]
+fn a_failed_background_selection_is_reported_by_its_sequence_only() {
+    for op in ["select", "recall"] {
+        let (clean, _) = instance();
+        let (faulty, fault) = instance();
+        for inst in [&clean, &faulty] {
+            prefill(inst, 1).unwrap();
+            prefill(inst, 2).unwrap();
+        }
+        let mut len = PROMPT + 1;
+        decode(&clean, &[1, 2], len).unwrap();
+        decode(&faulty, &[1, 2], len).unwrap();
+        len += 1;
+        // Sequence 1's step schedules its next selection, which fails on the worker.
+        decode(&clean, &[1], len).unwrap();
+        faulty.join_all().unwrap();
+        arm(&fault, op, true);
+        decode(&faulty, &[1], len).unwrap();
+        faulty.join_all().unwrap();
+        assert!(
+            fault.lock().unwrap().is_none(),
+            "{op} never ran on the worker"
+        );
+        // Sequence 2 (not in that selection) is unaffected, on every layer.
+        assert_eq!(
+            decode(&clean, &[2], len).unwrap(),
+            decode(&faulty, &[2], len).unwrap()
+        );
+        // Sequence 1's next step reports the failure...
+        let err = format!("{:#}", decode(&faulty, &[1], len + 1).unwrap_err());
+        assert!(err.contains("background selection"), "{op}: {err}");
+        assert!(err.contains(op), "{op}: {err}");
+        // ...once: a retried step selects again on the critical path and attends.
+        let blocking = faulty.counters().total.blocking_selections;
+        let out = decode(&faulty, &[1], len + 1).unwrap();
+        assert!(out.iter().all(|x| x.is_finite()));
+        assert!(faulty.counters().total.blocking_selections > blocking);
+    }
+}
+
+#[test]
+fn a_failed_prefill_fails_its_prompt_and_the_next_prompt_is_served() {
+    for op in [
+        "load_prefill",
+        "write_tokens",
+        "ensure_summaries",
+        "attend_prefill",
+        "alloc_device_tier",
+        "reset_working_set",
+        "select",
+        "recall",
+    ] {
+        let (clean, _) = instance();
+        let (faulty, fault) = instance();
+        prefill(&clean, 2).unwrap();
+        prefill(&faulty, 2).unwrap();
+        arm(&fault, op, false);
+        let err = format!("{:#}", prefill(&faulty, 1).unwrap_err());
+        assert!(err.contains(op) && err.contains("prefill"), "{op}: {err}");
+        faulty.free_sequence(1);
+        prefill(&clean, 3).unwrap();
+        prefill(&faulty, 3).unwrap();
+        assert_eq!(
+            decode(&clean, &[2, 3], PROMPT + 1).unwrap(),
+            decode(&faulty, &[2, 3], PROMPT + 1).unwrap()
+        );
+    }
+}
+
+#[test]
+fn a_host_tier_that_cannot_be_allocated_is_an_error_naming_the_knobs() {
+    let cfg = config();
+    let geo = Geometry::new(&cfg, &SHAPE);
+    let fault = Arc::new(Mutex::new(Some(Fault {
+        op: "alloc_host_tier",
+        worker_only: false,
+    })));
+    let backend = Faulty {
+        cpu: CpuBackend::new(geo, &cfg),
+        fault,
+    };
+    let err = Instance::new(backend, cfg, &SHAPE, 64, "f32")
+        .err()
+        .expect("allocation fails");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("--pa-memory-mb") && msg.contains("layer 0"),
+        "{msg}"
+    );
+}
