@@ -416,12 +416,10 @@ impl<B: Backend> AnyInstance for Instance<B> {
         let state = cell.state.lock().ok()?;
         let seq = state.seqs.get(&seq_id)?;
         let dev = seq.dev.as_ref().filter(|_| seq.has_selection())?;
-        Some(
-            (0..self.shared.geo.num_kv_heads)
-                .map(|h| self.shared.backend.resident_pages(dev, h, seq.len))
-                .collect::<anyhow::Result<_>>()
-                .ok()?,
-        )
+        (0..self.shared.geo.num_kv_heads)
+            .map(|h| self.shared.backend.resident_pages(dev, h, seq.len))
+            .collect::<anyhow::Result<_>>()
+            .ok()
     }
 
     fn join_all(&self) -> anyhow::Result<()> {

@@ -44,7 +44,7 @@ pub enum Source<'a> {
     /// A Hugging Face-style directory (config.json, safetensors, tokenizer.json), run in f32.
     Plain(&'a Path),
     /// A GGUF file (tokenizer and chat template inside), run in the engine's automatic dtype
-    /// (bf16 on the CPU: its activations and KV cache).
+    /// (f16 for this GGUF model on the CPU: its activations and KV cache).
     Gguf(&'a Path),
     /// A GGUF file run with f32 activations and KV cache (the weights stay quantized): a
     /// reference whose arithmetic FreeKV's f32 sums do not round differently from.

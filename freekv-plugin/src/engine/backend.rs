@@ -106,6 +106,27 @@ impl PagedAttentionBackend for FreeKvBackend {
         true
     }
 
+    /// On a GPU the pool is FreeKV's host tier: the engine sizes it from host memory.
+    fn pool_device(&self, device: &Device) -> Device {
+        if device.is_cpu() {
+            device.clone()
+        } else {
+            Device::Cpu
+        }
+    }
+
+    /// On a GPU the device holds only each sequence's working set: the budget per layer and
+    /// KV head, K and V (dense layers run over the host tier).
+    fn device_kv_elements(
+        &self,
+        model: &dyn ModelConfigLike,
+        _cache_config: &CacheConfig,
+        max_seqs: usize,
+    ) -> Option<usize> {
+        let config = self.config();
+        Some(max_seqs * config.budget * model.num_kv_heads() * model.k_head_dim() * 2)
+    }
+
     fn allocate_cache(
         &self,
         model: &dyn ModelConfigLike,

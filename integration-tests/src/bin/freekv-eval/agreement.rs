@@ -4,10 +4,10 @@
 //! the dense path's (top-1 agreement, KL(dense || variant)). FreeKV's counters give the
 //! correction rate per layer, the query-similarity distribution and recall traffic.
 //!
-//! Each comparison runs in two precisions. In f32 (activations and KV cache; the weights stay
-//! quantized) the dense reference rounds as FreeKV's f32 sums do, so FreeKV attending over
-//! every page agrees ~100% and what remains is retrieval's own cost. In the engine's automatic
-//! dtype (bf16 on the CPU) the same floor is lower, because the two paths round differently.
+//! Each comparison runs in two precisions: f32 (activations and KV cache; the weights stay
+//! quantized), where FreeKV's attention and the engine's round alike, and the engine's
+//! automatic dtype (f16 for this GGUF model on the CPU). "FreeKV dense mode" (every page attended) is the floor
+//! each table's retrieval rows are read against (docs/results.md, section 2).
 
 use std::sync::{Arc, Mutex};
 
@@ -27,7 +27,7 @@ use crate::Ctx;
 pub enum Precision {
     /// f32 activations and KV cache: the reference whose floor is ~100%.
     F32,
-    /// The engine's automatic dtype (bf16 on the CPU); results from before the f32 reference
+    /// The engine's automatic dtype (f16 for this GGUF model on the CPU); results from before the f32 reference
     /// existed are this.
     #[default]
     Auto,
@@ -45,8 +45,8 @@ impl Precision {
     /// A table heading.
     pub fn label(self) -> &'static str {
         match self {
-            Precision::F32 => "f32 (activations and KV; both paths the same arithmetic)",
-            Precision::Auto => "the engine's automatic dtype (bf16 on the CPU)",
+            Precision::F32 => "f32 (activations and KV cache; the weights stay Q4_1)",
+            Precision::Auto => "the engine's automatic dtype (f16 for this GGUF model on the CPU)",
         }
     }
 }
@@ -70,7 +70,10 @@ impl Plan {
                 precisions: vec![Precision::F32],
                 prompt_tokens: 256,
                 forced_tokens: 64,
-                variants: vec![Variant::freekv(128, 0.9, FreeKv)],
+                variants: vec![
+                    Variant::freekv(1024, 0.9, Dense),
+                    Variant::freekv(128, 0.9, FreeKv),
+                ],
             };
         }
         Self {
