@@ -5,9 +5,9 @@
 //! correction rate per layer, the query-similarity distribution and recall traffic.
 //!
 //! Each comparison runs in two precisions: f32 (activations and KV cache; the weights stay
-//! quantized), where FreeKV's attention and the engine's round alike, and the engine's
-//! automatic dtype (f16 for this GGUF model on the CPU). "FreeKV dense mode" (every page attended) is the floor
-//! each table's retrieval rows are read against (docs/results.md, section 2).
+//! quantized) and the engine's automatic dtype (f16 for this GGUF model on the CPU). "FreeKV
+//! dense mode" (every page attended) is the floor each table's retrieval rows are read against
+//! (docs/results.md, section 2, says why it is ~95% rather than 100% for a quantized model).
 
 use std::sync::{Arc, Mutex};
 
