@@ -49,15 +49,17 @@ impl StepRow {
     }
 }
 
-fn host_copy(
-    map: Option<&std::collections::HashMap<candle_core::DeviceLocation, Tensor>>,
-    device: &Device,
-    what: &str,
-) -> anyhow::Result<Tensor> {
+/// A per-device metadata map, as the engine sends it.
+pub(crate) type DeviceMap = std::collections::HashMap<candle_core::DeviceLocation, Tensor>;
+
+/// The map's tensor for `device` (or any, when the engine sent one copy).
+pub(crate) fn tensor_for<'a>(map: &'a DeviceMap, device: &Device) -> Option<&'a Tensor> {
+    map.get(&device.location()).or_else(|| map.values().next())
+}
+
+fn host_copy(map: Option<&DeviceMap>, device: &Device, what: &str) -> anyhow::Result<Tensor> {
     let map = map.ok_or_else(|| anyhow::anyhow!("the engine sent no {what}"))?;
-    let tensor = map
-        .get(&device.location())
-        .or_else(|| map.values().next())
+    let tensor = tensor_for(map, device)
         .ok_or_else(|| anyhow::anyhow!("the engine sent an empty {what} map"))?;
     Ok(tensor.to_device(&Device::Cpu)?)
 }
