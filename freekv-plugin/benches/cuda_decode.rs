@@ -1,64 +1,46 @@
-//! Decode attention per step for the Llama-3.1-8B layer shape (32 query heads, 8 KV heads, d 128,
-//! bf16, page 32) at 32K / 64K / 128K context with budget B = 2048 (sink 512, window 512, 32
-//! selected pages), over `FREEKV_BENCH_LAYERS` layers (default 8) of one sequence:
+//! Decode on a CUDA device with the backend the engine runs (`FreeKv::new_on` a CUDA device:
+//! the offload design over `CudaOps`), Llama-3.1-8B layer shape (32 query heads, 8 KV heads,
+//! d 128, bf16, page 32) at 32K / 64K / 128K context, budget B = 2048 (sink 512, window 512),
+//! `FREEKV_BENCH_LAYERS` layers (default 8) of one sequence, measured side by side in one run:
 //!
-//! - dense: all KV on the GPU, attention over the whole context (the same decode kernel);
-//! - sync recall: select with q_i, recall the missing pages from pinned host memory, then attend,
-//!   all on the critical path;
-//! - FreeKV: attend over the pages recalled during the previous step, then select with q_i and
-//!   recall off the critical path (copy streams + worker thread), without and with correction
-//!   (tau 0.9: per layer a correction check; flagged heads re-select and recall before attention).
+//! - `dense-gpu`: every key and value on the GPU, attention over the whole context with candle's
+//!   matmul and softmax (the baseline a GPU with enough memory runs);
+//! - `sync`: FreeKV's synchronous retrieval (select with q_i, recall, attend; all blocking);
+//! - `speculative`: speculative retrieval without correction;
+//! - `freekv`: speculative retrieval with correction (tau 0.9).
 //!
-//! Queries drift like decode queries do (consecutive cosine about 0.9). Reported, as ratios from
-//! one run: ms per step, speedups, pages recalled per step, correction rate; the recall bandwidth
-//! of the pipeline (both recall engines) against a measured host-to-device copy peak; and device KV
-//! bytes per sequence. Output: one JSON object per line on stdout and in $FREEKV_BENCH_OUT.
+//! Queries drift (consecutive cosine about 0.93 per query head), as in `decode_step`. Reported as
+//! one JSON object per line (stdout and `$FREEKV_BENCH_OUT`): ms per step (all layers), the
+//! ratios to dense-gpu and to sync, correction rate, pages recalled and blocking time per
+//! layer-step, device KV bytes per sequence against dense; and the recall pipeline's bandwidth on
+//! 16 KiB chunks against a measured host-to-device peak.
 //!
-//! Env: FREEKV_BENCH_LAYERS, FREEKV_BENCH_CONTEXTS (e.g. "32768,65536"), FREEKV_BENCH_STEPS.
-
-#![allow(clippy::needless_range_loop)] // per-layer tables indexed in step with the layer loop
+//! `cargo bench -p freekv-plugin --features cuda --bench cuda_decode` (or the binary that
+//! `kernels/build-device.sh` builds). Env: FREEKV_BENCH_LAYERS, FREEKV_BENCH_CONTEXTS (e.g.
+//! "32768,65536"), FREEKV_BENCH_STEPS. Without a CUDA device it says so and exits 0.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::{DType, Device, Tensor};
 use cudarc::driver::{result, sys, CudaContext};
 use freekv_plugin::cuda::device_tier::{LayerTier, TierShape};
-use freekv_plugin::cuda::kernels::{KernelPooling, Kernels, RecallJob, SeqDesc, SummaryMode};
-use freekv_plugin::cuda::mem::{DeviceBuffer, PinnedBuffer};
+use freekv_plugin::cuda::kernels::{Kernels, RecallJob};
+use freekv_plugin::cuda::mem::{DeviceBuffer, HostRegistration, PinnedBuffer};
 use freekv_plugin::cuda::module;
-use freekv_plugin::cuda::pinned::{HostLayout, PinnedHostTier};
-use freekv_plugin::cuda::recall::{ChunkCopy, RawEvent, RecallMode, RecallPipeline};
+use freekv_plugin::cuda::recall::{RawEvent, RecallMode, RecallPipeline};
 use freekv_plugin::cuda::source::{KernelConfig, KernelDtype};
+use freekv_plugin::{AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape};
 
-const N_KV: usize = 8;
-const GROUP: usize = 4;
-const N_Q: usize = N_KV * GROUP;
-const D: usize = 128;
-const P: usize = 32;
+mod inputs;
+#[allow(dead_code)] // the CPU benchmarks' other shape
+mod shapes;
+use inputs::{make_prompt, make_steps, prefill_sequence, Rng, Steps};
+use shapes::LLAMA;
+
+const PAGE: usize = 32;
 const BUDGET: usize = 2048;
-const SINK_PAGES: usize = 512 / P;
-const WIN_PAGES: usize = 512 / P;
-const N_SLOTS: usize = BUDGET / P;
-const N_SEL: usize = N_SLOTS - SINK_PAGES - WIN_PAGES;
-const TAU: f32 = 0.9;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn f(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
-
-fn bf(x: f32) -> u16 {
-    half::bf16::from_f32(x).to_bits()
-}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -67,7 +49,9 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Lines to stdout and, when `$FREEKV_BENCH_OUT` is set, to that file.
 struct Out(Option<std::fs::File>);
+
 impl Out {
     fn emit(&mut self, line: String) {
         println!("{line}");
@@ -77,683 +61,287 @@ impl Out {
     }
 }
 
-/// Everything of one context length.
-struct Setup {
-    ctx_len: usize,
-    n_pages: usize,
+fn config(mode: Mode) -> FreeKvConfig {
+    FreeKvConfig {
+        page_size: PAGE,
+        budget: BUDGET,
+        sink: 512,
+        window: 512,
+        tau: 0.9,
+        dense_layers: vec![],
+        mode,
+        ..Default::default()
+    }
+}
+
+/// Timing of one variant at one context.
+struct Timed {
+    ms_per_step: f64,
+    counters: Option<freekv_plugin::LayerCounters>,
+    device_kv_bytes: usize,
+}
+
+/// Waits for all work queued on `device` (candle's stream).
+fn sync(device: &Device) -> anyhow::Result<()> {
+    device.synchronize()?;
+    Ok(())
+}
+
+/// Dense attention over the whole context on the GPU with candle's ops, per layer: q `(1, 8, 4,
+/// d)` against K/V `(1, 8, ctx + steps, d)` (GQA without copying K/V).
+fn dense_gpu(
+    device: &Device,
     layers: usize,
-    host: PinnedHostTier,
-    dense: Vec<LayerTier>,
-    tiers: Vec<LayerTier>,
-    /// Queries of every step and layer: [steps + 1][layers][N_Q][D] bf16.
-    queries: DeviceBuffer,
+    ctx: usize,
+    steps: &Steps,
+    n: usize,
+) -> anyhow::Result<Timed> {
+    let s = LLAMA;
+    let group = s.q / s.kv;
+    let scale = 1.0 / (s.d as f64).sqrt();
+    let kv: Vec<(Tensor, Tensor)> = (0..layers)
+        .map(|_| -> anyhow::Result<(Tensor, Tensor)> {
+            let k = Tensor::randn(0f32, 1.0, (1, s.kv, ctx, s.d), device)?.to_dtype(DType::BF16)?;
+            let v = Tensor::randn(0f32, 1.0, (1, s.kv, ctx, s.d), device)?.to_dtype(DType::BF16)?;
+            Ok((k, v))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let attend = |i: usize, l: usize| -> anyhow::Result<Tensor> {
+        let (k, v) = &kv[l];
+        let q = steps.q[i].reshape((1, s.kv, group, s.d))?;
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let p = softmax_last(&scores)?;
+        Ok(p.matmul(v)?)
+    };
+    let per_layer = steps.q.len() / layers;
+    for l in 0..layers {
+        attend(l, l)?;
+    }
+    sync(device)?;
+    let t = Instant::now();
+    for step in 0..n {
+        for l in 0..layers {
+            std::hint::black_box(attend((step % per_layer) * layers + l, l)?);
+        }
+    }
+    sync(device)?;
+    Ok(Timed {
+        ms_per_step: t.elapsed().as_secs_f64() * 1e3 / n as f64,
+        counters: None,
+        device_kv_bytes: layers * 2 * ctx * s.kv * s.d * 2,
+    })
 }
 
-impl Setup {
-    fn q_ptr(&self, step: usize, layer: usize) -> u64 {
-        self.queries.ptr() + (((step * self.layers + layer) * N_Q * D) * 2) as u64
-    }
-    fn cand(&self) -> (usize, usize) {
-        (SINK_PAGES, self.n_pages - SINK_PAGES - WIN_PAGES)
-    }
+/// Softmax over the last dimension in f32 (candle-core has no fused one without candle-nn).
+fn softmax_last(x: &Tensor) -> anyhow::Result<Tensor> {
+    let dt = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let m = x.max_keepdim(candle_core::D::Minus1)?;
+    let e = x.broadcast_sub(&m)?.exp()?;
+    let z = e.sum_keepdim(candle_core::D::Minus1)?;
+    Ok(e.broadcast_div(&z)?.to_dtype(dt)?)
 }
 
-struct Bench {
-    ctx: Arc<CudaContext>,
-    k: Arc<Kernels>,
-    pipe: RecallPipeline,
-    compute: Arc<cudarc::driver::CudaStream>,
-    select: Arc<cudarc::driver::CudaStream>,
-    descs: DeviceBuffer,
-    descs_host: PinnedBuffer,
-    raw: DeviceBuffer,
-    pooled: DeviceBuffer,
-    counts: DeviceBuffer,
-    lists: DeviceBuffer,
-    lists_host: PinnedBuffer,
-    flags: DeviceBuffer,
-    cos: DeviceBuffer,
-    flags_host: PinnedBuffer,
-    part_o: DeviceBuffer,
-    part_ml: DeviceBuffer,
-    out: DeviceBuffer,
-    sms: usize,
-    /// Row capacity of raw/pooled; each holds two sets (compute stream, select stream).
-    max_pages: usize,
+/// One FreeKV mode through `FreeKv::new_on`: prefill (not timed), then `n` timed decode steps
+/// over every layer after a warm-up.
+#[allow(clippy::too_many_arguments)]
+fn freekv(
+    device: &Device,
+    mode: Mode,
+    layers: usize,
+    ctx: usize,
+    prompt: &inputs::Prompt,
+    steps: &Steps,
+    n: usize,
+    warmup: usize,
+) -> anyhow::Result<Timed> {
+    let s = LLAMA;
+    let shape = ModelShape {
+        num_layers: layers,
+        num_q_heads: s.q,
+        num_kv_heads: s.kv,
+        head_dim: s.d,
+    };
+    let pages = (ctx + warmup + n).div_ceil(PAGE) + 1;
+    let fk = FreeKv::new_on(device, config(mode), shape, pages, KvDType::BF16)?;
+    let table: Vec<u32> = (0..pages as u32).collect();
+    prefill_sequence(&fk, s, layers, prompt, ctx, &table, PAGE);
+    let params = AttnParams::scaled(1.0 / (s.d as f32).sqrt());
+    let per_layer = steps.q.len() / layers;
+    let mut len = ctx;
+    let mut run = |count: usize, first: usize| -> anyhow::Result<()> {
+        for step in first..first + count {
+            len += 1;
+            let row = DecodeRow {
+                seq_id: 1,
+                block_table: &table[..len.div_ceil(PAGE)],
+                context_len: len,
+            };
+            for l in 0..layers {
+                let i = (step % per_layer) * layers + l;
+                let out = fk.decode(l, &[row], &steps.q[i], &steps.k[i], &steps.v[i], &params)?;
+                std::hint::black_box(out);
+            }
+        }
+        Ok(())
+    };
+    run(warmup, 0)?;
+    fk.join_background()?;
+    let base = fk.counters().total;
+    sync(device)?;
+    let t = Instant::now();
+    run(n, warmup)?;
+    sync(device)?;
+    let ms = t.elapsed().as_secs_f64() * 1e3 / n as f64;
+    fk.join_background()?;
+    Ok(Timed {
+        ms_per_step: ms,
+        counters: Some(fk.counters().total.since(&base)),
+        device_kv_bytes: fk.device_tier_bytes_per_sequence(),
+    })
 }
 
 fn main() -> anyhow::Result<()> {
-    match CudaContext::device_count() {
-        Ok(n) if n > 0 => {}
+    let mut out = Out(std::env::var("FREEKV_BENCH_OUT")
+        .ok()
+        .and_then(|p| std::fs::File::create(p).ok()));
+    let device = match cudarc::driver::CudaContext::device_count() {
+        Ok(n) if n > 0 => Device::new_cuda(0)?,
         other => {
-            println!("SKIPPED cuda_decode: no CUDA device ({other:?})");
+            out.emit(format!("{{\"skipped\":\"no CUDA device ({other:?})\"}}"));
             return Ok(());
         }
-    }
-    let mut out = Out(std::env::var_os("FREEKV_BENCH_OUT")
-        .map(|p| std::fs::File::create(p).expect("FREEKV_BENCH_OUT is writable")));
-    let ctx = CudaContext::new(0)?;
+    };
     let layers = env_usize("FREEKV_BENCH_LAYERS", 8);
-    let steps = env_usize("FREEKV_BENCH_STEPS", 20);
+    let n = env_usize("FREEKV_BENCH_STEPS", 32);
+    let warmup = 4;
     let contexts: Vec<usize> = std::env::var("FREEKV_BENCH_CONTEXTS")
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![32768, 65536, 131072]);
-    let cfg = KernelConfig {
-        dtype: KernelDtype::Bf16,
-        head_dim: D,
-        page_size: P,
-        group: GROUP,
-    };
-    let k = Arc::new(Kernels::new(module::load(&ctx, cfg)?));
-    let layout = HostLayout {
-        n_layers: layers,
-        n_kv: N_KV,
-        head_dim: D,
-        page_size: P,
-        elem_bytes: 2,
-    };
-    let max_pages = contexts.iter().max().unwrap() / P;
-    let sms =
-        ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-    let n_chunks_max = max_pages.div_ceil(2);
-    let b = Bench {
-        ctx: ctx.clone(),
-        k: k.clone(),
-        pipe: RecallPipeline::new(&ctx, k.clone(), layout.chunk_bytes(), 64, N_KV)?,
-        compute: ctx.new_stream()?,
-        select: ctx.new_stream()?,
-        descs: DeviceBuffer::new(&ctx, 128 * layers)?,
-        descs_host: PinnedBuffer::new(&ctx, 128 * layers)?,
-        raw: DeviceBuffer::new(&ctx, 2 * N_Q * max_pages * 4)?,
-        pooled: DeviceBuffer::new(&ctx, 2 * N_KV * max_pages * 4)?,
-        max_pages,
-        counts: DeviceBuffer::new(&ctx, layers * N_KV * 4)?,
-        lists: DeviceBuffer::new(&ctx, layers * N_KV * N_SEL * 8)?,
-        lists_host: PinnedBuffer::new(&ctx, layers * N_KV * (N_SEL * 8 + 4))?,
-        flags: DeviceBuffer::new(&ctx, N_KV * 4)?,
-        cos: DeviceBuffer::new(&ctx, N_KV * 4)?,
-        flags_host: PinnedBuffer::new(&ctx, N_KV * 4)?,
-        part_o: DeviceBuffer::new(&ctx, N_Q * n_chunks_max * D * 4)?,
-        part_ml: DeviceBuffer::new(&ctx, N_Q * n_chunks_max * 2 * 4)?,
-        out: DeviceBuffer::new(&ctx, N_Q * D * 2)?,
-        sms,
-    };
-    bandwidth(&b, &mut out, layout)?;
-    for &ctx_len in &contexts {
-        let t0 = Instant::now();
-        let setup = build(&b, ctx_len, layers, steps, layout)?;
-        eprintln!("setup {ctx_len}: {:.1} s", t0.elapsed().as_secs_f64());
-        let dense = run_dense(&b, &setup, steps)?;
-        let sync = run_sparse(&b, &setup, steps, Mode::Sync)?;
-        let spec = run_sparse(&b, &setup, steps, Mode::Speculative)?;
-        let corr = run_sparse(&b, &setup, steps, Mode::Corrected)?;
-        let (kv, other) = setup
-            .tiers
-            .iter()
-            .map(LayerTier::device_bytes)
-            .fold((0, 0), |a, x| (a.0 + x.0, a.1 + x.1));
-        let dense_kv = setup.n_pages * layout.page_bytes() * layers;
-        out.emit(format!(
-            "{{\"context\":{ctx_len},\"layers\":{layers},\"steps\":{steps},\"ms_per_step\":{{\"dense\":{:.4},\"sync_recall\":{:.4},\"freekv\":{:.4},\"freekv_corr\":{:.4}}},\
-\"freekv_vs_dense\":{:.3},\"corr_vs_dense\":{:.3},\"speedup_vs_sync\":{:.2},\"corr_speedup_vs_sync\":{:.2},\
-\"pages_recalled_per_step\":{{\"sync\":{:.1},\"freekv\":{:.1},\"freekv_corr\":{:.1}}},\"correction_rate\":{:.3},\
-\"device_kv_bytes_per_seq\":{{\"freekv_slots\":{kv},\"freekv_other\":{other},\"dense\":{dense_kv},\"ratio\":{:.4}}}}}",
-            dense.ms, sync.ms, spec.ms, corr.ms,
-            spec.ms / dense.ms, corr.ms / dense.ms, sync.ms / spec.ms, sync.ms / corr.ms,
-            sync.pages, spec.pages, corr.pages, corr.corr_rate,
-            (kv + other) as f64 / dense_kv as f64
-        ));
+    out.emit(format!(
+        "{{\"shape\":\"{}\",\"budget\":{BUDGET},\"page\":{PAGE},\"layers\":{layers},\"steps\":{n},\"contexts\":{contexts:?}}}",
+        LLAMA.name
+    ));
+    bandwidth(&device, &mut out)?;
+    for &ctx in &contexts {
+        let mut rng = Rng(0xC0DA + ctx as u64);
+        let steps = make_steps(LLAMA, layers, warmup + n, &device, &mut rng);
+        let prompt = make_prompt(LLAMA, ctx, &device, &mut rng);
+        let dense = dense_gpu(&device, layers, ctx, &steps, n)?;
+        let mut rows = vec![("dense-gpu", dense)];
+        for (label, mode) in [
+            ("sync", Mode::Sync),
+            ("speculative", Mode::Speculative),
+            ("freekv", Mode::FreeKv),
+        ] {
+            rows.push((
+                label,
+                freekv(&device, mode, layers, ctx, &prompt, &steps, n, warmup)?,
+            ));
+        }
+        let dense_ms = rows[0].1.ms_per_step;
+        let dense_bytes = rows[0].1.device_kv_bytes;
+        let sync_ms = rows[1].1.ms_per_step;
+        for (label, r) in &rows {
+            let c = r.counters.unwrap_or_default();
+            let layer_steps = (n * layers).max(1) as f64;
+            out.emit(format!(
+                "{{\"context\":{ctx},\"layers\":{layers},\"variant\":\"{label}\",\"ms_per_step\":{:.3},\"vs_dense_gpu\":{:.3},\"speedup_vs_sync\":{:.3},\"correction_rate\":{:.4},\"pages_recalled_per_layer_step\":{:.2},\"blocking_us_per_layer_step\":{:.1},\"wait_us_per_layer_step\":{:.1},\"device_kv_bytes_per_sequence\":{},\"vs_dense_kv_bytes\":{:.4}}}",
+                r.ms_per_step,
+                r.ms_per_step / dense_ms,
+                sync_ms / r.ms_per_step,
+                c.correction_rate(),
+                c.pages_recalled as f64 / layer_steps,
+                c.blocking_ns as f64 / 1e3 / layer_steps,
+                c.wait_ns as f64 / 1e3 / layer_steps,
+                r.device_kv_bytes,
+                r.device_kv_bytes as f64 / dense_bytes as f64,
+            ));
+        }
     }
     Ok(())
 }
 
-/// Host->device peak (one large pinned copy) vs the recall pipeline on 16 KiB chunks.
-fn bandwidth(b: &Bench, out: &mut Out, layout: HostLayout) -> anyhow::Result<()> {
+/// Host->device peak (one large pinned copy) vs the recall pipeline moving 4096 random 16 KiB
+/// chunks of a registered (page-locked) host region, both recall modes.
+fn bandwidth(device: &Device, out: &mut Out) -> anyhow::Result<()> {
+    let Device::Cuda(cuda) = device else {
+        anyhow::bail!("not a CUDA device")
+    };
+    let ctx: Arc<CudaContext> = cuda.cuda_stream().context().clone();
+    ctx.bind_to_thread()?;
+    let stream = ctx.new_stream()?;
     let bytes = 512 << 20;
-    let src = PinnedBuffer::new(&b.ctx, bytes)?;
-    let dst = DeviceBuffer::new(&b.ctx, bytes)?;
-    let s = b.compute.cu_stream();
+    let src = PinnedBuffer::new(&ctx, bytes)?;
+    let dst = DeviceBuffer::new(&ctx, bytes)?;
     let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let (e0, e1) = (b.ctx.new_event(timing)?, b.ctx.new_event(timing)?);
+    let (e0, e1) = (ctx.new_event(timing)?, ctx.new_event(timing)?);
     let mut peak = 0f64;
     for _ in 0..3 {
-        e0.record(&b.compute)?;
+        e0.record(&stream)?;
         // SAFETY: both buffers are `bytes` long and outlive the synchronize below.
-        unsafe { result::memcpy_htod_async(dst.ptr(), src.as_slice(), s) }?;
-        e1.record(&b.compute)?;
+        unsafe { result::memcpy_htod_async(dst.ptr(), src.as_slice(), stream.cu_stream()) }?;
+        e1.record(&stream)?;
         e1.synchronize()?;
         peak = peak.max(bytes as f64 / (e0.elapsed_ms(&e1)? as f64 * 1e-3) / 1e9);
     }
-    // Recall: random (page, head) chunks of a 2 GiB host region into 64-slot layer tiers.
-    let n_blocks = (2usize << 30) / layout.page_bytes() / layout.n_layers;
-    let host = PinnedHostTier::new(&b.ctx, layout, n_blocks.max(1))?;
+    let s = LLAMA;
+    let chunk_bytes = 2 * PAGE * s.d * 2;
+    let kcfg = KernelConfig {
+        dtype: KernelDtype::Bf16,
+        head_dim: s.d,
+        page_size: PAGE,
+        group: s.q / s.kv,
+    };
+    let kernels = Arc::new(Kernels::new(module::load(&ctx, kcfg)?));
+    let pipe = RecallPipeline::new(&ctx, kernels, chunk_bytes, 256, s.kv)?;
+    // 1 GiB of host pages, allocated as the host tier is (a plain allocation) and registered.
+    let host = vec![0u16; (1usize << 30) / 2];
+    let _pin = HostRegistration::new(&ctx, host.as_ptr() as *const u8, host.len() * 2)?;
+    let n_chunks_host = host.len() * 2 / chunk_bytes;
+    let n_slots = BUDGET / PAGE;
     let shape = TierShape {
-        n_kv: N_KV,
-        group: GROUP,
-        head_dim: D,
-        page_size: P,
-        n_slots: N_SLOTS,
-        sel_slot0: SINK_PAGES,
-        n_sel: N_SEL,
+        n_kv: s.kv,
+        group: s.q / s.kv,
+        head_dim: s.d,
+        page_size: PAGE,
+        n_slots,
+        sel_slot0: 512 / PAGE,
+        n_sel: n_slots - 2 * 512 / PAGE,
         elem_bytes: 2,
     };
-    let tier = LayerTier::new(&b.ctx, shape, 1)?;
+    let tier = LayerTier::new(&ctx, shape, 1)?;
     let mut rng = Rng(12345);
     for mode in [RecallMode::CopyEngine, RecallMode::Direct] {
-        let mut best = 0f64;
-        let mut calls = 0;
+        let (mut best, mut calls) = (0f64, 0);
         for _ in 0..3 {
-            let chunks: Vec<ChunkCopy> = (0..4096)
+            let jobs: Vec<RecallJob> = (0..4096)
                 .map(|i| {
-                    let blk = (rng.next() as usize) % host.n_blocks;
-                    let head = (rng.next() as usize) % N_KV;
-                    ChunkCopy {
-                        host: host.chunk_ptr(blk, (i / 7) % layout.n_layers, head),
+                    let c = (rng.next() as usize) % n_chunks_host;
+                    RecallJob {
+                        src: host.as_ptr() as u64 + (c * chunk_bytes) as u64,
                         slots: tier.slots.ptr(),
                         slot_len: tier.slot_len.ptr(),
-                        slot: (i % N_SLOTS) as i32,
-                        head: head as i32,
+                        slot: (i % n_slots) as i32,
+                        head: ((rng.next() as usize) % s.kv) as i32,
                     }
                 })
                 .collect();
-            let n = chunks.len();
-            let done = Arc::new(RawEvent::new(&b.ctx)?);
-            b.ctx.synchronize()?;
+            let done = Arc::new(RawEvent::new(&ctx)?);
+            ctx.synchronize()?;
             let t0 = Instant::now();
-            let st = b
-                .pipe
-                .submit(chunks, mode, None, done.clone())
+            let st = pipe
+                .submit(jobs, mode, None, done.clone())
                 .wait_enqueued()?;
             done.synchronize()?;
-            let dt = t0.elapsed().as_secs_f64();
             calls = st.copy_calls;
-            best = best.max((n * layout.chunk_bytes()) as f64 / dt / 1e9);
+            best = best.max((4096 * chunk_bytes) as f64 / t0.elapsed().as_secs_f64() / 1e9);
         }
         out.emit(format!(
-            "{{\"recall_bandwidth\":{{\"mode\":\"{mode:?}\",\"chunk_bytes\":{},\"chunks\":4096,\"copy_calls\":{calls},\"gb_per_s\":{best:.2},\"h2d_peak_gb_per_s\":{peak:.2},\"fraction_of_peak\":{:.3}}}}}",
-            layout.chunk_bytes(),
+            "{{\"recall_bandwidth\":{{\"mode\":\"{mode:?}\",\"chunk_bytes\":{chunk_bytes},\"chunks\":4096,\"copy_calls\":{calls},\"gb_per_s\":{best:.2},\"h2d_peak_gb_per_s\":{peak:.2},\"fraction_of_peak\":{:.3}}}}}",
             best / peak
         ));
     }
     Ok(())
-}
-
-fn build(
-    b: &Bench,
-    ctx_len: usize,
-    layers: usize,
-    steps: usize,
-    layout: HostLayout,
-) -> anyhow::Result<Setup> {
-    let n_pages = ctx_len / P;
-    let mut host = PinnedHostTier::new(&b.ctx, layout, n_pages)?;
-    let mut rng = Rng(0x9e3779b97f4a7c15 ^ ctx_len as u64);
-    // Keys: noise plus a per-page direction so that pages differ in relevance; values: noise.
-    for blk in 0..n_pages {
-        let bias = rng.f() * 0.5;
-        for l in 0..layers {
-            let page = host.page_mut(blk, l);
-            for (i, x) in page.iter_mut().enumerate() {
-                let c = i % D;
-                let is_key = (i / (P * D)).is_multiple_of(2);
-                let v = rng.f() + if is_key && c < 16 { bias } else { 0.0 };
-                *x = bf(v);
-            }
-        }
-    }
-    let shape = TierShape {
-        n_kv: N_KV,
-        group: GROUP,
-        head_dim: D,
-        page_size: P,
-        n_slots: N_SLOTS,
-        sel_slot0: SINK_PAGES,
-        n_sel: N_SEL,
-        elem_bytes: 2,
-    };
-    let dense_shape = TierShape {
-        n_slots: n_pages,
-        ..shape
-    };
-    let s = b.compute.cu_stream();
-    let mut dense = Vec::new();
-    let mut tiers = Vec::new();
-    // Stage pages on the device in batches: summarise them and scatter them into the dense cache.
-    let batch = 256usize;
-    let staging = DeviceBuffer::new(&b.ctx, batch * layout.page_bytes())?;
-    let jobs_d = DeviceBuffer::new(&b.ctx, batch * N_KV * 32)?;
-    let ptrs_d = DeviceBuffer::new(&b.ctx, batch * 16)?;
-    for l in 0..layers {
-        let dl = LayerTier::new(&b.ctx, dense_shape, 1)?;
-        let mut tl = LayerTier::new(&b.ctx, shape, n_pages)?;
-        tl.ensure_summary_capacity(&b.ctx, n_pages, s)?;
-        for p0 in (0..n_pages).step_by(batch) {
-            let n = batch.min(n_pages - p0);
-            for i in 0..n {
-                staging.upload(i * layout.page_bytes(), host.page(p0 + i, l))?;
-            }
-            let srcs: Vec<u64> = (0..n)
-                .map(|i| staging.ptr() + (i * layout.page_bytes()) as u64)
-                .collect();
-            let dsts: Vec<u64> = (0..n).map(|i| tl.summary_ptr(p0 + i)).collect();
-            ptrs_d.upload(0, &srcs)?;
-            ptrs_d.upload(n * 8, &dsts)?;
-            b.k.summarize(
-                s,
-                ptrs_d.ptr(),
-                ptrs_d.ptr() + (n * 8) as u64,
-                n,
-                N_KV,
-                D as i64,
-                (2 * P * D) as i64,
-                SummaryMode::MinMax,
-            )?;
-            let jobs: Vec<RecallJob> = (0..n * N_KV)
-                .map(|j| RecallJob {
-                    slots: dl.slots.ptr(),
-                    slot_len: dl.slot_len.ptr(),
-                    src: ((j / N_KV) * layout.page_elems() + (j % N_KV) * layout.chunk_elems())
-                        as u64,
-                    slot: (p0 + j / N_KV) as i32,
-                    head: (j % N_KV) as i32,
-                })
-                .collect();
-            jobs_d.upload(0, &jobs)?;
-            b.k.recall_scatter(s, staging.ptr(), jobs_d.ptr(), jobs.len(), N_KV)?;
-            b.compute.synchronize()?;
-        }
-        // FreeKV tier: sink pages, window pages (the last full pages), selected slots empty.
-        let mut jobs = Vec::new();
-        for slot in 0..SINK_PAGES + WIN_PAGES {
-            let page = if slot < SINK_PAGES {
-                slot
-            } else {
-                n_pages - WIN_PAGES + (slot - SINK_PAGES)
-            };
-            let tslot = if slot < SINK_PAGES {
-                slot
-            } else {
-                N_SLOTS - WIN_PAGES + (slot - SINK_PAGES)
-            };
-            for h in 0..N_KV {
-                jobs.push(ChunkCopy {
-                    host: host.chunk_ptr(page, l, h),
-                    slots: tl.slots.ptr(),
-                    slot_len: tl.slot_len.ptr(),
-                    slot: tslot as i32,
-                    head: h as i32,
-                });
-            }
-        }
-        let done = Arc::new(RawEvent::new(&b.ctx)?);
-        b.pipe
-            .submit(jobs, RecallMode::CopyEngine, None, done.clone())
-            .wait_enqueued()?;
-        done.synchronize()?;
-        dense.push(dl);
-        tiers.push(tl);
-    }
-    // Queries: per layer and head a random direction that drifts (cosine ~0.9 between steps).
-    let mut q = vec![0u16; (steps + 4) * layers * N_Q * D];
-    let mut cur: Vec<f32> = (0..layers * N_Q * D).map(|_| rng.f()).collect();
-    for st in 0..steps + 4 {
-        for (i, x) in cur.iter_mut().enumerate() {
-            *x = 0.95 * *x + 0.3 * rng.f();
-            q[st * layers * N_Q * D + i] = bf(*x);
-        }
-    }
-    let queries = DeviceBuffer::new(&b.ctx, q.len() * 2)?;
-    queries.upload(0, &q)?;
-    let setup = Setup {
-        ctx_len,
-        n_pages,
-        layers,
-        host,
-        dense,
-        tiers,
-        queries,
-    };
-    Ok(setup)
-}
-
-struct Result_ {
-    ms: f64,
-    pages: f64,
-    corr_rate: f64,
-}
-
-fn decode(b: &Bench, desc: SeqDesc, q: u64, n_slots: usize, slot: usize) -> anyhow::Result<()> {
-    let s = b.compute.cu_stream();
-    let bytes = kernels_bytes(&desc);
-    b.descs_host_write(slot, &bytes);
-    // SAFETY: the pinned descriptor slot is only rewritten after the step synchronizes.
-    unsafe {
-        result::memcpy_htod_async(
-            b.descs.ptr() + (slot * 64) as u64,
-            &b.descs_host.as_slice()[slot * 64..slot * 64 + 48],
-            s,
-        )
-    }?;
-    let spc = Kernels::decode_slots_per_chunk(1, N_KV, n_slots, b.sms);
-    b.k.decode(
-        s,
-        q,
-        (N_Q * D) as i64,
-        b.descs.ptr() + (slot * 64) as u64,
-        1,
-        N_KV,
-        n_slots,
-        spc,
-        b.part_o.ptr(),
-        b.part_ml.ptr(),
-        b.out.ptr(),
-        (N_Q * D) as i64,
-        1.0 / (D as f32).sqrt(),
-        0.0,
-    )
-}
-
-fn kernels_bytes(d: &SeqDesc) -> Vec<u8> {
-    freekv_plugin::cuda::kernels::as_bytes(std::slice::from_ref(d)).to_vec()
-}
-
-impl Bench {
-    fn descs_host_write(&self, slot: usize, bytes: &[u8]) {
-        // SAFETY: single-threaded use in the bench; the slot's previous copy has completed
-        // because every step ends with a synchronize and each layer uses its own slot.
-        let p = self.descs_host.as_ptr() as *mut u8;
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p.add(slot * 64), bytes.len()) };
-    }
-}
-
-fn run_dense(b: &Bench, st: &Setup, steps: usize) -> anyhow::Result<Result_> {
-    let run = |step: usize| -> anyhow::Result<()> {
-        for l in 0..st.layers {
-            decode(
-                b,
-                st.dense[l].desc(st.n_pages, 0, 0),
-                st.q_ptr(step, l),
-                st.n_pages,
-                l,
-            )?;
-        }
-        b.compute.synchronize()?;
-        Ok(())
-    };
-    for i in 0..3 {
-        run(i)?;
-    }
-    let t0 = Instant::now();
-    for i in 0..steps {
-        run(i % (steps + 3))?;
-    }
-    Ok(Result_ {
-        ms: t0.elapsed().as_secs_f64() * 1e3 / steps as f64,
-        pages: 0.0,
-        corr_rate: 0.0,
-    })
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Sync,
-    Speculative,
-    Corrected,
-}
-
-/// Selection for layer `l` with query `q` on `stream`, recall lists copied to pinned memory.
-fn select(b: &Bench, st: &Setup, l: usize, q: u64, stream: sys::CUstream) -> anyhow::Result<()> {
-    let (cb, cc) = st.cand();
-    let desc = st.tiers[l].desc(N_SLOTS, cb, cc);
-    let slot = st.layers + l;
-    b.descs_host_write(slot, &kernels_bytes(&desc));
-    let descs = b.descs.ptr() + (slot * 64) as u64;
-    // SAFETY: see decode().
-    unsafe {
-        result::memcpy_htod_async(
-            descs,
-            &b.descs_host.as_slice()[slot * 64..slot * 64 + 48],
-            stream,
-        )
-    }?;
-    let counts = b.counts.ptr() + (l * N_KV * 4) as u64;
-    let lists = b.lists.ptr() + (l * N_KV * N_SEL * 8) as u64;
-    // Separate scratch per stream: a speculative selection may run beside a corrected one.
-    let set = (stream == b.select.cu_stream()) as usize;
-    let raw = b.raw.ptr() + (set * N_Q * b.max_pages * 4) as u64;
-    let pooled = b.pooled.ptr() + (set * N_KV * b.max_pages * 4) as u64;
-    b.k.score_and_pool(
-        stream,
-        q,
-        0,
-        descs,
-        1,
-        N_KV,
-        cc,
-        cc,
-        raw,
-        pooled,
-        KernelPooling::SoftmaxMean,
-    )?;
-    b.k.topk_replace(stream, pooled, descs, 1, N_KV, cc, N_SEL, counts, lists)?;
-    let host = &b.lists_host.as_slice()[l * N_KV * (N_SEL * 8 + 4)..];
-    // SAFETY: the pinned list area of layer l is read only after this stream synchronizes.
-    unsafe {
-        result::memcpy_dtoh_async(
-            std::slice::from_raw_parts_mut(host.as_ptr() as *mut u8, N_KV * 4),
-            counts,
-            stream,
-        )?;
-        result::memcpy_dtoh_async(
-            std::slice::from_raw_parts_mut(
-                host.as_ptr().add(N_KV * 4) as *mut u8,
-                N_KV * N_SEL * 8,
-            ),
-            lists,
-            stream,
-        )?;
-    }
-    Ok(())
-}
-
-/// The chunks to recall for layer `l` (after its selection synchronized), for the heads in `heads`.
-fn chunks_for(b: &Bench, st: &Setup, l: usize, heads: &[bool]) -> Vec<ChunkCopy> {
-    let host = &b.lists_host.as_slice()[l * N_KV * (N_SEL * 8 + 4)..];
-    let counts: Vec<i32> = (0..N_KV)
-        .map(|g| i32::from_le_bytes(host[g * 4..g * 4 + 4].try_into().unwrap()))
-        .collect();
-    let mut out = Vec::new();
-    for g in 0..N_KV {
-        if !heads[g] {
-            continue;
-        }
-        for r in 0..counts[g] as usize {
-            let o = N_KV * 4 + (g * N_SEL + r) * 8;
-            let page = i32::from_le_bytes(host[o..o + 4].try_into().unwrap()) as usize;
-            let slot = i32::from_le_bytes(host[o + 4..o + 8].try_into().unwrap());
-            out.push(ChunkCopy {
-                host: st.host.chunk_ptr(page, l, g),
-                slots: st.tiers[l].slots.ptr(),
-                slot_len: st.tiers[l].slot_len.ptr(),
-                slot,
-                head: g as i32,
-            });
-        }
-    }
-    out
-}
-
-fn run_sparse(b: &Bench, st: &Setup, steps: usize, mode: Mode) -> anyhow::Result<Result_> {
-    let s = b.compute.cu_stream();
-    let sel = b.select.cu_stream();
-    let all = vec![true; N_KV];
-    let done: Vec<Arc<RawEvent>> = (0..st.layers)
-        .map(|_| RawEvent::new(&b.ctx).map(Arc::new))
-        .collect::<anyhow::Result<_>>()?;
-    let attn: Vec<Arc<RawEvent>> = (0..st.layers)
-        .map(|_| RawEvent::new(&b.ctx).map(Arc::new))
-        .collect::<anyhow::Result<_>>()?;
-    // First sparse step: blocking select + recall with the current query for every layer.
-    for l in 0..st.layers {
-        select(b, st, l, st.q_ptr(0, l), s)?;
-        b.compute.synchronize()?;
-        b.pipe
-            .submit(
-                chunks_for(b, st, l, &all),
-                RecallMode::CopyEngine,
-                None,
-                done[l].clone(),
-            )
-            .wait_enqueued()?;
-        done[l].wait_on(s)?;
-    }
-    b.compute.synchronize()?;
-    let (mut pages, mut corrected, mut checks) = (0usize, 0usize, 0usize);
-    let mut step = |i: usize, count: bool| -> anyhow::Result<()> {
-        let mut pending: Option<usize> = None;
-        for l in 0..st.layers {
-            let q = st.q_ptr(i, l);
-            match mode {
-                Mode::Sync => {
-                    select(b, st, l, q, s)?;
-                    b.compute.synchronize()?;
-                    let ch = chunks_for(b, st, l, &all);
-                    if count {
-                        pages += ch.len();
-                    }
-                    b.pipe
-                        .submit(ch, RecallMode::CopyEngine, None, done[l].clone())
-                        .wait_enqueued()?;
-                    done[l].wait_on(s)?;
-                    decode(b, st.tiers[l].desc(N_SLOTS, 0, 0), q, N_SLOTS, l)?;
-                }
-                Mode::Speculative | Mode::Corrected => {
-                    done[l].wait_on(s)?;
-                    let mut flagged = vec![false; N_KV];
-                    if mode == Mode::Corrected && i > 0 {
-                        b.k.correction(
-                            s,
-                            q,
-                            st.q_ptr(i - 1, l),
-                            0,
-                            1,
-                            N_KV,
-                            TAU,
-                            b.cos.ptr(),
-                            b.flags.ptr(),
-                        )?;
-                        // SAFETY: read after the synchronize below.
-                        unsafe {
-                            result::memcpy_dtoh_async(
-                                std::slice::from_raw_parts_mut(
-                                    b.flags_host.as_ptr() as *mut u8,
-                                    N_KV * 4,
-                                ),
-                                b.flags.ptr(),
-                                s,
-                            )
-                        }?;
-                        b.compute.synchronize()?;
-                        for (g, f) in flagged.iter_mut().enumerate() {
-                            *f = b.flags_host.as_slice()[g * 4] != 0;
-                        }
-                        if count {
-                            checks += N_KV;
-                            corrected += flagged.iter().filter(|&&f| f).count();
-                        }
-                    }
-                    let any = flagged.iter().any(|&f| f);
-                    if any {
-                        // Blocking correction: select all heads with q_i now, recall the flagged ones.
-                        select(b, st, l, q, s)?;
-                        b.compute.synchronize()?;
-                        let ch = chunks_for(b, st, l, &flagged);
-                        if count {
-                            pages += ch.len();
-                        }
-                        b.pipe
-                            .submit(ch, RecallMode::CopyEngine, None, done[l].clone())
-                            .wait_enqueued()?;
-                        done[l].wait_on(s)?;
-                    }
-                    decode(b, st.tiers[l].desc(N_SLOTS, 0, 0), q, N_SLOTS, l)?;
-                    attn[l].record(s)?;
-                    if any {
-                        let rest: Vec<bool> = flagged.iter().map(|f| !f).collect();
-                        let ch = chunks_for(b, st, l, &rest);
-                        if count {
-                            pages += ch.len();
-                        }
-                        b.pipe
-                            .submit(
-                                ch,
-                                RecallMode::CopyEngine,
-                                Some(attn[l].clone()),
-                                done[l].clone(),
-                            )
-                            .wait_enqueued()?;
-                    } else {
-                        // Speculative: select with q_i off the critical path; hand the recall to
-                        // the worker one layer later, when the selection has finished.
-                        attn[l].wait_on(sel)?;
-                        select(b, st, l, q, sel)?;
-                        if let Some(pl) = pending.take() {
-                            b.select.synchronize()?;
-                            let ch = chunks_for(b, st, pl, &all);
-                            if count {
-                                pages += ch.len();
-                            }
-                            b.pipe
-                                .submit(
-                                    ch,
-                                    RecallMode::CopyEngine,
-                                    Some(attn[pl].clone()),
-                                    done[pl].clone(),
-                                )
-                                .wait_enqueued()?;
-                        }
-                        pending = Some(l);
-                    }
-                }
-            }
-        }
-        if let Some(pl) = pending.take() {
-            b.select.synchronize()?;
-            let ch = chunks_for(b, st, pl, &all);
-            if count {
-                pages += ch.len();
-            }
-            b.pipe
-                .submit(
-                    ch,
-                    RecallMode::CopyEngine,
-                    Some(attn[pl].clone()),
-                    done[pl].clone(),
-                )
-                .wait_enqueued()?;
-        }
-        b.compute.synchronize()?;
-        Ok(())
-    };
-    for i in 1..4 {
-        step(i, false)?;
-    }
-    let t0 = Instant::now();
-    for i in 0..steps {
-        step(4 + (i % (steps.max(1))), true)?;
-    }
-    // Wait for the last recalls too (they belong to the measured steps).
-    b.ctx.synchronize()?;
-    let ms = t0.elapsed().as_secs_f64() * 1e3 / steps as f64;
-    let _ = st.ctx_len;
-    Ok(Result_ {
-        ms,
-        pages: pages as f64 / steps as f64,
-        corr_rate: if checks > 0 {
-            corrected as f64 / checks as f64
-        } else {
-            0.0
-        },
-    })
 }

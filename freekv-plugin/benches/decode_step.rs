@@ -12,39 +12,20 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use freekv_plugin::{
     AttnParams, CpuKernels, DecodeRow, DeviceTierLayout, FreeKv, FreeKvConfig, KvDType, Mode,
-    ModelShape, PrefillRow,
+    ModelShape,
 };
 
+mod inputs;
 mod shapes;
+use inputs::{make_prompt, make_steps, prefill_sequence, Prompt, Rng, Steps};
 use shapes::{Shape, LLAMA, SMOL};
 
 const LAYERS: usize = 8;
 const PAGE: usize = 32;
 const BUDGET: usize = 2048;
-
-/// SplitMix64 + Box-Muller: reproducible data without the rand crate.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// About standard normal (Irwin-Hall of 4 uniforms): cheap enough for 10^8 draws.
-    fn normal(&mut self) -> f32 {
-        let r = self.next();
-        let u = |s: u32| ((r >> s) & 0xFFFF) as f32 / 65536.0;
-        (u(0) + u(16) + u(32) + u(48) - 2.0) * 1.732_050_8
-    }
-    fn normals(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal()).collect()
-    }
-}
 
 /// The model shape of `s` with the bench's layer count.
 fn model(s: Shape) -> ModelShape {
@@ -53,59 +34,6 @@ fn model(s: Shape) -> ModelShape {
         num_q_heads: s.q,
         num_kv_heads: s.kv,
         head_dim: s.d,
-    }
-}
-
-/// The decode inputs of every (step, layer), shared by all variants.
-struct Steps {
-    q: Vec<Tensor>,
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
-}
-
-/// Drifting queries: per query head, `q_i = c q_{i-1} + sqrt(1 - c^2) n` with the noise `n`
-/// orthogonal to `q_{i-1}` and `c` drawn per step around 0.93 (sometimes lower).
-fn make_steps(shape: Shape, steps: usize, rng: &mut Rng) -> Steps {
-    let d = shape.d;
-    let mut prev: Vec<Vec<Vec<f32>>> = (0..LAYERS)
-        .map(|_| (0..shape.q).map(|_| rng.normals(d)).collect())
-        .collect();
-    let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
-    for _ in 0..steps {
-        for layer_prev in prev.iter_mut() {
-            let mut flat = Vec::with_capacity(shape.q * d);
-            for p in layer_prev.iter_mut() {
-                let c = (0.93 + 0.06 * rng.normal() as f64).clamp(0.5, 0.999);
-                let n = rng.normals(d);
-                let pn: f64 = p.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-                let dot: f64 = p.iter().zip(&n).map(|(a, b)| *a as f64 * *b as f64).sum();
-                let orth: Vec<f64> = n
-                    .iter()
-                    .zip(p.iter())
-                    .map(|(x, y)| *x as f64 - dot / (pn * pn) * *y as f64)
-                    .collect();
-                let on: f64 = orth.iter().map(|x| x * x).sum::<f64>().sqrt();
-                let s = (1.0 - c * c).sqrt();
-                for (x, o) in p.iter_mut().zip(&orth) {
-                    *x = (c * *x as f64 + s * o / on * pn) as f32;
-                }
-                flat.extend_from_slice(p);
-            }
-            let t = |v: Vec<f32>, h: usize| {
-                Tensor::from_vec(v, (1, h, d), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(DType::BF16)
-                    .unwrap()
-            };
-            qs.push(t(flat, shape.q));
-            ks.push(t(rng.normals(shape.kv * d), shape.kv));
-            vs.push(t(rng.normals(shape.kv * d), shape.kv));
-        }
-    }
-    Steps {
-        q: qs,
-        k: ks,
-        v: vs,
     }
 }
 
@@ -136,32 +64,6 @@ fn thread_cpu() -> Duration {
         .unwrap_or_default()
 }
 
-/// The prompt's keys (used as values too) and last query, shared by every variant and layer.
-struct Prompt {
-    k: Tensor,
-    last_q: Tensor,
-}
-
-fn make_prompt(shape: Shape, ctx: usize, rng: &mut Rng) -> Prompt {
-    let k = Tensor::from_vec(
-        rng.normals(shape.kv * ctx * shape.d),
-        (1, shape.kv, ctx, shape.d),
-        &Device::Cpu,
-    )
-    .unwrap()
-    .to_dtype(DType::BF16)
-    .unwrap();
-    let last_q = Tensor::from_vec(
-        rng.normals(shape.q * shape.d),
-        (1, shape.q, 1, shape.d),
-        &Device::Cpu,
-    )
-    .unwrap()
-    .to_dtype(DType::BF16)
-    .unwrap();
-    Prompt { k, last_q }
-}
-
 fn prefill(
     shape: Shape,
     config: FreeKvConfig,
@@ -173,32 +75,7 @@ fn prefill(
     let pages = (ctx + extra_steps).div_ceil(PAGE) + 1;
     let fk = FreeKv::new(config, model(shape), pages, KvDType::BF16).unwrap();
     let table: Vec<u32> = (0..pages as u32).collect();
-    // Prompt K/V in chunks of 4096 tokens (cached_len grows), the last query random.
-    let chunk = 4096.min(ctx);
-    let params = AttnParams::scaled(1.0 / (shape.d as f32).sqrt());
-    for layer in 0..LAYERS {
-        let mut done = 0;
-        while done < ctx {
-            let n = chunk.min(ctx - done);
-            let k = prompt.k.narrow(2, done, n).unwrap();
-            let q = Tensor::zeros((1, shape.q, n, shape.d), DType::BF16, &Device::Cpu).unwrap();
-            let q = if done + n == ctx {
-                // A real last query.
-                Tensor::cat(&[q.narrow(2, 0, n - 1).unwrap(), prompt.last_q.clone()], 2).unwrap()
-            } else {
-                q
-            };
-            let row = PrefillRow {
-                seq_id: 1,
-                block_table: &table[..(done + n).div_ceil(PAGE)],
-                cached_len: done,
-                new_len: n,
-            };
-            fk.prefill(layer, &[row], &q, &k, &k, &params, false)
-                .unwrap();
-            done += n;
-        }
-    }
+    prefill_sequence(&fk, shape, LAYERS, prompt, ctx, &table, PAGE);
     Variant {
         label,
         base: Default::default(),
@@ -319,9 +196,9 @@ fn main() {
     for (shape, ctx) in cases {
         let mut rng = Rng(0xF4EE + ctx as u64 + shape.q as u64);
         let total_steps = warmup + rounds * per_round;
-        let steps = make_steps(shape, total_steps, &mut rng);
+        let steps = make_steps(shape, LAYERS, total_steps, &Device::Cpu, &mut rng);
         let params = AttnParams::scaled(1.0 / (shape.d as f32).sqrt());
-        let prompt = make_prompt(shape, ctx, &mut rng);
+        let prompt = make_prompt(shape, ctx, &Device::Cpu, &mut rng);
         let run = |mode, tier, len, label| {
             prefill(shape, config(mode, tier), &prompt, len, total_steps, label)
         };

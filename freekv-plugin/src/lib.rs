@@ -7,9 +7,11 @@
 //! - [`FreeKv`] (here): the instance the engine glue calls, one per loaded model;
 //! - `timeline` / `prefill`: the method itself, one decode step of one layer as the spec reads
 //!   (append -> correct? -> attend -> schedule) and the prompt path;
-//! - [`backend`]: the FreeKV operations behind one trait, [`backend::cpu`] implementing them;
-//!   `cuda` (feature `nvrtc`/`cuda`) holds the CUDA kernels, device code and `CudaBackend`
-//!   (used by [`FreeKv::new_on`] with a CUDA device);
+//! - [`backend`]: the FreeKV operations behind one trait, implemented by [`backend::cpu`]
+//!   (working set read in place) and [`backend::offload`] (working set in a device's own
+//!   memory, over a [`backend::offload::DeviceOps`]: host memory, or `cuda::ops::CudaOps`
+//!   from `cuda` (features `nvrtc`/`cuda`: the CUDA kernels and device code), which
+//!   [`FreeKv::new_on`] uses with a CUDA device);
 //! - [`geometry`]: page arithmetic (sink / window / candidates / slots);
 //! - [`plan`]: a sequence's per-step plan as plain arrays (slot tables, pending
 //!   replacements, stored query), what every backend's working set is built on;
@@ -50,7 +52,10 @@ pub use counters::{Counters, LayerCounters};
 pub use state::StepTrace;
 pub use types::{AttnParams, DecodeRow, KvDType, ModelShape, PrefillRow};
 
+use backend::cpu::elem::KvElem;
 use backend::cpu::CpuBackend;
+use backend::offload::host::HostOps;
+use backend::offload::OffloadBackend;
 use backend::Backend;
 use geometry::Geometry;
 use instance::{AnyInstance, Instance};
@@ -84,6 +89,11 @@ fn instance<B: Backend>(
     )?))
 }
 
+/// The offload design on host memory (the copy layout).
+fn host_offload<T: KvElem>(geo: Geometry, config: &FreeKvConfig) -> OffloadBackend<T, HostOps<T>> {
+    OffloadBackend::new(geo, config, HostOps::new(geo))
+}
+
 impl FreeKv {
     /// Validates `config` for `shape` and allocates the host tier: `num_blocks` pages (engine
     /// blocks) per layer, zeroed and committed lazily. An allocation the system refuses is an
@@ -97,10 +107,25 @@ impl FreeKv {
         config.validate(Some(&shape))?;
         let geo = Geometry::new(&config, &shape);
         let (c, s, n) = (&config, &shape, num_blocks);
-        let inner = match dtype {
-            KvDType::F32 => instance(CpuBackend::<f32>::new(geo, c), c, s, n, "f32")?,
-            KvDType::F16 => instance(CpuBackend::<f16>::new(geo, c), c, s, n, "f16")?,
-            KvDType::BF16 => instance(CpuBackend::<bf16>::new(geo, c), c, s, n, "bf16")?,
+        let inner = match (dtype, config.device_tier) {
+            (KvDType::F32, DeviceTierLayout::InPlace) => {
+                instance(CpuBackend::<f32>::new(geo, c), c, s, n, "f32")?
+            }
+            (KvDType::F16, DeviceTierLayout::InPlace) => {
+                instance(CpuBackend::<f16>::new(geo, c), c, s, n, "f16")?
+            }
+            (KvDType::BF16, DeviceTierLayout::InPlace) => {
+                instance(CpuBackend::<bf16>::new(geo, c), c, s, n, "bf16")?
+            }
+            (KvDType::F32, DeviceTierLayout::Copy) => {
+                instance(host_offload::<f32>(geo, c), c, s, n, "f32")?
+            }
+            (KvDType::F16, DeviceTierLayout::Copy) => {
+                instance(host_offload::<f16>(geo, c), c, s, n, "f16")?
+            }
+            (KvDType::BF16, DeviceTierLayout::Copy) => {
+                instance(host_offload::<bf16>(geo, c), c, s, n, "bf16")?
+            }
         };
         Ok(Self {
             config,
@@ -143,16 +168,16 @@ impl FreeKv {
         num_blocks: usize,
         dtype: KvDType,
     ) -> anyhow::Result<Self> {
-        use cuda::backend::CudaBackend;
+        use cuda::ops::CudaOps;
         config.validate(Some(&shape))?;
         let geo = Geometry::new(&config, &shape);
         let inner = match dtype {
             KvDType::F16 => {
-                let backend = CudaBackend::<f16>::new(geo, &config, device)?;
+                let backend = OffloadBackend::new(geo, &config, CudaOps::<f16>::new(geo, device)?);
                 instance(backend, &config, &shape, num_blocks, "f16")?
             }
             KvDType::BF16 => {
-                let backend = CudaBackend::<bf16>::new(geo, &config, device)?;
+                let backend = OffloadBackend::new(geo, &config, CudaOps::<bf16>::new(geo, device)?);
                 instance(backend, &config, &shape, num_blocks, "bf16")?
             }
             KvDType::F32 => anyhow::bail!(

@@ -13,12 +13,11 @@ use std::sync::Arc;
 use cudarc::driver::{result, CudaContext};
 use freekv_plugin::cuda::device_tier::{LayerTier, TierShape};
 use freekv_plugin::cuda::kernels::{
-    as_bytes, AppendJob, GatherJob, KernelPooling, Kernels, SeqDesc, SummaryMode,
+    as_bytes, AppendJob, GatherJob, KernelPooling, Kernels, RecallJob, SeqDesc, SummaryMode,
 };
-use freekv_plugin::cuda::mem::DeviceBuffer;
+use freekv_plugin::cuda::mem::{DeviceBuffer, HostRegistration, PinnedBuffer};
 use freekv_plugin::cuda::module;
-use freekv_plugin::cuda::pinned::{HostLayout, PinnedHostTier};
-use freekv_plugin::cuda::recall::{ChunkCopy, RawEvent, RecallMode, RecallPipeline};
+use freekv_plugin::cuda::recall::{RawEvent, RecallMode, RecallPipeline};
 use freekv_plugin::cuda::source::{KernelConfig, KernelDtype};
 
 // ---------------------------------------------------------------- helpers
@@ -593,23 +592,25 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
     ] {
         let kc = cfg(dtype, d, p, 1);
         let k = Arc::new(kernels(&ctx, kc));
-        let layout = HostLayout {
-            n_layers: 2,
-            n_kv,
-            head_dim: d,
-            page_size: p,
-            elem_bytes: 2,
-        };
+        // HND host pages `[block][n_kv][2][p][d]` in pinned memory (the direct mode reads them
+        // over the bus).
         let n_blocks = 40;
-        let mut host = PinnedHostTier::new(&ctx, layout, n_blocks).unwrap();
+        let (page_elems, chunk_elems) = (n_kv * 2 * p * d, 2 * p * d);
+        let mut host = PinnedBuffer::new(&ctx, n_blocks * page_elems * 2).unwrap();
         let mut rng = Rng(9 + d as u64);
-        for b in 0..n_blocks {
-            for l in 0..2 {
-                for x in host.page_mut(b, l).iter_mut() {
-                    *x = (rng.next() & 0xffff) as u16 & 0x7bff; // finite values only
-                }
-            }
+        for x in host.as_mut_slice().chunks_exact_mut(2) {
+            let v = (rng.next() & 0xffff) as u16 & 0x7bff; // finite values only
+            x.copy_from_slice(&v.to_le_bytes());
         }
+        let pages: Vec<u16> = host
+            .as_slice()
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        let page = |b: usize| &pages[b * page_elems..(b + 1) * page_elems];
+        let chunk_ptr = |b: usize, h: usize| {
+            host.as_ptr() as u64 + ((b * page_elems + h * chunk_elems) * 2) as u64
+        };
         let shape = TierShape {
             n_kv,
             group: 1,
@@ -623,7 +624,7 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
         for mode in [RecallMode::CopyEngine, RecallMode::Direct] {
             let tier = LayerTier::new(&ctx, shape, 64).unwrap();
             // 3 chunks per buffer: forces several groups and both staging buffers.
-            let pipe = RecallPipeline::new(&ctx, k.clone(), layout.chunk_bytes(), 3, n_kv).unwrap();
+            let pipe = RecallPipeline::new(&ctx, k.clone(), chunk_elems * 2, 3, n_kv).unwrap();
             let mut want: Vec<(usize, usize, usize)> = Vec::new(); // (block, slot, head)
             let mut chunks = Vec::new();
             for slot in 0..shape.n_slots {
@@ -633,8 +634,8 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
                     }
                     let b = rng.below(n_blocks);
                     want.push((b, slot, h));
-                    chunks.push(ChunkCopy {
-                        host: host.chunk_ptr(b, 1, h),
+                    chunks.push(RecallJob {
+                        src: chunk_ptr(b, h),
                         slots: tier.slots.ptr(),
                         slot_len: tier.slot_len.ptr(),
                         slot: slot as i32,
@@ -645,8 +646,8 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
             // Same page, consecutive heads: exercises run merging.
             for h in 0..n_kv {
                 want.push((7, 0, h));
-                chunks.push(ChunkCopy {
-                    host: host.chunk_ptr(7, 1, h),
+                chunks.push(RecallJob {
+                    src: chunk_ptr(7, h),
                     slots: tier.slots.ptr(),
                     slot_len: tier.slot_len.ptr(),
                     slot: 0,
@@ -669,7 +670,7 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
                 last.insert((slot, h), b);
             }
             for (&(slot, h), &b) in &last {
-                let page = host.page(b, 1);
+                let page = page(b);
                 for kv in 0..2 {
                     for t in 0..p {
                         let dst = ((slot * 2 + kv) * p + t) * n_kv * d + h * d;
@@ -684,7 +685,7 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
                 assert_eq!(lens[slot * n_kv + h], p as i32);
             }
             // Offload gather: slot 0 (NHD) back to HND, compare with host page 7.
-            let dst = DeviceBuffer::zeroed(&ctx, layout.page_bytes()).unwrap();
+            let dst = DeviceBuffer::zeroed(&ctx, page_elems * 2).unwrap();
             let job = GatherJob {
                 src_k: tier.slot_ptr(0),
                 src_v: tier.slot_ptr(0) + (p * n_kv * d * 2) as u64,
@@ -701,10 +702,10 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
             )
             .unwrap();
             sync(&s);
-            let back: Vec<u16> = download(&dst, layout.page_elems());
+            let back: Vec<u16> = download(&dst, page_elems);
             assert_eq!(
                 back,
-                host.page(7, 1),
+                page(7),
                 "{mode:?}: offload gather of slot 0 != host page 7"
             );
         }
@@ -905,27 +906,35 @@ fn decode_attention_matches_cpu() {
 }
 
 #[test]
-fn pinned_host_tier_is_not_write_combined() {
-    let Some(ctx) = device("pinned_host_tier_is_not_write_combined") else {
+fn pinned_buffers_are_not_write_combined_and_host_tiers_register() {
+    let Some(ctx) = device("pinned_buffers_are_not_write_combined_and_host_tiers_register") else {
         return;
     };
-    let layout = HostLayout {
-        n_layers: 1,
-        n_kv: 2,
-        head_dim: 64,
-        page_size: 16,
-        elem_bytes: 2,
-    };
-    let host = PinnedHostTier::new(&ctx, layout, 2).unwrap();
+    let buf = PinnedBuffer::new(&ctx, 4096).unwrap();
     let mut flags = 0u32;
     // SAFETY: the pointer comes from cuMemHostAlloc.
-    unsafe { cudarc::driver::sys::cuMemHostGetFlags(&mut flags, host.page_ptr(0, 0) as *mut _) }
+    unsafe { cudarc::driver::sys::cuMemHostGetFlags(&mut flags, buf.as_ptr() as *mut _) }
         .result()
         .unwrap();
     assert_eq!(
         flags & 0x04,
         0,
-        "host tier must not be write-combined (flags {flags:#x})"
+        "pinned buffers must not be write-combined (flags {flags:#x})"
+    );
+    // A host tier allocated elsewhere is page-locked while registered, and only then.
+    let pages = vec![0u16; 1 << 20];
+    let pin = HostRegistration::new(&ctx, pages.as_ptr() as *const u8, pages.len() * 2).unwrap();
+    // SAFETY: registered memory.
+    unsafe { cudarc::driver::sys::cuMemHostGetFlags(&mut flags, pages.as_ptr() as *mut _) }
+        .result()
+        .unwrap();
+    drop(pin);
+    // SAFETY: a query on unregistered memory, which must now fail.
+    let after =
+        unsafe { cudarc::driver::sys::cuMemHostGetFlags(&mut flags, pages.as_ptr() as *mut _) };
+    assert!(
+        after.result().is_err(),
+        "the registration outlived its guard"
     );
     let _ = result::ctx::synchronize();
 }

@@ -1,6 +1,8 @@
 //! The FreeKV operations a device provides, behind one trait (candle-style: the algorithm in
 //! `timeline.rs` and `prefill.rs` is written once against [`Backend`]; each
-//! device's code lives in its own folder: [`cpu`] here, `backend/cuda/` for CUDA).
+//! device's code lives in its own folder: [`cpu`] here (the working set read in place), and
+//! [`offload`], the working set in a device's own memory, for any [`offload::DeviceOps`]: host
+//! memory or CUDA (`backend/cuda/`).
 //!
 //! The trait splits along the spec's operations: write pages (+ summarise), maintain the
 //! working set, score/select, recall, attend. Storage is opaque (associated types); what
@@ -24,6 +26,7 @@ use crate::geometry::Geometry;
 use crate::AttnParams;
 
 pub mod cpu;
+pub mod offload;
 
 /// What a recall moved.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -104,8 +104,10 @@ impl Pooling {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeviceTierLayout {
-    /// Recalled pages are copied from the host tier (HND) into budget-sized NHD slots, through
-    /// two staging buffers on the background worker (the GPU design, run on CPU).
+    /// The working set in memory of its own: recalled pages are copied from the host tier
+    /// (HND) into budget-sized NHD slots, through two staging buffers on the background
+    /// worker, and decode attends over the slots. This is the CUDA backend's orchestration
+    /// (`backend::offload`) with host memory as the device.
     Copy,
     /// Attention reads the host-tier pages named by the per-head slot tables; a recall only
     /// updates the tables.

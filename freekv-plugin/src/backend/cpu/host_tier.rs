@@ -51,6 +51,11 @@ impl<T: KvElem> HostTier<T> {
         })
     }
 
+    /// Every block's page, `[block][n_kv][2][p][d]` (what a device page-locks for its copies).
+    pub fn pages(&self) -> &[T] {
+        &self.pages
+    }
+
     /// Number of blocks.
     pub fn num_blocks(&self) -> usize {
         self.num_blocks

@@ -1,9 +1,12 @@
 //! The CPU implementation of the FreeKV operations.
 //!
+//! The working set is read in place: its [`SlotPlan`] names, per KV head, the host-tier chunks
+//! attention reads (on CPU both tiers share one memory, so copying pages only adds work). The
+//! copy layout, a working set in memory of its own, is the offload design
+//! ([`crate::backend::offload`]) on host memory.
+//!
 //! - [`host_tier`]: HND pages and summaries by block id;
-//! - [`device_tier`]: the per-(sequence, layer) working set (slot tables, NHD slot data);
 //! - [`select`]: scores, pooling, top-k, replacement plan;
-//! - [`recall`]: direct and double-buffered staged recall into NHD slots;
 //! - [`attend`]: online-softmax attention over page segments;
 //! - [`causal`]: a prompt chunk's tiled causal attention over the host tier;
 //! - [`io`]: candle tensors in and out; [`math`], [`elem`], [`alloc`]: the small pieces.
@@ -11,12 +14,10 @@
 pub mod alloc;
 pub mod attend;
 pub mod causal;
-pub mod device_tier;
 pub mod elem;
 pub mod host_tier;
 pub mod io;
 pub mod math;
-pub mod recall;
 pub mod select;
 
 use std::marker::PhantomData;
@@ -25,27 +26,25 @@ use std::ops::Range;
 use candle_core::{DType, Tensor};
 
 use crate::geometry::{Geometry, NO_PAGE};
-use crate::{AttnParams, DeviceTierLayout, FreeKvConfig, Pooling, SummaryKind};
+use crate::plan::SlotPlan;
+use crate::{AttnParams, FreeKvConfig, Pooling, SummaryKind};
 
 use self::attend::{Attention, AttnScratch, Segment};
 use self::causal::PrefillJob;
-use self::device_tier::CpuDeviceTier;
 use self::elem::KvElem;
 use self::host_tier::HostTier;
 use self::io::CpuBatch;
-use self::recall::{RecallEntry, StagedRecall};
 use self::select::SelectScratch;
 use super::{Backend, RecallStats, Role};
 
 /// Attended tokens x KV heads from which a decode step runs its heads in parallel.
-const PARALLEL_DECODE: usize = 8192;
+pub(crate) const PARALLEL_DECODE: usize = 8192;
 
 /// The CPU backend for KV stored as `T`.
 pub struct CpuBackend<T> {
     geo: Geometry,
     summary: SummaryKind,
     pooling: Pooling,
-    copy: bool,
     _elem: PhantomData<fn() -> T>,
 }
 
@@ -58,63 +57,44 @@ pub struct CpuScratch<T: KvElem> {
     rows: Vec<f32>,
     /// Summary offsets of the candidates of one selection.
     offsets: Vec<usize>,
-    entries: Vec<RecallEntry>,
-    /// The worker's double-buffered recall (copy tier only).
-    staged: Option<StagedRecall<T>>,
+    _elem: PhantomData<fn() -> T>,
 }
 
 impl<T: KvElem> CpuBackend<T> {
-    /// A backend for `geo` with the configuration's summary, pooling and device-tier kind.
+    /// A backend for `geo` with the configuration's summary and pooling.
     pub fn new(geo: Geometry, config: &FreeKvConfig) -> Self {
         Self {
             geo,
             summary: config.summary,
             pooling: config.pooling,
-            copy: config.device_tier == DeviceTierLayout::Copy,
             _elem: PhantomData,
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The first `n` tokens of `head`'s chunk of `block`, at positions from `pos0`.
     fn segment<'a>(
         &self,
         host: &'a HostTier<T>,
-        dev: Option<&'a CpuDeviceTier<T>>,
         block: u32,
-        slot: usize,
         head: usize,
         n: usize,
         pos0: usize,
     ) -> Segment<'a, T> {
         let (p, d) = (self.geo.page_size, self.geo.head_dim);
-        match dev {
-            Some(dev) if dev.is_copy() => {
-                let (k, v, stride) = dev.slot_rows(slot, head);
-                Segment {
-                    k,
-                    v,
-                    stride,
-                    n,
-                    pos0,
-                }
-            }
-            _ => {
-                let chunk = host.chunk(block, head);
-                Segment {
-                    k: &chunk[..p * d],
-                    v: &chunk[p * d..],
-                    stride: d,
-                    n,
-                    pos0,
-                }
-            }
+        let chunk = host.chunk(block, head);
+        Segment {
+            k: &chunk[..p * d],
+            v: &chunk[p * d..],
+            stride: d,
+            n,
+            pos0,
         }
     }
 }
 
 impl<T: KvElem> Backend for CpuBackend<T> {
     type HostTier = HostTier<T>;
-    type DeviceTier = CpuDeviceTier<T>;
+    type DeviceTier = SlotPlan;
     type Scratch = CpuScratch<T>;
     type Batch = CpuBatch;
 
@@ -131,19 +111,18 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         })
     }
 
-    fn alloc_device_tier(&self) -> anyhow::Result<CpuDeviceTier<T>> {
-        Ok(CpuDeviceTier::new(self.geo, self.copy))
+    fn alloc_device_tier(&self) -> anyhow::Result<SlotPlan> {
+        Ok(SlotPlan::new(self.geo))
     }
 
-    fn alloc_scratch(&self, role: Role) -> CpuScratch<T> {
+    fn alloc_scratch(&self, _role: Role) -> CpuScratch<T> {
         CpuScratch {
             attn: AttnScratch::default(),
             tile: Vec::new(),
             select: SelectScratch::default(),
             rows: Vec::new(),
             offsets: Vec::new(),
-            entries: Vec::new(),
-            staged: (self.copy && role == Role::Worker).then(|| StagedRecall::new(self.geo)),
+            _elem: PhantomData,
         }
     }
 
@@ -156,7 +135,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
     }
 
     fn device_tier_bytes(&self) -> usize {
-        CpuDeviceTier::<T>::bytes(&self.geo, self.copy)
+        SlotPlan::bytes(&self.geo)
     }
 
     fn load_decode(
@@ -230,17 +209,18 @@ impl<T: KvElem> Backend for CpuBackend<T> {
 
     fn reset_working_set(
         &self,
-        host: &HostTier<T>,
-        table: &[u32],
-        dev: &mut CpuDeviceTier<T>,
+        _host: &HostTier<T>,
+        _table: &[u32],
+        dev: &mut SlotPlan,
         len: usize,
     ) -> anyhow::Result<RecallStats> {
         let g = &self.geo;
         dev.clear();
         let mut stats = RecallStats::default();
         for (page, slot) in g.fixed_pages(len) {
-            let n = g.valid_tokens(page, len);
-            stats.bytes += dev.install_for_all_heads(host, table[page], page, slot, n);
+            for h in 0..g.num_kv_heads {
+                dev.slots_mut(h)[slot] = page as u32;
+            }
             stats.pages += g.num_kv_heads;
         }
         Ok(stats)
@@ -249,28 +229,23 @@ impl<T: KvElem> Backend for CpuBackend<T> {
     fn advance_window(
         &self,
         _table: &[u32],
-        dev: &mut CpuDeviceTier<T>,
+        dev: &mut SlotPlan,
         len: usize,
-        batch: &CpuBatch,
-        row: usize,
+        _batch: &CpuBatch,
+        _row: usize,
     ) -> anyhow::Result<()> {
         let g = &self.geo;
-        let pos = len - 1;
-        let page = pos / g.page_size;
+        let page = (len - 1) / g.page_size;
         let slot = g.window_slot(page);
         for h in 0..g.num_kv_heads {
             dev.slots_mut(h)[slot] = page as u32;
-            if dev.is_copy() {
-                let (k, v) = batch.kv_row(row, h, 0);
-                dev.write_token(slot, h, pos % g.page_size, k, v);
-            }
         }
         Ok(())
     }
 
     fn store_query(
         &self,
-        dev: &mut CpuDeviceTier<T>,
+        dev: &mut SlotPlan,
         batch: &CpuBatch,
         row: usize,
         token: usize,
@@ -285,7 +260,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
 
     fn query_similarity(
         &self,
-        dev: &CpuDeviceTier<T>,
+        dev: &SlotPlan,
         batch: &CpuBatch,
         row: usize,
         out: &mut [f32],
@@ -313,7 +288,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         &self,
         host: &HostTier<T>,
         table: &[u32],
-        dev: &mut CpuDeviceTier<T>,
+        dev: &mut SlotPlan,
         candidates: Range<usize>,
         heads: &[bool],
         scratch: &mut CpuScratch<T>,
@@ -349,56 +324,22 @@ impl<T: KvElem> Backend for CpuBackend<T> {
 
     fn recall(
         &self,
-        host: &HostTier<T>,
-        table: &[u32],
-        dev: &mut CpuDeviceTier<T>,
+        _host: &HostTier<T>,
+        _table: &[u32],
+        dev: &mut SlotPlan,
         heads: &[bool],
-        scratch: &mut CpuScratch<T>,
+        _scratch: &mut CpuScratch<T>,
     ) -> anyhow::Result<RecallStats> {
-        let g = &self.geo;
-        let mut stats = RecallStats::default();
-        let chunk_bytes = 2 * g.page_size * g.head_dim * std::mem::size_of::<T>();
-        scratch.entries.clear();
-        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
-            for e in dev.plan(h) {
-                if e.page != NO_PAGE {
-                    scratch.entries.push(RecallEntry {
-                        head: h as u32,
-                        slot: e.slot,
-                        block: table[e.page as usize],
-                    });
-                }
-            }
-        }
-        stats.pages = scratch.entries.len();
-        if dev.is_copy() {
-            stats.bytes = stats.pages * chunk_bytes;
-            match scratch.staged.as_mut() {
-                Some(staged) if scratch.entries.len() > 1 => {
-                    staged.run(dev.data_mut(), host, &scratch.entries)
-                }
-                _ => {
-                    for e in &scratch.entries {
-                        dev.copy_in(
-                            host.chunk(e.block, e.head as usize),
-                            e.slot as usize,
-                            e.head as usize,
-                            g.page_size,
-                        );
-                    }
-                }
-            }
-        }
+        // In place, a recall only updates the tables.
+        let pages = (0..self.geo.num_kv_heads)
+            .filter(|&h| heads[h])
+            .map(|h| dev.plan(h).iter().filter(|e| e.page != NO_PAGE).count())
+            .sum();
         dev.apply_plans(heads);
-        Ok(stats)
+        Ok(RecallStats { pages, bytes: 0 })
     }
 
-    fn resident_pages(
-        &self,
-        dev: &CpuDeviceTier<T>,
-        head: usize,
-        _len: usize,
-    ) -> anyhow::Result<Vec<u32>> {
+    fn resident_pages(&self, dev: &SlotPlan, head: usize, _len: usize) -> anyhow::Result<Vec<u32>> {
         let mut pages: Vec<u32> = dev
             .slots(head)
             .iter()
@@ -414,7 +355,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         host: &HostTier<T>,
         table: &[u32],
         len: usize,
-        dev: Option<&CpuDeviceTier<T>>,
+        dev: Option<&SlotPlan>,
         batch: &mut CpuBatch,
         row: usize,
         params: &AttnParams,
@@ -500,7 +441,7 @@ impl<T: KvElem> CpuBackend<T> {
         host: &HostTier<T>,
         table: &[u32],
         len: usize,
-        dev: Option<&CpuDeviceTier<T>>,
+        dev: Option<&SlotPlan>,
         h: usize,
         q: &[f32],
         out: &mut [f32],
@@ -522,12 +463,12 @@ impl<T: KvElem> CpuBackend<T> {
                 let first = params.first_visible(pos) / p;
                 for (page, &block) in table.iter().enumerate().take(g.pages(len)).skip(first) {
                     let n = g.valid_tokens(page, len);
-                    let seg = self.segment(host, None, block, 0, h, n, page * p);
+                    let seg = self.segment(host, block, h, n, page * p);
                     feed(&mut pending, seg, &mut att, params, d);
                 }
             }
             Some(dev) => {
-                for (slot, &page) in dev.slots(h).iter().enumerate() {
+                for &page in dev.slots(h) {
                     if page == NO_PAGE {
                         continue;
                     }
@@ -536,7 +477,7 @@ impl<T: KvElem> CpuBackend<T> {
                     if !att.any_visible(page * p, n) {
                         continue;
                     }
-                    let seg = self.segment(host, Some(dev), table[page], slot, h, n, page * p);
+                    let seg = self.segment(host, table[page], h, n, page * p);
                     feed(&mut pending, seg, &mut att, params, d);
                 }
             }

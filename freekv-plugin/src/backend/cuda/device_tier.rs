@@ -1,5 +1,7 @@
-//! The device tier of one sequence: per layer, the working set (sink + selected + window slots,
-//! NHD), the valid-token table, the selection map, the page summaries and the previous query.
+//! The device memory of one (sequence, layer) working set ([`LayerTier`]): the slots (sink +
+//! selected + window, NHD `[slot][k/v][p][n_kv][d]`, the layout the host-memory device and the
+//! kernels share), the valid-token table, the selection map, the page summaries and the
+//! previous query; and one decode call's buffers ([`DecodeBuffers`]).
 //!
 //! Everything but the summaries is O(budget) and allocated once; the summaries (1/16 of the keys)
 //! grow with the context by doubling.
@@ -8,7 +10,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys, CudaContext};
 
-use super::kernels::SeqDesc;
+use crate::geometry::Geometry;
+
+use super::kernels::{Kernels, SeqDesc};
 use super::mem::DeviceBuffer;
 
 /// Geometry shared by all layers of a sequence.
@@ -137,29 +141,64 @@ impl LayerTier {
     }
 }
 
-/// All layers of one sequence.
-pub struct SequenceTier {
-    pub layers: Vec<LayerTier>,
+/// The device-tier shape of a geometry with 16-bit elements.
+pub fn tier_shape(geo: &Geometry) -> TierShape {
+    TierShape {
+        n_kv: geo.num_kv_heads,
+        group: geo.group,
+        head_dim: geo.head_dim,
+        page_size: geo.page_size,
+        n_slots: geo.slots,
+        sel_slot0: geo.sink_pages,
+        n_sel: geo.sel_pages,
+        elem_bytes: 2,
+    }
 }
 
-impl SequenceTier {
-    pub fn new(
-        ctx: &Arc<CudaContext>,
-        shape: TierShape,
-        n_layers: usize,
-        summary_capacity: usize,
-    ) -> anyhow::Result<Self> {
-        let layers = (0..n_layers)
-            .map(|_| LayerTier::new(ctx, shape, summary_capacity))
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Self { layers })
-    }
+/// Device bytes of one [`LayerTier`] of `shape` (with room for one summary page, which this
+/// backend does not use: summaries stay in the host tier).
+pub fn layer_tier_bytes(shape: &TierShape) -> usize {
+    shape.n_slots * shape.slot_bytes()
+        + shape.n_slots * shape.n_kv * 4
+        + shape.n_kv * shape.n_sel.max(1) * 4
+        + shape.summary_bytes_per_page()
+        + shape.q_bytes()
+}
 
-    /// (KV slot bytes, other bytes) over all layers.
-    pub fn device_bytes(&self) -> (usize, usize) {
-        self.layers
-            .iter()
-            .map(LayerTier::device_bytes)
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+/// Device buffers of one decode call (one sequence), allocated on first use.
+pub struct DecodeBuffers {
+    /// The query, `[n_q][d]` 16-bit.
+    pub q: DeviceBuffer,
+    /// One [`SeqDesc`].
+    pub desc: DeviceBuffer,
+    /// Partial outputs `[n_q][n_chunks][d]` f32.
+    pub part_o: DeviceBuffer,
+    /// Partial max and sum `[n_q][n_chunks][2]` f32.
+    pub part_ml: DeviceBuffer,
+    /// The output, `[n_q][d]` 16-bit.
+    pub out: DeviceBuffer,
+    /// Slots per decode block.
+    pub slots_per_chunk: usize,
+    /// Decode blocks per KV head (chunks of `slots_per_chunk` slots).
+    pub n_chunks: usize,
+}
+
+impl DecodeBuffers {
+    /// Buffers for `geo` on a device with `sm_count` multiprocessors.
+    pub fn new(ctx: &Arc<CudaContext>, geo: &Geometry, sm_count: usize) -> anyhow::Result<Self> {
+        let n_q = geo.num_q_heads();
+        let d = geo.head_dim;
+        let slots_per_chunk =
+            Kernels::decode_slots_per_chunk(1, geo.num_kv_heads, geo.slots, sm_count);
+        let n_chunks = geo.slots.div_ceil(slots_per_chunk.max(1)).max(1);
+        Ok(Self {
+            q: DeviceBuffer::new(ctx, n_q * d * 2)?,
+            desc: DeviceBuffer::new(ctx, std::mem::size_of::<SeqDesc>())?,
+            part_o: DeviceBuffer::new(ctx, n_q * n_chunks * d * 4)?,
+            part_ml: DeviceBuffer::new(ctx, n_q * n_chunks * 2 * 4)?,
+            out: DeviceBuffer::new(ctx, n_q * d * 2)?,
+            slots_per_chunk,
+            n_chunks,
+        })
     }
 }

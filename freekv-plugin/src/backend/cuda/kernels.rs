@@ -32,7 +32,8 @@ pub struct SeqDesc {
 pub struct RecallJob {
     pub slots: u64,
     pub slot_len: u64,
-    /// Staging offset in elements (scatter) or host chunk pointer (direct).
+    /// The chunk's host address (direct, and as submitted to the pipeline), or its offset in
+    /// elements into the staging buffer (scatter).
     pub src: u64,
     pub slot: i32,
     pub head: i32,

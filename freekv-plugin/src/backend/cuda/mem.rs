@@ -177,3 +177,37 @@ impl Drop for PinnedBuffer {
         let _ = unsafe { result::free_host(self.ptr as *mut std::ffi::c_void) };
     }
 }
+
+/// Host memory allocated elsewhere (the host tier), page-locked with `cuMemHostRegister` for the
+/// copy engines until dropped. The memory must outlive the registration.
+pub struct HostRegistration {
+    ctx: Arc<CudaContext>,
+    ptr: *mut std::ffi::c_void,
+}
+
+// SAFETY: the registration only holds the address to unregister; CUDA calls are thread-safe.
+unsafe impl Send for HostRegistration {}
+
+impl HostRegistration {
+    /// Page-locks `bytes` bytes at `ptr` (portable: for every context). Commits them.
+    pub fn new(ctx: &Arc<CudaContext>, ptr: *const u8, bytes: usize) -> anyhow::Result<Self> {
+        ctx.bind_to_thread()?;
+        let ptr = ptr as *mut std::ffi::c_void;
+        // SAFETY: the caller's allocation is `bytes` long and outlives the registration.
+        unsafe { sys::cuMemHostRegister_v2(ptr, bytes, sys::CU_MEMHOSTREGISTER_PORTABLE) }
+            .result()
+            .map_err(|e| anyhow::anyhow!("cuMemHostRegister of {bytes} bytes failed: {e:?}"))?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            ptr,
+        })
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: registered in `new`, the memory is still allocated (see the type's contract).
+        let _ = unsafe { sys::cuMemHostUnregister(self.ptr) }.result();
+    }
+}

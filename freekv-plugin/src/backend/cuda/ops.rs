@@ -1,169 +1,281 @@
-//! The device work of the CUDA [`Backend`](crate::backend::Backend): moving host-tier chunks into
-//! slots (through the streamed [`RecallPipeline`]), appending a token to a window slot, and decode
-//! attention over a working set with `freekv_decode_partial` / `freekv_decode_combine`.
+//! [`DeviceOps`] on a CUDA device: chunk moves through the double-buffered [`RecallPipeline`]
+//! (copy engines into staging, `freekv_recall_scatter` into the slots), appends by async copies
+//! into the window slot, and decode attention with `freekv_decode_partial` /
+//! `freekv_decode_combine`. The orchestration around these calls is
+//! [`OffloadBackend`](crate::backend::offload::OffloadBackend)'s, which CI runs on host memory.
 //!
-//! Every function here returns only once its device work has completed, so a backend call never
-//! leaves queued work behind that a later call (possibly on another thread) could race with.
+//! Every call returns only once its device work has completed, as [`DeviceOps`] requires.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cudarc::driver::{result, CudaContext, CudaStream};
+use candle_core::Device;
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use crate::backend::cpu::elem::KvElem;
-use crate::geometry::{Geometry, NO_PAGE};
+use crate::backend::cpu::host_tier::HostTier;
+use crate::backend::offload::{ChunkMove, DeviceOps};
+use crate::backend::Role;
+use crate::geometry::Geometry;
+use crate::{AttnParams, KvDType};
 
-use super::kernels::{as_bytes, Kernels};
-use super::mem::DeviceBuffer;
-use super::recall::{ChunkCopy, RawEvent, RecallMode, RecallPipeline};
-use super::tier::{CudaDeviceTier, CudaScratch, DecodeBuffers};
+use super::device_tier::{layer_tier_bytes, tier_shape, DecodeBuffers, LayerTier};
+use super::kernels::{as_bytes, Kernels, RecallJob};
+use super::mem::{DeviceBuffer, HostRegistration};
+use super::module;
+use super::recall::{RawEvent, RecallMode, RecallPipeline};
+use super::source::{KernelConfig, KernelDtype};
 
-/// One host-tier chunk (one KV head's K+V of one page, HND) bound for a slot.
-#[derive(Clone, Copy, Debug)]
-pub struct ChunkMove {
-    /// Host address of the chunk (`2 p d` elements).
-    pub host: *const u8,
-    pub slot: usize,
-    pub head: usize,
-}
+/// Most chunks per staging buffer of the recall pipeline.
+const MAX_CHUNKS_PER_BUFFER: usize = 256;
 
-/// Copies `moves` into the slots of `tier` with the double-buffered pipeline and waits until
-/// they have landed.
-pub fn move_chunks<T: KvElem>(
-    ctx: &Arc<CudaContext>,
-    pipeline: &RecallPipeline,
-    tier: &CudaDeviceTier<T>,
-    moves: &[ChunkMove],
-) -> anyhow::Result<()> {
-    if moves.is_empty() {
-        return Ok(());
-    }
-    let chunks: Vec<ChunkCopy> = moves
-        .iter()
-        .map(|m| ChunkCopy {
-            host: m.host,
-            slots: tier.gpu.slots.ptr(),
-            slot_len: tier.gpu.slot_len.ptr(),
-            slot: m.slot as i32,
-            head: m.head as i32,
-        })
-        .collect();
-    let done = Arc::new(RawEvent::new(ctx)?);
-    // The host chunks are pageable memory borrowed for this call: the copy engines stage them,
-    // and we wait for the request to finish before returning.
-    let ticket = pipeline.submit(chunks, RecallMode::CopyEngine, None, done.clone());
-    ticket.wait_enqueued()?;
-    done.synchronize()
-}
-
-/// Writes one token's K and V rows of every head (`[n_kv][d]` each) at `token` of `slot`.
-pub fn append_token<T: KvElem>(
-    stream: &Arc<CudaStream>,
-    tier: &CudaDeviceTier<T>,
-    slot: usize,
-    token: usize,
-    k: &[T],
-    v: &[T],
-) -> anyhow::Result<()> {
-    let shape = &tier.gpu.shape;
-    let row_bytes = shape.n_kv * shape.head_dim * 2;
-    anyhow::ensure!(
-        std::mem::size_of::<T>() == 2 && k.len() * 2 == row_bytes && v.len() * 2 == row_bytes,
-        "append of a {}-element row with {}-byte elements into a {row_bytes}-byte slot row",
-        k.len(),
-        std::mem::size_of::<T>()
-    );
-    // NHD: token `token`'s K rows of all heads are one contiguous run, its V rows another.
-    let k_off = (slot * 2 * shape.page_size + token) * row_bytes;
-    let v_off = ((slot * 2 + 1) * shape.page_size + token) * row_bytes;
-    let s = stream.cu_stream();
-    // SAFETY: `k`/`v` outlive the copies: the stream is synchronized before returning.
-    unsafe {
-        tier.gpu.slots.copy_from_host_async(k_off, k, s)?;
-        tier.gpu.slots.copy_from_host_async(v_off, v, s)?;
-    }
-    stream.synchronize()?;
-    Ok(())
-}
-
-/// Decode attention of one query (`q`: `[n_q][d]` f32) over the working set of a sequence of `len`
-/// tokens, `out`: `[n_q][d]` f32. Slots whose page is [`NO_PAGE`] are empty; every other slot
-/// holds `valid_tokens(page, len)` tokens for its head (the table decides, as on CPU).
-#[allow(clippy::too_many_arguments)]
-pub fn decode<T: KvElem>(
-    ctx: &Arc<CudaContext>,
-    stream: &Arc<CudaStream>,
-    kernels: &Kernels,
-    geo: &Geometry,
+/// One CUDA device for one model geometry: its kernels, a compute stream and the recall
+/// pipeline.
+pub struct CudaOps<T> {
+    geo: Geometry,
+    device: Device,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Arc<Kernels>,
+    pipeline: RecallPipeline,
     sm_count: usize,
-    tier: &CudaDeviceTier<T>,
-    len: usize,
-    q: &[f32],
-    scale: f32,
-    softcap: f32,
-    scratch: &mut CudaScratch<T>,
-) -> anyhow::Result<()> {
-    let (n_kv, n_q, d) = (geo.num_kv_heads, geo.num_q_heads(), geo.head_dim);
-    anyhow::ensure!(
-        q.len() == n_q * d,
-        "decode query has {} values, expected {}",
-        q.len(),
-        n_q * d
-    );
-    if scratch.decode.is_none() {
-        scratch.decode = Some(DecodeBuffers::new(ctx, geo, sm_count)?);
+    _elem: PhantomData<fn() -> T>,
+}
+
+/// Per-thread device memory: the decode buffers (caller thread only) and host staging.
+pub struct CudaOpsScratch<T> {
+    decode: Option<DecodeBuffers>,
+    /// 16-bit rows: the query in, the output back.
+    rows: Vec<T>,
+}
+
+impl<T: KvElem> CudaOps<T> {
+    /// The device for `geo` on `device` (a candle CUDA device): compiles and loads the kernels
+    /// for this configuration and starts the recall pipeline. Errors name what is unsupported
+    /// (f32 KV, head dims other than 64/128/256, page sizes other than 8/16/32).
+    pub fn new(geo: Geometry, device: &Device) -> anyhow::Result<Self> {
+        let Device::Cuda(cuda) = device else {
+            anyhow::bail!(
+                "the FreeKV CUDA backend needs a CUDA device, got {:?}",
+                device.location()
+            );
+        };
+        let dtype = match T::DTYPE {
+            KvDType::F16 => KernelDtype::F16,
+            KvDType::BF16 => KernelDtype::Bf16,
+            KvDType::F32 => anyhow::bail!(
+                "the FreeKV CUDA kernels store KV as f16 or bf16; f32 KV runs on the CPU backend"
+            ),
+        };
+        let kcfg = KernelConfig {
+            dtype,
+            head_dim: geo.head_dim,
+            page_size: geo.page_size,
+            group: geo.group,
+        };
+        kcfg.validate().map_err(|e| {
+            anyhow::anyhow!("the FreeKV CUDA kernels do not support this model: {e}")
+        })?;
+        let ctx = cuda.cuda_stream().context().clone();
+        ctx.bind_to_thread()?;
+        let kernels = Arc::new(Kernels::new(module::load(&ctx, kcfg)?));
+        let stream = ctx.new_stream()?;
+        let chunk_bytes = 2 * geo.page_size * geo.head_dim * 2;
+        let per_buffer = (geo.num_kv_heads * geo.slots).clamp(1, MAX_CHUNKS_PER_BUFFER);
+        let pipeline = RecallPipeline::new(
+            &ctx,
+            kernels.clone(),
+            chunk_bytes,
+            per_buffer,
+            geo.num_kv_heads,
+        )?;
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            .max(1) as usize;
+        Ok(Self {
+            geo,
+            device: device.clone(),
+            ctx,
+            stream,
+            kernels,
+            pipeline,
+            sm_count,
+            _elem: PhantomData,
+        })
     }
-    let CudaScratch {
-        decode: Some(bufs),
-        slot_len,
-        rows,
-        out,
-        ..
-    } = scratch
-    else {
-        unreachable!("decode buffers were allocated above")
-    };
-    // The valid-token table, from the slot tables (the scatter kernel's own marks are ignored).
-    slot_len.clear();
-    slot_len.resize(geo.slots * n_kv, 0);
-    for h in 0..n_kv {
-        for (slot, &page) in tier.tables.slots(h).iter().enumerate() {
-            if page != NO_PAGE {
-                slot_len[slot * n_kv + h] = geo.valid_tokens(page as usize, len) as i32;
+
+    fn bind(&self) -> anyhow::Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow::anyhow!("binding the CUDA context to this thread: {e}"))
+    }
+}
+
+impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
+    type Slots = LayerTier;
+    type Scratch = CudaOpsScratch<T>;
+    /// None where the system refused to page-lock the pages.
+    type HostPin = Option<HostRegistration>;
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn alloc_slots(&self) -> anyhow::Result<LayerTier> {
+        self.bind()?;
+        LayerTier::new(&self.ctx, tier_shape(&self.geo), 1)
+    }
+
+    fn slots_bytes(&self) -> usize {
+        layer_tier_bytes(&tier_shape(&self.geo))
+    }
+
+    fn alloc_scratch(&self, _role: Role) -> CudaOpsScratch<T> {
+        CudaOpsScratch {
+            decode: None,
+            rows: Vec::new(),
+        }
+    }
+
+    fn pin_host(&self, pages: &[T]) -> Option<HostRegistration> {
+        let bytes = std::mem::size_of_val(pages);
+        if bytes == 0 {
+            return None;
+        }
+        match HostRegistration::new(&self.ctx, pages.as_ptr() as *const u8, bytes) {
+            Ok(pin) => Some(pin),
+            Err(e) => {
+                tracing::warn!(
+                    "FreeKV: could not page-lock a layer's host tier ({bytes} bytes: {e}); its \
+                     recalls copy from pageable memory, through the driver's staging, at lower \
+                     bandwidth. A smaller pool (--pa-memory-mb or --pa-context-len) can be pinned."
+                );
+                None
             }
         }
     }
-    rows.clear();
-    rows.resize(n_q * d, T::default());
-    T::from_f32s(q, rows);
-    let desc = [tier.desc()];
-    let s = stream.cu_stream();
-    // SAFETY: the host slices live until the stream is synchronized below.
-    unsafe {
-        tier.gpu.slot_len.copy_from_host_async(0, slot_len, s)?;
-        bufs.q.copy_from_host_async(0, rows, s)?;
-        bufs.desc.copy_from_host_async(0, as_bytes(&desc), s)?;
+
+    fn move_chunks(
+        &self,
+        host: &HostTier<T>,
+        slots: &mut LayerTier,
+        moves: &[ChunkMove],
+        _scratch: Option<&mut CudaOpsScratch<T>>,
+    ) -> anyhow::Result<()> {
+        if moves.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        let chunks: Vec<RecallJob> = moves
+            .iter()
+            .map(|m| RecallJob {
+                src: host.chunk(m.block, m.head as usize).as_ptr() as u64,
+                slots: slots.slots.ptr(),
+                slot_len: slots.slot_len.ptr(),
+                slot: m.slot as i32,
+                head: m.head as i32,
+            })
+            .collect();
+        let done = Arc::new(RawEvent::new(&self.ctx)?);
+        // The host chunks are borrowed for this call: the copy engines stage them, and we wait
+        // for the request to finish before returning.
+        let ticket = self
+            .pipeline
+            .submit(chunks, RecallMode::CopyEngine, None, done.clone());
+        ticket.wait_enqueued()?;
+        done.synchronize()
     }
-    kernels.decode(
-        s,
-        bufs.q.ptr(),
-        (n_q * d) as i64,
-        bufs.desc.ptr(),
-        1,
-        n_kv,
-        geo.slots,
-        bufs.slots_per_chunk,
-        bufs.part_o.ptr(),
-        bufs.part_ml.ptr(),
-        bufs.out.ptr(),
-        (n_q * d) as i64,
-        scale,
-        softcap,
-    )?;
-    download(&bufs.out, rows, stream)?;
-    out.clear();
-    out.resize(n_q * d, 0.0);
-    T::to_f32s(rows, out);
-    Ok(())
+
+    fn append_token(
+        &self,
+        slots: &mut LayerTier,
+        slot: usize,
+        token: usize,
+        k: &[T],
+        v: &[T],
+    ) -> anyhow::Result<()> {
+        let shape = &slots.shape;
+        let row_bytes = shape.n_kv * shape.head_dim * 2;
+        anyhow::ensure!(
+            std::mem::size_of::<T>() == 2 && k.len() * 2 == row_bytes && v.len() * 2 == row_bytes,
+            "append of a {}-element row with {}-byte elements into a {row_bytes}-byte slot row",
+            k.len(),
+            std::mem::size_of::<T>()
+        );
+        self.bind()?;
+        // NHD: token `token`'s K rows of all heads are one contiguous run, its V rows another.
+        let k_off = (slot * 2 * shape.page_size + token) * row_bytes;
+        let v_off = ((slot * 2 + 1) * shape.page_size + token) * row_bytes;
+        let s = self.stream.cu_stream();
+        // SAFETY: `k`/`v` outlive the copies: the stream is synchronized before returning.
+        unsafe {
+            slots.slots.copy_from_host_async(k_off, k, s)?;
+            slots.slots.copy_from_host_async(v_off, v, s)?;
+        }
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    fn decode(
+        &self,
+        slots: &LayerTier,
+        slot_len: &[i32],
+        q: &[f32],
+        params: &AttnParams,
+        out: &mut [f32],
+        scratch: &mut CudaOpsScratch<T>,
+    ) -> anyhow::Result<()> {
+        let geo = &self.geo;
+        let (n_kv, n_q, d) = (geo.num_kv_heads, geo.num_q_heads(), geo.head_dim);
+        anyhow::ensure!(
+            q.len() == n_q * d && out.len() == n_q * d && slot_len.len() == geo.slots * n_kv,
+            "decode over the slots got a {}-value query, a {}-value output and {} slot lengths",
+            q.len(),
+            out.len(),
+            slot_len.len()
+        );
+        self.bind()?;
+        if scratch.decode.is_none() {
+            scratch.decode = Some(DecodeBuffers::new(&self.ctx, geo, self.sm_count)?);
+        }
+        let CudaOpsScratch {
+            decode: Some(bufs),
+            rows,
+        } = scratch
+        else {
+            unreachable!("decode buffers were allocated above")
+        };
+        rows.clear();
+        rows.resize(n_q * d, T::default());
+        T::from_f32s(q, rows);
+        let desc = [slots.desc(slots.shape.n_slots, 0, 0)];
+        let s = self.stream.cu_stream();
+        // SAFETY: the host slices live until the stream is synchronized below.
+        unsafe {
+            slots.slot_len.copy_from_host_async(0, slot_len, s)?;
+            bufs.q.copy_from_host_async(0, rows, s)?;
+            bufs.desc.copy_from_host_async(0, as_bytes(&desc), s)?;
+        }
+        self.kernels.decode(
+            s,
+            bufs.q.ptr(),
+            (n_q * d) as i64,
+            bufs.desc.ptr(),
+            1,
+            n_kv,
+            geo.slots,
+            bufs.slots_per_chunk,
+            bufs.part_o.ptr(),
+            bufs.part_ml.ptr(),
+            bufs.out.ptr(),
+            (n_q * d) as i64,
+            params.softmax_scale,
+            params.softcap.unwrap_or(0.0),
+        )?;
+        download(&bufs.out, rows, &self.stream)?;
+        T::to_f32s(rows, out);
+        Ok(())
+    }
 }
 
 /// Copies the start of `src` into `dst` on `stream` and waits for it.

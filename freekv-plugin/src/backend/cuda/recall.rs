@@ -73,21 +73,6 @@ impl Drop for RawEvent {
     }
 }
 
-/// One chunk to recall: one KV head's K+V of one page, into one slot.
-#[derive(Clone, Copy, Debug)]
-pub struct ChunkCopy {
-    /// Pinned host address of the chunk (HND, `chunk_bytes` long).
-    pub host: *const u8,
-    /// Destination slot tensor and valid-token table of the (sequence, layer).
-    pub slots: u64,
-    pub slot_len: u64,
-    pub slot: i32,
-    pub head: i32,
-}
-
-// SAFETY: `host` points into the pinned host tier, which outlives the pipeline's use of it.
-unsafe impl Send for ChunkCopy {}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecallMode {
     /// Copy engines into staging buffers + scatter kernel (the paper's design).
@@ -106,8 +91,10 @@ pub struct PipelineStats {
     pub groups: usize,
 }
 
+/// The jobs of a request: `src` is the host address of each chunk (HND, `chunk_bytes` long, in
+/// memory that outlives the request), rewritten to its staging offset for the copy engines.
 struct Request {
-    chunks: Vec<ChunkCopy>,
+    chunks: Vec<RecallJob>,
     mode: RecallMode,
     wait: Option<Arc<RawEvent>>,
     done: Arc<RawEvent>,
@@ -205,11 +192,12 @@ impl RecallPipeline {
         })
     }
 
-    /// Hands `chunks` to the worker. `wait`: an event the copies must wait for on the device (e.g.
-    /// recorded after attention). `done` is recorded once everything has landed in the slots.
+    /// Hands `chunks` to the worker (each job's `src`: the chunk's host address). `wait`: an
+    /// event the copies must wait for on the device (e.g. recorded after attention). `done` is
+    /// recorded once everything has landed in the slots.
     pub fn submit(
         &self,
-        chunks: Vec<ChunkCopy>,
+        chunks: Vec<RecallJob>,
         mode: RecallMode,
         wait: Option<Arc<RawEvent>>,
         done: Arc<RawEvent>,
@@ -276,14 +264,11 @@ fn run_request(
             .iter()
             .enumerate()
             .map(|(i, c)| RecallJob {
-                slots: c.slots,
-                slot_len: c.slot_len,
                 src: match req.mode {
                     RecallMode::CopyEngine => i as u64 * chunk_elems,
-                    RecallMode::Direct => c.host as u64,
+                    RecallMode::Direct => c.src,
                 },
-                slot: c.slot,
-                head: c.head,
+                ..*c
             })
             .collect();
         let bytes = as_bytes(&jobs);
@@ -302,15 +287,13 @@ fn run_request(
                 let mut i = 0;
                 while i < group.len() {
                     let mut j = i + 1;
-                    // SAFETY: pointer arithmetic only for comparison.
-                    while j < group.len()
-                        && group[j].host == unsafe { group[j - 1].host.add(chunk_bytes) }
-                    {
+                    while j < group.len() && group[j].src == group[j - 1].src + chunk_bytes as u64 {
                         j += 1;
                     }
                     let n = (j - i) * chunk_bytes;
-                    // SAFETY: host run is inside the pinned tier; destination inside staging.
-                    let src = unsafe { std::slice::from_raw_parts(group[i].host, n) };
+                    // SAFETY: the run lies in host memory that outlives the request (`submit`);
+                    // the destination lies inside staging.
+                    let src = unsafe { std::slice::from_raw_parts(group[i].src as *const u8, n) };
                     unsafe {
                         result::memcpy_htod_async(
                             buf.staging.ptr() + (i * chunk_bytes) as u64,

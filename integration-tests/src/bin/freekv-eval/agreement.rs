@@ -4,10 +4,12 @@
 //! the dense path's (top-1 agreement, KL(dense || variant)). FreeKV's counters give the
 //! correction rate per layer, the query-similarity distribution and recall traffic.
 //!
-//! Each comparison runs in two precisions: f32 (activations and KV cache; the weights stay
-//! quantized) and the engine's automatic dtype (f16 for this GGUF model on the CPU). "FreeKV
-//! dense mode" (every page attended) is the floor each table's retrieval rows are read against
-//! (docs/results.md, section 2, says why it is ~95% rather than 100% for a quantized model).
+//! The part runs with candle's `CANDLE_DEQUANTIZE_ALL=1` (set by `main`): the GGUF's Q4_1
+//! weights are dequantized to f32 at load, so stock and FreeKV multiply with the same weights
+//! and no activation is re-quantized (with Q4_1 matmuls the floor is ~95%: docs/results.md,
+//! section 2, says why). Each comparison runs in two precisions: f32 (activations and KV cache)
+//! and the engine's automatic dtype (f16 for this model on the CPU). "FreeKV dense mode"
+//! (every page attended) is the floor each table's retrieval rows are read against.
 
 use std::sync::{Arc, Mutex};
 
@@ -44,9 +46,19 @@ impl Precision {
 
     /// A table heading.
     pub fn label(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32 (activations and KV cache; the weights stay Q4_1)",
-            Precision::Auto => "the engine's automatic dtype (f16 for this GGUF model on the CPU)",
+        let dequantized = std::env::var_os("CANDLE_DEQUANTIZE_ALL").is_some();
+        match (self, dequantized) {
+            (Precision::F32, true) => {
+                "f32 (weights dequantized from Q4_1 to f32 at load; activations and KV cache f32)"
+            }
+            (Precision::F32, false) => "f32 (activations and KV cache; the weights stay Q4_1)",
+            (Precision::Auto, true) => {
+                "the engine's automatic dtype (f16 for this model on the CPU), weights \
+                 dequantized to f32 at load"
+            }
+            (Precision::Auto, false) => {
+                "the engine's automatic dtype (f16 for this GGUF model on the CPU)"
+            }
         }
     }
 }

@@ -212,6 +212,17 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                         plan.forced_tokens
                     );
                     anyhow::ensure!(o.mean_kl.is_finite(), "{}: KL is not finite", o.variant);
+                    // With the same f32 weights on both paths, FreeKV attending over every
+                    // page must give the stock model's tokens (up to summation order).
+                    let reference = o.precision == agreement::Precision::F32
+                        && o.mode == freekv_plugin::Mode::Dense
+                        && std::env::var_os(DEQUANTIZE).is_some();
+                    anyhow::ensure!(
+                        !reference || o.top1_agreement >= 0.99,
+                        "{}: FreeKV dense mode agrees with stock on only {:.2}% of f32 steps",
+                        o.variant,
+                        100.0 * o.top1_agreement
+                    );
                     anyhow::ensure!(
                         o.mode == freekv_plugin::Mode::Dense || o.total.sparse_steps > 0,
                         "{}: never went sparse",
@@ -289,8 +300,40 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// candle's switch that dequantizes GGUF weights to plain f32 matrices at load (read once per
+/// thread, so it must be set before any model loads).
+const DEQUANTIZE: &str = "CANDLE_DEQUANTIZE_ALL";
+
+/// Runs each part in a child process of this binary with the same flags, so that one part's
+/// process-wide settings (the agreement part's [`DEQUANTIZE`]) never reach another.
+fn run_in_children(parts: &[String]) -> Result<()> {
+    let exe = std::env::current_exe().context("locating freekv-eval")?;
+    let flags: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !parts.contains(a) && a != "all")
+        .collect();
+    for part in parts {
+        let status = std::process::Command::new(&exe)
+            .arg(part)
+            .args(&flags)
+            .status()
+            .with_context(|| format!("running freekv-eval {part}"))?;
+        anyhow::ensure!(status.success(), "freekv-eval {part} failed ({status})");
+    }
+    Ok(())
+}
+
 fn main() {
     let result = parse_args().and_then(|(parts, cx)| {
+        if parts.len() > 1 {
+            return run_in_children(&parts);
+        }
+        if parts[0] == "agreement" && std::env::var_os(DEQUANTIZE).is_none() {
+            // Stock and FreeKV then multiply with the same f32 weights in plain f32: the Q4_1
+            // matmuls re-quantize activations to 8 bits, which turns last-bit differences of
+            // the attention sums into different tokens (docs/results.md, section 2).
+            std::env::set_var(DEQUANTIZE, "1");
+        }
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -1,29 +1,19 @@
-//! Recall for the copy device tier: host chunks (HND) into NHD slots.
-//!
-//! Two paths:
-//! - direct: each chunk is scattered from the host tier straight into its slot (used on the
-//!   calling thread, where a blocking recall is a few pages);
-//! - staged ([`StagedRecall`], the worker's path, the paper's double buffering): the worker
-//!   copies one KV head's missing chunks (contiguous thanks to HND) into staging buffer A
-//!   while a scatter thread spreads buffer B (the previous head's) into the slots, converting
-//!   HND to NHD. A buffer is refilled only after the scatter thread has handed it back.
+//! The host-memory device's double-buffered recall (the paper's staging, with a thread in
+//! place of the copy engines and the scatter kernel): the worker copies one KV head's missing
+//! chunks (contiguous thanks to HND) into staging buffer A while a scatter thread spreads
+//! buffer B (the previous group's) into the slots, converting HND to NHD. A buffer is refilled
+//! only after the scatter thread has handed it back.
 
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::thread::JoinHandle;
 
 use crate::geometry::Geometry;
 
-use super::device_tier::scatter_chunk;
-use super::elem::KvElem;
-use super::host_tier::HostTier;
+use crate::backend::cpu::elem::KvElem;
+use crate::backend::cpu::host_tier::HostTier;
 
-/// One chunk to recall: KV head `head`'s K+V of host block `block` into `slot`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RecallEntry {
-    pub head: u32,
-    pub slot: u32,
-    pub block: u32,
-}
+use super::host::scatter_chunk;
+use super::ops::ChunkMove;
 
 /// The slot data of the device tier being filled, handed to the scatter thread.
 struct SlotData<T>(*mut T, usize);
@@ -51,7 +41,7 @@ pub struct StagedRecall<T: KvElem> {
 
 impl<T: KvElem> StagedRecall<T> {
     /// Two staging buffers of one head's selected pages each, and the scatter thread.
-    pub fn new(geo: Geometry) -> Self {
+    pub fn new(geo: Geometry) -> anyhow::Result<Self> {
         let chunk = 2 * geo.page_size * geo.head_dim;
         let (to_scatter, jobs) = sync_channel::<Job<T>>(2);
         let (back, returned): (Sender<Job<T>>, _) = channel();
@@ -72,34 +62,41 @@ impl<T: KvElem> StagedRecall<T> {
                     }
                 }
             })
-            .expect("spawning the FreeKV scatter thread");
+            .map_err(|e| anyhow::anyhow!("spawning the FreeKV scatter thread: {e}"))?;
         let idle = (0..2)
             .map(|_| Job {
-                staging: vec![T::default(); geo.sel_pages * chunk],
+                staging: vec![T::default(); geo.sel_pages.max(1) * chunk],
                 targets: Vec::with_capacity(geo.sel_pages),
                 dst: SlotData(std::ptr::null_mut(), 0),
             })
             .collect();
-        Self {
+        Ok(Self {
             geo,
             idle,
             to_scatter: Some(to_scatter),
             returned,
             thread: Some(thread),
-        }
+        })
     }
 
     /// Recalls `entries` (grouped by head: consecutive entries of one head form one group of
     /// at most `sel_pages` chunks) from `host` into `data`, one staging buffer per group,
-    /// alternating between the two. Returns when every chunk is in place.
-    pub fn run(&mut self, data: &mut [T], host: &HostTier<T>, entries: &[RecallEntry]) {
+    /// alternating between the two. Returns when every chunk is in place. An error means the
+    /// scatter thread has stopped (it then touches `data` no more).
+    pub fn run(
+        &mut self,
+        data: &mut [T],
+        host: &HostTier<T>,
+        entries: &[ChunkMove],
+    ) -> anyhow::Result<()> {
+        let died = || anyhow::anyhow!("the FreeKV scatter thread has stopped");
         let chunk = 2 * self.geo.page_size * self.geo.head_dim;
         let mut outstanding = 0;
         let mut rest = entries;
         while let Some(first) = rest.first() {
             let n = rest
                 .iter()
-                .take(self.geo.sel_pages)
+                .take(self.geo.sel_pages.max(1))
                 .take_while(|e| e.head == first.head)
                 .count();
             let (group, tail) = rest.split_at(n);
@@ -108,9 +105,7 @@ impl<T: KvElem> StagedRecall<T> {
                 Some(j) => j,
                 None => {
                     outstanding -= 1;
-                    self.returned
-                        .recv()
-                        .expect("the FreeKV scatter thread died")
+                    self.returned.recv().map_err(|_| died())?
                 }
             };
             job.targets.clear();
@@ -123,19 +118,17 @@ impl<T: KvElem> StagedRecall<T> {
             outstanding += 1;
             self.to_scatter
                 .as_ref()
-                .expect("scatter channel open")
+                .ok_or_else(died)?
                 .send(job)
-                .expect("the FreeKV scatter thread died");
+                .map_err(|_| died())?;
         }
         // Every buffer comes back before `data`'s borrow ends.
         while outstanding > 0 {
-            let job = self
-                .returned
-                .recv()
-                .expect("the FreeKV scatter thread died");
+            let job = self.returned.recv().map_err(|_| died())?;
             self.idle.push(job);
             outstanding -= 1;
         }
+        Ok(())
     }
 }
 
@@ -188,22 +181,22 @@ mod tests {
         let mut got = vec![0f32; slots_len];
         // Three groups (head 0 twice, split by a head-1 group) cycle the two buffers.
         let entries = [
-            RecallEntry {
+            ChunkMove {
                 head: 0,
                 slot: 1,
                 block: 3,
             },
-            RecallEntry {
+            ChunkMove {
                 head: 0,
                 slot: 4,
                 block: 7,
             },
-            RecallEntry {
+            ChunkMove {
                 head: 1,
                 slot: 1,
                 block: 2,
             },
-            RecallEntry {
+            ChunkMove {
                 head: 0,
                 slot: 5,
                 block: 9,
@@ -219,12 +212,12 @@ mod tests {
                 8,
             );
         }
-        let mut staged = StagedRecall::<f32>::new(geo);
+        let mut staged = StagedRecall::<f32>::new(geo).unwrap();
         for _ in 0..3 {
             got.fill(0.0);
-            staged.run(&mut got, &host, &entries);
+            staged.run(&mut got, &host, &entries).unwrap();
             assert_eq!(got, want);
         }
-        staged.run(&mut got, &host, &[]);
+        staged.run(&mut got, &host, &[]).unwrap();
     }
 }

@@ -1,0 +1,323 @@
+//! [`DeviceOps`] in host memory: the offload design's device emulated by the CPU, so that CI
+//! runs the very orchestration the CUDA backend runs (tables, plans, chunk moves, appends,
+//! decode over the slots) against the CPU backend and the reference, without a GPU. It is
+//! also the CPU's `--freekv-device-tier copy` layout.
+//!
+//! Slots hold NHD data in a `Vec`; moves scatter HND chunks into them (the worker through the
+//! double-buffered [`StagedRecall`]); decode is the CPU attention kernel over slot rows.
+
+use std::marker::PhantomData;
+
+use candle_core::Device;
+
+use crate::backend::cpu::attend::{Attention, AttnScratch, Segment};
+use crate::backend::cpu::elem::KvElem;
+use crate::backend::cpu::host_tier::HostTier;
+use crate::backend::cpu::PARALLEL_DECODE;
+use crate::backend::Role;
+use crate::geometry::Geometry;
+use crate::AttnParams;
+
+use super::ops::{ChunkMove, DeviceOps};
+use super::staged::StagedRecall;
+
+/// The host-memory device for KV stored as `T`.
+pub struct HostOps<T> {
+    geo: Geometry,
+    device: Device,
+    _elem: PhantomData<fn() -> T>,
+}
+
+impl<T> HostOps<T> {
+    /// A host-memory device for `geo`.
+    pub fn new(geo: Geometry) -> Self {
+        Self {
+            geo,
+            device: Device::Cpu,
+            _elem: PhantomData,
+        }
+    }
+
+    fn slot_elems(&self) -> usize {
+        let g = &self.geo;
+        g.slots * 2 * g.page_size * g.num_kv_heads * g.head_dim
+    }
+}
+
+/// Per-thread memory of the host-memory device.
+pub struct HostOpsScratch<T: KvElem> {
+    role: Role,
+    /// The worker's staged recall, started on its first multi-chunk move.
+    staged: Option<StagedRecall<T>>,
+    attn: AttnScratch,
+}
+
+/// HND chunk -> NHD slot: token `t`'s K row goes to `[slot][0][t][head]`, its V row to
+/// `[slot][1][t][head]`. Shared by the direct moves and the staged recall's scatter thread.
+#[inline]
+pub fn scatter_chunk<T: Copy>(
+    geo: &Geometry,
+    data: &mut [T],
+    chunk: &[T],
+    slot: usize,
+    head: usize,
+    n: usize,
+) {
+    let (p, d, nkv) = (geo.page_size, geo.head_dim, geo.num_kv_heads);
+    for kv in 0..2 {
+        for t in 0..n {
+            let src = &chunk[(kv * p + t) * d..(kv * p + t + 1) * d];
+            let o = (((slot * 2 + kv) * p + t) * nkv + head) * d;
+            data[o..o + d].copy_from_slice(src);
+        }
+    }
+}
+
+/// The K and V rows of `head` in `slot` of NHD slot data: `(k, v, row stride)`; row `t` starts
+/// at `t * stride`.
+#[inline]
+fn slot_rows<'a, T>(
+    geo: &Geometry,
+    data: &'a [T],
+    slot: usize,
+    head: usize,
+) -> (&'a [T], &'a [T], usize) {
+    let (p, d, nkv) = (geo.page_size, geo.head_dim, geo.num_kv_heads);
+    let stride = nkv * d;
+    let span = (p - 1) * stride + d;
+    let k = ((slot * 2) * p * nkv + head) * d;
+    let v = ((slot * 2 + 1) * p * nkv + head) * d;
+    (&data[k..k + span], &data[v..v + span], stride)
+}
+
+impl<T: KvElem> HostOps<T> {
+    /// Attention of KV head `h`'s query heads (`q`, `out`: `[G][d]`) over its slots.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_head(
+        &self,
+        data: &[T],
+        slot_len: &[i32],
+        h: usize,
+        q: &[f32],
+        out: &mut [f32],
+        params: &AttnParams,
+        sc: &mut AttnScratch,
+    ) {
+        let g = &self.geo;
+        let (d, gs) = (g.head_dim, g.group);
+        sc.q.clear();
+        sc.q.extend_from_slice(q);
+        sc.qpos.clear();
+        // Every slot token is visible (no sliding window on this path): place the query after
+        // the last slot position.
+        sc.qpos.resize(gs, g.page_size);
+        let mut att = Attention::begin(sc, gs, d, params);
+        for slot in 0..g.slots {
+            let n = slot_len[slot * g.num_kv_heads + h].max(0) as usize;
+            if n == 0 {
+                continue;
+            }
+            let (k, v, stride) = slot_rows(g, data, slot, h);
+            let seg = Segment {
+                k,
+                v,
+                stride,
+                n,
+                pos0: 0,
+            };
+            att.add(seg, params);
+        }
+        for (r, o) in out.chunks_exact_mut(d).enumerate() {
+            att.finish_row(r, o);
+        }
+    }
+}
+
+impl<T: KvElem> DeviceOps<T> for HostOps<T> {
+    type Slots = Vec<T>;
+    type Scratch = HostOpsScratch<T>;
+    /// Host memory needs no registration.
+    type HostPin = ();
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn alloc_slots(&self) -> anyhow::Result<Vec<T>> {
+        let n = self.slot_elems();
+        let mut v = Vec::new();
+        v.try_reserve_exact(n).map_err(|_| {
+            anyhow::anyhow!(
+                "could not allocate {} bytes of slot data",
+                n * std::mem::size_of::<T>()
+            )
+        })?;
+        v.resize(n, T::default());
+        Ok(v)
+    }
+
+    fn slots_bytes(&self) -> usize {
+        self.slot_elems() * std::mem::size_of::<T>()
+    }
+
+    fn alloc_scratch(&self, role: Role) -> HostOpsScratch<T> {
+        HostOpsScratch {
+            role,
+            staged: None,
+            attn: AttnScratch::default(),
+        }
+    }
+
+    fn pin_host(&self, _pages: &[T]) {}
+
+    fn move_chunks(
+        &self,
+        host: &HostTier<T>,
+        slots: &mut Vec<T>,
+        moves: &[ChunkMove],
+        scratch: Option<&mut HostOpsScratch<T>>,
+    ) -> anyhow::Result<()> {
+        match scratch {
+            Some(sc) if sc.role == Role::Worker && moves.len() > 1 => {
+                if sc.staged.is_none() {
+                    sc.staged = Some(StagedRecall::new(self.geo)?);
+                }
+                let staged = sc.staged.as_mut().expect("started above");
+                staged.run(slots, host, moves)
+            }
+            _ => {
+                for m in moves {
+                    let chunk = host.chunk(m.block, m.head as usize);
+                    let (slot, head) = (m.slot as usize, m.head as usize);
+                    scatter_chunk(&self.geo, slots, chunk, slot, head, self.geo.page_size);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn append_token(
+        &self,
+        slots: &mut Vec<T>,
+        slot: usize,
+        token: usize,
+        k: &[T],
+        v: &[T],
+    ) -> anyhow::Result<()> {
+        let g = &self.geo;
+        let width = g.num_kv_heads * g.head_dim;
+        anyhow::ensure!(
+            k.len() == width && v.len() == width && slot < g.slots && token < g.page_size,
+            "append of {}/{} values at slot {slot} token {token}; expected {width} values, \
+             {} slots of {} tokens",
+            k.len(),
+            v.len(),
+            g.slots,
+            g.page_size
+        );
+        // NHD: one token's K rows of all heads are one run, its V rows another.
+        let ko = (slot * 2 * g.page_size + token) * width;
+        let vo = ((slot * 2 + 1) * g.page_size + token) * width;
+        slots[ko..ko + width].copy_from_slice(k);
+        slots[vo..vo + width].copy_from_slice(v);
+        Ok(())
+    }
+
+    fn decode(
+        &self,
+        slots: &Vec<T>,
+        slot_len: &[i32],
+        q: &[f32],
+        params: &AttnParams,
+        out: &mut [f32],
+        scratch: &mut HostOpsScratch<T>,
+    ) -> anyhow::Result<()> {
+        let g = &self.geo;
+        let (n_q, d) = (g.num_q_heads(), g.head_dim);
+        anyhow::ensure!(
+            q.len() == n_q * d
+                && out.len() == n_q * d
+                && slot_len.len() == g.slots * g.num_kv_heads,
+            "decode over the slots got a {}-value query, a {}-value output and {} slot lengths; \
+             expected {}, {} and {}",
+            q.len(),
+            out.len(),
+            slot_len.len(),
+            n_q * d,
+            n_q * d,
+            g.slots * g.num_kv_heads
+        );
+        let per_head = g.group * d;
+        let attended = g.slots * g.page_size;
+        if attended * g.num_kv_heads >= PARALLEL_DECODE && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            out.par_chunks_mut(per_head)
+                .zip(q.par_chunks(per_head))
+                .enumerate()
+                .for_each_init(AttnScratch::default, |sc, (h, (out, q))| {
+                    self.decode_head(slots, slot_len, h, q, out, params, sc)
+                });
+            return Ok(());
+        }
+        for (h, (out, q)) in out.chunks_mut(per_head).zip(q.chunks(per_head)).enumerate() {
+            self.decode_head(slots, slot_len, h, q, out, params, &mut scratch.attn);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::tests::geo;
+
+    #[test]
+    fn moves_and_appends_land_token_major() {
+        let g = geo();
+        let ops = HostOps::<f32>::new(g);
+        let mut host = HostTier::<f32>::try_new(g, 4).unwrap();
+        for h in 0..3 {
+            for t in 0..8 {
+                let k: Vec<f32> = (0..4).map(|c| (h * 100 + t * 10 + c) as f32).collect();
+                let v: Vec<f32> = k.iter().map(|x| -x).collect();
+                host.write_row(2, h, t, &k, &v);
+            }
+        }
+        let mut slots = ops.alloc_slots().unwrap();
+        let moves: Vec<ChunkMove> = (0..3)
+            .map(|h| ChunkMove {
+                block: 2,
+                head: h,
+                slot: 1,
+            })
+            .collect();
+        let mut worker = ops.alloc_scratch(Role::Worker);
+        ops.move_chunks(&host, &mut slots, &moves, Some(&mut worker))
+            .unwrap();
+        for h in 0..3 {
+            let (k, v, stride) = slot_rows(&g, &slots, 1, h);
+            assert_eq!(stride, 12);
+            for t in 0..8 {
+                for c in 0..4 {
+                    let want = (h * 100 + t * 10 + c) as f32;
+                    assert_eq!(k[t * stride + c], want);
+                    assert_eq!(v[t * stride + c], -want);
+                    // The NHD layout itself: [slot][k/v][token][head][channel].
+                    assert_eq!(slots[((2 * 8 + t) * 3 + h) * 4 + c], want);
+                }
+            }
+        }
+        // Slot 0 untouched; an append writes one token of every head.
+        assert!(slots[..2 * 8 * 12].iter().all(|&x| x == 0.0));
+        let k: Vec<f32> = (0..12).map(|i| i as f32 + 0.5).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        ops.append_token(&mut slots, 0, 3, &k, &v).unwrap();
+        for h in 0..3 {
+            let (ks, vs, stride) = slot_rows(&g, &slots, 0, h);
+            assert_eq!(&ks[3 * stride..3 * stride + 4], &k[h * 4..h * 4 + 4]);
+            assert_eq!(&vs[3 * stride..3 * stride + 4], &v[h * 4..h * 4 + 4]);
+        }
+        let err = ops.append_token(&mut slots, 0, 8, &k, &v).unwrap_err();
+        assert!(err.to_string().contains("token 8"), "{err}");
+    }
+}

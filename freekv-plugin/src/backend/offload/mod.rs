@@ -1,0 +1,442 @@
+//! The offload design: the working set of every (sequence, layer) in a device's own memory,
+//! token-major (NHD), the full KV in the host tier, head-major (HND), as the paper lays them
+//! out. [`OffloadBackend`] implements [`Backend`] once for every such device; the device itself
+//! is a [`DeviceOps`]: CUDA (`crate::cuda::ops`, feature `cuda`) or host memory ([`host`], which
+//! is how CI runs this orchestration against the CPU backend without a GPU, and the CPU's
+//! `--freekv-device-tier copy` layout).
+//!
+//! Division of labour:
+//! - host tier, summaries, selection, the correction's similarity and the slot tables: the CPU
+//!   backend's code on the host, so both backends make identical plans;
+//! - working-set resets and recalls: the plan's chunks moved by the device
+//!   ([`DeviceOps::move_chunks`]); the tables follow the data;
+//! - each new token: appended to its window slot on the device;
+//! - decode attention over a working set: on the device. Dense decode (no working set),
+//!   sliding-window layers and prefill attention read the host tier on the host.
+
+pub mod host;
+pub mod ops;
+mod staged;
+
+use std::ops::Range;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+
+use crate::backend::cpu::elem::KvElem;
+use crate::backend::cpu::host_tier::HostTier;
+use crate::backend::cpu::io::CpuBatch;
+use crate::backend::cpu::{CpuBackend, CpuScratch};
+use crate::backend::{Backend, RecallStats, Role};
+use crate::geometry::{Geometry, NO_PAGE};
+use crate::plan::SlotPlan;
+use crate::{AttnParams, FreeKvConfig};
+
+pub use ops::{ChunkMove, DeviceOps};
+
+/// [`Backend`] for a device whose working sets live in its own memory.
+pub struct OffloadBackend<T: KvElem, O> {
+    cpu: CpuBackend<T>,
+    geo: Geometry,
+    ops: O,
+}
+
+/// The working set of one (sequence, layer): the plan on the host, the slot data on the
+/// device.
+pub struct OffloadTier<S> {
+    /// Slot tables, pending replacements and the stored query.
+    pub plan: SlotPlan,
+    /// The slot data.
+    pub slots: S,
+}
+
+/// One layer's host tier, registered with the device while it lives.
+pub struct OffloadHost<T, P> {
+    /// Declared first: unregistered before the pages are freed.
+    _pin: P,
+    tier: HostTier<T>,
+}
+
+/// Per-thread working memory.
+pub struct OffloadScratch<T: KvElem, S> {
+    cpu: CpuScratch<T>,
+    device: S,
+    moves: Vec<ChunkMove>,
+    /// `[slot][n_kv]` valid tokens, for decode.
+    slot_len: Vec<i32>,
+    /// One query and its output, `[n_q][d]` f32.
+    q: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
+    /// The backend for `geo` on the device `ops`, with the configuration's summary and pooling.
+    pub fn new(geo: Geometry, config: &FreeKvConfig, ops: O) -> Self {
+        Self {
+            cpu: CpuBackend::new(geo, config),
+            geo,
+            ops,
+        }
+    }
+
+    /// The device.
+    pub fn ops(&self) -> &O {
+        &self.ops
+    }
+
+    /// Bytes of one chunk (one head's K+V of one page).
+    fn chunk_bytes(&self) -> usize {
+        2 * self.geo.page_size * self.geo.head_dim * std::mem::size_of::<T>()
+    }
+
+    /// Whether decode over a working set runs on the device with these parameters.
+    fn decode_on_device(params: &AttnParams) -> bool {
+        params.sliding_window.is_none() && params.softcap.is_none_or(|c| c > 0.0)
+    }
+}
+
+/// Reads a tensor's values on the host (a no-op for CPU tensors).
+fn on_host(t: &Tensor) -> anyhow::Result<Tensor> {
+    Ok(t.to_device(&Device::Cpu)?)
+}
+
+impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
+    type HostTier = OffloadHost<T, O::HostPin>;
+    type DeviceTier = OffloadTier<O::Slots>;
+    type Scratch = OffloadScratch<T, O::Scratch>;
+    type Batch = CpuBatch;
+
+    fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    fn alloc_host_tier(&self, num_blocks: usize) -> anyhow::Result<Self::HostTier> {
+        let tier = self.cpu.alloc_host_tier(num_blocks)?;
+        Ok(OffloadHost {
+            _pin: self.ops.pin_host(tier.pages()),
+            tier,
+        })
+    }
+
+    fn alloc_device_tier(&self) -> anyhow::Result<Self::DeviceTier> {
+        Ok(OffloadTier {
+            plan: self.cpu.alloc_device_tier()?,
+            slots: self.ops.alloc_slots().context("allocating a working set")?,
+        })
+    }
+
+    fn alloc_scratch(&self, role: Role) -> Self::Scratch {
+        OffloadScratch {
+            cpu: self.cpu.alloc_scratch(role),
+            device: self.ops.alloc_scratch(role),
+            moves: Vec::new(),
+            slot_len: Vec::new(),
+            q: Vec::new(),
+            out: Vec::new(),
+        }
+    }
+
+    fn alloc_batch(&self) -> CpuBatch {
+        CpuBatch::default()
+    }
+
+    fn host_tier_bytes(&self, num_blocks: usize) -> usize {
+        self.cpu.host_tier_bytes(num_blocks)
+    }
+
+    fn device_tier_bytes(&self) -> usize {
+        self.cpu.device_tier_bytes() + self.ops.slots_bytes()
+    }
+
+    fn load_decode(
+        &self,
+        batch: &mut CpuBatch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> anyhow::Result<()> {
+        self.cpu
+            .load_decode(batch, &on_host(q)?, &on_host(k)?, &on_host(v)?)
+    }
+
+    fn load_prefill(
+        &self,
+        batch: &mut CpuBatch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        last_only: Option<&[usize]>,
+    ) -> anyhow::Result<()> {
+        let (q, k, v) = (on_host(q)?, on_host(k)?, on_host(v)?);
+        self.cpu.load_prefill(batch, &q, &k, &v, last_only)
+    }
+
+    fn take_output(&self, batch: &mut CpuBatch, dtype: DType) -> anyhow::Result<Tensor> {
+        Ok(self
+            .cpu
+            .take_output(batch, dtype)?
+            .to_device(self.ops.device())?)
+    }
+
+    fn write_tokens(
+        &self,
+        host: &mut Self::HostTier,
+        table: &[u32],
+        batch: &CpuBatch,
+        row: usize,
+        first_pos: usize,
+        n: usize,
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()> {
+        self.cpu.write_tokens(
+            &mut host.tier,
+            table,
+            batch,
+            row,
+            first_pos,
+            n,
+            &mut scratch.cpu,
+        )
+    }
+
+    fn ensure_summaries(
+        &self,
+        host: &mut Self::HostTier,
+        table: &[u32],
+        full_pages: usize,
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<usize> {
+        self.cpu
+            .ensure_summaries(&mut host.tier, table, full_pages, &mut scratch.cpu)
+    }
+
+    fn reset_working_set(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        dev: &mut Self::DeviceTier,
+        len: usize,
+    ) -> anyhow::Result<RecallStats> {
+        let g = &self.geo;
+        let mut stats = self
+            .cpu
+            .reset_working_set(&host.tier, table, &mut dev.plan, len)?;
+        let mut moves = Vec::new();
+        for h in 0..g.num_kv_heads {
+            for (slot, &page) in dev.plan.slots(h).iter().enumerate() {
+                if page != NO_PAGE {
+                    moves.push(ChunkMove {
+                        block: table[page as usize],
+                        head: h as u32,
+                        slot: slot as u32,
+                    });
+                    // The page's valid tokens are what the working set gains.
+                    stats.bytes += 2
+                        * g.valid_tokens(page as usize, len)
+                        * g.head_dim
+                        * std::mem::size_of::<T>();
+                }
+            }
+        }
+        self.ops
+            .move_chunks(&host.tier, &mut dev.slots, &moves, None)
+            .context("installing the sink and window pages")?;
+        Ok(stats)
+    }
+
+    fn advance_window(
+        &self,
+        table: &[u32],
+        dev: &mut Self::DeviceTier,
+        len: usize,
+        batch: &CpuBatch,
+        row: usize,
+    ) -> anyhow::Result<()> {
+        let g = &self.geo;
+        self.cpu
+            .advance_window(table, &mut dev.plan, len, batch, row)?;
+        let pos = len - 1;
+        let slot = g.window_slot(pos / g.page_size);
+        let width = g.num_kv_heads * g.head_dim;
+        let (mut k, mut v) = (vec![T::default(); width], vec![T::default(); width]);
+        for h in 0..g.num_kv_heads {
+            let (kr, vr) = batch.kv_row(row, h, 0);
+            let r = h * g.head_dim..(h + 1) * g.head_dim;
+            T::from_f32s(kr, &mut k[r.clone()]);
+            T::from_f32s(vr, &mut v[r]);
+        }
+        self.ops
+            .append_token(&mut dev.slots, slot, pos % g.page_size, &k, &v)
+            .context("appending the new token to its window slot")
+    }
+
+    fn store_query(
+        &self,
+        dev: &mut Self::DeviceTier,
+        batch: &CpuBatch,
+        row: usize,
+        token: usize,
+    ) -> anyhow::Result<()> {
+        self.cpu.store_query(&mut dev.plan, batch, row, token)
+    }
+
+    fn query_similarity(
+        &self,
+        dev: &Self::DeviceTier,
+        batch: &CpuBatch,
+        row: usize,
+        out: &mut [f32],
+    ) -> anyhow::Result<()> {
+        self.cpu.query_similarity(&dev.plan, batch, row, out)
+    }
+
+    fn select(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        dev: &mut Self::DeviceTier,
+        candidates: Range<usize>,
+        heads: &[bool],
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()> {
+        self.cpu.select(
+            &host.tier,
+            table,
+            &mut dev.plan,
+            candidates,
+            heads,
+            &mut scratch.cpu,
+        )
+    }
+
+    fn recall(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        dev: &mut Self::DeviceTier,
+        heads: &[bool],
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<RecallStats> {
+        let g = &self.geo;
+        scratch.moves.clear();
+        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
+            for e in dev.plan.plan(h) {
+                if e.page != NO_PAGE {
+                    scratch.moves.push(ChunkMove {
+                        block: table[e.page as usize],
+                        head: h as u32,
+                        slot: e.slot,
+                    });
+                }
+            }
+        }
+        self.ops
+            .move_chunks(
+                &host.tier,
+                &mut dev.slots,
+                &scratch.moves,
+                Some(&mut scratch.device),
+            )
+            .context("recalling the selected pages")?;
+        // The tables follow the data (and the plans are consumed).
+        let mut stats =
+            self.cpu
+                .recall(&host.tier, table, &mut dev.plan, heads, &mut scratch.cpu)?;
+        debug_assert_eq!(stats.pages, scratch.moves.len());
+        stats.bytes = stats.pages * self.chunk_bytes();
+        Ok(stats)
+    }
+
+    fn resident_pages(
+        &self,
+        dev: &Self::DeviceTier,
+        head: usize,
+        len: usize,
+    ) -> anyhow::Result<Vec<u32>> {
+        self.cpu.resident_pages(&dev.plan, head, len)
+    }
+
+    fn attend_decode(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        len: usize,
+        dev: Option<&Self::DeviceTier>,
+        batch: &mut CpuBatch,
+        row: usize,
+        params: &AttnParams,
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()> {
+        let dev = match dev {
+            Some(dev) if Self::decode_on_device(params) => dev,
+            // The host tier (dense), or the host chunks the tables name (sliding window).
+            other => {
+                return self.cpu.attend_decode(
+                    &host.tier,
+                    table,
+                    len,
+                    other.map(|d| &d.plan),
+                    batch,
+                    row,
+                    params,
+                    &mut scratch.cpu,
+                )
+            }
+        };
+        let g = &self.geo;
+        let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
+        // The valid-token table, from the slot tables.
+        scratch.slot_len.clear();
+        scratch.slot_len.resize(g.slots * n_kv, 0);
+        for h in 0..n_kv {
+            for (slot, &page) in dev.plan.slots(h).iter().enumerate() {
+                if page != NO_PAGE {
+                    scratch.slot_len[slot * n_kv + h] = g.valid_tokens(page as usize, len) as i32;
+                }
+            }
+        }
+        scratch.q.clear();
+        scratch.q.extend_from_slice(batch.q_heads(row, 0..n_q));
+        scratch.out.clear();
+        scratch.out.resize(n_q * d, 0.0);
+        self.ops
+            .decode(
+                &dev.slots,
+                &scratch.slot_len,
+                &scratch.q,
+                params,
+                &mut scratch.out,
+                &mut scratch.device,
+            )
+            .context("decode attention over the working set")?;
+        for h in 0..n_q {
+            batch
+                .out_row(row, h, 0)
+                .copy_from_slice(&scratch.out[h * d..(h + 1) * d]);
+        }
+        Ok(())
+    }
+
+    fn attend_prefill(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        cached_len: usize,
+        new_len: usize,
+        batch: &mut CpuBatch,
+        row: usize,
+        params: &AttnParams,
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()> {
+        self.cpu.attend_prefill(
+            &host.tier,
+            table,
+            cached_len,
+            new_len,
+            batch,
+            row,
+            params,
+            &mut scratch.cpu,
+        )
+    }
+}

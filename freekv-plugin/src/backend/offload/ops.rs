@@ -1,0 +1,84 @@
+//! The raw device calls of the offload design, behind [`DeviceOps`]: what a device must do
+//! for FreeKV's working set to live in its own memory. Everything above this interface (slot
+//! tables, plans, which chunks move where, when attention may run on the device) is
+//! [`OffloadBackend`](super::OffloadBackend)'s, written once for every device.
+
+use candle_core::Device;
+
+use crate::backend::cpu::elem::KvElem;
+use crate::backend::cpu::host_tier::HostTier;
+use crate::backend::Role;
+use crate::AttnParams;
+
+/// One chunk to move: KV head `head`'s K+V of host block `block` (HND, one page) into that
+/// head's slice of working-set slot `slot` (NHD).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkMove {
+    pub block: u32,
+    pub head: u32,
+    pub slot: u32,
+}
+
+/// The device operations of one model geometry (fixed at construction) for KV stored as `T`.
+///
+/// Slot data is token-major: `[slot][k/v][page_size][n_kv][head_dim]` (the layout the CUDA
+/// kernels read). Every call returns once its work is complete and its inputs may be reused:
+/// no call leaves device work behind that a later call, possibly on another thread, could race
+/// with. A failure is an error; the caller names the operation it served.
+pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
+    /// The slot data of one (sequence, layer) working set.
+    type Slots: Send;
+    /// Per-thread device memory (staging, decode buffers), allocated lazily.
+    type Scratch: Send;
+    /// What keeps a host tier's pages registered with the device (page-locked for its copy
+    /// engines) until it is dropped, before the pages are.
+    type HostPin: Send;
+
+    /// Where the engine's tensors live and outputs are returned.
+    fn device(&self) -> &Device;
+    /// Allocates the slot data of one working set (contents unspecified).
+    fn alloc_slots(&self) -> anyhow::Result<Self::Slots>;
+    /// Bytes of one working set's slot data (and the device's own tables for it).
+    fn slots_bytes(&self) -> usize;
+    /// Per-thread memory for a thread of `role`.
+    fn alloc_scratch(&self, role: Role) -> Self::Scratch;
+    /// Registers a newly allocated host tier's pages with the device. Best effort: where the
+    /// system refuses, copies still work from pageable memory (more slowly), and the device
+    /// says so in its log.
+    fn pin_host(&self, pages: &[T]) -> Self::HostPin;
+
+    /// Copies each move's whole host chunk into its slot. `scratch` is the calling thread's
+    /// (None where the caller has none: a working-set reset).
+    fn move_chunks(
+        &self,
+        host: &HostTier<T>,
+        slots: &mut Self::Slots,
+        moves: &[ChunkMove],
+        scratch: Option<&mut Self::Scratch>,
+    ) -> anyhow::Result<()>;
+
+    /// Writes one token's K and V rows of every KV head (`[n_kv][d]` each) at `token` of
+    /// `slot`.
+    fn append_token(
+        &self,
+        slots: &mut Self::Slots,
+        slot: usize,
+        token: usize,
+        k: &[T],
+        v: &[T],
+    ) -> anyhow::Result<()>;
+
+    /// Decode attention of one query position (`q`: `[n_q][d]` f32) over the working set:
+    /// `slot_len[slot * n_kv + head]` valid tokens of each slot (0: empty), every key visible
+    /// (no sliding window; softcap, when set, is positive). Writes `out`: `[n_q][d]` f32.
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &self,
+        slots: &Self::Slots,
+        slot_len: &[i32],
+        q: &[f32],
+        params: &AttnParams,
+        out: &mut [f32],
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()>;
+}
