@@ -19,6 +19,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::backend::{Backend, Role};
+use crate::correction::Threshold;
 use crate::counters::{Counters, LayerCounters};
 use crate::geometry::Geometry;
 use crate::state::{LayerState, StepTrace};
@@ -146,7 +147,11 @@ impl<B: Backend> Instance<B> {
                 )
             })?;
             layers.push(LayerCell {
-                state: Mutex::new(LayerState::new(&backend, host)),
+                state: Mutex::new(LayerState::new(
+                    &backend,
+                    host,
+                    Threshold::new(geo.num_kv_heads, config.tau, config.correction_rate),
+                )),
                 job: Mutex::new(JobStatus::default()),
                 done: Condvar::new(),
             });

@@ -15,12 +15,14 @@
 //! - [`geometry`]: page arithmetic (sink / window / candidates / slots);
 //! - [`plan`]: a sequence's per-step plan as plain arrays (slot tables, pending
 //!   replacements, stored query), what every backend's working set is built on;
+//! - `correction`: the correction test's thresholds, fixed or adapting to a target rate;
 //! - `state`: what is kept per layer and per (sequence, layer), the sequence's phase;
 //! - [`counters`]: what FreeKV did, per layer and in total;
 //! - `engine` / `cli` (features `engine` / `cli`): the mistral.rs glue and CLI flags.
 
 pub mod backend;
 pub mod config;
+mod correction;
 pub mod counters;
 pub mod geometry;
 mod instance;

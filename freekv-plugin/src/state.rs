@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use crate::backend::{Backend, Role};
+use crate::correction::Threshold;
 use crate::counters::LayerCounters;
 use crate::AttnParams;
 
@@ -133,10 +134,12 @@ pub struct LayerState<B: Backend> {
     pub similarity: Vec<f32>,
     pub heads: Vec<bool>,
     pub all_heads: Vec<bool>,
+    /// The correction test's per-head thresholds (fixed, or adapting).
+    pub threshold: Threshold,
 }
 
 impl<B: Backend> LayerState<B> {
-    pub fn new(backend: &B, host: B::HostTier) -> Self {
+    pub fn new(backend: &B, host: B::HostTier, threshold: Threshold) -> Self {
         let n_kv = backend.geometry().num_kv_heads;
         Self {
             host,
@@ -148,6 +151,7 @@ impl<B: Backend> LayerState<B> {
             similarity: vec![0.0; n_kv],
             heads: vec![false; n_kv],
             all_heads: vec![true; n_kv],
+            threshold,
         }
     }
 

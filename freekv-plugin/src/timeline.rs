@@ -186,6 +186,7 @@ fn correct<B: Backend>(
         similarity,
         heads,
         all_heads,
+        threshold,
         ..
     } = st;
     let seq = seqs.get_mut(&seq_id).expect("appended above");
@@ -203,10 +204,8 @@ fn correct<B: Backend>(
         counters.blocking_selections += 1;
     } else if cx.config.mode.correction() {
         cx.backend.query_similarity(dev, batch, r, similarity)?;
-        let tau = cx.config.tau;
-        for (h, &s) in heads.iter_mut().zip(similarity.iter()) {
-            // tau = 1 corrects every head (a cosine of identical queries may round to 1).
-            *h = s < tau || tau >= 1.0;
+        threshold.decide(similarity, heads);
+        for &s in similarity.iter() {
             counters.similarity_histogram[crate::counters::similarity_bin(s)] += 1;
         }
         counters.heads_checked += heads.len() as u64;

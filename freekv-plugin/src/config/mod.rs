@@ -81,6 +81,10 @@ declare_knobs! {
     /// input, 0.9 long generation; `tau = 1` corrects every head every step (the result
     /// equals `sync`), `tau = -1` never corrects.
     tau: f32 = 0.9, "freekv-tau", "FREEKV_TAU", "TAU";
+    /// Adaptive correction (beyond the paper; off at 0): a target share of KV heads to correct
+    /// per step, in (0, 1]. Each layer's per-head threshold then starts at `tau` and follows
+    /// that quantile of the head's running query similarity.
+    correction_rate: f32 = 0.0, "freekv-correction-rate", "FREEKV_CORRECTION_RATE", "RATE";
     /// Page summary: min-max (Quest) or centre-mad (ArkVale's box).
     summary: SummaryKind = SummaryKind::MinMax, "freekv-summary", "FREEKV_SUMMARY", "KIND";
     /// How a GQA group's query heads pool their page scores: softmax-mean, mean or max.
@@ -202,6 +206,13 @@ impl FreeKvConfig {
                 "tau",
                 self.tau,
                 "a number in [-1, 1] (0.8 suits long input, 0.9 long generation)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.correction_rate) {
+            return Err(err(
+                "correction_rate",
+                self.correction_rate,
+                "a share in [0, 1] (0: fixed tau; e.g. 0.25: a quarter of the heads corrected)",
             ));
         }
         if let Some(shape) = shape {

@@ -162,6 +162,7 @@ fn environment_overrides_and_errors() {
         ("FREEKV_DENSE_LAYERS", ""),
         ("FREEKV_MODE", "speculative"),
         ("FREEKV_DEVICE_TIER", "copy"),
+        ("FREEKV_CORRECTION_RATE", "0.25"),
     ]
     .into_iter()
     .collect();
@@ -174,6 +175,7 @@ fn environment_overrides_and_errors() {
             sink: 128,
             window: 128,
             tau: 0.8,
+            correction_rate: 0.25,
             summary: SummaryKind::CentreMad,
             pooling: Pooling::Max,
             dense_layers: vec![],
@@ -196,6 +198,10 @@ fn environment_overrides_and_errors() {
     assert!(e.contains("FREEKV_BUDGET"), "{e}");
     let e = one("FREEKV_DENSE_LAYERS", "0;1");
     assert!(e.contains("FREEKV_DENSE_LAYERS"), "{e}");
+    let mut bad = c.clone();
+    bad.correction_rate = 1.5;
+    let e = bad.validate(Some(&shape())).unwrap_err().to_string();
+    assert!(e.contains("correction_rate") && e.contains("1.5"), "{e}");
     let e = one("FREEKV_DEVICE_TIER", "gpu");
     assert!(e.contains("copy, in-place"), "{e}");
     let e = one("FREEKV_POOLING", "avg");

@@ -150,6 +150,9 @@ pub struct Harness {
     pub last_outputs: Vec<Vec<f32>>,
     /// Traces of the last decode, per layer and row.
     pub last_traces: Vec<Vec<StepTrace>>,
+    /// The correction thresholds `[layer][kv head]` the spec's rule gives so far: fixed at
+    /// tau, or, with a correction rate, moved after every test by `0.005 * (rate - corrected)`.
+    pub taus: Vec<Vec<f32>>,
 }
 
 impl Harness {
@@ -163,7 +166,6 @@ impl Harness {
             .map(|b| b as u32)
             .collect();
         Self {
-            s,
             fk,
             seqs: Vec::new(),
             free,
@@ -171,6 +173,8 @@ impl Harness {
             checked: Checked::default(),
             last_outputs: Vec::new(),
             last_traces: Vec::new(),
+            taus: vec![vec![s.cfg.tau; s.shape.num_kv_heads]; s.shape.num_layers],
+            s,
         }
     }
 
@@ -453,10 +457,10 @@ impl Harness {
                 let prev = seq.q_prev[layer]
                     .as_ref()
                     .expect("a selection implies a previous query");
-                let tau = self.s.cfg.tau as f64;
                 let mut current = vec![false; n_kv];
                 let mut ambiguous = vec![false; n_kv];
                 for h in 0..n_kv {
+                    let tau = self.taus[layer][h] as f64;
                     let a: Vec<&[f32]> = (h * gs..(h + 1) * gs).map(|i| &q[i][..]).collect();
                     let b: Vec<&[f32]> = (h * gs..(h + 1) * gs).map(|i| &prev[i][..]).collect();
                     let c = reference::mean_cosine(&a, &b);
@@ -574,11 +578,17 @@ impl Harness {
                     .fk
                     .step_trace(l, self.seqs[i].id)
                     .expect("tracing is on");
+                // Adaptive thresholds move row by row, within the call too.
+                let expect = if self.s.cfg.correction_rate > 0.0 {
+                    self.expect(i, l, &queries[r], rebuild)
+                } else {
+                    expects[r].clone()
+                };
                 self.check_step(
                     i,
                     l,
                     &queries[r],
-                    &expects[r],
+                    &expect,
                     &trace,
                     &out[r * n_q * d..(r + 1) * n_q * d],
                 );
@@ -650,6 +660,12 @@ impl Harness {
                         }
                     }
                     self.checked.corrected += trace.corrected.iter().filter(|&&c| c).count();
+                    let rate = self.s.cfg.correction_rate;
+                    if rate > 0.0 {
+                        for (tau, &c) in self.taus[l].iter_mut().zip(&trace.corrected) {
+                            *tau = (*tau + 0.005 * (rate - c as u8 as f32)).clamp(-1.0, 1.0);
+                        }
+                    }
                 }
                 let fixed = self.s.fixed_pages(len);
                 let cand = self.s.candidates(len);
@@ -788,6 +804,7 @@ pub fn random_setup(rng: &mut Rng, lim: &Limits) -> Setup {
         sink,
         window,
         tau: [0.5, 0.8, 0.9, 0.95][rng.range(0, 3)],
+        correction_rate: 0.0,
         summary: if rng.chance(0.3) {
             freekv_plugin::SummaryKind::CentreMad
         } else {

@@ -90,6 +90,37 @@ fn correction_reselects_the_drifting_heads_before_attention() {
     );
 }
 
+/// Adaptive correction: each step's corrected heads are those below the thresholds the spec's
+/// rule has moved to (every layer and KV head on its own), and the rate follows the target.
+#[test]
+fn adaptive_correction_follows_its_thresholds_per_layer_and_head() {
+    let lim = Limits {
+        modes: &[Mode::FreeKv],
+        head_dims: &FAST_DIMS,
+        ..ALL
+    };
+    let mut all = Checked::default();
+    let mut moved = 0usize;
+    for (i, rate) in [0.1f32, 0.3, 0.6].into_iter().cycle().take(24).enumerate() {
+        let seed = 45_000 + i as u64;
+        let mut rng = Rng::new(seed);
+        let mut s = cycled_setup(i, &mut rng, &lim);
+        s.cfg.correction_rate = rate;
+        s.cfg.tau = 0.9;
+        // Query cosines straddle the starting threshold, so its moves change decisions.
+        let h = run(seed, s, &mut rng, Queries::Drift { lo: 0.75, hi: 1.0 }, 30);
+        moved += h
+            .taus
+            .iter()
+            .flatten()
+            .filter(|&&t| (t - 0.9).abs() > 0.02)
+            .count();
+        tally(&mut all, h.checked);
+    }
+    assert!(all.sparse_steps > 500, "{all:?}");
+    assert!(moved > 20, "thresholds barely moved: {moved}");
+}
+
 #[test]
 fn crafted_drift_corrects_exactly_the_drifting_heads() {
     let mut rng = Rng::new(77);

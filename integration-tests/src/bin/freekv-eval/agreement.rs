@@ -108,6 +108,52 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// The settings study (f32 reference, the full run's text): at budget 512, what recovers
+    /// agreement (more dense layers, smaller pages, another sink/window split, pooling,
+    /// summary), and the correction-rate trade-off of fixed tau against adaptive correction.
+    pub fn tuning(quick: bool) -> Self {
+        use freekv_plugin::Mode::*;
+        let base = || Variant::freekv(512, 0.9, FreeKv);
+        let mut variants = vec![
+            base(),
+            base().with("dense 0-1", |c| c.dense_layers = vec![0, 1]),
+            base().with("dense 0-3", |c| c.dense_layers = vec![0, 1, 2, 3]),
+            base().with("page 16", |c| c.page_size = 16),
+            base().with("sink/window 32", |c| {
+                c.sink = 32;
+                c.window = 32;
+            }),
+            base().with("sink/window 192", |c| {
+                c.sink = 192;
+                c.window = 192;
+            }),
+            base().with("pool mean", |c| c.pooling = freekv_plugin::Pooling::Mean),
+            base().with("pool max", |c| c.pooling = freekv_plugin::Pooling::Max),
+            base().with("centre-mad", |c| {
+                c.summary = freekv_plugin::SummaryKind::CentreMad
+            }),
+        ];
+        for tau in [0.5, 0.7, 0.8, 0.95] {
+            variants.push(Variant::freekv(512, tau, FreeKv));
+        }
+        variants.push(Variant::freekv(512, 0.9, Speculative));
+        variants.push(Variant::freekv(512, 0.9, Sync));
+        for rate in [0.1, 0.25, 0.5, 0.75] {
+            variants.push(Variant::adaptive(512, rate));
+        }
+        if quick {
+            variants = vec![Variant::adaptive(128, 0.25)];
+        }
+        let full = Self::new(quick);
+        Self {
+            precisions: vec![Precision::F32],
+            variants,
+            ..full
+        }
+    }
+}
+
 /// One variant's agreement with dense and what FreeKV did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
@@ -116,6 +162,9 @@ pub struct Outcome {
     pub variant: String,
     pub budget: usize,
     pub tau: f32,
+    /// Adaptive correction's target rate (0: fixed tau).
+    #[serde(default)]
+    pub correction_rate: f32,
     pub mode: freekv_plugin::Mode,
     pub steps: usize,
     pub top1_agreement: f64,
@@ -294,6 +343,7 @@ async fn run_in(cx: &Ctx, plan: &Plan, precision: Precision) -> Result<Vec<Outco
             variant: v.name.clone(),
             budget: config.budget,
             tau: config.tau,
+            correction_rate: config.correction_rate,
             mode: config.mode,
             steps,
             top1_agreement: agree as f64 / steps.max(1) as f64,
@@ -447,5 +497,47 @@ pub fn agreement_chart(outcomes: &[Outcome]) -> crate::plot::Chart<'static> {
         y_range: None,
         log2_x: true,
         series,
+    }
+}
+
+/// Mean KL vs correction rate at one budget: fixed tau (sync and speculative at the ends)
+/// against adaptive correction.
+pub fn correction_chart_kl(outcomes: &[Outcome]) -> crate::plot::Chart<'static> {
+    let rate = |o: &Outcome| match o.mode {
+        freekv_plugin::Mode::Sync => 1.0,
+        _ => o.total.correction_rate(),
+    };
+    // "b512 t0.8", "b512 sync", "b512 spec": no setting changed.
+    let plain = |o: &&Outcome| o.variant.split(' ').count() == 2;
+    let mut fixed: Vec<(f64, f64)> = outcomes
+        .iter()
+        .filter(plain)
+        .filter(|o| o.correction_rate == 0.0 && o.mode != freekv_plugin::Mode::Dense)
+        .map(|o| (rate(o), o.mean_kl))
+        .collect();
+    let mut adaptive: Vec<(f64, f64)> = outcomes
+        .iter()
+        .filter(|o| o.correction_rate > 0.0)
+        .map(|o| (rate(o), o.mean_kl))
+        .collect();
+    fixed.sort_by(|a, b| a.0.total_cmp(&b.0));
+    adaptive.sort_by(|a, b| a.0.total_cmp(&b.0));
+    crate::plot::Chart {
+        title: "Mean KL vs correction rate (budget 512)",
+        x_named: None,
+        x_label: "share of KV heads corrected per step",
+        y_label: "mean KL(dense || FreeKV)",
+        y_range: None,
+        log2_x: false,
+        series: vec![
+            crate::plot::Series {
+                label: "fixed tau (speculative .. sync)".into(),
+                points: fixed,
+            },
+            crate::plot::Series {
+                label: "adaptive (target rate)".into(),
+                points: adaptive,
+            },
+        ],
     }
 }

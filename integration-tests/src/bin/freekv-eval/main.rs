@@ -2,7 +2,7 @@
 //! through the engine as users run it (the Rust SDK and the engine's server).
 //!
 //! ```text
-//! freekv-eval <passkey|agreement|speed|load|batching|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
+//! freekv-eval <passkey|retrieval|agreement|tuning|speed|load|batching|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
 //! ```
 //!
 //! `plots` redraws the PNGs from the JSON files already in the output folder.
@@ -17,6 +17,7 @@ mod batching;
 mod load;
 mod passkey;
 mod plot;
+mod retrieval;
 mod speed;
 mod variants;
 
@@ -34,7 +35,7 @@ pub struct Ctx {
 }
 
 const USAGE: &str =
-    "usage: freekv-eval <passkey|agreement|speed|load|batching|all|plots> [--quick] [--out DIR] \
+    "usage: freekv-eval <passkey|retrieval|agreement|tuning|speed|load|batching|all|plots> [--quick] [--out DIR] \
                      [--gguf FILE] [--mistralrs BIN]";
 
 fn parse_args() -> Result<(Vec<String>, Ctx)> {
@@ -52,9 +53,20 @@ fn parse_args() -> Result<(Vec<String>, Ctx)> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
-            "passkey" | "agreement" | "speed" | "load" | "batching" | "plots" => parts.push(a),
-            "all" => parts
-                .extend(["passkey", "agreement", "speed", "load", "batching"].map(String::from)),
+            "passkey" | "retrieval" | "agreement" | "tuning" | "speed" | "load" | "batching"
+            | "plots" => parts.push(a),
+            "all" => parts.extend(
+                [
+                    "passkey",
+                    "retrieval",
+                    "agreement",
+                    "tuning",
+                    "speed",
+                    "load",
+                    "batching",
+                ]
+                .map(String::from),
+            ),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -139,6 +151,16 @@ fn replot(cx: &Ctx) -> Result<()> {
     if let Some(trials) = read_json::<Vec<passkey::Trial>>(cx, "passkey.json")? {
         draw(cx, "passkey-accuracy.png", &passkey::chart(&trials))?;
     }
+    if let Some(trials) = read_json::<Vec<retrieval::Trial>>(cx, "retrieval.json")? {
+        draw(cx, "retrieval-accuracy.png", &retrieval::chart(&trials))?;
+    }
+    if let Some(outcomes) = read_json::<Vec<agreement::Outcome>>(cx, "tuning.json")? {
+        draw(
+            cx,
+            "kl-vs-correction-rate.png",
+            &agreement::correction_chart_kl(&outcomes),
+        )?;
+    }
     if let Some(outcomes) = read_json::<Vec<agreement::Outcome>>(cx, "agreement.json")? {
         draw_agreement(cx, &outcomes)?;
     }
@@ -184,6 +206,57 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                 let (dense, fkv): (Vec<_>, Vec<_>) =
                     trials.iter().partition(|t| t.variant == "dense");
                 anyhow::ensure!(!dense.is_empty() && !fkv.is_empty(), "passkey ran no trial");
+            }
+            "retrieval" => {
+                let plan = retrieval::Plan::new(cx.quick);
+                let trials = retrieval::run(cx, &plan).await?;
+                write(&cx.out, "retrieval.json", &json(&trials)?)?;
+                let mut md = header(part, t.elapsed().as_secs_f64());
+                md += &format!(
+                    "Prompt: {} with the needles; the question is then teacher forced one decode \
+                     step at a time and the answer generated greedily (SmolLM2-135M-Instruct, \
+                     Q4_1, the engine's automatic dtype on the CPU). {} trials per task and length, the asked needle \
+                     at depths 10-90%.\n",
+                    freekv_integration_tests::prose::Prose::load().source(),
+                    plan.trials
+                );
+                md += &retrieval::table(&trials);
+                write(&cx.out, "retrieval.md", &md)?;
+                println!("{md}");
+                draw(cx, "retrieval-accuracy.png", &retrieval::chart(&trials))?;
+                for t in &trials {
+                    // The question and answer must have gone through the sparse path.
+                    let sparse = t.budget.is_some_and(|b| t.prompt_tokens > b);
+                    anyhow::ensure!(
+                        !sparse || t.sparse_steps > 0,
+                        "{} on {:?}: the question was never decoded sparsely",
+                        t.variant,
+                        t.task
+                    );
+                }
+            }
+            "tuning" => {
+                let plan = agreement::Plan::tuning(cx.quick);
+                let outcomes = agreement::run(cx, &plan).await?;
+                write(&cx.out, "tuning.json", &json(&outcomes)?)?;
+                let mut md = header(part, t.elapsed().as_secs_f64());
+                md += &format!(
+                    "Settings at budget 512, teacher forced as in the agreement part ({} prompt \
+                     tokens of GPL-3, then {} forced steps).\n\n",
+                    plan.prompt_tokens, plan.forced_tokens
+                );
+                md += &agreement::tables(&outcomes);
+                write(&cx.out, "tuning.md", &md)?;
+                println!("{md}");
+                draw(
+                    cx,
+                    "kl-vs-correction-rate.png",
+                    &agreement::correction_chart_kl(&outcomes),
+                )?;
+                for o in &outcomes {
+                    anyhow::ensure!(o.mean_kl.is_finite(), "{}: KL is not finite", o.variant);
+                    anyhow::ensure!(o.total.sparse_steps > 0, "{}: never went sparse", o.variant);
+                }
             }
             "agreement" => {
                 let plan = agreement::Plan::new(cx.quick);
@@ -328,7 +401,9 @@ fn main() {
         if parts.len() > 1 {
             return run_in_children(&parts);
         }
-        if parts[0] == "agreement" && std::env::var_os(DEQUANTIZE).is_none() {
+        if matches!(parts[0].as_str(), "agreement" | "tuning")
+            && std::env::var_os(DEQUANTIZE).is_none()
+        {
             // Stock and FreeKV then multiply with the same f32 weights in plain f32: the Q4_1
             // matmuls re-quantize activations to 8 bits, which turns last-bit differences of
             // the attention sums into different tokens (docs/results.md, section 2).

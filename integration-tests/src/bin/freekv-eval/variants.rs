@@ -46,6 +46,26 @@ impl Variant {
         }
     }
 
+    /// This FreeKV variant with `change` applied to its configuration and `suffix` added to
+    /// its name (settings studies).
+    pub fn with(mut self, suffix: &str, change: impl FnOnce(&mut FreeKvConfig)) -> Self {
+        if let Some(c) = self.config.as_mut() {
+            change(c);
+            self.name = format!("{} {suffix}", self.name);
+        }
+        self
+    }
+
+    /// FreeKV with adaptive correction holding `rate` of the heads corrected (from tau 0.9).
+    pub fn adaptive(budget: usize, rate: f32) -> Self {
+        let mut v = Self::freekv(budget, 0.9, Mode::FreeKv);
+        if let Some(c) = v.config.as_mut() {
+            c.correction_rate = rate;
+        }
+        v.name = format!("b{budget} rate {rate}");
+        v
+    }
+
     /// The budget in tokens (None for dense).
     pub fn budget(&self) -> Option<usize> {
         self.config.as_ref().map(|c| c.budget)
