@@ -26,8 +26,16 @@ use crate::state::{LayerState, StepTrace};
 use crate::timeline::{self, LayerCtx};
 use crate::{prefill, AttnParams, DecodeRow, FreeKvConfig, ModelShape, PrefillRow};
 
-/// The object-safe face of an instance (one per backend and dtype).
+/// FreeKV's operations on one loaded model, whatever its backend and dtype: what the engine
+/// glue calls on a [`FreeKv`](crate::FreeKv), which dereferences to this.
 pub trait AnyInstance: Send + Sync {
+    /// A prompt batch on one layer. q: `(B, Hq, Lmax, D)`, k/v: `(B, Hkv, Lmax, D)` candle CPU
+    /// tensors of any float dtype (rows shorter than `Lmax` padded at the end). Writes every
+    /// new token to the host tier (and the summaries of pages that became full), builds the
+    /// sequence's state on this layer (replacing any earlier one) and makes the first
+    /// selection with the last prompt query. With `want_output`, returns the causal attention
+    /// output `(B, Hq, Lmax, D)` in q's dtype (new queries attend over cached + new keys;
+    /// padding positions hold zeros); otherwise `None`.
     #[allow(clippy::too_many_arguments)]
     fn prefill(
         &self,
@@ -39,6 +47,10 @@ pub trait AnyInstance: Send + Sync {
         params: &AttnParams,
         want_output: bool,
     ) -> anyhow::Result<Option<Tensor>>;
+    /// One decode step of one layer. q: `(B, Hq, D)`, k/v: `(B, Hkv, D)`; returns `(B, Hq, D)`
+    /// in q's dtype. A row whose sequence has no state on this layer is an error naming it; a
+    /// row whose `context_len` is not the state's length + 1 (the engine trimmed or re-fed the
+    /// sequence) rebuilds the state from the host tier (blocking selection).
     fn decode(
         &self,
         layer: usize,
@@ -48,15 +60,27 @@ pub trait AnyInstance: Send + Sync {
         v: &Tensor,
         params: &AttnParams,
     ) -> anyhow::Result<Tensor>;
+    /// Drops all state of a sequence (every layer) and returns what FreeKV did for it since
+    /// its prefill, summed over layers (None for an unknown id, which is a no-op). Its blocks
+    /// stay in the host tier until the engine reuses them.
     fn free_sequence(&self, seq_id: u64) -> Option<LayerCounters>;
+    /// Sequences that have FreeKV state on some layer (0 when the engine is idle).
     fn live_sequences(&self) -> usize;
+    /// Counters per layer and in total.
     fn counters(&self) -> Counters;
+    /// Bytes of the host tier, all layers (KV pages and summaries; committed lazily).
     fn host_tier_bytes(&self) -> usize;
+    /// Bytes of one sequence's device tier over all sparse layers (O(budget)).
     fn device_tier_bytes_per_sequence(&self) -> usize;
+    /// Turns per-step traces on or off (for tests and debugging; off by default).
     fn set_tracing(&self, on: bool);
+    /// What the last decode step of `seq_id` on `layer` did (with tracing on).
     fn step_trace(&self, layer: usize, seq_id: u64) -> Option<StepTrace>;
+    /// The pages each KV head of `seq_id` will attend over at its next step on `layer`
+    /// (after the background work; `None` while the sequence attends densely).
     fn resident_pages(&self, layer: usize, seq_id: u64) -> Option<Vec<Vec<u32>>>;
-    fn join_all(&self) -> anyhow::Result<()>;
+    /// Waits for all background work (e.g. before measuring or tearing down).
+    fn join_background(&self) -> anyhow::Result<()>;
 }
 
 /// Whether a layer's background work is outstanding, and how the last one ended.
@@ -427,7 +451,7 @@ impl<B: Backend> AnyInstance for Instance<B> {
             .ok()
     }
 
-    fn join_all(&self) -> anyhow::Result<()> {
+    fn join_background(&self) -> anyhow::Result<()> {
         for layer in 0..self.shared.layers.len() {
             self.join(layer)?;
         }

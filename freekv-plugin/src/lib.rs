@@ -45,7 +45,6 @@ pub mod engine;
 #[cfg(feature = "cli")]
 pub mod cli;
 
-use candle_core::Tensor;
 use half::{bf16, f16};
 
 pub use backend::cpu::math::CpuKernels;
@@ -60,7 +59,8 @@ use backend::offload::host::HostOps;
 use backend::offload::OffloadBackend;
 use backend::Backend;
 use geometry::Geometry;
-use instance::{AnyInstance, Instance};
+pub use instance::AnyInstance;
+use instance::Instance;
 
 /// FreeKV for one loaded model: the host tier of every layer, every sequence's per-layer
 /// state, and a background worker thread for the speculative selections.
@@ -194,61 +194,6 @@ impl FreeKv {
         })
     }
 
-    /// A prompt batch on one layer. q: `(B, Hq, Lmax, D)`, k/v: `(B, Hkv, Lmax, D)` candle CPU
-    /// tensors of any float dtype (rows shorter than `Lmax` padded at the end). Writes every
-    /// new token to the host tier (and the summaries of pages that became full), builds the
-    /// sequence's state on this layer (replacing any earlier one) and makes the first
-    /// selection with the last prompt query. With `want_output`, returns the causal attention
-    /// output `(B, Hq, Lmax, D)` in q's dtype (new queries attend over cached + new keys;
-    /// padding positions hold zeros); otherwise `None`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn prefill(
-        &self,
-        layer: usize,
-        rows: &[PrefillRow<'_>],
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        params: &AttnParams,
-        want_output: bool,
-    ) -> anyhow::Result<Option<Tensor>> {
-        self.inner
-            .prefill(layer, rows, q, k, v, params, want_output)
-    }
-
-    /// One decode step of one layer. q: `(B, Hq, D)`, k/v: `(B, Hkv, D)`; returns `(B, Hq, D)`
-    /// in q's dtype. A row whose sequence has no state on this layer is an error naming it; a
-    /// row whose `context_len` is not the state's length + 1 (the engine trimmed or re-fed the
-    /// sequence) rebuilds the state from the host tier (blocking selection).
-    pub fn decode(
-        &self,
-        layer: usize,
-        rows: &[DecodeRow<'_>],
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        params: &AttnParams,
-    ) -> anyhow::Result<Tensor> {
-        self.inner.decode(layer, rows, q, k, v, params)
-    }
-
-    /// Drops all state of a sequence (every layer) and returns what FreeKV did for it since
-    /// its prefill, summed over layers (None for an unknown id, which is a no-op). Its blocks
-    /// stay in the host tier until the engine reuses them.
-    pub fn free_sequence(&self, seq_id: u64) -> Option<LayerCounters> {
-        self.inner.free_sequence(seq_id)
-    }
-
-    /// Sequences that have FreeKV state on some layer (0 when the engine is idle).
-    pub fn live_sequences(&self) -> usize {
-        self.inner.live_sequences()
-    }
-
-    /// Counters per layer and in total.
-    pub fn counters(&self) -> Counters {
-        self.inner.counters()
-    }
-
     /// The configuration.
     pub fn config(&self) -> &FreeKvConfig {
         &self.config
@@ -258,35 +203,14 @@ impl FreeKv {
     pub fn shape(&self) -> &ModelShape {
         &self.shape
     }
+}
 
-    /// Bytes of the host tier, all layers (KV pages and summaries; committed lazily).
-    pub fn host_tier_bytes(&self) -> usize {
-        self.inner.host_tier_bytes()
-    }
+impl std::ops::Deref for FreeKv {
+    type Target = dyn AnyInstance;
 
-    /// Bytes of one sequence's device tier over all sparse layers (O(budget)).
-    pub fn device_tier_bytes_per_sequence(&self) -> usize {
-        self.inner.device_tier_bytes_per_sequence()
-    }
-
-    /// Turns per-step traces on or off (for tests and debugging; off by default).
-    pub fn set_tracing(&self, on: bool) {
-        self.inner.set_tracing(on)
-    }
-
-    /// What the last decode step of `seq_id` on `layer` did (with tracing on).
-    pub fn step_trace(&self, layer: usize, seq_id: u64) -> Option<StepTrace> {
-        self.inner.step_trace(layer, seq_id)
-    }
-
-    /// The pages each KV head of `seq_id` will attend over at its next step on `layer`
-    /// (after the background work; `None` while the sequence attends densely).
-    pub fn resident_pages(&self, layer: usize, seq_id: u64) -> Option<Vec<Vec<u32>>> {
-        self.inner.resident_pages(layer, seq_id)
-    }
-
-    /// Waits for all background work (e.g. before measuring or tearing down).
-    pub fn join_background(&self) -> anyhow::Result<()> {
-        self.inner.join_all()
+    /// FreeKV's operations ([`AnyInstance`]) are called on the instance directly:
+    /// `freekv.decode(...)`.
+    fn deref(&self) -> &Self::Target {
+        &*self.inner
     }
 }

@@ -373,7 +373,7 @@ fn a_failed_decode_operation_fails_only_its_call_and_names_the_operation() {
         // Sequence 1 drifts (its queries are unrelated step to step), so its correction
         // selects and recalls on the calling thread.
         decode(&clean, &[1], len).unwrap();
-        faulty.join_all().unwrap();
+        faulty.join_background().unwrap();
         arm(&fault, op, false);
         let err = format!("{:#}", decode(&faulty, &[1], len).unwrap_err());
         assert!(err.contains(op), "{op}: {err}");
@@ -422,10 +422,10 @@ fn a_failed_background_selection_is_reported_by_its_sequence_only() {
         len += 1;
         // Sequence 1's step schedules its next selection, which fails on the worker.
         decode(&clean, &[1], len).unwrap();
-        faulty.join_all().unwrap();
+        faulty.join_background().unwrap();
         arm(&fault, op, true);
         decode(&faulty, &[1], len).unwrap();
-        faulty.join_all().unwrap();
+        faulty.join_background().unwrap();
         assert!(
             fault.lock().unwrap().is_none(),
             "{op} never ran on the worker"

@@ -4,7 +4,7 @@
 //! also the CPU's `--freekv-device-tier copy` layout.
 //!
 //! Slots hold NHD data in a `Vec`; moves scatter HND chunks into them (the worker through the
-//! double-buffered [`StagedRecall`]); decode is the CPU attention kernel over slot rows.
+//! double-buffered `StagedRecall`); decode is the CPU attention kernel over slot rows.
 
 use std::marker::PhantomData;
 

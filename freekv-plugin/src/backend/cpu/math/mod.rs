@@ -2,10 +2,10 @@
 //! attention's value side), scoring (logits over rows looked up by offset, in f32, bf16 or
 //! f16), softmax (a branch-free exp, max) and conversions.
 //!
-//! One dispatch point, at run time: [`CpuKernels::active`] is [`simd`] (AVX2 + FMA + F16C
+//! One dispatch point, at run time: [`CpuKernels::active`] is `simd` (AVX2 + FMA + F16C
 //! intrinsics, which the decode benchmark measured about 4x faster than what LLVM made of the
 //! portable loops) on a CPU that has those features, whatever the build's target, else
-//! [`portable`] (plain chunk loops LLVM vectorises as it can). The CPU is asked once; the
+//! `portable` (plain chunk loops LLVM vectorises as it can). The CPU is asked once; the
 //! public functions here check their arguments and forward through the `imp!` macro. Both
 //! implementations are tested against each other and against naive sums (`tests`).
 
