@@ -22,6 +22,13 @@ grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >>.git/in
 msg=$(mktemp)
 cargo test --release --no-run -p freekv-plugin --features cuda --test cuda_kernels --test cuda_freekv --message-format=json >"$msg"
 cargo bench --no-run -p freekv-plugin --features cuda --bench cuda_decode --message-format=json >>"$msg"
+# The engine itself with FreeKV on CUDA (sm_90 only, symbols stripped), and the generator of the
+# tiny models its end-to-end check runs (the device has no Rust to make them).
+t0=$SECONDS
+RUSTFLAGS="$RUSTFLAGS -C strip=symbols" \
+  cargo build --release -p mistralrs-cli --features cuda,freekv --message-format=json >>"$msg"
+echo "engine build: $((SECONDS - t0)) s"
+cargo build --release -p freekv-integration-tests --bin freekv-tiny-models --message-format=json >>"$msg"
 python3 - "$msg" "$out" <<'PY'
 import json, shutil, sys, os
 msgs, out = sys.argv[1], sys.argv[2]
@@ -30,11 +37,12 @@ for line in open(msgs):
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_kernels", "cuda_freekv", "cuda_decode"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_kernels", "cuda_freekv", "cuda_decode", "mistralrs", "freekv-tiny-models"):
         dst = os.path.join(out, m["target"]["name"])
         shutil.copy2(m["executable"], dst)
         print("built", dst)
 PY
 rm -f "$msg"
 cp kernels/device-run.sh "$out/../device-run.sh"
-du -sh "$out"
+ls -l "$out"
+du -sh "$out"   # everything a run carries: at most 64 MiB
