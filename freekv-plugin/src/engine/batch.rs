@@ -97,7 +97,7 @@ fn trimmed(row: &[u32], tokens: usize, page_size: usize) -> anyhow::Result<Vec<u
 }
 
 /// Prompt rows: `batch` sequences of up to `max_len` new tokens each.
-pub(crate) fn prompt_rows(
+pub(crate) fn translate_prompt_rows(
     meta: &PagedAttentionInputMetadata,
     device: &Device,
     batch: usize,
@@ -147,7 +147,7 @@ pub(crate) fn prompt_rows(
 
 /// Decode rows: one new token per sequence. Uses the unwindowed tables: FreeKV needs every
 /// page of the sequence and applies a layer's sliding window itself.
-pub(crate) fn decode_rows(
+pub(crate) fn translate_decode_rows(
     meta: &PagedAttentionInputMetadata,
     device: &Device,
     batch: usize,
@@ -285,8 +285,9 @@ mod tests {
             let page = rng.pick(&[1, 8, 16, 32]);
             let meta = metadata(&mut rng, batch, max_len);
             let outcome = catch_unwind(AssertUnwindSafe(|| {
-                let prompt = super::prompt_rows(&meta, &Device::Cpu, batch, max_len, page);
-                let decode = super::decode_rows(&meta, &Device::Cpu, batch, page);
+                let prompt =
+                    super::translate_prompt_rows(&meta, &Device::Cpu, batch, max_len, page);
+                let decode = super::translate_decode_rows(&meta, &Device::Cpu, batch, page);
                 if let Ok(rows) = &prompt {
                     assert_eq!(rows.len(), batch);
                     for r in rows {

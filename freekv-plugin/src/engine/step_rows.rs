@@ -57,7 +57,7 @@ fn id_for(map: Option<&batch::DeviceMap>, device: &Device) -> Option<TensorId> {
     batch::tensor_for(map?, device).map(Tensor::id)
 }
 
-/// [`batch::prompt_rows`], once per step.
+/// [`batch::translate_prompt_rows`], once per step.
 pub(crate) fn prompt_rows(
     meta: &PagedAttentionInputMetadata,
     device: &Device,
@@ -75,11 +75,11 @@ pub(crate) fn prompt_rows(
         shape: [batch, max_len, page_size],
     };
     PROMPTS.get_or_read(key, || {
-        batch::prompt_rows(meta, device, batch, max_len, page_size)
+        batch::translate_prompt_rows(meta, device, batch, max_len, page_size)
     })
 }
 
-/// [`batch::decode_rows`], once per step.
+/// [`batch::translate_decode_rows`], once per step.
 pub(crate) fn decode_rows(
     meta: &PagedAttentionInputMetadata,
     device: &Device,
@@ -95,7 +95,9 @@ pub(crate) fn decode_rows(
         ],
         shape: [batch, 1, page_size],
     };
-    STEPS.get_or_read(key, || batch::decode_rows(meta, device, batch, page_size))
+    STEPS.get_or_read(key, || {
+        batch::translate_decode_rows(meta, device, batch, page_size)
+    })
 }
 
 #[cfg(test)]
