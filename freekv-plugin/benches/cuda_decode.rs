@@ -31,16 +31,13 @@ use freekv_plugin::cuda::mem::{DeviceBuffer, HostRegistration, PinnedBuffer};
 use freekv_plugin::cuda::module;
 use freekv_plugin::cuda::recall::{RawEvent, RecallMode, RecallPipeline};
 use freekv_plugin::cuda::source::{KernelConfig, KernelDtype};
-use freekv_plugin::{AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape};
+use freekv_plugin::{AttnParams, DecodeRow, FreeKv, KvDType, Mode, ModelShape};
 
 mod inputs;
 #[allow(dead_code)] // the CPU benchmarks' other shape
 mod shapes;
-use inputs::{make_prompt, make_steps, prefill_sequence, Rng, Steps};
+use inputs::{bench_config, make_prompt, make_steps, prefill_sequence, Rng, Steps, BUDGET, PAGE};
 use shapes::LLAMA;
-
-const PAGE: usize = 32;
-const BUDGET: usize = 2048;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -58,19 +55,6 @@ impl Out {
         if let Some(f) = &mut self.0 {
             let _ = writeln!(f, "{line}");
         }
-    }
-}
-
-fn config(mode: Mode) -> FreeKvConfig {
-    FreeKvConfig {
-        page_size: PAGE,
-        budget: BUDGET,
-        sink: 512,
-        window: 512,
-        tau: 0.9,
-        dense_layers: vec![],
-        mode,
-        ..Default::default()
     }
 }
 
@@ -163,7 +147,7 @@ fn freekv(
         head_dim: s.d,
     };
     let pages = (ctx + warmup + n).div_ceil(PAGE) + 1;
-    let fk = FreeKv::new_on(device, config(mode), shape, pages, KvDType::BF16)?;
+    let fk = FreeKv::new_on(device, bench_config(mode), shape, pages, KvDType::BF16)?;
     let table: Vec<u32> = (0..pages as u32).collect();
     prefill_sequence(&fk, s, layers, prompt, ctx, &table, PAGE);
     let params = AttnParams::scaled(1.0 / (s.d as f32).sqrt());

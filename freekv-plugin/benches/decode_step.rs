@@ -20,12 +20,12 @@ use freekv_plugin::{
 
 mod inputs;
 mod shapes;
-use inputs::{make_prompt, make_steps, prefill_sequence, Prompt, Rng, Steps};
+use inputs::{
+    bench_config, make_prompt, make_steps, prefill_sequence, Prompt, Rng, Steps, BUDGET, PAGE,
+};
 use shapes::{Shape, LLAMA, SMOL};
 
 const LAYERS: usize = 8;
-const PAGE: usize = 32;
-const BUDGET: usize = 2048;
 
 /// The model shape of `s` with the bench's layer count.
 fn model(s: Shape) -> ModelShape {
@@ -139,15 +139,8 @@ impl Variant {
 
 fn config(mode: Mode, tier: DeviceTierLayout) -> FreeKvConfig {
     FreeKvConfig {
-        page_size: PAGE,
-        budget: BUDGET,
-        sink: 512,
-        window: 512,
-        tau: 0.9,
-        dense_layers: vec![],
-        mode,
         device_tier: tier,
-        ..Default::default()
+        ..bench_config(mode)
     }
 }
 

@@ -2,9 +2,28 @@
 //! and values per (step, layer), and a prompt, on any device.
 
 use candle_core::{DType, Device, Tensor};
-use freekv_plugin::{AttnParams, FreeKv, PrefillRow};
+use freekv_plugin::{AttnParams, FreeKv, FreeKvConfig, Mode, PrefillRow};
 
 use crate::shapes::Shape;
+
+/// Page size and budget of the decode benchmarks: the spec's defaults.
+pub const PAGE: usize = 32;
+pub const BUDGET: usize = 2048;
+
+/// The decode benchmarks' FreeKV configuration in `mode`: budget 2048 = sink 512 + window
+/// 512 + 32 selected pages, tau 0.9, every layer sparse.
+pub fn bench_config(mode: Mode) -> FreeKvConfig {
+    FreeKvConfig {
+        page_size: PAGE,
+        budget: BUDGET,
+        sink: 512,
+        window: 512,
+        tau: 0.9,
+        dense_layers: vec![],
+        mode,
+        ..Default::default()
+    }
+}
 
 /// SplitMix64 + Box-Muller: reproducible data without the rand crate.
 pub struct Rng(pub u64);

@@ -45,6 +45,8 @@ pub struct CudaOps<T> {
 /// Per-thread device memory: the decode buffers (caller thread only) and host staging.
 pub struct CudaOpsScratch<T> {
     decode: Option<DecodeBuffers>,
+    /// The event this thread's recalls signal completion with, created on first use.
+    done: Option<Arc<RawEvent>>,
     /// 16-bit rows: the query in, the output back.
     rows: Vec<T>,
 }
@@ -133,6 +135,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     fn alloc_scratch(&self, _role: Role) -> CudaOpsScratch<T> {
         CudaOpsScratch {
             decode: None,
+            done: None,
             rows: Vec::new(),
         }
     }
@@ -160,7 +163,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         host: &HostTier<T>,
         slots: &mut LayerTier,
         moves: &[ChunkMove],
-        _scratch: Option<&mut CudaOpsScratch<T>>,
+        scratch: Option<&mut CudaOpsScratch<T>>,
     ) -> anyhow::Result<()> {
         if moves.is_empty() {
             return Ok(());
@@ -176,7 +179,14 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
                 head: m.head as i32,
             })
             .collect();
-        let done = Arc::new(RawEvent::new(&self.ctx)?);
+        // One event per thread, reused (a working-set reset, which has no scratch, makes its own).
+        let done = match scratch {
+            Some(sc) => match &sc.done {
+                Some(e) => e.clone(),
+                None => sc.done.insert(Arc::new(RawEvent::new(&self.ctx)?)).clone(),
+            },
+            None => Arc::new(RawEvent::new(&self.ctx)?),
+        };
         // The host chunks are borrowed for this call: the copy engines stage them, and we wait
         // for the request to finish before returning.
         let ticket = self
@@ -241,6 +251,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         let CudaOpsScratch {
             decode: Some(bufs),
             rows,
+            ..
         } = scratch
         else {
             unreachable!("decode buffers were allocated above")

@@ -43,11 +43,13 @@ pub struct OffloadBackend<T: KvElem, O> {
 
 /// The working set of one (sequence, layer): the plan on the host, the slot data on the
 /// device.
-pub struct OffloadTier<S> {
+pub struct OffloadTier<T, S> {
     /// Slot tables, pending replacements and the stored query.
     pub plan: SlotPlan,
     /// The slot data.
     pub slots: S,
+    /// The new token's K then V rows of every KV head (`2 [n_kv][d]`), reused by each append.
+    new_token: Vec<T>,
 }
 
 /// One layer's host tier, registered with the device while it lives.
@@ -102,7 +104,7 @@ fn on_host(t: &Tensor) -> anyhow::Result<Tensor> {
 
 impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     type HostTier = OffloadHost<T, O::HostPin>;
-    type DeviceTier = OffloadTier<O::Slots>;
+    type DeviceTier = OffloadTier<T, O::Slots>;
     type Scratch = OffloadScratch<T, O::Scratch>;
     type Batch = CpuBatch;
 
@@ -119,9 +121,11 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     }
 
     fn alloc_device_tier(&self) -> anyhow::Result<Self::DeviceTier> {
+        let width = self.geo.num_kv_heads * self.geo.head_dim;
         Ok(OffloadTier {
             plan: self.cpu.alloc_device_tier()?,
             slots: self.ops.alloc_slots().context("allocating a working set")?,
+            new_token: vec![T::default(); 2 * width],
         })
     }
 
@@ -258,7 +262,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         let pos = len - 1;
         let slot = g.window_slot(pos / g.page_size);
         let width = g.num_kv_heads * g.head_dim;
-        let (mut k, mut v) = (vec![T::default(); width], vec![T::default(); width]);
+        let (k, v) = dev.new_token.split_at_mut(width);
         for h in 0..g.num_kv_heads {
             let (kr, vr) = batch.kv_row(row, h, 0);
             let r = h * g.head_dim..(h + 1) * g.head_dim;
@@ -266,7 +270,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             T::from_f32s(vr, &mut v[r]);
         }
         self.ops
-            .append_token(&mut dev.slots, slot, pos % g.page_size, &k, &v)
+            .append_token(&mut dev.slots, slot, pos % g.page_size, k, v)
             .context("appending the new token to its window slot")
     }
 

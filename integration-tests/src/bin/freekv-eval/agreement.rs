@@ -228,13 +228,17 @@ impl CustomLogitsProcessor for Forcing {
             }
         }
         // Force the text's next token.
-        let target = self.targets.get(step).copied().unwrap_or(0) as usize;
-        let mut forced = vec![f32::NEG_INFINITY; row.len()];
-        if target < forced.len() {
-            forced[target] = 0.0;
-        }
-        Tensor::from_vec(forced, logits.shape(), logits.device())?.to_dtype(logits.dtype())
+        force(logits, self.targets.get(step).copied().unwrap_or(0))
     }
+}
+
+/// Logits shaped like `logits` that make `target` the only possible next token.
+pub fn force(logits: &Tensor, target: u32) -> mistralrs::Result<Tensor> {
+    let mut forced = vec![f32::NEG_INFINITY; logits.elem_count()];
+    if let Some(x) = forced.get_mut(target as usize) {
+        *x = 0.0;
+    }
+    Tensor::from_vec(forced, logits.shape(), logits.device())?.to_dtype(logits.dtype())
 }
 
 /// The licence text and its token ids under the model's tokenizer.

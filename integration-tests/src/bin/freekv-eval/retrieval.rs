@@ -311,15 +311,10 @@ impl CustomLogitsProcessor for Forcing {
             let mut p = self.prompt_len.lock().expect("forcing lock");
             context.len() - *p.get_or_insert(context.len())
         };
-        let Some(&target) = self.forced.get(step) else {
-            return Ok(logits.clone());
-        };
-        let n = logits.elem_count();
-        let mut forced = vec![f32::NEG_INFINITY; n];
-        if (target as usize) < n {
-            forced[target as usize] = 0.0;
+        match self.forced.get(step) {
+            Some(&target) => crate::agreement::force(logits, target),
+            None => Ok(logits.clone()),
         }
-        Tensor::from_vec(forced, logits.shape(), logits.device())?.to_dtype(logits.dtype())
     }
 }
 
