@@ -18,7 +18,9 @@ export CARGO_TARGET_DIR=${FREEKV_DEVICE_TARGET_DIR:-/work/tgt/cuda-device}
 export RUSTFLAGS="-C target-cpu=x86-64-v2"
 out=$ROOT/.device/bin
 mkdir -p "$out"
-grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >>.git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)   # also right in a linked worktree
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.device/' "$exclude" 2>/dev/null || echo '/.device/' >>"$exclude"
 msg=$(mktemp)
 cargo test --release --no-run -p freekv-plugin --features cuda --test cuda_kernels --test cuda_freekv --message-format=json >"$msg"
 cargo bench --no-run -p freekv-plugin --features cuda --bench cuda_decode --message-format=json >>"$msg"

@@ -185,7 +185,7 @@ __device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, in
 struct SeqDesc {
   u64 slots;      // kv_t*: [n_slots][2][PAGE][n_kv][D]
   u64 slot_len;   // i32*:  [n_slots][n_kv] valid tokens of each slot, per KV head
-  u64 summaries;  // kv_t*: [page_capacity][n_kv][2][D]
+  u64 summaries;  // kv_t*: one layer's [n_kv][n_blocks][2][D] (by block; see select.cu)
   u64 sel_pages;  // i32*:  [n_kv][n_sel] logical page held by each selectable slot (-1 empty)
   i32 n_slots;    // slots attended by decode (sink + selected + window)
   i32 sel_slot0;  // first selectable slot; selectable slots are [sel_slot0, sel_slot0 + n_sel)

@@ -3,6 +3,10 @@
 // Candidates of a sequence are the pages [cand_begin, cand_begin + cand_count) (full pages that are
 // neither sink nor window); candidate j is page cand_begin + j. Score buffers are indexed by j with a
 // fixed row stride `cand_stride` >= the largest cand_count of the batch.
+//
+// The scorer reads one layer's summaries by block, as the host tier lays them out and the product
+// mirrors them on the device: `desc.summaries` is `[n_kv][n_blocks][2][D]` (upper then lower bound)
+// and `cand_blocks[s * cand_stride + j]` is the block holding candidate j of sequence s.
 
 // Query heads staged in shared memory at a time by the scorer (bounds shared memory for any group).
 #define SCORE_HT (GROUP < 16 ? GROUP : 16)
@@ -18,8 +22,10 @@
 // Each warp scores PPW pages per step (LPP lanes per page, 16-byte summary loads, shuffle reduce);
 // the group's queries sit in shared memory as f32.
 extern "C" __global__ void freekv_score_pages(const kv_t* __restrict__ q, i64 q_seq_stride,
-                                              const SeqDesc* __restrict__ descs, float* __restrict__ raw,
-                                              int n_kv, int cand_stride, int pages_per_block) {
+                                              const SeqDesc* __restrict__ descs,
+                                              const int* __restrict__ cand_blocks, int n_blocks,
+                                              float* __restrict__ raw, int n_kv, int cand_stride,
+                                              int pages_per_block) {
   __shared__ float qs[SCORE_HT][D];
   const int g = blockIdx.y, s = blockIdx.z;
   const SeqDesc desc = descs[s];
@@ -46,7 +52,8 @@ extern "C" __global__ void freekv_score_pages(const kv_t* __restrict__ q, i64 q_
       const bool valid = j < j1;
       float up[VEC], lo[VEC];
       if (valid) {
-        const kv_t* rec = summ + ((i64)(desc.cand_begin + j) * n_kv + g) * (2 * D) + c8 * VEC;
+        const i64 block = cand_blocks[(i64)s * cand_stride + j];
+        const kv_t* rec = summ + ((i64)g * n_blocks + block) * (2 * D) + c8 * VEC;
         load8(rec, up);
         load8(rec + D, lo);
       } else {

@@ -295,7 +295,7 @@ fn bandwidth(device: &Device, out: &mut Out) -> anyhow::Result<()> {
         n_sel: n_slots - 2 * 512 / PAGE,
         elem_bytes: 2,
     };
-    let tier = LayerTier::new(&ctx, shape, 1)?;
+    let tier = LayerTier::new(&ctx, shape)?;
     let mut rng = Rng(12345);
     for mode in [RecallMode::CopyEngine, RecallMode::Direct] {
         let (mut best, mut calls) = (0f64, 0);

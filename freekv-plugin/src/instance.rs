@@ -72,6 +72,9 @@ pub trait AnyInstance: Send + Sync {
     fn host_tier_bytes(&self) -> usize;
     /// Bytes of one sequence's device tier over all sparse layers (O(budget)).
     fn device_tier_bytes_per_sequence(&self) -> usize;
+    /// Bytes the device keeps for the whole pool, over all sparse layers, whatever the
+    /// sequences (its mirror of the page summaries; 0 on the CPU in place).
+    fn device_pool_bytes(&self) -> usize;
     /// Turns per-step traces on or off (for tests and debugging; off by default).
     fn set_tracing(&self, on: bool);
     /// What the last decode step of `seq_id` on `layer` did (with tracing on).
@@ -145,6 +148,13 @@ pub struct Instance<B: Backend> {
 }
 
 impl<B: Backend> Instance<B> {
+    /// Layers that retrieve (not dense).
+    fn sparse_layers(&self) -> usize {
+        (0..self.shared.layers.len())
+            .filter(|&l| !self.shared.config.is_dense_layer(l))
+            .count()
+    }
+
     /// Allocates the host tier of every layer and starts the worker.
     pub fn new(
         backend: B,
@@ -157,8 +167,10 @@ impl<B: Backend> Instance<B> {
         let per_layer = backend.host_tier_bytes(num_blocks);
         let mut layers = Vec::with_capacity(shape.num_layers);
         for layer in 0..shape.num_layers {
-            let host = backend.alloc_host_tier(num_blocks).map_err(|e| {
-                anyhow::anyhow!(
+            let host = backend
+                .alloc_host_tier(num_blocks, !config.is_dense_layer(layer))
+                .map_err(|e| {
+                    anyhow::anyhow!(
                     "FreeKV host tier: {e} for layer {layer} ({num_blocks} blocks x {} KV heads x \
                      2 x {} tokens x {} dims of {dtype_name}, plus summaries; {} bytes for all {} \
                      layers). Lower --pa-memory-mb or --pa-context-len so the engine allocates \
@@ -169,7 +181,7 @@ impl<B: Backend> Instance<B> {
                     per_layer.saturating_mul(shape.num_layers),
                     shape.num_layers
                 )
-            })?;
+                })?;
             layers.push(LayerCell {
                 state: Mutex::new(LayerState::new(
                     &backend,
@@ -424,10 +436,14 @@ impl<B: Backend> AnyInstance for Instance<B> {
     }
 
     fn device_tier_bytes_per_sequence(&self) -> usize {
-        let sparse_layers = (0..self.shared.layers.len())
-            .filter(|&l| !self.shared.config.is_dense_layer(l))
-            .count();
-        self.shared.backend.device_tier_bytes() * sparse_layers
+        self.shared.backend.device_tier_bytes() * self.sparse_layers()
+    }
+
+    fn device_pool_bytes(&self) -> usize {
+        self.shared
+            .backend
+            .device_pool_bytes(self.shared.num_blocks)
+            .saturating_mul(self.sparse_layers())
     }
 
     fn set_tracing(&self, on: bool) {

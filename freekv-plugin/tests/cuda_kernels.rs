@@ -223,10 +223,11 @@ fn cpu_pooled(
     n_kv: usize,
     group: usize,
     d: usize,
-    cand_begin: usize,
-    n: usize,
+    blocks: &[i32],
+    n_blocks: usize,
     pooling: KernelPooling,
 ) -> Vec<f32> {
+    let n = blocks.len();
     let mut out = vec![0f32; n_kv * n];
     for g in 0..n_kv {
         let raw: Vec<Vec<f64>> = (0..group)
@@ -234,7 +235,7 @@ fn cpu_pooled(
                 let qh = &q[(g * group + h) * d..][..d];
                 (0..n)
                     .map(|j| {
-                        let rec = &summ[((cand_begin + j) * n_kv + g) * 2 * d..][..2 * d];
+                        let rec = &summ[(g * n_blocks + blocks[j] as usize) * 2 * d..][..2 * d];
                         (0..d)
                             .map(|c| {
                                 (qh[c] as f64 * rec[c] as f64).max(qh[c] as f64 * rec[d + c] as f64)
@@ -282,23 +283,36 @@ fn scores_and_pooling_match_cpu_for_any_group() {
         let p = 32;
         let k = kernels(&ctx, cfg(dtype, d, p, group));
         let mut rng = Rng(7 + group as u64);
-        let (n_pages, cand_begin) = (300, 5);
-        let n = n_pages - cand_begin - 7;
+        // Summaries by block, `[n_kv][n_blocks][2][d]` as the host tier holds them; the
+        // candidates are distinct blocks in shuffled order (a sequence's blocks are not
+        // contiguous in the pool).
+        let n_blocks = 300;
+        let n = n_blocks - 12;
         let q16: Vec<u16> = (0..n_kv * group * d).map(|_| enc(dtype, rng.f())).collect();
-        let sm16: Vec<u16> = (0..n_pages * n_kv * 2 * d)
+        let sm16: Vec<u16> = (0..n_blocks * n_kv * 2 * d)
             .map(|_| enc(dtype, rng.f()))
             .collect();
         let q: Vec<f32> = q16.iter().map(|&x| dec(dtype, x)).collect();
         let sm: Vec<f32> = sm16.iter().map(|&x| dec(dtype, x)).collect();
-        let (qd, smd) = (upload(&ctx, &q16), upload(&ctx, &sm16));
+        let mut blocks: Vec<i32> = (0..n_blocks as i32).collect();
+        for i in (1..blocks.len()).rev() {
+            blocks.swap(i, rng.below(i + 1));
+        }
+        blocks.truncate(n);
+        let stride = n + 3;
+        let mut padded = blocks.clone();
+        padded.resize(stride, 0);
+        let (qd, smd, bd) = (
+            upload(&ctx, &q16),
+            upload(&ctx, &sm16),
+            upload(&ctx, &padded),
+        );
         let desc = SeqDesc {
             summaries: smd.ptr(),
-            cand_begin: cand_begin as i32,
             cand_count: n as i32,
             ..Default::default()
         };
         let descs = upload(&ctx, &[desc]);
-        let stride = n + 3;
         let raw = DeviceBuffer::zeroed(&ctx, n_kv * group * stride * 4).unwrap();
         let pooled = DeviceBuffer::zeroed(&ctx, n_kv * stride * 4).unwrap();
         for pooling in [
@@ -311,6 +325,8 @@ fn scores_and_pooling_match_cpu_for_any_group() {
                 qd.ptr(),
                 0,
                 descs.ptr(),
+                bd.ptr(),
+                n_blocks,
                 1,
                 n_kv,
                 n,
@@ -325,7 +341,7 @@ fn scores_and_pooling_match_cpu_for_any_group() {
             let got: Vec<f32> = (0..n_kv)
                 .flat_map(|g| all[g * stride..g * stride + n].to_vec())
                 .collect();
-            let want = cpu_pooled(&q, &sm, n_kv, group, d, cand_begin, n, pooling);
+            let want = cpu_pooled(&q, &sm, n_kv, group, d, &blocks, n_blocks, pooling);
             let atol = if pooling == KernelPooling::SoftmaxMean {
                 1e-6
             } else {
@@ -622,7 +638,7 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
             elem_bytes: 2,
         };
         for mode in [RecallMode::CopyEngine, RecallMode::Direct] {
-            let tier = LayerTier::new(&ctx, shape, 64).unwrap();
+            let tier = LayerTier::new(&ctx, shape).unwrap();
             // 3 chunks per buffer: forces several groups and both staging buffers.
             let pipe = RecallPipeline::new(&ctx, k.clone(), chunk_elems * 2, 3, n_kv).unwrap();
             let mut want: Vec<(usize, usize, usize)> = Vec::new(); // (block, slot, head)
@@ -711,8 +727,8 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
         }
         // Append: two sequences, one token each.
         let tiers = [
-            LayerTier::new(&ctx, shape, 4).unwrap(),
-            LayerTier::new(&ctx, shape, 4).unwrap(),
+            LayerTier::new(&ctx, shape).unwrap(),
+            LayerTier::new(&ctx, shape).unwrap(),
         ];
         let newk: Vec<u16> = (0..2 * n_kv * d)
             .map(|_| (rng.next() & 0x7bff) as u16)
@@ -798,7 +814,7 @@ fn decode_attention_matches_cpu() {
             elem_bytes: 2,
         };
         let tiers: Vec<LayerTier> = (0..n_seq)
-            .map(|_| LayerTier::new(&ctx, shape, 1).unwrap())
+            .map(|_| LayerTier::new(&ctx, shape).unwrap())
             .collect();
         let n_q = n_kv * group;
         let q: Vec<u16> = (0..n_seq * n_q * d)
@@ -823,7 +839,7 @@ fn decode_attention_matches_cpu() {
             all_slots.push(slots);
             all_lens.push(lens);
         }
-        let descs: Vec<SeqDesc> = tiers.iter().map(|t| t.desc(n_slots, 0, 0)).collect();
+        let descs: Vec<SeqDesc> = tiers.iter().map(|t| t.desc(n_slots)).collect();
         let descs_d = upload(&ctx, &descs);
         let qd = upload(&ctx, &q);
         let spc = Kernels::decode_slots_per_chunk(n_seq, n_kv, n_slots, sms);

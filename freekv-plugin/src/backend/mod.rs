@@ -72,8 +72,9 @@ pub trait Backend: Send + Sync + 'static {
     fn geometry(&self) -> &Geometry;
 
     // ---- allocation -------------------------------------------------------------------
-    /// Allocates one layer's host tier for `num_blocks` engine blocks (fallible).
-    fn alloc_host_tier(&self, num_blocks: usize) -> anyhow::Result<Self::HostTier>;
+    /// Allocates one layer's host tier for `num_blocks` engine blocks (fallible). `scored`:
+    /// whether selection will score the layer's pages (false for a dense layer).
+    fn alloc_host_tier(&self, num_blocks: usize, scored: bool) -> anyhow::Result<Self::HostTier>;
     /// Allocates one (sequence, layer) device tier, all slots empty.
     fn alloc_device_tier(&self) -> anyhow::Result<Self::DeviceTier>;
     /// Allocates a scratch area for a thread.
@@ -84,6 +85,10 @@ pub trait Backend: Send + Sync + 'static {
     fn host_tier_bytes(&self, num_blocks: usize) -> usize;
     /// Bytes of one (sequence, layer) device tier.
     fn device_tier_bytes(&self) -> usize;
+    /// Bytes a scored layer keeps in device memory for a pool of `num_blocks` blocks, whatever
+    /// the sequences (the device's mirror of the page summaries; 0 where scoring reads the
+    /// host tier).
+    fn device_pool_bytes(&self, num_blocks: usize) -> usize;
 
     // ---- inputs and outputs -----------------------------------------------------------
     /// Loads a decode step: q `(B, Hq, D)`, k/v `(B, Hkv, D)`; clears the output.

@@ -115,16 +115,20 @@ impl PagedAttentionBackend for FreeKvBackend {
         }
     }
 
-    /// On a GPU the device holds only each sequence's working set: the budget per layer and
-    /// KV head, K and V (dense layers run over the host tier).
+    /// On a GPU the device holds each sequence's working set (the budget per layer and KV
+    /// head, K and V) and the pool's page summaries (upper and lower bound per block and KV
+    /// head, 1/16 of the keys at 32-token pages); dense layers run over the host tier.
     fn device_kv_elements(
         &self,
         model: &dyn ModelConfigLike,
-        _cache_config: &CacheConfig,
+        cache_config: &CacheConfig,
         max_seqs: usize,
     ) -> Option<usize> {
         let config = self.config();
-        Some(max_seqs * config.budget * model.num_kv_heads() * model.k_head_dim() * 2)
+        let width = model.num_kv_heads() * model.k_head_dim();
+        let working_sets = max_seqs * config.budget * width * 2;
+        let summaries = cache_config.num_gpu_blocks * width * 2;
+        Some(working_sets + summaries)
     }
 
     fn allocate_cache(
@@ -159,12 +163,13 @@ impl PagedAttentionBackend for FreeKvBackend {
         let model = Arc::new(freekv);
         let index = registry::add_model(model.clone(), &handles);
         tracing::info!(
-            "FreeKV serves model #{index} on {:?}: {} blocks of {} tokens, KV {dtype:?}, host tier {} MiB, device tier {} KiB per sequence, CPU kernels {}, {:?}",
+            "FreeKV serves model #{index} on {:?}: {} blocks of {} tokens, KV {dtype:?}, host tier {} MiB, device tier {} KiB per sequence and {} MiB of page summaries, CPU kernels {}, {:?}",
             device.location(),
             cache_config.num_gpu_blocks,
             cache_config.block_size,
             model.host_tier_bytes() >> 20,
             model.device_tier_bytes_per_sequence() >> 10,
+            model.device_pool_bytes() >> 20,
             crate::CpuKernels::active().name(),
             model.config()
         );

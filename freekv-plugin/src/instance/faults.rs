@@ -59,9 +59,9 @@ impl Backend for Faulty {
     fn geometry(&self) -> &Geometry {
         self.cpu.geometry()
     }
-    fn alloc_host_tier(&self, num_blocks: usize) -> anyhow::Result<Host> {
+    fn alloc_host_tier(&self, num_blocks: usize, scored: bool) -> anyhow::Result<Host> {
         self.check("alloc_host_tier")?;
-        self.cpu.alloc_host_tier(num_blocks)
+        self.cpu.alloc_host_tier(num_blocks, scored)
     }
     fn alloc_device_tier(&self) -> anyhow::Result<Dev> {
         self.check("alloc_device_tier")?;
@@ -78,6 +78,9 @@ impl Backend for Faulty {
     }
     fn device_tier_bytes(&self) -> usize {
         self.cpu.device_tier_bytes()
+    }
+    fn device_pool_bytes(&self, num_blocks: usize) -> usize {
+        self.cpu.device_pool_bytes(num_blocks)
     }
     fn load_decode(&self, b: &mut Batch, q: &Tensor, k: &Tensor, v: &Tensor) -> anyhow::Result<()> {
         self.check("load_decode")?;

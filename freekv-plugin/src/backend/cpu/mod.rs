@@ -102,7 +102,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         &self.geo
     }
 
-    fn alloc_host_tier(&self, num_blocks: usize) -> anyhow::Result<HostTier<T>> {
+    fn alloc_host_tier(&self, num_blocks: usize, _scored: bool) -> anyhow::Result<HostTier<T>> {
         HostTier::try_new(self.geo, num_blocks).ok_or_else(|| {
             anyhow::anyhow!(
                 "could not allocate {} bytes",
@@ -136,6 +136,10 @@ impl<T: KvElem> Backend for CpuBackend<T> {
 
     fn device_tier_bytes(&self) -> usize {
         SlotPlan::bytes(&self.geo)
+    }
+
+    fn device_pool_bytes(&self, _num_blocks: usize) -> usize {
+        0
     }
 
     fn load_decode(

@@ -1,14 +1,12 @@
 //! The device memory of one (sequence, layer) working set ([`LayerTier`]): the slots (sink +
 //! selected + window, NHD `[slot][k/v][p][n_kv][d]`, the layout the host-memory device and the
-//! kernels share), the valid-token table, the selection map, the page summaries and the
-//! previous query; and one decode call's buffers ([`DecodeBuffers`]).
-//!
-//! Everything but the summaries is O(budget) and allocated once; the summaries (1/16 of the keys)
-//! grow with the context by doubling.
+//! kernels share) and their valid-token table, O(budget) and allocated once; and one decode
+//! call's buffers ([`DecodeBuffers`]). The page summaries are per layer, not per sequence
+//! (`super::scoring`).
 
 use std::sync::Arc;
 
-use cudarc::driver::{result, sys, CudaContext};
+use cudarc::driver::CudaContext;
 
 use crate::geometry::Geometry;
 
@@ -37,107 +35,39 @@ impl TierShape {
     pub fn slot_bytes(&self) -> usize {
         self.slot_elems() * self.elem_bytes
     }
-    pub fn summary_bytes_per_page(&self) -> usize {
-        self.n_kv * 2 * self.head_dim * self.elem_bytes
-    }
-    pub fn q_bytes(&self) -> usize {
-        self.n_kv * self.group * self.head_dim * self.elem_bytes
-    }
 }
 
-/// One layer of one sequence on the device.
+/// One layer of one sequence on the device: its slots and their valid-token table.
 pub struct LayerTier {
     pub shape: TierShape,
     pub slots: DeviceBuffer,
     pub slot_len: DeviceBuffer,
-    pub sel_pages: DeviceBuffer,
-    pub summaries: DeviceBuffer,
-    pub summary_capacity: usize,
-    pub q_prev: DeviceBuffer,
 }
 
 impl LayerTier {
-    pub fn new(
-        ctx: &Arc<CudaContext>,
-        shape: TierShape,
-        summary_capacity: usize,
-    ) -> anyhow::Result<Self> {
-        let sel_pages = DeviceBuffer::new(ctx, shape.n_kv * shape.n_sel.max(1) * 4)?;
-        // 0xff bytes: every i32 is -1 (empty).
-        // SAFETY: the range is the allocation.
-        unsafe { result::memset_d8_sync(sel_pages.ptr(), 0xff, sel_pages.bytes()) }?;
+    /// Zeroed slots (every slot empty).
+    pub fn new(ctx: &Arc<CudaContext>, shape: TierShape) -> anyhow::Result<Self> {
         Ok(Self {
             shape,
             slots: DeviceBuffer::zeroed(ctx, shape.n_slots * shape.slot_bytes())?,
             slot_len: DeviceBuffer::zeroed(ctx, shape.n_slots * shape.n_kv * 4)?,
-            sel_pages,
-            summaries: DeviceBuffer::zeroed(
-                ctx,
-                summary_capacity.max(1) * shape.summary_bytes_per_page(),
-            )?,
-            summary_capacity: summary_capacity.max(1),
-            q_prev: DeviceBuffer::zeroed(ctx, shape.q_bytes())?,
         })
     }
 
+    /// The device address of slot `slot`'s data.
     pub fn slot_ptr(&self, slot: usize) -> u64 {
         self.slots.ptr() + (slot * self.shape.slot_bytes()) as u64
     }
 
-    pub fn summary_ptr(&self, page: usize) -> u64 {
-        self.summaries.ptr() + (page * self.shape.summary_bytes_per_page()) as u64
-    }
-
-    /// The kernels' view of this layer for one step.
-    pub fn desc(&self, n_slots: usize, cand_begin: usize, cand_count: usize) -> SeqDesc {
+    /// The decode kernels' view of this layer: its first `n_slots` slots.
+    pub fn desc(&self, n_slots: usize) -> SeqDesc {
         SeqDesc {
             slots: self.slots.ptr(),
             slot_len: self.slot_len.ptr(),
-            summaries: self.summaries.ptr(),
-            sel_pages: self.sel_pages.ptr(),
             n_slots: n_slots as i32,
             sel_slot0: self.shape.sel_slot0 as i32,
-            cand_begin: cand_begin as i32,
-            cand_count: cand_count as i32,
+            ..Default::default()
         }
-    }
-
-    /// Makes room for `pages` summaries (doubling), copying the old ones on `stream`.
-    pub fn ensure_summary_capacity(
-        &mut self,
-        ctx: &Arc<CudaContext>,
-        pages: usize,
-        stream: sys::CUstream,
-    ) -> anyhow::Result<()> {
-        if pages <= self.summary_capacity {
-            return Ok(());
-        }
-        let cap = pages.max(2 * self.summary_capacity);
-        let bigger = DeviceBuffer::zeroed(ctx, cap * self.shape.summary_bytes_per_page())?;
-        // SAFETY: both ranges lie inside their allocations.
-        unsafe {
-            result::memcpy_dtod_async(
-                bigger.ptr(),
-                self.summaries.ptr(),
-                self.summaries.bytes(),
-                stream,
-            )
-        }?;
-        // SAFETY: the old buffer must outlive the copy.
-        unsafe { result::stream::synchronize(stream) }?;
-        self.summaries = bigger;
-        self.summary_capacity = cap;
-        Ok(())
-    }
-
-    /// Device bytes held by this layer: KV slots (the budget) and everything else.
-    pub fn device_bytes(&self) -> (usize, usize) {
-        let kv = self.slots.bytes();
-        let other = self.slot_len.bytes()
-            + self.sel_pages.bytes()
-            + self.summaries.bytes()
-            + self.q_prev.bytes();
-        (kv, other)
     }
 }
 
@@ -155,14 +85,9 @@ pub fn tier_shape(geo: &Geometry) -> TierShape {
     }
 }
 
-/// Device bytes of one [`LayerTier`] of `shape` (with room for one summary page, which this
-/// backend does not use: summaries stay in the host tier).
+/// Device bytes of one [`LayerTier`] of `shape`.
 pub fn layer_tier_bytes(shape: &TierShape) -> usize {
-    shape.n_slots * shape.slot_bytes()
-        + shape.n_slots * shape.n_kv * 4
-        + shape.n_kv * shape.n_sel.max(1) * 4
-        + shape.summary_bytes_per_page()
-        + shape.q_bytes()
+    shape.n_slots * shape.slot_bytes() + shape.n_slots * shape.n_kv * 4
 }
 
 /// Device buffers of one decode call (one sequence), allocated on first use.

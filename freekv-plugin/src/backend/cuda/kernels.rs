@@ -187,6 +187,8 @@ impl Kernels {
     }
 
     /// freekv_score_pages + freekv_pool_scores: pooled scores `[n_seq][n_kv][cand_stride]` f32.
+    /// `cand_blocks` (`[n_seq][cand_stride]` i32) names each candidate's block in the layer's
+    /// `[n_kv][n_blocks][2][d]` summaries (`SeqDesc::summaries`).
     #[allow(clippy::too_many_arguments)]
     pub fn score_and_pool(
         &self,
@@ -194,6 +196,8 @@ impl Kernels {
         q: u64,
         q_seq_stride: i64,
         descs: u64,
+        cand_blocks: u64,
+        n_blocks: usize,
         n_seq: usize,
         n_kv: usize,
         max_cand: usize,
@@ -212,6 +216,8 @@ impl Kernels {
                 Arg::Ptr(q),
                 Arg::I64(q_seq_stride),
                 Arg::Ptr(descs),
+                Arg::Ptr(cand_blocks),
+                Arg::I32(n_blocks as i32),
                 Arg::Ptr(raw),
                 Arg::I32(n_kv as i32),
                 Arg::I32(cand_stride as i32),

@@ -7,8 +7,9 @@
 //!   ([`module`](crate::cuda::module)), typed kernel launches ([`kernels`](crate::cuda::kernels)),
 //!   raw device buffers and host-memory registration ([`mem`](crate::cuda::mem)), the
 //!   per-(sequence, layer) device memory
-//!   ([`device_tier`](crate::cuda::device_tier)) and the
-//!   double-buffered streamed recall with its worker thread ([`recall`](crate::cuda::recall)).
+//!   ([`device_tier`](crate::cuda::device_tier)), the per-layer page summaries and scoring
+//!   buffers ([`scoring`](crate::cuda::scoring)) and the double-buffered streamed recall with
+//!   its worker thread ([`recall`](crate::cuda::recall)).
 //! - [`ops`](crate::cuda::ops): [`CudaOps`](crate::cuda::ops::CudaOps), the
 //!   [`DeviceOps`](crate::backend::offload::DeviceOps) of a CUDA device; the backend the engine
 //!   runs is [`OffloadBackend`](crate::backend::offload::OffloadBackend) over it.
@@ -32,3 +33,5 @@ pub mod module;
 pub mod ops;
 #[cfg(feature = "cuda")]
 pub mod recall;
+#[cfg(feature = "cuda")]
+pub mod scoring;

@@ -1,7 +1,8 @@
 //! [`DeviceOps`] on a CUDA device: chunk moves through the double-buffered [`RecallPipeline`]
 //! (copy engines into staging, `freekv_recall_scatter` into the slots), appends by async copies
-//! into the window slot, and decode attention with `freekv_decode_partial` /
-//! `freekv_decode_combine`. The orchestration around these calls is
+//! into the window slot, page scoring with `freekv_score_pages` / `freekv_pool_scores` over a
+//! device mirror of the summaries (on the calling thread's own stream), and decode attention
+//! with `freekv_decode_partial` / `freekv_decode_combine`. The orchestration around these calls is
 //! [`OffloadBackend`](crate::backend::offload::OffloadBackend)'s, which CI runs on host memory.
 //!
 //! Every call returns only once its device work has completed, as [`DeviceOps`] requires.
@@ -17,13 +18,14 @@ use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::offload::{ChunkMove, DeviceOps};
 use crate::backend::Role;
 use crate::geometry::Geometry;
-use crate::{AttnParams, KvDType};
+use crate::{AttnParams, KvDType, Pooling};
 
 use super::device_tier::{layer_tier_bytes, tier_shape, DecodeBuffers, LayerTier};
-use super::kernels::{as_bytes, Kernels, RecallJob};
+use super::kernels::{as_bytes, KernelPooling, Kernels, RecallJob};
 use super::mem::{DeviceBuffer, HostRegistration};
 use super::module;
 use super::recall::{RawEvent, RecallMode, RecallPipeline};
+use super::scoring::{summaries_bytes, DeviceSummaries, ScoreBuffers};
 use super::source::{KernelConfig, KernelDtype};
 
 /// Most chunks per staging buffer of the recall pipeline.
@@ -42,9 +44,11 @@ pub struct CudaOps<T> {
     _elem: PhantomData<fn() -> T>,
 }
 
-/// Per-thread device memory: the decode buffers (caller thread only) and host staging.
+/// Per-thread device memory: the decode buffers (caller thread only), the scoring buffers and
+/// their stream, and host staging.
 pub struct CudaOpsScratch<T> {
     decode: Option<DecodeBuffers>,
+    score: Option<ScoreBuffers>,
     /// The event this thread's recalls signal completion with, created on first use.
     done: Option<Arc<RawEvent>>,
     /// 16-bit rows: the query in, the output back.
@@ -111,6 +115,17 @@ impl<T: KvElem> CudaOps<T> {
             .bind_to_thread()
             .map_err(|e| anyhow::anyhow!("binding the CUDA context to this thread: {e}"))
     }
+
+    /// The thread's scoring buffers (and stream), created on first use.
+    fn score_buffers<'a>(
+        &self,
+        scratch: &'a mut CudaOpsScratch<T>,
+    ) -> anyhow::Result<&'a mut ScoreBuffers> {
+        if scratch.score.is_none() {
+            scratch.score = Some(ScoreBuffers::new(&self.ctx, &self.geo)?);
+        }
+        Ok(scratch.score.as_mut().expect("created above"))
+    }
 }
 
 impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
@@ -118,6 +133,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     type Scratch = CudaOpsScratch<T>;
     /// None where the system refused to page-lock the pages.
     type HostPin = Option<HostRegistration>;
+    type Summaries = DeviceSummaries;
 
     fn device(&self) -> &Device {
         &self.device
@@ -125,7 +141,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
 
     fn alloc_slots(&self) -> anyhow::Result<LayerTier> {
         self.bind()?;
-        LayerTier::new(&self.ctx, tier_shape(&self.geo), 1)
+        LayerTier::new(&self.ctx, tier_shape(&self.geo))
     }
 
     fn slots_bytes(&self) -> usize {
@@ -135,6 +151,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     fn alloc_scratch(&self, _role: Role) -> CudaOpsScratch<T> {
         CudaOpsScratch {
             decode: None,
+            score: None,
             done: None,
             rows: Vec::new(),
         }
@@ -156,6 +173,63 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
                 None
             }
         }
+    }
+
+    fn alloc_summaries(&self, num_blocks: usize) -> anyhow::Result<DeviceSummaries> {
+        self.bind()?;
+        DeviceSummaries::new(&self.ctx, &self.geo, num_blocks)
+    }
+
+    fn summaries_bytes(&self, num_blocks: usize) -> usize {
+        summaries_bytes(&self.geo, num_blocks)
+    }
+
+    fn upload_summaries(
+        &self,
+        host: &HostTier<T>,
+        mirror: &mut DeviceSummaries,
+        blocks: &[u32],
+        scratch: &mut CudaOpsScratch<T>,
+    ) -> anyhow::Result<()> {
+        self.bind()?;
+        let stream = self.score_buffers(scratch)?.stream.clone();
+        mirror.upload(host, blocks, &stream)
+    }
+
+    fn score_pages(
+        &self,
+        mirror: &DeviceSummaries,
+        blocks: &[u32],
+        query: &[f32],
+        _heads: &[bool],
+        pooling: Pooling,
+        out: &mut [f32],
+        scratch: &mut CudaOpsScratch<T>,
+    ) -> anyhow::Result<()> {
+        // Every head is scored (one launch; the unselected rows are cheap and ignored).
+        self.bind()?;
+        let pooling = match pooling {
+            Pooling::SoftmaxMean => KernelPooling::SoftmaxMean,
+            Pooling::Mean => KernelPooling::Mean,
+            Pooling::Max => KernelPooling::Max,
+        };
+        let mut rows = std::mem::take(&mut scratch.rows);
+        rows.clear();
+        rows.resize(query.len(), T::default());
+        T::from_f32s(query, &mut rows);
+        let bufs = self.score_buffers(scratch)?;
+        let r = bufs.score(
+            &self.ctx,
+            &self.kernels,
+            &self.geo,
+            mirror,
+            blocks,
+            &rows,
+            pooling,
+            out,
+        );
+        scratch.rows = rows;
+        r
     }
 
     fn move_chunks(
@@ -259,7 +333,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         rows.clear();
         rows.resize(n_q * d, T::default());
         T::from_f32s(q, rows);
-        let desc = [slots.desc(slots.shape.n_slots, 0, 0)];
+        let desc = [slots.desc(slots.shape.n_slots)];
         let s = self.stream.cu_stream();
         // SAFETY: the host slices live until the stream is synchronized below.
         unsafe {

@@ -4,19 +4,23 @@
 //! also the CPU's `--freekv-device-tier copy` layout.
 //!
 //! Slots hold NHD data in a `Vec`; moves scatter HND chunks into them (the worker through the
-//! double-buffered `StagedRecall`); decode is the CPU attention kernel over slot rows.
+//! double-buffered `StagedRecall`); decode is the CPU attention kernel over slot rows. The
+//! summary mirror is a copy of its own, so a summary the orchestration forgets to upload
+//! scores as zeros here, as it would on a GPU, and the plans differ from the CPU backend's.
 
 use std::marker::PhantomData;
 
 use candle_core::Device;
 
+use crate::backend::cpu::alloc::try_zeroed_vec;
 use crate::backend::cpu::attend::{Attention, AttnScratch, Segment};
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
+use crate::backend::cpu::select::{pooled_scores, SelectScratch};
 use crate::backend::cpu::PARALLEL_DECODE;
 use crate::backend::Role;
 use crate::geometry::Geometry;
-use crate::AttnParams;
+use crate::{AttnParams, Pooling};
 
 use super::ops::{ChunkMove, DeviceOps};
 use super::staged::StagedRecall;
@@ -50,6 +54,14 @@ pub struct HostOpsScratch<T: KvElem> {
     /// The worker's staged recall, started on its first multi-chunk move.
     staged: Option<StagedRecall<T>>,
     attn: AttnScratch,
+    select: SelectScratch,
+    offsets: Vec<usize>,
+}
+
+/// One layer's summary mirror in host memory, laid out as the host tier's.
+pub struct HostSummaries<T> {
+    num_blocks: usize,
+    data: Vec<T>,
 }
 
 /// HND chunk -> NHD slot: token `t`'s K row goes to `[slot][0][t][head]`, its V row to
@@ -138,6 +150,7 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
     type Scratch = HostOpsScratch<T>;
     /// Host memory needs no registration.
     type HostPin = ();
+    type Summaries = HostSummaries<T>;
 
     fn device(&self) -> &Device {
         &self.device
@@ -165,10 +178,84 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
             role,
             staged: None,
             attn: AttnScratch::default(),
+            select: SelectScratch::default(),
+            offsets: Vec::new(),
         }
     }
 
     fn pin_host(&self, _pages: &[T]) {}
+
+    fn alloc_summaries(&self, num_blocks: usize) -> anyhow::Result<HostSummaries<T>> {
+        let n = num_blocks.saturating_mul(self.geo.num_kv_heads * 2 * self.geo.head_dim);
+        let data = try_zeroed_vec(n).ok_or_else(|| {
+            anyhow::anyhow!(
+                "could not allocate {} bytes for the summary mirror of {num_blocks} blocks",
+                self.summaries_bytes(num_blocks)
+            )
+        })?;
+        Ok(HostSummaries { num_blocks, data })
+    }
+
+    fn summaries_bytes(&self, num_blocks: usize) -> usize {
+        num_blocks
+            .saturating_mul(self.geo.num_kv_heads * 2 * self.geo.head_dim)
+            .saturating_mul(std::mem::size_of::<T>())
+    }
+
+    fn upload_summaries(
+        &self,
+        host: &HostTier<T>,
+        mirror: &mut HostSummaries<T>,
+        blocks: &[u32],
+        _scratch: &mut HostOpsScratch<T>,
+    ) -> anyhow::Result<()> {
+        let w = 2 * self.geo.head_dim;
+        for &b in blocks {
+            anyhow::ensure!(
+                (b as usize) < mirror.num_blocks,
+                "summary upload of block {b} into a mirror of {} blocks",
+                mirror.num_blocks
+            );
+            for h in 0..self.geo.num_kv_heads {
+                let o = (h * mirror.num_blocks + b as usize) * w;
+                mirror.data[o..o + w].copy_from_slice(host.summary(b, h));
+            }
+        }
+        Ok(())
+    }
+
+    fn score_pages(
+        &self,
+        mirror: &HostSummaries<T>,
+        blocks: &[u32],
+        query: &[f32],
+        heads: &[bool],
+        pooling: Pooling,
+        out: &mut [f32],
+        scratch: &mut HostOpsScratch<T>,
+    ) -> anyhow::Result<()> {
+        let g = &self.geo;
+        let (d, n) = (g.head_dim, blocks.len());
+        anyhow::ensure!(
+            query.len() == g.num_q_heads() * d && out.len() == g.num_kv_heads * n,
+            "page scoring got a {}-value query and a {}-value output for {n} candidates",
+            query.len(),
+            out.len()
+        );
+        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
+            scratch.offsets.clear();
+            scratch.offsets.extend(
+                blocks
+                    .iter()
+                    .map(|&b| (h * mirror.num_blocks + b as usize) * 2 * d),
+            );
+            let group_q = &query[h * g.group * d..(h + 1) * g.group * d];
+            let sc = &mut scratch.select;
+            pooled_scores(group_q, d, &mirror.data, &scratch.offsets, pooling, sc);
+            out[h * n..(h + 1) * n].copy_from_slice(&sc.pooled);
+        }
+        Ok(())
+    }
 
     fn move_chunks(
         &self,

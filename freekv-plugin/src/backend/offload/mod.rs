@@ -6,8 +6,13 @@
 //! `--freekv-device-tier copy` layout).
 //!
 //! Division of labour:
-//! - host tier, summaries, selection, the correction's similarity and the slot tables: the CPU
-//!   backend's code on the host, so both backends make identical plans;
+//! - host tier, summaries, the correction's similarity and the slot tables: the CPU backend's
+//!   code on the host;
+//! - page scoring: on the device, from a mirror of the summaries that follows the host tier
+//!   (each summary uploaded when its page fills or is re-summarised); the pooled scores come
+//!   back (one small read on the calling thread's own stream, as the authors' worker reads its
+//!   recall list), and the host takes the top-k and plans the replacement with the CPU
+//!   backend's code, so every device makes the CPU backend's plans;
 //! - working-set resets and recalls: the plan's chunks moved by the device
 //!   ([`DeviceOps::move_chunks`]); the tables follow the data;
 //! - each new token: appended to its window slot on the device;
@@ -26,11 +31,12 @@ use candle_core::{DType, Device, Tensor};
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::cpu::io::CpuBatch;
+use crate::backend::cpu::select::{plan_replacement, SelectScratch};
 use crate::backend::cpu::{CpuBackend, CpuScratch};
 use crate::backend::{Backend, RecallStats, Role};
 use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
-use crate::{AttnParams, FreeKvConfig};
+use crate::{AttnParams, FreeKvConfig, Pooling};
 
 pub use ops::{ChunkMove, DeviceOps};
 
@@ -38,6 +44,7 @@ pub use ops::{ChunkMove, DeviceOps};
 pub struct OffloadBackend<T: KvElem, O> {
     cpu: CpuBackend<T>,
     geo: Geometry,
+    pooling: Pooling,
     ops: O,
 }
 
@@ -52,11 +59,14 @@ pub struct OffloadTier<T, S> {
     new_token: Vec<T>,
 }
 
-/// One layer's host tier, registered with the device while it lives.
-pub struct OffloadHost<T, P> {
+/// One layer's host tier, registered with the device while it lives, and the device's mirror
+/// of its summaries.
+pub struct OffloadHost<T, P, M> {
     /// Declared first: unregistered before the pages are freed.
     _pin: P,
     tier: HostTier<T>,
+    /// None for a layer whose pages are never scored (dense).
+    summaries: Option<M>,
 }
 
 /// Per-thread working memory.
@@ -64,6 +74,11 @@ pub struct OffloadScratch<T: KvElem, S> {
     cpu: CpuScratch<T>,
     device: S,
     moves: Vec<ChunkMove>,
+    /// Blocks whose summaries to upload; a selection's candidate blocks.
+    blocks: Vec<u32>,
+    /// `[n_kv][n_cand]` pooled scores from the device.
+    scores: Vec<f32>,
+    select: SelectScratch,
     /// `[slot][n_kv]` valid tokens, for decode.
     slot_len: Vec<i32>,
     /// One query and its output, `[n_q][d]` f32.
@@ -77,6 +92,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         Self {
             cpu: CpuBackend::new(geo, config),
             geo,
+            pooling: config.pooling,
             ops,
         }
     }
@@ -91,6 +107,31 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         2 * self.geo.page_size * self.geo.head_dim * std::mem::size_of::<T>()
     }
 
+    /// Uploads the summaries of `scratch.blocks` that the host tier holds (sorted, distinct).
+    fn upload_summaries(
+        &self,
+        host: &mut OffloadHost<T, O::HostPin, O::Summaries>,
+        scratch: &mut OffloadScratch<T, O::Scratch>,
+    ) -> anyhow::Result<()> {
+        scratch.blocks.sort_unstable();
+        scratch.blocks.dedup();
+        scratch.blocks.retain(|&b| host.tier.is_summarised(b));
+        let Some(mirror) = host.summaries.as_mut() else {
+            return Ok(());
+        };
+        if scratch.blocks.is_empty() {
+            return Ok(());
+        }
+        self.ops
+            .upload_summaries(&host.tier, mirror, &scratch.blocks, &mut scratch.device)
+            .with_context(|| {
+                format!(
+                    "copying {} page summaries to the device",
+                    scratch.blocks.len()
+                )
+            })
+    }
+
     /// Whether decode over a working set runs on the device with these parameters.
     fn decode_on_device(params: &AttnParams) -> bool {
         params.sliding_window.is_none() && params.softcap.is_none_or(|c| c > 0.0)
@@ -103,7 +144,7 @@ fn on_host(t: &Tensor) -> anyhow::Result<Tensor> {
 }
 
 impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
-    type HostTier = OffloadHost<T, O::HostPin>;
+    type HostTier = OffloadHost<T, O::HostPin, O::Summaries>;
     type DeviceTier = OffloadTier<T, O::Slots>;
     type Scratch = OffloadScratch<T, O::Scratch>;
     type Batch = CpuBatch;
@@ -112,11 +153,20 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         &self.geo
     }
 
-    fn alloc_host_tier(&self, num_blocks: usize) -> anyhow::Result<Self::HostTier> {
-        let tier = self.cpu.alloc_host_tier(num_blocks)?;
+    fn alloc_host_tier(&self, num_blocks: usize, scored: bool) -> anyhow::Result<Self::HostTier> {
+        let tier = self.cpu.alloc_host_tier(num_blocks, scored)?;
+        let summaries = match scored {
+            true => Some(
+                self.ops
+                    .alloc_summaries(num_blocks)
+                    .context("allocating the device's page summaries")?,
+            ),
+            false => None,
+        };
         Ok(OffloadHost {
             _pin: self.ops.pin_host(tier.pages()),
             tier,
+            summaries,
         })
     }
 
@@ -134,6 +184,9 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             cpu: self.cpu.alloc_scratch(role),
             device: self.ops.alloc_scratch(role),
             moves: Vec::new(),
+            blocks: Vec::new(),
+            scores: Vec::new(),
+            select: SelectScratch::default(),
             slot_len: Vec::new(),
             q: Vec::new(),
             out: Vec::new(),
@@ -150,6 +203,10 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
 
     fn device_tier_bytes(&self) -> usize {
         self.cpu.device_tier_bytes() + self.ops.slots_bytes()
+    }
+
+    fn device_pool_bytes(&self, num_blocks: usize) -> usize {
+        self.ops.summaries_bytes(num_blocks)
     }
 
     fn load_decode(
@@ -200,7 +257,14 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             first_pos,
             n,
             &mut scratch.cpu,
-        )
+        )?;
+        // The pages that became full were summarised: mirror them.
+        let p = self.geo.page_size;
+        scratch.blocks.clear();
+        scratch
+            .blocks
+            .extend((first_pos / p..(first_pos + n) / p).map(|page| table[page]));
+        self.upload_summaries(host, scratch)
     }
 
     fn ensure_summaries(
@@ -210,8 +274,18 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         full_pages: usize,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<usize> {
-        self.cpu
-            .ensure_summaries(&mut host.tier, table, full_pages, &mut scratch.cpu)
+        scratch.blocks.clear();
+        scratch.blocks.extend(
+            table[..full_pages]
+                .iter()
+                .copied()
+                .filter(|&b| !host.tier.is_summarised(b)),
+        );
+        let n = self
+            .cpu
+            .ensure_summaries(&mut host.tier, table, full_pages, &mut scratch.cpu)?;
+        self.upload_summaries(host, scratch)?;
+        Ok(n)
     }
 
     fn reset_working_set(
@@ -303,14 +377,38 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         heads: &[bool],
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()> {
-        self.cpu.select(
-            &host.tier,
-            table,
-            &mut dev.plan,
-            candidates,
-            heads,
-            &mut scratch.cpu,
-        )
+        let g = &self.geo;
+        let n = candidates.len();
+        let Some(mirror) = host.summaries.as_ref() else {
+            anyhow::bail!(
+                "page selection on a layer allocated as dense (no page summaries on the device)"
+            );
+        };
+        scratch.blocks.clear();
+        scratch.blocks.extend_from_slice(&table[candidates.clone()]);
+        scratch.scores.clear();
+        scratch.scores.resize(g.num_kv_heads * n, 0.0);
+        self.ops
+            .score_pages(
+                mirror,
+                &scratch.blocks,
+                dev.plan.query(),
+                heads,
+                self.pooling,
+                &mut scratch.scores,
+                &mut scratch.device,
+            )
+            .context("scoring the candidate pages")?;
+        let sel = g.selected_slots();
+        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
+            let sc = &mut scratch.select;
+            sc.pooled.clear();
+            sc.pooled
+                .extend_from_slice(&scratch.scores[h * n..(h + 1) * n]);
+            plan_replacement(g, candidates.clone(), &dev.plan.slots(h)[sel.clone()], sc);
+            dev.plan.set_plan(h, sc.plan.iter().copied());
+        }
+        Ok(())
     }
 
     fn recall(
@@ -442,5 +540,78 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             params,
             &mut scratch.cpu,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host::HostOps;
+    use super::*;
+    use crate::backend::cpu::select::pooled_scores;
+    use crate::plan::tests::geo;
+
+    /// Summaries the host computes outside a page fill (`ensure_summaries`) reach the device's
+    /// mirror, and a dense layer has none.
+    #[test]
+    fn summaries_computed_late_reach_the_mirror() {
+        let g = geo();
+        let off = OffloadBackend::new(g, &FreeKvConfig::default(), HostOps::<f32>::new(g));
+        assert!(off.alloc_host_tier(4, false).unwrap().summaries.is_none());
+        let mut host = off.alloc_host_tier(4, true).unwrap();
+        let mut scratch = off.alloc_scratch(Role::Worker);
+        // Block 2 filled behind the backend's back (no summary yet).
+        for h in 0..g.num_kv_heads {
+            for t in 0..g.page_size {
+                let k: Vec<f32> = (0..g.head_dim)
+                    .map(|c| ((h * 31 + t * 7 + c * 3) % 11) as f32 - 5.0)
+                    .collect();
+                host.tier.write_row(2, h, t, &k, &k);
+            }
+        }
+        let (n_kv, d) = (g.num_kv_heads, g.head_dim);
+        let q: Vec<f32> = (0..g.num_q_heads() * d)
+            .map(|i| (i % 5) as f32 - 2.0)
+            .collect();
+        let score = |host: &OffloadHost<f32, (), _>, scratch: &mut OffloadScratch<f32, _>| {
+            let mut out = vec![0.0; n_kv];
+            off.ops
+                .score_pages(
+                    host.summaries.as_ref().unwrap(),
+                    &[2],
+                    &q,
+                    &[true; 3],
+                    Pooling::Max,
+                    &mut out,
+                    &mut scratch.device,
+                )
+                .unwrap();
+            out
+        };
+        assert_eq!(
+            score(&host, &mut scratch),
+            vec![0.0; n_kv],
+            "nothing uploaded yet"
+        );
+        assert_eq!(
+            off.ensure_summaries(&mut host, &[2], 1, &mut scratch)
+                .unwrap(),
+            1
+        );
+        let got = score(&host, &mut scratch);
+        for h in 0..n_kv {
+            let mut sc = SelectScratch::default();
+            let group_q = &q[h * g.group * d..(h + 1) * g.group * d];
+            let offsets = [host.tier.summary_offset(2, h)];
+            pooled_scores(
+                group_q,
+                d,
+                host.tier.summaries(),
+                &offsets,
+                Pooling::Max,
+                &mut sc,
+            );
+            assert_eq!(got[h], sc.pooled[0], "head {h}");
+            assert_ne!(got[h], 0.0, "head {h}");
+        }
     }
 }

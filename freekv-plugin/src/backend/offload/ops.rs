@@ -1,6 +1,7 @@
 //! The raw device calls of the offload design, behind [`DeviceOps`]: what a device must do
-//! for FreeKV's working set to live in its own memory. Everything above this interface (slot
-//! tables, plans, which chunks move where, when attention may run on the device) is
+//! for FreeKV's working set and page scoring to live in its own memory. Everything above this
+//! interface (slot tables, which summaries to mirror when, top-k and the replacement plan,
+//! which chunks move where, when attention may run on the device) is
 //! [`OffloadBackend`](super::OffloadBackend)'s, written once for every device.
 
 use candle_core::Device;
@@ -8,7 +9,7 @@ use candle_core::Device;
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::Role;
-use crate::AttnParams;
+use crate::{AttnParams, Pooling};
 
 /// One chunk to move: KV head `head`'s K+V of host block `block` (HND, one page) into that
 /// head's slice of working-set slot `slot` (NHD).
@@ -33,6 +34,9 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
     /// What keeps a host tier's pages registered with the device (page-locked for its copy
     /// engines) until it is dropped, before the pages are.
     type HostPin: Send;
+    /// One layer's page summaries in device memory: a mirror of the host tier's
+    /// (`[n_kv][block][upper d | lower d]`), written by [`DeviceOps::upload_summaries`] only.
+    type Summaries: Send;
 
     /// Where the engine's tensors live and outputs are returned.
     fn device(&self) -> &Device;
@@ -46,6 +50,35 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
     /// system refuses, copies still work from pageable memory (more slowly), and the device
     /// says so in its log.
     fn pin_host(&self, pages: &[T]) -> Self::HostPin;
+
+    /// Allocates the summary mirror of a pool of `num_blocks` blocks (contents zero).
+    fn alloc_summaries(&self, num_blocks: usize) -> anyhow::Result<Self::Summaries>;
+    /// Bytes of the summary mirror of `num_blocks` blocks.
+    fn summaries_bytes(&self, num_blocks: usize) -> usize;
+    /// Copies the host tier's summaries of `blocks` (every KV head; sorted, distinct) into the
+    /// mirror.
+    fn upload_summaries(
+        &self,
+        host: &HostTier<T>,
+        mirror: &mut Self::Summaries,
+        blocks: &[u32],
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()>;
+    /// Scores candidate pages from the mirror: for each KV head `h`, the Quest bound of every
+    /// query head of its group (`query`: `[n_q][d]` f32) against the summary of each block of
+    /// `blocks`, pooled over the group. Writes `out[h * blocks.len() + j]` (`[n_kv][n]`) for
+    /// every head; only the rows of heads in `heads` are read.
+    #[allow(clippy::too_many_arguments)]
+    fn score_pages(
+        &self,
+        mirror: &Self::Summaries,
+        blocks: &[u32],
+        query: &[f32],
+        heads: &[bool],
+        pooling: Pooling,
+        out: &mut [f32],
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()>;
 
     /// Copies each move's whole host chunk into its slot. `scratch` is the calling thread's
     /// (None where the caller has none: a working-set reset).
