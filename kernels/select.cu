@@ -1,4 +1,5 @@
-// Page selection: scoring, group pooling, exact top-k with resident-page reuse, correction flags.
+// Page selection on the device: scoring, group pooling, correction flags. The top-k and the
+// replacement plan are the host's, from the pooled scores (every device makes the CPU's plans).
 //
 // Candidates of a sequence are the pages [cand_begin, cand_begin + cand_count) (full pages that are
 // neither sink nor window); candidate j is page cand_begin + j. Score buffers are indexed by j with a
@@ -13,9 +14,6 @@
 // Lanes that share one page in the scorer (8 channels each) and pages a warp scores per step.
 #define LPP D8
 #define PPW (32 / LPP)
-#ifndef FKV_MAX_SEL
-#define FKV_MAX_SEL 1024
-#endif
 
 // Quest bound per query head: raw[s][h][j] = sum_c max(q[c] * upper_j[c], q[c] * lower_j[c]).
 // No 1/sqrt(d). Launch: grid = (ceil(max_cand / pages_per_block), n_kv, n_seq), block = 128.
@@ -117,150 +115,6 @@ extern "C" __global__ void freekv_pool_scores(const float* __restrict__ raw, con
       out[j] = (mode == 1) ? acc * (1.0f / GROUP) : acc;
     }
   }
-}
-
-// Monotone map of f32 onto u32 (larger float -> larger key); NaN sorts below everything.
-__device__ __forceinline__ u32 order_key(float x) {
-  if (x != x) return 0u;
-  const u32 u = __float_as_uint(x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Exact top-k per KV head with resident-page reuse.
-//   1. k = min(n_sel, cand_count) best candidates by pooled score: radix select (4 passes of 8-bit
-//      digits) for the k-th largest key, then an ordered compaction; ties at the threshold go to the
-//      lower page index, so the result is deterministic.
-//   2. Selectable slots whose page is among the winners keep it. The missing winners go, in page
-//      order, into the remaining slots taken by ascending current score (empty slots first, then the
-//      lowest-scored resident pages; ties by slot index). Slots left over are emptied.
-//   3. sel_pages is updated to the new target state, emptied slots get slot_len 0, and the recall
-//      list {page, absolute slot} of the missing pages is written with its count. The slot_len of
-//      a refilled slot is set by the recall scatter once the page's data is in place.
-// Launch: grid = (n_kv, n_seq), block = 512. n_sel <= FKV_MAX_SEL.
-extern "C" __global__ void freekv_topk_replace(const float* __restrict__ pooled, const SeqDesc* __restrict__ descs,
-                                               int n_kv, int cand_stride, int n_sel,
-                                               int* __restrict__ recall_count, int2* __restrict__ recall_list) {
-  __shared__ int hist[256];
-  __shared__ int scan[33];
-  __shared__ int misc[2];
-  __shared__ int chosen[FKV_MAX_SEL];
-  __shared__ int missing[FKV_MAX_SEL];
-  __shared__ int cur[FKV_MAX_SEL];
-  __shared__ float cur_score[FKV_MAX_SEL];
-  __shared__ u8 kept[FKV_MAX_SEL];
-  __shared__ u8 resident[FKV_MAX_SEL];
-
-  const int g = blockIdx.x, s = blockIdx.y, tid = threadIdx.x;
-  const SeqDesc desc = descs[s];
-  const int n = desc.cand_count;
-  const int kk = min(n_sel, n);
-  const bool take_all = kk == n;
-  const float* __restrict__ scores = pooled + ((i64)s * n_kv + g) * cand_stride;
-  int* __restrict__ sel_pages = reinterpret_cast<int*>(desc.sel_pages) + (i64)g * n_sel;
-  int* __restrict__ slot_len = reinterpret_cast<int*>(desc.slot_len);
-
-  // 1a. Radix select of the kk-th largest key.
-  u32 prefix = 0u, mask = 0u;
-  int remaining = kk;
-  if (!take_all) {
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
-      __syncthreads();
-      for (int j = tid; j < n; j += blockDim.x) {
-        const u32 u = order_key(scores[j]);
-        if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1);
-      }
-      __syncthreads();
-      if (tid == 0) {
-        int acc = 0;
-        for (int b = 255; b >= 0; --b) {
-          if (acc + hist[b] >= remaining) {
-            misc[0] = b;
-            misc[1] = remaining - acc;
-            break;
-          }
-          acc += hist[b];
-        }
-      }
-      __syncthreads();
-      prefix |= (u32)misc[0] << shift;
-      mask |= 255u << shift;
-      remaining = misc[1];
-      __syncthreads();
-    }
-  }
-  // 1b. Ordered compaction: keys above the threshold, then the first `remaining` equal ones.
-  int base = 0, ties = 0;
-  for (int j0 = 0; j0 < n; j0 += blockDim.x) {
-    const int j = j0 + tid;
-    const bool in = j < n;
-    const u32 u = in ? order_key(scores[j]) : 0u;
-    const bool gt = in && (take_all || u > prefix);
-    const bool eq = in && !take_all && u == prefix;
-    int total_eq;
-    const int eq_rank = block_exclusive_count(eq, scan, &total_eq);
-    const bool take = gt || (eq && ties + eq_rank < remaining);
-    int total;
-    const int pos = block_exclusive_count(take, scan, &total);
-    if (take) chosen[base + pos] = desc.cand_begin + j;
-    base += total;
-    ties += total_eq;
-  }
-  // 2. Which slots keep their page (chosen[] is sorted by page: binary search).
-  for (int i = tid; i < kk; i += blockDim.x) resident[i] = 0;
-  __syncthreads();
-  for (int i = tid; i < n_sel; i += blockDim.x) {
-    const int p = sel_pages[i];
-    cur[i] = p;
-    cur_score[i] = (p >= desc.cand_begin && p < desc.cand_begin + n) ? scores[p - desc.cand_begin] : FKV_NEG_INF;
-    int lo = 0, hi = kk - 1, found = -1;
-    while (p >= 0 && lo <= hi) {
-      const int mid = (lo + hi) >> 1;
-      const int v = chosen[mid];
-      if (v == p) {
-        found = mid;
-        break;
-      }
-      if (v < p) lo = mid + 1;
-      else hi = mid - 1;
-    }
-    kept[i] = found >= 0;
-    if (found >= 0) resident[found] = 1;
-  }
-  __syncthreads();
-  // Missing winners, in page order.
-  int n_missing = 0;
-  for (int i0 = 0; i0 < kk; i0 += blockDim.x) {
-    const int i = i0 + tid;
-    const bool miss = i < kk && !resident[i];
-    int total;
-    const int pos = block_exclusive_count(miss, scan, &total);
-    if (miss) missing[n_missing + pos] = chosen[i];
-    n_missing += total;
-  }
-  __syncthreads();
-  // 3. Rank the free slots by (current score, slot index) and hand out the missing pages.
-  int2* __restrict__ out = recall_list + ((i64)s * n_kv + g) * n_sel;
-  for (int i = tid; i < n_sel; i += blockDim.x) {
-    if (kept[i]) continue;
-    const float si = cur_score[i];
-    int rank = 0;
-    for (int j = 0; j < n_sel; ++j) {
-      if (kept[j]) continue;
-      const float sj = cur_score[j];
-      rank += (sj < si) || (sj == si && j < i);
-    }
-    const int slot = desc.sel_slot0 + i;
-    if (rank < n_missing) {
-      const int page = missing[rank];
-      sel_pages[i] = page;
-      out[rank] = make_int2(page, slot);
-    } else {
-      sel_pages[i] = -1;
-      slot_len[(i64)slot * n_kv + g] = 0;
-    }
-  }
-  if (tid == 0) recall_count[s * n_kv + g] = n_missing;
 }
 
 // Correction test per (sequence, KV head): C = mean over the group of cos(q_cur[h], q_prev[h]);

@@ -95,10 +95,6 @@ pub enum Arg {
 
 /// Candidates scored per block by freekv_score_pages.
 pub const SCORE_PAGES_PER_BLOCK: i32 = 64;
-/// Threads of freekv_topk_replace (a multiple of 32).
-pub const TOPK_THREADS: u32 = 512;
-/// Largest number of selectable slots freekv_topk_replace accepts (FKV_MAX_SEL).
-pub const MAX_SEL: usize = 1024;
 
 /// The kernels of one configuration on one device, with typed launches.
 pub struct Kernels {
@@ -236,41 +232,6 @@ impl Kernels {
                 Arg::I32(n_kv as i32),
                 Arg::I32(cand_stride as i32),
                 Arg::I32(pooling as i32),
-            ],
-        )
-    }
-
-    /// freekv_topk_replace: recall_count `[n_seq][n_kv]` i32, recall_list `[n_seq][n_kv][n_sel]` int2.
-    #[allow(clippy::too_many_arguments)]
-    pub fn topk_replace(
-        &self,
-        stream: sys::CUstream,
-        pooled: u64,
-        descs: u64,
-        n_seq: usize,
-        n_kv: usize,
-        cand_stride: usize,
-        n_sel: usize,
-        recall_count: u64,
-        recall_list: u64,
-    ) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            n_sel <= MAX_SEL,
-            "{n_sel} selectable slots exceed the kernel's limit of {MAX_SEL}"
-        );
-        self.launch(
-            "freekv_topk_replace",
-            (n_kv as u32, n_seq as u32, 1),
-            TOPK_THREADS,
-            stream,
-            &[
-                Arg::Ptr(pooled),
-                Arg::Ptr(descs),
-                Arg::I32(n_kv as i32),
-                Arg::I32(cand_stride as i32),
-                Arg::I32(n_sel as i32),
-                Arg::Ptr(recall_count),
-                Arg::Ptr(recall_list),
             ],
         )
     }

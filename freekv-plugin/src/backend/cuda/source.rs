@@ -15,7 +15,7 @@ const COMMON: &str = include_str!("../../../../kernels/common.cuh");
 pub enum KernelFile {
     /// `freekv_summarize`.
     Summary,
-    /// `freekv_score_pages`, `freekv_pool_scores`, `freekv_topk_replace`, `freekv_correction`.
+    /// `freekv_score_pages`, `freekv_pool_scores`, `freekv_correction`.
     Select,
     /// `freekv_recall_scatter`, `freekv_recall_direct`, `freekv_offload_gather`, `freekv_append`.
     Transfer,
@@ -51,7 +51,6 @@ impl KernelFile {
             Self::Select => &[
                 "freekv_score_pages",
                 "freekv_pool_scores",
-                "freekv_topk_replace",
                 "freekv_correction",
             ],
             Self::Transfer => &[
