@@ -14,6 +14,14 @@ OUT=${OUT:-$ROOT/.device/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/device-run.log") 2>&1
 echo "== $(date -u +%FT%TZ) $(hostname)"
+# build-device.sh ships the binaries xz-compressed (the engine is ~144 MB unpacked).
+for z in "$BIN"/*.xz; do
+  [ -e "$z" ] || continue
+  if command -v xz >/dev/null; then xz -d -f "$z"; else
+    python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[1][:-3], "wb"))' "$z" && rm -f "$z"
+  fi
+  chmod +x "${z%.xz}"
+done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
 
 # The binaries need libcuda.so.1 (driver) and the CUDA 13 libraries: the toolkit's lib64 and the

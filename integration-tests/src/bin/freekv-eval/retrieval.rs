@@ -92,8 +92,19 @@ impl Plan {
             .ok()
             .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
         let keep = move |v: &Variant| keep.as_ref().is_none_or(|k| k.contains(&v.name));
+        // FREEKV_EVAL_TASKS="single,multi-key" keeps the tasks whose names start so.
+        let tasks: Option<Vec<String>> = std::env::var("FREEKV_EVAL_TASKS")
+            .ok()
+            .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
         Self {
-            tasks: Task::ALL.to_vec(),
+            tasks: Task::ALL
+                .into_iter()
+                .filter(|t| {
+                    tasks
+                        .as_ref()
+                        .is_none_or(|k| k.iter().any(|k| t.name().starts_with(k.as_str())))
+                })
+                .collect(),
             lengths,
             trials,
             variants: [
