@@ -119,12 +119,12 @@ impl<T: KvElem> CudaOps<T> {
     /// The thread's scoring buffers (and stream), created on first use.
     fn score_buffers<'a>(
         &self,
-        scratch: &'a mut CudaOpsScratch<T>,
+        score: &'a mut Option<ScoreBuffers>,
     ) -> anyhow::Result<&'a mut ScoreBuffers> {
-        if scratch.score.is_none() {
-            scratch.score = Some(ScoreBuffers::new(&self.ctx, &self.geo)?);
+        if score.is_none() {
+            *score = Some(ScoreBuffers::new(&self.ctx, &self.geo)?);
         }
-        Ok(scratch.score.as_mut().expect("created above"))
+        Ok(score.as_mut().expect("created above"))
     }
 }
 
@@ -192,8 +192,8 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         scratch: &mut CudaOpsScratch<T>,
     ) -> anyhow::Result<()> {
         self.bind()?;
-        let stream = self.score_buffers(scratch)?.stream.clone();
-        mirror.upload(host, blocks, &stream)
+        let bufs = self.score_buffers(&mut scratch.score)?;
+        mirror.upload(host, blocks, &bufs.stream)
     }
 
     fn score_pages(
@@ -213,23 +213,21 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
             Pooling::Mean => KernelPooling::Mean,
             Pooling::Max => KernelPooling::Max,
         };
-        let mut rows = std::mem::take(&mut scratch.rows);
+        let rows = &mut scratch.rows;
         rows.clear();
         rows.resize(query.len(), T::default());
-        T::from_f32s(query, &mut rows);
-        let bufs = self.score_buffers(scratch)?;
-        let r = bufs.score(
+        T::from_f32s(query, rows);
+        let bufs = self.score_buffers(&mut scratch.score)?;
+        bufs.score(
             &self.ctx,
             &self.kernels,
             &self.geo,
             mirror,
             blocks,
-            &rows,
+            rows,
             pooling,
             out,
-        );
-        scratch.rows = rows;
-        r
+        )
     }
 
     fn move_chunks(

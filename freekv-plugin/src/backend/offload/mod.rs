@@ -113,12 +113,12 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         host: &mut OffloadHost<T, O::HostPin, O::Summaries>,
         scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<()> {
-        scratch.blocks.sort_unstable();
-        scratch.blocks.dedup();
-        scratch.blocks.retain(|&b| host.tier.is_summarised(b));
         let Some(mirror) = host.summaries.as_mut() else {
             return Ok(());
         };
+        scratch.blocks.sort_unstable();
+        scratch.blocks.dedup();
+        scratch.blocks.retain(|&b| host.tier.is_summarised(b));
         if scratch.blocks.is_empty() {
             return Ok(());
         }
@@ -155,13 +155,11 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
 
     fn alloc_host_tier(&self, num_blocks: usize, scored: bool) -> anyhow::Result<Self::HostTier> {
         let tier = self.cpu.alloc_host_tier(num_blocks, scored)?;
-        let summaries = match scored {
-            true => Some(
-                self.ops
-                    .alloc_summaries(num_blocks)
-                    .context("allocating the device's page summaries")?,
-            ),
-            false => None,
+        let summaries = if scored {
+            let mirror = self.ops.alloc_summaries(num_blocks);
+            Some(mirror.context("allocating the device's page summaries")?)
+        } else {
+            None
         };
         Ok(OffloadHost {
             _pin: self.ops.pin_host(tier.pages()),
