@@ -183,12 +183,10 @@ __device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, in
 // Per-sequence descriptor of one layer's device tier, built by the host for each step ("plan").
 // Mirrored by `SeqDesc` in freekv-plugin/src/backend/cuda/kernels.rs: keep both in sync.
 struct SeqDesc {
-  u64 slots;      // kv_t*: [n_slots][2][PAGE][n_kv][D]
-  u64 slot_len;   // i32*:  [n_slots][n_kv] valid tokens of each slot, per KV head
+  u64 slots;      // kv_t*: [n_slots][2][PAGE][n_kv][D] (or a pool of slots, see slot_index)
+  u64 slot_len;   // i32*:  [n_slots][n_kv] valid tokens of each (logical) slot, per KV head
   u64 summaries;  // kv_t*: one layer's [n_kv][n_blocks][2][D] (by block; see select.cu)
-  u64 sel_pages;  // i32*:  [n_kv][n_sel] logical page held by each selectable slot (-1 empty)
-  i32 n_slots;    // slots attended by decode (sink + selected + window)
-  i32 sel_slot0;  // first selectable slot; selectable slots are [sel_slot0, sel_slot0 + n_sel)
-  i32 cand_begin; // first candidate page (full, not sink, not window)
-  i32 cand_count; // number of candidate pages
+  u64 slot_index; // i32*:  [n_slots] where logical slot i is stored in `slots`; 0 = slot i itself
+  i32 n_slots;    // slots attended by decode (sink + selected + window, or a dense layer's pages)
+  i32 cand_count; // number of candidate pages (scoring)
 };

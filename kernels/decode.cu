@@ -3,7 +3,9 @@
 // Each KV head's slice of a slot may hold a different logical page: decode needs no causal mask and
 // keys are already rotated, so attention over "the tokens in my slots" is order-free and one slot
 // list serves every head. slot_len[slot][head] tells how many of the slot's PAGE tokens are valid
-// for that head (0 = empty).
+// for that head (0 = empty). With a slot index (a dense layer: its pages are slots of a per-layer pool
+// in block order), logical slot i is read from slot slot_index[i] of the pool, its lengths from
+// slot_len[i].
 //
 // freekv_decode_partial: grid = (n_chunks, n_kv, n_seq), block = DEC_WARPS * 32. Block (c, g, s)
 //   attends the GROUP query heads of KV head g over slots [c * slots_per_chunk, ...) and writes, per
@@ -47,9 +49,9 @@ __device__ __forceinline__ void attend_token(DecodeState& st, const float (&qv)[
   }
 }
 
-__device__ __forceinline__ bool load_token(const kv_t* __restrict__ slots, const int* __restrict__ lens, int slot0,
-                                           int ti, int n_tok, int n_kv, int g, int c8, float (&kf)[VEC],
-                                           float (&vf)[VEC]) {
+__device__ __forceinline__ bool load_token(const kv_t* __restrict__ slots, const int* __restrict__ lens,
+                                           const int* __restrict__ index, int slot0, int ti, int n_tok, int n_kv,
+                                           int g, int c8, float (&kf)[VEC], float (&vf)[VEC]) {
   bool valid = ti < n_tok;
   int slot = 0, t = 0;
   if (valid) {
@@ -58,7 +60,8 @@ __device__ __forceinline__ bool load_token(const kv_t* __restrict__ slots, const
     valid = t < lens[(i64)slot * n_kv + g];
   }
   if (valid) {
-    const kv_t* kp = slots + ((((i64)slot * 2) * PAGE + t) * n_kv + g) * D + c8 * VEC;
+    const i64 stored = index != nullptr ? (i64)index[slot] : (i64)slot;
+    const kv_t* kp = slots + (((stored * 2) * PAGE + t) * n_kv + g) * D + c8 * VEC;
     load8(kp, kf);
     load8(kp + (i64)PAGE * n_kv * D, vf);
   } else {
@@ -85,6 +88,7 @@ extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)
   const int sub = lane / LPT, c8 = lane % LPT;
   const kv_t* __restrict__ slots = reinterpret_cast<const kv_t*>(desc.slots);
   const int* __restrict__ lens = reinterpret_cast<const int*>(desc.slot_len);
+  const int* __restrict__ index = reinterpret_cast<const int*>(desc.slot_index);
 
   for (int h0 = 0; h0 < GROUP; h0 += DEC_HT) {
     const int ht = min(DEC_HT, GROUP - h0);
@@ -109,8 +113,8 @@ extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)
     const int stride = DEC_WARPS * TPW;
     for (int tb = warp * TPW; tb < n_tok; tb += 2 * stride) {
       float k0[VEC], v0[VEC], k1[VEC], v1[VEC];
-      const bool ok0 = load_token(slots, lens, slot0, tb + sub, n_tok, n_kv, g, c8, k0, v0);
-      const bool ok1 = load_token(slots, lens, slot0, tb + stride + sub, n_tok, n_kv, g, c8, k1, v1);
+      const bool ok0 = load_token(slots, lens, index, slot0, tb + sub, n_tok, n_kv, g, c8, k0, v0);
+      const bool ok1 = load_token(slots, lens, index, slot0, tb + stride + sub, n_tok, n_kv, g, c8, k1, v1);
       attend_token(st, qv, k0, v0, ok0, ht, softcap);
       attend_token(st, qv, k1, v1, ok1, ht, softcap);
     }

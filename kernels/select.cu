@@ -1,9 +1,8 @@
 // Page selection on the device: scoring, group pooling, correction flags. The top-k and the
 // replacement plan are the host's, from the pooled scores (every device makes the CPU's plans).
 //
-// Candidates of a sequence are the pages [cand_begin, cand_begin + cand_count) (full pages that are
-// neither sink nor window); candidate j is page cand_begin + j. Score buffers are indexed by j with a
-// fixed row stride `cand_stride` >= the largest cand_count of the batch.
+// A sequence has `cand_count` candidate pages (full pages that are neither sink nor window), in the
+// order the host lists their blocks. Score buffers are indexed by candidate j with a fixed row stride `cand_stride` >= the largest cand_count of the batch.
 //
 // The scorer reads one layer's summaries by block, as the host tier lays them out and the product
 // mirrors them on the device: `desc.summaries` is `[n_kv][n_blocks][2][D]` (upper then lower bound)

@@ -291,8 +291,6 @@ fn bandwidth(device: &Device, out: &mut Out) -> anyhow::Result<()> {
         head_dim: s.d,
         page_size: PAGE,
         n_slots,
-        sel_slot0: 512 / PAGE,
-        n_sel: n_slots - 2 * 512 / PAGE,
         elem_bytes: 2,
     };
     let tier = LayerTier::new(&ctx, shape)?;

@@ -30,6 +30,9 @@ pub struct LayerCounters {
     pub bytes_moved: u64,
     /// Prompt tokens written by prefills.
     pub prefill_tokens: u64,
+    /// Of those, the tokens whose attention FreeKV's kernel computed (the engine attended the
+    /// others, see `--freekv-prefill-attention`).
+    pub prefill_attended: u64,
     /// Nanoseconds of selection + recall on the calling thread (exposed).
     pub blocking_ns: u64,
     /// Nanoseconds of selection + recall on the background worker (hidden unless waited for).
@@ -68,6 +71,7 @@ impl LayerCounters {
         self.pages_recalled += o.pages_recalled;
         self.bytes_moved += o.bytes_moved;
         self.prefill_tokens += o.prefill_tokens;
+        self.prefill_attended += o.prefill_attended;
         self.blocking_ns += o.blocking_ns;
         self.background_ns += o.background_ns;
         self.wait_ns += o.wait_ns;
@@ -93,6 +97,7 @@ impl LayerCounters {
             pages_recalled: self.pages_recalled - earlier.pages_recalled,
             bytes_moved: self.bytes_moved - earlier.bytes_moved,
             prefill_tokens: self.prefill_tokens - earlier.prefill_tokens,
+            prefill_attended: self.prefill_attended - earlier.prefill_attended,
             blocking_ns: self.blocking_ns - earlier.blocking_ns,
             background_ns: self.background_ns - earlier.background_ns,
             wait_ns: self.wait_ns - earlier.wait_ns,

@@ -72,8 +72,9 @@ pub trait AnyInstance: Send + Sync {
     fn host_tier_bytes(&self) -> usize;
     /// Bytes of one sequence's device tier over all sparse layers (O(budget)).
     fn device_tier_bytes_per_sequence(&self) -> usize;
-    /// Bytes the device keeps for the whole pool, over all sparse layers, whatever the
-    /// sequences (its mirror of the page summaries; 0 on the CPU in place).
+    /// Bytes the device keeps for the whole pool, over all layers, whatever the sequences (its
+    /// mirror of the sparse layers' page summaries and the dense layers' pages; 0 on the CPU
+    /// in place).
     fn device_pool_bytes(&self) -> usize;
     /// Turns per-step traces on or off (for tests and debugging; off by default).
     fn set_tracing(&self, on: bool);
@@ -440,10 +441,11 @@ impl<B: Backend> AnyInstance for Instance<B> {
     }
 
     fn device_pool_bytes(&self) -> usize {
-        self.shared
-            .backend
-            .device_pool_bytes(self.shared.num_blocks)
-            .saturating_mul(self.sparse_layers())
+        let (backend, n) = (&self.shared.backend, self.shared.num_blocks);
+        let sparse = self.sparse_layers();
+        let dense = self.shared.layers.len() - sparse;
+        let summaries = backend.device_pool_bytes(n, true).saturating_mul(sparse);
+        summaries.saturating_add(backend.device_pool_bytes(n, false).saturating_mul(dense))
     }
 
     fn set_tracing(&self, on: bool) {

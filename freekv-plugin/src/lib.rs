@@ -48,7 +48,9 @@ pub mod cli;
 use half::{bf16, f16};
 
 pub use backend::cpu::math::CpuKernels;
-pub use config::{ConfigError, DeviceTierLayout, FreeKvConfig, Mode, Pooling, SummaryKind};
+pub use config::{
+    ConfigError, DeviceTierLayout, FreeKvConfig, Mode, Pooling, PrefillAttention, SummaryKind,
+};
 pub use counters::{Counters, LayerCounters};
 pub use state::StepTrace;
 pub use types::{AttnParams, DecodeRow, KvDType, ModelShape, PrefillRow};

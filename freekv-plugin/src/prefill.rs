@@ -90,6 +90,9 @@ pub fn prefill_step<B: Backend>(
         seq.trace = None;
         seq.failure = None;
         seq.counters.prefill_tokens += row.new_len as u64;
+        if want_output {
+            seq.counters.prefill_attended += row.new_len as u64;
+        }
         if cx.dense_layer || !geo.is_sparse(total + 1) {
             continue;
         }

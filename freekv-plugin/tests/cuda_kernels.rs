@@ -482,8 +482,6 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
             head_dim: d,
             page_size: p,
             n_slots: 24,
-            sel_slot0: 4,
-            n_sel: 16,
             elem_bytes: 2,
         };
         for mode in [RecallMode::CopyEngine, RecallMode::Direct] {
@@ -658,8 +656,6 @@ fn decode_attention_matches_cpu() {
             head_dim: d,
             page_size: p,
             n_slots,
-            sel_slot0: 0,
-            n_sel: 1,
             elem_bytes: 2,
         };
         let tiers: Vec<LayerTier> = (0..n_seq)
@@ -688,7 +684,12 @@ fn decode_attention_matches_cpu() {
             all_slots.push(slots);
             all_lens.push(lens);
         }
-        let descs: Vec<SeqDesc> = tiers.iter().map(|t| t.desc(n_slots)).collect();
+        // Sequence 1 reads its logical slots through an index (as a dense layer reads its
+        // pages in a pool): logical slot i is stored in slot n_slots - 1 - i.
+        let index: Vec<i32> = (0..n_slots as i32).rev().collect();
+        let index_d = upload(&ctx, &index);
+        let mut descs: Vec<SeqDesc> = tiers.iter().map(|t| t.desc(n_slots)).collect();
+        descs[1].slot_index = index_d.ptr();
         let descs_d = upload(&ctx, &descs);
         let qd = upload(&ctx, &q);
         let spc = Kernels::decode_slots_per_chunk(n_seq, n_kv, n_slots, sms);
@@ -729,9 +730,10 @@ fn decode_attention_matches_cpu() {
                 let mut logits = Vec::new();
                 let mut vals = Vec::new();
                 for slot in 0..n_slots {
+                    let stored = if sq == 1 { n_slots - 1 - slot } else { slot };
                     for t in 0..all_lens[sq][slot * n_kv + g] as usize {
-                        let kb = ((slot * 2) * p + t) * n_kv * d + g * d;
-                        let vb = ((slot * 2 + 1) * p + t) * n_kv * d + g * d;
+                        let kb = ((stored * 2) * p + t) * n_kv * d + g * d;
+                        let vb = ((stored * 2 + 1) * p + t) * n_kv * d + g * d;
                         let mut x: f64 = (0..d)
                             .map(|c| qv[c] * dec(dtype, all_slots[sq][kb + c]) as f64)
                             .sum::<f64>()

@@ -85,10 +85,10 @@ pub trait Backend: Send + Sync + 'static {
     fn host_tier_bytes(&self, num_blocks: usize) -> usize;
     /// Bytes of one (sequence, layer) device tier.
     fn device_tier_bytes(&self) -> usize;
-    /// Bytes a scored layer keeps in device memory for a pool of `num_blocks` blocks, whatever
-    /// the sequences (the device's mirror of the page summaries; 0 where scoring reads the
-    /// host tier).
-    fn device_pool_bytes(&self, num_blocks: usize) -> usize;
+    /// Bytes a layer keeps in device memory for a pool of `num_blocks` blocks, whatever the
+    /// sequences: for a scored layer the device's mirror of the page summaries, for a dense
+    /// one (not `scored`) its pages; 0 where both are read from the host tier.
+    fn device_pool_bytes(&self, num_blocks: usize, scored: bool) -> usize;
 
     // ---- inputs and outputs -----------------------------------------------------------
     /// Loads a decode step: q `(B, Hq, D)`, k/v `(B, Hkv, D)`; clears the output.

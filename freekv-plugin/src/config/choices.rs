@@ -106,8 +106,9 @@ impl Pooling {
 pub enum DeviceTierLayout {
     /// The working set in memory of its own: recalled pages are copied from the host tier
     /// (HND) into budget-sized NHD slots, through two staging buffers on the background
-    /// worker, and decode attends over the slots. This is the CUDA backend's orchestration
-    /// (`backend::offload`) with host memory as the device.
+    /// worker, and decode attends over the slots; a dense layer's pages are copied too, as
+    /// they are written, and decode attends over that copy. This is the CUDA backend's
+    /// orchestration (`backend::offload`) with host memory as the device.
     Copy,
     /// Attention reads the host-tier pages named by the per-head slot tables; a recall only
     /// updates the tables.
@@ -120,5 +121,31 @@ impl DeviceTierLayout {
     pub const ALL: [(DeviceTierLayout, &'static str); 2] = [
         (DeviceTierLayout::Copy, "copy"),
         (DeviceTierLayout::InPlace, "in-place"),
+    ];
+}
+
+/// Which attention computes a prompt's output (FreeKV writes the prompt's pages and makes the
+/// first selection either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrefillAttention {
+    /// `engine` on a GPU, `freekv` on the CPU.
+    #[default]
+    Auto,
+    /// The engine's own attention on the model's device, as its stock paged attention runs a
+    /// prompt, for prompts without a cached prefix in full-attention layers; the others as
+    /// `freekv`.
+    Engine,
+    /// FreeKV's causal kernel over the host tier (cached prefix and new tokens), on the host.
+    #[serde(rename = "freekv")]
+    FreeKv,
+}
+
+impl PrefillAttention {
+    /// Every choice with its configuration string.
+    pub const ALL: [(PrefillAttention, &'static str); 3] = [
+        (PrefillAttention::Auto, "auto"),
+        (PrefillAttention::Engine, "engine"),
+        (PrefillAttention::FreeKv, "freekv"),
     ];
 }

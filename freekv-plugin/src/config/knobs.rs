@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::choices::{DeviceTierLayout, Mode, Pooling, SummaryKind};
+use super::choices::{DeviceTierLayout, Mode, Pooling, PrefillAttention, SummaryKind};
 use super::{ConfigError, FreeKvConfig};
 
 /// One knob of [`FreeKvConfig`]: its names and help, and how to set it from text. The table
@@ -118,7 +118,13 @@ macro_rules! choice_values {
     )*};
 }
 
-choice_values!(Mode, SummaryKind, Pooling, DeviceTierLayout);
+choice_values!(
+    Mode,
+    SummaryKind,
+    Pooling,
+    DeviceTierLayout,
+    PrefillAttention
+);
 
 /// Parses `text` as knob `name`'s value type.
 pub(super) fn parse<T: KnobValue>(name: &'static str, text: &str) -> Result<T, ConfigError> {

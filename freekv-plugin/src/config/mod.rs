@@ -15,7 +15,7 @@ use crate::ModelShape;
 mod choices;
 pub mod knobs;
 
-pub use choices::{DeviceTierLayout, Mode, Pooling, SummaryKind};
+pub use choices::{DeviceTierLayout, Mode, Pooling, PrefillAttention, SummaryKind};
 pub use knobs::{Knob, KnobValue};
 
 /// Page sizes FreeKV supports (= the engine's paged-attention block sizes).
@@ -89,15 +89,21 @@ declare_knobs! {
     summary: SummaryKind = SummaryKind::MinMax, "freekv-summary", "FREEKV_SUMMARY", "KIND";
     /// How a GQA group's query heads pool their page scores: softmax-mean, mean or max.
     pooling: Pooling = Pooling::SoftmaxMean, "freekv-pooling", "FREEKV_POOLING", "KIND";
-    /// Layers that always attend densely, comma separated ("" for none).
+    /// Layers that always attend densely, comma separated ("" for none). On a GPU a dense
+    /// layer keeps its whole pool in device memory too (1/L of the host tier per layer).
     dense_layers: Vec<usize> = vec![0], "freekv-dense-layers", "FREEKV_DENSE_LAYERS", "LIST";
     /// Which parts of the method run: freekv (speculation + correction), speculative (no
     /// correction), sync (select and recall on the critical path, like Quest/ArkVale) or
     /// dense.
     mode: Mode = Mode::FreeKv, "freekv-mode", "FREEKV_MODE", "MODE";
     /// How the CPU device tier holds the working set: in-place (attend over host pages) or
-    /// copy (recall pages into budget-sized slots).
+    /// copy (recall pages into budget-sized slots, and dense layers' pages into a copy of
+    /// their own, as on a GPU).
     device_tier: DeviceTierLayout = DeviceTierLayout::InPlace, "freekv-device-tier", "FREEKV_DEVICE_TIER", "KIND";
+    /// Which attention computes a prompt's output: engine (the engine's own, on the model's
+    /// device, for prompts without a cached prefix in full-attention layers), freekv (FreeKV's
+    /// kernel over the host tier) or auto (engine on a GPU, freekv on the CPU).
+    prefill_attention: PrefillAttention = PrefillAttention::Auto, "freekv-prefill-attention", "FREEKV_PREFILL_ATTENTION", "KIND";
 }
 
 /// An invalid knob: which one, the value given and what would be valid.

@@ -51,6 +51,9 @@ fn serde_names_and_partial_json() {
     for (m, name) in DeviceTierLayout::ALL {
         assert_eq!(serde_json::to_value(m).unwrap(), name);
     }
+    for (m, name) in PrefillAttention::ALL {
+        assert_eq!(serde_json::to_value(m).unwrap(), name);
+    }
     for (m, name) in Pooling::ALL {
         assert_eq!(serde_json::to_value(m).unwrap(), name);
     }
@@ -163,6 +166,7 @@ fn environment_overrides_and_errors() {
         ("FREEKV_MODE", "speculative"),
         ("FREEKV_DEVICE_TIER", "copy"),
         ("FREEKV_CORRECTION_RATE", "0.25"),
+        ("FREEKV_PREFILL_ATTENTION", "engine"),
     ]
     .into_iter()
     .collect();
@@ -181,6 +185,7 @@ fn environment_overrides_and_errors() {
             dense_layers: vec![],
             mode: Mode::Speculative,
             device_tier: DeviceTierLayout::Copy,
+            prefill_attention: PrefillAttention::Engine,
         }
     );
     c.validate(Some(&shape())).unwrap();

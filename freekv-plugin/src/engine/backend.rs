@@ -115,9 +115,10 @@ impl PagedAttentionBackend for FreeKvBackend {
         }
     }
 
-    /// On a GPU the device holds each sequence's working set (the budget per layer and KV
-    /// head, K and V) and the pool's page summaries (upper and lower bound per block and KV
-    /// head, 1/16 of the keys at 32-token pages); dense layers run over the host tier.
+    /// On a GPU the device holds each sequence's working set (the budget per sparse layer and
+    /// KV head, K and V), the pool's page summaries (upper and lower bound per block and KV
+    /// head of each sparse layer, 1/16 of the keys at 32-token pages) and the dense layers'
+    /// pages (the whole pool of each dense layer: 1/L of the host tier per dense layer).
     fn device_kv_elements(
         &self,
         model: &dyn ModelConfigLike,
@@ -126,9 +127,15 @@ impl PagedAttentionBackend for FreeKvBackend {
     ) -> Option<usize> {
         let config = self.config();
         let width = model.num_kv_heads() * model.k_head_dim();
-        let working_sets = max_seqs * config.budget * width * 2;
-        let summaries = cache_config.num_gpu_blocks * width * 2;
-        Some(working_sets + summaries)
+        let layers = model.num_layers();
+        let dense = (0..layers).filter(|&l| config.is_dense_layer(l)).count();
+        let sparse = layers - dense;
+        let blocks = cache_config.num_gpu_blocks;
+        let working_sets = max_seqs * config.budget * width * 2 * sparse;
+        let summaries = blocks * width * 2 * sparse;
+        let dense_pages = blocks * cache_config.block_size * width * 2 * dense;
+        // The engine reserves this much per layer: the total, spread over the layers.
+        Some((working_sets + summaries + dense_pages).div_ceil(layers.max(1)))
     }
 
     fn allocate_cache(
@@ -163,7 +170,7 @@ impl PagedAttentionBackend for FreeKvBackend {
         let model = Arc::new(freekv);
         let index = registry::add_model(model.clone(), &handles);
         tracing::info!(
-            "FreeKV serves model #{index} on {:?}: {} blocks of {} tokens, KV {dtype:?}, host tier {} MiB, device tier {} KiB per sequence and {} MiB of page summaries, CPU kernels {}, {:?}",
+            "FreeKV serves model #{index} on {:?}: {} blocks of {} tokens, KV {dtype:?}, host tier {} MiB, device tier {} KiB per sequence and {} MiB for the pool (page summaries, dense layers' pages), CPU kernels {}, {:?}",
             device.location(),
             cache_config.num_gpu_blocks,
             cache_config.block_size,

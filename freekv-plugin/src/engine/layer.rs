@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::TensorId;
 
 use super::{batch, registry, step_rows};
-use crate::{AttnParams, FreeKv};
+use crate::{AttnParams, FreeKv, PrefillAttention, PrefillRow};
 
 /// A model layer's paged attention. The layer does not know its index at construction
 /// (the engine builds layers before the cache); its first call finds it from its cache
@@ -34,6 +34,29 @@ struct Adopted {
 
 fn engine_err(e: anyhow::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("FreeKV: {e:#}"))
+}
+
+/// Whether the engine's own attention computes a prompt batch's output (FreeKV then only
+/// writes its pages and makes the first selection): as `--freekv-prefill-attention` says
+/// (`auto`: on a GPU), for a batch the engine's causal `mask` covers exactly, as its stock
+/// paged attention runs it: no cached prefix, no padding, full attention.
+fn engine_attends_prompt(
+    choice: PrefillAttention,
+    on_cpu: bool,
+    has_mask: bool,
+    params: &AttnParams,
+    rows: &[PrefillRow<'_>],
+    q_len: usize,
+) -> bool {
+    let wanted = match choice {
+        PrefillAttention::Auto => !on_cpu,
+        PrefillAttention::Engine => true,
+        PrefillAttention::FreeKv => false,
+    };
+    wanted
+        && has_mask
+        && params.sliding_window.is_none()
+        && rows.iter().all(|r| r.cached_len == 0 && r.new_len == q_len)
 }
 
 impl PagedAttentionLayerBackend for FreeKvLayer {
@@ -108,7 +131,21 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
                 tracing::debug!("FreeKV prefill rows (L={q_len}): {rows:?}");
             }
             let rows: Vec<_> = rows.iter().map(batch::PromptRow::as_row).collect();
-            // Every prompt is attended by FreeKV's own causal kernel, over the cached prefix
+            let choice = freekv.config().prefill_attention;
+            if engine_attends_prompt(
+                choice,
+                q.device().is_cpu(),
+                mask.is_some(),
+                &params,
+                &rows,
+                q_len,
+            ) {
+                freekv
+                    .prefill(layer, &rows, q, k, v, &params, false)
+                    .map_err(engine_err)?;
+                return Sdpa.run_attention(q, k, v, mask, flash, sdpa);
+            }
+            // Otherwise FreeKV's own causal kernel attends the prompt, over the cached prefix
             // (if any) and the new tokens, straight from the host tier: the engine's mask is
             // not read (the kernel masks by position, window and softcap from `sdpa`).
             let out = freekv
@@ -138,5 +175,49 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
         freekv
             .decode(layer, &rows, &q, &k, &v, &params)
             .map_err(engine_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_attends_only_prompts_its_mask_covers() {
+        let table = [0u32, 1];
+        let row = |cached_len, new_len| PrefillRow {
+            seq_id: 1,
+            block_table: &table,
+            cached_len,
+            new_len,
+        };
+        let full = AttnParams::scaled(1.0);
+        let window = AttnParams {
+            sliding_window: Some(8),
+            ..full
+        };
+        let fresh = [row(0, 40), row(0, 40)];
+        use PrefillAttention::{Auto, Engine, FreeKv};
+        assert!(engine_attends_prompt(Auto, false, true, &full, &fresh, 40));
+        assert!(!engine_attends_prompt(Auto, true, true, &full, &fresh, 40));
+        assert!(engine_attends_prompt(Engine, true, true, &full, &fresh, 40));
+        assert!(!engine_attends_prompt(
+            FreeKv, false, true, &full, &fresh, 40
+        ));
+        // No mask (a one-token prompt), a sliding window, a cached prefix, padding.
+        assert!(!engine_attends_prompt(
+            Engine, false, false, &full, &fresh, 40
+        ));
+        assert!(!engine_attends_prompt(
+            Engine, false, true, &window, &fresh, 40
+        ));
+        let cached = [row(0, 40), row(32, 40)];
+        assert!(!engine_attends_prompt(
+            Engine, false, true, &full, &cached, 40
+        ));
+        let padded = [row(0, 40), row(0, 30)];
+        assert!(!engine_attends_prompt(
+            Engine, false, true, &full, &padded, 40
+        ));
     }
 }

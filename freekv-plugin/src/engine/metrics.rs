@@ -108,6 +108,12 @@ const METRICS: &[Metric] = &[
         value: |m| Some(m.total.prefill_tokens as f64),
     },
     Metric {
+        name: "freekv_prefill_attended_tokens_total",
+        kind: "counter",
+        help: "Prompt tokens attended by FreeKV's kernel (the engine attended the rest), summed over layers",
+        value: |m| Some(m.total.prefill_attended as f64),
+    },
+    Metric {
         name: "freekv_rebuilds_total",
         kind: "counter",
         help: "Sequence states rebuilt from the host tier",

@@ -79,8 +79,8 @@ impl Backend for Faulty {
     fn device_tier_bytes(&self) -> usize {
         self.cpu.device_tier_bytes()
     }
-    fn device_pool_bytes(&self, num_blocks: usize) -> usize {
-        self.cpu.device_pool_bytes(num_blocks)
+    fn device_pool_bytes(&self, num_blocks: usize, scored: bool) -> usize {
+        self.cpu.device_pool_bytes(num_blocks, scored)
     }
     fn load_decode(&self, b: &mut Batch, q: &Tensor, k: &Tensor, v: &Tensor) -> anyhow::Result<()> {
         self.check("load_decode")?;

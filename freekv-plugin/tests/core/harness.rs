@@ -822,6 +822,7 @@ pub fn random_setup(rng: &mut Rng, lim: &Limits) -> Setup {
         } else {
             freekv_plugin::DeviceTierLayout::InPlace
         },
+        prefill_attention: Default::default(),
     };
     let params = AttnParams {
         softmax_scale: 1.0 / (d as f32).sqrt(),

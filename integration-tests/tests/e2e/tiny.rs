@@ -7,7 +7,7 @@ use freekv_integration_tests::engine::{
 };
 use freekv_integration_tests::tiny_models::{filler_text, write_tiny_model, Arch};
 use freekv_integration_tests::{paths, serial};
-use freekv_plugin::{FreeKvConfig, Mode};
+use freekv_plugin::{FreeKvConfig, Mode, PrefillAttention};
 
 /// Tokens generated per comparison.
 const GENERATE: usize = 200;
@@ -45,38 +45,64 @@ async fn budget_above_context_gives_the_stock_tokens_on_every_arch() -> anyhow::
         let stock = load(Source::Plain(&model.dir), &Attention::Stock, 4).await?;
         let want = greedy(&stock.model, &prompt, GENERATE).await?;
         drop(stock);
-        let fkv = load(
-            Source::Plain(&model.dir),
-            &Attention::freekv(big_budget()),
-            4,
-        )
-        .await?;
-        let got = greedy(&fkv.model, &prompt, GENERATE).await?;
-        let (prefix, _) = agreement(&want.tokens, &got.tokens);
         assert_eq!(
             want.tokens.len(),
             GENERATE,
             "{}: stock stopped early",
             arch.name()
         );
-        assert_eq!(
-            prefix,
-            GENERATE,
-            "{}: FreeKV diverges from stock at token {prefix}: stock {:?} vs FreeKV {:?}",
-            arch.name(),
-            want.tokens.get(prefix),
-            got.tokens.get(prefix)
-        );
-        let c = fkv.freekv.as_ref().expect("FreeKV instance").counters();
-        // Every layer decoded every generated token through FreeKV.
-        assert!(
-            c.total.decode_steps as usize >= (GENERATE - 1) * model.layers,
-            "{}: {} FreeKV decode steps for {GENERATE} tokens x {} layers",
-            arch.name(),
-            c.total.decode_steps,
-            model.layers
-        );
-        println!("{:8} stock == FreeKV for {GENERATE} tokens", arch.name());
+        // The prompt attended by FreeKV's kernel (the CPU's default), then by the engine's
+        // own attention (a GPU's default), FreeKV writing the pages.
+        for prefill in [PrefillAttention::FreeKv, PrefillAttention::Engine] {
+            let config = FreeKvConfig {
+                prefill_attention: prefill,
+                ..big_budget()
+            };
+            let fkv = load(Source::Plain(&model.dir), &Attention::freekv(config), 4).await?;
+            let got = greedy(&fkv.model, &prompt, GENERATE).await?;
+            let (prefix, _) = agreement(&want.tokens, &got.tokens);
+            assert_eq!(
+                prefix,
+                GENERATE,
+                "{} (prefill {prefill:?}): FreeKV diverges from stock at token {prefix}: stock \
+                 {:?} vs FreeKV {:?}",
+                arch.name(),
+                want.tokens.get(prefix),
+                got.tokens.get(prefix)
+            );
+            let c = fkv.freekv.as_ref().expect("FreeKV instance").counters();
+            // Every layer decoded every generated token through FreeKV.
+            assert!(
+                c.total.decode_steps as usize >= (GENERATE - 1) * model.layers,
+                "{}: {} FreeKV decode steps for {GENERATE} tokens x {} layers",
+                arch.name(),
+                c.total.decode_steps,
+                model.layers
+            );
+            assert!(
+                c.total.prefill_tokens as usize >= 300 * model.layers,
+                "{}: {} prompt tokens written",
+                arch.name(),
+                c.total.prefill_tokens
+            );
+            // FreeKV's kernel attends every prompt token it is asked to, and only the
+            // sliding-window layers' ones when the engine attends the prompt.
+            let attended = c.total.prefill_attended;
+            match prefill {
+                PrefillAttention::FreeKv => assert_eq!(attended, c.total.prefill_tokens),
+                // gemma2: its even layers use a sliding window.
+                _ if matches!(arch, Arch::Gemma2) => {
+                    assert!(attended > 0 && attended < c.total.prefill_tokens)
+                }
+                _ => assert_eq!(attended, 0, "{}", arch.name()),
+            }
+            println!(
+                "{:8} stock == FreeKV (prefill {prefill:?}) for {GENERATE} tokens, {attended} \
+                 of {} prompt tokens attended by FreeKV",
+                arch.name(),
+                c.total.prefill_tokens
+            );
+        }
     }
     Ok(())
 }

@@ -138,7 +138,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         SlotPlan::bytes(&self.geo)
     }
 
-    fn device_pool_bytes(&self, _num_blocks: usize) -> usize {
+    fn device_pool_bytes(&self, _num_blocks: usize, _scored: bool) -> usize {
         0
     }
 

@@ -20,11 +20,9 @@ pub struct TierShape {
     pub group: usize,
     pub head_dim: usize,
     pub page_size: usize,
-    /// Slots per layer: budget / page_size.
+    /// Slots of the tier: budget / page_size for a working set, the pool's blocks for a dense
+    /// layer.
     pub n_slots: usize,
-    /// Selectable slots are [sel_slot0, sel_slot0 + n_sel).
-    pub sel_slot0: usize,
-    pub n_sel: usize,
     pub elem_bytes: usize,
 }
 
@@ -65,22 +63,19 @@ impl LayerTier {
             slots: self.slots.ptr(),
             slot_len: self.slot_len.ptr(),
             n_slots: n_slots as i32,
-            sel_slot0: self.shape.sel_slot0 as i32,
             ..Default::default()
         }
     }
 }
 
-/// The device-tier shape of a geometry with 16-bit elements.
-pub fn tier_shape(geo: &Geometry) -> TierShape {
+/// The shape of a tier of `n_slots` slots of a geometry with 16-bit elements.
+pub fn tier_shape(geo: &Geometry, n_slots: usize) -> TierShape {
     TierShape {
         n_kv: geo.num_kv_heads,
         group: geo.group,
         head_dim: geo.head_dim,
         page_size: geo.page_size,
-        n_slots: geo.slots,
-        sel_slot0: geo.sink_pages,
-        n_sel: geo.sel_pages,
+        n_slots,
         elem_bytes: 2,
     }
 }
@@ -90,40 +85,66 @@ pub fn layer_tier_bytes(shape: &TierShape) -> usize {
     shape.n_slots * shape.slot_bytes() + shape.n_slots * shape.n_kv * 4
 }
 
-/// Device buffers of one decode call (one sequence), allocated on first use.
+/// Device buffers of one decode call (one sequence), allocated on first use and grown to the
+/// largest call.
 pub struct DecodeBuffers {
+    ctx: Arc<CudaContext>,
+    sm_count: usize,
     /// The query, `[n_q][d]` 16-bit.
     pub q: DeviceBuffer,
     /// One [`SeqDesc`].
     pub desc: DeviceBuffer,
+    /// The output, `[n_q][d]` 16-bit.
+    pub out: DeviceBuffer,
+    /// `[n_slots][n_kv]` i32 valid tokens of each logical slot.
+    pub lens: DeviceBuffer,
+    /// `[n_slots]` i32 stored slot of each logical slot (dense layers).
+    pub index: DeviceBuffer,
     /// Partial outputs `[n_q][n_chunks][d]` f32.
     pub part_o: DeviceBuffer,
     /// Partial max and sum `[n_q][n_chunks][2]` f32.
     pub part_ml: DeviceBuffer,
-    /// The output, `[n_q][d]` 16-bit.
-    pub out: DeviceBuffer,
-    /// Slots per decode block.
-    pub slots_per_chunk: usize,
-    /// Decode blocks per KV head (chunks of `slots_per_chunk` slots).
-    pub n_chunks: usize,
 }
 
 impl DecodeBuffers {
-    /// Buffers for `geo` on a device with `sm_count` multiprocessors.
+    /// Buffers for `geo` on a device with `sm_count` multiprocessors, sized for a working set.
     pub fn new(ctx: &Arc<CudaContext>, geo: &Geometry, sm_count: usize) -> anyhow::Result<Self> {
         let n_q = geo.num_q_heads();
         let d = geo.head_dim;
-        let slots_per_chunk =
-            Kernels::decode_slots_per_chunk(1, geo.num_kv_heads, geo.slots, sm_count);
-        let n_chunks = geo.slots.div_ceil(slots_per_chunk.max(1)).max(1);
-        Ok(Self {
+        let mut bufs = Self {
+            ctx: ctx.clone(),
+            sm_count,
             q: DeviceBuffer::new(ctx, n_q * d * 2)?,
             desc: DeviceBuffer::new(ctx, std::mem::size_of::<SeqDesc>())?,
-            part_o: DeviceBuffer::new(ctx, n_q * n_chunks * d * 4)?,
-            part_ml: DeviceBuffer::new(ctx, n_q * n_chunks * 2 * 4)?,
             out: DeviceBuffer::new(ctx, n_q * d * 2)?,
-            slots_per_chunk,
-            n_chunks,
-        })
+            lens: DeviceBuffer::new(ctx, 0)?,
+            index: DeviceBuffer::new(ctx, 0)?,
+            part_o: DeviceBuffer::new(ctx, 0)?,
+            part_ml: DeviceBuffer::new(ctx, 0)?,
+        };
+        bufs.prepare(geo, geo.slots)?;
+        Ok(bufs)
     }
+
+    /// The slots per decode block of a call over `n_slots` logical slots, with the buffers
+    /// grown to hold its partials.
+    pub fn prepare(&mut self, geo: &Geometry, n_slots: usize) -> anyhow::Result<usize> {
+        let (n_q, n_kv, d) = (geo.num_q_heads(), geo.num_kv_heads, geo.head_dim);
+        let slots_per_chunk = Kernels::decode_slots_per_chunk(1, n_kv, n_slots, self.sm_count);
+        let n_chunks = n_slots.div_ceil(slots_per_chunk.max(1)).max(1);
+        let ctx = &self.ctx;
+        grow(ctx, &mut self.lens, n_slots * n_kv * 4)?;
+        grow(ctx, &mut self.index, n_slots * 4)?;
+        grow(ctx, &mut self.part_o, n_q * n_chunks * d * 4)?;
+        grow(ctx, &mut self.part_ml, n_q * n_chunks * 2 * 4)?;
+        Ok(slots_per_chunk)
+    }
+}
+
+/// Replaces `buf` with a larger one when it holds fewer than `bytes` (contents not kept).
+fn grow(ctx: &Arc<CudaContext>, buf: &mut DeviceBuffer, bytes: usize) -> anyhow::Result<()> {
+    if buf.bytes() < bytes {
+        *buf = DeviceBuffer::new(ctx, bytes)?;
+    }
+    Ok(())
 }

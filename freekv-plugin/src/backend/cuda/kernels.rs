@@ -12,17 +12,17 @@ use cudarc::driver::{result, sys};
 use super::module::LoadedKernels;
 
 /// Per-sequence descriptor of one layer's device tier. Mirrors `struct SeqDesc` in
-/// `kernels/common.cuh` (same field order, sizes and alignment: 4 x u64 then 4 x i32 = 48 bytes).
+/// `kernels/common.cuh` (same field order, sizes and alignment: 4 x u64 then 2 x i32 = 40 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SeqDesc {
     pub slots: u64,
     pub slot_len: u64,
     pub summaries: u64,
-    pub sel_pages: u64,
+    /// `[n_slots]` i32: the stored slot of each logical slot (a dense layer's pages in its
+    /// pool); 0 = logical slot i is slot i.
+    pub slot_index: u64,
     pub n_slots: i32,
-    pub sel_slot0: i32,
-    pub cand_begin: i32,
     pub cand_count: i32,
 }
 
@@ -58,7 +58,7 @@ pub struct AppendJob {
     pub pos: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<SeqDesc>() == 48);
+const _: () = assert!(std::mem::size_of::<SeqDesc>() == 40);
 const _: () = assert!(std::mem::size_of::<RecallJob>() == 32);
 const _: () = assert!(std::mem::size_of::<GatherJob>() == 24);
 const _: () = assert!(std::mem::size_of::<AppendJob>() == 24);

@@ -139,13 +139,13 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         &self.device
     }
 
-    fn alloc_slots(&self) -> anyhow::Result<LayerTier> {
+    fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<LayerTier> {
         self.bind()?;
-        LayerTier::new(&self.ctx, tier_shape(&self.geo))
+        LayerTier::new(&self.ctx, tier_shape(&self.geo, n_slots))
     }
 
-    fn slots_bytes(&self) -> usize {
-        layer_tier_bytes(&tier_shape(&self.geo))
+    fn slots_bytes(&self, n_slots: usize) -> usize {
+        layer_tier_bytes(&tier_shape(&self.geo, n_slots))
     }
 
     fn alloc_scratch(&self, _role: Role) -> CudaOpsScratch<T> {
@@ -240,6 +240,18 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         if moves.is_empty() {
             return Ok(());
         }
+        if let Some(m) = moves
+            .iter()
+            .find(|m| m.slot as usize >= slots.shape.n_slots || m.head as usize >= slots.shape.n_kv)
+        {
+            anyhow::bail!(
+                "chunk move into slot {} head {} of {} slots of {} KV heads",
+                m.slot,
+                m.head,
+                slots.shape.n_slots,
+                slots.shape.n_kv
+            );
+        }
         self.bind()?;
         let chunks: Vec<RecallJob> = moves
             .iter()
@@ -284,6 +296,12 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
             k.len(),
             std::mem::size_of::<T>()
         );
+        anyhow::ensure!(
+            slot < shape.n_slots && token < shape.page_size,
+            "append at slot {slot} token {token} of {} slots of {} tokens",
+            shape.n_slots,
+            shape.page_size
+        );
         self.bind()?;
         // NHD: token `token`'s K rows of all heads are one contiguous run, its V rows another.
         let k_off = (slot * 2 * shape.page_size + token) * row_bytes;
@@ -301,6 +319,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     fn decode(
         &self,
         slots: &LayerTier,
+        index: Option<&[u32]>,
         slot_len: &[i32],
         q: &[f32],
         params: &AttnParams,
@@ -309,13 +328,25 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     ) -> anyhow::Result<()> {
         let geo = &self.geo;
         let (n_kv, n_q, d) = (geo.num_kv_heads, geo.num_q_heads(), geo.head_dim);
+        let n_slots = index.map_or(geo.slots, <[u32]>::len);
+        let stored = slots.shape.n_slots;
         anyhow::ensure!(
-            q.len() == n_q * d && out.len() == n_q * d && slot_len.len() == geo.slots * n_kv,
-            "decode over the slots got a {}-value query, a {}-value output and {} slot lengths",
+            q.len() == n_q * d && out.len() == n_q * d && slot_len.len() == n_slots * n_kv,
+            "decode over {n_slots} slots got a {}-value query, a {}-value output and {} slot lengths",
             q.len(),
             out.len(),
             slot_len.len()
         );
+        let last = index.map_or(Some(n_slots.saturating_sub(1) as u32), |ix| {
+            ix.iter().copied().max()
+        });
+        if let Some(bad) = last.filter(|&s| s as usize >= stored) {
+            anyhow::bail!("decode reads slot {bad} of {stored}");
+        }
+        if n_slots == 0 {
+            out.fill(0.0);
+            return Ok(());
+        }
         self.bind()?;
         if scratch.decode.is_none() {
             scratch.decode = Some(DecodeBuffers::new(&self.ctx, geo, self.sm_count)?);
@@ -328,14 +359,23 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         else {
             unreachable!("decode buffers were allocated above")
         };
+        let slots_per_chunk = bufs.prepare(geo, n_slots)?;
         rows.clear();
         rows.resize(n_q * d, T::default());
         T::from_f32s(q, rows);
-        let desc = [slots.desc(slots.shape.n_slots)];
+        let mut desc = slots.desc(n_slots);
+        desc.slot_len = bufs.lens.ptr();
+        if index.is_some() {
+            desc.slot_index = bufs.index.ptr();
+        }
+        let desc = [desc];
         let s = self.stream.cu_stream();
         // SAFETY: the host slices live until the stream is synchronized below.
         unsafe {
-            slots.slot_len.copy_from_host_async(0, slot_len, s)?;
+            bufs.lens.copy_from_host_async(0, slot_len, s)?;
+            if let Some(ix) = index {
+                bufs.index.copy_from_host_async(0, ix, s)?;
+            }
             bufs.q.copy_from_host_async(0, rows, s)?;
             bufs.desc.copy_from_host_async(0, as_bytes(&desc), s)?;
         }
@@ -346,8 +386,8 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
             bufs.desc.ptr(),
             1,
             n_kv,
-            geo.slots,
-            bufs.slots_per_chunk,
+            n_slots,
+            slots_per_chunk,
             bufs.part_o.ptr(),
             bufs.part_ml.ptr(),
             bufs.out.ptr(),

@@ -42,9 +42,10 @@ impl<T> HostOps<T> {
         }
     }
 
+    /// Elements of one slot.
     fn slot_elems(&self) -> usize {
         let g = &self.geo;
-        g.slots * 2 * g.page_size * g.num_kv_heads * g.head_dim
+        2 * g.page_size * g.num_kv_heads * g.head_dim
     }
 }
 
@@ -103,11 +104,13 @@ fn slot_rows<'a, T>(
 }
 
 impl<T: KvElem> HostOps<T> {
-    /// Attention of KV head `h`'s query heads (`q`, `out`: `[G][d]`) over its slots.
+    /// Attention of KV head `h`'s query heads (`q`, `out`: `[G][d]`) over its logical slots
+    /// (stored where `index` says, see [`DeviceOps::decode`]).
     #[allow(clippy::too_many_arguments)]
     fn decode_head(
         &self,
         data: &[T],
+        index: Option<&[u32]>,
         slot_len: &[i32],
         h: usize,
         q: &[f32],
@@ -124,11 +127,12 @@ impl<T: KvElem> HostOps<T> {
         // the last slot position.
         sc.qpos.resize(gs, g.page_size);
         let mut att = Attention::begin(sc, gs, d, params);
-        for slot in 0..g.slots {
-            let n = slot_len[slot * g.num_kv_heads + h].max(0) as usize;
+        for (i, lens) in slot_len.chunks_exact(g.num_kv_heads).enumerate() {
+            let n = lens[h].max(0) as usize;
             if n == 0 {
                 continue;
             }
+            let slot = index.map_or(i, |ix| ix[i] as usize);
             let (k, v, stride) = slot_rows(g, data, slot, h);
             let seg = Segment {
                 k,
@@ -156,8 +160,8 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
         &self.device
     }
 
-    fn alloc_slots(&self) -> anyhow::Result<Vec<T>> {
-        let n = self.slot_elems();
+    fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<Vec<T>> {
+        let n = n_slots.saturating_mul(self.slot_elems());
         let mut v = Vec::new();
         v.try_reserve_exact(n).map_err(|_| {
             anyhow::anyhow!(
@@ -169,8 +173,10 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
         Ok(v)
     }
 
-    fn slots_bytes(&self) -> usize {
-        self.slot_elems() * std::mem::size_of::<T>()
+    fn slots_bytes(&self, n_slots: usize) -> usize {
+        n_slots
+            .saturating_mul(self.slot_elems())
+            .saturating_mul(std::mem::size_of::<T>())
     }
 
     fn alloc_scratch(&self, role: Role) -> HostOpsScratch<T> {
@@ -293,13 +299,13 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
     ) -> anyhow::Result<()> {
         let g = &self.geo;
         let width = g.num_kv_heads * g.head_dim;
+        let stored = slots.len() / self.slot_elems();
         anyhow::ensure!(
-            k.len() == width && v.len() == width && slot < g.slots && token < g.page_size,
+            k.len() == width && v.len() == width && slot < stored && token < g.page_size,
             "append of {}/{} values at slot {slot} token {token}; expected {width} values, \
-             {} slots of {} tokens",
+             {stored} slots of {} tokens",
             k.len(),
             v.len(),
-            g.slots,
             g.page_size
         );
         // NHD: one token's K rows of all heads are one run, its V rows another.
@@ -313,6 +319,7 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
     fn decode(
         &self,
         slots: &Vec<T>,
+        index: Option<&[u32]>,
         slot_len: &[i32],
         q: &[f32],
         params: &AttnParams,
@@ -321,33 +328,41 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
     ) -> anyhow::Result<()> {
         let g = &self.geo;
         let (n_q, d) = (g.num_q_heads(), g.head_dim);
+        let stored = slots.len() / self.slot_elems();
+        let logical = index.map_or(g.slots, <[u32]>::len);
         anyhow::ensure!(
             q.len() == n_q * d
                 && out.len() == n_q * d
-                && slot_len.len() == g.slots * g.num_kv_heads,
-            "decode over the slots got a {}-value query, a {}-value output and {} slot lengths; \
-             expected {}, {} and {}",
+                && slot_len.len() == logical * g.num_kv_heads,
+            "decode over {logical} slots got a {}-value query, a {}-value output and {} slot \
+             lengths; expected {}, {} and {}",
             q.len(),
             out.len(),
             slot_len.len(),
             n_q * d,
             n_q * d,
-            g.slots * g.num_kv_heads
+            logical * g.num_kv_heads
         );
+        let last = index.map_or(Some(logical.saturating_sub(1) as u32), |ix| {
+            ix.iter().copied().max()
+        });
+        if let Some(bad) = last.filter(|&s| s as usize >= stored) {
+            anyhow::bail!("decode reads slot {bad} of {stored}");
+        }
         let per_head = g.group * d;
-        let attended = g.slots * g.page_size;
+        let attended = logical * g.page_size;
         if attended * g.num_kv_heads >= PARALLEL_DECODE && rayon::current_num_threads() > 1 {
             use rayon::prelude::*;
             out.par_chunks_mut(per_head)
                 .zip(q.par_chunks(per_head))
                 .enumerate()
                 .for_each_init(AttnScratch::default, |sc, (h, (out, q))| {
-                    self.decode_head(slots, slot_len, h, q, out, params, sc)
+                    self.decode_head(slots, index, slot_len, h, q, out, params, sc)
                 });
             return Ok(());
         }
         for (h, (out, q)) in out.chunks_mut(per_head).zip(q.chunks(per_head)).enumerate() {
-            self.decode_head(slots, slot_len, h, q, out, params, &mut scratch.attn);
+            self.decode_head(slots, index, slot_len, h, q, out, params, &mut scratch.attn);
         }
         Ok(())
     }
@@ -370,7 +385,7 @@ mod tests {
                 host.write_row(2, h, t, &k, &v);
             }
         }
-        let mut slots = ops.alloc_slots().unwrap();
+        let mut slots = ops.alloc_slots(g.slots).unwrap();
         let moves: Vec<ChunkMove> = (0..3)
             .map(|h| ChunkMove {
                 block: 2,

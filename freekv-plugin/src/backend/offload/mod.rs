@@ -16,8 +16,11 @@
 //! - working-set resets and recalls: the plan's chunks moved by the device
 //!   ([`DeviceOps::move_chunks`]); the tables follow the data;
 //! - each new token: appended to its window slot on the device;
-//! - decode attention over a working set: on the device. Dense decode (no working set),
-//!   sliding-window layers and prefill attention read the host tier on the host.
+//! - a dense layer's pages: mirrored in the device's memory too (one slot per block of the
+//!   pool, written as the host tier is), so its decode attention runs on the device;
+//! - decode attention over a working set or a dense layer's pages: on the device. Sequences
+//!   within the budget on sparse layers, sliding-window layers and prefill attention read the
+//!   host tier on the host.
 
 pub mod host;
 pub mod ops;
@@ -59,14 +62,16 @@ pub struct OffloadTier<T, S> {
     new_token: Vec<T>,
 }
 
-/// One layer's host tier, registered with the device while it lives, and the device's mirror
-/// of its summaries.
-pub struct OffloadHost<T, P, M> {
+/// One layer's host tier, registered with the device while it lives, and what the device
+/// mirrors of it: the summaries of a sparse layer, or every page of a dense one.
+pub struct OffloadHost<T, P, M, S> {
     /// Declared first: unregistered before the pages are freed.
     _pin: P,
     tier: HostTier<T>,
     /// None for a layer whose pages are never scored (dense).
     summaries: Option<M>,
+    /// A dense layer's pages on the device: block `b` in slot `b`. None for a sparse layer.
+    pages: Option<S>,
 }
 
 /// Per-thread working memory.
@@ -81,6 +86,10 @@ pub struct OffloadScratch<T: KvElem, S> {
     select: SelectScratch,
     /// `[slot][n_kv]` valid tokens, for decode.
     slot_len: Vec<i32>,
+    /// A dense layer's blocks in page order, for decode over its pages.
+    index: Vec<u32>,
+    /// One token's K then V rows of every KV head, for a dense layer's pages.
+    row: Vec<T>,
     /// One query and its output, `[n_q][d]` f32.
     q: Vec<f32>,
     out: Vec<f32>,
@@ -110,7 +119,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// Uploads the summaries of `scratch.blocks` that the host tier holds (sorted, distinct).
     fn upload_summaries(
         &self,
-        host: &mut OffloadHost<T, O::HostPin, O::Summaries>,
+        host: &mut HostOf<T, O>,
         scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<()> {
         let Some(mirror) = host.summaries.as_mut() else {
@@ -132,11 +141,74 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             })
     }
 
+    /// Mirrors the tokens `first_pos..first_pos + n` of a dense layer (just written to the
+    /// host tier) into its pages on the device: one token from the batch's row, more as the
+    /// pages that hold them.
+    #[allow(clippy::too_many_arguments)]
+    fn mirror_tokens(
+        &self,
+        host: &mut HostOf<T, O>,
+        table: &[u32],
+        batch: &CpuBatch,
+        row: usize,
+        first_pos: usize,
+        n: usize,
+        scratch: &mut OffloadScratch<T, O::Scratch>,
+    ) -> anyhow::Result<()> {
+        let Some(pages) = host.pages.as_mut() else {
+            return Ok(());
+        };
+        let g = &self.geo;
+        let p = g.page_size;
+        if n == 1 {
+            let width = g.num_kv_heads * g.head_dim;
+            scratch.row.resize(2 * width, T::default());
+            let (k, v) = scratch.row.split_at_mut(width);
+            for h in 0..g.num_kv_heads {
+                let (kr, vr) = batch.kv_row(row, h, 0);
+                let r = h * g.head_dim..(h + 1) * g.head_dim;
+                T::from_f32s(kr, &mut k[r.clone()]);
+                T::from_f32s(vr, &mut v[r]);
+            }
+            let block = table[first_pos / p] as usize;
+            return self
+                .ops
+                .append_token(pages, block, first_pos % p, k, v)
+                .context("appending the new token to a dense layer's pages on the device");
+        }
+        scratch.moves.clear();
+        for &block in &table[first_pos / p..(first_pos + n).div_ceil(p)] {
+            scratch
+                .moves
+                .extend((0..g.num_kv_heads as u32).map(|head| ChunkMove {
+                    block,
+                    head,
+                    slot: block,
+                }));
+        }
+        self.ops
+            .move_chunks(&host.tier, pages, &scratch.moves, Some(&mut scratch.device))
+            .with_context(|| {
+                format!(
+                    "copying {} pages of a dense layer to the device",
+                    scratch.moves.len() / g.num_kv_heads.max(1)
+                )
+            })
+    }
+
     /// Whether decode over a working set runs on the device with these parameters.
     fn decode_on_device(params: &AttnParams) -> bool {
         params.sliding_window.is_none() && params.softcap.is_none_or(|c| c > 0.0)
     }
 }
+
+/// The host tier of an [`OffloadBackend`] on `O`.
+type HostOf<T, O> = OffloadHost<
+    T,
+    <O as DeviceOps<T>>::HostPin,
+    <O as DeviceOps<T>>::Summaries,
+    <O as DeviceOps<T>>::Slots,
+>;
 
 /// Reads a tensor's values on the host (a no-op for CPU tensors).
 fn on_host(t: &Tensor) -> anyhow::Result<Tensor> {
@@ -144,7 +216,7 @@ fn on_host(t: &Tensor) -> anyhow::Result<Tensor> {
 }
 
 impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
-    type HostTier = OffloadHost<T, O::HostPin, O::Summaries>;
+    type HostTier = HostOf<T, O>;
     type DeviceTier = OffloadTier<T, O::Slots>;
     type Scratch = OffloadScratch<T, O::Scratch>;
     type Batch = CpuBatch;
@@ -155,16 +227,27 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
 
     fn alloc_host_tier(&self, num_blocks: usize, scored: bool) -> anyhow::Result<Self::HostTier> {
         let tier = self.cpu.alloc_host_tier(num_blocks, scored)?;
-        let summaries = if scored {
+        let (summaries, pages) = if scored {
             let mirror = self.ops.alloc_summaries(num_blocks);
-            Some(mirror.context("allocating the device's page summaries")?)
+            (
+                Some(mirror.context("allocating the device's page summaries")?),
+                None,
+            )
         } else {
-            None
+            let pages = self.ops.alloc_slots(num_blocks).with_context(|| {
+                format!(
+                    "allocating a dense layer's {num_blocks} pages on the device ({} MiB; \
+                     fewer dense layers or a smaller pool need less)",
+                    self.ops.slots_bytes(num_blocks) >> 20
+                )
+            })?;
+            (None, Some(pages))
         };
         Ok(OffloadHost {
             _pin: self.ops.pin_host(tier.pages()),
             tier,
             summaries,
+            pages,
         })
     }
 
@@ -172,7 +255,10 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         let width = self.geo.num_kv_heads * self.geo.head_dim;
         Ok(OffloadTier {
             plan: self.cpu.alloc_device_tier()?,
-            slots: self.ops.alloc_slots().context("allocating a working set")?,
+            slots: self
+                .ops
+                .alloc_slots(self.geo.slots)
+                .context("allocating a working set")?,
             new_token: vec![T::default(); 2 * width],
         })
     }
@@ -186,6 +272,8 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             scores: Vec::new(),
             select: SelectScratch::default(),
             slot_len: Vec::new(),
+            index: Vec::new(),
+            row: Vec::new(),
             q: Vec::new(),
             out: Vec::new(),
         }
@@ -200,11 +288,15 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     }
 
     fn device_tier_bytes(&self) -> usize {
-        self.cpu.device_tier_bytes() + self.ops.slots_bytes()
+        self.cpu.device_tier_bytes() + self.ops.slots_bytes(self.geo.slots)
     }
 
-    fn device_pool_bytes(&self, num_blocks: usize) -> usize {
-        self.ops.summaries_bytes(num_blocks)
+    fn device_pool_bytes(&self, num_blocks: usize, scored: bool) -> usize {
+        if scored {
+            self.ops.summaries_bytes(num_blocks)
+        } else {
+            self.ops.slots_bytes(num_blocks)
+        }
     }
 
     fn load_decode(
@@ -256,6 +348,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             n,
             &mut scratch.cpu,
         )?;
+        self.mirror_tokens(host, table, batch, row, first_pos, n, scratch)?;
         // The pages that became full were summarised: mirror them.
         let p = self.geo.page_size;
         scratch.blocks.clear();
@@ -467,48 +560,70 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         params: &AttnParams,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()> {
-        let dev = match dev {
-            Some(dev) if Self::decode_on_device(params) => dev,
+        let on_device = Self::decode_on_device(params) && (dev.is_some() || host.pages.is_some());
+        if !on_device {
             // The host tier (dense), or the host chunks the tables name (sliding window).
-            other => {
-                return self.cpu.attend_decode(
-                    &host.tier,
-                    table,
-                    len,
-                    other.map(|d| &d.plan),
-                    batch,
-                    row,
-                    params,
-                    &mut scratch.cpu,
-                )
-            }
-        };
+            return self.cpu.attend_decode(
+                &host.tier,
+                table,
+                len,
+                dev.map(|d| &d.plan),
+                batch,
+                row,
+                params,
+                &mut scratch.cpu,
+            );
+        }
         let g = &self.geo;
         let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
-        // The valid-token table, from the slot tables.
+        // The valid-token table: from the slot tables, or every page of the context.
         scratch.slot_len.clear();
-        scratch.slot_len.resize(g.slots * n_kv, 0);
-        for h in 0..n_kv {
-            for (slot, &page) in dev.plan.slots(h).iter().enumerate() {
-                if page != NO_PAGE {
-                    scratch.slot_len[slot * n_kv + h] = g.valid_tokens(page as usize, len) as i32;
+        scratch.index.clear();
+        let (slots, index) = match dev {
+            Some(dev) => {
+                scratch.slot_len.resize(g.slots * n_kv, 0);
+                for h in 0..n_kv {
+                    for (slot, &page) in dev.plan.slots(h).iter().enumerate() {
+                        if page != NO_PAGE {
+                            scratch.slot_len[slot * n_kv + h] =
+                                g.valid_tokens(page as usize, len) as i32;
+                        }
+                    }
                 }
+                (&dev.slots, None)
             }
-        }
+            None => {
+                let pages = host.pages.as_ref().expect("checked above");
+                let n_pages = g.pages(len);
+                scratch.index.extend_from_slice(&table[..n_pages]);
+                for page in 0..n_pages {
+                    let n = g.valid_tokens(page, len) as i32;
+                    scratch.slot_len.extend(std::iter::repeat_n(n, n_kv));
+                }
+                (pages, Some(&scratch.index[..]))
+            }
+        };
         scratch.q.clear();
         scratch.q.extend_from_slice(batch.q_heads(row, 0..n_q));
         scratch.out.clear();
         scratch.out.resize(n_q * d, 0.0);
         self.ops
             .decode(
-                &dev.slots,
+                slots,
+                index,
                 &scratch.slot_len,
                 &scratch.q,
                 params,
                 &mut scratch.out,
                 &mut scratch.device,
             )
-            .context("decode attention over the working set")?;
+            .with_context(|| {
+                if index.is_some() {
+                    "decode attention over a dense layer's pages"
+                } else {
+                    "decode attention over the working set"
+                }
+            })?;
         for h in 0..n_q {
             batch
                 .out_row(row, h, 0)
@@ -570,7 +685,7 @@ mod tests {
         let q: Vec<f32> = (0..g.num_q_heads() * d)
             .map(|i| (i % 5) as f32 - 2.0)
             .collect();
-        let score = |host: &OffloadHost<f32, (), _>, scratch: &mut OffloadScratch<f32, _>| {
+        let score = |host: &HostOf<f32, HostOps<f32>>, scratch: &mut OffloadScratch<f32, _>| {
             let mut out = vec![0.0; n_kv];
             off.ops
                 .score_pages(
@@ -611,5 +726,73 @@ mod tests {
             assert_eq!(got[h], sc.pooled[0], "head {h}");
             assert_ne!(got[h], 0.0, "head {h}");
         }
+    }
+
+    /// A dense layer attends from its own pages on the device, written by a prefill (whole
+    /// pages) and a decode step (one token), not from the host tier.
+    #[test]
+    fn dense_layers_attend_from_their_pages_on_the_device() {
+        let g = geo();
+        let off = OffloadBackend::new(g, &FreeKvConfig::default(), HostOps::<f32>::new(g));
+        let mut host = off.alloc_host_tier(6, false).unwrap();
+        assert!(host.pages.is_some() && host.summaries.is_none());
+        assert_eq!(
+            off.device_pool_bytes(6, false),
+            6 * 2 * g.page_size * g.num_kv_heads * g.head_dim * 4
+        );
+        let mut scratch = off.alloc_scratch(Role::Caller);
+        let table = [4u32, 1, 5, 0];
+        let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
+        let val = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 7.0;
+        let cpu = Device::Cpu;
+        let tensor = |n: usize, shift: usize, shape: &[usize]| {
+            Tensor::from_vec((0..n).map(|i| val(i + shift)).collect(), shape, &cpu).unwrap()
+        };
+        // A 20-token prompt (pages 0-2, the last one partial), then one decode token.
+        let kv = tensor(n_kv * 20 * d, 0, &[1, n_kv, 20, d]);
+        let q = tensor(n_q * 20 * d, 1, &[1, n_q, 20, d]);
+        let mut batch = off.alloc_batch();
+        off.load_prefill(&mut batch, &q, &kv, &kv, None).unwrap();
+        off.write_tokens(&mut host, &table, &batch, 0, 0, 20, &mut scratch)
+            .unwrap();
+        let (qd, kd) = (
+            tensor(n_q * d, 5, &[1, n_q, d]),
+            tensor(n_kv * d, 3, &[1, n_kv, d]),
+        );
+        let params = AttnParams::scaled(0.5);
+        let attend = |host: &HostOf<f32, HostOps<f32>>,
+                      scratch: &mut OffloadScratch<f32, _>,
+                      on_device: bool| {
+            let mut b = off.alloc_batch();
+            off.load_decode(&mut b, &qd, &kd, &kd).unwrap();
+            if on_device {
+                off.attend_decode(host, &table, 21, None, &mut b, 0, &params, scratch)
+                    .unwrap();
+            } else {
+                let sc = &mut scratch.cpu;
+                off.cpu
+                    .attend_decode(&host.tier, &table, 21, None, &mut b, 0, &params, sc)
+                    .unwrap();
+            }
+            (0..n_q)
+                .flat_map(|h| b.out_row(0, h, 0).to_vec())
+                .collect::<Vec<f32>>()
+        };
+        off.load_decode(&mut batch, &qd, &kd, &kd).unwrap();
+        off.write_tokens(&mut host, &table, &batch, 0, 20, 1, &mut scratch)
+            .unwrap();
+        let got = attend(&host, &mut scratch, true);
+        let want = attend(&host, &mut scratch, false);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() < 1e-5, "output {i}: {a} vs {b}");
+        }
+        // The device reads its own copy: a change behind the backend's back (never done by
+        // the product; KV is immutable) shows in the host's attention only.
+        let big = vec![40.0; d];
+        for t in 0..g.page_size {
+            host.tier.write_row(table[1], 0, t, &big, &big);
+        }
+        assert_eq!(attend(&host, &mut scratch, true), got);
+        assert_ne!(attend(&host, &mut scratch, false), want);
     }
 }

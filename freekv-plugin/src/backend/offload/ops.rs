@@ -27,7 +27,8 @@ pub struct ChunkMove {
 /// no call leaves device work behind that a later call, possibly on another thread, could race
 /// with. A failure is an error; the caller names the operation it served.
 pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
-    /// The slot data of one (sequence, layer) working set.
+    /// Slot data: one (sequence, layer) working set, or a dense layer's pages (one slot per
+    /// block of the pool).
     type Slots: Send;
     /// Per-thread device memory (staging, decode buffers), allocated lazily.
     type Scratch: Send;
@@ -40,10 +41,10 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
 
     /// Where the engine's tensors live and outputs are returned.
     fn device(&self) -> &Device;
-    /// Allocates the slot data of one working set (contents unspecified).
-    fn alloc_slots(&self) -> anyhow::Result<Self::Slots>;
-    /// Bytes of one working set's slot data (and the device's own tables for it).
-    fn slots_bytes(&self) -> usize;
+    /// Allocates `n_slots` slots (contents unspecified).
+    fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<Self::Slots>;
+    /// Bytes of `n_slots` slots (and the device's own tables for them).
+    fn slots_bytes(&self, n_slots: usize) -> usize;
     /// Per-thread memory for a thread of `role`.
     fn alloc_scratch(&self, role: Role) -> Self::Scratch;
     /// Registers a newly allocated host tier's pages with the device. Best effort: where the
@@ -101,13 +102,16 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
         v: &[T],
     ) -> anyhow::Result<()>;
 
-    /// Decode attention of one query position (`q`: `[n_q][d]` f32) over the working set:
-    /// `slot_len[slot * n_kv + head]` valid tokens of each slot (0: empty), every key visible
-    /// (no sliding window; softcap, when set, is positive). Writes `out`: `[n_q][d]` f32.
+    /// Decode attention of one query position (`q`: `[n_q][d]` f32) over logical slots: with
+    /// no `index`, the working set's slots themselves; with one, logical slot `i` is stored in
+    /// slot `index[i]` (a dense layer's pages in its pool). `slot_len[i * n_kv + head]` valid
+    /// tokens of each logical slot (0: empty), every key visible (no sliding window; softcap,
+    /// when set, is positive). Writes `out`: `[n_q][d]` f32.
     #[allow(clippy::too_many_arguments)]
     fn decode(
         &self,
         slots: &Self::Slots,
+        index: Option<&[u32]>,
         slot_len: &[i32],
         q: &[f32],
         params: &AttnParams,
