@@ -111,6 +111,10 @@ pub struct StepTrace {
 pub enum RowStep {
     /// Attend over every page.
     Dense,
+    /// Attend over every page, which the working set holds (a context within the budget, on
+    /// a backend that attends over working sets on its device; see
+    /// [`Backend::holds_short_contexts`](crate::backend::Backend::holds_short_contexts)).
+    Whole,
     /// Attend over the working set, which holds a selection made for this step.
     Speculated,
     /// Attend over the working set after a blocking selection for every head (first sparse

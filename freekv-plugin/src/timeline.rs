@@ -9,7 +9,8 @@
 //!    query drifted (mean cosine over the group of `q_i` vs `q_{i-1}` below `tau`);
 //!    `speculative` never does; the other heads keep the pages selected with `q_{i-1}`;
 //! 3. **attend** - over the working set (sink + selected + window pages), or over every page
-//!    while the sequence fits the budget or the layer is dense;
+//!    while the sequence fits the budget (held by the working set where the backend says so)
+//!    or the layer is dense;
 //! 4. **schedule** - store `q_i`; in the speculative modes hand the layer to the background
 //!    worker, which selects with `q_i` for the context of step `i + 1` and recalls the missing
 //!    pages ([`background_selection`]), off the critical path. The next call for this layer
@@ -121,7 +122,18 @@ fn append<B: Backend>(
     seq.counters.decode_steps += 1;
     if cx.dense_layer || !geo.is_sparse(len) {
         seq.forget();
-        return Ok(RowStep::Dense);
+        if cx.dense_layer || !cx.backend.holds_short_contexts() {
+            return Ok(RowStep::Dense);
+        }
+        let dev = match &mut seq.dev {
+            Some(dev) => dev,
+            none => none.insert(cx.backend.alloc_device_tier()?),
+        };
+        let stats = cx
+            .backend
+            .hold_every_page(&st.host, &seq.table, dev, len, &st.batch, r)?;
+        seq.counters.add_recall(stats);
+        return Ok(RowStep::Whole);
     }
     seq.counters.sparse_steps += 1;
     let selected = seq.has_selection();
@@ -175,7 +187,7 @@ fn correct<B: Backend>(
     seq_id: u64,
 ) -> anyhow::Result<()> {
     let step = st.steps[r];
-    if step == RowStep::Dense {
+    if matches!(step, RowStep::Dense | RowStep::Whole) {
         return Ok(());
     }
     let LayerState {
@@ -263,7 +275,8 @@ fn attend<B: Backend>(
             len: seq.len,
             ..Default::default()
         });
-        if let Some(dev) = dev {
+        // The pages of a sparse step (a whole context's are every page).
+        if let Some(dev) = dev.filter(|_| step != RowStep::Whole) {
             trace.pages = (0..cx.geo.num_kv_heads)
                 .map(|h| cx.backend.resident_pages(dev, h, seq.len))
                 .collect::<anyhow::Result<_>>()?;
@@ -279,7 +292,7 @@ fn schedule<B: Backend>(
     r: usize,
     seq_id: u64,
 ) -> bool {
-    if st.steps[r] == RowStep::Dense || !cx.config.mode.speculation() {
+    if matches!(st.steps[r], RowStep::Dense | RowStep::Whole) || !cx.config.mode.speculation() {
         return false;
     }
     let seq = st.seqs.get_mut(&seq_id).expect("appended above");

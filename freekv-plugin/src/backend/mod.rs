@@ -138,6 +138,28 @@ pub trait Backend: Send + Sync + 'static {
     ) -> anyhow::Result<usize>;
 
     // ---- working set ------------------------------------------------------------------
+    /// Whether a sequence within the budget on a retrieving layer attends over its working set
+    /// holding every page ([`Backend::hold_every_page`]; a device whose decode reads its own
+    /// memory) rather than over the host tier. Default: no.
+    fn holds_short_contexts(&self) -> bool {
+        false
+    }
+    /// Makes the working set of a sequence of `len` tokens (within the budget; the last token
+    /// just written from batch row `row`) hold every page: page `j` in its sink or window slot,
+    /// or in selectable slot `j - sink_pages`. Only for a backend that
+    /// [holds short contexts](Backend::holds_short_contexts).
+    #[allow(clippy::too_many_arguments)]
+    fn hold_every_page(
+        &self,
+        _host: &Self::HostTier,
+        _table: &[u32],
+        _dev: &mut Self::DeviceTier,
+        _len: usize,
+        _batch: &Self::Batch,
+        _row: usize,
+    ) -> anyhow::Result<RecallStats> {
+        anyhow::bail!("this backend attends short contexts over the host tier")
+    }
     /// Installs the sink and window pages of a sequence of `len` tokens and empties the
     /// selected slots.
     fn reset_working_set(

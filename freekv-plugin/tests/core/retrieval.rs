@@ -166,7 +166,10 @@ fn crafted_drift_corrects_exactly_the_drifting_heads() {
     }
 }
 
-/// Runs the same inputs through two configurations and compares outputs and pages.
+/// Runs the same inputs through two configurations and compares outputs and pages: equal up
+/// to f32 rounding at sparse steps (both attend the same pages in the same order), within the
+/// reference's tolerance at dense ones (a working set holding every page visits them in slot
+/// order, the host tier in page order, which can move a 16-bit output by one unit).
 fn same_inputs(seed: u64, a: Setup, b: Setup, steps: usize) {
     let mut ra = Rng::new(seed);
     let mut rb = Rng::new(seed);
@@ -176,8 +179,15 @@ fn same_inputs(seed: u64, a: Setup, b: Setup, steps: usize) {
     for _ in 0..steps {
         ha.decode(&ids, Queries::Drift { lo: 0.5, hi: 1.0 }, false);
         hb.decode(&ids, Queries::Drift { lo: 0.5, hi: 1.0 }, false);
-        for (x, y) in ha.last_outputs[0].iter().zip(&hb.last_outputs[0]) {
-            assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+        let per_row = ha.s.shape.num_q_heads * ha.s.shape.head_dim;
+        let rows = ha.last_outputs[0]
+            .chunks(per_row)
+            .zip(hb.last_outputs[0].chunks(per_row));
+        for ((xs, ys), trace) in rows.zip(&ha.last_traces[0]) {
+            let tol = if trace.sparse { 1e-5 } else { ha.s.tolerance() };
+            for (x, y) in xs.iter().zip(ys) {
+                assert!((x - y).abs() <= tol * (1.0 + x.abs()), "{x} vs {y}");
+            }
         }
         for (ta, tb) in ha.last_traces[0].iter().zip(&hb.last_traces[0]) {
             assert_eq!(ta.pages, tb.pages);

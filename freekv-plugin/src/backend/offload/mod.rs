@@ -18,9 +18,10 @@
 //! - each new token: appended to its window slot on the device;
 //! - a dense layer's pages: mirrored in the device's memory too (one slot per block of the
 //!   pool, written as the host tier is), so its decode attention runs on the device;
-//! - decode attention over a working set or a dense layer's pages: on the device. Sequences
-//!   within the budget on sparse layers, sliding-window layers and prefill attention read the
-//!   host tier on the host.
+//! - a sequence within the budget on a retrieving layer: its working set holds every page
+//!   ([`Backend::hold_every_page`]: each page copied once, each new token appended);
+//! - decode attention over a working set or a dense layer's pages: on the device.
+//!   Sliding-window layers and prefill attention read the host tier on the host.
 
 pub mod host;
 pub mod ops;
@@ -60,6 +61,10 @@ pub struct OffloadTier<T, S> {
     pub slots: S,
     /// The new token's K then V rows of every KV head (`2 [n_kv][d]`), reused by each append.
     new_token: Vec<T>,
+    /// While the working set holds every page of a short context: the blocks it holds (the
+    /// sequence's table at `held_len` tokens). `held_len` 0: it holds a selection or nothing.
+    held: Vec<u32>,
+    held_len: usize,
 }
 
 /// One layer's host tier, registered with the device while it lives, and what the device
@@ -70,8 +75,12 @@ pub struct OffloadHost<T, P, M, S> {
     tier: HostTier<T>,
     /// None for a layer whose pages are never scored (dense).
     summaries: Option<M>,
-    /// A dense layer's pages on the device: block `b` in slot `b`. None for a sparse layer.
+    /// A dense layer's pages on the device: block `b` in slot `b`. None for a sparse layer
+    /// (or a dense one whose pages did not fit: it decodes from the host tier).
     pages: Option<S>,
+    /// Per block: its copy in `pages` may differ from the host tier (a copy failed), so
+    /// decode over it reads the host tier until a whole-page copy succeeds.
+    stale: Vec<bool>,
 }
 
 /// Per-thread working memory.
@@ -160,7 +169,13 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         };
         let g = &self.geo;
         let p = g.page_size;
-        if n == 1 {
+        let touched = &table[first_pos / p..(first_pos + n).div_ceil(p)];
+        // Until it is known to have landed, the device's copy of these pages may be stale.
+        let was_stale = touched.iter().any(|&b| host.stale[b as usize]);
+        for &b in touched {
+            host.stale[b as usize] = true;
+        }
+        if n == 1 && !was_stale {
             let width = g.num_kv_heads * g.head_dim;
             scratch.row.resize(2 * width, T::default());
             let (k, v) = scratch.row.split_at_mut(width);
@@ -171,13 +186,14 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
                 T::from_f32s(vr, &mut v[r]);
             }
             let block = table[first_pos / p] as usize;
-            return self
-                .ops
+            self.ops
                 .append_token(pages, block, first_pos % p, k, v)
-                .context("appending the new token to a dense layer's pages on the device");
+                .context("appending the new token to a dense layer's pages on the device")?;
+            host.stale[block] = false;
+            return Ok(());
         }
         scratch.moves.clear();
-        for &block in &table[first_pos / p..(first_pos + n).div_ceil(p)] {
+        for &block in touched {
             scratch
                 .moves
                 .extend((0..g.num_kv_heads as u32).map(|head| ChunkMove {
@@ -191,9 +207,36 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             .with_context(|| {
                 format!(
                     "copying {} pages of a dense layer to the device",
-                    scratch.moves.len() / g.num_kv_heads.max(1)
+                    touched.len()
                 )
-            })
+            })?;
+        for &b in touched {
+            host.stale[b as usize] = false;
+        }
+        Ok(())
+    }
+
+    /// Appends token `pos` (from batch row `row`) to `slot` of a working set.
+    fn append_from_batch(
+        &self,
+        dev: &mut OffloadTier<T, O::Slots>,
+        slot: usize,
+        pos: usize,
+        batch: &CpuBatch,
+        row: usize,
+    ) -> anyhow::Result<()> {
+        let g = &self.geo;
+        let width = g.num_kv_heads * g.head_dim;
+        let (k, v) = dev.new_token.split_at_mut(width);
+        for h in 0..g.num_kv_heads {
+            let (kr, vr) = batch.kv_row(row, h, 0);
+            let r = h * g.head_dim..(h + 1) * g.head_dim;
+            T::from_f32s(kr, &mut k[r.clone()]);
+            T::from_f32s(vr, &mut v[r]);
+        }
+        self.ops
+            .append_token(&mut dev.slots, slot, pos % g.page_size, k, v)
+            .context("appending the new token to its window slot")
     }
 
     /// Whether decode over a working set runs on the device with these parameters.
@@ -234,20 +277,34 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                 None,
             )
         } else {
-            let pages = self.ops.alloc_slots(num_blocks).with_context(|| {
-                format!(
-                    "allocating a dense layer's {num_blocks} pages on the device ({} MiB; \
-                     fewer dense layers or a smaller pool need less)",
-                    self.ops.slots_bytes(num_blocks) >> 20
-                )
-            })?;
-            (None, Some(pages))
+            let pages = match self.ops.alloc_slots(num_blocks) {
+                Ok(pages) => Some(pages),
+                Err(e) => {
+                    // Served from the host tier instead, as before the device had a copy.
+                    #[cfg(any(feature = "engine", feature = "cuda"))]
+                    tracing::warn!(
+                        "FreeKV: a dense layer's {num_blocks} pages ({} MiB) do not fit in device \
+                         memory ({e:#}); it decodes from the host tier, on the host. Fewer dense \
+                         layers (--freekv-dense-layers) or a smaller pool keep it on the device.",
+                        self.ops.slots_bytes(num_blocks) >> 20
+                    );
+                    drop(e);
+                    None
+                }
+            };
+            (None, pages)
+        };
+        let stale = if pages.is_some() {
+            vec![false; num_blocks]
+        } else {
+            Vec::new()
         };
         Ok(OffloadHost {
             _pin: self.ops.pin_host(tier.pages()),
             tier,
             summaries,
             pages,
+            stale,
         })
     }
 
@@ -260,6 +317,8 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                 .alloc_slots(self.geo.slots)
                 .context("allocating a working set")?,
             new_token: vec![T::default(); 2 * width],
+            held: Vec::new(),
+            held_len: 0,
         })
     }
 
@@ -387,6 +446,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         len: usize,
     ) -> anyhow::Result<RecallStats> {
         let g = &self.geo;
+        dev.held_len = 0;
         let mut stats = self
             .cpu
             .reset_working_set(&host.tier, table, &mut dev.plan, len)?;
@@ -421,22 +481,84 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         batch: &CpuBatch,
         row: usize,
     ) -> anyhow::Result<()> {
-        let g = &self.geo;
+        dev.held_len = 0;
         self.cpu
             .advance_window(table, &mut dev.plan, len, batch, row)?;
-        let pos = len - 1;
-        let slot = g.window_slot(pos / g.page_size);
-        let width = g.num_kv_heads * g.head_dim;
-        let (k, v) = dev.new_token.split_at_mut(width);
-        for h in 0..g.num_kv_heads {
-            let (kr, vr) = batch.kv_row(row, h, 0);
-            let r = h * g.head_dim..(h + 1) * g.head_dim;
-            T::from_f32s(kr, &mut k[r.clone()]);
-            T::from_f32s(vr, &mut v[r]);
+        let slot = self.geo.window_slot((len - 1) / self.geo.page_size);
+        self.append_from_batch(dev, slot, len - 1, batch, row)
+    }
+
+    fn holds_short_contexts(&self) -> bool {
+        true
+    }
+
+    fn hold_every_page(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        dev: &mut Self::DeviceTier,
+        len: usize,
+        batch: &CpuBatch,
+        row: usize,
+    ) -> anyhow::Result<RecallStats> {
+        let g = &self.geo;
+        let pages = g.pages(len);
+        anyhow::ensure!(
+            !g.is_sparse(len) && table.len() >= pages,
+            "a working set cannot hold all {pages} pages of a {len}-token context ({} slots, \
+             a table of {} blocks)",
+            g.slots,
+            table.len()
+        );
+        // One more token of the context the slots hold: only what changed moves.
+        let grown =
+            dev.held_len > 0 && dev.held_len + 1 == len && table[..dev.held.len()] == dev.held[..];
+        if !grown {
+            dev.plan.clear();
+        }
+        let window = g.window_start(len).max(g.sink_pages);
+        let selectable = g.selected_slots().start;
+        let mut moves = Vec::new();
+        let mut last_moved = false;
+        for page in 0..pages {
+            let slot = if page < g.sink_pages {
+                page
+            } else if page >= window {
+                g.window_slot(page)
+            } else {
+                selectable + page - g.sink_pages
+            };
+            for h in 0..g.num_kv_heads {
+                let held = &mut dev.plan.slots_mut(h)[slot];
+                if *held != page as u32 {
+                    *held = page as u32;
+                    moves.push(ChunkMove {
+                        block: table[page],
+                        head: h as u32,
+                        slot: slot as u32,
+                    });
+                    last_moved |= page + 1 == pages;
+                }
+            }
         }
         self.ops
-            .append_token(&mut dev.slots, slot, pos % g.page_size, k, v)
-            .context("appending the new token to its window slot")
+            .move_chunks(&host.tier, &mut dev.slots, &moves, None)
+            .context("copying a short context's pages into its working set")?;
+        if !last_moved {
+            // The last page stayed where it was: its new token goes in as an append.
+            let slot = dev.plan.slots(0)[..]
+                .iter()
+                .position(|&p| p as usize + 1 == pages)
+                .context("the last page is in no slot")?;
+            self.append_from_batch(dev, slot, len - 1, batch, row)?;
+        }
+        dev.held.clear();
+        dev.held.extend_from_slice(&table[..pages]);
+        dev.held_len = len;
+        Ok(RecallStats {
+            pages: moves.len(),
+            bytes: moves.len() * self.chunk_bytes(),
+        })
     }
 
     fn store_query(
@@ -511,6 +633,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<RecallStats> {
         let g = &self.geo;
+        dev.held_len = 0;
         scratch.moves.clear();
         for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
             for e in dev.plan.plan(h) {
@@ -560,7 +683,13 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         params: &AttnParams,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()> {
-        let on_device = Self::decode_on_device(params) && (dev.is_some() || host.pages.is_some());
+        let pages_on_device = || {
+            host.pages.is_some()
+                && !table[..self.geo.pages(len)]
+                    .iter()
+                    .any(|&b| host.stale[b as usize])
+        };
+        let on_device = Self::decode_on_device(params) && (dev.is_some() || pages_on_device());
         if !on_device {
             // The host tier (dense), or the host chunks the tables name (sliding window).
             return self.cpu.attend_decode(
@@ -793,6 +922,19 @@ mod tests {
             host.tier.write_row(table[1], 0, t, &big, &big);
         }
         assert_eq!(attend(&host, &mut scratch, true), got);
-        assert_ne!(attend(&host, &mut scratch, false), want);
+        let changed = attend(&host, &mut scratch, false);
+        assert_ne!(changed, want);
+        // A page whose copy may be stale (a copy to the device failed) is read from the host
+        // tier, until a write copies it whole again.
+        host.stale[table[1] as usize] = true;
+        assert_eq!(attend(&host, &mut scratch, true), changed);
+        off.load_prefill(&mut batch, &q, &kv, &kv, None).unwrap();
+        off.write_tokens(&mut host, &table, &batch, 0, 8, 1, &mut scratch)
+            .unwrap();
+        assert!(!host.stale[table[1] as usize]);
+        assert_eq!(
+            attend(&host, &mut scratch, true),
+            attend(&host, &mut scratch, false)
+        );
     }
 }
