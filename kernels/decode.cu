@@ -2,8 +2,9 @@
 //
 // Each KV head's slice of a slot may hold a different logical page: decode needs no causal mask and
 // keys are already rotated, so attention over "the tokens in my slots" is order-free and one slot
-// list serves every head. slot_len[slot][head] tells how many of the slot's PAGE tokens are valid
-// for that head (0 = empty). With a slot index (a dense layer: its pages are slots of a per-layer pool
+// list serves every head. slot_len[slot][head] tells which of the slot's PAGE tokens that head
+// attends: tokens [lo, hi) with hi in the low 16 bits and lo in the high 16 bits (lo > 0 cuts the
+// tokens before a sliding window; 0 = empty). With a slot index (a dense layer: its pages are slots of a per-layer pool
 // in block order), logical slot i is read from slot slot_index[i] of the pool, its lengths from
 // slot_len[i].
 //
@@ -57,7 +58,8 @@ __device__ __forceinline__ bool load_token(const kv_t* __restrict__ slots, const
   if (valid) {
     slot = slot0 + ti / PAGE;
     t = ti % PAGE;
-    valid = t < lens[(i64)slot * n_kv + g];
+    const int span = lens[(i64)slot * n_kv + g];
+    valid = t < (span & 0xffff) && t >= (span >> 16);
   }
   if (valid) {
     const i64 stored = index != nullptr ? (i64)index[slot] : (i64)slot;

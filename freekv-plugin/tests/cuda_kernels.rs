@@ -671,11 +671,13 @@ fn decode_attention_matches_cpu() {
             let slots: Vec<u16> = (0..n_slots * shape.slot_elems())
                 .map(|_| enc(dtype, rng.f()))
                 .collect();
-            // Per (slot, head) lengths: mostly full, some partial, some empty.
+            // Per (slot, head) token spans [lo, hi) (hi in the low 16 bits, lo in the high
+            // ones): mostly full, some partial, some cut by a sliding window, some empty.
             let lens: Vec<i32> = (0..n_slots * n_kv)
-                .map(|_| match rng.below(6) {
+                .map(|_| match rng.below(7) {
                     0 => 0,
                     1 => 1 + rng.below(p) as i32,
+                    2 => ((1 + rng.below(p - 1) as i32) << 16) | p as i32,
                     _ => p as i32,
                 })
                 .collect();
@@ -731,7 +733,8 @@ fn decode_attention_matches_cpu() {
                 let mut vals = Vec::new();
                 for slot in 0..n_slots {
                     let stored = if sq == 1 { n_slots - 1 - slot } else { slot };
-                    for t in 0..all_lens[sq][slot * n_kv + g] as usize {
+                    let span = all_lens[sq][slot * n_kv + g] as usize;
+                    for t in span >> 16..span & 0xffff {
                         let kb = ((stored * 2) * p + t) * n_kv * d + g * d;
                         let vb = ((stored * 2 + 1) * p + t) * n_kv * d + g * d;
                         let mut x: f64 = (0..d)

@@ -22,7 +22,7 @@ use crate::backend::Role;
 use crate::geometry::Geometry;
 use crate::{AttnParams, Pooling};
 
-use super::ops::{ChunkMove, DeviceOps};
+use super::ops::{span_tokens, ChunkMove, DeviceOps};
 use super::staged::StagedRecall;
 
 /// The host-memory device for KV stored as `T`.
@@ -123,22 +123,26 @@ impl<T: KvElem> HostOps<T> {
         sc.q.clear();
         sc.q.extend_from_slice(q);
         sc.qpos.clear();
-        // Every slot token is visible (no sliding window on this path): place the query after
-        // the last slot position.
+        // Every token of a slot's span is visible (the spans already cut the sliding window):
+        // place the query after the last slot position, with no window.
         sc.qpos.resize(gs, g.page_size);
+        let params = &AttnParams {
+            sliding_window: None,
+            ..*params
+        };
         let mut att = Attention::begin(sc, gs, d, params);
-        for (i, lens) in slot_len.chunks_exact(g.num_kv_heads).enumerate() {
-            let n = lens[h].max(0) as usize;
-            if n == 0 {
+        for (i, spans) in slot_len.chunks_exact(g.num_kv_heads).enumerate() {
+            let (lo, hi) = span_tokens(spans[h]);
+            if lo >= hi {
                 continue;
             }
             let slot = index.map_or(i, |ix| ix[i] as usize);
             let (k, v, stride) = slot_rows(g, data, slot, h);
             let seg = Segment {
-                k,
-                v,
+                k: &k[lo * stride..],
+                v: &v[lo * stride..],
                 stride,
-                n,
+                n: hi - lo,
                 pos0: 0,
             };
             att.add(seg, params);

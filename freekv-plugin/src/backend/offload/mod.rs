@@ -42,7 +42,7 @@ use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling};
 
-pub use ops::{ChunkMove, DeviceOps};
+pub use ops::{span_tokens, token_span, ChunkMove, DeviceOps};
 
 /// [`Backend`] for a device whose working sets live in its own memory.
 pub struct OffloadBackend<T: KvElem, O> {
@@ -239,9 +239,9 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             .context("appending the new token to its window slot")
     }
 
-    /// Whether decode over a working set runs on the device with these parameters.
+    /// Whether decode runs on the device with these parameters (a softcap must be positive).
     fn decode_on_device(params: &AttnParams) -> bool {
-        params.sliding_window.is_none() && params.softcap.is_none_or(|c| c > 0.0)
+        params.softcap.is_none_or(|c| c > 0.0)
     }
 }
 
@@ -520,7 +520,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         let selectable = g.selected_slots().start;
         let mut moves = Vec::new();
         let mut last_moved = false;
-        for page in 0..pages {
+        for (page, &block) in table[..pages].iter().enumerate() {
             let slot = if page < g.sink_pages {
                 page
             } else if page >= window {
@@ -533,7 +533,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                 if *held != page as u32 {
                     *held = page as u32;
                     moves.push(ChunkMove {
-                        block: table[page],
+                        block,
                         head: h as u32,
                         slot: slot as u32,
                     });
@@ -691,7 +691,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         };
         let on_device = Self::decode_on_device(params) && (dev.is_some() || pages_on_device());
         if !on_device {
-            // The host tier (dense), or the host chunks the tables name (sliding window).
+            // The host tier (dense), or the host chunks the tables name.
             return self.cpu.attend_decode(
                 &host.tier,
                 table,
@@ -705,7 +705,13 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         }
         let g = &self.geo;
         let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
-        // The valid-token table: from the slot tables, or every page of the context.
+        // The attended tokens of each slot (from the slot tables, or every page of the
+        // context), cut at the sliding window's start.
+        let first = params.first_visible(len - 1);
+        let span = |page: usize| {
+            let hi = g.valid_tokens(page, len);
+            token_span(first.saturating_sub(page * g.page_size).min(hi), hi)
+        };
         scratch.slot_len.clear();
         scratch.index.clear();
         let (slots, index) = match dev {
@@ -714,8 +720,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                 for h in 0..n_kv {
                     for (slot, &page) in dev.plan.slots(h).iter().enumerate() {
                         if page != NO_PAGE {
-                            scratch.slot_len[slot * n_kv + h] =
-                                g.valid_tokens(page as usize, len) as i32;
+                            scratch.slot_len[slot * n_kv + h] = span(page as usize);
                         }
                     }
                 }
@@ -723,11 +728,12 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             }
             None => {
                 let pages = host.pages.as_ref().expect("checked above");
-                let n_pages = g.pages(len);
-                scratch.index.extend_from_slice(&table[..n_pages]);
-                for page in 0..n_pages {
-                    let n = g.valid_tokens(page, len) as i32;
-                    scratch.slot_len.extend(std::iter::repeat_n(n, n_kv));
+                let visible = first / g.page_size..g.pages(len);
+                scratch.index.extend_from_slice(&table[visible.clone()]);
+                for page in visible {
+                    scratch
+                        .slot_len
+                        .extend(std::iter::repeat_n(span(page), n_kv));
                 }
                 (pages, Some(&scratch.index[..]))
             }

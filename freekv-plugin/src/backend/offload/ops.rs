@@ -20,6 +20,23 @@ pub struct ChunkMove {
     pub slot: u32,
 }
 
+/// Packs the attended tokens `[lo, hi)` of one slot for [`DeviceOps::decode`]: `hi` in the
+/// low 16 bits, `lo` in the high 16 bits (pages hold at most 32 tokens).
+pub fn token_span(lo: usize, hi: usize) -> i32 {
+    debug_assert!(lo <= hi && hi <= 0xffff);
+    if lo >= hi {
+        0
+    } else {
+        ((lo << 16) | hi) as i32
+    }
+}
+
+/// The tokens `[lo, hi)` of a span packed by [`token_span`].
+pub fn span_tokens(span: i32) -> (usize, usize) {
+    let s = span.max(0) as usize;
+    (s >> 16, s & 0xffff)
+}
+
 /// The device operations of one model geometry (fixed at construction) for KV stored as `T`.
 ///
 /// Slot data is token-major: `[slot][k/v][page_size][n_kv][head_dim]` (the layout the CUDA
@@ -104,9 +121,10 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
 
     /// Decode attention of one query position (`q`: `[n_q][d]` f32) over logical slots: with
     /// no `index`, the working set's slots themselves; with one, logical slot `i` is stored in
-    /// slot `index[i]` (a dense layer's pages in its pool). `slot_len[i * n_kv + head]` valid
-    /// tokens of each logical slot (0: empty), every key visible (no sliding window; softcap,
-    /// when set, is positive). Writes `out`: `[n_q][d]` f32.
+    /// slot `index[i]` (a dense layer's pages in its pool). `slot_len[i * n_kv + head]` says
+    /// which tokens of each logical slot the head attends, as [`token_span`]: `[lo, hi)`
+    /// (`lo > 0` where a sliding window starts inside the page; 0: empty); the softcap, when
+    /// set, is positive, and `params.sliding_window` is not read. Writes `out`: `[n_q][d]` f32.
     #[allow(clippy::too_many_arguments)]
     fn decode(
         &self,
