@@ -89,7 +89,11 @@ fn render<DB: DrawingBackend>(
     let (mut x0, mut x1) = pts().fold((f64::MAX, f64::MIN), |(a, b), p| {
         (a.min(tx(p.0, c.log2_x)), b.max(tx(p.0, c.log2_x)))
     });
-    if x0 >= x1 {
+    if pts().next().is_none() {
+        // Nothing to plot (e.g. a run of variants this chart does not show): empty axes,
+        // not an unbounded range (which makes the mesh's tick search run forever).
+        (x0, x1) = (0.0, 1.0);
+    } else if x0 >= x1 {
         x0 -= 1.0;
         x1 += 1.0;
     }
@@ -161,4 +165,35 @@ fn write_png(path: &Path, rgb: &[u8]) -> Result<()> {
     writer.write_image_data(rgb)?;
     writer.finish()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chart none of whose series has a point (a run of variants it does not show) draws
+    /// empty axes instead of searching an unbounded range for ticks.
+    #[test]
+    fn a_chart_without_points_draws_empty_axes() {
+        if !available() {
+            println!("SKIPPED: no TrueType font on this machine");
+            return;
+        }
+        let chart = Chart {
+            title: "empty",
+            x_label: "budget",
+            y_label: "accuracy",
+            y_range: Some((0.0, 1.05)),
+            x_named: Some((1024.0, "dense")),
+            log2_x: true,
+            series: vec![Series {
+                label: "single key".into(),
+                points: vec![],
+            }],
+        };
+        let path = std::env::temp_dir().join(format!("freekv-empty-{}.png", std::process::id()));
+        draw(&path, &chart).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 0);
+        let _ = std::fs::remove_file(path);
+    }
 }
