@@ -7,7 +7,7 @@ use freekv_integration_tests::engine::{
 };
 use freekv_integration_tests::tiny_models::{filler_text, write_tiny_model, Arch};
 use freekv_integration_tests::{paths, serial};
-use freekv_plugin::{FreeKvConfig, Mode, PrefillAttention};
+use freekv_plugin::{DeviceTierLayout, FreeKvConfig, Mode, PrefillAttention};
 
 /// Tokens generated per comparison.
 const GENERATE: usize = 200;
@@ -51,11 +51,16 @@ async fn budget_above_context_gives_the_stock_tokens_on_every_arch() -> anyhow::
             "{}: stock stopped early",
             arch.name()
         );
-        // The prompt attended by FreeKV's kernel (the CPU's default), then by the engine's
-        // own attention (a GPU's default), FreeKV writing the pages.
-        for prefill in [PrefillAttention::FreeKv, PrefillAttention::Engine] {
+        // The CPU's defaults (FreeKV's prefill kernel, attention over host pages in place),
+        // then a GPU's orchestration on host memory: the engine's own attention for the
+        // prompt, the dense layer's pages and the short context's working set copied.
+        for (prefill, tier) in [
+            (PrefillAttention::FreeKv, DeviceTierLayout::InPlace),
+            (PrefillAttention::Engine, DeviceTierLayout::Copy),
+        ] {
             let config = FreeKvConfig {
                 prefill_attention: prefill,
+                device_tier: tier,
                 ..big_budget()
             };
             let fkv = load(Source::Plain(&model.dir), &Attention::freekv(config), 4).await?;
@@ -64,7 +69,7 @@ async fn budget_above_context_gives_the_stock_tokens_on_every_arch() -> anyhow::
             assert_eq!(
                 prefix,
                 GENERATE,
-                "{} (prefill {prefill:?}): FreeKV diverges from stock at token {prefix}: stock \
+                "{} (prefill {prefill:?}, {tier:?}): FreeKV diverges from stock at token {prefix}: stock \
                  {:?} vs FreeKV {:?}",
                 arch.name(),
                 want.tokens.get(prefix),
@@ -97,8 +102,8 @@ async fn budget_above_context_gives_the_stock_tokens_on_every_arch() -> anyhow::
                 _ => assert_eq!(attended, 0, "{}", arch.name()),
             }
             println!(
-                "{:8} stock == FreeKV (prefill {prefill:?}) for {GENERATE} tokens, {attended} \
-                 of {} prompt tokens attended by FreeKV",
+                "{:8} stock == FreeKV (prefill {prefill:?}, {tier:?}) for {GENERATE} tokens, \
+                 {attended} of {} prompt tokens attended by FreeKV",
                 arch.name(),
                 c.total.prefill_tokens
             );
