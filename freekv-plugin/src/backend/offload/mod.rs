@@ -17,15 +17,17 @@
 //!   ([`DeviceOps::move_chunks`]); the tables follow the data;
 //! - each new token: appended to its window slot on the device;
 //! - a dense layer's pages: mirrored in the device's memory too (one slot per block of the
-//!   pool, written as the host tier is), so its decode attention runs on the device;
+//!   pool, written as the host tier is; `dense_pages`), so its decode runs on the device;
 //! - a sequence within the budget on a retrieving layer: its working set holds every page
-//!   ([`Backend::hold_every_page`]: each page copied once, each new token appended);
-//! - decode attention over a working set or a dense layer's pages: on the device.
-//!   Sliding-window layers and prefill attention read the host tier on the host.
+//!   ([`Backend::hold_every_page`], `whole`: each page copied once, each token appended);
+//! - decode attention over a working set or a dense layer's pages, sliding windows included:
+//!   on the device. FreeKV's prefill attention reads the host tier on the host.
 
+mod dense_pages;
 pub mod host;
 pub mod ops;
 mod staged;
+mod whole;
 
 use std::ops::Range;
 
@@ -148,95 +150,6 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
                     scratch.blocks.len()
                 )
             })
-    }
-
-    /// Mirrors the tokens `first_pos..first_pos + n` of a dense layer (just written to the
-    /// host tier) into its pages on the device: one token from the batch's row, more as the
-    /// pages that hold them.
-    #[allow(clippy::too_many_arguments)]
-    fn mirror_tokens(
-        &self,
-        host: &mut HostOf<T, O>,
-        table: &[u32],
-        batch: &CpuBatch,
-        row: usize,
-        first_pos: usize,
-        n: usize,
-        scratch: &mut OffloadScratch<T, O::Scratch>,
-    ) -> anyhow::Result<()> {
-        let Some(pages) = host.pages.as_mut() else {
-            return Ok(());
-        };
-        let g = &self.geo;
-        let p = g.page_size;
-        let touched = &table[first_pos / p..(first_pos + n).div_ceil(p)];
-        // Until it is known to have landed, the device's copy of these pages may be stale.
-        let was_stale = touched.iter().any(|&b| host.stale[b as usize]);
-        for &b in touched {
-            host.stale[b as usize] = true;
-        }
-        if n == 1 && !was_stale {
-            let width = g.num_kv_heads * g.head_dim;
-            scratch.row.resize(2 * width, T::default());
-            let (k, v) = scratch.row.split_at_mut(width);
-            for h in 0..g.num_kv_heads {
-                let (kr, vr) = batch.kv_row(row, h, 0);
-                let r = h * g.head_dim..(h + 1) * g.head_dim;
-                T::from_f32s(kr, &mut k[r.clone()]);
-                T::from_f32s(vr, &mut v[r]);
-            }
-            let block = table[first_pos / p] as usize;
-            self.ops
-                .append_token(pages, block, first_pos % p, k, v)
-                .context("appending the new token to a dense layer's pages on the device")?;
-            host.stale[block] = false;
-            return Ok(());
-        }
-        scratch.moves.clear();
-        for &block in touched {
-            scratch
-                .moves
-                .extend((0..g.num_kv_heads as u32).map(|head| ChunkMove {
-                    block,
-                    head,
-                    slot: block,
-                }));
-        }
-        self.ops
-            .move_chunks(&host.tier, pages, &scratch.moves, Some(&mut scratch.device))
-            .with_context(|| {
-                format!(
-                    "copying {} pages of a dense layer to the device",
-                    touched.len()
-                )
-            })?;
-        for &b in touched {
-            host.stale[b as usize] = false;
-        }
-        Ok(())
-    }
-
-    /// Appends token `pos` (from batch row `row`) to `slot` of a working set.
-    fn append_from_batch(
-        &self,
-        dev: &mut OffloadTier<T, O::Slots>,
-        slot: usize,
-        pos: usize,
-        batch: &CpuBatch,
-        row: usize,
-    ) -> anyhow::Result<()> {
-        let g = &self.geo;
-        let width = g.num_kv_heads * g.head_dim;
-        let (k, v) = dev.new_token.split_at_mut(width);
-        for h in 0..g.num_kv_heads {
-            let (kr, vr) = batch.kv_row(row, h, 0);
-            let r = h * g.head_dim..(h + 1) * g.head_dim;
-            T::from_f32s(kr, &mut k[r.clone()]);
-            T::from_f32s(vr, &mut v[r]);
-        }
-        self.ops
-            .append_token(&mut dev.slots, slot, pos % g.page_size, k, v)
-            .context("appending the new token to its window slot")
     }
 
     /// Whether decode runs on the device with these parameters (a softcap must be positive).
@@ -501,64 +414,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         batch: &CpuBatch,
         row: usize,
     ) -> anyhow::Result<RecallStats> {
-        let g = &self.geo;
-        let pages = g.pages(len);
-        anyhow::ensure!(
-            !g.is_sparse(len) && table.len() >= pages,
-            "a working set cannot hold all {pages} pages of a {len}-token context ({} slots, \
-             a table of {} blocks)",
-            g.slots,
-            table.len()
-        );
-        // One more token of the context the slots hold: only what changed moves.
-        let grown =
-            dev.held_len > 0 && dev.held_len + 1 == len && table[..dev.held.len()] == dev.held[..];
-        if !grown {
-            dev.plan.clear();
-        }
-        let window = g.window_start(len).max(g.sink_pages);
-        let selectable = g.selected_slots().start;
-        let mut moves = Vec::new();
-        let mut last_moved = false;
-        for (page, &block) in table[..pages].iter().enumerate() {
-            let slot = if page < g.sink_pages {
-                page
-            } else if page >= window {
-                g.window_slot(page)
-            } else {
-                selectable + page - g.sink_pages
-            };
-            for h in 0..g.num_kv_heads {
-                let held = &mut dev.plan.slots_mut(h)[slot];
-                if *held != page as u32 {
-                    *held = page as u32;
-                    moves.push(ChunkMove {
-                        block,
-                        head: h as u32,
-                        slot: slot as u32,
-                    });
-                    last_moved |= page + 1 == pages;
-                }
-            }
-        }
-        self.ops
-            .move_chunks(&host.tier, &mut dev.slots, &moves, None)
-            .context("copying a short context's pages into its working set")?;
-        if !last_moved {
-            // The last page stayed where it was: its new token goes in as an append.
-            let slot = dev.plan.slots(0)[..]
-                .iter()
-                .position(|&p| p as usize + 1 == pages)
-                .context("the last page is in no slot")?;
-            self.append_from_batch(dev, slot, len - 1, batch, row)?;
-        }
-        dev.held.clear();
-        dev.held.extend_from_slice(&table[..pages]);
-        dev.held_len = len;
-        Ok(RecallStats {
-            pages: moves.len(),
-            bytes: moves.len() * self.chunk_bytes(),
-        })
+        self.hold_whole_context(host, table, dev, len, batch, row)
     }
 
     fn store_query(
@@ -792,155 +648,4 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::host::HostOps;
-    use super::*;
-    use crate::backend::cpu::select::pooled_scores;
-    use crate::plan::tests::geo;
-
-    /// Summaries the host computes outside a page fill (`ensure_summaries`) reach the device's
-    /// mirror, and a dense layer has none.
-    #[test]
-    fn summaries_computed_late_reach_the_mirror() {
-        let g = geo();
-        let off = OffloadBackend::new(g, &FreeKvConfig::default(), HostOps::<f32>::new(g));
-        assert!(off.alloc_host_tier(4, false).unwrap().summaries.is_none());
-        let mut host = off.alloc_host_tier(4, true).unwrap();
-        let mut scratch = off.alloc_scratch(Role::Worker);
-        // Block 2 filled behind the backend's back (no summary yet).
-        for h in 0..g.num_kv_heads {
-            for t in 0..g.page_size {
-                let k: Vec<f32> = (0..g.head_dim)
-                    .map(|c| ((h * 31 + t * 7 + c * 3) % 11) as f32 - 5.0)
-                    .collect();
-                host.tier.write_row(2, h, t, &k, &k);
-            }
-        }
-        let (n_kv, d) = (g.num_kv_heads, g.head_dim);
-        let q: Vec<f32> = (0..g.num_q_heads() * d)
-            .map(|i| (i % 5) as f32 - 2.0)
-            .collect();
-        let score = |host: &HostOf<f32, HostOps<f32>>, scratch: &mut OffloadScratch<f32, _>| {
-            let mut out = vec![0.0; n_kv];
-            off.ops
-                .score_pages(
-                    host.summaries.as_ref().unwrap(),
-                    &[2],
-                    &q,
-                    &[true; 3],
-                    Pooling::Max,
-                    &mut out,
-                    &mut scratch.device,
-                )
-                .unwrap();
-            out
-        };
-        assert_eq!(
-            score(&host, &mut scratch),
-            vec![0.0; n_kv],
-            "nothing uploaded yet"
-        );
-        assert_eq!(
-            off.ensure_summaries(&mut host, &[2], 1, &mut scratch)
-                .unwrap(),
-            1
-        );
-        let got = score(&host, &mut scratch);
-        for h in 0..n_kv {
-            let mut sc = SelectScratch::default();
-            let group_q = &q[h * g.group * d..(h + 1) * g.group * d];
-            let offsets = [host.tier.summary_offset(2, h)];
-            pooled_scores(
-                group_q,
-                d,
-                host.tier.summaries(),
-                &offsets,
-                Pooling::Max,
-                &mut sc,
-            );
-            assert_eq!(got[h], sc.pooled[0], "head {h}");
-            assert_ne!(got[h], 0.0, "head {h}");
-        }
-    }
-
-    /// A dense layer attends from its own pages on the device, written by a prefill (whole
-    /// pages) and a decode step (one token), not from the host tier.
-    #[test]
-    fn dense_layers_attend_from_their_pages_on_the_device() {
-        let g = geo();
-        let off = OffloadBackend::new(g, &FreeKvConfig::default(), HostOps::<f32>::new(g));
-        let mut host = off.alloc_host_tier(6, false).unwrap();
-        assert!(host.pages.is_some() && host.summaries.is_none());
-        assert_eq!(
-            off.device_pool_bytes(6, false),
-            6 * 2 * g.page_size * g.num_kv_heads * g.head_dim * 4
-        );
-        let mut scratch = off.alloc_scratch(Role::Caller);
-        let table = [4u32, 1, 5, 0];
-        let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
-        let val = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 7.0;
-        let cpu = Device::Cpu;
-        let tensor = |n: usize, shift: usize, shape: &[usize]| {
-            Tensor::from_vec((0..n).map(|i| val(i + shift)).collect(), shape, &cpu).unwrap()
-        };
-        // A 20-token prompt (pages 0-2, the last one partial), then one decode token.
-        let kv = tensor(n_kv * 20 * d, 0, &[1, n_kv, 20, d]);
-        let q = tensor(n_q * 20 * d, 1, &[1, n_q, 20, d]);
-        let mut batch = off.alloc_batch();
-        off.load_prefill(&mut batch, &q, &kv, &kv, None).unwrap();
-        off.write_tokens(&mut host, &table, &batch, 0, 0, 20, &mut scratch)
-            .unwrap();
-        let (qd, kd) = (
-            tensor(n_q * d, 5, &[1, n_q, d]),
-            tensor(n_kv * d, 3, &[1, n_kv, d]),
-        );
-        let params = AttnParams::scaled(0.5);
-        let attend = |host: &HostOf<f32, HostOps<f32>>,
-                      scratch: &mut OffloadScratch<f32, _>,
-                      on_device: bool| {
-            let mut b = off.alloc_batch();
-            off.load_decode(&mut b, &qd, &kd, &kd).unwrap();
-            if on_device {
-                off.attend_decode(host, &table, 21, None, &mut b, 0, &params, scratch)
-                    .unwrap();
-            } else {
-                let sc = &mut scratch.cpu;
-                off.cpu
-                    .attend_decode(&host.tier, &table, 21, None, &mut b, 0, &params, sc)
-                    .unwrap();
-            }
-            (0..n_q)
-                .flat_map(|h| b.out_row(0, h, 0).to_vec())
-                .collect::<Vec<f32>>()
-        };
-        off.load_decode(&mut batch, &qd, &kd, &kd).unwrap();
-        off.write_tokens(&mut host, &table, &batch, 0, 20, 1, &mut scratch)
-            .unwrap();
-        let got = attend(&host, &mut scratch, true);
-        let want = attend(&host, &mut scratch, false);
-        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() < 1e-5, "output {i}: {a} vs {b}");
-        }
-        // The device reads its own copy: a change behind the backend's back (never done by
-        // the product; KV is immutable) shows in the host's attention only.
-        let big = vec![40.0; d];
-        for t in 0..g.page_size {
-            host.tier.write_row(table[1], 0, t, &big, &big);
-        }
-        assert_eq!(attend(&host, &mut scratch, true), got);
-        let changed = attend(&host, &mut scratch, false);
-        assert_ne!(changed, want);
-        // A page whose copy may be stale (a copy to the device failed) is read from the host
-        // tier, until a write copies it whole again.
-        host.stale[table[1] as usize] = true;
-        assert_eq!(attend(&host, &mut scratch, true), changed);
-        off.load_prefill(&mut batch, &q, &kv, &kv, None).unwrap();
-        off.write_tokens(&mut host, &table, &batch, 0, 8, 1, &mut scratch)
-            .unwrap();
-        assert!(!host.stale[table[1] as usize]);
-        assert_eq!(
-            attend(&host, &mut scratch, true),
-            attend(&host, &mut scratch, false)
-        );
-    }
-}
+mod tests;

@@ -1,0 +1,153 @@
+//! The offload orchestration's own checks (the harness in `tests/core` runs it against the CPU
+//! backend and the reference on seeded random cases).
+
+use super::host::HostOps;
+use super::*;
+use crate::backend::cpu::select::pooled_scores;
+use crate::plan::tests::geo;
+
+/// Summaries the host computes outside a page fill (`ensure_summaries`) reach the device's
+/// mirror, and a dense layer has none.
+#[test]
+fn summaries_computed_late_reach_the_mirror() {
+    let g = geo();
+    let off = OffloadBackend::new(g, &FreeKvConfig::default(), HostOps::<f32>::new(g));
+    assert!(off.alloc_host_tier(4, false).unwrap().summaries.is_none());
+    let mut host = off.alloc_host_tier(4, true).unwrap();
+    let mut scratch = off.alloc_scratch(Role::Worker);
+    // Block 2 filled behind the backend's back (no summary yet).
+    for h in 0..g.num_kv_heads {
+        for t in 0..g.page_size {
+            let k: Vec<f32> = (0..g.head_dim)
+                .map(|c| ((h * 31 + t * 7 + c * 3) % 11) as f32 - 5.0)
+                .collect();
+            host.tier.write_row(2, h, t, &k, &k);
+        }
+    }
+    let (n_kv, d) = (g.num_kv_heads, g.head_dim);
+    let q: Vec<f32> = (0..g.num_q_heads() * d)
+        .map(|i| (i % 5) as f32 - 2.0)
+        .collect();
+    let score = |host: &HostOf<f32, HostOps<f32>>, scratch: &mut OffloadScratch<f32, _>| {
+        let mut out = vec![0.0; n_kv];
+        off.ops
+            .score_pages(
+                host.summaries.as_ref().unwrap(),
+                &[2],
+                &q,
+                &[true; 3],
+                Pooling::Max,
+                &mut out,
+                &mut scratch.device,
+            )
+            .unwrap();
+        out
+    };
+    assert_eq!(
+        score(&host, &mut scratch),
+        vec![0.0; n_kv],
+        "nothing uploaded yet"
+    );
+    assert_eq!(
+        off.ensure_summaries(&mut host, &[2], 1, &mut scratch)
+            .unwrap(),
+        1
+    );
+    let got = score(&host, &mut scratch);
+    for h in 0..n_kv {
+        let mut sc = SelectScratch::default();
+        let group_q = &q[h * g.group * d..(h + 1) * g.group * d];
+        let offsets = [host.tier.summary_offset(2, h)];
+        pooled_scores(
+            group_q,
+            d,
+            host.tier.summaries(),
+            &offsets,
+            Pooling::Max,
+            &mut sc,
+        );
+        assert_eq!(got[h], sc.pooled[0], "head {h}");
+        assert_ne!(got[h], 0.0, "head {h}");
+    }
+}
+
+/// A dense layer attends from its own pages on the device, written by a prefill (whole
+/// pages) and a decode step (one token), not from the host tier.
+#[test]
+fn dense_layers_attend_from_their_pages_on_the_device() {
+    let g = geo();
+    let off = OffloadBackend::new(g, &FreeKvConfig::default(), HostOps::<f32>::new(g));
+    let mut host = off.alloc_host_tier(6, false).unwrap();
+    assert!(host.pages.is_some() && host.summaries.is_none());
+    assert_eq!(
+        off.device_pool_bytes(6, false),
+        6 * 2 * g.page_size * g.num_kv_heads * g.head_dim * 4
+    );
+    let mut scratch = off.alloc_scratch(Role::Caller);
+    let table = [4u32, 1, 5, 0];
+    let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
+    let val = |i: usize| ((i * 37 % 23) as f32 - 11.0) / 7.0;
+    let cpu = Device::Cpu;
+    let tensor = |n: usize, shift: usize, shape: &[usize]| {
+        Tensor::from_vec((0..n).map(|i| val(i + shift)).collect(), shape, &cpu).unwrap()
+    };
+    // A 20-token prompt (pages 0-2, the last one partial), then one decode token.
+    let kv = tensor(n_kv * 20 * d, 0, &[1, n_kv, 20, d]);
+    let q = tensor(n_q * 20 * d, 1, &[1, n_q, 20, d]);
+    let mut batch = off.alloc_batch();
+    off.load_prefill(&mut batch, &q, &kv, &kv, None).unwrap();
+    off.write_tokens(&mut host, &table, &batch, 0, 0, 20, &mut scratch)
+        .unwrap();
+    let (qd, kd) = (
+        tensor(n_q * d, 5, &[1, n_q, d]),
+        tensor(n_kv * d, 3, &[1, n_kv, d]),
+    );
+    let params = AttnParams::scaled(0.5);
+    let attend = |host: &HostOf<f32, HostOps<f32>>,
+                  scratch: &mut OffloadScratch<f32, _>,
+                  on_device: bool| {
+        let mut b = off.alloc_batch();
+        off.load_decode(&mut b, &qd, &kd, &kd).unwrap();
+        if on_device {
+            off.attend_decode(host, &table, 21, None, &mut b, 0, &params, scratch)
+                .unwrap();
+        } else {
+            let sc = &mut scratch.cpu;
+            off.cpu
+                .attend_decode(&host.tier, &table, 21, None, &mut b, 0, &params, sc)
+                .unwrap();
+        }
+        (0..n_q)
+            .flat_map(|h| b.out_row(0, h, 0).to_vec())
+            .collect::<Vec<f32>>()
+    };
+    off.load_decode(&mut batch, &qd, &kd, &kd).unwrap();
+    off.write_tokens(&mut host, &table, &batch, 0, 20, 1, &mut scratch)
+        .unwrap();
+    let got = attend(&host, &mut scratch, true);
+    let want = attend(&host, &mut scratch, false);
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!((a - b).abs() < 1e-5, "output {i}: {a} vs {b}");
+    }
+    // The device reads its own copy: a change behind the backend's back (never done by
+    // the product; KV is immutable) shows in the host's attention only.
+    let big = vec![40.0; d];
+    for t in 0..g.page_size {
+        host.tier.write_row(table[1], 0, t, &big, &big);
+    }
+    assert_eq!(attend(&host, &mut scratch, true), got);
+    let changed = attend(&host, &mut scratch, false);
+    assert_ne!(changed, want);
+    // A page whose copy may be stale (a copy to the device failed) is read from the host
+    // tier, until a write copies it whole again.
+    host.stale[table[1] as usize] = true;
+    assert_eq!(attend(&host, &mut scratch, true), changed);
+    off.load_prefill(&mut batch, &q, &kv, &kv, None).unwrap();
+    off.write_tokens(&mut host, &table, &batch, 0, 8, 1, &mut scratch)
+        .unwrap();
+    assert!(!host.stale[table[1] as usize]);
+    assert_eq!(
+        attend(&host, &mut scratch, true),
+        attend(&host, &mut scratch, false)
+    );
+}
