@@ -8,7 +8,7 @@ use anyhow::Context;
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::io::CpuBatch;
 
-use super::{ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadScratch};
+use super::{token_rows, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadScratch};
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// Mirrors the tokens `first_pos..first_pos + n` of a dense layer (just written to the
@@ -37,15 +37,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             host.stale[b as usize] = true;
         }
         if n == 1 && !was_stale {
-            let width = g.num_kv_heads * g.head_dim;
-            scratch.row.resize(2 * width, T::default());
-            let (k, v) = scratch.row.split_at_mut(width);
-            for h in 0..g.num_kv_heads {
-                let (kr, vr) = batch.kv_row(row, h, 0);
-                let r = h * g.head_dim..(h + 1) * g.head_dim;
-                T::from_f32s(kr, &mut k[r.clone()]);
-                T::from_f32s(vr, &mut v[r]);
-            }
+            let (k, v) = token_rows(g, batch, row, &mut scratch.row);
             let block = table[first_pos / p] as usize;
             self.ops
                 .append_token(pages, block, first_pos % p, k, v)

@@ -166,6 +166,25 @@ type HostOf<T, O> = OffloadHost<
     <O as DeviceOps<T>>::Slots,
 >;
 
+/// Fills `buf` (`2 [n_kv][d]`) with the K then V rows of every KV head of the token in batch
+/// row `row`, as stored (`T`), and returns them.
+fn token_rows<'a, T: KvElem>(
+    geo: &Geometry,
+    batch: &CpuBatch,
+    row: usize,
+    buf: &'a mut Vec<T>,
+) -> (&'a [T], &'a [T]) {
+    let (n_kv, d) = (geo.num_kv_heads, geo.head_dim);
+    buf.resize(2 * n_kv * d, T::default());
+    let (k, v) = buf.split_at_mut(n_kv * d);
+    for h in 0..n_kv {
+        let (kr, vr) = batch.kv_row(row, h, 0);
+        T::from_f32s(kr, &mut k[h * d..(h + 1) * d]);
+        T::from_f32s(vr, &mut v[h * d..(h + 1) * d]);
+    }
+    (k, v)
+}
+
 /// Reads a tensor's values on the host (a no-op for CPU tensors).
 fn on_host(t: &Tensor) -> anyhow::Result<Tensor> {
     Ok(t.to_device(&Device::Cpu)?)

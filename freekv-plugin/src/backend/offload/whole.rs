@@ -9,7 +9,7 @@ use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::io::CpuBatch;
 use crate::backend::RecallStats;
 
-use super::{ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadTier};
+use super::{token_rows, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadTier};
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// [`Backend::hold_every_page`](crate::backend::Backend::hold_every_page): only what
@@ -42,7 +42,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         let window = g.window_start(len).max(g.sink_pages);
         let selectable = g.selected_slots().start;
         let mut moves = Vec::new();
-        let mut last_moved = false;
+        let (mut last_slot, mut last_moved) = (0, false);
         for (page, &block) in table[..pages].iter().enumerate() {
             let slot = if page < g.sink_pages {
                 page
@@ -51,6 +51,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             } else {
                 selectable + page - g.sink_pages
             };
+            last_slot = slot;
             for h in 0..g.num_kv_heads {
                 let held = &mut dev.plan.slots_mut(h)[slot];
                 if *held != page as u32 {
@@ -69,11 +70,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             .context("copying a short context's pages into its working set")?;
         if !last_moved {
             // The last page stayed where it was: its new token goes in as an append.
-            let slot = dev.plan.slots(0)[..]
-                .iter()
-                .position(|&p| p as usize + 1 == pages)
-                .context("the last page is in no slot")?;
-            self.append_from_batch(dev, slot, len - 1, batch, row)?;
+            self.append_from_batch(dev, last_slot, len - 1, batch, row)?;
         }
         dev.held.clear();
         dev.held.extend_from_slice(&table[..pages]);
@@ -93,17 +90,9 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         batch: &CpuBatch,
         row: usize,
     ) -> anyhow::Result<()> {
-        let g = &self.geo;
-        let width = g.num_kv_heads * g.head_dim;
-        let (k, v) = dev.new_token.split_at_mut(width);
-        for h in 0..g.num_kv_heads {
-            let (kr, vr) = batch.kv_row(row, h, 0);
-            let r = h * g.head_dim..(h + 1) * g.head_dim;
-            T::from_f32s(kr, &mut k[r.clone()]);
-            T::from_f32s(vr, &mut v[r]);
-        }
+        let (k, v) = token_rows(&self.geo, batch, row, &mut dev.new_token);
         self.ops
-            .append_token(&mut dev.slots, slot, pos % g.page_size, k, v)
+            .append_token(&mut dev.slots, slot, pos % self.geo.page_size, k, v)
             .context("appending the new token to its window slot")
     }
 }
