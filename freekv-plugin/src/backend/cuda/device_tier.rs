@@ -1,17 +1,18 @@
 //! The device memory of one (sequence, layer) working set ([`LayerTier`]): the slots (sink +
 //! selected + window, NHD `[slot][k/v][p][n_kv][d]`, the layout the host-memory device and the
-//! kernels share) and their valid-token table, O(budget) and allocated once; and one decode
-//! call's buffers ([`DecodeBuffers`]). The page summaries are per layer, not per sequence
+//! kernels share) and their valid-token table, O(budget) and allocated once; and the decode
+//! kernels' partials ([`DecodeBuffers`]). The page summaries are per layer, not per sequence
 //! (`super::scoring`).
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaContext;
+use cudarc::driver::{CudaContext, CudaStream};
 
 use crate::geometry::Geometry;
 
 use super::kernels::{Kernels, SeqDesc};
 use super::mem::DeviceBuffer;
+use super::recall::RawEvent;
 
 /// Geometry shared by all layers of a sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +41,10 @@ pub struct LayerTier {
     pub shape: TierShape,
     pub slots: DeviceBuffer,
     pub slot_len: DeviceBuffer,
+    /// Recorded on the engine's stream after each decode over the slots or append into them
+    /// that may still be queued: a move into the slots (another stream) waits on it first, and
+    /// the slots are freed only once it has completed.
+    pub last_use: Arc<RawEvent>,
 }
 
 impl LayerTier {
@@ -49,6 +54,7 @@ impl LayerTier {
             shape,
             slots: DeviceBuffer::zeroed(ctx, shape.n_slots * shape.slot_bytes())?,
             slot_len: DeviceBuffer::zeroed(ctx, shape.n_slots * shape.n_kv * 4)?,
+            last_use: Arc::new(RawEvent::new(ctx)?),
         })
     }
 
@@ -85,21 +91,18 @@ pub fn layer_tier_bytes(shape: &TierShape) -> usize {
     shape.n_slots * shape.slot_bytes() + shape.n_slots * shape.n_kv * 4
 }
 
-/// Device buffers of one decode call (one sequence), allocated on first use and grown to the
-/// largest call.
+impl Drop for LayerTier {
+    fn drop(&mut self) {
+        // Queued decodes and appends may still read or write the slots.
+        let _ = self.last_use.synchronize();
+    }
+}
+
+/// The decode kernels' partials for one row at a time (the rows of a call run one after
+/// another on the engine's stream), allocated on first use and grown to the largest call.
 pub struct DecodeBuffers {
     ctx: Arc<CudaContext>,
     sm_count: usize,
-    /// The query, `[n_q][d]` 16-bit.
-    pub q: DeviceBuffer,
-    /// One [`SeqDesc`].
-    pub desc: DeviceBuffer,
-    /// The output, `[n_q][d]` 16-bit.
-    pub out: DeviceBuffer,
-    /// `[n_slots][n_kv]` i32 valid tokens of each logical slot.
-    pub lens: DeviceBuffer,
-    /// `[n_slots]` i32 stored slot of each logical slot (dense layers).
-    pub index: DeviceBuffer,
     /// Partial outputs `[n_q][n_chunks][d]` f32.
     pub part_o: DeviceBuffer,
     /// Partial max and sum `[n_q][n_chunks][2]` f32.
@@ -108,43 +111,40 @@ pub struct DecodeBuffers {
 
 impl DecodeBuffers {
     /// Buffers for `geo` on a device with `sm_count` multiprocessors, sized for a working set.
-    pub fn new(ctx: &Arc<CudaContext>, geo: &Geometry, sm_count: usize) -> anyhow::Result<Self> {
-        let n_q = geo.num_q_heads();
-        let d = geo.head_dim;
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        geo: &Geometry,
+        sm_count: usize,
+        stream: &CudaStream,
+    ) -> anyhow::Result<Self> {
         let mut bufs = Self {
             ctx: ctx.clone(),
             sm_count,
-            q: DeviceBuffer::new(ctx, n_q * d * 2)?,
-            desc: DeviceBuffer::new(ctx, std::mem::size_of::<SeqDesc>())?,
-            out: DeviceBuffer::new(ctx, n_q * d * 2)?,
-            lens: DeviceBuffer::new(ctx, 0)?,
-            index: DeviceBuffer::new(ctx, 0)?,
             part_o: DeviceBuffer::new(ctx, 0)?,
             part_ml: DeviceBuffer::new(ctx, 0)?,
         };
-        bufs.prepare(geo, geo.slots)?;
+        bufs.prepare(geo, geo.slots, stream)?;
         Ok(bufs)
     }
 
     /// The slots per decode block of a call over `n_slots` logical slots, with the buffers
-    /// grown to hold its partials.
-    pub fn prepare(&mut self, geo: &Geometry, n_slots: usize) -> anyhow::Result<usize> {
+    /// grown to hold its partials. `stream`: where earlier decodes using them may be queued
+    /// (waited for before a buffer is replaced).
+    pub fn prepare(
+        &mut self,
+        geo: &Geometry,
+        n_slots: usize,
+        stream: &CudaStream,
+    ) -> anyhow::Result<usize> {
         let (n_q, n_kv, d) = (geo.num_q_heads(), geo.num_kv_heads, geo.head_dim);
         let slots_per_chunk = Kernels::decode_slots_per_chunk(1, n_kv, n_slots, self.sm_count);
         let n_chunks = n_slots.div_ceil(slots_per_chunk.max(1)).max(1);
-        let ctx = &self.ctx;
-        grow(ctx, &mut self.lens, n_slots * n_kv * 4)?;
-        grow(ctx, &mut self.index, n_slots * 4)?;
-        grow(ctx, &mut self.part_o, n_q * n_chunks * d * 4)?;
-        grow(ctx, &mut self.part_ml, n_q * n_chunks * 2 * 4)?;
+        let (o_bytes, ml_bytes) = (n_q * n_chunks * d * 4, n_q * n_chunks * 2 * 4);
+        if self.part_o.bytes() < o_bytes || self.part_ml.bytes() < ml_bytes {
+            stream.synchronize()?;
+            self.part_o = DeviceBuffer::new(&self.ctx, o_bytes.max(self.part_o.bytes()))?;
+            self.part_ml = DeviceBuffer::new(&self.ctx, ml_bytes.max(self.part_ml.bytes()))?;
+        }
         Ok(slots_per_chunk)
     }
-}
-
-/// Replaces `buf` with a larger one when it holds fewer than `bytes` (contents not kept).
-fn grow(ctx: &Arc<CudaContext>, buf: &mut DeviceBuffer, bytes: usize) -> anyhow::Result<()> {
-    if buf.bytes() < bytes {
-        *buf = DeviceBuffer::new(ctx, bytes)?;
-    }
-    Ok(())
 }

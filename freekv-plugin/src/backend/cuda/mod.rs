@@ -5,7 +5,8 @@
 //!   (feature `nvrtc`, which CI uses without a GPU).
 //! - The rest needs the CUDA driver (feature `cuda`): loaded modules per device
 //!   ([`module`](crate::cuda::module)), typed kernel launches ([`kernels`](crate::cuda::kernels)),
-//!   raw device buffers and host-memory registration ([`mem`](crate::cuda::mem)), the
+//!   raw device buffers and host-memory registration ([`mem`](crate::cuda::mem)), a decode
+//!   step's tensors read in place and its output ([`batch`](crate::cuda::batch)), the
 //!   per-(sequence, layer) device memory
 //!   ([`device_tier`](crate::cuda::device_tier)), the per-layer page summaries and scoring
 //!   buffers ([`scoring`](crate::cuda::scoring)) and the double-buffered streamed recall with
@@ -21,6 +22,8 @@
 pub mod nvrtc;
 pub mod source;
 
+#[cfg(feature = "cuda")]
+pub mod batch;
 #[cfg(feature = "cuda")]
 pub mod device_tier;
 #[cfg(feature = "cuda")]

@@ -5,24 +5,30 @@
 //! with `freekv_decode_partial` / `freekv_decode_combine`. The orchestration around these calls is
 //! [`OffloadBackend`](crate::backend::offload::OffloadBackend)'s, which CI runs on host memory.
 //!
-//! Every call returns only once its device work has completed, as [`DeviceOps`] requires.
+//! Streams and ordering: a decode step's work (each row's decode, reading q from the engine's
+//! tensor and writing the output tensor, and appends from its k and v) is queued on the
+//! engine's own stream ([`CudaBatch`]) and not waited for. Each slot set records its
+//! `last_use` event after such work; a chunk move into it waits on that event on the copy
+//! streams, and freeing it waits for the event. Every other call (moves, summary uploads,
+//! scoring) returns once its device work has completed.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
-use crate::backend::offload::{ChunkMove, DeviceOps};
+use crate::backend::offload::{ChunkMove, DeviceOps, NewToken};
 use crate::backend::Role;
 use crate::geometry::Geometry;
 use crate::{AttnParams, KvDType, Pooling};
 
+use super::batch::{tensor_ptr, CudaBatch};
 use super::device_tier::{layer_tier_bytes, tier_shape, DecodeBuffers, LayerTier};
-use super::kernels::{as_bytes, KernelPooling, Kernels, RecallJob};
-use super::mem::{DeviceBuffer, HostRegistration};
+use super::kernels::{KernelPooling, Kernels, RecallJob};
+use super::mem::HostRegistration;
 use super::module;
 use super::recall::{RawEvent, RecallMode, RecallPipeline};
 use super::scoring::{summaries_bytes, DeviceSummaries, ScoreBuffers};
@@ -31,27 +37,28 @@ use super::source::{KernelConfig, KernelDtype};
 /// Most chunks per staging buffer of the recall pipeline.
 const MAX_CHUNKS_PER_BUFFER: usize = 256;
 
-/// One CUDA device for one model geometry: its kernels, a compute stream and the recall
+/// One CUDA device for one model geometry: its kernels, the engine's stream and the recall
 /// pipeline.
 pub struct CudaOps<T> {
     geo: Geometry,
     device: Device,
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    /// Candle's stream for this device: the engine's kernels, and a decode step's work.
+    engine: Arc<CudaStream>,
     kernels: Arc<Kernels>,
     pipeline: RecallPipeline,
     sm_count: usize,
     _elem: PhantomData<fn() -> T>,
 }
 
-/// Per-thread device memory: the decode buffers (caller thread only), the scoring buffers and
+/// Per-thread device memory: the decode partials (caller thread only), the scoring buffers and
 /// their stream, and host staging.
 pub struct CudaOpsScratch<T> {
     decode: Option<DecodeBuffers>,
     score: Option<ScoreBuffers>,
     /// The event this thread's recalls signal completion with, created on first use.
     done: Option<Arc<RawEvent>>,
-    /// 16-bit rows: the query in, the output back.
+    /// 16-bit rows: a query to score with.
     rows: Vec<T>,
 }
 
@@ -82,10 +89,10 @@ impl<T: KvElem> CudaOps<T> {
         kcfg.validate().map_err(|e| {
             anyhow::anyhow!("the FreeKV CUDA kernels do not support this model: {e}")
         })?;
-        let ctx = cuda.cuda_stream().context().clone();
+        let engine = cuda.cuda_stream();
+        let ctx = engine.context().clone();
         ctx.bind_to_thread()?;
         let kernels = Arc::new(Kernels::new(module::load(&ctx, kcfg)?));
-        let stream = ctx.new_stream()?;
         let chunk_bytes = 2 * geo.page_size * geo.head_dim * 2;
         let per_buffer = (geo.num_kv_heads * geo.slots).clamp(1, MAX_CHUNKS_PER_BUFFER);
         let pipeline = RecallPipeline::new(
@@ -102,7 +109,7 @@ impl<T: KvElem> CudaOps<T> {
             geo,
             device: device.clone(),
             ctx,
-            stream,
+            engine,
             kernels,
             pipeline,
             sm_count,
@@ -114,6 +121,19 @@ impl<T: KvElem> CudaOps<T> {
         self.ctx
             .bind_to_thread()
             .map_err(|e| anyhow::anyhow!("binding the CUDA context to this thread: {e}"))
+    }
+
+    /// The candle dtype of the stored KV.
+    fn kv_dtype() -> DType {
+        match T::DTYPE {
+            KvDType::BF16 => DType::BF16,
+            _ => DType::F16,
+        }
+    }
+
+    /// Bytes of one token's K (or V) rows of every KV head.
+    fn kv_row_bytes(&self) -> usize {
+        self.geo.num_kv_heads * self.geo.head_dim * 2
     }
 
     /// The thread's scoring buffers (and stream), created on first use.
@@ -134,9 +154,88 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     /// None where the system refused to page-lock the pages.
     type HostPin = Option<HostRegistration>;
     type Summaries = DeviceSummaries;
+    type Batch = CudaBatch;
 
     fn device(&self) -> &Device {
         &self.device
+    }
+
+    fn alloc_batch(&self) -> CudaBatch {
+        CudaBatch::default()
+    }
+
+    fn load_batch(
+        &self,
+        batch: &mut CudaBatch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> anyhow::Result<()> {
+        let g = &self.geo;
+        let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
+        let b = q.dims().first().copied().unwrap_or(0);
+        for (name, t, heads) in [("q", q, n_q), ("k", k, n_kv), ("v", v, n_kv)] {
+            anyhow::ensure!(
+                t.dims() == [b, heads, d],
+                "decode {name} of shape {:?}; expected ({b}, {heads}, {d})",
+                t.dims()
+            );
+        }
+        self.bind()?;
+        batch.begin()?;
+        // In place where the engine's dtype is the KV dtype (no copy: same tensor).
+        let dt = Self::kv_dtype();
+        let [q, k, v] = [q, k, v].map(|t| t.to_dtype(dt).and_then(|t| t.contiguous()));
+        let inputs = [q?, k?, v?];
+        let out = Tensor::zeros((b, n_q, d), dt, &self.device)?;
+        let s = &self.engine;
+        (batch.q, batch.k, batch.v) = (
+            tensor_ptr(&inputs[0], s)?,
+            tensor_ptr(&inputs[1], s)?,
+            tensor_ptr(&inputs[2], s)?,
+        );
+        batch.out_ptr = tensor_ptr(&out, s)?;
+        (batch.inputs, batch.out, batch.rows) = (Some(inputs), Some(out), b);
+        Ok(())
+    }
+
+    fn finish_batch(
+        &self,
+        batch: &mut CudaBatch,
+        host_rows: &[usize],
+        host_out: &[f32],
+        dtype: DType,
+    ) -> anyhow::Result<Tensor> {
+        let g = &self.geo;
+        let (n_q, d) = (g.num_q_heads(), g.head_dim);
+        let out = batch
+            .out
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("the output of a decode batch taken twice"))?;
+        anyhow::ensure!(
+            host_out.len() == batch.rows * n_q * d && host_rows.iter().all(|&r| r < batch.rows),
+            "a {}-row decode batch merged with {} host-computed values of rows {host_rows:?}",
+            batch.rows,
+            host_out.len()
+        );
+        let out = if host_rows.is_empty() {
+            out
+        } else {
+            // Rows the host attended (a fallback): each uploaded and put in its place.
+            let w = n_q * d;
+            let rows = (0..batch.rows)
+                .map(|r| {
+                    if host_rows.contains(&r) {
+                        Tensor::from_slice(&host_out[r * w..(r + 1) * w], (1, n_q, d), &self.device)
+                            .and_then(|t| t.to_dtype(out.dtype()))
+                    } else {
+                        out.narrow(0, r, 1)
+                    }
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)?
+        };
+        Ok(out.to_dtype(dtype)?)
     }
 
     fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<LayerTier> {
@@ -273,9 +372,12 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         };
         // The host chunks are borrowed for this call: the copy engines stage them, and we wait
         // for the request to finish before returning.
-        let ticket = self
-            .pipeline
-            .submit(chunks, RecallMode::CopyEngine, None, done.clone());
+        let ticket = self.pipeline.submit(
+            chunks,
+            RecallMode::CopyEngine,
+            Some(slots.last_use.clone()),
+            done.clone(),
+        );
         ticket.wait_enqueued()?;
         done.synchronize()
     }
@@ -285,17 +387,10 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         slots: &mut LayerTier,
         slot: usize,
         token: usize,
-        k: &[T],
-        v: &[T],
+        rows: NewToken<'_, T, CudaBatch>,
     ) -> anyhow::Result<()> {
         let shape = &slots.shape;
-        let row_bytes = shape.n_kv * shape.head_dim * 2;
-        anyhow::ensure!(
-            std::mem::size_of::<T>() == 2 && k.len() * 2 == row_bytes && v.len() * 2 == row_bytes,
-            "append of a {}-element row with {}-byte elements into a {row_bytes}-byte slot row",
-            k.len(),
-            std::mem::size_of::<T>()
-        );
+        let row_bytes = self.kv_row_bytes();
         anyhow::ensure!(
             slot < shape.n_slots && token < shape.page_size,
             "append at slot {slot} token {token} of {} slots of {} tokens",
@@ -306,14 +401,48 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         // NHD: token `token`'s K rows of all heads are one contiguous run, its V rows another.
         let k_off = (slot * 2 * shape.page_size + token) * row_bytes;
         let v_off = ((slot * 2 + 1) * shape.page_size + token) * row_bytes;
-        let s = self.stream.cu_stream();
-        // SAFETY: `k`/`v` outlive the copies: the stream is synchronized before returning.
-        unsafe {
-            slots.slots.copy_from_host_async(k_off, k, s)?;
-            slots.slots.copy_from_host_async(v_off, v, s)?;
+        let s = self.engine.cu_stream();
+        match rows {
+            NewToken::Host { k, v } => {
+                anyhow::ensure!(
+                    std::mem::size_of_val(k) == row_bytes && std::mem::size_of_val(v) == row_bytes,
+                    "append of {}-byte rows into {row_bytes}-byte slot rows",
+                    std::mem::size_of_val(k)
+                );
+                // SAFETY: bounds checked by the buffer; the rows are pageable memory, which the
+                // driver stages before these calls return, so they may be reused at once.
+                unsafe {
+                    slots.slots.copy_from_host_async(k_off, k, s)?;
+                    slots.slots.copy_from_host_async(v_off, v, s)?;
+                }
+            }
+            NewToken::Batch { batch, row } => {
+                anyhow::ensure!(
+                    row < batch.rows,
+                    "append of row {row} of a {}-row batch",
+                    batch.rows
+                );
+                let src = (row * row_bytes) as u64;
+                // SAFETY: both ranges lie in live allocations (the batch holds its tensors, the
+                // offsets are bounded above); the copies are ordered on the engine's stream
+                // after the kernels that produced k and v.
+                unsafe {
+                    result::memcpy_dtod_async(
+                        slots.slots.ptr() + k_off as u64,
+                        batch.k + src,
+                        row_bytes,
+                        s,
+                    )?;
+                    result::memcpy_dtod_async(
+                        slots.slots.ptr() + v_off as u64,
+                        batch.v + src,
+                        row_bytes,
+                        s,
+                    )?;
+                }
+            }
         }
-        self.stream.synchronize()?;
-        Ok(())
+        slots.last_use.record(s)
     }
 
     fn decode(
@@ -321,9 +450,9 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         slots: &LayerTier,
         index: Option<&[u32]>,
         slot_len: &[i32],
-        q: &[f32],
+        batch: &mut CudaBatch,
+        row: usize,
         params: &AttnParams,
-        out: &mut [f32],
         scratch: &mut CudaOpsScratch<T>,
     ) -> anyhow::Result<()> {
         let geo = &self.geo;
@@ -331,10 +460,9 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         let n_slots = index.map_or(geo.slots, <[u32]>::len);
         let stored = slots.shape.n_slots;
         anyhow::ensure!(
-            q.len() == n_q * d && out.len() == n_q * d && slot_len.len() == n_slots * n_kv,
-            "decode over {n_slots} slots got a {}-value query, a {}-value output and {} slot lengths",
-            q.len(),
-            out.len(),
+            row < batch.rows && batch.out.is_some() && slot_len.len() == n_slots * n_kv,
+            "decode of row {row} of a {}-row batch over {n_slots} slots got {} slot lengths",
+            batch.rows,
             slot_len.len()
         );
         let last = index.map_or(Some(n_slots.saturating_sub(1) as u32), |ix| {
@@ -344,73 +472,41 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
             anyhow::bail!("decode reads slot {bad} of {stored}");
         }
         if n_slots == 0 {
-            out.fill(0.0);
+            // Nothing to attend: the row stays zero.
             return Ok(());
         }
         self.bind()?;
         if scratch.decode.is_none() {
-            scratch.decode = Some(DecodeBuffers::new(&self.ctx, geo, self.sm_count)?);
+            let bufs = DecodeBuffers::new(&self.ctx, geo, self.sm_count, &self.engine)?;
+            scratch.decode = Some(bufs);
         }
-        let CudaOpsScratch {
-            decode: Some(bufs),
-            rows,
-            ..
-        } = scratch
-        else {
-            unreachable!("decode buffers were allocated above")
-        };
-        let slots_per_chunk = bufs.prepare(geo, n_slots)?;
-        rows.clear();
-        rows.resize(n_q * d, T::default());
-        T::from_f32s(q, rows);
-        let mut desc = slots.desc(n_slots);
-        desc.slot_len = bufs.lens.ptr();
-        if index.is_some() {
-            desc.slot_index = bufs.index.ptr();
-        }
-        let desc = [desc];
-        let s = self.stream.cu_stream();
-        // SAFETY: the host slices live until the stream is synchronized below.
-        unsafe {
-            bufs.lens.copy_from_host_async(0, slot_len, s)?;
-            if let Some(ix) = index {
-                bufs.index.copy_from_host_async(0, ix, s)?;
-            }
-            bufs.q.copy_from_host_async(0, rows, s)?;
-            bufs.desc.copy_from_host_async(0, as_bytes(&desc), s)?;
-        }
+        let bufs = scratch.decode.as_mut().expect("allocated above");
+        let slots_per_chunk = bufs.prepare(geo, n_slots, &self.engine)?;
+        let desc = batch.stage_decode(
+            &self.ctx,
+            &self.engine,
+            slot_len,
+            index,
+            slots.desc(n_slots),
+        )?;
+        let row_off = (row * n_q * d * 2) as u64;
+        let s = self.engine.cu_stream();
         self.kernels.decode(
             s,
-            bufs.q.ptr(),
+            batch.q + row_off,
             (n_q * d) as i64,
-            bufs.desc.ptr(),
+            desc,
             1,
             n_kv,
             n_slots,
             slots_per_chunk,
             bufs.part_o.ptr(),
             bufs.part_ml.ptr(),
-            bufs.out.ptr(),
+            batch.out_ptr + row_off,
             (n_q * d) as i64,
             params.softmax_scale,
             params.softcap.unwrap_or(0.0),
         )?;
-        download(&bufs.out, rows, &self.stream)?;
-        T::to_f32s(rows, out);
-        Ok(())
+        slots.last_use.record(s)
     }
-}
-
-/// Copies the start of `src` into `dst` on `stream` and waits for it.
-fn download<T>(src: &DeviceBuffer, dst: &mut [T], stream: &Arc<CudaStream>) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        std::mem::size_of_val(dst) <= src.bytes(),
-        "download of {} bytes from a {}-byte buffer",
-        std::mem::size_of_val(dst),
-        src.bytes()
-    );
-    // SAFETY: bounds checked above; `dst` is borrowed until the stream is synchronized.
-    unsafe { result::memcpy_dtoh_async(dst, src.ptr(), stream.cu_stream()) }?;
-    stream.synchronize()?;
-    Ok(())
 }

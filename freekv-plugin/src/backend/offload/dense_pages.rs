@@ -6,9 +6,10 @@
 use anyhow::Context;
 
 use crate::backend::cpu::elem::KvElem;
-use crate::backend::cpu::io::CpuBatch;
 
-use super::{token_rows, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadScratch};
+use super::{
+    token_rows, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadBatch, OffloadScratch,
+};
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// Mirrors the tokens `first_pos..first_pos + n` of a dense layer (just written to the
@@ -19,7 +20,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         &self,
         host: &mut HostOf<T, O>,
         table: &[u32],
-        batch: &CpuBatch,
+        batch: &OffloadBatch<O::Batch>,
         row: usize,
         first_pos: usize,
         n: usize,
@@ -37,10 +38,10 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             host.stale[b as usize] = true;
         }
         if n == 1 && !was_stale {
-            let (k, v) = token_rows(g, batch, row, &mut scratch.row);
+            let rows = token_rows(g, batch, row, &mut scratch.row);
             let block = table[first_pos / p] as usize;
             self.ops
-                .append_token(pages, block, first_pos % p, k, v)
+                .append_token(pages, block, first_pos % p, rows)
                 .context("appending the new token to a dense layer's pages on the device")?;
             host.stale[block] = false;
             return Ok(());

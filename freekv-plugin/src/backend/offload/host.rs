@@ -10,19 +10,20 @@
 
 use std::marker::PhantomData;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 
 use crate::backend::cpu::alloc::try_zeroed_vec;
 use crate::backend::cpu::attend::{Attention, AttnScratch, Segment};
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
+use crate::backend::cpu::io::read_f32;
 use crate::backend::cpu::select::{pooled_scores, SelectScratch};
 use crate::backend::cpu::PARALLEL_DECODE;
 use crate::backend::Role;
 use crate::geometry::Geometry;
 use crate::{AttnParams, Pooling};
 
-use super::ops::{span_tokens, ChunkMove, DeviceOps};
+use super::ops::{span_tokens, ChunkMove, DeviceOps, NewToken};
 use super::staged::StagedRecall;
 
 /// The host-memory device for KV stored as `T`.
@@ -63,6 +64,19 @@ pub struct HostOpsScratch<T: KvElem> {
 pub struct HostSummaries<T> {
     num_blocks: usize,
     data: Vec<T>,
+}
+
+/// A decode batch in the host-memory device: q as f32, k and v as stored, and the output
+/// (`[B][n_q][d]` f32; a row no decode wrote stays zero, as a CUDA batch's does).
+#[derive(Default)]
+pub struct HostBatch<T> {
+    q: Vec<f32>,
+    k: Vec<T>,
+    v: Vec<T>,
+    out: Vec<f32>,
+    rows: usize,
+    /// Scratch for reading k and v.
+    f32s: Vec<f32>,
 }
 
 /// HND chunk -> NHD slot: token `t`'s K row goes to `[slot][0][t][head]`, its V row to
@@ -159,9 +173,69 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
     /// Host memory needs no registration.
     type HostPin = ();
     type Summaries = HostSummaries<T>;
+    type Batch = HostBatch<T>;
 
     fn device(&self) -> &Device {
         &self.device
+    }
+
+    fn alloc_batch(&self) -> HostBatch<T> {
+        HostBatch::default()
+    }
+
+    fn load_batch(
+        &self,
+        batch: &mut HostBatch<T>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> anyhow::Result<()> {
+        let g = &self.geo;
+        let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
+        let b = q.dims().first().copied().unwrap_or(0);
+        for (name, t, heads) in [("q", q, n_q), ("k", k, n_kv), ("v", v, n_kv)] {
+            anyhow::ensure!(
+                t.dims() == [b, heads, d],
+                "decode {name} of shape {:?}; expected ({b}, {heads}, {d})",
+                t.dims()
+            );
+        }
+        batch.q.clear();
+        read_f32(q, &mut batch.q)?;
+        for (t, dst) in [(k, &mut batch.k), (v, &mut batch.v)] {
+            batch.f32s.clear();
+            read_f32(t, &mut batch.f32s)?;
+            dst.clear();
+            dst.resize(batch.f32s.len(), T::default());
+            T::from_f32s(&batch.f32s, dst);
+        }
+        batch.rows = b;
+        batch.out.clear();
+        batch.out.resize(b * n_q * d, 0.0);
+        Ok(())
+    }
+
+    fn finish_batch(
+        &self,
+        batch: &mut HostBatch<T>,
+        host_rows: &[usize],
+        host_out: &[f32],
+        dtype: DType,
+    ) -> anyhow::Result<Tensor> {
+        let w = self.geo.num_q_heads() * self.geo.head_dim;
+        anyhow::ensure!(
+            host_out.len() == batch.out.len(),
+            "a decode batch of {} values merged with {} host-computed values",
+            batch.out.len(),
+            host_out.len()
+        );
+        for &r in host_rows {
+            anyhow::ensure!(r < batch.rows, "host row {r} of a {}-row batch", batch.rows);
+            batch.out[r * w..(r + 1) * w].copy_from_slice(&host_out[r * w..(r + 1) * w]);
+        }
+        let out = std::mem::take(&mut batch.out);
+        let shape = (batch.rows, self.geo.num_q_heads(), self.geo.head_dim);
+        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(dtype)?)
     }
 
     fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<Vec<T>> {
@@ -298,11 +372,22 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
         slots: &mut Vec<T>,
         slot: usize,
         token: usize,
-        k: &[T],
-        v: &[T],
+        rows: NewToken<'_, T, HostBatch<T>>,
     ) -> anyhow::Result<()> {
         let g = &self.geo;
         let width = g.num_kv_heads * g.head_dim;
+        let (k, v) = match rows {
+            NewToken::Host { k, v } => (k, v),
+            NewToken::Batch { batch, row } => {
+                anyhow::ensure!(
+                    row < batch.rows,
+                    "append of row {row} of a {}-row batch",
+                    batch.rows
+                );
+                let r = row * width..(row + 1) * width;
+                (&batch.k[r.clone()], &batch.v[r])
+            }
+        };
         let stored = slots.len() / self.slot_elems();
         anyhow::ensure!(
             k.len() == width && v.len() == width && slot < stored && token < g.page_size,
@@ -325,9 +410,9 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
         slots: &Vec<T>,
         index: Option<&[u32]>,
         slot_len: &[i32],
-        q: &[f32],
+        batch: &mut HostBatch<T>,
+        row: usize,
         params: &AttnParams,
-        out: &mut [f32],
         scratch: &mut HostOpsScratch<T>,
     ) -> anyhow::Result<()> {
         let g = &self.geo;
@@ -335,18 +420,16 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
         let stored = slots.len() / self.slot_elems();
         let logical = index.map_or(g.slots, <[u32]>::len);
         anyhow::ensure!(
-            q.len() == n_q * d
-                && out.len() == n_q * d
-                && slot_len.len() == logical * g.num_kv_heads,
-            "decode over {logical} slots got a {}-value query, a {}-value output and {} slot \
-             lengths; expected {}, {} and {}",
-            q.len(),
-            out.len(),
+            row < batch.rows && slot_len.len() == logical * g.num_kv_heads,
+            "decode of row {row} of a {}-row batch over {logical} slots got {} slot lengths; \
+             expected {}",
+            batch.rows,
             slot_len.len(),
-            n_q * d,
-            n_q * d,
             logical * g.num_kv_heads
         );
+        let w = n_q * d;
+        let q = &batch.q[row * w..(row + 1) * w];
+        let out = &mut batch.out[row * w..(row + 1) * w];
         let last = index.map_or(Some(logical.saturating_sub(1) as u32), |ix| {
             ix.iter().copied().max()
         });
@@ -417,13 +500,16 @@ mod tests {
         assert!(slots[..2 * 8 * 12].iter().all(|&x| x == 0.0));
         let k: Vec<f32> = (0..12).map(|i| i as f32 + 0.5).collect();
         let v: Vec<f32> = k.iter().map(|x| -x).collect();
-        ops.append_token(&mut slots, 0, 3, &k, &v).unwrap();
+        ops.append_token(&mut slots, 0, 3, NewToken::Host { k: &k, v: &v })
+            .unwrap();
         for h in 0..3 {
             let (ks, vs, stride) = slot_rows(&g, &slots, 0, h);
             assert_eq!(&ks[3 * stride..3 * stride + 4], &k[h * 4..h * 4 + 4]);
             assert_eq!(&vs[3 * stride..3 * stride + 4], &v[h * 4..h * 4 + 4]);
         }
-        let err = ops.append_token(&mut slots, 0, 8, &k, &v).unwrap_err();
+        let err = ops
+            .append_token(&mut slots, 0, 8, NewToken::Host { k: &k, v: &v })
+            .unwrap_err();
         assert!(err.to_string().contains("token 8"), "{err}");
     }
 }

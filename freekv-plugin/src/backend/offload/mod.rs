@@ -44,7 +44,7 @@ use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling};
 
-pub use ops::{span_tokens, token_span, ChunkMove, DeviceOps};
+pub use ops::{span_tokens, token_span, ChunkMove, DeviceOps, NewToken};
 
 /// [`Backend`] for a device whose working sets live in its own memory.
 pub struct OffloadBackend<T: KvElem, O> {
@@ -85,6 +85,27 @@ pub struct OffloadHost<T, P, M, S> {
     stale: Vec<bool>,
 }
 
+/// One call's q/k/v and output: on the host for the host-side work (the host tier, selection,
+/// the correction test, FreeKV's prefill); a decode step's also in the device's batch, read
+/// in place, where the device writes each output row it attends.
+pub struct OffloadBatch<B> {
+    /// The call's values on the host (and the output of the rows the host attends).
+    pub host: CpuBatch,
+    /// A decode step's tensors on the device, and its output.
+    pub dev: B,
+    /// Whether `dev` holds the loaded call (a decode step).
+    on_device: bool,
+    /// Rows of a decode step whose output the host computed (in `host.out`).
+    host_rows: Vec<usize>,
+}
+
+impl<B> OffloadBatch<B> {
+    /// The host-side values of the loaded call.
+    pub fn host(&self) -> &CpuBatch {
+        &self.host
+    }
+}
+
 /// Per-thread working memory.
 pub struct OffloadScratch<T: KvElem, S> {
     cpu: CpuScratch<T>,
@@ -101,9 +122,6 @@ pub struct OffloadScratch<T: KvElem, S> {
     index: Vec<u32>,
     /// One token's K then V rows of every KV head, for a dense layer's pages.
     row: Vec<T>,
-    /// One query and its output, `[n_q][d]` f32.
-    q: Vec<f32>,
-    out: Vec<f32>,
 }
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
@@ -166,23 +184,30 @@ type HostOf<T, O> = OffloadHost<
     <O as DeviceOps<T>>::Slots,
 >;
 
-/// Fills `buf` (`2 [n_kv][d]`) with the K then V rows of every KV head of the token in batch
-/// row `row`, as stored (`T`), and returns them.
-fn token_rows<'a, T: KvElem>(
+/// The new token of batch row `row` (its first token) for an append: read in place from a
+/// decode step's device batch, or converted into `buf` (`2 [n_kv][d]`, K then V rows of every
+/// KV head, as stored) from the host's values.
+fn token_rows<'a, T: KvElem, B>(
     geo: &Geometry,
-    batch: &CpuBatch,
+    batch: &'a OffloadBatch<B>,
     row: usize,
     buf: &'a mut Vec<T>,
-) -> (&'a [T], &'a [T]) {
+) -> NewToken<'a, T, B> {
+    if batch.on_device {
+        return NewToken::Batch {
+            batch: &batch.dev,
+            row,
+        };
+    }
     let (n_kv, d) = (geo.num_kv_heads, geo.head_dim);
     buf.resize(2 * n_kv * d, T::default());
     let (k, v) = buf.split_at_mut(n_kv * d);
     for h in 0..n_kv {
-        let (kr, vr) = batch.kv_row(row, h, 0);
+        let (kr, vr) = batch.host.kv_row(row, h, 0);
         T::from_f32s(kr, &mut k[h * d..(h + 1) * d]);
         T::from_f32s(vr, &mut v[h * d..(h + 1) * d]);
     }
-    (k, v)
+    NewToken::Host { k, v }
 }
 
 /// Reads a tensor's values on the host (a no-op for CPU tensors).
@@ -194,7 +219,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     type HostTier = HostOf<T, O>;
     type DeviceTier = OffloadTier<T, O::Slots>;
     type Scratch = OffloadScratch<T, O::Scratch>;
-    type Batch = CpuBatch;
+    type Batch = OffloadBatch<O::Batch>;
 
     fn geometry(&self) -> &Geometry {
         &self.geo
@@ -265,13 +290,16 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             slot_len: Vec::new(),
             index: Vec::new(),
             row: Vec::new(),
-            q: Vec::new(),
-            out: Vec::new(),
         }
     }
 
-    fn alloc_batch(&self) -> CpuBatch {
-        CpuBatch::default()
+    fn alloc_batch(&self) -> Self::Batch {
+        OffloadBatch {
+            host: CpuBatch::default(),
+            dev: self.ops.alloc_batch(),
+            on_device: false,
+            host_rows: Vec::new(),
+        }
     }
 
     fn host_tier_bytes(&self, num_blocks: usize) -> usize {
@@ -292,31 +320,54 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
 
     fn load_decode(
         &self,
-        batch: &mut CpuBatch,
+        batch: &mut Self::Batch,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
     ) -> anyhow::Result<()> {
+        batch.on_device = false;
+        batch.host_rows.clear();
+        // The host's copy serves the host tier, selection and the correction test.
         self.cpu
-            .load_decode(batch, &on_host(q)?, &on_host(k)?, &on_host(v)?)
+            .load_decode(&mut batch.host, &on_host(q)?, &on_host(k)?, &on_host(v)?)?;
+        self.ops
+            .load_batch(&mut batch.dev, q, k, v)
+            .context("loading a decode step on the device")?;
+        batch.on_device = true;
+        Ok(())
     }
 
     fn load_prefill(
         &self,
-        batch: &mut CpuBatch,
+        batch: &mut Self::Batch,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         last_only: Option<&[usize]>,
     ) -> anyhow::Result<()> {
+        batch.on_device = false;
+        batch.host_rows.clear();
         let (q, k, v) = (on_host(q)?, on_host(k)?, on_host(v)?);
-        self.cpu.load_prefill(batch, &q, &k, &v, last_only)
+        self.cpu
+            .load_prefill(&mut batch.host, &q, &k, &v, last_only)
     }
 
-    fn take_output(&self, batch: &mut CpuBatch, dtype: DType) -> anyhow::Result<Tensor> {
+    fn take_output(&self, batch: &mut Self::Batch, dtype: DType) -> anyhow::Result<Tensor> {
+        if batch.on_device {
+            let OffloadBatch {
+                host,
+                dev,
+                host_rows,
+                ..
+            } = batch;
+            return self
+                .ops
+                .finish_batch(dev, host_rows, &host.out, dtype)
+                .context("collecting a decode step's output on the device");
+        }
         Ok(self
             .cpu
-            .take_output(batch, dtype)?
+            .take_output(&mut batch.host, dtype)?
             .to_device(self.ops.device())?)
     }
 
@@ -324,7 +375,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         &self,
         host: &mut Self::HostTier,
         table: &[u32],
-        batch: &CpuBatch,
+        batch: &Self::Batch,
         row: usize,
         first_pos: usize,
         n: usize,
@@ -333,7 +384,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         self.cpu.write_tokens(
             &mut host.tier,
             table,
-            batch,
+            &batch.host,
             row,
             first_pos,
             n,
@@ -410,12 +461,12 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         table: &[u32],
         dev: &mut Self::DeviceTier,
         len: usize,
-        batch: &CpuBatch,
+        batch: &Self::Batch,
         row: usize,
     ) -> anyhow::Result<()> {
         dev.held_len = 0;
         self.cpu
-            .advance_window(table, &mut dev.plan, len, batch, row)?;
+            .advance_window(table, &mut dev.plan, len, &batch.host, row)?;
         let slot = self.geo.window_slot((len - 1) / self.geo.page_size);
         self.append_from_batch(dev, slot, len - 1, batch, row)
     }
@@ -430,7 +481,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         table: &[u32],
         dev: &mut Self::DeviceTier,
         len: usize,
-        batch: &CpuBatch,
+        batch: &Self::Batch,
         row: usize,
     ) -> anyhow::Result<RecallStats> {
         self.hold_whole_context(host, table, dev, len, batch, row)
@@ -439,21 +490,21 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     fn store_query(
         &self,
         dev: &mut Self::DeviceTier,
-        batch: &CpuBatch,
+        batch: &Self::Batch,
         row: usize,
         token: usize,
     ) -> anyhow::Result<()> {
-        self.cpu.store_query(&mut dev.plan, batch, row, token)
+        self.cpu.store_query(&mut dev.plan, &batch.host, row, token)
     }
 
     fn query_similarity(
         &self,
         dev: &Self::DeviceTier,
-        batch: &CpuBatch,
+        batch: &Self::Batch,
         row: usize,
         out: &mut [f32],
     ) -> anyhow::Result<()> {
-        self.cpu.query_similarity(&dev.plan, batch, row, out)
+        self.cpu.query_similarity(&dev.plan, &batch.host, row, out)
     }
 
     fn select(
@@ -553,7 +604,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         table: &[u32],
         len: usize,
         dev: Option<&Self::DeviceTier>,
-        batch: &mut CpuBatch,
+        batch: &mut Self::Batch,
         row: usize,
         params: &AttnParams,
         scratch: &mut Self::Scratch,
@@ -564,22 +615,28 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                     .iter()
                     .any(|&b| host.stale[b as usize])
         };
-        let on_device = Self::decode_on_device(params) && (dev.is_some() || pages_on_device());
+        let on_device = batch.on_device
+            && Self::decode_on_device(params)
+            && (dev.is_some() || pages_on_device());
         if !on_device {
             // The host tier (dense), or the host chunks the tables name.
-            return self.cpu.attend_decode(
+            self.cpu.attend_decode(
                 &host.tier,
                 table,
                 len,
                 dev.map(|d| &d.plan),
-                batch,
+                &mut batch.host,
                 row,
                 params,
                 &mut scratch.cpu,
-            );
+            )?;
+            if batch.on_device {
+                batch.host_rows.push(row);
+            }
+            return Ok(());
         }
         let g = &self.geo;
-        let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
+        let n_kv = g.num_kv_heads;
         // The attended tokens of each slot (from the slot tables, or every page of the
         // context), cut at the sliding window's start.
         let first = params.first_visible(len - 1);
@@ -613,18 +670,14 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                 (pages, Some(&scratch.index[..]))
             }
         };
-        scratch.q.clear();
-        scratch.q.extend_from_slice(batch.q_heads(row, 0..n_q));
-        scratch.out.clear();
-        scratch.out.resize(n_q * d, 0.0);
         self.ops
             .decode(
                 slots,
                 index,
                 &scratch.slot_len,
-                &scratch.q,
+                &mut batch.dev,
+                row,
                 params,
-                &mut scratch.out,
                 &mut scratch.device,
             )
             .with_context(|| {
@@ -633,13 +686,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                 } else {
                     "decode attention over the working set"
                 }
-            })?;
-        for h in 0..n_q {
-            batch
-                .out_row(row, h, 0)
-                .copy_from_slice(&scratch.out[h * d..(h + 1) * d]);
-        }
-        Ok(())
+            })
     }
 
     fn attend_prefill(
@@ -648,7 +695,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         table: &[u32],
         cached_len: usize,
         new_len: usize,
-        batch: &mut CpuBatch,
+        batch: &mut Self::Batch,
         row: usize,
         params: &AttnParams,
         scratch: &mut Self::Scratch,
@@ -658,7 +705,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             table,
             cached_len,
             new_len,
-            batch,
+            &mut batch.host,
             row,
             params,
             &mut scratch.cpu,

@@ -4,7 +4,7 @@
 //! which chunks move where, when attention may run on the device) is
 //! [`OffloadBackend`](super::OffloadBackend)'s, written once for every device.
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
@@ -37,12 +37,25 @@ pub fn span_tokens(span: i32) -> (usize, usize) {
     (s >> 16, s & 0xffff)
 }
 
+/// Where an appended token's K and V rows come from.
+pub enum NewToken<'a, T, B> {
+    /// Rows in host memory, `[n_kv][d]` each, as stored.
+    Host { k: &'a [T], v: &'a [T] },
+    /// Row `row` of a decode batch loaded by [`DeviceOps::load_batch`], read where the engine
+    /// produced it.
+    Batch { batch: &'a B, row: usize },
+}
+
 /// The device operations of one model geometry (fixed at construction) for KV stored as `T`.
 ///
 /// Slot data is token-major: `[slot][k/v][page_size][n_kv][head_dim]` (the layout the CUDA
-/// kernels read). Every call returns once its work is complete and its inputs may be reused:
-/// no call leaves device work behind that a later call, possibly on another thread, could race
-/// with. A failure is an error; the caller names the operation it served.
+/// kernels read). Ordering: work that reads or writes a decode batch ([`DeviceOps::decode`],
+/// an append from the batch) may stay queued in order with the engine's own work on its
+/// device (the engine's stream); the tensor [`DeviceOps::finish_batch`] returns is valid in
+/// that order. Any other call returns once its work is complete and its inputs may be reused.
+/// The device orders a later move into slots after every queued read or write of them, and
+/// frees slots only once their queued work is done, so no call races with another, whichever
+/// thread makes it. A failure is an error; the caller names the operation it served.
 pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
     /// Slot data: one (sequence, layer) working set, or a dense layer's pages (one slot per
     /// block of the pool).
@@ -55,6 +68,9 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
     /// One layer's page summaries in device memory: a mirror of the host tier's
     /// (`[n_kv][block][upper d | lower d]`), written by [`DeviceOps::upload_summaries`] only.
     type Summaries: Send;
+    /// One decode call's q, k and v, read where the engine produced them (on its device), and
+    /// the call's output, in the device's memory.
+    type Batch: Send;
 
     /// Where the engine's tensors live and outputs are returned.
     fn device(&self) -> &Device;
@@ -68,6 +84,29 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
     /// system refuses, copies still work from pageable memory (more slowly), and the device
     /// says so in its log.
     fn pin_host(&self, pages: &[T]) -> Self::HostPin;
+
+    /// An empty decode batch.
+    fn alloc_batch(&self) -> Self::Batch;
+    /// Loads a decode step in place: q `(B, Hq, D)`, k and v `(B, Hkv, D)` (tensors of any
+    /// float dtype on [`DeviceOps::device`]; read without a copy where their dtype is `T`'s),
+    /// and allocates its `(B, Hq, D)` output.
+    fn load_batch(
+        &self,
+        batch: &mut Self::Batch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> anyhow::Result<()>;
+    /// The loaded batch's output in `dtype`: each row as [`DeviceOps::decode`] wrote it, except
+    /// the rows listed in `host_rows`, which the host computed: those are taken from
+    /// `host_out` (`[B][n_q][d]` f32).
+    fn finish_batch(
+        &self,
+        batch: &mut Self::Batch,
+        host_rows: &[usize],
+        host_out: &[f32],
+        dtype: DType,
+    ) -> anyhow::Result<Tensor>;
 
     /// Allocates the summary mirror of a pool of `num_blocks` blocks (contents zero).
     fn alloc_summaries(&self, num_blocks: usize) -> anyhow::Result<Self::Summaries>;
@@ -108,32 +147,31 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
         scratch: Option<&mut Self::Scratch>,
     ) -> anyhow::Result<()>;
 
-    /// Writes one token's K and V rows of every KV head (`[n_kv][d]` each) at `token` of
-    /// `slot`.
+    /// Writes one token's K and V rows of every KV head at `token` of `slot`.
     fn append_token(
         &self,
         slots: &mut Self::Slots,
         slot: usize,
         token: usize,
-        k: &[T],
-        v: &[T],
+        rows: NewToken<'_, T, Self::Batch>,
     ) -> anyhow::Result<()>;
 
-    /// Decode attention of one query position (`q`: `[n_q][d]` f32) over logical slots: with
+    /// Decode attention of batch row `row`'s query (one position) over logical slots: with
     /// no `index`, the working set's slots themselves; with one, logical slot `i` is stored in
     /// slot `index[i]` (a dense layer's pages in its pool). `slot_len[i * n_kv + head]` says
     /// which tokens of each logical slot the head attends, as [`token_span`]: `[lo, hi)`
     /// (`lo > 0` where a sliding window starts inside the page; 0: empty); the softcap, when
-    /// set, is positive, and `params.sliding_window` is not read. Writes `out`: `[n_q][d]` f32.
+    /// set, is positive, and `params.sliding_window` is not read. Writes the row's output in the
+    /// batch.
     #[allow(clippy::too_many_arguments)]
     fn decode(
         &self,
         slots: &Self::Slots,
         index: Option<&[u32]>,
         slot_len: &[i32],
-        q: &[f32],
+        batch: &mut Self::Batch,
+        row: usize,
         params: &AttnParams,
-        out: &mut [f32],
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()>;
 }

@@ -111,14 +111,15 @@ fn dense_layers_attend_from_their_pages_on_the_device() {
         if on_device {
             off.attend_decode(host, &table, 21, None, &mut b, 0, &params, scratch)
                 .unwrap();
-        } else {
-            let sc = &mut scratch.cpu;
-            off.cpu
-                .attend_decode(&host.tier, &table, 21, None, &mut b, 0, &params, sc)
-                .unwrap();
+            let out = off.take_output(&mut b, DType::F32).unwrap();
+            return out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         }
+        let sc = &mut scratch.cpu;
+        off.cpu
+            .attend_decode(&host.tier, &table, 21, None, &mut b.host, 0, &params, sc)
+            .unwrap();
         (0..n_q)
-            .flat_map(|h| b.out_row(0, h, 0).to_vec())
+            .flat_map(|h| b.host.out_row(0, h, 0).to_vec())
             .collect::<Vec<f32>>()
     };
     off.load_decode(&mut batch, &qd, &kd, &kd).unwrap();
@@ -140,6 +141,7 @@ fn dense_layers_attend_from_their_pages_on_the_device() {
     assert_ne!(changed, want);
     // A page whose copy may be stale (a copy to the device failed) is read from the host
     // tier, until a write copies it whole again.
+    // (That row's output is the host's, merged into the device batch's.)
     host.stale[table[1] as usize] = true;
     assert_eq!(attend(&host, &mut scratch, true), changed);
     off.load_prefill(&mut batch, &q, &kv, &kv, None).unwrap();

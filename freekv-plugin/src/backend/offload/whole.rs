@@ -6,10 +6,9 @@
 use anyhow::Context;
 
 use crate::backend::cpu::elem::KvElem;
-use crate::backend::cpu::io::CpuBatch;
 use crate::backend::RecallStats;
 
-use super::{token_rows, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadTier};
+use super::{token_rows, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadBatch, OffloadTier};
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// [`Backend::hold_every_page`](crate::backend::Backend::hold_every_page): only what
@@ -21,7 +20,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         table: &[u32],
         dev: &mut OffloadTier<T, O::Slots>,
         len: usize,
-        batch: &CpuBatch,
+        batch: &OffloadBatch<O::Batch>,
         row: usize,
     ) -> anyhow::Result<RecallStats> {
         let g = &self.geo;
@@ -87,12 +86,12 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         dev: &mut OffloadTier<T, O::Slots>,
         slot: usize,
         pos: usize,
-        batch: &CpuBatch,
+        batch: &OffloadBatch<O::Batch>,
         row: usize,
     ) -> anyhow::Result<()> {
-        let (k, v) = token_rows(&self.geo, batch, row, &mut dev.new_token);
+        let rows = token_rows(&self.geo, batch, row, &mut dev.new_token);
         self.ops
-            .append_token(&mut dev.slots, slot, pos % self.geo.page_size, k, v)
+            .append_token(&mut dev.slots, slot, pos % self.geo.page_size, rows)
             .context("appending the new token to its window slot")
     }
 }

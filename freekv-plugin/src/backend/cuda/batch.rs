@@ -1,0 +1,162 @@
+//! One decode call on a CUDA device ([`CudaBatch`]): the engine's q, k and v read in place
+//! from its candle tensors (device addresses; the tensors are held until the next call), the
+//! output written by the decode kernels into a tensor candle allocated, and each row's decode
+//! descriptor staged in pinned memory so that its upload is queued, not waited for.
+//!
+//! All of a batch's work runs on the engine's stream (candle's), so it is ordered with the
+//! engine's own kernels without events: q, k and v are complete before the first decode reads
+//! them, and the output is complete before the next candle operation reads it.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Storage, Tensor};
+use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
+use half::{bf16, f16};
+
+use super::kernels::{as_bytes, SeqDesc};
+use super::mem::{DeviceBuffer, PinnedBuffer};
+use super::recall::RawEvent;
+
+/// Alignment of each staged part (bytes).
+const ALIGN: usize = 16;
+
+/// A decode call's tensors on the device and their addresses.
+#[derive(Default)]
+pub struct CudaBatch {
+    /// q `(B, Hq, D)`, k and v `(B, Hkv, D)` in the KV dtype, contiguous; held so that queued
+    /// kernels read live memory.
+    pub(super) inputs: Option<[Tensor; 3]>,
+    /// The output `(B, Hq, D)` in the KV dtype, zero until a decode writes a row.
+    pub(super) out: Option<Tensor>,
+    pub(super) rows: usize,
+    /// Device addresses of q, k, v and the output.
+    pub(super) q: u64,
+    pub(super) k: u64,
+    pub(super) v: u64,
+    pub(super) out_ptr: u64,
+    /// The rows' decode descriptors, staged for upload.
+    arena: Option<DescArena>,
+}
+
+/// Pinned host memory and its device twin for one call's decode descriptors (slot spans, a
+/// dense layer's slot index, the [`SeqDesc`]): each row's part is written once and its copy
+/// queued on the engine's stream; the next call reuses the memory once the copies are done.
+struct DescArena {
+    host: PinnedBuffer,
+    dev: DeviceBuffer,
+    used: usize,
+    /// Recorded after each staged copy.
+    done: RawEvent,
+}
+
+impl Drop for DescArena {
+    fn drop(&mut self) {
+        // Queued copies may still read the pinned memory.
+        let _ = self.done.synchronize();
+    }
+}
+
+fn align(n: usize) -> usize {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+impl CudaBatch {
+    /// Starts a call: the previous call's staged copies must have run before their memory is
+    /// rewritten (they have, in practice: the engine reads every step's logits on the host).
+    pub(super) fn begin(&mut self) -> anyhow::Result<()> {
+        if let Some(a) = &mut self.arena {
+            a.done.synchronize()?;
+            a.used = 0;
+        }
+        Ok(())
+    }
+
+    /// Stages one row's decode descriptor: `lens` (`[n_slots][n_kv]` spans) and `index` (a
+    /// dense layer's stored slots) go next to `desc`, which is pointed at them; the upload is
+    /// queued on `stream`. Returns the device address of the staged [`SeqDesc`].
+    pub(super) fn stage_decode(
+        &mut self,
+        ctx: &Arc<CudaContext>,
+        stream: &CudaStream,
+        lens: &[i32],
+        index: Option<&[u32]>,
+        mut desc: SeqDesc,
+    ) -> anyhow::Result<u64> {
+        let lens_b = as_bytes(lens);
+        let index_b = index.map_or(&[][..], as_bytes);
+        let (lens_off, index_off) = (0, align(lens_b.len()));
+        let desc_off = index_off + align(index_b.len());
+        let total = desc_off + std::mem::size_of::<SeqDesc>();
+        let arena = self.reserve(ctx, stream, total)?;
+        let base = arena.used;
+        let dev = arena.dev.ptr() + base as u64;
+        desc.slot_len = dev + lens_off as u64;
+        desc.slot_index = if index.is_some() {
+            dev + index_off as u64
+        } else {
+            0
+        };
+        let desc_b = as_bytes(std::slice::from_ref(&desc));
+        let host = &mut arena.host.as_mut_slice()[base..base + total];
+        host[lens_off..lens_off + lens_b.len()].copy_from_slice(lens_b);
+        host[index_off..index_off + index_b.len()].copy_from_slice(index_b);
+        host[desc_off..].copy_from_slice(desc_b);
+        // SAFETY: the pinned range is not rewritten before the call's `done` event (`begin`),
+        // and the device range is this row's alone.
+        unsafe {
+            arena
+                .dev
+                .copy_from_host_async(base, &*host, stream.cu_stream())
+        }?;
+        arena.used = align(base + total);
+        Ok(dev + desc_off as u64)
+    }
+
+    /// The arena with `bytes` free, grown (after the stream has drained its copies) if needed.
+    fn reserve(
+        &mut self,
+        ctx: &Arc<CudaContext>,
+        stream: &CudaStream,
+        bytes: usize,
+    ) -> anyhow::Result<&mut DescArena> {
+        let fits = self
+            .arena
+            .as_ref()
+            .is_some_and(|a| a.used + bytes <= a.host.bytes());
+        if !fits {
+            let cap = self.arena.as_ref().map_or(0, |a| a.host.bytes());
+            let cap = (2 * cap).max(bytes * self.rows.max(1)).max(4096);
+            if self.arena.is_some() {
+                stream.synchronize()?;
+            }
+            self.arena = Some(DescArena {
+                host: PinnedBuffer::new(ctx, cap)?,
+                dev: DeviceBuffer::new(ctx, cap)?,
+                used: 0,
+                done: RawEvent::new(ctx)?,
+            });
+        }
+        Ok(self.arena.as_mut().expect("allocated above"))
+    }
+}
+
+/// The device address of the first element of a contiguous f16/bf16 CUDA tensor.
+pub(super) fn tensor_ptr(t: &Tensor, stream: &CudaStream) -> anyhow::Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cuda) = &*storage else {
+        anyhow::bail!(
+            "FreeKV's CUDA backend got a tensor on {:?}",
+            t.device().location()
+        );
+    };
+    anyhow::ensure!(
+        layout.is_contiguous(),
+        "a non-contiguous tensor read in place"
+    );
+    let (base, elem) = match t.dtype() {
+        DType::F16 => (cuda.as_cuda_slice::<f16>()?.device_ptr(stream).0, 2),
+        DType::BF16 => (cuda.as_cuda_slice::<bf16>()?.device_ptr(stream).0, 2),
+        d => anyhow::bail!("FreeKV's CUDA kernels read f16 or bf16 tensors, got {d:?}"),
+    };
+    Ok(base + (layout.start_offset() * elem) as u64)
+}
