@@ -61,8 +61,9 @@ fn align(n: usize) -> usize {
 }
 
 impl CudaBatch {
-    /// Starts a call: the previous call's staged copies must have run before their memory is
-    /// rewritten (they have, in practice: the engine reads every step's logits on the host).
+    /// Starts a call: waits until the previous call's staged copies have run, before their
+    /// memory is rewritten (in practice they have: the host's copy of the call's q/k/v has
+    /// already drained the stream).
     pub(super) fn begin(&mut self) -> anyhow::Result<()> {
         if let Some(a) = &mut self.arena {
             a.done.synchronize()?;
@@ -108,6 +109,8 @@ impl CudaBatch {
                 .dev
                 .copy_from_host_async(base, &*host, stream.cu_stream())
         }?;
+        // After every row, so that a call cut short by an error still guards its copies.
+        arena.done.record(stream.cu_stream())?;
         arena.used = align(base + total);
         Ok(dev + desc_off as u64)
     }

@@ -102,6 +102,8 @@ impl Drop for LayerTier {
 /// another on the engine's stream), allocated on first use and grown to the largest call.
 pub struct DecodeBuffers {
     ctx: Arc<CudaContext>,
+    /// The stream their decodes are queued on (waited for before they are freed).
+    stream: Arc<CudaStream>,
     sm_count: usize,
     /// Partial outputs `[n_q][n_chunks][d]` f32.
     pub part_o: DeviceBuffer,
@@ -115,36 +117,38 @@ impl DecodeBuffers {
         ctx: &Arc<CudaContext>,
         geo: &Geometry,
         sm_count: usize,
-        stream: &CudaStream,
+        stream: &Arc<CudaStream>,
     ) -> anyhow::Result<Self> {
         let mut bufs = Self {
             ctx: ctx.clone(),
+            stream: stream.clone(),
             sm_count,
             part_o: DeviceBuffer::new(ctx, 0)?,
             part_ml: DeviceBuffer::new(ctx, 0)?,
         };
-        bufs.prepare(geo, geo.slots, stream)?;
+        bufs.prepare(geo, geo.slots)?;
         Ok(bufs)
     }
 
     /// The slots per decode block of a call over `n_slots` logical slots, with the buffers
-    /// grown to hold its partials. `stream`: where earlier decodes using them may be queued
-    /// (waited for before a buffer is replaced).
-    pub fn prepare(
-        &mut self,
-        geo: &Geometry,
-        n_slots: usize,
-        stream: &CudaStream,
-    ) -> anyhow::Result<usize> {
+    /// grown to hold its partials (after the earlier decodes using them have run).
+    pub fn prepare(&mut self, geo: &Geometry, n_slots: usize) -> anyhow::Result<usize> {
         let (n_q, n_kv, d) = (geo.num_q_heads(), geo.num_kv_heads, geo.head_dim);
         let slots_per_chunk = Kernels::decode_slots_per_chunk(1, n_kv, n_slots, self.sm_count);
         let n_chunks = n_slots.div_ceil(slots_per_chunk.max(1)).max(1);
         let (o_bytes, ml_bytes) = (n_q * n_chunks * d * 4, n_q * n_chunks * 2 * 4);
         if self.part_o.bytes() < o_bytes || self.part_ml.bytes() < ml_bytes {
-            stream.synchronize()?;
+            self.stream.synchronize()?;
             self.part_o = DeviceBuffer::new(&self.ctx, o_bytes.max(self.part_o.bytes()))?;
             self.part_ml = DeviceBuffer::new(&self.ctx, ml_bytes.max(self.part_ml.bytes()))?;
         }
         Ok(slots_per_chunk)
+    }
+}
+
+impl Drop for DecodeBuffers {
+    fn drop(&mut self) {
+        // Queued decodes may still use the partials.
+        let _ = self.stream.synchronize();
     }
 }

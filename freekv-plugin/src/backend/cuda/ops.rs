@@ -15,6 +15,7 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
@@ -179,6 +180,14 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
                 t.dims() == [b, heads, d],
                 "decode {name} of shape {:?}; expected ({b}, {heads}, {d})",
                 t.dims()
+            );
+        }
+        for t in [q, k, v] {
+            anyhow::ensure!(
+                t.device().same_device(&self.device),
+                "a decode step's tensors on {:?}, but FreeKV's working sets on {:?}",
+                t.device().location(),
+                self.device.location()
             );
         }
         self.bind()?;
@@ -402,7 +411,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         let k_off = (slot * 2 * shape.page_size + token) * row_bytes;
         let v_off = ((slot * 2 + 1) * shape.page_size + token) * row_bytes;
         let s = self.engine.cu_stream();
-        match rows {
+        let queued = match rows {
             NewToken::Host { k, v } => {
                 anyhow::ensure!(
                     std::mem::size_of_val(k) == row_bytes && std::mem::size_of_val(v) == row_bytes,
@@ -412,8 +421,10 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
                 // SAFETY: bounds checked by the buffer; the rows are pageable memory, which the
                 // driver stages before these calls return, so they may be reused at once.
                 unsafe {
-                    slots.slots.copy_from_host_async(k_off, k, s)?;
-                    slots.slots.copy_from_host_async(v_off, v, s)?;
+                    slots
+                        .slots
+                        .copy_from_host_async(k_off, k, s)
+                        .and_then(|()| slots.slots.copy_from_host_async(v_off, v, s))
                 }
             }
             NewToken::Batch { batch, row } => {
@@ -426,23 +437,24 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
                 // SAFETY: both ranges lie in live allocations (the batch holds its tensors, the
                 // offsets are bounded above); the copies are ordered on the engine's stream
                 // after the kernels that produced k and v.
+                let dst = slots.slots.ptr();
                 unsafe {
-                    result::memcpy_dtod_async(
-                        slots.slots.ptr() + k_off as u64,
-                        batch.k + src,
-                        row_bytes,
-                        s,
-                    )?;
-                    result::memcpy_dtod_async(
-                        slots.slots.ptr() + v_off as u64,
-                        batch.v + src,
-                        row_bytes,
-                        s,
-                    )?;
+                    result::memcpy_dtod_async(dst + k_off as u64, batch.k + src, row_bytes, s)
+                        .and_then(|()| {
+                            result::memcpy_dtod_async(
+                                dst + v_off as u64,
+                                batch.v + src,
+                                row_bytes,
+                                s,
+                            )
+                        })
+                        .map_err(anyhow::Error::from)
                 }
             }
-        }
-        slots.last_use.record(s)
+        };
+        // Recorded whether or not both copies were queued: a queued one is covered either way.
+        slots.last_use.record(s)?;
+        queued.context("queueing the copy of a new token into its slot")
     }
 
     fn decode(
@@ -481,7 +493,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
             scratch.decode = Some(bufs);
         }
         let bufs = scratch.decode.as_mut().expect("allocated above");
-        let slots_per_chunk = bufs.prepare(geo, n_slots, &self.engine)?;
+        let slots_per_chunk = bufs.prepare(geo, n_slots)?;
         let desc = batch.stage_decode(
             &self.ctx,
             &self.engine,
