@@ -21,7 +21,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
-use crate::backend::offload::{ChunkMove, DeviceOps, NewToken};
+use crate::backend::offload::{decode_rows, ChunkMove, DeviceOps, NewToken};
 use crate::backend::Role;
 use crate::geometry::Geometry;
 use crate::{AttnParams, KvDType, Pooling};
@@ -172,16 +172,8 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         k: &Tensor,
         v: &Tensor,
     ) -> anyhow::Result<()> {
-        let g = &self.geo;
-        let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
-        let b = q.dims().first().copied().unwrap_or(0);
-        for (name, t, heads) in [("q", q, n_q), ("k", k, n_kv), ("v", v, n_kv)] {
-            anyhow::ensure!(
-                t.dims() == [b, heads, d],
-                "decode {name} of shape {:?}; expected ({b}, {heads}, {d})",
-                t.dims()
-            );
-        }
+        let (n_q, d) = (self.geo.num_q_heads(), self.geo.head_dim);
+        let b = decode_rows(&self.geo, q, k, v)?;
         for t in [q, k, v] {
             anyhow::ensure!(
                 t.device().same_device(&self.device),

@@ -23,7 +23,7 @@ use crate::backend::Role;
 use crate::geometry::Geometry;
 use crate::{AttnParams, Pooling};
 
-use super::ops::{span_tokens, ChunkMove, DeviceOps, NewToken};
+use super::ops::{decode_rows, span_tokens, ChunkMove, DeviceOps, NewToken};
 use super::staged::StagedRecall;
 
 /// The host-memory device for KV stored as `T`.
@@ -190,16 +190,8 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
         k: &Tensor,
         v: &Tensor,
     ) -> anyhow::Result<()> {
-        let g = &self.geo;
-        let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
-        let b = q.dims().first().copied().unwrap_or(0);
-        for (name, t, heads) in [("q", q, n_q), ("k", k, n_kv), ("v", v, n_kv)] {
-            anyhow::ensure!(
-                t.dims() == [b, heads, d],
-                "decode {name} of shape {:?}; expected ({b}, {heads}, {d})",
-                t.dims()
-            );
-        }
+        let (n_q, d) = (self.geo.num_q_heads(), self.geo.head_dim);
+        let b = decode_rows(&self.geo, q, k, v)?;
         batch.q.clear();
         read_f32(q, &mut batch.q)?;
         for (t, dst) in [(k, &mut batch.k), (v, &mut batch.v)] {

@@ -44,7 +44,7 @@ use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling};
 
-pub use ops::{span_tokens, token_span, ChunkMove, DeviceOps, NewToken};
+pub use ops::{decode_rows, span_tokens, token_span, ChunkMove, DeviceOps, NewToken};
 
 /// [`Backend`] for a device whose working sets live in its own memory.
 pub struct OffloadBackend<T: KvElem, O> {
@@ -97,13 +97,6 @@ pub struct OffloadBatch<B> {
     on_device: bool,
     /// Rows of a decode step whose output the host computed (in `host.out`).
     host_rows: Vec<usize>,
-}
-
-impl<B> OffloadBatch<B> {
-    /// The host-side values of the loaded call.
-    pub fn host(&self) -> &CpuBatch {
-        &self.host
-    }
 }
 
 /// Per-thread working memory.

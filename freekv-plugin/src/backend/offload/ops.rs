@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::Role;
+use crate::geometry::Geometry;
 use crate::{AttnParams, Pooling};
 
 /// One chunk to move: KV head `head`'s K+V of host block `block` (HND, one page) into that
@@ -35,6 +36,21 @@ pub fn token_span(lo: usize, hi: usize) -> i32 {
 pub fn span_tokens(span: i32) -> (usize, usize) {
     let s = span.max(0) as usize;
     (s >> 16, s & 0xffff)
+}
+
+/// The rows of a decode step for `geo`: q `(B, Hq, D)`, k and v `(B, Hkv, D)`; an error names
+/// the tensor whose shape differs.
+pub fn decode_rows(geo: &Geometry, q: &Tensor, k: &Tensor, v: &Tensor) -> anyhow::Result<usize> {
+    let (n_q, n_kv, d) = (geo.num_q_heads(), geo.num_kv_heads, geo.head_dim);
+    let b = q.dims().first().copied().unwrap_or(0);
+    for (name, t, heads) in [("q", q, n_q), ("k", k, n_kv), ("v", v, n_kv)] {
+        anyhow::ensure!(
+            t.dims() == [b, heads, d],
+            "decode {name} of shape {:?}; expected ({b}, {heads}, {d})",
+            t.dims()
+        );
+    }
+    Ok(b)
 }
 
 /// Where an appended token's K and V rows come from.
