@@ -6,7 +6,8 @@
 //! its index to the worker thread, which locks the layer, runs
 //! [`timeline::background_selection`] and clears the mark. Every call that touches a layer
 //! first joins its pending work (waits for the mark to clear), so the next step's attention
-//! always sees the recalled pages. The worker holds one layer at a time; the calling thread
+//! always sees the recalled pages, and then completes the host-tier writes the backend left
+//! from the layer's last step (`Backend::settle`; the worker does so first too). The worker holds one layer at a time; the calling thread
 //! meanwhile works on the other layers: that is the overlap.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -303,6 +304,8 @@ fn worker_loop<B: Backend>(shared: Arc<Shared<B>>, queue: Receiver<usize>) {
 
 #[cfg(test)]
 mod faults;
+#[cfg(test)]
+mod waits;
 
 impl<B: Backend> Drop for Instance<B> {
     fn drop(&mut self) {
@@ -341,7 +344,8 @@ impl<B: Backend> AnyInstance for Instance<B> {
         let last_only = (!want_output).then_some(&new_lens[..]);
         let backend = &self.shared.backend;
         let step = backend
-            .load_prefill(&mut st.batch, q, k, v, last_only)
+            .settle(&mut st.host, &mut st.batch, &mut st.scratch)
+            .and_then(|()| backend.load_prefill(&mut st.batch, q, k, v, last_only))
             .and_then(|()| prefill::prefill_step(&cx, st, rows, params, want_output))
             .and_then(|()| {
                 want_output
@@ -375,7 +379,8 @@ impl<B: Backend> AnyInstance for Instance<B> {
         st.counters.wait_ns += waited;
         let backend = &self.shared.backend;
         let step = backend
-            .load_decode(&mut st.batch, q, k, v)
+            .settle(&mut st.host, &mut st.batch, &mut st.scratch)
+            .and_then(|()| backend.load_decode(&mut st.batch, q, k, v))
             .and_then(|()| timeline::decode_step(&cx, st, rows, params))
             .and_then(|scheduled| Ok((scheduled, backend.take_output(&mut st.batch, q.dtype())?)));
         let (scheduled, out) = match step {

@@ -44,7 +44,7 @@ pub fn prefill_step<B: Backend>(
         cx.backend.write_tokens(
             &mut st.host,
             table,
-            &st.batch,
+            &mut st.batch,
             r,
             row.cached_len,
             row.new_len,
@@ -89,6 +89,7 @@ pub fn prefill_step<B: Backend>(
         seq.forget();
         seq.trace = None;
         seq.failure = None;
+        seq.query_row = None;
         seq.counters.prefill_tokens += row.new_len as u64;
         if want_output {
             seq.counters.prefill_attended += row.new_len as u64;

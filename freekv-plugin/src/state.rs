@@ -27,6 +27,9 @@ pub struct SeqLayer<B: Backend> {
     pub trace: Option<StepTrace>,
     /// Why the worker's selection for the next step failed (reported by that step).
     pub failure: Option<String>,
+    /// The row of the layer's last batch whose query the worker stores before it selects
+    /// (mode `speculative`, where the step itself never reads the query).
+    pub query_row: Option<usize>,
     /// What FreeKV did for this sequence on this layer since its prefill (the per-request
     /// counters; folded into the layer's when the sequence is freed).
     pub counters: LayerCounters,
@@ -42,6 +45,7 @@ impl<B: Backend> SeqLayer<B> {
             params: AttnParams::scaled(1.0),
             trace: None,
             failure: None,
+            query_row: None,
             counters: LayerCounters::default(),
         }
     }

@@ -3,7 +3,8 @@
 //! For each sequence of the batch at step `i` (context `L` tokens, query `q_i`):
 //!
 //! 1. **append** - write the new token's K/V into the host tier (summarising the page if it
-//!    just filled) and move the working set's window forward;
+//!    just filled; a backend may finish the write after the step, `Backend::settle`) and move
+//!    the working set's window forward;
 //! 2. **correct?** - by mode: `sync`, a first sparse step or a rebuild select with `q_i` and
 //!    recall before attention for every head; `freekv` does so only for the KV heads whose
 //!    query drifted (mean cosine over the group of `q_i` vs `q_{i-1}` below `tau`);
@@ -11,7 +12,8 @@
 //! 3. **attend** - over the working set (sink + selected + window pages), or over every page
 //!    while the sequence fits the budget (held by the working set where the backend says so)
 //!    or the layer is dense;
-//! 4. **schedule** - store `q_i`; in the speculative modes hand the layer to the background
+//! 4. **schedule** - store `q_i` (mode `speculative`: the worker stores it, since only its
+//!    selection reads it); in the speculative modes hand the layer to the background
 //!    worker, which selects with `q_i` for the context of step `i + 1` and recalls the missing
 //!    pages ([`background_selection`]), off the critical path. The next call for this layer
 //!    joins that work before it starts (see `crate::instance`).
@@ -100,10 +102,11 @@ fn append<B: Backend>(
     seq.len = len;
     seq.params = *params;
     seq.trace = None;
+    seq.query_row = None;
     cx.backend.write_tokens(
         &mut st.host,
         &seq.table,
-        &st.batch,
+        &mut st.batch,
         r,
         len - 1,
         1,
@@ -150,6 +153,9 @@ fn append<B: Backend>(
             .backend
             .reset_working_set(&st.host, &seq.table, dev, len)?;
         seq.counters.add_recall(stats);
+        // The new token enters the window as on every step, wherever the host tier has it.
+        cx.backend
+            .advance_window(&seq.table, dev, len, &st.batch, r)?;
         Ok(RowStep::Fresh)
     }
 }
@@ -228,7 +234,12 @@ fn correct<B: Backend>(
     } else {
         heads.fill(false);
     }
-    cx.backend.store_query(dev, batch, r, 0)?;
+    if all || cx.config.mode.correction() || !cx.config.mode.speculation() {
+        cx.backend.store_query(dev, batch, r, 0)?;
+    } else {
+        // Only the worker's selection reads it: stored there, off the critical path.
+        seq.query_row = Some(r);
+    }
     let n = heads.iter().filter(|&&h| h).count();
     if n > 0 {
         let t = Instant::now();
@@ -300,10 +311,11 @@ fn schedule<B: Backend>(
     true
 }
 
-/// The worker's share of step `i` for one layer: for every sequence that scheduled it, select
-/// with the stored `q_i` over the candidates of step `i + 1` and recall the missing pages. A
-/// sequence whose selection fails keeps the error for its next step (which reports it) and
-/// loses its selection; the other sequences are not affected.
+/// The worker's share of step `i` for one layer: the host-tier writes the step deferred
+/// ([`Backend::settle`]), then for every sequence that scheduled it, store `q_i` if the step
+/// left that to the worker, select with it over the candidates of step `i + 1` and recall
+/// the missing pages. A sequence whose selection fails keeps the error for its next step
+/// (which reports it) and loses its selection; the other sequences are not affected.
 pub fn background_selection<B: Backend>(
     cx: &LayerCtx<'_, B>,
     st: &mut LayerState<B>,
@@ -312,12 +324,22 @@ pub fn background_selection<B: Backend>(
     let LayerState {
         host,
         seqs,
+        batch,
         all_heads,
         ..
     } = st;
+    let settled = cx.backend.settle(host, batch, scratch);
     for seq in seqs.values_mut().filter(|s| s.phase == Phase::Speculating) {
         let t = Instant::now();
-        if let Err(e) = select_for_next_step(cx, host, seq, all_heads, scratch) {
+        let selected = settled
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))
+            .and_then(|()| match (seq.query_row.take(), seq.dev.as_mut()) {
+                (Some(r), Some(dev)) => cx.backend.store_query(dev, batch, r, 0),
+                _ => Ok(()),
+            })
+            .and_then(|()| select_for_next_step(cx, host, seq, all_heads, scratch));
+        if let Err(e) = selected {
             seq.forget();
             seq.failure = Some(format!("{e:#}"));
         }

@@ -111,17 +111,32 @@ pub trait Backend: Send + Sync + 'static {
     ) -> anyhow::Result<()>;
     /// The attention output of the loaded batch, shaped like its q, in `dtype`.
     fn take_output(&self, batch: &mut Self::Batch, dtype: DType) -> anyhow::Result<Tensor>;
+    /// Completes the host-tier writes a backend deferred from the last decode step of this
+    /// layer (`batch` is still that step's). A backend whose device produces the step's
+    /// values may write a token into the host tier after the step, so that the step need not
+    /// wait for the device; the caller settles a layer before it loads the layer's next call,
+    /// and the worker before its selection. Until then only the step's own operations read
+    /// the host tier, and they see the tokens they need. Default: nothing is deferred.
+    fn settle(
+        &self,
+        _host: &mut Self::HostTier,
+        _batch: &mut Self::Batch,
+        _scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     // ---- write pages ------------------------------------------------------------------
     /// Writes `n` tokens of batch row `row` (batch token `j` goes to position `first_pos + j`)
     /// into the host tier and summarises every page that becomes full. Any write into a
-    /// block invalidates its old summary (block ids are reused across sequences).
+    /// block invalidates its old summary (block ids are reused across sequences). A decode
+    /// token that does not fill its page may be written later ([`Backend::settle`]).
     #[allow(clippy::too_many_arguments)]
     fn write_tokens(
         &self,
         host: &mut Self::HostTier,
         table: &[u32],
-        batch: &Self::Batch,
+        batch: &mut Self::Batch,
         row: usize,
         first_pos: usize,
         n: usize,
@@ -160,8 +175,9 @@ pub trait Backend: Send + Sync + 'static {
     ) -> anyhow::Result<RecallStats> {
         anyhow::bail!("this backend attends short contexts over the host tier")
     }
-    /// Installs the sink and window pages of a sequence of `len` tokens and empties the
-    /// selected slots.
+    /// Installs the sink and window pages of a sequence of `len` tokens, as the host tier holds
+    /// them, and empties the selected slots. (A decode step then moves its window forward,
+    /// which places its token however [`Backend::write_tokens`] wrote it.)
     fn reset_working_set(
         &self,
         host: &Self::HostTier,
@@ -184,7 +200,7 @@ pub trait Backend: Send + Sync + 'static {
     fn store_query(
         &self,
         dev: &mut Self::DeviceTier,
-        batch: &Self::Batch,
+        batch: &mut Self::Batch,
         row: usize,
         token: usize,
     ) -> anyhow::Result<()>;
@@ -192,7 +208,7 @@ pub trait Backend: Send + Sync + 'static {
     fn query_similarity(
         &self,
         dev: &Self::DeviceTier,
-        batch: &Self::Batch,
+        batch: &mut Self::Batch,
         row: usize,
         out: &mut [f32],
     ) -> anyhow::Result<()>;
@@ -239,7 +255,7 @@ pub trait Backend: Send + Sync + 'static {
     #[allow(clippy::too_many_arguments)]
     fn attend_decode(
         &self,
-        host: &Self::HostTier,
+        host: &mut Self::HostTier,
         table: &[u32],
         len: usize,
         dev: Option<&Self::DeviceTier>,

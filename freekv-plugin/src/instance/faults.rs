@@ -105,7 +105,7 @@ impl Backend for Faulty {
         &self,
         host: &mut Host,
         table: &[u32],
-        b: &Batch,
+        b: &mut Batch,
         row: usize,
         first_pos: usize,
         n: usize,
@@ -148,7 +148,7 @@ impl Backend for Faulty {
     fn store_query(
         &self,
         dev: &mut Dev,
-        b: &Batch,
+        b: &mut Batch,
         row: usize,
         token: usize,
     ) -> anyhow::Result<()> {
@@ -158,7 +158,7 @@ impl Backend for Faulty {
     fn query_similarity(
         &self,
         dev: &Dev,
-        b: &Batch,
+        b: &mut Batch,
         row: usize,
         out: &mut [f32],
     ) -> anyhow::Result<()> {
@@ -193,7 +193,7 @@ impl Backend for Faulty {
     }
     fn attend_decode(
         &self,
-        host: &Host,
+        host: &mut Host,
         table: &[u32],
         len: usize,
         dev: Option<&Dev>,
@@ -223,17 +223,17 @@ impl Backend for Faulty {
     }
 }
 
-const SHAPE: ModelShape = ModelShape {
+pub(super) const SHAPE: ModelShape = ModelShape {
     num_layers: 2,
     num_q_heads: 4,
     num_kv_heads: 2,
     head_dim: 16,
 };
-const PAGE: usize = 8;
-const PROMPT: usize = 80;
+pub(super) const PAGE: usize = 8;
+pub(super) const PROMPT: usize = 80;
 const BLOCKS_PER_SEQ: u32 = 16;
 
-fn config() -> FreeKvConfig {
+pub(super) fn config() -> FreeKvConfig {
     FreeKvConfig {
         page_size: PAGE,
         budget: 4 * PAGE,
@@ -280,7 +280,7 @@ fn table(seq: u64) -> Vec<u32> {
     (first..first + BLOCKS_PER_SEQ).collect()
 }
 
-fn prefill(inst: &Instance<Faulty>, seq: u64) -> anyhow::Result<()> {
+pub(super) fn prefill<B: Backend>(inst: &Instance<B>, seq: u64) -> anyhow::Result<()> {
     let t = table(seq);
     let rows = [PrefillRow {
         seq_id: seq,
@@ -314,7 +314,11 @@ fn prefill(inst: &Instance<Faulty>, seq: u64) -> anyhow::Result<()> {
 
 /// One decode step of `seqs` at context `len` (same for all), every layer; the last layer's
 /// output, or the first error.
-fn decode(inst: &Instance<Faulty>, seqs: &[u64], len: usize) -> anyhow::Result<Vec<f32>> {
+pub(super) fn decode<B: Backend>(
+    inst: &Instance<B>,
+    seqs: &[u64],
+    len: usize,
+) -> anyhow::Result<Vec<f32>> {
     let tables: Vec<Vec<u32>> = seqs.iter().map(|&s| table(s)).collect();
     let rows: Vec<DecodeRow<'_>> = seqs
         .iter()

@@ -306,7 +306,17 @@ async fn dropping_a_model_frees_its_host_tier() -> anyhow::Result<()> {
     .await?;
     let freekv = fkv.freekv.clone().expect("a FreeKV model");
     greedy(&fkv.model, &filler_text(9, 300), 8).await?;
-    assert_eq!(freekv.live_sequences(), 0, "a finished request left state");
+    // The engine releases a finished sequence's blocks after it has sent the last response,
+    // so the client may see the answer a moment before FreeKV hears of the release.
+    let start = std::time::Instant::now();
+    while freekv.live_sequences() > 0 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "a finished request left state 10 s after its answer ({} live sequences)",
+            freekv.live_sequences()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let weak = Arc::downgrade(&freekv);
     drop(freekv);
     drop(fkv);

@@ -173,7 +173,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         &self,
         host: &mut HostTier<T>,
         table: &[u32],
-        batch: &CpuBatch,
+        batch: &mut CpuBatch,
         row: usize,
         first_pos: usize,
         n: usize,
@@ -238,19 +238,14 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         _batch: &CpuBatch,
         _row: usize,
     ) -> anyhow::Result<()> {
-        let g = &self.geo;
-        let page = (len - 1) / g.page_size;
-        let slot = g.window_slot(page);
-        for h in 0..g.num_kv_heads {
-            dev.slots_mut(h)[slot] = page as u32;
-        }
+        self.advance_window_plan(dev, len);
         Ok(())
     }
 
     fn store_query(
         &self,
         dev: &mut SlotPlan,
-        batch: &CpuBatch,
+        batch: &mut CpuBatch,
         row: usize,
         token: usize,
     ) -> anyhow::Result<()> {
@@ -265,7 +260,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
     fn query_similarity(
         &self,
         dev: &SlotPlan,
-        batch: &CpuBatch,
+        batch: &mut CpuBatch,
         row: usize,
         out: &mut [f32],
     ) -> anyhow::Result<()> {
@@ -356,7 +351,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
 
     fn attend_decode(
         &self,
-        host: &HostTier<T>,
+        host: &mut HostTier<T>,
         table: &[u32],
         len: usize,
         dev: Option<&SlotPlan>,
@@ -437,6 +432,17 @@ fn feed<'a, T: KvElem>(
 }
 
 impl<T: KvElem> CpuBackend<T> {
+    /// The slot tables' share of [`Backend::advance_window`]: the page holding token `len - 1`
+    /// takes its window slot, for every KV head.
+    pub(crate) fn advance_window_plan(&self, plan: &mut SlotPlan, len: usize) {
+        let g = &self.geo;
+        let page = (len - 1) / g.page_size;
+        let slot = g.window_slot(page);
+        for h in 0..g.num_kv_heads {
+            plan.slots_mut(h)[slot] = page as u32;
+        }
+    }
+
     /// Decode attention of KV head `h`'s query heads (`q` and `out`: `[G][d]`) over the whole
     /// context (`dev` None) or the working set's slots.
     #[allow(clippy::too_many_arguments)]

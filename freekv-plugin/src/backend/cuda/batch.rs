@@ -5,12 +5,14 @@
 //!
 //! All of a batch's work runs on the engine's stream (candle's), so it is ordered with the
 //! engine's own kernels without events: q, k and v are complete before the first decode reads
-//! them, and the output is complete before the next candle operation reads it.
+//! them, and the output is complete before the next candle operation reads it. The host's copy
+//! of q, k and v ([`CudaStaged`]) is queued there too, and waited for by an event only when
+//! the host reads it.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Storage, Tensor};
-use cudarc::driver::{CudaContext, CudaStream, DevicePtr};
+use cudarc::driver::{result, CudaContext, CudaStream, DevicePtr};
 use half::{bf16, f16};
 
 use super::kernels::{as_bytes, SeqDesc};
@@ -61,9 +63,9 @@ fn align(n: usize) -> usize {
 }
 
 impl CudaBatch {
-    /// Starts a call: waits until the previous call's staged copies have run, before their
-    /// memory is rewritten (in practice they have: the host's copy of the call's q/k/v has
-    /// already drained the stream).
+    /// Starts a call: waits until the previous call's staged descriptor copies have run,
+    /// before their memory is rewritten (in practice they have: that call was a whole step
+    /// ago on this layer).
     pub(super) fn begin(&mut self) -> anyhow::Result<()> {
         if let Some(a) = &mut self.arena {
             a.done.synchronize()?;
@@ -162,4 +164,90 @@ pub(super) fn tensor_ptr(t: &Tensor, stream: &CudaStream) -> anyhow::Result<u64>
         d => anyhow::bail!("FreeKV's CUDA kernels read f16 or bf16 tensors, got {d:?}"),
     };
     Ok(base + (layout.start_offset() * elem) as u64)
+}
+
+/// A decode call's q, k and v copied to pinned host memory on the engine's stream, behind the
+/// work that produced them; `done` is recorded after the copies, and the host waits on it
+/// only when it reads them.
+pub struct CudaStaged {
+    host: PinnedBuffer,
+    done: RawEvent,
+    /// Shapes of q, k and v and each one's byte offset in `host`.
+    parts: [(Vec<usize>, usize); 3],
+    dtype: DType,
+}
+
+impl Drop for CudaStaged {
+    fn drop(&mut self) {
+        // The copies may still write into the pinned memory.
+        let _ = self.done.synchronize();
+    }
+}
+
+impl CudaStaged {
+    /// Queues the copies of `batch`'s inputs on `stream`, into `reuse`'s memory where it is
+    /// large enough.
+    pub(super) fn start(
+        ctx: &Arc<CudaContext>,
+        stream: &CudaStream,
+        batch: &CudaBatch,
+        reuse: Option<CudaStaged>,
+    ) -> anyhow::Result<Self> {
+        let inputs = batch
+            .inputs
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no decode batch is loaded"))?;
+        let dtype = inputs[0].dtype();
+        let elem = dtype.size_in_bytes();
+        let mut offset = 0;
+        let parts = [0, 1, 2].map(|i| {
+            let at = offset;
+            offset = align(offset + inputs[i].elem_count() * elem);
+            (inputs[i].dims().to_vec(), at)
+        });
+        let mut staged = match reuse {
+            Some(mut s) if s.host.bytes() >= offset => {
+                // Its last copies are long done (read, or a step behind); never rewrite early.
+                s.done.synchronize()?;
+                s.parts = parts;
+                s.dtype = dtype;
+                s
+            }
+            _ => CudaStaged {
+                host: PinnedBuffer::new(ctx, offset)?,
+                done: RawEvent::new(ctx)?,
+                parts,
+                dtype,
+            },
+        };
+        let src = [batch.q, batch.k, batch.v];
+        for (i, t) in inputs.iter().enumerate() {
+            let (at, n) = (staged.parts[i].1, t.elem_count() * elem);
+            let dst = &mut staged.host.as_mut_slice()[at..at + n];
+            // SAFETY: `src[i]` is the live input tensor's contiguous storage (held by `batch`
+            // until its next call, which comes after this copy in stream order); the pinned
+            // range is not read or rewritten before `done` (read_staged, Drop, reuse).
+            unsafe { result::memcpy_dtoh_async(dst, src[i], stream.cu_stream()) }?;
+        }
+        staged.done.record(stream.cu_stream())?;
+        Ok(staged)
+    }
+
+    /// Waits for the copies and returns q, k and v as host tensors.
+    pub(super) fn read(&self) -> anyhow::Result<[Tensor; 3]> {
+        self.done.synchronize()?;
+        let elem = self.dtype.size_in_bytes();
+        let bytes = self.host.as_slice();
+        let part = |i: usize| -> anyhow::Result<Tensor> {
+            let (dims, at) = &self.parts[i];
+            let n: usize = dims.iter().product();
+            Ok(Tensor::from_raw_buffer(
+                &bytes[*at..*at + n * elem],
+                self.dtype,
+                dims,
+                &candle_core::Device::Cpu,
+            )?)
+        };
+        Ok([part(0)?, part(1)?, part(2)?])
+    }
 }

@@ -26,7 +26,7 @@ use crate::backend::Role;
 use crate::geometry::Geometry;
 use crate::{AttnParams, KvDType, Pooling};
 
-use super::batch::{tensor_ptr, CudaBatch};
+use super::batch::{tensor_ptr, CudaBatch, CudaStaged};
 use super::device_tier::{layer_tier_bytes, tier_shape, DecodeBuffers, LayerTier};
 use super::kernels::{KernelPooling, Kernels, RecallJob};
 use super::mem::HostRegistration;
@@ -156,6 +156,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     type HostPin = Option<HostRegistration>;
     type Summaries = DeviceSummaries;
     type Batch = CudaBatch;
+    type Staged = CudaStaged;
 
     fn device(&self) -> &Device {
         &self.device
@@ -200,6 +201,20 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         Ok(())
     }
 
+    fn stage_batch(
+        &self,
+        batch: &CudaBatch,
+        reuse: Option<CudaStaged>,
+    ) -> anyhow::Result<CudaStaged> {
+        self.bind()?;
+        CudaStaged::start(&self.ctx, &self.engine, batch, reuse)
+    }
+
+    fn read_staged(&self, staged: &CudaStaged) -> anyhow::Result<[Tensor; 3]> {
+        self.bind()?;
+        staged.read()
+    }
+
     fn finish_batch(
         &self,
         batch: &mut CudaBatch,
@@ -214,7 +229,9 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
             .take()
             .ok_or_else(|| anyhow::anyhow!("the output of a decode batch taken twice"))?;
         anyhow::ensure!(
-            host_out.len() == batch.rows * n_q * d && host_rows.iter().all(|&r| r < batch.rows),
+            host_rows.is_empty()
+                || (host_out.len() == batch.rows * n_q * d
+                    && host_rows.iter().all(|&r| r < batch.rows)),
             "a {}-row decode batch merged with {} host-computed values of rows {host_rows:?}",
             batch.rows,
             host_out.len()

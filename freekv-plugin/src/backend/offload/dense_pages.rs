@@ -20,7 +20,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         &self,
         host: &mut HostOf<T, O>,
         table: &[u32],
-        batch: &OffloadBatch<O::Batch>,
+        batch: &OffloadBatch<O::Batch, O::Staged>,
         row: usize,
         first_pos: usize,
         n: usize,

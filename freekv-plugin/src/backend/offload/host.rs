@@ -9,6 +9,7 @@
 //! scores as zeros here, as it would on a GPU, and the plans differ from the CPU backend's.
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -30,6 +31,8 @@ use super::staged::StagedRecall;
 pub struct HostOps<T> {
     geo: Geometry,
     device: Device,
+    /// Staged copies read ([`DeviceOps::read_staged`]): on a GPU, each is a wait for the device.
+    staged_reads: AtomicUsize,
     _elem: PhantomData<fn() -> T>,
 }
 
@@ -39,8 +42,15 @@ impl<T> HostOps<T> {
         Self {
             geo,
             device: Device::Cpu,
+            staged_reads: AtomicUsize::new(0),
             _elem: PhantomData,
         }
+    }
+
+    /// How many decode steps' staged values the host has read so far: the steps that, on a
+    /// GPU, would have waited for the device.
+    pub fn staged_reads(&self) -> usize {
+        self.staged_reads.load(Ordering::Relaxed)
     }
 
     /// Elements of one slot.
@@ -75,6 +85,8 @@ pub struct HostBatch<T> {
     v: Vec<T>,
     out: Vec<f32>,
     rows: usize,
+    /// The loaded tensors (the "staged copy" is these).
+    inputs: Option<[Tensor; 3]>,
     /// Scratch for reading k and v.
     f32s: Vec<f32>,
 }
@@ -174,6 +186,8 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
     type HostPin = ();
     type Summaries = HostSummaries<T>;
     type Batch = HostBatch<T>;
+    /// The engine's tensors themselves.
+    type Staged = [Tensor; 3];
 
     fn device(&self) -> &Device {
         &self.device
@@ -204,7 +218,24 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
         batch.rows = b;
         batch.out.clear();
         batch.out.resize(b * n_q * d, 0.0);
+        batch.inputs = Some([q.clone(), k.clone(), v.clone()]);
         Ok(())
+    }
+
+    fn stage_batch(
+        &self,
+        batch: &HostBatch<T>,
+        _reuse: Option<[Tensor; 3]>,
+    ) -> anyhow::Result<[Tensor; 3]> {
+        batch
+            .inputs
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no decode batch is loaded"))
+    }
+
+    fn read_staged(&self, staged: &[Tensor; 3]) -> anyhow::Result<[Tensor; 3]> {
+        self.staged_reads.fetch_add(1, Ordering::Relaxed);
+        Ok(staged.clone())
     }
 
     fn finish_batch(
@@ -216,7 +247,7 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
     ) -> anyhow::Result<Tensor> {
         let w = self.geo.num_q_heads() * self.geo.head_dim;
         anyhow::ensure!(
-            host_out.len() == batch.out.len(),
+            host_rows.is_empty() || host_out.len() == batch.out.len(),
             "a decode batch of {} values merged with {} host-computed values",
             batch.out.len(),
             host_out.len()

@@ -15,7 +15,13 @@
 //!   backend's code, so every device makes the CPU backend's plans;
 //! - working-set resets and recalls: the plan's chunks moved by the device
 //!   ([`DeviceOps::move_chunks`]); the tables follow the data;
-//! - each new token: appended to its window slot on the device;
+//! - each new token: appended to its window slot on the device from the engine's tensors; its
+//!   host-tier copy is written from the step's values copied to host memory behind the step
+//!   (`DeviceOps::stage_batch`), after the step ([`Backend::settle`]: by the worker, or at the
+//!   layer's next call), except a token that fills its page (summarised at once). So a decode
+//!   step waits for the device only where the host needs the step's values: the correction's
+//!   similarity (mode `freekv`), a selection on the critical path (a first sparse step, mode
+//!   `sync`), a page fill on a scored layer and host-attended rows;
 //! - a dense layer's pages: mirrored in the device's memory too (one slot per block of the
 //!   pool, written as the host tier is; `dense_pages`), so its decode runs on the device;
 //! - a sequence within the budget on a retrieving layer: its working set holds every page
@@ -30,6 +36,7 @@ mod staged;
 mod whole;
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
@@ -52,6 +59,8 @@ pub struct OffloadBackend<T: KvElem, O> {
     geo: Geometry,
     pooling: Pooling,
     ops: O,
+    /// Decode calls that read their own values on the host before their output was taken.
+    step_waits: AtomicUsize,
 }
 
 /// The working set of one (sequence, layer): the plan on the host, the slot data on the
@@ -83,14 +92,33 @@ pub struct OffloadHost<T, P, M, S> {
     /// Per block: its copy in `pages` may differ from the host tier (a copy failed), so
     /// decode over it reads the host tier until a whole-page copy succeeds.
     stale: Vec<bool>,
+    /// Decode tokens written to the device but not yet to the host tier: rows of the layer's
+    /// last batch ([`Backend::settle`] writes them).
+    pending: Vec<PendingToken>,
 }
 
-/// One call's q/k/v and output: on the host for the host-side work (the host tier, selection,
-/// the correction test, FreeKV's prefill); a decode step's also in the device's batch, read
-/// in place, where the device writes each output row it attends.
-pub struct OffloadBatch<B> {
-    /// The call's values on the host (and the output of the rows the host attends).
-    pub host: CpuBatch,
+/// A decode token whose host-tier write waits for the step's staged values.
+#[derive(Clone, Copy, Debug)]
+struct PendingToken {
+    row: usize,
+    block: u32,
+    /// Position in its page (the last only on a layer without summaries).
+    pos: usize,
+}
+
+/// One call's q/k/v and output: a decode step's in the device's batch, read in place, where
+/// the device writes each output row it attends, and on their way to host memory; on the host
+/// for the host-side work (the host tier, the correction test, FreeKV's prefill), read from
+/// that copy when first needed ([`OffloadBackend::host_values`]).
+pub struct OffloadBatch<B, S> {
+    /// The call's values on the host (and the output of the rows the host attends), once
+    /// `host_loaded`.
+    host: CpuBatch,
+    host_loaded: bool,
+    /// Whether the call's output was taken (so a read of `staged` waits for nothing).
+    retired: bool,
+    /// A decode step's values copied towards host memory.
+    staged: Option<S>,
     /// A decode step's tensors on the device, and its output.
     pub dev: B,
     /// Whether `dev` holds the loaded call (a decode step).
@@ -125,7 +153,17 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             geo,
             pooling: config.pooling,
             ops,
+            step_waits: AtomicUsize::new(0),
         }
+    }
+
+    /// How many decode calls so far read their own q/k/v on the host before returning their
+    /// output: on a GPU, the calls that waited for the device on the decode critical path
+    /// (the correction test, a blocking selection, a page fill of a scored layer, a row the
+    /// host attends). Reads after the call (the worker's, or the next call's `settle`) wait
+    /// for nothing: the step is long complete.
+    pub fn step_waits(&self) -> usize {
+        self.step_waits.load(Ordering::Relaxed)
     }
 
     /// The device.
@@ -163,6 +201,27 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             })
     }
 
+    /// The loaded call's values on the host: a decode step's read from its staged copy the
+    /// first time (the one wait for the device a step may make).
+    pub fn host_values<'a>(
+        &self,
+        batch: &'a mut OffloadBatch<O::Batch, O::Staged>,
+    ) -> anyhow::Result<&'a mut CpuBatch> {
+        if !batch.host_loaded {
+            if !batch.retired {
+                self.step_waits.fetch_add(1, Ordering::Relaxed);
+            }
+            let staged = batch.staged.as_ref().context("no decode step is loaded")?;
+            let [q, k, v] = self
+                .ops
+                .read_staged(staged)
+                .context("reading a decode step's q, k and v on the host")?;
+            self.cpu.load_decode(&mut batch.host, &q, &k, &v)?;
+            batch.host_loaded = true;
+        }
+        Ok(&mut batch.host)
+    }
+
     /// Whether decode runs on the device with these parameters (a softcap must be positive).
     fn decode_on_device(params: &AttnParams) -> bool {
         params.softcap.is_none_or(|c| c > 0.0)
@@ -180,9 +239,9 @@ type HostOf<T, O> = OffloadHost<
 /// The new token of batch row `row` (its first token) for an append: read in place from a
 /// decode step's device batch, or converted into `buf` (`2 [n_kv][d]`, K then V rows of every
 /// KV head, as stored) from the host's values.
-fn token_rows<'a, T: KvElem, B>(
+fn token_rows<'a, T: KvElem, B, S>(
     geo: &Geometry,
-    batch: &'a OffloadBatch<B>,
+    batch: &'a OffloadBatch<B, S>,
     row: usize,
     buf: &'a mut Vec<T>,
 ) -> NewToken<'a, T, B> {
@@ -212,7 +271,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     type HostTier = HostOf<T, O>;
     type DeviceTier = OffloadTier<T, O::Slots>;
     type Scratch = OffloadScratch<T, O::Scratch>;
-    type Batch = OffloadBatch<O::Batch>;
+    type Batch = OffloadBatch<O::Batch, O::Staged>;
 
     fn geometry(&self) -> &Geometry {
         &self.geo
@@ -255,6 +314,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             summaries,
             pages,
             stale,
+            pending: Vec::new(),
         })
     }
 
@@ -289,6 +349,9 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     fn alloc_batch(&self) -> Self::Batch {
         OffloadBatch {
             host: CpuBatch::default(),
+            host_loaded: false,
+            retired: false,
+            staged: None,
             dev: self.ops.alloc_batch(),
             on_device: false,
             host_rows: Vec::new(),
@@ -319,13 +382,19 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         v: &Tensor,
     ) -> anyhow::Result<()> {
         batch.on_device = false;
+        batch.host_loaded = false;
+        batch.retired = false;
         batch.host_rows.clear();
-        // The host's copy serves the host tier, selection and the correction test.
-        self.cpu
-            .load_decode(&mut batch.host, &on_host(q)?, &on_host(k)?, &on_host(v)?)?;
         self.ops
             .load_batch(&mut batch.dev, q, k, v)
             .context("loading a decode step on the device")?;
+        // The host's copy (the host tier, the correction test), read when needed.
+        let reuse = batch.staged.take();
+        batch.staged = Some(
+            self.ops
+                .stage_batch(&batch.dev, reuse)
+                .context("copying a decode step's q, k and v towards the host")?,
+        );
         batch.on_device = true;
         Ok(())
     }
@@ -339,13 +408,17 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         last_only: Option<&[usize]>,
     ) -> anyhow::Result<()> {
         batch.on_device = false;
+        batch.host_loaded = false;
         batch.host_rows.clear();
         let (q, k, v) = (on_host(q)?, on_host(k)?, on_host(v)?);
         self.cpu
-            .load_prefill(&mut batch.host, &q, &k, &v, last_only)
+            .load_prefill(&mut batch.host, &q, &k, &v, last_only)?;
+        batch.host_loaded = true;
+        Ok(())
     }
 
     fn take_output(&self, batch: &mut Self::Batch, dtype: DType) -> anyhow::Result<Tensor> {
+        batch.retired = true;
         if batch.on_device {
             let OffloadBatch {
                 host,
@@ -353,9 +426,14 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                 host_rows,
                 ..
             } = batch;
+            let host_out = if host_rows.is_empty() {
+                &[][..]
+            } else {
+                &host.out[..]
+            };
             return self
                 .ops
-                .finish_batch(dev, host_rows, &host.out, dtype)
+                .finish_batch(dev, host_rows, host_out, dtype)
                 .context("collecting a decode step's output on the device");
         }
         Ok(self
@@ -368,29 +446,74 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         &self,
         host: &mut Self::HostTier,
         table: &[u32],
-        batch: &Self::Batch,
+        batch: &mut Self::Batch,
         row: usize,
         first_pos: usize,
         n: usize,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()> {
-        self.cpu.write_tokens(
-            &mut host.tier,
-            table,
-            &batch.host,
-            row,
-            first_pos,
-            n,
-            &mut scratch.cpu,
-        )?;
+        let p = self.geo.page_size;
+        let block = table[first_pos / p];
+        // A decode token waits for the step's staged values, unless it fills a page that is
+        // summarised now, or a dense layer's stale page must be copied whole from the host
+        // tier now.
+        let defer = batch.on_device
+            && n == 1
+            && !(host.summaries.is_some() && (first_pos + 1).is_multiple_of(p))
+            && !(host.pages.is_some() && host.stale[block as usize]);
+        if defer {
+            host.pending.push(PendingToken {
+                row,
+                block,
+                pos: first_pos % p,
+            });
+        } else {
+            let values = self.host_values(batch)?;
+            self.cpu.write_tokens(
+                &mut host.tier,
+                table,
+                values,
+                row,
+                first_pos,
+                n,
+                &mut scratch.cpu,
+            )?;
+        }
         self.mirror_tokens(host, table, batch, row, first_pos, n, scratch)?;
         // The pages that became full were summarised: mirror them.
-        let p = self.geo.page_size;
         scratch.blocks.clear();
         scratch
             .blocks
             .extend((first_pos / p..(first_pos + n) / p).map(|page| table[page]));
         self.upload_summaries(host, scratch)
+    }
+
+    fn settle(
+        &self,
+        host: &mut Self::HostTier,
+        batch: &mut Self::Batch,
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()> {
+        if host.pending.is_empty() {
+            return Ok(());
+        }
+        let values = self
+            .host_values(batch)
+            .context("writing the last decode step's tokens into the host tier")?;
+        for t in host.pending.drain(..) {
+            // A page filled here has no summary to compute (a dense layer), and the device
+            // already holds the token.
+            self.cpu.write_tokens(
+                &mut host.tier,
+                &[t.block],
+                values,
+                t.row,
+                t.pos,
+                1,
+                &mut scratch.cpu,
+            )?;
+        }
+        Ok(())
     }
 
     fn ensure_summaries(
@@ -451,15 +574,14 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
 
     fn advance_window(
         &self,
-        table: &[u32],
+        _table: &[u32],
         dev: &mut Self::DeviceTier,
         len: usize,
         batch: &Self::Batch,
         row: usize,
     ) -> anyhow::Result<()> {
         dev.held_len = 0;
-        self.cpu
-            .advance_window(table, &mut dev.plan, len, &batch.host, row)?;
+        self.cpu.advance_window_plan(&mut dev.plan, len);
         let slot = self.geo.window_slot((len - 1) / self.geo.page_size);
         self.append_from_batch(dev, slot, len - 1, batch, row)
     }
@@ -483,21 +605,23 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     fn store_query(
         &self,
         dev: &mut Self::DeviceTier,
-        batch: &Self::Batch,
+        batch: &mut Self::Batch,
         row: usize,
         token: usize,
     ) -> anyhow::Result<()> {
-        self.cpu.store_query(&mut dev.plan, &batch.host, row, token)
+        let values = self.host_values(batch)?;
+        self.cpu.store_query(&mut dev.plan, values, row, token)
     }
 
     fn query_similarity(
         &self,
         dev: &Self::DeviceTier,
-        batch: &Self::Batch,
+        batch: &mut Self::Batch,
         row: usize,
         out: &mut [f32],
     ) -> anyhow::Result<()> {
-        self.cpu.query_similarity(&dev.plan, &batch.host, row, out)
+        let values = self.host_values(batch)?;
+        self.cpu.query_similarity(&dev.plan, values, row, out)
     }
 
     fn select(
@@ -593,7 +717,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
 
     fn attend_decode(
         &self,
-        host: &Self::HostTier,
+        host: &mut Self::HostTier,
         table: &[u32],
         len: usize,
         dev: Option<&Self::DeviceTier>,
@@ -612,13 +736,16 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             && Self::decode_on_device(params)
             && (dev.is_some() || pages_on_device());
         if !on_device {
-            // The host tier (dense), or the host chunks the tables name.
+            // The host tier (dense), or the host chunks the tables name, with this step's
+            // tokens in place.
+            self.settle(host, batch, scratch)?;
+            let values = self.host_values(batch)?;
             self.cpu.attend_decode(
-                &host.tier,
+                &mut host.tier,
                 table,
                 len,
                 dev.map(|d| &d.plan),
-                &mut batch.host,
+                values,
                 row,
                 params,
                 &mut scratch.cpu,

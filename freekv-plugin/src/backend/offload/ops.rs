@@ -66,9 +66,9 @@ pub enum NewToken<'a, T, B> {
 ///
 /// Slot data is token-major: `[slot][k/v][page_size][n_kv][head_dim]` (the layout the CUDA
 /// kernels read). Ordering: work that reads or writes a decode batch ([`DeviceOps::decode`],
-/// an append from the batch) may stay queued in order with the engine's own work on its
-/// device (the engine's stream); the tensor [`DeviceOps::finish_batch`] returns is valid in
-/// that order. Any other call returns once its work is complete and its inputs may be reused.
+/// an append from the batch, its copy to the host [`DeviceOps::stage_batch`]) may stay
+/// queued in order with the engine's own work on its device (the engine's stream); the tensor
+/// [`DeviceOps::finish_batch`] returns is valid in that order. Any other call returns once its work is complete and its inputs may be reused.
 /// The device orders a later move into slots after every queued read or write of them, and
 /// frees slots only once their queued work is done, so no call races with another, whichever
 /// thread makes it. A failure is an error; the caller names the operation it served.
@@ -87,6 +87,9 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
     /// One decode call's q, k and v, read where the engine produced them (on its device), and
     /// the call's output, in the device's memory.
     type Batch: Send;
+    /// A decode call's q, k and v on their way to host memory: a copy that runs behind the
+    /// call's device work and is waited for only when the host reads it.
+    type Staged: Send;
 
     /// Where the engine's tensors live and outputs are returned.
     fn device(&self) -> &Device;
@@ -113,9 +116,20 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
         k: &Tensor,
         v: &Tensor,
     ) -> anyhow::Result<()>;
+    /// Starts copying the loaded batch's q, k and v to host memory, after the device work
+    /// that produced them; returns without waiting for it. `reuse` is an earlier copy whose
+    /// memory may serve again (read, or no longer needed).
+    fn stage_batch(
+        &self,
+        batch: &Self::Batch,
+        reuse: Option<Self::Staged>,
+    ) -> anyhow::Result<Self::Staged>;
+    /// Waits for a staged copy and returns its q `(B, Hq, D)`, k and v `(B, Hkv, D)` as host
+    /// tensors (in the KV dtype, or the engine's where that is wider).
+    fn read_staged(&self, staged: &Self::Staged) -> anyhow::Result<[Tensor; 3]>;
     /// The loaded batch's output in `dtype`: each row as [`DeviceOps::decode`] wrote it, except
     /// the rows listed in `host_rows`, which the host computed: those are taken from
-    /// `host_out` (`[B][n_q][d]` f32).
+    /// `host_out` (`[B][n_q][d]` f32; empty where no row was).
     fn finish_batch(
         &self,
         batch: &mut Self::Batch,

@@ -96,14 +96,14 @@ fn dense_layers_attend_from_their_pages_on_the_device() {
     let q = tensor(n_q * 20 * d, 1, &[1, n_q, 20, d]);
     let mut batch = off.alloc_batch();
     off.load_prefill(&mut batch, &q, &kv, &kv, None).unwrap();
-    off.write_tokens(&mut host, &table, &batch, 0, 0, 20, &mut scratch)
+    off.write_tokens(&mut host, &table, &mut batch, 0, 0, 20, &mut scratch)
         .unwrap();
     let (qd, kd) = (
         tensor(n_q * d, 5, &[1, n_q, d]),
         tensor(n_kv * d, 3, &[1, n_kv, d]),
     );
     let params = AttnParams::scaled(0.5);
-    let attend = |host: &HostOf<f32, HostOps<f32>>,
+    let attend = |host: &mut HostOf<f32, HostOps<f32>>,
                   scratch: &mut OffloadScratch<f32, _>,
                   on_device: bool| {
         let mut b = off.alloc_batch();
@@ -115,18 +115,23 @@ fn dense_layers_attend_from_their_pages_on_the_device() {
             return out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         }
         let sc = &mut scratch.cpu;
+        let values = off.host_values(&mut b).unwrap();
         off.cpu
-            .attend_decode(&host.tier, &table, 21, None, &mut b.host, 0, &params, sc)
+            .attend_decode(&mut host.tier, &table, 21, None, values, 0, &params, sc)
             .unwrap();
         (0..n_q)
-            .flat_map(|h| b.host.out_row(0, h, 0).to_vec())
+            .flat_map(|h| values.out_row(0, h, 0).to_vec())
             .collect::<Vec<f32>>()
     };
     off.load_decode(&mut batch, &qd, &kd, &kd).unwrap();
-    off.write_tokens(&mut host, &table, &batch, 0, 20, 1, &mut scratch)
+    off.write_tokens(&mut host, &table, &mut batch, 0, 20, 1, &mut scratch)
         .unwrap();
-    let got = attend(&host, &mut scratch, true);
-    let want = attend(&host, &mut scratch, false);
+    // Not a page's last token: it reaches the host tier when the step is settled.
+    assert_eq!(host.pending.len(), 1);
+    off.settle(&mut host, &mut batch, &mut scratch).unwrap();
+    assert!(host.pending.is_empty());
+    let got = attend(&mut host, &mut scratch, true);
+    let want = attend(&mut host, &mut scratch, false);
     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
         assert!((a - b).abs() < 1e-5, "output {i}: {a} vs {b}");
     }
@@ -136,20 +141,20 @@ fn dense_layers_attend_from_their_pages_on_the_device() {
     for t in 0..g.page_size {
         host.tier.write_row(table[1], 0, t, &big, &big);
     }
-    assert_eq!(attend(&host, &mut scratch, true), got);
-    let changed = attend(&host, &mut scratch, false);
+    assert_eq!(attend(&mut host, &mut scratch, true), got);
+    let changed = attend(&mut host, &mut scratch, false);
     assert_ne!(changed, want);
     // A page whose copy may be stale (a copy to the device failed) is read from the host
     // tier, until a write copies it whole again.
     // (That row's output is the host's, merged into the device batch's.)
     host.stale[table[1] as usize] = true;
-    assert_eq!(attend(&host, &mut scratch, true), changed);
+    assert_eq!(attend(&mut host, &mut scratch, true), changed);
     off.load_prefill(&mut batch, &q, &kv, &kv, None).unwrap();
-    off.write_tokens(&mut host, &table, &batch, 0, 8, 1, &mut scratch)
+    off.write_tokens(&mut host, &table, &mut batch, 0, 8, 1, &mut scratch)
         .unwrap();
     assert!(!host.stale[table[1] as usize]);
     assert_eq!(
-        attend(&host, &mut scratch, true),
-        attend(&host, &mut scratch, false)
+        attend(&mut host, &mut scratch, true),
+        attend(&mut host, &mut scratch, false)
     );
 }

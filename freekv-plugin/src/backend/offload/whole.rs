@@ -20,7 +20,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         table: &[u32],
         dev: &mut OffloadTier<T, O::Slots>,
         len: usize,
-        batch: &OffloadBatch<O::Batch>,
+        batch: &OffloadBatch<O::Batch, O::Staged>,
         row: usize,
     ) -> anyhow::Result<RecallStats> {
         let g = &self.geo;
@@ -41,7 +41,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         let window = g.window_start(len).max(g.sink_pages);
         let selectable = g.selected_slots().start;
         let mut moves = Vec::new();
-        let (mut last_slot, mut last_moved) = (0, false);
+        let mut last_slot = 0;
         for (page, &block) in table[..pages].iter().enumerate() {
             let slot = if page < g.sink_pages {
                 page
@@ -60,17 +60,15 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
                         head: h as u32,
                         slot: slot as u32,
                     });
-                    last_moved |= page + 1 == pages;
                 }
             }
         }
         self.ops
             .move_chunks(&host.tier, &mut dev.slots, &moves, None)
             .context("copying a short context's pages into its working set")?;
-        if !last_moved {
-            // The last page stayed where it was: its new token goes in as an append.
-            self.append_from_batch(dev, last_slot, len - 1, batch, row)?;
-        }
+        // The new token goes in as an append, also where its page moved: the host tier may
+        // not hold it yet (`Backend::settle`).
+        self.append_from_batch(dev, last_slot, len - 1, batch, row)?;
         dev.held.clear();
         dev.held.extend_from_slice(&table[..pages]);
         dev.held_len = len;
@@ -86,7 +84,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         dev: &mut OffloadTier<T, O::Slots>,
         slot: usize,
         pos: usize,
-        batch: &OffloadBatch<O::Batch>,
+        batch: &OffloadBatch<O::Batch, O::Staged>,
         row: usize,
     ) -> anyhow::Result<()> {
         let rows = token_rows(&self.geo, batch, row, &mut dev.new_token);
