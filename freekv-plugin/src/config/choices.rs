@@ -136,7 +136,8 @@ pub enum PrefillAttention {
     /// prompt, for prompts without a cached prefix in full-attention layers; the others as
     /// `freekv`.
     Engine,
-    /// FreeKV's causal kernel over the host tier (cached prefix and new tokens), on the host.
+    /// FreeKV's causal attention over cached prefix and new tokens: on the CPU its kernel over
+    /// the host tier, on a GPU the decode kernels, one query per row.
     #[serde(rename = "freekv")]
     FreeKv,
 }

@@ -102,7 +102,8 @@ declare_knobs! {
     device_tier: DeviceTierLayout = DeviceTierLayout::InPlace, "freekv-device-tier", "FREEKV_DEVICE_TIER", "KIND";
     /// Which attention computes a prompt's output: engine (the engine's own, on the model's
     /// device, for prompts without a cached prefix in full-attention layers), freekv (FreeKV's
-    /// kernel over the host tier) or auto (engine on a GPU, freekv on the CPU).
+    /// over cached prefix and new tokens, on FreeKV's device) or auto (engine on a GPU, freekv
+    /// on the CPU).
     prefill_attention: PrefillAttention = PrefillAttention::Auto, "freekv-prefill-attention", "FREEKV_PREFILL_ATTENTION", "KIND";
 }
 

@@ -53,10 +53,12 @@ async fn budget_above_context_gives_the_stock_tokens_on_every_arch() -> anyhow::
         );
         // The CPU's defaults (FreeKV's prefill kernel, attention over host pages in place),
         // then a GPU's orchestration on host memory: the engine's own attention for the
-        // prompt, the dense layer's pages and the short context's working set copied.
+        // prompt, the dense layer's pages and the short context's working set copied; and
+        // FreeKV's prefill attention on that device (each query a decode row).
         for (prefill, tier) in [
             (PrefillAttention::FreeKv, DeviceTierLayout::InPlace),
             (PrefillAttention::Engine, DeviceTierLayout::Copy),
+            (PrefillAttention::FreeKv, DeviceTierLayout::Copy),
         ] {
             let config = FreeKvConfig {
                 prefill_attention: prefill,

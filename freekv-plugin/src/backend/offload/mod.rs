@@ -18,20 +18,23 @@
 //! - each new token: appended to its window slot on the device from the engine's tensors; its
 //!   host-tier copy is written from the step's values copied to host memory behind the step
 //!   (`DeviceOps::stage_batch`), after the step ([`Backend::settle`]: by the worker, or at the
-//!   layer's next call), except a token that fills its page (summarised at once). So a decode
-//!   step waits for the device only where the host needs the step's values: the correction's
-//!   similarity (mode `freekv`), a selection on the critical path (a first sparse step, mode
-//!   `sync`), a page fill on a scored layer and host-attended rows;
+//!   layer's next call), a page it fills summarised and mirrored then (it is still in the
+//!   window). So a decode step waits for the device only where the host needs the step's
+//!   values: the correction's similarity (mode `freekv`), a selection on the critical path (a
+//!   first sparse step, mode `sync`) and host-attended rows;
 //! - a dense layer's pages: mirrored in the device's memory too (one slot per block of the
 //!   pool, written as the host tier is; `dense_pages`), so its decode runs on the device;
 //! - a sequence within the budget on a retrieving layer: its working set holds every page
 //!   ([`Backend::hold_every_page`], `whole`: each page copied once, each token appended);
 //! - decode attention over a working set or a dense layer's pages, sliding windows included:
-//!   on the device. FreeKV's prefill attention reads the host tier on the host.
+//!   on the device; FreeKV's prefill attention too, each query a decode row over the pages up
+//!   to its position (`prompt`: a dense layer's pages, or the row's pages copied from the host
+//!   tier for the call; the host attends a row whose copy does not fit).
 
 mod dense_pages;
 pub mod host;
 pub mod ops;
+mod prompt;
 mod staged;
 mod whole;
 
@@ -52,6 +55,7 @@ use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling};
 
 pub use ops::{decode_rows, span_tokens, token_span, ChunkMove, DeviceOps, NewToken};
+use prompt::DevicePrompt;
 
 /// [`Backend`] for a device whose working sets live in its own memory.
 pub struct OffloadBackend<T: KvElem, O> {
@@ -102,7 +106,7 @@ pub struct OffloadHost<T, P, M, S> {
 struct PendingToken {
     row: usize,
     block: u32,
-    /// Position in its page (the last only on a layer without summaries).
+    /// Position in its page.
     pos: usize,
 }
 
@@ -125,6 +129,9 @@ pub struct OffloadBatch<B, S> {
     on_device: bool,
     /// Rows of a decode step whose output the host computed (in `host.out`).
     host_rows: Vec<usize>,
+    /// A prompt batch whose output is wanted: its tensors on the device, for the device's
+    /// prefill attention.
+    prompt: Option<DevicePrompt>,
 }
 
 /// Per-thread working memory.
@@ -159,9 +166,9 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
 
     /// How many decode calls so far read their own q/k/v on the host before returning their
     /// output: on a GPU, the calls that waited for the device on the decode critical path
-    /// (the correction test, a blocking selection, a page fill of a scored layer, a row the
-    /// host attends). Reads after the call (the worker's, or the next call's `settle`) wait
-    /// for nothing: the step is long complete.
+    /// (the correction test, a blocking selection, a row the host attends). Reads after the
+    /// call (the worker's, or the next call's `settle`) wait for nothing: the step is long
+    /// complete.
     pub fn step_waits(&self) -> usize {
         self.step_waits.load(Ordering::Relaxed)
     }
@@ -262,6 +269,13 @@ fn token_rows<'a, T: KvElem, B, S>(
     NewToken::Host { k, v }
 }
 
+/// The tokens of `page` a query attends in a context of `len` tokens whose first visible token
+/// is `first` (a sliding window's start), packed by [`token_span`].
+fn visible_span(g: &Geometry, first: usize, page: usize, len: usize) -> i32 {
+    let hi = g.valid_tokens(page, len);
+    token_span(first.saturating_sub(page * g.page_size).min(hi), hi)
+}
+
 /// Reads a tensor's values on the host (a no-op for CPU tensors).
 fn on_host(t: &Tensor) -> anyhow::Result<Tensor> {
     Ok(t.to_device(&Device::Cpu)?)
@@ -355,6 +369,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             dev: self.ops.alloc_batch(),
             on_device: false,
             host_rows: Vec::new(),
+            prompt: None,
         }
     }
 
@@ -385,6 +400,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         batch.host_loaded = false;
         batch.retired = false;
         batch.host_rows.clear();
+        batch.prompt = None;
         self.ops
             .load_batch(&mut batch.dev, q, k, v)
             .context("loading a decode step on the device")?;
@@ -410,15 +426,26 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         batch.on_device = false;
         batch.host_loaded = false;
         batch.host_rows.clear();
-        let (q, k, v) = (on_host(q)?, on_host(k)?, on_host(v)?);
+        batch.prompt = None;
+        let (hq, hk, hv) = (on_host(q)?, on_host(k)?, on_host(v)?);
         self.cpu
-            .load_prefill(&mut batch.host, &q, &k, &v, last_only)?;
+            .load_prefill(&mut batch.host, &hq, &hk, &hv, last_only)?;
         batch.host_loaded = true;
+        if last_only.is_none() {
+            batch.prompt = Some(DevicePrompt {
+                inputs: [q.clone(), k.clone(), v.clone()],
+                out: vec![None; q.dim(0)?],
+            });
+        }
         Ok(())
     }
 
     fn take_output(&self, batch: &mut Self::Batch, dtype: DType) -> anyhow::Result<Tensor> {
         batch.retired = true;
+        let attended = |p: &DevicePrompt| p.out.iter().any(Option::is_some);
+        if batch.prompt.as_ref().is_some_and(attended) {
+            return self.take_prompt_output(batch, dtype);
+        }
         if batch.on_device {
             let OffloadBatch {
                 host,
@@ -454,13 +481,10 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     ) -> anyhow::Result<()> {
         let p = self.geo.page_size;
         let block = table[first_pos / p];
-        // A decode token waits for the step's staged values, unless it fills a page that is
-        // summarised now, or a dense layer's stale page must be copied whole from the host
-        // tier now.
-        let defer = batch.on_device
-            && n == 1
-            && !(host.summaries.is_some() && (first_pos + 1).is_multiple_of(p))
-            && !(host.pages.is_some() && host.stale[block as usize]);
+        // A decode token waits for the step's staged values (a page it fills is summarised
+        // then), unless a dense layer's stale page must be copied whole from the host tier now.
+        let defer =
+            batch.on_device && n == 1 && !(host.pages.is_some() && host.stale[block as usize]);
         if defer {
             host.pending.push(PendingToken {
                 row,
@@ -500,9 +524,10 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         let values = self
             .host_values(batch)
             .context("writing the last decode step's tokens into the host tier")?;
+        let p = self.geo.page_size;
+        scratch.blocks.clear();
         for t in host.pending.drain(..) {
-            // A page filled here has no summary to compute (a dense layer), and the device
-            // already holds the token.
+            // The device already holds the token; a page it fills is summarised here.
             self.cpu.write_tokens(
                 &mut host.tier,
                 &[t.block],
@@ -512,8 +537,12 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                 1,
                 &mut scratch.cpu,
             )?;
+            if t.pos + 1 == p {
+                scratch.blocks.push(t.block);
+            }
         }
-        Ok(())
+        // Mirrored before any selection can score them (the next call, or the worker).
+        self.upload_summaries(host, scratch)
     }
 
     fn ensure_summaries(
@@ -523,6 +552,14 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         full_pages: usize,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<usize> {
+        // A page this step filled is summarised when its token is settled (it is in the
+        // window until then).
+        let last = full_pages.checked_sub(1).map(|page| table[page]);
+        let full_pages = if host.pending.iter().any(|t| Some(t.block) == last) {
+            full_pages - 1
+        } else {
+            full_pages
+        };
         scratch.blocks.clear();
         scratch.blocks.extend(
             table[..full_pages]
@@ -760,10 +797,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         // The attended tokens of each slot (from the slot tables, or every page of the
         // context), cut at the sliding window's start.
         let first = params.first_visible(len - 1);
-        let span = |page: usize| {
-            let hi = g.valid_tokens(page, len);
-            token_span(first.saturating_sub(page * g.page_size).min(hi), hi)
-        };
+        let span = |page: usize| visible_span(g, first, page, len);
         scratch.slot_len.clear();
         scratch.index.clear();
         let (slots, index) = match dev {
@@ -820,6 +854,14 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         params: &AttnParams,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()> {
+        if batch.prompt.is_some()
+            && Self::decode_on_device(params)
+            && self.attend_prompt_on_device(
+                host, table, cached_len, new_len, batch, row, params, scratch,
+            )?
+        {
+            return Ok(());
+        }
         self.cpu.attend_prefill(
             &host.tier,
             table,

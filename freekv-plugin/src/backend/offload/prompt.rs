@@ -1,0 +1,149 @@
+//! FreeKV's prefill attention on the device (a prompt with a cached prefix, or one the engine's
+//! attention does not serve): a prompt row's context in slots on the device (a dense layer's
+//! own pages, or a copy of the row's pages from the host tier for the call), and each new query
+//! attended like a decode row over the pages up to its position (causal, sliding windows cut by
+//! the spans), so the decode kernels serve prompts too.
+
+use anyhow::Context;
+use candle_core::{DType, Tensor};
+
+use crate::backend::cpu::elem::KvElem;
+use crate::backend::Backend;
+use crate::AttnParams;
+
+use super::{
+    visible_span, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadBatch, OffloadScratch,
+};
+
+/// A prompt batch's tensors where the device attends it, and each row's output.
+pub struct DevicePrompt {
+    /// q `(B, Hq, L, D)`, k and v `(B, Hkv, L, D)`, as the engine gave them.
+    pub(super) inputs: [Tensor; 3],
+    /// Per row: its output `(Hq, L, D)` once the device attended it.
+    pub(super) out: Vec<Option<Tensor>>,
+}
+
+impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
+    /// Attends prompt row `row` on the device. Returns false, having done nothing, where the
+    /// row's pages do not fit in device memory beside what it holds (the host attends it).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attend_prompt_on_device(
+        &self,
+        host: &HostOf<T, O>,
+        table: &[u32],
+        cached_len: usize,
+        new_len: usize,
+        batch: &mut OffloadBatch<O::Batch, O::Staged>,
+        row: usize,
+        params: &AttnParams,
+        scratch: &mut OffloadScratch<T, O::Scratch>,
+    ) -> anyhow::Result<bool> {
+        let g = &self.geo;
+        let (n_kv, p) = (g.num_kv_heads, g.page_size);
+        let pages = g.pages(cached_len + new_len);
+        let prompt = batch
+            .prompt
+            .as_mut()
+            .context("no prompt batch is loaded on the device")?;
+        // The row's queries (and keys, values) as the rows of a decode batch: (L, H, D).
+        let [q, k, v] = [0, 1, 2].map(|i| {
+            prompt.inputs[i]
+                .get(row)
+                .and_then(|t| t.transpose(0, 1))
+                .and_then(|t| t.contiguous())
+        });
+        let (q, k, v) = (q?, k?, v?);
+        let out_dtype = q.dtype();
+        // Where the row's pages are on the device.
+        let dense_pages = host
+            .pages
+            .as_ref()
+            .filter(|_| !table[..pages].iter().any(|&b| host.stale[b as usize]));
+        let copied;
+        let (slots, index) = match dense_pages {
+            Some(pages_on_device) => (pages_on_device, table[..pages].to_vec()),
+            None => {
+                let Ok(mut own) = self.ops.alloc_slots(pages) else {
+                    return Ok(false);
+                };
+                scratch.moves.clear();
+                for (slot, &block) in table[..pages].iter().enumerate() {
+                    scratch.moves.extend((0..n_kv as u32).map(|head| ChunkMove {
+                        block,
+                        head,
+                        slot: slot as u32,
+                    }));
+                }
+                self.ops
+                    .move_chunks(
+                        &host.tier,
+                        &mut own,
+                        &scratch.moves,
+                        Some(&mut scratch.device),
+                    )
+                    .context("copying a prompt's context to the device")?;
+                copied = own;
+                (&copied, (0..pages as u32).collect())
+            }
+        };
+        let mut rows = self.ops.alloc_batch();
+        self.ops
+            .load_batch(&mut rows, &q, &k, &v)
+            .context("loading a prompt's queries on the device")?;
+        for j in 0..new_len {
+            // Query `j` sits at `pos` and sees the keys `first..=pos`.
+            let pos = cached_len + j;
+            let first = params.first_visible(pos);
+            let visible = first / p..g.pages(pos + 1);
+            scratch.slot_len.clear();
+            for page in visible.clone() {
+                let span = visible_span(g, first, page, pos + 1);
+                scratch.slot_len.extend(std::iter::repeat_n(span, n_kv));
+            }
+            self.ops
+                .decode(
+                    slots,
+                    Some(&index[visible]),
+                    &scratch.slot_len,
+                    &mut rows,
+                    j,
+                    params,
+                    &mut scratch.device,
+                )
+                .context("prefill attention on the device")?;
+        }
+        let out = self
+            .ops
+            .finish_batch(&mut rows, &[], &[], out_dtype)
+            .context("collecting a prompt's output on the device")?;
+        prompt.out[row] = Some(out.transpose(0, 1)?);
+        Ok(true)
+    }
+
+    /// The loaded prompt batch's output `(B, Hq, L, D)` in `dtype` on the device, from the rows
+    /// the device attended and, for any other, the host's.
+    pub(super) fn take_prompt_output(
+        &self,
+        batch: &mut OffloadBatch<O::Batch, O::Staged>,
+        dtype: DType,
+    ) -> anyhow::Result<Tensor> {
+        let prompt = batch
+            .prompt
+            .as_mut()
+            .context("no prompt batch is loaded on the device")?;
+        let host_out = if prompt.out.iter().any(Option::is_none) {
+            Some(self.cpu.take_output(&mut batch.host, dtype)?)
+        } else {
+            None
+        };
+        let mut rows = Vec::with_capacity(prompt.out.len());
+        for (r, out) in prompt.out.iter_mut().enumerate() {
+            rows.push(match (out.take(), &host_out) {
+                (Some(t), _) => t.to_dtype(dtype)?,
+                (None, Some(h)) => h.get(r)?.to_device(self.ops.device())?,
+                (None, None) => anyhow::bail!("prompt row {r} has no output"),
+            });
+        }
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+}
