@@ -117,6 +117,18 @@ impl CudaBatch {
         Ok(dev + desc_off as u64)
     }
 
+    /// Records the arena's event after the work queued on `stream` so far (the kernels that
+    /// read the staged descriptors), so that neither reuse nor drop comes before them.
+    pub(super) fn guard_descriptors(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> anyhow::Result<()> {
+        match &self.arena {
+            Some(a) => a.done.record(stream),
+            None => Ok(()),
+        }
+    }
+
     /// The arena with `bytes` free, grown (after the stream has drained its copies) if needed.
     fn reserve(
         &mut self,

@@ -528,6 +528,8 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
             params.softmax_scale,
             params.softcap.unwrap_or(0.0),
         )?;
+        // The descriptors stay allocated until the kernels that read them have run.
+        batch.guard_descriptors(s)?;
         slots.last_use.record(s)
     }
 }

@@ -446,6 +446,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         if batch.prompt.as_ref().is_some_and(attended) {
             return self.take_prompt_output(batch, dtype);
         }
+        batch.prompt = None;
         if batch.on_device {
             let OffloadBatch {
                 host,

@@ -15,6 +15,9 @@ use super::{
     visible_span, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadBatch, OffloadScratch,
 };
 
+/// Prompt queries per device batch (bounds the staged decode descriptors of one batch).
+const PROMPT_CHUNK: usize = 256;
+
 /// A prompt batch's tensors where the device attends it, and each row's output.
 pub struct DevicePrompt {
     /// q `(B, Hq, L, D)`, k and v `(B, Hkv, L, D)`, as the engine gave them.
@@ -86,36 +89,53 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
                 (&copied, (0..pages as u32).collect())
             }
         };
-        let mut rows = self.ops.alloc_batch();
-        self.ops
-            .load_batch(&mut rows, &q, &k, &v)
-            .context("loading a prompt's queries on the device")?;
-        for j in 0..new_len {
-            // Query `j` sits at `pos` and sees the keys `first..=pos`.
-            let pos = cached_len + j;
-            let first = params.first_visible(pos);
-            let visible = first / p..g.pages(pos + 1);
-            scratch.slot_len.clear();
-            for page in visible.clone() {
-                let span = visible_span(g, first, page, pos + 1);
-                scratch.slot_len.extend(std::iter::repeat_n(span, n_kv));
-            }
+        // The queries in chunks, so that one batch's staged descriptors stay bounded.
+        let mut outs = Vec::new();
+        for start in (0..new_len).step_by(PROMPT_CHUNK) {
+            let n = PROMPT_CHUNK.min(new_len - start);
+            let mut rows = self.ops.alloc_batch();
             self.ops
-                .decode(
-                    slots,
-                    Some(&index[visible]),
-                    &scratch.slot_len,
+                .load_batch(
                     &mut rows,
-                    j,
-                    params,
-                    &mut scratch.device,
+                    &q.narrow(0, start, n)?,
+                    &k.narrow(0, start, n)?,
+                    &v.narrow(0, start, n)?,
                 )
-                .context("prefill attention on the device")?;
+                .context("loading a prompt's queries on the device")?;
+            for j in 0..n {
+                // Query `start + j` sits at `pos` and sees the keys `first..=pos`.
+                let pos = cached_len + start + j;
+                let first = params.first_visible(pos);
+                let visible = first / p..g.pages(pos + 1);
+                scratch.slot_len.clear();
+                for page in visible.clone() {
+                    let span = visible_span(g, first, page, pos + 1);
+                    scratch.slot_len.extend(std::iter::repeat_n(span, n_kv));
+                }
+                self.ops
+                    .decode(
+                        slots,
+                        Some(&index[visible]),
+                        &scratch.slot_len,
+                        &mut rows,
+                        j,
+                        params,
+                        &mut scratch.device,
+                    )
+                    .context("prefill attention on the device")?;
+            }
+            outs.push(
+                self.ops
+                    .finish_batch(&mut rows, &[], &[], out_dtype)
+                    .context("collecting a prompt's output on the device")?,
+            );
         }
-        let out = self
-            .ops
-            .finish_batch(&mut rows, &[], &[], out_dtype)
-            .context("collecting a prompt's output on the device")?;
+        // Padding queries past `new_len` (a shorter row of the batch) stay zero.
+        let (l, n_q, d) = q.dims3()?;
+        if new_len < l {
+            outs.push(Tensor::zeros((l - new_len, n_q, d), out_dtype, q.device())?);
+        }
+        let out = Tensor::cat(&outs, 0)?;
         prompt.out[row] = Some(out.transpose(0, 1)?);
         Ok(true)
     }
@@ -144,6 +164,8 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
                 (None, None) => anyhow::bail!("prompt row {r} has no output"),
             });
         }
+        // The engine's tensors are not held past the call.
+        batch.prompt = None;
         Ok(Tensor::stack(&rows, 0)?)
     }
 }
