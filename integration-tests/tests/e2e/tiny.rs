@@ -293,6 +293,24 @@ async fn batched_requests_of_equal_length_stay_on_their_own_path() -> anyhow::Re
     Ok(())
 }
 
+/// Polls `done` every `poll_ms` until it holds; fails with `failure()` after `limit_s` seconds.
+async fn wait_until(
+    limit_s: u64,
+    poll_ms: u64,
+    done: impl Fn() -> bool,
+    failure: impl Fn() -> String,
+) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(limit_s),
+            "{}",
+            failure()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(poll_ms)).await;
+    }
+}
+
 /// A long-lived SDK host loads and drops models: dropping a `Model` must free its FreeKV
 /// instance (host tier, per-sequence state, worker thread).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,26 +328,32 @@ async fn dropping_a_model_frees_its_host_tier() -> anyhow::Result<()> {
     greedy(&fkv.model, &filler_text(9, 300), 8).await?;
     // The engine releases a finished sequence's blocks after it has sent the last response,
     // so the client may see the answer a moment before FreeKV hears of the release.
-    let start = std::time::Instant::now();
-    while freekv.live_sequences() > 0 {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(10),
-            "a finished request left state 10 s after its answer ({} live sequences)",
-            freekv.live_sequences()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_until(
+        10,
+        20,
+        || freekv.live_sequences() == 0,
+        || {
+            format!(
+                "a finished request left state 10 s after its answer ({} live sequences)",
+                freekv.live_sequences()
+            )
+        },
+    )
+    .await;
     let weak = Arc::downgrade(&freekv);
     drop(freekv);
     drop(fkv);
-    let start = std::time::Instant::now();
-    while weak.strong_count() > 0 {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(30),
-            "the FreeKV instance is still alive 30 s after its model was dropped ({} owners)",
-            weak.strong_count()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until(
+        30,
+        100,
+        || weak.strong_count() == 0,
+        || {
+            format!(
+                "the FreeKV instance is still alive 30 s after its model was dropped ({} owners)",
+                weak.strong_count()
+            )
+        },
+    )
+    .await;
     Ok(())
 }

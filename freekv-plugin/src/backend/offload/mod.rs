@@ -210,7 +210,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
 
     /// The loaded call's values on the host: a decode step's read from its staged copy the
     /// first time (the one wait for the device a step may make).
-    pub fn host_values<'a>(
+    fn host_values<'a>(
         &self,
         batch: &'a mut OffloadBatch<O::Batch, O::Staged>,
     ) -> anyhow::Result<&'a mut CpuBatch> {
@@ -553,14 +553,6 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         full_pages: usize,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<usize> {
-        // A page this step filled is summarised when its token is settled (it is in the
-        // window until then).
-        let last = full_pages.checked_sub(1).map(|page| table[page]);
-        let full_pages = if host.pending.iter().any(|t| Some(t.block) == last) {
-            full_pages - 1
-        } else {
-            full_pages
-        };
         scratch.blocks.clear();
         scratch.blocks.extend(
             table[..full_pages]
