@@ -116,20 +116,26 @@ extern "C" __global__ void freekv_pool_scores(const float* __restrict__ raw, con
   }
 }
 
-// Correction test per (sequence, KV head): C = mean over the group of cos(q_cur[h], q_prev[h]);
-// flags = C < tau. cos is 0 when either vector is zero. Launch: grid = (n_kv, n_seq), block = 128.
-extern "C" __global__ void freekv_correction(const kv_t* __restrict__ q_cur, const kv_t* __restrict__ q_prev,
-                                             i64 q_seq_stride, int n_kv, float tau,
-                                             float* __restrict__ cos_out, int* __restrict__ flags) {
+// Correction test per (sequence, KV head): C = mean over the group of cos(q_cur[h], q_prev[h]),
+// each cosine clamped to [-1, 1] and 1 where either vector is zero (no drift from a query never
+// stored), as the CPU backend computes it; flags = C < tau. `queries[2 s]` and `queries[2 s + 1]`
+// are the device addresses of sequence s's current query (a row of the engine's q) and of its
+// stored one (each sequence keeps its own), both [n_q][D]. Launch: grid = (n_kv, n_seq),
+// block = 128.
+extern "C" __global__ void freekv_correction(const unsigned long long* __restrict__ queries,
+                                             int n_kv, float tau, float* __restrict__ cos_out,
+                                             int* __restrict__ flags) {
   __shared__ float part[32];
   const int g = blockIdx.x, s = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const kv_t* cur = reinterpret_cast<const kv_t*>(queries[2 * s]);
+  const kv_t* prev = reinterpret_cast<const kv_t*>(queries[2 * s + 1]);
   float acc = 0.0f;
   for (int h = warp; h < GROUP; h += nw) {
-    const i64 off = s * q_seq_stride + (i64)(g * GROUP + h) * D;
+    const i64 off = (i64)(g * GROUP + h) * D;
     float dot = 0.0f, na = 0.0f, nb = 0.0f;
     for (int c = lane; c < D; c += 32) {
-      const float a = to_f(q_cur[off + c]), b = to_f(q_prev[off + c]);
+      const float a = to_f(cur[off + c]), b = to_f(prev[off + c]);
       dot += a * b;
       na += a * a;
       nb += b * b;
@@ -137,8 +143,8 @@ extern "C" __global__ void freekv_correction(const kv_t* __restrict__ q_cur, con
     dot = warp_sum(dot);
     na = warp_sum(na);
     nb = warp_sum(nb);
-    const float den = sqrtf(na) * sqrtf(nb);
-    acc += den > 0.0f ? dot / den : 0.0f;
+    const float den = sqrtf(na * nb);
+    acc += den > 0.0f ? fminf(fmaxf(dot / den, -1.0f), 1.0f) : 1.0f;
   }
   if (lane == 0) part[warp] = acc;
   __syncthreads();

@@ -8,6 +8,37 @@
 //! raises it; at equilibrium `P(similarity < tau) = rate`. Early layers, whose queries drift a
 //! lot, thus stop being corrected nearly every step, and stable layers still get their share.
 
+use crate::backend::cpu::math;
+use crate::geometry::Geometry;
+
+/// The correction test's similarity of one sequence: per KV head (`out[h]`), the mean over its
+/// group of cos(current query head, stored query head), each cosine clamped to `[-1, 1]` and 1
+/// where either vector is zero (a query never stored does not drift). `current(qh)` is query
+/// head `qh`'s current values, `stored` the stored query `[n_q][d]`. The CUDA kernel
+/// `freekv_correction` computes the same.
+pub fn group_similarity<'a>(
+    geo: &Geometry,
+    current: impl Fn(usize) -> &'a [f32],
+    stored: &[f32],
+    out: &mut [f32],
+) {
+    let (d, gs) = (geo.head_dim, geo.group);
+    for (h, o) in out.iter_mut().enumerate().take(geo.num_kv_heads) {
+        let mut sum = 0.0;
+        for qh in h * gs..(h + 1) * gs {
+            let a = current(qh);
+            let b = &stored[qh * d..(qh + 1) * d];
+            let norms = (math::dot(a, a) * math::dot(b, b)).sqrt();
+            sum += if norms > 0.0 {
+                (math::dot(a, b) / norms).clamp(-1.0, 1.0)
+            } else {
+                1.0
+            };
+        }
+        *o = sum / gs as f32;
+    }
+}
+
 /// Per-observation step of the adaptive threshold: about 60 tests move it by 0.1 at a 25%
 /// target, small beside the spread of the similarities it tracks.
 const STEP: f32 = 0.005;
@@ -64,6 +95,66 @@ mod tests {
                 ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
             })
             .collect()
+    }
+
+    #[test]
+    fn group_similarity_matches_a_naive_mean_of_cosines() {
+        for seed in 0..20u64 {
+            let (n_kv, group, d) = (
+                1 + seed as usize % 3,
+                1 + seed as usize % 4,
+                8 + 8 * (seed as usize % 3),
+            );
+            let geo = Geometry {
+                page_size: 16,
+                num_kv_heads: n_kv,
+                group,
+                head_dim: d,
+                sink_pages: 1,
+                window_pages: 1,
+                sel_pages: 1,
+                slots: 3,
+            };
+            let n = n_kv * group * d;
+            let cur: Vec<f32> = uniforms(seed, n).iter().map(|x| x - 0.5).collect();
+            let mut stored: Vec<f32> = uniforms(seed + 100, n).iter().map(|x| x - 0.5).collect();
+            // Heads that equal, oppose or are zero.
+            stored[..d].copy_from_slice(&cur[..d]);
+            if group > 1 {
+                stored[d..2 * d]
+                    .iter_mut()
+                    .zip(&cur[d..2 * d])
+                    .for_each(|(s, c)| *s = -c);
+            }
+            if seed % 2 == 1 && n_kv > 1 {
+                stored[n - d..].fill(0.0);
+            }
+            let mut got = vec![0.0; n_kv];
+            group_similarity(&geo, |qh| &cur[qh * d..(qh + 1) * d], &stored, &mut got);
+            for (h, &g) in got.iter().enumerate() {
+                let mut want = 0.0f64;
+                for qh in h * group..(h + 1) * group {
+                    let (a, b) = (&cur[qh * d..(qh + 1) * d], &stored[qh * d..(qh + 1) * d]);
+                    let dot: f64 = a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum();
+                    let na: f64 = a.iter().map(|x| (x * x) as f64).sum();
+                    let nb: f64 = b.iter().map(|x| (x * x) as f64).sum();
+                    want += if na * nb > 0.0 {
+                        dot / (na * nb).sqrt()
+                    } else {
+                        1.0
+                    };
+                }
+                want /= group as f64;
+                assert!(
+                    (g as f64 - want).abs() < 1e-5,
+                    "seed {seed} head {h}: {g} vs {want}"
+                );
+            }
+            if group == 2 {
+                // KV head 0's group is an equal and an opposite query head: 1 and -1 cancel.
+                assert!(got[0].abs() < 1e-5, "seed {seed}: {}", got[0]);
+            }
+        }
     }
 
     #[test]

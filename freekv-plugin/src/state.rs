@@ -138,8 +138,11 @@ pub struct LayerState<B: Backend> {
     pub counters: LayerCounters,
     /// Per-row decisions of the current call.
     pub steps: Vec<RowStep>,
-    /// Per-KV-head buffers of the current row.
+    /// The rows of the current call that run the correction test, and their similarities
+    /// (`[tested][n_kv]`).
+    pub tested: Vec<usize>,
     pub similarity: Vec<f32>,
+    /// Per-KV-head buffers of the current row.
     pub heads: Vec<bool>,
     pub all_heads: Vec<bool>,
     /// The correction test's per-head thresholds (fixed, or adapting).
@@ -156,7 +159,8 @@ impl<B: Backend> LayerState<B> {
             scratch: backend.alloc_scratch(Role::Caller),
             counters: LayerCounters::default(),
             steps: Vec::new(),
-            similarity: vec![0.0; n_kv],
+            tested: Vec::new(),
+            similarity: Vec::new(),
             heads: vec![false; n_kv],
             all_heads: vec![true; n_kv],
             threshold,

@@ -54,6 +54,7 @@ pub fn decode_step<B: Backend>(
         let step = append(cx, st, r, row, params)?;
         st.steps.push(step);
     }
+    test_drift(cx, st, rows)?;
     for (r, row) in rows.iter().enumerate() {
         correct(cx, st, r, row.seq_id)?;
     }
@@ -185,6 +186,47 @@ impl<B> LayerCtx<'_, B> {
     }
 }
 
+/// Whether row `r`'s step runs the correction test (mode `freekv`, a step that attends over
+/// a speculated selection).
+fn tests_drift<B: Backend>(cx: &LayerCtx<'_, B>, st: &LayerState<B>, r: usize) -> bool {
+    cx.config.mode.correction() && st.steps[r] == RowStep::Speculated
+}
+
+/// 2a. The correction test of every row that runs it, in one backend call (on a device, one
+///     wait for the similarities): row `st.tested[i]`'s in `st.similarity[i * n_kv..]`.
+fn test_drift<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    st: &mut LayerState<B>,
+    rows: &[DecodeRow<'_>],
+) -> anyhow::Result<()> {
+    st.tested.clear();
+    for r in 0..rows.len() {
+        if tests_drift(cx, st, r) {
+            st.tested.push(r);
+        }
+    }
+    if st.tested.is_empty() {
+        return Ok(());
+    }
+    let LayerState {
+        seqs,
+        batch,
+        similarity,
+        tested,
+        ..
+    } = st;
+    let devs = tested
+        .iter()
+        .map(|&r| {
+            let seq = &seqs[&rows[r].seq_id];
+            (r, seq.dev.as_ref().expect("sparse rows have a working set"))
+        })
+        .collect::<Vec<_>>();
+    similarity.clear();
+    similarity.resize(tested.len() * cx.geo.num_kv_heads, 0.0);
+    cx.backend.query_similarities(&devs, batch, similarity)
+}
+
 /// 2. The selection that must happen before attention, by step and mode.
 fn correct<B: Backend>(
     cx: &LayerCtx<'_, B>,
@@ -202,6 +244,7 @@ fn correct<B: Backend>(
         batch,
         scratch,
         similarity,
+        tested,
         heads,
         all_heads,
         threshold,
@@ -220,8 +263,9 @@ fn correct<B: Backend>(
         heads.copy_from_slice(all_heads);
         trace.blocking = true;
         counters.blocking_selections += 1;
-    } else if cx.config.mode.correction() {
-        cx.backend.query_similarity(dev, batch, r, similarity)?;
+    } else if let Some(i) = tested.iter().position(|&t| t == r) {
+        let n_kv = heads.len();
+        let similarity = &similarity[i * n_kv..(i + 1) * n_kv];
         threshold.decide(similarity, heads);
         for &s in similarity.iter() {
             counters.similarity_histogram[crate::counters::similarity_bin(s)] += 1;
@@ -234,13 +278,14 @@ fn correct<B: Backend>(
     } else {
         heads.fill(false);
     }
-    if all || cx.config.mode.correction() || !cx.config.mode.speculation() {
+    let n = heads.iter().filter(|&&h| h).count();
+    if all || n > 0 || !cx.config.mode.speculation() {
         cx.backend.store_query(dev, batch, r, 0)?;
     } else {
-        // Only the worker's selection reads it: stored there, off the critical path.
+        // Only the worker's selection (and the next step's correction test) reads it: stored
+        // there, off the critical path.
         seq.query_row = Some(r);
     }
-    let n = heads.iter().filter(|&&h| h).count();
     if n > 0 {
         let t = Instant::now();
         let candidates = cx.geo.candidates(seq.len, &seq.params);

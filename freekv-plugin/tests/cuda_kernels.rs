@@ -375,8 +375,9 @@ fn correction_flags_match_cpu() {
         let mut rng = Rng(55 + d as u64);
         let n = n_seq * n_kv * group * d;
         let a: Vec<f32> = (0..n).map(|_| rng.f()).collect();
-        // Mix of near and far previous queries so that both flag values occur.
-        let b: Vec<f32> = a
+        // Mix of near and far previous queries so that both flag values occur, and one
+        // stored query head of zeros (a query never stored: no drift).
+        let mut b: Vec<f32> = a
             .iter()
             .enumerate()
             .map(|(i, &x)| {
@@ -387,19 +388,35 @@ fn correction_flags_match_cpu() {
                 }
             })
             .collect();
+        b[..d].fill(0.0);
         let (a16, b16): (Vec<u16>, Vec<u16>) = (
             a.iter().map(|&x| enc(dtype, x)).collect(),
             b.iter().map(|&x| enc(dtype, x)).collect(),
         );
-        let (ad, bd) = (upload(&ctx, &a16), upload(&ctx, &b16));
+        let ad = upload(&ctx, &a16);
+        // Each sequence's stored query at its own address, listed in reverse order of the
+        // current ones' to show that the kernel follows the addresses.
+        let seq_bytes = (n_kv * group * d * 2) as u64;
+        let b_rev: Vec<u16> = (0..n_seq)
+            .rev()
+            .flat_map(|s| b16[s * n_kv * group * d..(s + 1) * n_kv * group * d].to_vec())
+            .collect();
+        let bd_rev = upload(&ctx, &b_rev);
+        let queries: Vec<u64> = (0..n_seq)
+            .flat_map(|s| {
+                [
+                    ad.ptr() + s as u64 * seq_bytes,
+                    bd_rev.ptr() + (n_seq - 1 - s) as u64 * seq_bytes,
+                ]
+            })
+            .collect();
+        let queries_d = upload(&ctx, &queries);
         let cos = DeviceBuffer::zeroed(&ctx, n_seq * n_kv * 4).unwrap();
         let flags = DeviceBuffer::zeroed(&ctx, n_seq * n_kv * 4).unwrap();
         let tau = 0.9;
         k.correction(
             s.cu_stream(),
-            ad.ptr(),
-            bd.ptr(),
-            (n_kv * group * d) as i64,
+            queries_d.ptr(),
             n_seq,
             n_kv,
             tau,
@@ -423,7 +440,12 @@ fn correction_flags_match_cpu() {
                     na += u * u;
                     nb += v * v;
                 }
-                c += dot / (na.sqrt() * nb.sqrt());
+                let den = (na * nb).sqrt();
+                c += if den > 0.0 {
+                    (dot / den).clamp(-1.0, 1.0)
+                } else {
+                    1.0
+                };
             }
             want[sg] = (c / group as f64) as f32;
             if (want[sg] - tau).abs() > 1e-4 {

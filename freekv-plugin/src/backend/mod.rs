@@ -204,12 +204,13 @@ pub trait Backend: Send + Sync + 'static {
         row: usize,
         token: usize,
     ) -> anyhow::Result<()>;
-    /// Per KV head, the mean over its group of cos(batch query of `row`, stored query).
-    fn query_similarity(
+    /// The correction test of a decode call: for each `(row, working set)` of `rows`, per KV
+    /// head the mean over its group of cos(batch query of `row`, stored query), each cosine
+    /// clamped to `[-1, 1]` and 1 where either query is zero, into `out[i * n_kv + head]`.
+    fn query_similarities(
         &self,
-        dev: &Self::DeviceTier,
+        rows: &[(usize, &Self::DeviceTier)],
         batch: &mut Self::Batch,
-        row: usize,
         out: &mut [f32],
     ) -> anyhow::Result<()>;
 

@@ -155,15 +155,14 @@ impl Backend for Faulty {
         self.check("store_query")?;
         self.cpu.store_query(dev, b, row, token)
     }
-    fn query_similarity(
+    fn query_similarities(
         &self,
-        dev: &Dev,
+        rows: &[(usize, &Dev)],
         b: &mut Batch,
-        row: usize,
         out: &mut [f32],
     ) -> anyhow::Result<()> {
-        self.check("query_similarity")?;
-        self.cpu.query_similarity(dev, b, row, out)
+        self.check("query_similarities")?;
+        self.cpu.query_similarities(rows, b, out)
     }
     fn select(
         &self,
@@ -358,7 +357,7 @@ fn a_failed_decode_operation_fails_only_its_call_and_names_the_operation() {
         "load_decode",
         "write_tokens",
         "advance_window",
-        "query_similarity",
+        "query_similarities",
         "store_query",
         "select",
         "recall",

@@ -1,7 +1,8 @@
-//! Where a decode step on a device waits for its own values on the host: the offload design's
-//! one host synchronisation on the decode critical path, counted on the host-memory device
-//! (whose calls are the CUDA device's), by mode. The step's host-tier writes and the stored
-//! query of mode `speculative` are left to after the step, and must not change any output.
+//! Where a decode step on a device waits for the device: the offload design's one host
+//! synchronisation on the decode critical path (the correction test's similarities, or the
+//! step's values read on the host), counted on the host-memory device (whose calls are the CUDA
+//! device's), by mode. The step's host-tier writes and its stored query (unless a selection
+//! on the critical path reads it) are left to after the step, and must not change any output.
 
 use super::faults::{config, decode, prefill, PAGE, PROMPT, SHAPE};
 use super::Instance;

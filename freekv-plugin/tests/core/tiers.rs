@@ -415,8 +415,9 @@ fn sizes_and_thread_safety() {
     )
     .unwrap()
     .device_tier_bytes_per_sequence();
-    // The copy tier holds the budget's KV: 4 slots x 2 x 8 tokens x 2 heads x 8 dims x 2 B per layer.
-    assert_eq!(copy - in_place, 2 * 4 * 2 * 8 * 2 * 8 * 2);
+    // The copy tier holds the budget's KV, 4 slots x 2 x 8 tokens x 2 heads x 8 dims x 2 B per
+    // layer, and the correction test's stored query, 4 query heads x 8 dims x 4 B (f32).
+    assert_eq!(copy - in_place, 2 * (4 * 2 * 8 * 2 * 8 * 2 + 4 * 8 * 4));
     let dense0 = FreeKv::new(
         FreeKvConfig {
             dense_layers: vec![0],

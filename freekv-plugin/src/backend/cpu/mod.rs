@@ -25,6 +25,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Tensor};
 
+use crate::correction::group_similarity;
 use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling, SummaryKind};
@@ -257,28 +258,21 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn query_similarity(
+    fn query_similarities(
         &self,
-        dev: &SlotPlan,
+        rows: &[(usize, &SlotPlan)],
         batch: &mut CpuBatch,
-        row: usize,
         out: &mut [f32],
     ) -> anyhow::Result<()> {
-        let (d, gs) = (self.geo.head_dim, self.geo.group);
-        let stored = dev.query();
-        for (h, o) in out.iter_mut().enumerate().take(self.geo.num_kv_heads) {
-            let mut sum = 0.0;
-            for qh in h * gs..(h + 1) * gs {
-                let a = batch.q_row(row, qh, 0);
-                let b = &stored[qh * d..(qh + 1) * d];
-                let norms = (math::dot(a, a) * math::dot(b, b)).sqrt();
-                sum += if norms > 0.0 {
-                    (math::dot(a, b) / norms).clamp(-1.0, 1.0)
-                } else {
-                    1.0
-                };
-            }
-            *o = sum / gs as f32;
+        let n_kv = self.geo.num_kv_heads;
+        anyhow::ensure!(
+            out.len() == rows.len() * n_kv,
+            "{} similarities for {} rows",
+            out.len(),
+            rows.len()
+        );
+        for (&(row, dev), o) in rows.iter().zip(out.chunks_exact_mut(n_kv)) {
+            group_similarity(&self.geo, |h| batch.q_row(row, h, 0), dev.query(), o);
         }
         Ok(())
     }

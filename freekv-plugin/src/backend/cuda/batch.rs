@@ -38,6 +38,8 @@ pub struct CudaBatch {
     pub(super) out_ptr: u64,
     /// The rows' decode descriptors, staged for upload.
     arena: Option<DescArena>,
+    /// The correction test's output, `[rows][n_kv]` cosines (f32) then as many flags (i32).
+    pub(super) drift: Option<DeviceBuffer>,
 }
 
 /// Pinned host memory and its device twin for one call's decode descriptors (slot spans, a
@@ -115,6 +117,49 @@ impl CudaBatch {
         arena.done.record(stream.cu_stream())?;
         arena.used = align(base + total);
         Ok(dev + desc_off as u64)
+    }
+
+    /// Stages `addrs` (device addresses a kernel reads) like a decode descriptor: written
+    /// once into the arena, its upload queued on `stream`. Returns the device address of the
+    /// staged array.
+    pub(super) fn stage_addresses(
+        &mut self,
+        ctx: &Arc<CudaContext>,
+        stream: &CudaStream,
+        addrs: &[u64],
+    ) -> anyhow::Result<u64> {
+        let bytes = as_bytes(addrs);
+        let arena = self.reserve(ctx, stream, bytes.len())?;
+        let base = arena.used;
+        let host = &mut arena.host.as_mut_slice()[base..base + bytes.len()];
+        host.copy_from_slice(bytes);
+        // SAFETY: as in `stage_decode`.
+        unsafe {
+            arena
+                .dev
+                .copy_from_host_async(base, &*host, stream.cu_stream())
+        }?;
+        arena.done.record(stream.cu_stream())?;
+        arena.used = align(base + bytes.len());
+        Ok(arena.dev.ptr() + base as u64)
+    }
+
+    /// Device memory for the correction test's output of `n` (row, KV head) pairs, grown (after
+    /// the stream has drained the last use) if needed.
+    pub(super) fn drift_buffer(
+        &mut self,
+        ctx: &Arc<CudaContext>,
+        stream: &CudaStream,
+        n: usize,
+    ) -> anyhow::Result<&DeviceBuffer> {
+        let bytes = 8 * n;
+        if self.drift.as_ref().is_none_or(|b| b.bytes() < bytes) {
+            if self.drift.is_some() {
+                stream.synchronize()?;
+            }
+            self.drift = Some(DeviceBuffer::new(ctx, bytes.max(8 * 64))?);
+        }
+        Ok(self.drift.as_ref().expect("allocated above"))
     }
 
     /// Records the arena's event after the work queued on `stream` so far (the kernels that

@@ -236,14 +236,14 @@ impl Kernels {
         )
     }
 
-    /// freekv_correction: cos `[n_seq][n_kv]` f32 and flags `[n_seq][n_kv]` i32.
+    /// freekv_correction: cos `[n_seq][n_kv]` f32 and flags `[n_seq][n_kv]` i32 of each
+    /// sequence's current query against its stored one; `queries` is a device array of
+    /// `2 n_seq` addresses (current, stored) of `[n_q][d]` queries.
     #[allow(clippy::too_many_arguments)]
     pub fn correction(
         &self,
         stream: sys::CUstream,
-        q_cur: u64,
-        q_prev: u64,
-        q_seq_stride: i64,
+        queries: u64,
         n_seq: usize,
         n_kv: usize,
         tau: f32,
@@ -256,9 +256,7 @@ impl Kernels {
             128,
             stream,
             &[
-                Arg::Ptr(q_cur),
-                Arg::Ptr(q_prev),
-                Arg::I64(q_seq_stride),
+                Arg::Ptr(queries),
                 Arg::I32(n_kv as i32),
                 Arg::F32(tau),
                 Arg::Ptr(cos_out),

@@ -8,7 +8,8 @@
 //!   raw device buffers and host-memory registration ([`mem`](crate::cuda::mem)), a decode
 //!   step's tensors read in place and its output ([`batch`](crate::cuda::batch)), the
 //!   per-(sequence, layer) device memory
-//!   ([`device_tier`](crate::cuda::device_tier)), the per-layer page summaries and scoring
+//!   ([`device_tier`](crate::cuda::device_tier)), the correction test against each sequence's
+//!   stored query ([`drift`](crate::cuda::drift)), the per-layer page summaries and scoring
 //!   buffers ([`scoring`](crate::cuda::scoring)) and the double-buffered streamed recall with
 //!   its worker thread ([`recall`](crate::cuda::recall)).
 //! - [`ops`](crate::cuda::ops): [`CudaOps`](crate::cuda::ops::CudaOps), the
@@ -26,6 +27,8 @@ pub mod source;
 pub mod batch;
 #[cfg(feature = "cuda")]
 pub mod device_tier;
+#[cfg(feature = "cuda")]
+pub mod drift;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 #[cfg(feature = "cuda")]

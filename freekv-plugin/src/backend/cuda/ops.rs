@@ -1,6 +1,6 @@
 //! [`DeviceOps`] on a CUDA device: chunk moves through the double-buffered [`RecallPipeline`]
 //! (copy engines into staging, `freekv_recall_scatter` into the slots), appends by async copies
-//! into the window slot, page scoring with `freekv_score_pages` / `freekv_pool_scores` over a
+//! into the window slot, the correction test with `freekv_correction` ([`drift`]), page scoring with `freekv_score_pages` / `freekv_pool_scores` over a
 //! device mirror of the summaries (on the calling thread's own stream), and decode attention
 //! with `freekv_decode_partial` / `freekv_decode_combine`. The orchestration around these calls is
 //! [`OffloadBackend`](crate::backend::offload::OffloadBackend)'s, which CI runs on host memory.
@@ -28,6 +28,7 @@ use crate::{AttnParams, KvDType, Pooling};
 
 use super::batch::{tensor_ptr, CudaBatch, CudaStaged};
 use super::device_tier::{layer_tier_bytes, tier_shape, DecodeBuffers, LayerTier};
+use super::drift::{self, CudaQuery};
 use super::kernels::{KernelPooling, Kernels, RecallJob};
 use super::mem::HostRegistration;
 use super::module;
@@ -157,6 +158,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     type Summaries = DeviceSummaries;
     type Batch = CudaBatch;
     type Staged = CudaStaged;
+    type Query = CudaQuery<T>;
 
     fn device(&self) -> &Device {
         &self.device
@@ -343,6 +345,38 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
             blocks,
             rows,
             pooling,
+            out,
+        )
+    }
+
+    fn alloc_query(&self) -> anyhow::Result<CudaQuery<T>> {
+        self.bind()?;
+        CudaQuery::new(&self.ctx, &self.geo)
+    }
+
+    fn query_bytes(&self) -> usize {
+        drift::query_bytes(&self.geo)
+    }
+
+    fn upload_query(&self, query: &[f32], dst: &mut CudaQuery<T>) -> anyhow::Result<()> {
+        self.bind()?;
+        dst.upload(query, &self.engine)
+    }
+
+    fn query_similarities(
+        &self,
+        batch: &mut CudaBatch,
+        rows: &[(usize, &CudaQuery<T>)],
+        out: &mut [f32],
+    ) -> anyhow::Result<()> {
+        self.bind()?;
+        drift::similarities(
+            &self.ctx,
+            &self.engine,
+            &self.kernels,
+            &self.geo,
+            batch,
+            rows,
             out,
         )
     }

@@ -21,6 +21,7 @@ use crate::backend::cpu::io::read_f32;
 use crate::backend::cpu::select::{pooled_scores, SelectScratch};
 use crate::backend::cpu::PARALLEL_DECODE;
 use crate::backend::Role;
+use crate::correction::group_similarity;
 use crate::geometry::Geometry;
 use crate::{AttnParams, Pooling};
 
@@ -188,6 +189,8 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
     type Batch = HostBatch<T>;
     /// The engine's tensors themselves.
     type Staged = [Tensor; 3];
+    /// As f32 (the plan's copy, which the host-memory device stores exactly).
+    type Query = Vec<f32>;
 
     fn device(&self) -> &Device {
         &self.device
@@ -360,6 +363,52 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
             let sc = &mut scratch.select;
             pooled_scores(group_q, d, &mirror.data, &scratch.offsets, pooling, sc);
             out[h * n..(h + 1) * n].copy_from_slice(&sc.pooled);
+        }
+        Ok(())
+    }
+
+    fn alloc_query(&self) -> anyhow::Result<Vec<f32>> {
+        let n = self.geo.num_q_heads() * self.geo.head_dim;
+        try_zeroed_vec(n).ok_or_else(|| anyhow::anyhow!("out of memory for a {n}-value query"))
+    }
+
+    fn query_bytes(&self) -> usize {
+        self.geo.num_q_heads() * self.geo.head_dim * std::mem::size_of::<f32>()
+    }
+
+    fn upload_query(&self, query: &[f32], dst: &mut Vec<f32>) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            query.len() == dst.len(),
+            "a {}-value query stored into {} values",
+            query.len(),
+            dst.len()
+        );
+        dst.copy_from_slice(query);
+        Ok(())
+    }
+
+    fn query_similarities(
+        &self,
+        batch: &mut HostBatch<T>,
+        rows: &[(usize, &Vec<f32>)],
+        out: &mut [f32],
+    ) -> anyhow::Result<()> {
+        let (n_kv, d) = (self.geo.num_kv_heads, self.geo.head_dim);
+        let w = self.geo.num_q_heads() * d;
+        anyhow::ensure!(
+            out.len() == rows.len() * n_kv,
+            "{} similarities for {} rows",
+            out.len(),
+            rows.len()
+        );
+        for (&(row, stored), o) in rows.iter().zip(out.chunks_exact_mut(n_kv)) {
+            anyhow::ensure!(
+                row < batch.rows && stored.len() == w,
+                "the correction test of row {row} of a {}-row batch",
+                batch.rows
+            );
+            let q = &batch.q[row * w..(row + 1) * w];
+            group_similarity(&self.geo, |h| &q[h * d..(h + 1) * d], stored, o);
         }
         Ok(())
     }

@@ -6,8 +6,10 @@
 //! `--freekv-device-tier copy` layout).
 //!
 //! Division of labour:
-//! - host tier, summaries, the correction's similarity and the slot tables: the CPU backend's
-//!   code on the host;
+//! - host tier, summaries and the slot tables: the CPU backend's code on the host;
+//! - the correction test (mode `freekv`): on the device, each row's query read in place against
+//!   the sequence's stored query, mirrored on the device whenever the plan's is stored
+//!   ([`DeviceOps::query_similarities`]); only the similarities come back, one wait per call;
 //! - page scoring: on the device, from a mirror of the summaries that follows the host tier
 //!   (each summary uploaded when its page fills or is re-summarised); the pooled scores come
 //!   back (one small read on the calling thread's own stream, as the authors' worker reads its
@@ -19,9 +21,9 @@
 //!   host-tier copy is written from the step's values copied to host memory behind the step
 //!   (`DeviceOps::stage_batch`), after the step ([`Backend::settle`]: by the worker, or at the
 //!   layer's next call), a page it fills summarised and mirrored then (it is still in the
-//!   window). So a decode step waits for the device only where the host needs the step's
-//!   values: the correction's similarity (mode `freekv`), a selection on the critical path (a
-//!   first sparse step, mode `sync`) and host-attended rows;
+//!   window). So a decode step waits for the device only for the correction test's
+//!   similarities and where the host needs the step's values: a selection on the critical path
+//!   (a first sparse step, a corrected head, mode `sync`) and host-attended rows;
 //! - a dense layer's pages: mirrored in the device's memory too (one slot per block of the
 //!   pool, written as the host tier is; `dense_pages`), so its decode runs on the device;
 //! - a sequence within the budget on a retrieving layer: its working set holds every page
@@ -65,15 +67,21 @@ pub struct OffloadBackend<T: KvElem, O> {
     ops: O,
     /// Decode calls that read their own values on the host before their output was taken.
     step_waits: AtomicUsize,
+    /// Whether the correction test runs (mode `freekv`): the stored query is mirrored on the
+    /// device.
+    correction: bool,
 }
 
 /// The working set of one (sequence, layer): the plan on the host, the slot data on the
 /// device.
-pub struct OffloadTier<T, S> {
+pub struct OffloadTier<T, S, Q> {
     /// Slot tables, pending replacements and the stored query.
     pub plan: SlotPlan,
     /// The slot data.
     pub slots: S,
+    /// The stored query on the device, for the correction test (mode `freekv`; the plan's
+    /// copy is what selections read).
+    reference: Q,
     /// The new token's K then V rows of every KV head (`2 [n_kv][d]`), reused by each append.
     new_token: Vec<T>,
     /// While the working set holds every page of a short context: the blocks it holds (the
@@ -121,6 +129,8 @@ pub struct OffloadBatch<B, S> {
     host_loaded: bool,
     /// Whether the call's output was taken (so a read of `staged` waits for nothing).
     retired: bool,
+    /// Whether the call has waited for the device (counted once in `step_waits`).
+    waited: bool,
     /// A decode step's values copied towards host memory.
     staged: Option<S>,
     /// A decode step's tensors on the device, and its output.
@@ -161,14 +171,15 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             pooling: config.pooling,
             ops,
             step_waits: AtomicUsize::new(0),
+            correction: config.mode.correction(),
         }
     }
 
-    /// How many decode calls so far read their own q/k/v on the host before returning their
-    /// output: on a GPU, the calls that waited for the device on the decode critical path
-    /// (the correction test, a blocking selection, a row the host attends). Reads after the
-    /// call (the worker's, or the next call's `settle`) wait for nothing: the step is long
-    /// complete.
+    /// How many decode calls so far waited for their own device work before returning their
+    /// output: on a GPU, the calls that waited for the device on the decode critical path (for
+    /// the correction test's similarities, or to read their q/k/v on the host: a blocking
+    /// selection, a row the host attends). Reads after the call (the worker's, or the next
+    /// call's `settle`) wait for nothing: the step is long complete.
     pub fn step_waits(&self) -> usize {
         self.step_waits.load(Ordering::Relaxed)
     }
@@ -215,9 +226,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         batch: &'a mut OffloadBatch<O::Batch, O::Staged>,
     ) -> anyhow::Result<&'a mut CpuBatch> {
         if !batch.host_loaded {
-            if !batch.retired {
-                self.step_waits.fetch_add(1, Ordering::Relaxed);
-            }
+            self.note_wait(batch);
             let staged = batch.staged.as_ref().context("no decode step is loaded")?;
             let [q, k, v] = self
                 .ops
@@ -227,6 +236,15 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             batch.host_loaded = true;
         }
         Ok(&mut batch.host)
+    }
+
+    /// Counts a wait of the loaded call for its own device work (once per call; none after
+    /// its output was taken).
+    fn note_wait(&self, batch: &mut OffloadBatch<O::Batch, O::Staged>) {
+        if !batch.retired && !batch.waited {
+            batch.waited = true;
+            self.step_waits.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Whether decode runs on the device with these parameters (a softcap must be positive).
@@ -283,7 +301,7 @@ fn on_host(t: &Tensor) -> anyhow::Result<Tensor> {
 
 impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     type HostTier = HostOf<T, O>;
-    type DeviceTier = OffloadTier<T, O::Slots>;
+    type DeviceTier = OffloadTier<T, O::Slots, O::Query>;
     type Scratch = OffloadScratch<T, O::Scratch>;
     type Batch = OffloadBatch<O::Batch, O::Staged>;
 
@@ -340,6 +358,10 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                 .ops
                 .alloc_slots(self.geo.slots)
                 .context("allocating a working set")?,
+            reference: self
+                .ops
+                .alloc_query()
+                .context("allocating a stored query on the device")?,
             new_token: vec![T::default(); 2 * width],
             held: Vec::new(),
             held_len: 0,
@@ -365,6 +387,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             host: CpuBatch::default(),
             host_loaded: false,
             retired: false,
+            waited: false,
             staged: None,
             dev: self.ops.alloc_batch(),
             on_device: false,
@@ -378,7 +401,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     }
 
     fn device_tier_bytes(&self) -> usize {
-        self.cpu.device_tier_bytes() + self.ops.slots_bytes(self.geo.slots)
+        self.cpu.device_tier_bytes() + self.ops.slots_bytes(self.geo.slots) + self.ops.query_bytes()
     }
 
     fn device_pool_bytes(&self, num_blocks: usize, scored: bool) -> usize {
@@ -399,6 +422,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         batch.on_device = false;
         batch.host_loaded = false;
         batch.retired = false;
+        batch.waited = false;
         batch.host_rows.clear();
         batch.prompt = None;
         self.ops
@@ -640,18 +664,33 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         token: usize,
     ) -> anyhow::Result<()> {
         let values = self.host_values(batch)?;
-        self.cpu.store_query(&mut dev.plan, values, row, token)
+        self.cpu.store_query(&mut dev.plan, values, row, token)?;
+        if self.correction {
+            self.ops
+                .upload_query(dev.plan.query(), &mut dev.reference)
+                .context("copying the stored query to the device")?;
+        }
+        Ok(())
     }
 
-    fn query_similarity(
+    fn query_similarities(
         &self,
-        dev: &Self::DeviceTier,
+        rows: &[(usize, &Self::DeviceTier)],
         batch: &mut Self::Batch,
-        row: usize,
         out: &mut [f32],
     ) -> anyhow::Result<()> {
-        let values = self.host_values(batch)?;
-        self.cpu.query_similarity(&dev.plan, values, row, out)
+        if !batch.on_device {
+            let values = self.host_values(batch)?;
+            let plans: Vec<_> = rows.iter().map(|&(r, dev)| (r, &dev.plan)).collect();
+            return self.cpu.query_similarities(&plans, values, out);
+        }
+        if !rows.is_empty() {
+            self.note_wait(batch);
+        }
+        let refs: Vec<_> = rows.iter().map(|&(r, dev)| (r, &dev.reference)).collect();
+        self.ops
+            .query_similarities(&mut batch.dev, &refs, out)
+            .context("the correction test on the device")
     }
 
     fn select(

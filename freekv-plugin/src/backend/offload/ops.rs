@@ -90,6 +90,9 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
     /// A decode call's q, k and v on their way to host memory: a copy that runs behind the
     /// call's device work and is waited for only when the host reads it.
     type Staged: Send;
+    /// One (sequence, layer)'s stored query on the device (`[n_q][d]`, zero when allocated):
+    /// what the next step's correction test compares against.
+    type Query: Send;
 
     /// Where the engine's tensors live and outputs are returned.
     fn device(&self) -> &Device;
@@ -165,6 +168,26 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
         pooling: Pooling,
         out: &mut [f32],
         scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()>;
+
+    /// Allocates a stored query (zero).
+    fn alloc_query(&self) -> anyhow::Result<Self::Query>;
+    /// Bytes of device memory a stored query takes.
+    fn query_bytes(&self) -> usize;
+    /// Writes `query` (`[n_q][d]` f32, the host's copy of the stored query) into `dst`, in
+    /// order before any later correction test that reads it (on the engine's stream: the test
+    /// is queued there too).
+    fn upload_query(&self, query: &[f32], dst: &mut Self::Query) -> anyhow::Result<()>;
+    /// The correction test of a decode batch: for each `(row, stored)` of `rows`, per KV head
+    /// the mean over its group of cos(row's query, stored query), each cosine clamped to
+    /// `[-1, 1]` and 1 where either vector is zero, into `out[i * n_kv + head]`. The query is
+    /// read where the engine produced it; only the similarities come back (one wait for the
+    /// device per call).
+    fn query_similarities(
+        &self,
+        batch: &mut Self::Batch,
+        rows: &[(usize, &Self::Query)],
+        out: &mut [f32],
     ) -> anyhow::Result<()>;
 
     /// Copies each move's whole host chunk into its slot. `scratch` is the calling thread's

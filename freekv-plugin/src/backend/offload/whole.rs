@@ -18,7 +18,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         &self,
         host: &HostOf<T, O>,
         table: &[u32],
-        dev: &mut OffloadTier<T, O::Slots>,
+        dev: &mut OffloadTier<T, O::Slots, O::Query>,
         len: usize,
         batch: &OffloadBatch<O::Batch, O::Staged>,
         row: usize,
@@ -81,7 +81,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// Appends token `pos` (from batch row `row`) to `slot` of a working set.
     pub(super) fn append_from_batch(
         &self,
-        dev: &mut OffloadTier<T, O::Slots>,
+        dev: &mut OffloadTier<T, O::Slots, O::Query>,
         slot: usize,
         pos: usize,
         batch: &OffloadBatch<O::Batch, O::Staged>,
