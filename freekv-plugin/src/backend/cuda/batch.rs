@@ -92,36 +92,22 @@ impl CudaBatch {
         let (lens_off, index_off) = (0, align(lens_b.len()));
         let desc_off = index_off + align(index_b.len());
         let total = desc_off + std::mem::size_of::<SeqDesc>();
-        let arena = self.reserve(ctx, stream, total)?;
-        let base = arena.used;
-        let dev = arena.dev.ptr() + base as u64;
-        desc.slot_len = dev + lens_off as u64;
-        desc.slot_index = if index.is_some() {
-            dev + index_off as u64
-        } else {
-            0
-        };
-        let desc_b = as_bytes(std::slice::from_ref(&desc));
-        let host = &mut arena.host.as_mut_slice()[base..base + total];
-        host[lens_off..lens_off + lens_b.len()].copy_from_slice(lens_b);
-        host[index_off..index_off + index_b.len()].copy_from_slice(index_b);
-        host[desc_off..].copy_from_slice(desc_b);
-        // SAFETY: the pinned range is not rewritten before the call's `done` event (`begin`),
-        // and the device range is this row's alone.
-        unsafe {
-            arena
-                .dev
-                .copy_from_host_async(base, &*host, stream.cu_stream())
-        }?;
-        // After every row, so that a call cut short by an error still guards its copies.
-        arena.done.record(stream.cu_stream())?;
-        arena.used = align(base + total);
+        let dev = self.stage(ctx, stream, total, |host, dev| {
+            desc.slot_len = dev + lens_off as u64;
+            desc.slot_index = if index.is_some() {
+                dev + index_off as u64
+            } else {
+                0
+            };
+            host[lens_off..lens_off + lens_b.len()].copy_from_slice(lens_b);
+            host[index_off..index_off + index_b.len()].copy_from_slice(index_b);
+            host[desc_off..].copy_from_slice(as_bytes(std::slice::from_ref(&desc)));
+        })?;
         Ok(dev + desc_off as u64)
     }
 
-    /// Stages `addrs` (device addresses a kernel reads) like a decode descriptor: written
-    /// once into the arena, its upload queued on `stream`. Returns the device address of the
-    /// staged array.
+    /// Stages `addrs` (device addresses a kernel reads) like a decode descriptor. Returns the
+    /// device address of the staged array.
     pub(super) fn stage_addresses(
         &mut self,
         ctx: &Arc<CudaContext>,
@@ -129,19 +115,36 @@ impl CudaBatch {
         addrs: &[u64],
     ) -> anyhow::Result<u64> {
         let bytes = as_bytes(addrs);
-        let arena = self.reserve(ctx, stream, bytes.len())?;
+        self.stage(ctx, stream, bytes.len(), |host, _| {
+            host.copy_from_slice(bytes)
+        })
+    }
+
+    /// Stages `total` bytes in the arena: `fill` writes them (given the device address they
+    /// will have), then their upload is queued on `stream`. Returns that device address.
+    fn stage(
+        &mut self,
+        ctx: &Arc<CudaContext>,
+        stream: &CudaStream,
+        total: usize,
+        fill: impl FnOnce(&mut [u8], u64),
+    ) -> anyhow::Result<u64> {
+        let arena = self.reserve(ctx, stream, total)?;
         let base = arena.used;
-        let host = &mut arena.host.as_mut_slice()[base..base + bytes.len()];
-        host.copy_from_slice(bytes);
-        // SAFETY: as in `stage_decode`.
+        let dev = arena.dev.ptr() + base as u64;
+        let host = &mut arena.host.as_mut_slice()[base..base + total];
+        fill(host, dev);
+        // SAFETY: the pinned range is not rewritten before the call's `done` event (`begin`),
+        // and the device range is this part's alone.
         unsafe {
             arena
                 .dev
                 .copy_from_host_async(base, &*host, stream.cu_stream())
         }?;
+        // After every part, so that a call cut short by an error still guards its copies.
         arena.done.record(stream.cu_stream())?;
-        arena.used = align(base + bytes.len());
-        Ok(arena.dev.ptr() + base as u64)
+        arena.used = align(base + total);
+        Ok(dev)
     }
 
     /// Device memory for the correction test's output of `n` (row, KV head) pairs, grown (after
