@@ -102,14 +102,6 @@ __device__ __forceinline__ void load8(const kv_t* __restrict__ p, float out[VEC]
 __device__ __forceinline__ uint4 load_raw16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 __device__ __forceinline__ void store_raw16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 
-__device__ __forceinline__ void store8(kv_t* p, const float in[VEC]) {
-  uint4 raw;
-  kv_t* e = reinterpret_cast<kv_t*>(&raw);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) e[i] = from_f(in[i]);
-  *reinterpret_cast<uint4*>(p) = raw;
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -155,29 +147,6 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
   __syncthreads();
   float r = (lane < nw) ? scratch[lane] : FKV_NEG_INF;
   return warp_max(r);
-}
-
-// Exclusive prefix count of `flag` over the block in thread order; `total` gets the block's count.
-// `scratch` holds 33 ints. blockDim.x a multiple of 32.
-__device__ __forceinline__ int block_exclusive_count(bool flag, int* scratch, int* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-  const int in_warp = __popc(ballot & ((1u << lane) - 1u));
-  __syncthreads();
-  if (lane == 0) scratch[warp] = __popc(ballot);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int run = 0;
-    for (int w = 0; w < nw; ++w) {
-      const int c = scratch[w];
-      scratch[w] = run;
-      run += c;
-    }
-    scratch[32] = run;
-  }
-  __syncthreads();
-  *total = scratch[32];
-  return scratch[warp] + in_warp;
 }
 
 // Per-sequence descriptor of one layer's device tier, built by the host for each step ("plan").

@@ -2,7 +2,7 @@
 //!
 //! Criteria (as Quest/FlashInfer test their kernels): >= 99% of outputs within tolerance and no
 //! NaN; selections compared by score sums (ties make index comparison unreliable), plus the
-//! replacement invariants. Data movement (recall, offload, append) must be bit-exact.
+//! replacement invariants. Data movement (recall) must be bit-exact.
 //!
 //! The reference here is plain f64/f32 loops written from the spec, independent of the kernels.
 //! Without a CUDA device every test prints why it is skipped and passes. Build for a GPU machine
@@ -12,9 +12,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, CudaContext};
 use freekv_plugin::cuda::device_tier::{LayerTier, TierShape};
-use freekv_plugin::cuda::kernels::{
-    as_bytes, AppendJob, GatherJob, KernelPooling, Kernels, RecallJob, SeqDesc, SummaryMode,
-};
+use freekv_plugin::cuda::kernels::{KernelPooling, Kernels, RecallJob, SeqDesc};
 use freekv_plugin::cuda::mem::{DeviceBuffer, HostRegistration, PinnedBuffer};
 use freekv_plugin::cuda::module;
 use freekv_plugin::cuda::recall::{RawEvent, RecallMode, RecallPipeline};
@@ -118,99 +116,12 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     );
 }
 
-const DTYPES: [KernelDtype; 2] = [KernelDtype::F16, KernelDtype::Bf16];
-
 fn cfg(dtype: KernelDtype, head_dim: usize, page_size: usize, group: usize) -> KernelConfig {
     KernelConfig {
         dtype,
         head_dim,
         page_size,
         group,
-    }
-}
-
-// ---------------------------------------------------------------- summaries
-
-#[test]
-fn summaries_match_cpu() {
-    let Some(ctx) = device("summaries_match_cpu") else {
-        return;
-    };
-    let s = stream(&ctx);
-    for dtype in DTYPES {
-        for (d, p, n_kv) in [(64, 16, 3), (128, 32, 8), (256, 8, 2)] {
-            let k = kernels(&ctx, cfg(dtype, d, p, 1));
-            let mut rng = Rng(d as u64 * 31 + p as u64);
-            let n_pages = 9;
-            // NHD slots: [page][2][p][n_kv][d]
-            let slot_elems = 2 * p * n_kv * d;
-            let host: Vec<u16> = (0..n_pages * slot_elems)
-                .map(|_| enc(dtype, rng.f() * 3.0))
-                .collect();
-            let src = upload(&ctx, &host);
-            let dst = DeviceBuffer::zeroed(&ctx, n_pages * n_kv * 2 * d * 2).unwrap();
-            let srcs: Vec<u64> = (0..n_pages)
-                .map(|i| src.ptr() + (i * slot_elems * 2) as u64)
-                .collect();
-            let dsts: Vec<u64> = (0..n_pages)
-                .map(|i| dst.ptr() + (i * n_kv * 2 * d * 2) as u64)
-                .collect();
-            let (srcs_d, dsts_d) = (upload(&ctx, &srcs), upload(&ctx, &dsts));
-            for mode in [SummaryMode::MinMax, SummaryMode::CentreMad] {
-                k.summarize(
-                    s.cu_stream(),
-                    srcs_d.ptr(),
-                    dsts_d.ptr(),
-                    n_pages,
-                    n_kv,
-                    (n_kv * d) as i64,
-                    d as i64,
-                    mode,
-                )
-                .unwrap();
-                sync(&s);
-                let got: Vec<f32> = download::<u16>(&dst, n_pages * n_kv * 2 * d)
-                    .iter()
-                    .map(|&x| dec(dtype, x))
-                    .collect();
-                let mut want = vec![0f32; got.len()];
-                for pg in 0..n_pages {
-                    for h in 0..n_kv {
-                        for c in 0..d {
-                            let key = |t: usize| {
-                                dec(dtype, host[pg * slot_elems + (t * n_kv + h) * d + c])
-                            };
-                            let mx = (0..p).map(key).fold(f32::NEG_INFINITY, f32::max);
-                            let mn = (0..p).map(key).fold(f32::INFINITY, f32::min);
-                            let (up, lo) = match mode {
-                                SummaryMode::MinMax => (mx, mn),
-                                SummaryMode::CentreMad => {
-                                    let cen = 0.5 * (mx + mn);
-                                    let r = (0..p).map(|t| (key(t) - cen).abs()).sum::<f32>()
-                                        / p as f32;
-                                    (cen + r, cen - r)
-                                }
-                            };
-                            let o = (pg * n_kv + h) * 2 * d;
-                            want[o + c] = dec(dtype, enc(dtype, up));
-                            want[o + d + c] = dec(dtype, enc(dtype, lo));
-                        }
-                    }
-                }
-                let (atol, rtol) = if mode == SummaryMode::MinMax {
-                    (0.0, 0.0)
-                } else {
-                    (1e-2, 1e-2)
-                };
-                assert_close(
-                    &format!("summary {dtype:?} d{d} p{p} {mode:?}"),
-                    &got,
-                    &want,
-                    atol,
-                    rtol,
-                );
-            }
-        }
     }
 }
 
@@ -465,11 +376,11 @@ fn correction_flags_match_cpu() {
     }
 }
 
-// ---------------------------------------------------------------- recall, offload, append
+// ---------------------------------------------------------------- recall
 
 #[test]
-fn recall_pipeline_and_offload_roundtrip_are_exact() {
-    let Some(ctx) = device("recall_pipeline_and_offload_roundtrip_are_exact") else {
+fn recall_pipeline_is_exact() {
+    let Some(ctx) = device("recall_pipeline_is_exact") else {
         return;
     };
     let s = stream(&ctx);
@@ -568,80 +479,6 @@ fn recall_pipeline_and_offload_roundtrip_are_exact() {
                     }
                 }
                 assert_eq!(lens[slot * n_kv + h], p as i32);
-            }
-            // Offload gather: slot 0 (NHD) back to HND, compare with host page 7.
-            let dst = DeviceBuffer::zeroed(&ctx, page_elems * 2).unwrap();
-            let job = GatherJob {
-                src_k: tier.slot_ptr(0),
-                src_v: tier.slot_ptr(0) + (p * n_kv * d * 2) as u64,
-                dst: dst.ptr(),
-            };
-            let jobs = upload(&ctx, as_bytes(&[job]));
-            k.offload_gather(
-                s.cu_stream(),
-                jobs.ptr(),
-                1,
-                n_kv,
-                (n_kv * d) as i64,
-                d as i64,
-            )
-            .unwrap();
-            sync(&s);
-            let back: Vec<u16> = download(&dst, page_elems);
-            assert_eq!(
-                back,
-                page(7),
-                "{mode:?}: offload gather of slot 0 != host page 7"
-            );
-        }
-        // Append: two sequences, one token each.
-        let tiers = [
-            LayerTier::new(&ctx, shape).unwrap(),
-            LayerTier::new(&ctx, shape).unwrap(),
-        ];
-        let newk: Vec<u16> = (0..2 * n_kv * d)
-            .map(|_| (rng.next() & 0x7bff) as u16)
-            .collect();
-        let newv: Vec<u16> = (0..2 * n_kv * d)
-            .map(|_| (rng.next() & 0x7bff) as u16)
-            .collect();
-        let (kd, vd) = (upload(&ctx, &newk), upload(&ctx, &newv));
-        let jobs = [
-            AppendJob {
-                slots: tiers[0].slots.ptr(),
-                slot_len: tiers[0].slot_len.ptr(),
-                slot: 20,
-                pos: 5,
-            },
-            AppendJob {
-                slots: tiers[1].slots.ptr(),
-                slot_len: tiers[1].slot_len.ptr(),
-                slot: 3,
-                pos: 0,
-            },
-        ];
-        let jd = upload(&ctx, as_bytes(&jobs));
-        k.append(
-            s.cu_stream(),
-            kd.ptr(),
-            vd.ptr(),
-            (n_kv * d) as i64,
-            jd.ptr(),
-            2,
-            n_kv,
-        )
-        .unwrap();
-        sync(&s);
-        for (i, j) in jobs.iter().enumerate() {
-            let slots: Vec<u16> = download(&tiers[i].slots, shape.n_slots * shape.slot_elems());
-            let lens: Vec<i32> = download(&tiers[i].slot_len, shape.n_slots * n_kv);
-            for h in 0..n_kv {
-                let src = i * n_kv * d + h * d;
-                let dk = ((j.slot as usize * 2) * p + j.pos as usize) * n_kv * d + h * d;
-                let dv = ((j.slot as usize * 2 + 1) * p + j.pos as usize) * n_kv * d + h * d;
-                assert_eq!(&slots[dk..dk + d], &newk[src..src + d]);
-                assert_eq!(&slots[dv..dv + d], &newv[src..src + d]);
-                assert_eq!(lens[j.slot as usize * n_kv + h], j.pos + 1);
             }
         }
     }

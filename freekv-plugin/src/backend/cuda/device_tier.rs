@@ -58,11 +58,6 @@ impl LayerTier {
         })
     }
 
-    /// The device address of slot `slot`'s data.
-    pub fn slot_ptr(&self, slot: usize) -> u64 {
-        self.slots.ptr() + (slot * self.shape.slot_bytes()) as u64
-    }
-
     /// The decode kernels' view of this layer: its first `n_slots` slots.
     pub fn desc(&self, n_slots: usize) -> SeqDesc {
         SeqDesc {

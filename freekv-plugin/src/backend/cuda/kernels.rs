@@ -39,41 +39,13 @@ pub struct RecallJob {
     pub head: i32,
 }
 
-/// Mirrors `struct GatherJob` in `kernels/transfer.cu` (24 bytes).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GatherJob {
-    pub src_k: u64,
-    pub src_v: u64,
-    pub dst: u64,
-}
-
-/// Mirrors `struct AppendJob` in `kernels/transfer.cu` (24 bytes).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AppendJob {
-    pub slots: u64,
-    pub slot_len: u64,
-    pub slot: i32,
-    pub pos: i32,
-}
-
 const _: () = assert!(std::mem::size_of::<SeqDesc>() == 40);
 const _: () = assert!(std::mem::size_of::<RecallJob>() == 32);
-const _: () = assert!(std::mem::size_of::<GatherJob>() == 24);
-const _: () = assert!(std::mem::size_of::<AppendJob>() == 24);
 
 /// Views a slice of plain-old-data descriptors as bytes for uploads.
 pub fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
     // SAFETY: the descriptor types are repr(C) integers without padding (asserted sizes above).
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-}
-
-/// Summary kind (`mode` of freekv_summarize).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SummaryMode {
-    MinMax = 0,
-    CentreMad = 1,
 }
 
 /// GQA pooling (`mode` of freekv_pool_scores).
@@ -145,41 +117,6 @@ impl Kernels {
             )
         }
         .map_err(|e| anyhow::anyhow!("launching {name} (grid {grid:?}, block {block}): {e:?}"))
-    }
-
-    fn kv_threads(n_kv: usize, head_dim: usize) -> u32 {
-        (n_kv * head_dim / 8).div_ceil(32).clamp(1, 32) as u32 * 32
-    }
-
-    /// freekv_summarize: `src_keys`/`dst` are device arrays of `n_jobs` u64 pointers.
-    #[allow(clippy::too_many_arguments)]
-    pub fn summarize(
-        &self,
-        stream: sys::CUstream,
-        src_keys: u64,
-        dst: u64,
-        n_jobs: usize,
-        n_kv: usize,
-        tok_stride: i64,
-        head_stride: i64,
-        mode: SummaryMode,
-    ) -> anyhow::Result<()> {
-        let block = Self::kv_threads(n_kv, self.loaded.config.head_dim);
-        self.launch(
-            "freekv_summarize",
-            (n_jobs as u32, 1, 1),
-            block,
-            stream,
-            &[
-                Arg::Ptr(src_keys),
-                Arg::Ptr(dst),
-                Arg::I32(n_jobs as i32),
-                Arg::I32(n_kv as i32),
-                Arg::I64(tok_stride),
-                Arg::I64(head_stride),
-                Arg::I32(mode as i32),
-            ],
-        )
     }
 
     /// freekv_score_pages + freekv_pool_scores: pooled scores `[n_seq][n_kv][cand_stride]` f32.
@@ -304,60 +241,6 @@ impl Kernels {
             &[
                 Arg::Ptr(jobs),
                 Arg::I32(n_jobs as i32),
-                Arg::I32(n_kv as i32),
-            ],
-        )
-    }
-
-    /// freekv_offload_gather: strided pages -> HND pages.
-    #[allow(clippy::too_many_arguments)]
-    pub fn offload_gather(
-        &self,
-        stream: sys::CUstream,
-        jobs: u64,
-        n_jobs: usize,
-        n_kv: usize,
-        tok_stride: i64,
-        head_stride: i64,
-    ) -> anyhow::Result<()> {
-        self.launch(
-            "freekv_offload_gather",
-            (n_jobs as u32, 1, 1),
-            256,
-            stream,
-            &[
-                Arg::Ptr(jobs),
-                Arg::I32(n_jobs as i32),
-                Arg::I32(n_kv as i32),
-                Arg::I64(tok_stride),
-                Arg::I64(head_stride),
-            ],
-        )
-    }
-
-    /// freekv_append: one new token per sequence into its window slot.
-    #[allow(clippy::too_many_arguments)]
-    pub fn append(
-        &self,
-        stream: sys::CUstream,
-        k_new: u64,
-        v_new: u64,
-        seq_stride: i64,
-        jobs: u64,
-        n_seq: usize,
-        n_kv: usize,
-    ) -> anyhow::Result<()> {
-        let block = Self::kv_threads(n_kv, self.loaded.config.head_dim);
-        self.launch(
-            "freekv_append",
-            (n_seq as u32, 1, 1),
-            block,
-            stream,
-            &[
-                Arg::Ptr(k_new),
-                Arg::Ptr(v_new),
-                Arg::I64(seq_stride),
-                Arg::Ptr(jobs),
                 Arg::I32(n_kv as i32),
             ],
         )

@@ -13,22 +13,19 @@ const COMMON: &str = include_str!("../../../../kernels/common.cuh");
 /// One kernel source file. Kernels of one file share a module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum KernelFile {
-    /// `freekv_summarize`.
-    Summary,
     /// `freekv_score_pages`, `freekv_pool_scores`, `freekv_correction`.
     Select,
-    /// `freekv_recall_scatter`, `freekv_recall_direct`, `freekv_offload_gather`, `freekv_append`.
+    /// `freekv_recall_scatter`, `freekv_recall_direct`.
     Transfer,
     /// `freekv_decode_partial`, `freekv_decode_combine`.
     Decode,
 }
 
 impl KernelFile {
-    pub const ALL: [KernelFile; 4] = [Self::Summary, Self::Select, Self::Transfer, Self::Decode];
+    pub const ALL: [KernelFile; 3] = [Self::Select, Self::Transfer, Self::Decode];
 
     pub fn file_name(self) -> &'static str {
         match self {
-            Self::Summary => "summary.cu",
             Self::Select => "select.cu",
             Self::Transfer => "transfer.cu",
             Self::Decode => "decode.cu",
@@ -37,7 +34,6 @@ impl KernelFile {
 
     fn body(self) -> &'static str {
         match self {
-            Self::Summary => include_str!("../../../../kernels/summary.cu"),
             Self::Select => include_str!("../../../../kernels/select.cu"),
             Self::Transfer => include_str!("../../../../kernels/transfer.cu"),
             Self::Decode => include_str!("../../../../kernels/decode.cu"),
@@ -47,18 +43,12 @@ impl KernelFile {
     /// The `extern "C"` kernels this file defines.
     pub fn kernels(self) -> &'static [&'static str] {
         match self {
-            Self::Summary => &["freekv_summarize"],
             Self::Select => &[
                 "freekv_score_pages",
                 "freekv_pool_scores",
                 "freekv_correction",
             ],
-            Self::Transfer => &[
-                "freekv_recall_scatter",
-                "freekv_recall_direct",
-                "freekv_offload_gather",
-                "freekv_append",
-            ],
+            Self::Transfer => &["freekv_recall_scatter", "freekv_recall_direct"],
             Self::Decode => &["freekv_decode_partial", "freekv_decode_combine"],
         }
     }
