@@ -153,7 +153,7 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 // Mirrored by `SeqDesc` in freekv-plugin/src/backend/cuda/kernels.rs: keep both in sync.
 struct SeqDesc {
   u64 slots;      // kv_t*: [n_slots][2][PAGE][n_kv][D] (or a pool of slots, see slot_index)
-  u64 slot_len;   // i32*:  [n_slots][n_kv] valid tokens of each (logical) slot, per KV head
+  u64 slot_len;   // i32*:  [n_slots][n_kv] attended tokens [lo, hi) of each (logical) slot and KV head, packed (hi | lo << 16)
   u64 summaries;  // kv_t*: one layer's [n_kv][n_blocks][2][D] (by block; see select.cu)
   u64 slot_index; // i32*:  [n_slots] where logical slot i is stored in `slots`; 0 = slot i itself
   i32 n_slots;    // slots attended by decode (sink + selected + window, or a dense layer's pages)

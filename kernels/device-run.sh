@@ -5,9 +5,13 @@
 #
 #   run(command="bash kernels/device-run.sh", carry=[".device"], timeout_s=540)
 #
-# Budget: tests ~1-2 min, engine e2e ~1-2 min, bench ~3-4 min (FREEKV_BENCH_* env vars shrink
-# it). Not yet run on a GPU: the first run may need fixes.
+# Budget: 8 minutes in all (each step's timeout is cut to what is left of it): tests ~1-2 min,
+# engine e2e ~2 min, bench ~3-4 min (FREEKV_BENCH_* env vars shrink it). Not yet run on a GPU:
+# the first run may need fixes.
 set -uo pipefail
+DEADLINE=$((SECONDS + ${DEVICE_RUN_BUDGET_S:-480}))
+# cap N: N seconds, or what is left of the budget if less (at least 5).
+cap() { local left=$((DEADLINE - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"; }
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=$ROOT/.device/bin
 OUT=${OUT:-$ROOT/.device/out}
@@ -39,18 +43,21 @@ export LD_LIBRARY_PATH="${dirs#:}:${LD_LIBRARY_PATH:-}"
 ldd "$BIN/cuda_kernels" | grep -E 'cuda|nvrtc|cublas|curand|not found'
 
 echo "== GPU tests (each kernel vs the CPU reference)"
-timeout 300 "$BIN/cuda_kernels" --test-threads=1
+timeout "$(cap 300)" "$BIN/cuda_kernels" --test-threads=1
 echo "tests exit code: $?"
 
 echo "== GPU test (a whole FreeKV instance on CUDA vs the CPU backend)"
-timeout 240 "$BIN/cuda_freekv" --test-threads=1 --nocapture
+timeout "$(cap 240)" "$BIN/cuda_freekv" --test-threads=1 --nocapture
 echo "freekv test exit code: $?"
 
 echo "== engine end to end on tiny models (bf16 on the GPU)"
-# FreeKV's dense mode must give the stock engine's greedy tokens; a sparse budget must decode
-# sparsely (the engine logs FreeKV's counters when a request is released) without NaN.
-# E2E_FLAGS="--cpu --dtype f32" dry-runs this section on a machine without a GPU.
+# FreeKV's dense mode must give the greedy tokens of the engine's own paged attention (the same
+# binary with --no-freekv, same block size); each sparse mode must decode sparsely (FreeKV's
+# counters in /metrics) without NaN.
+# E2E_FLAGS="--cpu --dtype f32" STOCK_FLAGS="--paged-attn off" dry-runs this section on a
+# machine without a GPU (the engine has no paged attention on the CPU).
 E2E_FLAGS=${E2E_FLAGS:---dtype bf16}
+STOCK_FLAGS=${STOCK_FLAGS:---pa-context-len 2048 --pa-block-size 32}
 MODELS=$(mktemp -d)
 "$BIN/freekv-tiny-models" "$MODELS" >/dev/null
 e2e_fail=0
@@ -59,21 +66,28 @@ for arch in llama qwen2; do
   prompt=$(cat "$m/prompt.txt")
   # run TAG "GLOBAL FLAGS (the --freekv-* knobs)" "RUN FLAGS"
   # The engine's log lines (ANSI-coloured, on stdout) go to .log, the generated text to .txt.
-  run() { RUST_LOG=info timeout 120 "$BIN/mistralrs" --token-source none $2 run -m "$m" \
+  run() { RUST_LOG=info timeout "$(cap 120)" "$BIN/mistralrs" --token-source none $2 run -m "$m" \
             $E2E_FLAGS $3 -i "$prompt" >"$OUT/e2e-$arch-$1.out" 2>&1
           echo "exit $?" >>"$OUT/e2e-$arch-$1.out"
           grep -a $'^\e\[' "$OUT/e2e-$arch-$1.out" >"$OUT/e2e-$arch-$1.log"
           grep -av $'^\e\[' "$OUT/e2e-$arch-$1.out" >"$OUT/e2e-$arch-$1.txt"
           sed '/^Stats:/,$d' "$OUT/e2e-$arch-$1.txt" >"$OUT/e2e-$arch-$1.tokens"; }
-  run stock "" "--paged-attn off"
+  run stock "--no-freekv" "$STOCK_FLAGS"
   run dense "--freekv-mode dense" "--pa-context-len 2048 --pa-block-size 32"
+  if cmp -s "$OUT/e2e-$arch-stock.tokens" "$OUT/e2e-$arch-dense.tokens" \
+     && [ -s "$OUT/e2e-$arch-stock.tokens" ] && grep -q '^exit 0$' "$OUT/e2e-$arch-dense.txt"; then
+    echo "$arch: FreeKV dense mode == stock"
+  else
+    echo "$arch: FAIL dense mode differs from stock (see e2e-$arch-*.txt)"; e2e_fail=1
+  fi
   # Sparse: through the server, whose /metrics has FreeKV's counters once the request is done.
-  port=$((20000 + RANDOM % 20000))
-  "$BIN/mistralrs" --token-source none --freekv-budget 128 --freekv-sink 32 --freekv-window 32 \
-    --freekv-page-size 16 serve -m "$m" $E2E_FLAGS --pa-context-len 2048 --pa-block-size 16 \
-    --host 127.0.0.1 -p $port >"$OUT/e2e-$arch-sparse.log" 2>&1 &
-  server=$!
-  python3 - "$port" "$m/prompt.txt" >"$OUT/e2e-$arch-sparse.txt" 2>&1 <<'PY'
+  for mode in freekv speculative sync; do
+    port=$((20000 + RANDOM % 20000))
+    timeout "$(cap 150)" "$BIN/mistralrs" --token-source none --freekv-mode $mode --freekv-budget 128 --freekv-sink 32 --freekv-window 32 \
+      --freekv-page-size 16 serve -m "$m" $E2E_FLAGS --pa-context-len 2048 --pa-block-size 16 \
+      --host 127.0.0.1 -p $port >"$OUT/e2e-$arch-$mode.log" 2>&1 &
+    server=$!
+    python3 - "$port" "$m/prompt.txt" >"$OUT/e2e-$arch-$mode.txt" 2>&1 <<'PY'
 import json, sys, time, urllib.request
 port, prompt = sys.argv[1], open(sys.argv[2]).read()
 base = f"http://127.0.0.1:{port}"
@@ -92,24 +106,19 @@ metrics = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
 print("\n".join(l for l in metrics.splitlines() if l.startswith("freekv_")))
 print("exit 0")
 PY
-  kill $server 2>/dev/null; wait $server 2>/dev/null
-  if cmp -s "$OUT/e2e-$arch-stock.tokens" "$OUT/e2e-$arch-dense.tokens" \
-     && [ -s "$OUT/e2e-$arch-stock.tokens" ] && grep -q '^exit 0$' "$OUT/e2e-$arch-dense.txt"; then
-    echo "$arch: FreeKV dense mode == stock"
-  else
-    echo "$arch: FAIL dense mode differs from stock (see e2e-$arch-*.txt)"; e2e_fail=1
-  fi
-  sparse=$(grep -a '^freekv_sparse_steps_total' "$OUT/e2e-$arch-sparse.txt" | awk '{print int($NF)}' | sort -n | tail -n1)
-  if [ "${sparse:-0}" -gt 0 ] && grep -q '^exit 0$' "$OUT/e2e-$arch-sparse.txt" \
-     && ! grep -qi nan "$OUT/e2e-$arch-sparse.txt"; then
-    echo "$arch: sparse run ok (sparse_steps=$sparse)"
-  else
-    echo "$arch: FAIL sparse run (sparse_steps=${sparse:-none}; see e2e-$arch-sparse.*)"; e2e_fail=1
-  fi
+    kill $server 2>/dev/null; wait $server 2>/dev/null
+    sparse=$(grep -a '^freekv_sparse_steps_total' "$OUT/e2e-$arch-$mode.txt" | awk '{print int($NF)}' | sort -n | tail -n1)
+    if [ "${sparse:-0}" -gt 0 ] && grep -q '^exit 0$' "$OUT/e2e-$arch-$mode.txt" \
+       && ! grep -qiw nan "$OUT/e2e-$arch-$mode.txt"; then
+      echo "$arch $mode: sparse run ok (sparse_steps=$sparse)"
+    else
+      echo "$arch $mode: FAIL sparse run (sparse_steps=${sparse:-none}; see e2e-$arch-$mode.*)"; e2e_fail=1
+    fi
+  done
 done
 echo "e2e exit code: $e2e_fail"
 
 echo "== decode bench (the backend the engine runs)"
 FREEKV_BENCH_OUT=$OUT/bench.jsonl FREEKV_BENCH_STEPS=${FREEKV_BENCH_STEPS:-16} \
-  timeout 300 "$BIN/cuda_decode" --bench
+  timeout "$(cap 300)" "$BIN/cuda_decode" --bench
 echo "bench exit code: $?"

@@ -9,8 +9,7 @@
 struct RecallJob {
   u64 slots;     // kv_t*: the destination (sequence, layer) slot tensor [n_slots][2][PAGE][n_kv][D]
   u64 slot_len;  // i32*:  its [n_slots][n_kv] valid-token table
-  u64 src;       // chunk source: offset in elements into the staging buffer (scatter), or a host
-                 // pointer (UVA, pinned) to the chunk (direct)
+  u64 src;       // chunk source: offset in elements into the staging buffer
   i32 slot;
   i32 head;
 };
@@ -38,14 +37,4 @@ extern "C" __global__ void freekv_recall_scatter(const kv_t* __restrict__ stagin
   if (i >= n_jobs) return;
   const RecallJob job = jobs[i];
   scatter_chunk(staging + job.src, job, n_kv);
-}
-
-// Host chunk (pinned, mapped into the device's address space) -> NHD slots, read by the SMs over
-// the bus instead of the copy engines: no staging buffer and one launch for any number of chunks.
-// The alternative recall engine, chosen by measurement. Launch: grid = n_jobs, block = 256.
-extern "C" __global__ void freekv_recall_direct(const RecallJob* __restrict__ jobs, int n_jobs, int n_kv) {
-  const int i = blockIdx.x;
-  if (i >= n_jobs) return;
-  const RecallJob job = jobs[i];
-  scatter_chunk(reinterpret_cast<const kv_t*>(job.src), job, n_kv);
 }

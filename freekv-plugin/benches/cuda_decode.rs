@@ -29,7 +29,7 @@ use freekv_plugin::cuda::device_tier::{LayerTier, TierShape};
 use freekv_plugin::cuda::kernels::{Kernels, RecallJob};
 use freekv_plugin::cuda::mem::{DeviceBuffer, HostRegistration, PinnedBuffer};
 use freekv_plugin::cuda::module;
-use freekv_plugin::cuda::recall::{RawEvent, RecallMode, RecallPipeline};
+use freekv_plugin::cuda::recall::{RawEvent, RecallPipeline};
 use freekv_plugin::cuda::source::{KernelConfig, KernelDtype};
 use freekv_plugin::{AttnParams, DecodeRow, FreeKv, KvDType, Mode, ModelShape};
 
@@ -248,7 +248,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Host->device peak (one large pinned copy) vs the recall pipeline moving 4096 random 16 KiB
-/// chunks of a registered (page-locked) host region, both recall modes.
+/// chunks of a registered (page-locked) host region.
 fn bandwidth(device: &Device, out: &mut Out) -> anyhow::Result<()> {
     let Device::Cuda(cuda) = device else {
         anyhow::bail!("not a CUDA device")
@@ -295,35 +295,31 @@ fn bandwidth(device: &Device, out: &mut Out) -> anyhow::Result<()> {
     };
     let tier = LayerTier::new(&ctx, shape)?;
     let mut rng = Rng(12345);
-    for mode in [RecallMode::CopyEngine, RecallMode::Direct] {
-        let (mut best, mut calls) = (0f64, 0);
-        for _ in 0..3 {
-            let jobs: Vec<RecallJob> = (0..4096)
-                .map(|i| {
-                    let c = (rng.next() as usize) % n_chunks_host;
-                    RecallJob {
-                        src: host.as_ptr() as u64 + (c * chunk_bytes) as u64,
-                        slots: tier.slots.ptr(),
-                        slot_len: tier.slot_len.ptr(),
-                        slot: (i % n_slots) as i32,
-                        head: ((rng.next() as usize) % s.kv) as i32,
-                    }
-                })
-                .collect();
-            let done = Arc::new(RawEvent::new(&ctx)?);
-            ctx.synchronize()?;
-            let t0 = Instant::now();
-            let st = pipe
-                .submit(jobs, mode, None, done.clone())
-                .wait_enqueued()?;
-            done.synchronize()?;
-            calls = st.copy_calls;
-            best = best.max((4096 * chunk_bytes) as f64 / t0.elapsed().as_secs_f64() / 1e9);
-        }
-        out.emit(format!(
-            "{{\"recall_bandwidth\":{{\"mode\":\"{mode:?}\",\"chunk_bytes\":{chunk_bytes},\"chunks\":4096,\"copy_calls\":{calls},\"gb_per_s\":{best:.2},\"h2d_peak_gb_per_s\":{peak:.2},\"fraction_of_peak\":{:.3}}}}}",
-            best / peak
-        ));
+    let (mut best, mut calls) = (0f64, 0);
+    for _ in 0..3 {
+        let jobs: Vec<RecallJob> = (0..4096)
+            .map(|i| {
+                let c = (rng.next() as usize) % n_chunks_host;
+                RecallJob {
+                    src: host.as_ptr() as u64 + (c * chunk_bytes) as u64,
+                    slots: tier.slots.ptr(),
+                    slot_len: tier.slot_len.ptr(),
+                    slot: (i % n_slots) as i32,
+                    head: ((rng.next() as usize) % s.kv) as i32,
+                }
+            })
+            .collect();
+        let done = Arc::new(RawEvent::new(&ctx)?);
+        ctx.synchronize()?;
+        let t0 = Instant::now();
+        let st = pipe.submit(jobs, vec![], done.clone()).wait_enqueued()?;
+        done.synchronize()?;
+        calls = st.copy_calls;
+        best = best.max((4096 * chunk_bytes) as f64 / t0.elapsed().as_secs_f64() / 1e9);
     }
+    out.emit(format!(
+        "{{\"recall_bandwidth\":{{\"chunk_bytes\":{chunk_bytes},\"chunks\":4096,\"copy_calls\":{calls},\"gb_per_s\":{best:.2},\"h2d_peak_gb_per_s\":{peak:.2},\"fraction_of_peak\":{:.3}}}}}",
+        best / peak
+    ));
     Ok(())
 }

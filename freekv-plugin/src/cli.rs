@@ -6,7 +6,7 @@
 //! (and the backend registered) before any model loads, so a bad knob stops the command with
 //! a message that names it.
 
-use clap::{Arg, ArgMatches, Args, Command, FromArgMatches};
+use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 
 use crate::config::Knob;
 use crate::FreeKvConfig;
@@ -14,10 +14,14 @@ use crate::FreeKvConfig;
 /// The help section the flags are listed under.
 const HEADING: &str = "FreeKV KV-cache retrieval";
 
-/// The `--freekv-*` flags as given (knob name and text, in knob order).
+/// The flag that leaves FreeKV out: the engine runs its own attention.
+const OFF_FLAG: &str = "no-freekv";
+
+/// The `--freekv-*` flags as given (knob name and text, in knob order), and `--no-freekv`.
 #[derive(Clone, Debug, Default)]
 pub struct FreeKvArgs {
     given: Vec<(&'static str, String)>,
+    off: bool,
 }
 
 /// The knob's documentation on one line.
@@ -53,9 +57,18 @@ fn arg(knob: &'static Knob) -> Arg {
 
 impl Args for FreeKvArgs {
     fn augment_args(cmd: Command) -> Command {
+        let off = Arg::new(OFF_FLAG)
+            .long(OFF_FLAG)
+            .global(true)
+            .action(ArgAction::SetTrue)
+            .help_heading(HEADING)
+            .help(
+                "Leave FreeKV out: the engine runs its own attention and KV cache, as a build \
+                 without FreeKV does (for side-by-side comparisons; no --freekv-* flag may be given)",
+            );
         FreeKvConfig::KNOBS
             .iter()
-            .fold(cmd, |cmd, knob| cmd.arg(arg(knob)))
+            .fold(cmd.arg(off), |cmd, knob| cmd.arg(arg(knob)))
     }
 
     fn augment_args_for_update(cmd: Command) -> Command {
@@ -72,7 +85,8 @@ impl FromArgMatches for FreeKvArgs {
                 Some((k.name, text.clone()))
             })
             .collect();
-        Ok(Self { given })
+        let off = matches.get_flag(OFF_FLAG);
+        Ok(Self { given, off })
     }
 
     fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
@@ -96,8 +110,26 @@ impl FreeKvArgs {
     }
 }
 
-/// Validates the knobs and registers FreeKV with the engine (the CLI's start-up hook).
+impl FreeKvArgs {
+    /// Whether FreeKV is to be registered: not with `--no-freekv`, which may not be combined
+    /// with a `--freekv-*` flag (an error naming it).
+    pub fn enabled(&self) -> anyhow::Result<bool> {
+        match (self.off, self.given.first()) {
+            (true, Some((name, _))) => {
+                let flag = FreeKvConfig::knob(name).map_or(*name, |k| k.flag);
+                anyhow::bail!("--{OFF_FLAG} leaves FreeKV out, so --{flag} would have no effect")
+            }
+            (off, _) => Ok(!off),
+        }
+    }
+}
+
+/// Validates the knobs and registers FreeKV with the engine (the CLI's start-up hook); with
+/// `--no-freekv`, registers nothing and the engine runs as it does without FreeKV.
 pub fn install(args: &FreeKvArgs) -> anyhow::Result<()> {
+    if !args.enabled()? {
+        return Ok(());
+    }
     crate::engine::register(args.config()?)
 }
 
@@ -110,6 +142,7 @@ mod tests {
     fn flags(pairs: &[(&'static str, &str)]) -> FreeKvArgs {
         FreeKvArgs {
             given: pairs.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+            off: false,
         }
     }
 
@@ -162,5 +195,20 @@ mod tests {
         );
         let e = flags(&[("tau", "3")]).config().unwrap_err().to_string();
         assert!(e.contains("tau = 3") && e.contains("[-1, 1]"), "{e}");
+    }
+
+    #[test]
+    fn no_freekv_leaves_it_out_and_refuses_its_knobs() {
+        let on = Cli::try_parse_from(["x", "--other", "y"]).unwrap();
+        assert!(on.freekv.enabled().unwrap());
+        let off = Cli::try_parse_from(["x", "--no-freekv"]).unwrap();
+        assert!(!off.freekv.enabled().unwrap());
+        let both = Cli::try_parse_from(["x", "--no-freekv", "--freekv-budget", "512"]).unwrap();
+        let e = both.freekv.enabled().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "--no-freekv leaves FreeKV out, so --freekv-budget would have no effect"
+        );
+        assert!(install(&both.freekv).is_err());
     }
 }

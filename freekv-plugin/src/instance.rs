@@ -77,6 +77,9 @@ pub trait AnyInstance: Send + Sync {
     /// mirror of the sparse layers' page summaries and the dense layers' pages; 0 on the CPU
     /// in place).
     fn device_pool_bytes(&self) -> usize;
+    /// Decode calls (of any layer) that waited for their own device work before returning:
+    /// the host synchronisations on the decode critical path (0 without a device).
+    fn device_waits(&self) -> u64;
     /// Turns per-step traces on or off (for tests and debugging; off by default).
     fn set_tracing(&self, on: bool);
     /// What the last decode step of `seq_id` on `layer` did (with tracing on).
@@ -256,10 +259,16 @@ impl<B: Backend> Instance<B> {
         Ok((state, waited))
     }
 
-    /// Hands the layer to the worker.
+    /// Marks the layer's background work outstanding. Called with the layer's state locked,
+    /// so that no later call of the layer (on any thread) enters before the worker has run on
+    /// the state this call left.
+    fn mark_pending(&self, layer: usize) {
+        lock_status(&self.shared.layers[layer].job).pending = true;
+    }
+
+    /// Hands the layer to the worker, once its job was marked pending ([`Self::mark_pending`]).
     fn submit(&self, layer: usize) {
         let cell = &self.shared.layers[layer];
-        lock_status(&cell.job).pending = true;
         let sent = self.jobs.as_ref().is_some_and(|j| j.send(layer).is_ok());
         if !sent {
             let mut status = lock_status(&cell.job);
@@ -390,6 +399,9 @@ impl<B: Backend> AnyInstance for Instance<B> {
                 return Err(in_layer(e, "decode step", layer));
             }
         };
+        if scheduled {
+            self.mark_pending(layer);
+        }
         drop(guard);
         if scheduled {
             self.submit(layer);
@@ -451,6 +463,10 @@ impl<B: Backend> AnyInstance for Instance<B> {
         let dense = self.shared.layers.len() - sparse;
         let summaries = backend.device_pool_bytes(n, true).saturating_mul(sparse);
         summaries.saturating_add(backend.device_pool_bytes(n, false).saturating_mul(dense))
+    }
+
+    fn device_waits(&self) -> u64 {
+        self.shared.backend.device_waits()
     }
 
     fn set_tracing(&self, on: bool) {

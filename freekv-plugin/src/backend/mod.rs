@@ -89,6 +89,12 @@ pub trait Backend: Send + Sync + 'static {
     /// sequences: for a scored layer the device's mirror of the page summaries, for a dense
     /// one (not `scored`) its pages; 0 where both are read from the host tier.
     fn device_pool_bytes(&self, num_blocks: usize, scored: bool) -> usize;
+    /// Decode calls so far that waited for their own device work before returning their
+    /// output (the decode critical path's host synchronisations); 0 for a backend without a
+    /// device.
+    fn device_waits(&self) -> u64 {
+        0
+    }
 
     // ---- inputs and outputs -----------------------------------------------------------
     /// Loads a decode step: q `(B, Hq, D)`, k/v `(B, Hkv, D)`; clears the output.

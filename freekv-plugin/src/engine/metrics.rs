@@ -137,6 +137,12 @@ const METRICS: &[Metric] = &[
         help: "Time the engine thread waited for background work",
         value: |m| Some(m.total.wait_ns as f64 * SECOND),
     },
+    Metric {
+        name: "freekv_device_waits_total",
+        kind: "counter",
+        help: "Decode layer calls that waited for the device before returning (correction test, host-side reads); 0 on CPU",
+        value: |m| Some(m.model.freekv.device_waits() as f64),
+    },
 ];
 
 /// The exposition text for `models` (one sample per metric and model, labelled `model`).

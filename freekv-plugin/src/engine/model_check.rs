@@ -77,7 +77,9 @@ pub(crate) fn one_device(
     others.dedup();
     if !others.is_empty() {
         anyhow::bail!(
-            "FreeKV serves a model on one device, but this model's layers are mapped to {:?} and              {}; load it on one device (drop the device map / --num-device-layers) or run it              with --paged-attn off",
+            "FreeKV serves a model on one device, but this model's layers are mapped to {:?} and \
+             {}; load it on one device (drop the device map / --num-device-layers) or run it \
+             with --paged-attn off",
             device.location(),
             others.join(", ")
         );

@@ -5,7 +5,7 @@
 //! on the critical path reads it) are left to after the step, and must not change any output.
 
 use super::faults::{config, decode, prefill, PAGE, PROMPT, SHAPE};
-use super::Instance;
+use super::{AnyInstance, Instance};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::offload::host::HostOps;
 use crate::backend::offload::OffloadBackend;
@@ -17,7 +17,7 @@ const STEPS: usize = 3 * PAGE;
 
 /// Waits over `STEPS` steps of two sequences, and the last layer's outputs, on the host-memory
 /// device; and the CPU backend's outputs for the same calls.
-fn run(mode: Mode, dense_layers: Vec<usize>) -> (usize, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+fn run(mode: Mode, dense_layers: Vec<usize>) -> (u64, Vec<Vec<f32>>, Vec<Vec<f32>>) {
     let cfg = FreeKvConfig {
         mode,
         dense_layers,
@@ -32,13 +32,13 @@ fn run(mode: Mode, dense_layers: Vec<usize>) -> (usize, Vec<Vec<f32>>, Vec<Vec<f
     prefill(&device, 2).unwrap();
     prefill(&cpu, 1).unwrap();
     prefill(&cpu, 2).unwrap();
-    let before = device.shared.backend.step_waits();
+    let before = device.device_waits();
     let (mut got, mut want) = (Vec::new(), Vec::new());
     for len in PROMPT + 1..=PROMPT + STEPS {
         got.push(decode(&device, &[1, 2], len).unwrap());
         want.push(decode(&cpu, &[1, 2], len).unwrap());
     }
-    (device.shared.backend.step_waits() - before, got, want)
+    (device.device_waits() - before, got, want)
 }
 
 #[test]
@@ -69,7 +69,7 @@ fn a_decode_step_waits_for_the_device_only_where_the_host_needs_its_values() {
     ] {
         let (waits, got, want) = run(mode, dense.clone());
         assert_eq!(
-            waits, want_waits,
+            waits, want_waits as u64,
             "mode {mode:?}, dense layers {dense:?}: expected waits at {why}"
         );
         for (step, (g, w)) in got.iter().zip(&want).enumerate() {

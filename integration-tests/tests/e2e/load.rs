@@ -91,6 +91,11 @@ fn mixed_length_streams_under_memory_pressure() -> Result<()> {
         m["freekv_sparse_steps_total"] > 0.0,
         "no sparse step: {m:?}"
     );
+    assert_eq!(
+        m.get("freekv_device_waits_total"),
+        Some(&0.0),
+        "the CPU backend has no device to wait for: {m:?}"
+    );
     assert!(server.alive(), "the server died");
     let after = answer(&http::post_json(
         server.port,

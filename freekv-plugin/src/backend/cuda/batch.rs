@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
 use candle_core::{DType, Storage, Tensor};
 use cudarc::driver::{result, CudaContext, CudaStream, DevicePtr};
 use half::{bf16, f16};
@@ -281,15 +282,25 @@ impl CudaStaged {
             },
         };
         let src = [batch.q, batch.k, batch.v];
+        let mut queued = Ok(());
         for (i, t) in inputs.iter().enumerate() {
             let (at, n) = (staged.parts[i].1, t.elem_count() * elem);
             let dst = &mut staged.host.as_mut_slice()[at..at + n];
             // SAFETY: `src[i]` is the live input tensor's contiguous storage (held by `batch`
             // until its next call, which comes after this copy in stream order); the pinned
             // range is not read or rewritten before `done` (read_staged, Drop, reuse).
-            unsafe { result::memcpy_dtoh_async(dst, src[i], stream.cu_stream()) }?;
+            queued = unsafe { result::memcpy_dtoh_async(dst, src[i], stream.cu_stream()) };
+            if queued.is_err() {
+                break;
+            }
         }
-        staged.done.record(stream.cu_stream())?;
+        // Recorded whether or not every copy was queued: dropping `staged` (on an error too)
+        // waits for the copies that were, before the pinned memory is freed or reused.
+        if let Err(e) = staged.done.record(stream.cu_stream()) {
+            let _ = stream.synchronize();
+            return Err(e.context("recording the end of a decode step's copy to host memory"));
+        }
+        queued.context("queueing the copy of a decode step's q, k and v to host memory")?;
         Ok(staged)
     }
 

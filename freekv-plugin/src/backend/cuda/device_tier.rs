@@ -45,6 +45,10 @@ pub struct LayerTier {
     /// that may still be queued: a move into the slots (another stream) waits on it first, and
     /// the slots are freed only once it has completed.
     pub last_use: Arc<RawEvent>,
+    /// Recorded by the recall pipeline once the last move into the slots has landed: the
+    /// engine's stream waits on it before it reads or writes them (decode, append), the next
+    /// move waits on it before it writes them, and the slots are freed only once it has fired.
+    pub filled: Arc<RawEvent>,
 }
 
 impl LayerTier {
@@ -55,6 +59,7 @@ impl LayerTier {
             slots: DeviceBuffer::zeroed(ctx, shape.n_slots * shape.slot_bytes())?,
             slot_len: DeviceBuffer::zeroed(ctx, shape.n_slots * shape.n_kv * 4)?,
             last_use: Arc::new(RawEvent::new(ctx)?),
+            filled: Arc::new(RawEvent::new(ctx)?),
         })
     }
 
@@ -88,8 +93,9 @@ pub fn layer_tier_bytes(shape: &TierShape) -> usize {
 
 impl Drop for LayerTier {
     fn drop(&mut self) {
-        // Queued decodes and appends may still read or write the slots.
+        // Queued decodes and appends may still read or write the slots, and a move write them.
         let _ = self.last_use.synchronize();
+        let _ = self.filled.synchronize();
     }
 }
 

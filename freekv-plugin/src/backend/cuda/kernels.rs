@@ -32,8 +32,8 @@ pub struct SeqDesc {
 pub struct RecallJob {
     pub slots: u64,
     pub slot_len: u64,
-    /// The chunk's host address (direct, and as submitted to the pipeline), or its offset in
-    /// elements into the staging buffer (scatter).
+    /// The chunk's host address as submitted to the pipeline, rewritten to its offset in
+    /// elements into the staging buffer for the scatter kernel.
     pub src: u64,
     pub slot: i32,
     pub head: i32,
@@ -218,27 +218,6 @@ impl Kernels {
             stream,
             &[
                 Arg::Ptr(staging),
-                Arg::Ptr(jobs),
-                Arg::I32(n_jobs as i32),
-                Arg::I32(n_kv as i32),
-            ],
-        )
-    }
-
-    /// freekv_recall_direct: mapped pinned host chunks -> NHD slots.
-    pub fn recall_direct(
-        &self,
-        stream: sys::CUstream,
-        jobs: u64,
-        n_jobs: usize,
-        n_kv: usize,
-    ) -> anyhow::Result<()> {
-        self.launch(
-            "freekv_recall_direct",
-            (n_jobs as u32, 1, 1),
-            256,
-            stream,
-            &[
                 Arg::Ptr(jobs),
                 Arg::I32(n_jobs as i32),
                 Arg::I32(n_kv as i32),

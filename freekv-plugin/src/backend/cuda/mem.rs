@@ -2,8 +2,8 @@
 //!
 //! The FreeKV pipeline orders its streams itself with events (recall streams, compute stream), so it
 //! works on raw pointers instead of cudarc's event-tracked `CudaSlice`. Each buffer frees itself on
-//! drop; the owner must make sure no queued work still uses it (the tiers drop only after a
-//! context synchronize).
+//! drop; the owner must make sure no queued work still uses it (a slot set waits for its
+//! `last_use` and `filled` events, a host registration for the whole device).
 
 use std::sync::Arc;
 
@@ -35,13 +35,6 @@ impl DeviceBuffer {
         // SAFETY: the range is inside the allocation.
         unsafe { result::memset_d8_sync(b.ptr, 0, b.bytes) }?;
         Ok(b)
-    }
-
-    /// Fills with `byte` on `stream` (e.g. 0xff makes every i32 -1).
-    pub fn fill_async(&self, byte: u8, stream: sys::CUstream) -> anyhow::Result<()> {
-        // SAFETY: the range is inside the allocation.
-        unsafe { result::memset_d8_async(self.ptr, byte, self.bytes, stream) }?;
-        Ok(())
     }
 
     pub fn ptr(&self) -> u64 {
@@ -114,8 +107,7 @@ impl Drop for DeviceBuffer {
 ///
 /// Allocated WITHOUT `CU_MEMHOSTALLOC_WRITECOMBINED` (cudarc's `alloc_pinned` sets it): the host
 /// tier is written *and read* by the CPU (offload, CPU-side checks), and write-combined memory is
-/// uncached for CPU reads. With unified addressing the same pointer is valid on the device, which
-/// `freekv_recall_direct` uses.
+/// uncached for CPU reads.
 pub struct PinnedBuffer {
     ctx: Arc<CudaContext>,
     ptr: *mut u8,
@@ -135,7 +127,9 @@ impl PinnedBuffer {
         // SAFETY: cuMemHostAlloc with flags PORTABLE (never WRITECOMBINED); freed in Drop.
         let ptr =
             unsafe { result::malloc_host(bytes.max(16), HOST_ALLOC_PORTABLE) }.map_err(|e| {
-                anyhow::anyhow!("cuMemHostAlloc of {bytes} bytes (pinned host tier) failed: {e:?}")
+                anyhow::anyhow!(
+                    "cuMemHostAlloc of {bytes} bytes of pinned staging memory failed: {e:?}"
+                )
             })?;
         // Touch the pages now so that first use is not a page-fault storm on the decode path.
         // SAFETY: the allocation is `bytes` long.
@@ -148,10 +142,6 @@ impl PinnedBuffer {
     }
 
     pub fn as_ptr(&self) -> *const u8 {
-        self.ptr
-    }
-
-    pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr
     }
 
@@ -207,6 +197,8 @@ impl HostRegistration {
 impl Drop for HostRegistration {
     fn drop(&mut self) {
         let _ = self.ctx.bind_to_thread();
+        // Queued copies may still read the memory (a recall returns once it is queued).
+        let _ = self.ctx.synchronize();
         // SAFETY: registered in `new`, the memory is still allocated (see the type's contract).
         let _ = unsafe { sys::cuMemHostUnregister(self.ptr) }.result();
     }

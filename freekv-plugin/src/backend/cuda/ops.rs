@@ -9,8 +9,10 @@
 //! tensor and writing the output tensor, and appends from its k and v) is queued on the
 //! engine's own stream ([`CudaBatch`]) and not waited for. Each slot set records its
 //! `last_use` event after such work; a chunk move into it waits on that event on the copy
-//! streams, and freeing it waits for the event. Every other call (moves, summary uploads,
-//! scoring) returns once its device work has completed.
+//! streams and records the set's `filled` event when it has landed, which the engine's stream
+//! waits on before it next reads or writes the set: a move returns once it is queued, and no
+//! host thread waits for one. Freeing a set waits for both events. Every other call (summary
+//! uploads, scoring) returns once its device work has completed.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -32,7 +34,7 @@ use super::drift::{self, CudaQuery};
 use super::kernels::{KernelPooling, Kernels, RecallJob};
 use super::mem::HostRegistration;
 use super::module;
-use super::recall::{RawEvent, RecallMode, RecallPipeline};
+use super::recall::RecallPipeline;
 use super::scoring::{summaries_bytes, DeviceSummaries, ScoreBuffers};
 use super::source::{KernelConfig, KernelDtype};
 
@@ -58,8 +60,6 @@ pub struct CudaOps<T> {
 pub struct CudaOpsScratch<T> {
     decode: Option<DecodeBuffers>,
     score: Option<ScoreBuffers>,
-    /// The event this thread's recalls signal completion with, created on first use.
-    done: Option<Arc<RawEvent>>,
     /// 16-bit rows: a query to score with.
     rows: Vec<T>,
 }
@@ -271,7 +271,6 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         CudaOpsScratch {
             decode: None,
             score: None,
-            done: None,
             rows: Vec::new(),
         }
     }
@@ -386,7 +385,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         host: &HostTier<T>,
         slots: &mut LayerTier,
         moves: &[ChunkMove],
-        scratch: Option<&mut CudaOpsScratch<T>>,
+        _scratch: Option<&mut CudaOpsScratch<T>>,
     ) -> anyhow::Result<()> {
         if moves.is_empty() {
             return Ok(());
@@ -414,24 +413,15 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
                 head: m.head as i32,
             })
             .collect();
-        // One event per thread, reused (a working-set reset, which has no scratch, makes its own).
-        let done = match scratch {
-            Some(sc) => match &sc.done {
-                Some(e) => e.clone(),
-                None => sc.done.insert(Arc::new(RawEvent::new(&self.ctx)?)).clone(),
-            },
-            None => Arc::new(RawEvent::new(&self.ctx)?),
-        };
-        // The host chunks are borrowed for this call: the copy engines stage them, and we wait
-        // for the request to finish before returning.
-        let ticket = self.pipeline.submit(
-            chunks,
-            RecallMode::CopyEngine,
-            Some(slots.last_use.clone()),
-            done.clone(),
-        );
-        ticket.wait_enqueued()?;
-        done.synchronize()
+        // The host chunks stay allocated and registered until the copies have run (the host
+        // tier is freed after its registration, whose release waits for the device). The copies
+        // wait on the device for the slots' last reader and their previous move; whatever
+        // reads or writes the slots next on the engine's stream waits for `filled` there.
+        let waits = vec![slots.last_use.clone(), slots.filled.clone()];
+        self.pipeline
+            .submit(chunks, waits, slots.filled.clone())
+            .wait_enqueued()?;
+        Ok(())
     }
 
     fn append_token(
@@ -454,6 +444,8 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         let k_off = (slot * 2 * shape.page_size + token) * row_bytes;
         let v_off = ((slot * 2 + 1) * shape.page_size + token) * row_bytes;
         let s = self.engine.cu_stream();
+        // After any move into the slots (a reset may have copied this page).
+        slots.filled.wait_on(s)?;
         let queued = match rows {
             NewToken::Host { k, v } => {
                 anyhow::ensure!(
@@ -546,6 +538,8 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         )?;
         let row_off = (row * n_q * d * 2) as u64;
         let s = self.engine.cu_stream();
+        // The pages moved into the slots have landed.
+        slots.filled.wait_on(s)?;
         self.kernels.decode(
             s,
             batch.q + row_off,

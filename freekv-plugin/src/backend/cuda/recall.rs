@@ -6,15 +6,14 @@
 //! while `freekv_recall_scatter` spreads buffer B (group j-1) into the slots on the other stream.
 //! A buffer is reused only after the host has seen its previous group's event.
 //!
-//! The worker, not the decode thread, issues the copies: the decode thread hands over a request
-//! (optionally with an event to wait for first, e.g. "this layer's attention has run") and keeps
-//! queueing compute. The request's `done` event is recorded after its last scatter; the decode
-//! thread makes the next attention of that layer wait on it (`Ticket::wait_enqueued` then
-//! `cuStreamWaitEvent`). Correction uses the same path and waits right away ("blocking"), but only
-//! for the heads that need it.
-//!
-//! `RecallMode::Direct` skips the staging buffers: `freekv_recall_direct` reads the pinned chunks
-//! through unified addressing, one launch per group. Which is faster is measured by the bench.
+//! The pipeline's thread, not its caller, issues the copies: the caller hands over a request
+//! (with the events its copies must wait for on the device first: "the slots' last reader has
+//! run", "the slots' previous move has landed") and waits only until it is enqueued
+//! ([`Ticket::wait_enqueued`]), not for the copies. The request's `done` event is recorded after
+//! its last scatter; whatever reads or writes the slots next on the engine's stream waits on it
+//! there (`cuStreamWaitEvent`), so no host thread waits for a recall's copies, a corrected head's
+//! on the critical path included (a request larger than both staging buffers waits, while it is
+//! enqueued, for the groups that reuse them).
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -73,14 +72,6 @@ impl Drop for RawEvent {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RecallMode {
-    /// Copy engines into staging buffers + scatter kernel (the paper's design).
-    CopyEngine,
-    /// The scatter kernel reads the pinned host memory itself.
-    Direct,
-}
-
 /// What a request moved, reported once its work is enqueued.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PipelineStats {
@@ -95,8 +86,7 @@ pub struct PipelineStats {
 /// memory that outlives the request), rewritten to its staging offset for the copy engines.
 struct Request {
     chunks: Vec<RecallJob>,
-    mode: RecallMode,
-    wait: Option<Arc<RawEvent>>,
+    waits: Vec<Arc<RawEvent>>,
     done: Arc<RawEvent>,
     reply: mpsc::Sender<anyhow::Result<PipelineStats>>,
 }
@@ -181,6 +171,13 @@ impl RecallPipeline {
                         elem_bytes,
                         n_kv,
                     );
+                    if r.is_err() {
+                        // Part of the request may be queued without its `done` record: let it
+                        // finish before anything else touches the slots or the host chunks.
+                        for b in &bufs {
+                            let _ = b.stream.synchronize();
+                        }
+                    }
                     let _ = req.reply.send(r);
                 }
             })?;
@@ -192,21 +189,20 @@ impl RecallPipeline {
         })
     }
 
-    /// Hands `chunks` to the worker (each job's `src`: the chunk's host address). `wait`: an
-    /// event the copies must wait for on the device (e.g. recorded after attention). `done` is
-    /// recorded once everything has landed in the slots.
+    /// Hands `chunks` to the worker (each job's `src`: the chunk's host address, in memory
+    /// that stays allocated and registered until `done` has fired). `waits`: events the copies
+    /// must wait for on the device (their last records at this call). `done` is recorded once
+    /// everything has landed in the slots.
     pub fn submit(
         &self,
         chunks: Vec<RecallJob>,
-        mode: RecallMode,
-        wait: Option<Arc<RawEvent>>,
+        waits: Vec<Arc<RawEvent>>,
         done: Arc<RawEvent>,
     ) -> Ticket {
         let (reply, rx) = mpsc::channel();
         let req = Request {
             chunks,
-            mode,
-            wait,
+            waits,
             done,
             reply,
         };
@@ -254,7 +250,7 @@ fn run_request(
         // The job table and staging buffer of `b` may still be read by its previous group.
         buf.reusable.synchronize()?;
         if !used[b] {
-            if let Some(w) = &req.wait {
+            for w in &req.waits {
                 w.wait_on(stream)?;
             }
             used[b] = true;
@@ -264,10 +260,7 @@ fn run_request(
             .iter()
             .enumerate()
             .map(|(i, c)| RecallJob {
-                src: match req.mode {
-                    RecallMode::CopyEngine => i as u64 * chunk_elems,
-                    RecallMode::Direct => c.src,
-                },
+                src: i as u64 * chunk_elems,
                 ..*c
             })
             .collect();
@@ -281,41 +274,30 @@ fn run_request(
                 stream,
             )
         }?;
-        match req.mode {
-            RecallMode::CopyEngine => {
-                // Merge runs of chunks that are contiguous on the host (same page, next head).
-                let mut i = 0;
-                while i < group.len() {
-                    let mut j = i + 1;
-                    while j < group.len() && group[j].src == group[j - 1].src + chunk_bytes as u64 {
-                        j += 1;
-                    }
-                    let n = (j - i) * chunk_bytes;
-                    // SAFETY: the run lies in host memory that outlives the request (`submit`);
-                    // the destination lies inside staging.
-                    let src = unsafe { std::slice::from_raw_parts(group[i].src as *const u8, n) };
-                    unsafe {
-                        result::memcpy_htod_async(
-                            buf.staging.ptr() + (i * chunk_bytes) as u64,
-                            src,
-                            stream,
-                        )
-                    }?;
-                    stats.copy_calls += 1;
-                    i = j;
-                }
-                kernels.recall_scatter(
-                    stream,
-                    buf.staging.ptr(),
-                    buf.jobs_dev.ptr(),
-                    group.len(),
-                    n_kv,
-                )?;
+        // Merge runs of chunks that are contiguous on the host (same page, next head).
+        let mut i = 0;
+        while i < group.len() {
+            let mut j = i + 1;
+            while j < group.len() && group[j].src == group[j - 1].src + chunk_bytes as u64 {
+                j += 1;
             }
-            RecallMode::Direct => {
-                kernels.recall_direct(stream, buf.jobs_dev.ptr(), group.len(), n_kv)?
-            }
+            let n = (j - i) * chunk_bytes;
+            // SAFETY: the run lies in host memory that outlives the request (`submit`); the
+            // destination lies inside staging.
+            let src = unsafe { std::slice::from_raw_parts(group[i].src as *const u8, n) };
+            unsafe {
+                result::memcpy_htod_async(buf.staging.ptr() + (i * chunk_bytes) as u64, src, stream)
+            }?;
+            stats.copy_calls += 1;
+            i = j;
         }
+        kernels.recall_scatter(
+            stream,
+            buf.staging.ptr(),
+            buf.jobs_dev.ptr(),
+            group.len(),
+            n_kv,
+        )?;
         buf.reusable.record(stream)?;
         stats.bytes += group.len() * chunk_bytes;
         stats.groups += 1;
@@ -330,7 +312,7 @@ fn run_request(
         [false, true] => req.done.record(bufs[1].stream.cu_stream())?,
         [true, false] => req.done.record(s0)?,
         [false, false] => {
-            if let Some(w) = &req.wait {
+            for w in &req.waits {
                 w.wait_on(s0)?;
             }
             req.done.record(s0)?;

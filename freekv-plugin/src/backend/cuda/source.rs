@@ -15,7 +15,7 @@ const COMMON: &str = include_str!("../../../../kernels/common.cuh");
 pub enum KernelFile {
     /// `freekv_score_pages`, `freekv_pool_scores`, `freekv_correction`.
     Select,
-    /// `freekv_recall_scatter`, `freekv_recall_direct`.
+    /// `freekv_recall_scatter`.
     Transfer,
     /// `freekv_decode_partial`, `freekv_decode_combine`.
     Decode,
@@ -48,7 +48,7 @@ impl KernelFile {
                 "freekv_pool_scores",
                 "freekv_correction",
             ],
-            Self::Transfer => &["freekv_recall_scatter", "freekv_recall_direct"],
+            Self::Transfer => &["freekv_recall_scatter"],
             Self::Decode => &["freekv_decode_partial", "freekv_decode_combine"],
         }
     }

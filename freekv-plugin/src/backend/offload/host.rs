@@ -73,8 +73,9 @@ pub struct HostOpsScratch<T: KvElem> {
 
 /// One layer's summary mirror in host memory, laid out as the host tier's.
 pub struct HostSummaries<T> {
-    num_blocks: usize,
-    data: Vec<T>,
+    pub(super) num_blocks: usize,
+    /// `[n_kv][block][upper d | lower d]`.
+    pub(super) data: Vec<T>,
 }
 
 /// A decode batch in the host-memory device: q as f32, k and v as stored, and the output

@@ -41,7 +41,7 @@ mod staged;
 mod whole;
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
@@ -66,7 +66,7 @@ pub struct OffloadBackend<T: KvElem, O> {
     pooling: Pooling,
     ops: O,
     /// Decode calls that read their own values on the host before their output was taken.
-    step_waits: AtomicUsize,
+    step_waits: AtomicU64,
     /// Whether the correction test runs (mode `freekv`): the stored query is mirrored on the
     /// device.
     correction: bool,
@@ -107,6 +107,9 @@ pub struct OffloadHost<T, P, M, S> {
     /// Decode tokens written to the device but not yet to the host tier: rows of the layer's
     /// last batch ([`Backend::settle`] writes them).
     pending: Vec<PendingToken>,
+    /// Blocks summarised in the host tier whose summaries the device's mirror lacks (a copy
+    /// failed): copied again with the next summaries, and until then no selection scores them.
+    unmirrored: Vec<u32>,
 }
 
 /// A decode token whose host-tier write waits for the step's staged values.
@@ -170,18 +173,9 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             geo,
             pooling: config.pooling,
             ops,
-            step_waits: AtomicUsize::new(0),
+            step_waits: AtomicU64::new(0),
             correction: config.mode.correction(),
         }
-    }
-
-    /// How many decode calls so far waited for their own device work before returning their
-    /// output: on a GPU, the calls that waited for the device on the decode critical path (for
-    /// the correction test's similarities, or to read their q/k/v on the host: a blocking
-    /// selection, a row the host attends). Reads after the call (the worker's, or the next
-    /// call's `settle`) wait for nothing: the step is long complete.
-    pub fn step_waits(&self) -> usize {
-        self.step_waits.load(Ordering::Relaxed)
     }
 
     /// The device.
@@ -203,20 +197,26 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         let Some(mirror) = host.summaries.as_mut() else {
             return Ok(());
         };
+        scratch.blocks.append(&mut host.unmirrored);
         scratch.blocks.sort_unstable();
         scratch.blocks.dedup();
         scratch.blocks.retain(|&b| host.tier.is_summarised(b));
         if scratch.blocks.is_empty() {
             return Ok(());
         }
-        self.ops
-            .upload_summaries(&host.tier, mirror, &scratch.blocks, &mut scratch.device)
-            .with_context(|| {
-                format!(
-                    "copying {} page summaries to the device",
-                    scratch.blocks.len()
-                )
-            })
+        let copied =
+            self.ops
+                .upload_summaries(&host.tier, mirror, &scratch.blocks, &mut scratch.device);
+        if copied.is_err() {
+            // The mirror may hold any of these partly: all are copied again next time.
+            host.unmirrored.extend_from_slice(&scratch.blocks);
+        }
+        copied.with_context(|| {
+            format!(
+                "copying {} page summaries to the device",
+                scratch.blocks.len()
+            )
+        })
     }
 
     /// The loaded call's values on the host: a decode step's read from its staged copy the
@@ -347,6 +347,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             pages,
             stale,
             pending: Vec::new(),
+            unmirrored: Vec::new(),
         })
     }
 
@@ -402,6 +403,14 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
 
     fn device_tier_bytes(&self) -> usize {
         self.cpu.device_tier_bytes() + self.ops.slots_bytes(self.geo.slots) + self.ops.query_bytes()
+    }
+
+    /// On a GPU, the calls that waited for the device on the decode critical path: for the
+    /// correction test's similarities, or to read their q/k/v on the host (a blocking
+    /// selection, a row the host attends). Reads after the call (the worker's, or the next
+    /// call's `settle`) wait for nothing: the step is long complete.
+    fn device_waits(&self) -> u64 {
+        self.step_waits.load(Ordering::Relaxed)
     }
 
     fn device_pool_bytes(&self, num_blocks: usize, scored: bool) -> usize {
@@ -543,15 +552,19 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         batch: &mut Self::Batch,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()> {
+        scratch.blocks.clear();
         if host.pending.is_empty() {
-            return Ok(());
+            // Summaries whose copy failed earlier are copied again.
+            return self.upload_summaries(host, scratch);
         }
         let values = self
             .host_values(batch)
             .context("writing the last decode step's tokens into the host tier")?;
         let p = self.geo.page_size;
-        scratch.blocks.clear();
-        for t in host.pending.drain(..) {
+        // Kept until every token is written: a failed call is retried whole by the next one
+        // (the batch is not reloaded before a settle succeeds; a token written twice is the
+        // same token).
+        for t in &host.pending {
             // The device already holds the token; a page it fills is summarised here.
             self.cpu.write_tokens(
                 &mut host.tier,
@@ -566,6 +579,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                 scratch.blocks.push(t.block);
             }
         }
+        host.pending.clear();
         // Mirrored before any selection can score them (the next call, or the worker).
         self.upload_summaries(host, scratch)
     }
@@ -711,6 +725,12 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         };
         scratch.blocks.clear();
         scratch.blocks.extend_from_slice(&table[candidates.clone()]);
+        if let Some(b) = scratch.blocks.iter().find(|b| host.unmirrored.contains(b)) {
+            anyhow::bail!(
+                "the device's summary of block {b} is stale after a failed copy (copied \
+                 again at the layer's next call)"
+            );
+        }
         scratch.scores.clear();
         scratch.scores.resize(g.num_kv_heads * n, 0.0);
         self.ops

@@ -68,10 +68,13 @@ pub enum NewToken<'a, T, B> {
 /// kernels read). Ordering: work that reads or writes a decode batch ([`DeviceOps::decode`],
 /// an append from the batch, its copy to the host [`DeviceOps::stage_batch`]) may stay
 /// queued in order with the engine's own work on its device (the engine's stream); the tensor
-/// [`DeviceOps::finish_batch`] returns is valid in that order. Any other call returns once its work is complete and its inputs may be reused.
-/// The device orders a later move into slots after every queued read or write of them, and
-/// frees slots only once their queued work is done, so no call races with another, whichever
-/// thread makes it. A failure is an error; the caller names the operation it served.
+/// [`DeviceOps::finish_batch`] returns is valid in that order. A move into slots
+/// ([`DeviceOps::move_chunks`]) may stay queued too: the device orders it after every queued
+/// read or write of those slots and before every later one, whichever thread makes it. Any
+/// other call returns once its work is complete and its inputs may be reused. The device frees
+/// slots only once their queued work is done, and a host tier's pages only once no queued move
+/// reads them, so no call races with another. A failure is an error; the caller names the
+/// operation it served.
 pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
     /// Slot data: one (sequence, layer) working set, or a dense layer's pages (one slot per
     /// block of the pool).
@@ -190,8 +193,10 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
         out: &mut [f32],
     ) -> anyhow::Result<()>;
 
-    /// Copies each move's whole host chunk into its slot. `scratch` is the calling thread's
-    /// (None where the caller has none: a working-set reset).
+    /// Copies each move's whole host chunk into its slot, ordered after the slots' earlier
+    /// work and before their later work on the device (it may return before the copies have
+    /// run: the host chunks stay allocated while the host tier does). `scratch` is the calling
+    /// thread's (None where the caller has none: a working-set reset).
     fn move_chunks(
         &self,
         host: &HostTier<T>,

@@ -158,3 +158,49 @@ fn dense_layers_attend_from_their_pages_on_the_device() {
         attend(&mut host, &mut scratch, false)
     );
 }
+
+/// A summary copy that fails is copied again at the layer's next call (`settle`), and until
+/// then no selection scores the page from the mirror's stale copy.
+#[test]
+fn a_failed_summary_copy_is_retried_before_any_selection_scores_it() {
+    let g = geo();
+    let off = OffloadBackend::new(g, &FreeKvConfig::default(), HostOps::<f32>::new(g));
+    let mut host = off.alloc_host_tier(4, true).unwrap();
+    let mut scratch = off.alloc_scratch(Role::Worker);
+    for h in 0..g.num_kv_heads {
+        for t in 0..g.page_size {
+            let k: Vec<f32> = (0..g.head_dim)
+                .map(|c| ((h * 13 + t * 5 + c) % 9) as f32 - 4.0)
+                .collect();
+            host.tier.write_row(2, h, t, &k, &k);
+        }
+    }
+    // A mirror too small for block 2: its copy fails, naming the block.
+    let mirror = host.summaries.replace(off.ops.alloc_summaries(2).unwrap());
+    let err = off
+        .ensure_summaries(&mut host, &[2], 1, &mut scratch)
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("block 2"), "{err:#}");
+    assert_eq!(host.unmirrored, vec![2]);
+    // The full mirror is back, without block 2's summary: a selection over it is refused.
+    host.summaries = mirror;
+    let mut dev = off.alloc_device_tier().unwrap();
+    let heads = vec![true; g.num_kv_heads];
+    let table = [0u32, 2, 1];
+    let err = off
+        .select(&host, &table, &mut dev, 0..3, &heads, &mut scratch)
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("block 2 is stale"), "{err:#}");
+    // The next call's settle copies it; the mirror then scores as the host tier does.
+    let mut batch = off.alloc_batch();
+    off.settle(&mut host, &mut batch, &mut scratch).unwrap();
+    assert!(host.unmirrored.is_empty());
+    off.select(&host, &table, &mut dev, 0..3, &heads, &mut scratch)
+        .unwrap();
+    let w = 2 * g.head_dim;
+    let m = host.summaries.as_ref().unwrap();
+    for h in 0..g.num_kv_heads {
+        let o = (h * m.num_blocks + 2) * w;
+        assert_eq!(&m.data[o..o + w], host.tier.summary(2, h), "head {h}");
+    }
+}
