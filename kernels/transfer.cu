@@ -8,7 +8,6 @@
 // Mirrored by `RecallJob` in freekv-plugin/src/backend/cuda/kernels.rs.
 struct RecallJob {
   u64 slots;     // kv_t*: the destination (sequence, layer) slot tensor [n_slots][2][PAGE][n_kv][D]
-  u64 slot_len;  // i32*:  its [n_slots][n_kv] valid-token table
   u64 src;       // chunk source: offset in elements into the staging buffer
   i32 slot;
   i32 head;
@@ -26,7 +25,6 @@ __device__ __forceinline__ void scatter_chunk(const kv_t* __restrict__ src, cons
     kv_t* dst = slots + ((((i64)job.slot * 2 + kv) * PAGE + t) * n_kv + job.head) * D + c8 * VEC;
     store_raw16(dst, x);
   }
-  if (threadIdx.x == 0) reinterpret_cast<int*>(job.slot_len)[(i64)job.slot * n_kv + job.head] = PAGE;
 }
 
 // Staging buffer (device) -> NHD slots. Launch: grid = n_jobs, block = 256; job i's chunk starts at

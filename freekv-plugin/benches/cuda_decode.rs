@@ -303,7 +303,6 @@ fn bandwidth(device: &Device, out: &mut Out) -> anyhow::Result<()> {
                 RecallJob {
                     src: host.as_ptr() as u64 + (c * chunk_bytes) as u64,
                     slots: tier.slots.ptr(),
-                    slot_len: tier.slot_len.ptr(),
                     slot: (i % n_slots) as i32,
                     head: ((rng.next() as usize) % s.kv) as i32,
                 }

@@ -1,6 +1,6 @@
 //! The device memory of one (sequence, layer) working set ([`LayerTier`]): the slots (sink +
 //! selected + window, NHD `[slot][k/v][p][n_kv][d]`, the layout the host-memory device and the
-//! kernels share) and their valid-token table, O(budget) and allocated once; and the decode
+//! kernels share), O(budget) and allocated once; and the decode
 //! kernels' partials ([`DecodeBuffers`]). The page summaries are per layer, not per sequence
 //! (`super::scoring`).
 
@@ -36,11 +36,11 @@ impl TierShape {
     }
 }
 
-/// One layer of one sequence on the device: its slots and their valid-token table.
+/// One layer of one sequence on the device: its slots. Which tokens of each slot a decode
+/// attends is the host's slot table, staged with each decode's descriptor.
 pub struct LayerTier {
     pub shape: TierShape,
     pub slots: DeviceBuffer,
-    pub slot_len: DeviceBuffer,
     /// Recorded on the engine's stream after each decode over the slots or append into them
     /// that may still be queued: a move into the slots (another stream) waits on it first, and
     /// the slots are freed only once it has completed.
@@ -57,17 +57,16 @@ impl LayerTier {
         Ok(Self {
             shape,
             slots: DeviceBuffer::zeroed(ctx, shape.n_slots * shape.slot_bytes())?,
-            slot_len: DeviceBuffer::zeroed(ctx, shape.n_slots * shape.n_kv * 4)?,
             last_use: Arc::new(RawEvent::new(ctx)?),
             filled: Arc::new(RawEvent::new(ctx)?),
         })
     }
 
-    /// The decode kernels' view of this layer: its first `n_slots` slots.
+    /// The decode kernels' view of this layer: its first `n_slots` slots (the token spans and
+    /// any slot index are staged with the call, see `CudaBatch::stage_decode`).
     pub fn desc(&self, n_slots: usize) -> SeqDesc {
         SeqDesc {
             slots: self.slots.ptr(),
-            slot_len: self.slot_len.ptr(),
             n_slots: n_slots as i32,
             ..Default::default()
         }
@@ -88,7 +87,7 @@ pub fn tier_shape(geo: &Geometry, n_slots: usize) -> TierShape {
 
 /// Device bytes of one [`LayerTier`] of `shape`.
 pub fn layer_tier_bytes(shape: &TierShape) -> usize {
-    shape.n_slots * shape.slot_bytes() + shape.n_slots * shape.n_kv * 4
+    shape.n_slots * shape.slot_bytes()
 }
 
 impl Drop for LayerTier {

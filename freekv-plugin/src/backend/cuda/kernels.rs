@@ -26,12 +26,11 @@ pub struct SeqDesc {
     pub cand_count: i32,
 }
 
-/// Mirrors `struct RecallJob` in `kernels/transfer.cu` (32 bytes).
+/// Mirrors `struct RecallJob` in `kernels/transfer.cu` (24 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecallJob {
     pub slots: u64,
-    pub slot_len: u64,
     /// The chunk's host address as submitted to the pipeline, rewritten to its offset in
     /// elements into the staging buffer for the scatter kernel.
     pub src: u64,
@@ -40,7 +39,7 @@ pub struct RecallJob {
 }
 
 const _: () = assert!(std::mem::size_of::<SeqDesc>() == 40);
-const _: () = assert!(std::mem::size_of::<RecallJob>() == 32);
+const _: () = assert!(std::mem::size_of::<RecallJob>() == 24);
 
 /// Views a slice of plain-old-data descriptors as bytes for uploads.
 pub fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {

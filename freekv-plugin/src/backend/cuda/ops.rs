@@ -408,7 +408,6 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
             .map(|m| RecallJob {
                 src: host.chunk(m.block, m.head as usize).as_ptr() as u64,
                 slots: slots.slots.ptr(),
-                slot_len: slots.slot_len.ptr(),
                 slot: m.slot as i32,
                 head: m.head as i32,
             })
