@@ -10,6 +10,7 @@ use mistralrs_core::attention_backend::{
 use once_cell::sync::OnceCell;
 
 use super::{layer::FreeKvLayer, metrics, model_check, registry};
+use crate::backend::offload::STAGED_CHUNKS_PER_BUFFER;
 use crate::{FreeKv, FreeKvConfig, KvDType};
 
 /// The FreeKV paged-attention backend. One per process; the configuration it holds applies
@@ -118,7 +119,9 @@ impl PagedAttentionBackend for FreeKvBackend {
     /// On a GPU the device holds each sequence's working set (the budget per sparse layer and
     /// KV head, K and V), the pool's page summaries (upper and lower bound per block and KV
     /// head of each sparse layer, 1/16 of the keys at 32-token pages) and the dense layers'
-    /// pages (the whole pool of each dense layer: 1/L of the host tier per dense layer).
+    /// pages (the whole pool of each dense layer: 1/L of the host tier per dense layer), plus
+    /// each sequence's stored query per sparse layer (the correction test's) and the recall
+    /// pipeline's two staging buffers.
     fn device_kv_elements(
         &self,
         model: &dyn ModelConfigLike,
@@ -134,8 +137,13 @@ impl PagedAttentionBackend for FreeKvBackend {
         let working_sets = max_seqs * config.budget * width * 2 * sparse;
         let summaries = blocks * width * 2 * sparse;
         let dense_pages = blocks * cache_config.block_size * width * 2 * dense;
+        let queries = max_seqs * model.num_attn_heads() * model.k_head_dim() * sparse;
+        let chunk = 2 * cache_config.block_size * model.k_head_dim();
+        let slots = config.budget / config.page_size;
+        let staging = 2 * chunk * STAGED_CHUNKS_PER_BUFFER.min(model.num_kv_heads() * slots);
+        let total = working_sets + summaries + dense_pages + queries + staging;
         // The engine reserves this much per layer: the total, spread over the layers.
-        Some((working_sets + summaries + dense_pages).div_ceil(layers.max(1)))
+        Some(total.div_ceil(layers.max(1)))
     }
 
     fn allocate_cache(

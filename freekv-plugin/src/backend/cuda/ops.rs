@@ -23,7 +23,9 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
-use crate::backend::offload::{decode_rows, ChunkMove, DeviceOps, NewToken};
+use crate::backend::offload::{
+    decode_rows, ChunkMove, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
+};
 use crate::backend::Role;
 use crate::geometry::Geometry;
 use crate::{AttnParams, KvDType, Pooling};
@@ -37,9 +39,6 @@ use super::module;
 use super::recall::RecallPipeline;
 use super::scoring::{summaries_bytes, DeviceSummaries, ScoreBuffers};
 use super::source::{KernelConfig, KernelDtype};
-
-/// Most chunks per staging buffer of the recall pipeline.
-const MAX_CHUNKS_PER_BUFFER: usize = 256;
 
 /// One CUDA device for one model geometry: its kernels, the engine's stream and the recall
 /// pipeline.
@@ -96,7 +95,7 @@ impl<T: KvElem> CudaOps<T> {
         ctx.bind_to_thread()?;
         let kernels = Arc::new(Kernels::new(module::load(&ctx, kcfg)?));
         let chunk_bytes = 2 * geo.page_size * geo.head_dim * 2;
-        let per_buffer = (geo.num_kv_heads * geo.slots).clamp(1, MAX_CHUNKS_PER_BUFFER);
+        let per_buffer = (geo.num_kv_heads * geo.slots).clamp(1, STAGED_CHUNKS_PER_BUFFER);
         let pipeline = RecallPipeline::new(
             &ctx,
             kernels.clone(),

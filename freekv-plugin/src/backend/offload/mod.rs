@@ -56,7 +56,9 @@ use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling};
 
-pub use ops::{decode_rows, span_tokens, token_span, ChunkMove, DeviceOps, NewToken};
+pub use ops::{
+    decode_rows, span_tokens, token_span, ChunkMove, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
+};
 use prompt::DevicePrompt;
 
 /// [`Backend`] for a device whose working sets live in its own memory.
