@@ -52,11 +52,12 @@ pub struct LayerTier {
 }
 
 impl LayerTier {
-    /// Zeroed slots (every slot empty).
+    /// Slots with unspecified contents: a decode reads only the tokens its staged spans name,
+    /// which a move or an append wrote first.
     pub fn new(ctx: &Arc<CudaContext>, shape: TierShape) -> anyhow::Result<Self> {
         Ok(Self {
             shape,
-            slots: DeviceBuffer::zeroed(ctx, shape.n_slots * shape.slot_bytes())?,
+            slots: DeviceBuffer::new(ctx, shape.n_slots * shape.slot_bytes())?,
             last_use: Arc::new(RawEvent::new(ctx)?),
             filled: Arc::new(RawEvent::new(ctx)?),
         })

@@ -38,13 +38,20 @@ pub fn query_bytes(geo: &Geometry) -> usize {
 }
 
 impl<T: KvElem> CudaQuery<T> {
-    /// A zero query.
-    pub fn new(ctx: &Arc<CudaContext>, geo: &Geometry) -> anyhow::Result<Self> {
-        Ok(Self {
-            buf: DeviceBuffer::zeroed(ctx, query_bytes(geo))?,
+    /// A zero query, zeroed on `stream` (where its uploads and correction tests are queued).
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        geo: &Geometry,
+        stream: &CudaStream,
+    ) -> anyhow::Result<Self> {
+        let q = Self {
+            buf: DeviceBuffer::new(ctx, query_bytes(geo))?,
             host: Vec::new(),
             written: RawEvent::new(ctx)?,
-        })
+        };
+        q.buf.zero_async(stream.cu_stream())?;
+        q.written.record(stream.cu_stream())?;
+        Ok(q)
     }
 
     /// Queues the copy of `query` (f32, converted to the KV dtype) into the buffer on

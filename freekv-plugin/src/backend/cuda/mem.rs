@@ -29,12 +29,23 @@ impl DeviceBuffer {
         })
     }
 
-    /// Allocates and zero-fills (synchronously).
+    /// Allocates and zero-fills, complete on return (the fill waits for the whole device: for
+    /// allocations made once, at load).
     pub fn zeroed(ctx: &Arc<CudaContext>, bytes: usize) -> anyhow::Result<Self> {
         let b = Self::new(ctx, bytes)?;
         // SAFETY: the range is inside the allocation.
         unsafe { result::memset_d8_sync(b.ptr, 0, b.bytes) }?;
+        // The "synchronous" memset of device memory returns before it has run, on the legacy
+        // stream, which our non-blocking streams do not wait for.
+        ctx.synchronize()?;
         Ok(b)
+    }
+
+    /// Queues a zero-fill on `stream` (work on other streams must be ordered after it).
+    pub fn zero_async(&self, stream: sys::CUstream) -> anyhow::Result<()> {
+        // SAFETY: the range is inside the allocation.
+        unsafe { result::memset_d8_async(self.ptr, 0, self.bytes, stream) }?;
+        Ok(())
     }
 
     pub fn ptr(&self) -> u64 {

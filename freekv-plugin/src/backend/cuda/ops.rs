@@ -10,9 +10,11 @@
 //! engine's own stream ([`CudaBatch`]) and not waited for. Each slot set records its
 //! `last_use` event after such work; a chunk move into it waits on that event on the copy
 //! streams and records the set's `filled` event when it has landed, which the engine's stream
-//! waits on before it next reads or writes the set: a move returns once it is queued, and no
-//! host thread waits for one. Freeing a set waits for both events. Every other call (summary
-//! uploads, scoring) returns once its device work has completed.
+//! waits on before it next reads or writes the set: a move returns once it is queued (from a
+//! registered host tier; copies from pageable memory, and requests larger than both staging
+//! buffers, wait while they are enqueued). Freeing a set waits for both events, unregistering a
+//! host tier for the device. Every other call (summary uploads, scoring) returns once its
+//! device work has completed.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -349,7 +351,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
 
     fn alloc_query(&self) -> anyhow::Result<CudaQuery<T>> {
         self.bind()?;
-        CudaQuery::new(&self.ctx, &self.geo)
+        CudaQuery::new(&self.ctx, &self.geo, &self.engine)
     }
 
     fn query_bytes(&self) -> usize {
@@ -485,8 +487,12 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
                 }
             }
         };
-        // Recorded whether or not both copies were queued: a queued one is covered either way.
-        slots.last_use.record(s)?;
+        // Recorded whether or not both copies were queued: a queued one is covered either way
+        // (and where the record fails, the copies are waited for).
+        if let Err(e) = slots.last_use.record(s) {
+            let _ = self.engine.synchronize();
+            return Err(e);
+        }
         queued.context("queueing the copy of a new token into its slot")
     }
 
@@ -538,7 +544,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         let s = self.engine.cu_stream();
         // The pages moved into the slots have landed.
         slots.filled.wait_on(s)?;
-        self.kernels.decode(
+        let launched = self.kernels.decode(
             s,
             batch.q + row_off,
             (n_q * d) as i64,
@@ -553,9 +559,15 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
             (n_q * d) as i64,
             params.softmax_scale,
             params.softcap.unwrap_or(0.0),
-        )?;
-        // The descriptors stay allocated until the kernels that read them have run.
-        batch.guard_descriptors(s)?;
-        slots.last_use.record(s)
+        );
+        // Whether or not both kernels were queued (a queued one still reads them): the
+        // descriptors stay allocated, and the slots unwritten, until the kernels have run.
+        let guarded = batch
+            .guard_descriptors(s)
+            .and_then(|()| slots.last_use.record(s));
+        if guarded.is_err() {
+            let _ = self.engine.synchronize();
+        }
+        launched.and(guarded)
     }
 }

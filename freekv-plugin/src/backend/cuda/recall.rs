@@ -83,7 +83,7 @@ pub struct PipelineStats {
 }
 
 /// The jobs of a request: `src` is the host address of each chunk (HND, `chunk_bytes` long, in
-/// memory that outlives the request), rewritten to its staging offset for the copy engines.
+/// memory that stays valid until `done` has fired), rewritten to its staging offset for the copy engines.
 struct Request {
     chunks: Vec<RecallJob>,
     waits: Vec<Arc<RawEvent>>,
@@ -282,7 +282,7 @@ fn run_request(
                 j += 1;
             }
             let n = (j - i) * chunk_bytes;
-            // SAFETY: the run lies in host memory that outlives the request (`submit`); the
+            // SAFETY: the run lies in host memory valid until `done` fires (`submit`); the
             // destination lies inside staging.
             let src = unsafe { std::slice::from_raw_parts(group[i].src as *const u8, n) };
             unsafe {

@@ -76,8 +76,9 @@ pub enum NewToken<'a, T, B> {
 /// ([`DeviceOps::move_chunks`]) may stay queued too: the device orders it after every queued
 /// read or write of those slots and before every later one, whichever thread makes it. Any
 /// other call returns once its work is complete and its inputs may be reused. The device frees
-/// slots only once their queued work is done, and a host tier's pages only once no queued move
-/// reads them, so no call races with another. A failure is an error; the caller names the
+/// slots only once their queued work is done, and releases a host tier's pages (its `HostPin`,
+/// dropped before the pages) only once no queued move reads them, so no call races with
+/// another. A failure is an error; the caller names the
 /// operation it served.
 pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
     /// Slot data: one (sequence, layer) working set, or a dense layer's pages (one slot per
@@ -198,8 +199,9 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
     ) -> anyhow::Result<()>;
 
     /// Copies each move's whole host chunk into its slot, ordered after the slots' earlier
-    /// work and before their later work on the device (it may return before the copies have
-    /// run: the host chunks stay allocated while the host tier does). `scratch` is the calling
+    /// work and before their later work on the device. It may return before the copies have
+    /// run: a chunk may be read until the slots are next used, so a token written into it
+    /// meanwhile may or may not be copied (the callers append every such token again). `scratch` is the calling
     /// thread's (None where the caller has none: a working-set reset).
     fn move_chunks(
         &self,
