@@ -4,6 +4,7 @@
 //! kernels' partials ([`DecodeBuffers`]). The page summaries are per layer, not per sequence
 //! (`super::scoring`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream};
@@ -49,6 +50,8 @@ pub struct LayerTier {
     /// engine's stream waits on it before it reads or writes them (decode, append), the next
     /// move waits on it before it writes them, and the slots are freed only once it has fired.
     pub filled: Arc<RawEvent>,
+    /// A move was queued since the engine's stream last waited for `filled`.
+    moved: AtomicBool,
 }
 
 impl LayerTier {
@@ -60,7 +63,25 @@ impl LayerTier {
             slots: DeviceBuffer::new(ctx, shape.n_slots * shape.slot_bytes())?,
             last_use: Arc::new(RawEvent::new(ctx)?),
             filled: Arc::new(RawEvent::new(ctx)?),
+            moved: AtomicBool::new(false),
         })
+    }
+
+    /// Notes a move queued into the slots (recorded in `filled`).
+    pub fn note_move(&self) {
+        self.moved.store(true, Ordering::Release);
+    }
+
+    /// Orders `stream` (the engine's) after the moves queued into the slots since it last was:
+    /// one wait per move, not one per decode row and append.
+    pub fn after_moves(&self, stream: cudarc::driver::sys::CUstream) -> anyhow::Result<()> {
+        if self.moved.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.filled.wait_on(stream) {
+                self.note_move();
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// The decode kernels' view of this layer: its first `n_slots` slots (the token spans and

@@ -421,6 +421,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         self.pipeline
             .submit(chunks, waits, slots.filled.clone())
             .wait_enqueued()?;
+        slots.note_move();
         Ok(())
     }
 
@@ -445,7 +446,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         let v_off = ((slot * 2 + 1) * shape.page_size + token) * row_bytes;
         let s = self.engine.cu_stream();
         // After any move into the slots (a reset may have copied this page).
-        slots.filled.wait_on(s)?;
+        slots.after_moves(s)?;
         let queued = match rows {
             NewToken::Host { k, v } => {
                 anyhow::ensure!(
@@ -543,7 +544,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         let row_off = (row * n_q * d * 2) as u64;
         let s = self.engine.cu_stream();
         // The pages moved into the slots have landed.
-        slots.filled.wait_on(s)?;
+        slots.after_moves(s)?;
         let launched = self.kernels.decode(
             s,
             batch.q + row_off,

@@ -727,7 +727,10 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         };
         scratch.blocks.clear();
         scratch.blocks.extend_from_slice(&table[candidates.clone()]);
-        if let Some(b) = scratch.blocks.iter().find(|b| host.unmirrored.contains(b)) {
+        let stale = (!host.unmirrored.is_empty())
+            .then(|| scratch.blocks.iter().find(|b| host.unmirrored.contains(b)))
+            .flatten();
+        if let Some(b) = stale {
             anyhow::bail!(
                 "the device's summary of block {b} is stale after a failed copy (copied \
                  again at the layer's next call)"
