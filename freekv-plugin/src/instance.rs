@@ -13,7 +13,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -23,9 +23,10 @@ use crate::backend::{Backend, Role};
 use crate::correction::Threshold;
 use crate::counters::{Counters, LayerCounters};
 use crate::geometry::Geometry;
+use crate::probe::{self, LayerProbe, ProbeReport, ProbeSpec};
 use crate::state::{LayerState, StepTrace};
 use crate::timeline::{self, LayerCtx};
-use crate::{prefill, AttnParams, DecodeRow, FreeKvConfig, ModelShape, PrefillRow};
+use crate::{prefill, AttnParams, DecodeRow, FreeKvConfig, Mode, ModelShape, Policy, PrefillRow};
 
 /// FreeKV's operations on one loaded model, whatever its backend and dtype: what the engine
 /// glue calls on a [`FreeKv`](crate::FreeKv), which dereferences to this.
@@ -89,6 +90,20 @@ pub trait AnyInstance: Send + Sync {
     fn resident_pages(&self, layer: usize, seq_id: u64) -> Option<Vec<Vec<u32>>>;
     /// Waits for all background work (e.g. before measuring or tearing down).
     fn join_background(&self) -> anyhow::Result<()>;
+    /// The mode and selector in force.
+    fn policy(&self) -> Policy;
+    /// Switches the mode and selector, from each layer's next call on (a sequence in flight
+    /// continues under the new policy: a dense step forgets its selection, a first sparse
+    /// step selects for every head). An error names a policy the instance was not built for
+    /// (see [`Policy::check`]). For evaluations that run one prompt under several policies.
+    fn set_policy(&self, policy: Policy) -> anyhow::Result<()>;
+    /// Starts measuring selection on every decode step (see [`crate::probe`]), or stops
+    /// (`None`); what was measured before is dropped. An error names an estimator or split
+    /// this instance cannot measure, or a backend without the probe (it reads the host
+    /// tier's keys: the CPU's in-place device tier).
+    fn set_probe(&self, spec: Option<ProbeSpec>) -> anyhow::Result<()>;
+    /// What the probe measured since it was set or last taken (empty without a probe).
+    fn take_probe(&self) -> ProbeReport;
 }
 
 /// Whether a layer's background work is outstanding, and how the last one ended.
@@ -109,6 +124,7 @@ struct LayerCell<B: Backend> {
 struct Shared<B: Backend> {
     backend: B,
     config: FreeKvConfig,
+    policy: RwLock<Policy>,
     geo: Geometry,
     num_blocks: usize,
     layers: Vec<LayerCell<B>>,
@@ -117,12 +133,14 @@ struct Shared<B: Backend> {
 
 impl<B: Backend> Shared<B> {
     fn ctx(&self, layer: usize) -> LayerCtx<'_, B> {
+        let policy = *self.policy.read().unwrap_or_else(|e| e.into_inner());
         LayerCtx {
             backend: &self.backend,
             config: &self.config,
+            policy,
             geo: self.geo,
             layer,
-            dense_layer: self.config.is_dense_layer(layer),
+            dense_layer: policy.mode == Mode::Dense || self.config.dense_layers.contains(&layer),
             num_blocks: self.num_blocks,
             tracing: self.tracing.load(Ordering::Relaxed),
         }
@@ -199,6 +217,7 @@ impl<B: Backend> Instance<B> {
         }
         let shared = Arc::new(Shared {
             backend,
+            policy: RwLock::new(config.policy()),
             config,
             geo,
             num_blocks,
@@ -391,6 +410,10 @@ impl<B: Backend> AnyInstance for Instance<B> {
             .settle(&mut st.host, &mut st.batch, &mut st.scratch)
             .and_then(|()| backend.load_decode(&mut st.batch, q, k, v))
             .and_then(|()| timeline::decode_step(&cx, st, rows, params))
+            .and_then(|scheduled| {
+                probe::probe_decode(&cx, st, rows)?;
+                Ok(scheduled)
+            })
             .and_then(|scheduled| Ok((scheduled, backend.take_output(&mut st.batch, q.dtype())?)));
         let (scheduled, out) = match step {
             Ok(done) => done,
@@ -495,5 +518,61 @@ impl<B: Backend> AnyInstance for Instance<B> {
             self.join(layer)?;
         }
         Ok(())
+    }
+
+    fn policy(&self) -> Policy {
+        *self.shared.policy.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_policy(&self, policy: Policy) -> anyhow::Result<()> {
+        policy.check(&self.shared.config)?;
+        *self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = policy;
+        Ok(())
+    }
+
+    fn set_probe(&self, spec: Option<ProbeSpec>) -> anyhow::Result<()> {
+        let geo = self.shared.geo;
+        let spec = match spec {
+            Some(spec) => {
+                let geos = spec
+                    .geometries(&geo)
+                    .map_err(|e| anyhow::anyhow!("selection probe: {e}"))?;
+                Some((Arc::new(spec), geos))
+            }
+            None => None,
+        };
+        for layer in 0..self.shared.layers.len() {
+            let (mut state, _) = self.enter(layer)?;
+            state.probe = spec
+                .as_ref()
+                .map(|(s, g)| LayerProbe::new(s.clone(), g.clone(), geo.num_kv_heads));
+        }
+        Ok(())
+    }
+
+    fn take_probe(&self) -> ProbeReport {
+        let mut report = ProbeReport::default();
+        for cell in &self.shared.layers {
+            let mut state = cell.state.lock().unwrap_or_else(|e| e.into_inner());
+            let (heads, watch) = match state.probe.as_mut() {
+                Some(lp) => {
+                    if report.estimators.is_empty() {
+                        report.estimators =
+                            lp.spec().estimators.iter().map(|e| e.label()).collect();
+                        report.splits = lp.splits();
+                    }
+                    lp.take()
+                }
+                None => Default::default(),
+            };
+            let probed = heads.iter().any(|h| h.steps > 0);
+            report.layers.push(if probed { heads } else { Vec::new() });
+            report.watch.extend(watch);
+        }
+        report
     }
 }

@@ -28,6 +28,7 @@ pub mod geometry;
 mod instance;
 pub mod plan;
 mod prefill;
+pub mod probe;
 mod state;
 mod timeline;
 mod types;
@@ -49,7 +50,8 @@ use half::{bf16, f16};
 
 pub use backend::cpu::math::CpuKernels;
 pub use config::{
-    ConfigError, DeviceTierLayout, FreeKvConfig, Mode, Pooling, PrefillAttention, SummaryKind,
+    ConfigError, DeviceTierLayout, FreeKvConfig, Mode, Policy, Pooling, PrefillAttention, Selector,
+    SummaryKind,
 };
 pub use counters::{Counters, LayerCounters};
 pub use state::StepTrace;

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use crate::backend::{Backend, Role};
 use crate::correction::Threshold;
 use crate::counters::LayerCounters;
+use crate::probe::LayerProbe;
 use crate::AttnParams;
 
 /// The working set and bookkeeping of one sequence on one layer.
@@ -147,6 +148,8 @@ pub struct LayerState<B: Backend> {
     pub all_heads: Vec<bool>,
     /// The correction test's per-head thresholds (fixed, or adapting).
     pub threshold: Threshold,
+    /// The selection probe, while one is set.
+    pub(crate) probe: Option<LayerProbe>,
 }
 
 impl<B: Backend> LayerState<B> {
@@ -164,6 +167,7 @@ impl<B: Backend> LayerState<B> {
             heads: vec![false; n_kv],
             all_heads: vec![true; n_kv],
             threshold,
+            probe: None,
         }
     }
 

@@ -23,15 +23,18 @@
 
 use std::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Selection};
 use crate::geometry::Geometry;
 use crate::state::{LayerState, Phase, RowStep, SeqLayer, StepTrace};
-use crate::{AttnParams, DecodeRow, FreeKvConfig, Mode};
+use crate::{AttnParams, DecodeRow, FreeKvConfig, Mode, Policy, Selector};
 
 /// What a step needs to know about its layer.
 pub struct LayerCtx<'a, B> {
     pub backend: &'a B,
     pub config: &'a FreeKvConfig,
+    /// The mode and selector in force (the configuration's, or what
+    /// [`crate::AnyInstance::set_policy`] set since).
+    pub policy: Policy,
     pub geo: Geometry,
     pub layer: usize,
     /// This layer always attends densely (listed in `dense_layers`, or mode `dense`).
@@ -55,6 +58,12 @@ pub fn decode_step<B: Backend>(
         st.steps.push(step);
     }
     test_drift(cx, st, rows)?;
+    if cx.policy.selector == Selector::Oracle {
+        // The oracle's softmax covers every token, the step's own too: a backend that writes
+        // the step's tokens into the host tier after the step writes them now.
+        cx.backend
+            .settle(&mut st.host, &mut st.batch, &mut st.scratch)?;
+    }
     for (r, row) in rows.iter().enumerate() {
         correct(cx, st, r, row.seq_id)?;
     }
@@ -162,6 +171,18 @@ fn append<B: Backend>(
 }
 
 impl<B> LayerCtx<'_, B> {
+    /// A selection for the step whose context is `context` tokens, with the query stored
+    /// when the sequence had `len` tokens in the host tier.
+    fn selection(&self, context: usize, len: usize, params: &AttnParams) -> Selection {
+        Selection {
+            candidates: self.geo.candidates(context, params),
+            len,
+            params: *params,
+            selector: self.policy.selector,
+            shortlist: self.config.shortlist,
+        }
+    }
+
     /// The block table of a `len`-token context must cover it and name blocks the host tier
     /// has (prompt and decode rows alike).
     pub fn check_table(&self, seq_id: u64, table: &[u32], len: usize) -> anyhow::Result<()> {
@@ -189,7 +210,7 @@ impl<B> LayerCtx<'_, B> {
 /// Whether row `r`'s step runs the correction test (mode `freekv`, a step that attends over
 /// a speculated selection).
 fn tests_drift<B: Backend>(cx: &LayerCtx<'_, B>, st: &LayerState<B>, r: usize) -> bool {
-    cx.config.mode.correction() && st.steps[r] == RowStep::Speculated
+    cx.policy.mode.correction() && st.steps[r] == RowStep::Speculated
 }
 
 /// 2a. The correction test of every row that runs it, in one backend call (on a device, one
@@ -258,7 +279,7 @@ fn correct<B: Backend>(
         sparse: true,
         ..Default::default()
     };
-    let all = step == RowStep::Fresh || cx.config.mode == Mode::Sync;
+    let all = step == RowStep::Fresh || cx.policy.mode == Mode::Sync;
     if all {
         heads.copy_from_slice(all_heads);
         trace.blocking = true;
@@ -279,7 +300,7 @@ fn correct<B: Backend>(
         heads.fill(false);
     }
     let n = heads.iter().filter(|&&h| h).count();
-    if all || n > 0 || !cx.config.mode.speculation() {
+    if all || n > 0 || !cx.policy.mode.speculation() {
         cx.backend.store_query(dev, batch, r, 0)?;
     } else {
         // Only the worker's selection (and the next step's correction test) reads it: stored
@@ -288,9 +309,9 @@ fn correct<B: Backend>(
     }
     if n > 0 {
         let t = Instant::now();
-        let candidates = cx.geo.candidates(seq.len, &seq.params);
+        let selection = cx.selection(seq.len, seq.len, &seq.params);
         cx.backend
-            .select(host, &seq.table, dev, candidates, heads, scratch)?;
+            .select(host, &seq.table, dev, &selection, heads, scratch)?;
         let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch)?;
         counters.head_selections += n as u64;
         counters.add_recall(stats);
@@ -348,7 +369,7 @@ fn schedule<B: Backend>(
     r: usize,
     seq_id: u64,
 ) -> bool {
-    if matches!(st.steps[r], RowStep::Dense | RowStep::Whole) || !cx.config.mode.speculation() {
+    if matches!(st.steps[r], RowStep::Dense | RowStep::Whole) || !cx.policy.mode.speculation() {
         return false;
     }
     let seq = st.seqs.get_mut(&seq_id).expect("appended above");
@@ -405,9 +426,9 @@ pub fn select_for_next_step<B: Backend>(
         seq.forget();
         return Ok(());
     };
-    let candidates = cx.geo.candidates(seq.len + 1, &seq.params);
+    let selection = cx.selection(seq.len + 1, seq.len, &seq.params);
     cx.backend
-        .select(host, &seq.table, dev, candidates, heads, scratch)?;
+        .select(host, &seq.table, dev, &selection, heads, scratch)?;
     let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch)?;
     seq.counters.head_selections += heads.iter().filter(|&&h| h).count() as u64;
     seq.counters.add_recall(stats);

@@ -23,7 +23,7 @@ use std::ops::Range;
 use candle_core::{DType, Tensor};
 
 use crate::geometry::Geometry;
-use crate::AttnParams;
+use crate::{AttnParams, Selector};
 
 pub mod cpu;
 pub mod offload;
@@ -42,6 +42,21 @@ impl std::ops::AddAssign for RecallStats {
         self.pages += o.pages;
         self.bytes += o.bytes;
     }
+}
+
+/// One selection: over which pages, for which context, scored how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Selection {
+    /// The candidate pages (see [`Geometry::candidates`]).
+    pub candidates: Range<usize>,
+    /// Tokens of the sequence in the host tier: the context of the stored query.
+    pub len: usize,
+    /// The layer's attention parameters (the oracle's softmax).
+    pub params: AttnParams,
+    /// How pages are scored.
+    pub selector: Selector,
+    /// Selector `rerank`: pages shortlisted per selected page.
+    pub shortlist: usize,
 }
 
 /// Which thread a scratch area serves.
@@ -221,16 +236,17 @@ pub trait Backend: Send + Sync + 'static {
     ) -> anyhow::Result<()>;
 
     // ---- score / select ---------------------------------------------------------------
-    /// Scores the `candidates` pages with the stored query (Quest bound, GQA pooling), takes
-    /// the exact top-k per KV head in `heads` and plans the replacement: winners already
-    /// resident stay, missing winners go into the lowest-scored selected slots. The plan is
-    /// applied by [`Backend::recall`].
+    /// Scores the selection's candidate pages with the stored query (by its selector: the
+    /// Quest bound with GQA pooling, or the oracle's exact attention mass), takes the exact
+    /// top-k per KV head in `heads` and plans the replacement: winners already resident stay,
+    /// missing winners go into the lowest-scored selected slots. The plan is applied by
+    /// [`Backend::recall`].
     fn select(
         &self,
         host: &Self::HostTier,
         table: &[u32],
         dev: &mut Self::DeviceTier,
-        candidates: Range<usize>,
+        selection: &Selection,
         heads: &[bool],
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()>;
@@ -254,6 +270,30 @@ pub trait Backend: Send + Sync + 'static {
         head: usize,
         len: usize,
     ) -> anyhow::Result<Vec<u32>>;
+
+    // ---- diagnostics ------------------------------------------------------------------
+    /// Batch row `row`'s query (a decode step's), `[n_q][d]` in f32, into `out` (the
+    /// selection probe). Default: not available on this backend.
+    fn read_query(
+        &self,
+        _batch: &mut Self::Batch,
+        _row: usize,
+        _out: &mut Vec<f32>,
+    ) -> anyhow::Result<()> {
+        anyhow::bail!("the selection probe is not available on this backend (use the CPU's in-place device tier)")
+    }
+    /// KV head `head`'s keys of a sequence's first `len` tokens as the host tier holds them,
+    /// `[len][d]` in f32, into `out` (the oracle selector and the selection probe).
+    fn read_keys(
+        &self,
+        _host: &Self::HostTier,
+        _table: &[u32],
+        _len: usize,
+        _head: usize,
+        _out: &mut Vec<f32>,
+    ) -> anyhow::Result<()> {
+        anyhow::bail!("the selection probe is not available on this backend (use the CPU's in-place device tier)")
+    }
 
     // ---- attend -----------------------------------------------------------------------
     /// Decode attention of batch row `row` (query at position `len - 1`) over the working

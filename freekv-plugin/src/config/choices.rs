@@ -95,6 +95,37 @@ impl Pooling {
     ];
 }
 
+/// How a selection scores the candidate pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Selector {
+    /// FreeKV's (Quest's) estimate: an upper bound of `q . k` over each page from its summary
+    /// (`summary`), pooled over the GQA group (`pooling`).
+    #[default]
+    Quest,
+    /// A diagnostic, never a default: each page's exact attention mass for the query (softmax
+    /// over every key of the context), the mean over the group. It reads every key of the
+    /// context at each selection (the cost of dense attention, and more), to show what the
+    /// budget alone allows: the gap between it and dense is the budget's, the gap between a
+    /// selector and it is the selector's.
+    Oracle,
+    /// Two stages: the Quest bound (pooled with the query at the softmax's scale) shortlists
+    /// `shortlist` x the selected pages; each shortlisted page is then scored by the exact
+    /// attention weight of its tokens for the query (softmax over the shortlisted tokens, the
+    /// mean over the group). Token-level evidence where the page bound is loose, reading only
+    /// the shortlist's keys.
+    Rerank,
+}
+
+impl Selector {
+    /// Every selector with its configuration string.
+    pub const ALL: [(Selector, &'static str); 3] = [
+        (Selector::Quest, "quest"),
+        (Selector::Oracle, "oracle"),
+        (Selector::Rerank, "rerank"),
+    ];
+}
+
 /// How the CPU device tier holds a sequence's working set.
 ///
 /// Both keep per-head slot tables (which logical page each KV head's slice of a slot holds);

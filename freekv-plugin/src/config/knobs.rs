@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::choices::{DeviceTierLayout, Mode, Pooling, PrefillAttention, SummaryKind};
+use super::choices::{DeviceTierLayout, Mode, Pooling, PrefillAttention, Selector, SummaryKind};
 use super::{ConfigError, FreeKvConfig};
 
 /// One knob of [`FreeKvConfig`]: its names and help, and how to set it from text. The table
@@ -122,6 +122,7 @@ choice_values!(
     Mode,
     SummaryKind,
     Pooling,
+    Selector,
     DeviceTierLayout,
     PrefillAttention
 );

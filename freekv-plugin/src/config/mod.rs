@@ -15,7 +15,7 @@ use crate::ModelShape;
 mod choices;
 pub mod knobs;
 
-pub use choices::{DeviceTierLayout, Mode, Pooling, PrefillAttention, SummaryKind};
+pub use choices::{DeviceTierLayout, Mode, Pooling, PrefillAttention, Selector, SummaryKind};
 pub use knobs::{Knob, KnobValue};
 
 /// Page sizes FreeKV supports (= the engine's paged-attention block sizes).
@@ -89,6 +89,15 @@ declare_knobs! {
     summary: SummaryKind = SummaryKind::MinMax, "freekv-summary", "FREEKV_SUMMARY", "KIND";
     /// How a GQA group's query heads pool their page scores: softmax-mean, mean or max.
     pooling: Pooling = Pooling::SoftmaxMean, "freekv-pooling", "FREEKV_POOLING", "KIND";
+    /// How selection scores pages: quest (FreeKV's page bounds, with `summary` and
+    /// `pooling`), rerank (the page bounds shortlist `shortlist` x the selected pages, then the
+    /// exact attention weight of each shortlisted page's tokens decides) or oracle (a
+    /// diagnostic: each page's exact attention mass for the query, which reads every key at
+    /// every selection; it shows what the budget alone allows).
+    selector: Selector = Selector::Quest, "freekv-selector", "FREEKV_SELECTOR", "KIND";
+    /// Selector `rerank`: pages shortlisted by the page bounds per selected page, 1 to 16 (the
+    /// keys of `shortlist` x the selected pages are read at each selection).
+    shortlist: usize = 2, "freekv-shortlist", "FREEKV_SHORTLIST", "PAGES";
     /// Layers that always attend densely, comma separated ("" for none). On a GPU a dense
     /// layer keeps its whole pool in device memory too (1/L of the host tier per layer).
     dense_layers: Vec<usize> = vec![0], "freekv-dense-layers", "FREEKV_DENSE_LAYERS", "LIST";
@@ -144,7 +153,52 @@ pub fn parse_layer_list(s: &str) -> Result<Vec<usize>, String> {
     <Vec<usize>>::parse(s)
 }
 
+/// The knobs an instance can switch between requests ([`crate::AnyInstance::set_policy`]):
+/// which parts of the method run and how pages are scored. Everything else shapes the
+/// instance's memory and is fixed when it is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub mode: Mode,
+    pub selector: Selector,
+}
+
+impl Policy {
+    /// Whether an instance built for `built` can run this policy: one built for mode `dense`
+    /// keeps no summaries on a device, and one built without correction mirrors no stored
+    /// queries there.
+    pub fn check(&self, built: &FreeKvConfig) -> Result<(), ConfigError> {
+        if built.mode == Mode::Dense && self.mode != Mode::Dense {
+            return Err(err(
+                "mode",
+                format!("{:?}", self.mode),
+                "mode dense, as the instance was built (it keeps no page summaries); build it \
+                 with a sparse mode to switch",
+            ));
+        }
+        if self.mode.correction() && !built.mode.correction() {
+            return Err(err(
+                "mode",
+                "freekv",
+                format!(
+                    "a mode without correction, as the instance was built with mode {:?}; build \
+                     it with mode freekv to switch",
+                    built.mode
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl FreeKvConfig {
+    /// The mode and selector of this configuration.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            mode: self.mode,
+            selector: self.selector,
+        }
+    }
+
     /// The budget in pages: (sink pages, window pages, selected pages, slots).
     pub fn pages(&self) -> (usize, usize, usize, usize) {
         let p = self.page_size.max(1);
@@ -213,6 +267,13 @@ impl FreeKvConfig {
                 "tau",
                 self.tau,
                 "a number in [-1, 1] (0.8 suits long input, 0.9 long generation)",
+            ));
+        }
+        if !(1..=16).contains(&self.shortlist) {
+            return Err(err(
+                "shortlist",
+                self.shortlist,
+                "1 to 16 pages shortlisted per selected page (2: twice the selected pages)",
             ));
         }
         if !(0.0..=1.0).contains(&self.correction_rate) {

@@ -60,6 +60,9 @@ fn serde_names_and_partial_json() {
     for (m, name) in SummaryKind::ALL {
         assert_eq!(serde_json::to_value(m).unwrap(), name);
     }
+    for (m, name) in Selector::ALL {
+        assert_eq!(serde_json::to_value(m).unwrap(), name);
+    }
     assert!(serde_json::from_str::<FreeKvConfig>(r#"{"mode": "fast"}"#).is_err());
     assert!(serde_json::from_str::<FreeKvConfig>(r#"{"budgett": 5}"#).is_err());
 }
@@ -113,6 +116,11 @@ fn every_bad_knob_is_named_with_value_and_range() {
     assert!(e.valid.contains("[-1, 1]"));
     let e = invalid(|c| c.tau = f32::NAN);
     assert_eq!(e.knob, "tau");
+    for bad in [0, 17] {
+        let e = invalid(|c| c.shortlist = bad);
+        assert_eq!((e.knob, e.value.clone()), ("shortlist", bad.to_string()));
+        assert!(e.valid.contains("1 to 16"), "{e}");
+    }
     let e = invalid(|c| c.dense_layers = vec![0, 4]);
     assert_eq!(e.knob, "dense_layers");
     assert!(e.to_string().contains("layer 4") && e.to_string().contains("4 layers"));
@@ -167,6 +175,8 @@ fn environment_overrides_and_errors() {
         ("FREEKV_DEVICE_TIER", "copy"),
         ("FREEKV_CORRECTION_RATE", "0.25"),
         ("FREEKV_PREFILL_ATTENTION", "engine"),
+        ("FREEKV_SELECTOR", "oracle"),
+        ("FREEKV_SHORTLIST", "3"),
     ]
     .into_iter()
     .collect();
@@ -182,6 +192,8 @@ fn environment_overrides_and_errors() {
             correction_rate: 0.25,
             summary: SummaryKind::CentreMad,
             pooling: Pooling::Max,
+            selector: Selector::Oracle,
+            shortlist: 3,
             dense_layers: vec![],
             mode: Mode::Speculative,
             device_tier: DeviceTierLayout::Copy,

@@ -6,14 +6,13 @@
 //! The faults are injected by a backend that forwards every operation to the CPU backend and
 //! fails one chosen operation once (optionally only on the worker thread).
 
-use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 
 use super::{AnyInstance, Instance};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, RecallStats, Role};
+use crate::backend::{Backend, RecallStats, Role, Selection};
 use crate::geometry::Geometry;
 use crate::{AttnParams, DecodeRow, FreeKvConfig, Mode, ModelShape, PrefillRow};
 
@@ -169,12 +168,12 @@ impl Backend for Faulty {
         host: &Host,
         table: &[u32],
         dev: &mut Dev,
-        candidates: Range<usize>,
+        selection: &Selection,
         heads: &[bool],
         s: &mut Scratch,
     ) -> anyhow::Result<()> {
         self.check("select")?;
-        self.cpu.select(host, table, dev, candidates, heads, s)
+        self.cpu.select(host, table, dev, selection, heads, s)
     }
     fn recall(
         &self,
@@ -189,6 +188,19 @@ impl Backend for Faulty {
     }
     fn resident_pages(&self, dev: &Dev, head: usize, len: usize) -> anyhow::Result<Vec<u32>> {
         self.cpu.resident_pages(dev, head, len)
+    }
+    fn read_query(&self, b: &mut Batch, row: usize, out: &mut Vec<f32>) -> anyhow::Result<()> {
+        self.cpu.read_query(b, row, out)
+    }
+    fn read_keys(
+        &self,
+        host: &Host,
+        table: &[u32],
+        len: usize,
+        head: usize,
+        out: &mut Vec<f32>,
+    ) -> anyhow::Result<()> {
+        self.cpu.read_keys(host, table, len, head, out)
     }
     fn attend_decode(
         &self,

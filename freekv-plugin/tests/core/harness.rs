@@ -5,7 +5,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use freekv_plugin::{
-    AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow, StepTrace,
+    AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow, Selector,
+    StepTrace,
 };
 use half::{bf16, f16};
 
@@ -702,15 +703,39 @@ impl Harness {
                     };
                     let dt = self.s.dtype;
                     let store = move |x: f64| round(x as f32, dt) as f64;
-                    let scores = reference::page_scores(
-                        &qsrc,
-                        &kv,
-                        cand.clone(),
-                        p,
-                        self.s.cfg.summary,
-                        self.s.cfg.pooling,
-                        &store,
-                    );
+                    let scores = match self.s.cfg.selector {
+                        Selector::Quest => reference::page_scores(
+                            &qsrc,
+                            &kv,
+                            cand.clone(),
+                            p,
+                            self.s.cfg.summary,
+                            self.s.cfg.pooling,
+                            &store,
+                        ),
+                        Selector::Rerank => reference::rerank_scores(
+                            &qsrc,
+                            &kv,
+                            cand.clone(),
+                            p,
+                            if use_current { len } else { len - 1 },
+                            &self.s.params,
+                            self.s.cfg.summary,
+                            self.s.cfg.pooling,
+                            &store,
+                            self.s.sel_pages(),
+                            self.s.cfg.shortlist,
+                        ),
+                        // The previous query was stored one token earlier.
+                        Selector::Oracle => reference::oracle_scores(
+                            &qsrc,
+                            &kv,
+                            cand.clone(),
+                            p,
+                            if use_current { len } else { len - 1 },
+                            &self.s.params,
+                        ),
+                    };
                     let k = self.s.sel_pages().min(cand.len());
                     let want = reference::top_k(&scores, cand.start, k);
                     if selected != want {
@@ -815,6 +840,8 @@ pub fn random_setup(rng: &mut Rng, lim: &Limits) -> Setup {
             freekv_plugin::Pooling::Mean,
             freekv_plugin::Pooling::Max,
         ][rng.range(0, 2)],
+        selector: Selector::Quest,
+        shortlist: 2,
         dense_layers: vec![],
         mode: rng.pick(lim.modes),
         device_tier: if rng.chance(0.5) {

@@ -5,6 +5,7 @@
 //! - `equivalence`: budget >= context equals dense, dense mode and dense layers;
 //! - `retrieval`: sync = brute force, speculation uses `q_{i-1}`, correction, tau = 1;
 //! - `tiers`: prefix hits, block reuse, rebuilds, freeing, errors, counters;
+//! - `probe`: the selection probe on a live instance;
 //! - `trace`: an insta snapshot of a small deterministic trace;
 //! - `fuzz`: arbitrary knob values through parsing, validation and an instance.
 
@@ -14,6 +15,7 @@ mod rng;
 
 mod equivalence;
 mod fuzz;
+mod probe;
 mod retrieval;
 mod tiers;
 mod trace;

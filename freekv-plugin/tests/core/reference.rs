@@ -145,6 +145,112 @@ pub fn page_scores(
         .collect()
 }
 
+/// The oracle's scores of the candidate pages for one KV head whose group queries are `qs`,
+/// each at position `len - 1` over the keys `0..len`: per query head, the softmax weight of
+/// the page's tokens (every visible key in the softmax), then the mean over the group.
+pub fn oracle_scores(
+    qs: &[&[f32]],
+    kv: &HeadKv<'_>,
+    candidates: std::ops::Range<usize>,
+    p: usize,
+    len: usize,
+    params: &AttnParams,
+) -> Vec<f64> {
+    let mut pooled = vec![0f64; candidates.len()];
+    for q in qs {
+        let logit = |t: usize| {
+            let s: f64 = q
+                .iter()
+                .zip(&kv.k[t])
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
+            let s = s * params.softmax_scale as f64;
+            match params.softcap {
+                Some(cap) => cap as f64 * (s / cap as f64).tanh(),
+                None => s,
+            }
+        };
+        let seen: Vec<usize> = (0..len).filter(|&t| visible(params, len - 1, t)).collect();
+        let m = seen
+            .iter()
+            .map(|&t| logit(t))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = seen.iter().map(|&t| (logit(t) - m).exp()).sum();
+        for (i, j) in candidates.clone().enumerate() {
+            let mass: f64 = (j * p..((j + 1) * p).min(len))
+                .filter(|&t| visible(params, len - 1, t))
+                .map(|t| (logit(t) - m).exp() / z)
+                .sum();
+            pooled[i] += mass / qs.len() as f64;
+        }
+    }
+    pooled
+}
+
+/// The rerank selector's scores of the candidate pages for one KV head whose group queries
+/// are `qs`, at position `len - 1`: the page bounds, pooled with the queries times the softmax
+/// scale, shortlist the `shortlist x k` best candidates; each shortlisted page then scores the
+/// mean over the group of its tokens' softmax weight among every shortlisted (visible) token;
+/// the other candidates score -inf.
+#[allow(clippy::too_many_arguments)]
+pub fn rerank_scores(
+    qs: &[&[f32]],
+    kv: &HeadKv<'_>,
+    candidates: std::ops::Range<usize>,
+    p: usize,
+    len: usize,
+    params: &AttnParams,
+    kind: SummaryKind,
+    pooling: Pooling,
+    store: &dyn Fn(f64) -> f64,
+    k: usize,
+    shortlist: usize,
+) -> Vec<f64> {
+    let scaled: Vec<Vec<f32>> = qs
+        .iter()
+        .map(|q| q.iter().map(|x| x * params.softmax_scale).collect())
+        .collect();
+    let scaled: Vec<&[f32]> = scaled.iter().map(|q| &q[..]).collect();
+    let bounds = page_scores(&scaled, kv, candidates.clone(), p, kind, pooling, store);
+    let short = top_k(
+        &bounds,
+        candidates.start,
+        (shortlist * k).min(candidates.len()),
+    );
+    let mut out = vec![f64::NEG_INFINITY; candidates.len()];
+    for &j in &short {
+        out[j - candidates.start] = 0.0;
+    }
+    let tokens: Vec<usize> = short
+        .iter()
+        .flat_map(|&j| j * p..(j + 1) * p)
+        .filter(|&t| visible(params, len - 1, t))
+        .collect();
+    for q in qs {
+        let logit = |t: usize| {
+            let s: f64 = q
+                .iter()
+                .zip(&kv.k[t])
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
+            let s = s * params.softmax_scale as f64;
+            match params.softcap {
+                Some(cap) => cap as f64 * (s / cap as f64).tanh(),
+                None => s,
+            }
+        };
+        let m = tokens
+            .iter()
+            .map(|&t| logit(t))
+            .fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = tokens.iter().map(|&t| (logit(t) - m).exp()).sum();
+        for &t in &tokens {
+            out[t / p - candidates.start] += (logit(t) - m).exp() / z / qs.len() as f64;
+        }
+    }
+    out
+}
+
 /// The `k` best candidates (page numbers) by score, ties to the lower page.
 pub fn top_k(scores: &[f64], first_page: usize, k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();

@@ -2,7 +2,7 @@
 //! over the pages selected with the previous query; correction re-selects exactly the
 //! drifting heads; tau = 1 equals sync; both device tiers agree.
 
-use freekv_plugin::{DeviceTierLayout, Mode};
+use freekv_plugin::{DeviceTierLayout, Mode, Selector};
 
 use crate::equivalence::{cycled_setup, ALL, FAST_DIMS};
 use crate::harness::{tally, Checked, Harness, Limits, PromptSpec, Queries, Setup};
@@ -60,6 +60,57 @@ fn sync_mode_equals_the_brute_force_reference() {
         "some sequences cross the budget during decode: {all:?}"
     );
     // Ties are rare; most selections match the reference exactly.
+    assert!(all.tie_resolved * 20 < all.heads_compared, "{all:?}");
+}
+
+/// The oracle selector (a diagnostic: pages by their exact attention mass, pooled over the
+/// group) against its brute-force reference, in every retrieving mode and both device tiers:
+/// the pages each head attends are the reference's top-k by mass of the query the mode
+/// selects with (the current one, or the previous one over the context it was stored at).
+#[test]
+fn the_oracle_selects_the_pages_with_the_largest_exact_attention_mass() {
+    let lim = Limits {
+        modes: &[Mode::Sync, Mode::FreeKv, Mode::Speculative],
+        head_dims: &FAST_DIMS,
+        ..ALL
+    };
+    let mut all = Checked::default();
+    for i in 0..90 {
+        let seed = 25_000 + i as u64;
+        let mut rng = Rng::new(seed);
+        let mut s = cycled_setup(i, &mut rng, &lim);
+        s.cfg.selector = Selector::Oracle;
+        s.cfg.device_tier = [DeviceTierLayout::InPlace, DeviceTierLayout::Copy][i % 2];
+        let queries = Queries::Drift { lo: 0.5, hi: 1.0 };
+        let h = run(seed, s, &mut rng, queries, 4);
+        tally(&mut all, h.checked);
+    }
+    assert!(all.sparse_steps > 200, "{all:?}");
+    assert!(all.tie_resolved * 20 < all.heads_compared, "{all:?}");
+}
+
+/// The rerank selector against its brute-force reference in every retrieving mode and both
+/// device tiers, shortlists of 1 to 4 times the selected pages: the pages each head attends
+/// are the reference's top-k by token-level attention weight within the page-bound shortlist.
+#[test]
+fn the_rerank_selects_the_shortlisted_pages_whose_tokens_weigh_most() {
+    let lim = Limits {
+        modes: &[Mode::Sync, Mode::FreeKv, Mode::Speculative],
+        head_dims: &FAST_DIMS,
+        ..ALL
+    };
+    let mut all = Checked::default();
+    for i in 0..120 {
+        let seed = 27_000 + i as u64;
+        let mut rng = Rng::new(seed);
+        let mut s = cycled_setup(i, &mut rng, &lim);
+        s.cfg.selector = Selector::Rerank;
+        s.cfg.shortlist = 1 + i % 4;
+        s.cfg.device_tier = [DeviceTierLayout::InPlace, DeviceTierLayout::Copy][i % 2];
+        let h = run(seed, s, &mut rng, Queries::Drift { lo: 0.5, hi: 1.0 }, 4);
+        tally(&mut all, h.checked);
+    }
+    assert!(all.sparse_steps > 250, "{all:?}");
     assert!(all.tie_resolved * 20 < all.heads_compared, "{all:?}");
 }
 

@@ -21,14 +21,14 @@ pub mod math;
 pub mod select;
 
 use std::marker::PhantomData;
-use std::ops::Range;
 
 use candle_core::{DType, Tensor};
 
 use crate::correction::group_similarity;
 use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
-use crate::{AttnParams, FreeKvConfig, Pooling, SummaryKind};
+use crate::probe::oracle_scores;
+use crate::{AttnParams, FreeKvConfig, Pooling, Selector, SummaryKind};
 
 use self::attend::{Attention, AttnScratch, Segment};
 use self::causal::PrefillJob;
@@ -36,7 +36,7 @@ use self::elem::KvElem;
 use self::host_tier::HostTier;
 use self::io::CpuBatch;
 use self::select::SelectScratch;
-use super::{Backend, RecallStats, Role};
+use super::{Backend, RecallStats, Role, Selection};
 
 /// Attended tokens x KV heads from which a decode step runs its heads in parallel.
 pub(crate) const PARALLEL_DECODE: usize = 8192;
@@ -49,6 +49,14 @@ pub struct CpuBackend<T> {
     _elem: PhantomData<fn() -> T>,
 }
 
+/// Working memory of the oracle selector: one head's keys (f32), its pages' masses, logits.
+#[derive(Default)]
+pub(crate) struct OracleScratch {
+    pub keys: Vec<f32>,
+    pub masses: Vec<f32>,
+    pub logits: Vec<f32>,
+}
+
 /// Per-thread working memory.
 pub struct CpuScratch<T: KvElem> {
     attn: AttnScratch,
@@ -58,6 +66,10 @@ pub struct CpuScratch<T: KvElem> {
     rows: Vec<f32>,
     /// Summary offsets of the candidates of one selection.
     offsets: Vec<usize>,
+    /// The oracle selector's keys and masses.
+    pub(crate) oracle: OracleScratch,
+    /// A selection's queries at the softmax's scale.
+    scaled_q: Vec<f32>,
     _elem: PhantomData<fn() -> T>,
 }
 
@@ -123,6 +135,8 @@ impl<T: KvElem> Backend for CpuBackend<T> {
             select: SelectScratch::default(),
             rows: Vec::new(),
             offsets: Vec::new(),
+            oracle: OracleScratch::default(),
+            scaled_q: Vec::new(),
             _elem: PhantomData,
         }
     }
@@ -282,28 +296,72 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         host: &HostTier<T>,
         table: &[u32],
         dev: &mut SlotPlan,
-        candidates: Range<usize>,
+        selection: &Selection,
         heads: &[bool],
         scratch: &mut CpuScratch<T>,
     ) -> anyhow::Result<()> {
         let (d, gs) = (self.geo.head_dim, self.geo.group);
         let sel = self.geo.selected_slots();
+        let candidates = selection.candidates.clone();
         for h in (0..self.geo.num_kv_heads).filter(|&h| heads[h]) {
             let group_q = &dev.query()[h * gs * d..(h + 1) * gs * d];
-            scratch.offsets.clear();
-            scratch.offsets.extend(
-                table[candidates.clone()]
-                    .iter()
-                    .map(|&b| host.summary_offset(b, h)),
-            );
-            select::pooled_scores(
-                group_q,
-                d,
-                host.summaries(),
-                &scratch.offsets,
-                self.pooling,
-                &mut scratch.select,
-            );
+            match selection.selector {
+                Selector::Quest | Selector::Rerank => {
+                    scratch.offsets.clear();
+                    scratch.offsets.extend(
+                        table[candidates.clone()]
+                            .iter()
+                            .map(|&b| host.summary_offset(b, h)),
+                    );
+                    // The rerank's shortlist pools at the attention's temperature.
+                    let rerank = selection.selector == Selector::Rerank;
+                    let q: &[f32] = if rerank {
+                        let scale = selection.params.softmax_scale;
+                        scratch.scaled_q.clear();
+                        scratch.scaled_q.extend(group_q.iter().map(|x| x * scale));
+                        &scratch.scaled_q
+                    } else {
+                        group_q
+                    };
+                    select::pooled_scores(
+                        q,
+                        d,
+                        host.summaries(),
+                        &scratch.offsets,
+                        self.pooling,
+                        &mut scratch.select,
+                    );
+                    if rerank {
+                        select::rerank(
+                            &self.geo,
+                            host,
+                            table,
+                            h,
+                            group_q,
+                            &selection.params,
+                            selection.len,
+                            candidates.clone(),
+                            selection.shortlist,
+                            &mut scratch.select,
+                        );
+                    }
+                }
+                Selector::Oracle => {
+                    let o = &mut scratch.oracle;
+                    read_host_keys(&self.geo, host, table, selection.len, h, &mut o.keys)?;
+                    oracle_scores(
+                        &self.geo,
+                        &selection.params,
+                        group_q,
+                        &o.keys,
+                        selection.len,
+                        candidates.clone(),
+                        &mut scratch.select.pooled,
+                        &mut o.masses,
+                        &mut o.logits,
+                    );
+                }
+            }
             select::plan_replacement(
                 &self.geo,
                 candidates.clone(),
@@ -341,6 +399,30 @@ impl<T: KvElem> Backend for CpuBackend<T> {
             .collect();
         pages.sort_unstable();
         Ok(pages)
+    }
+
+    fn read_query(
+        &self,
+        batch: &mut CpuBatch,
+        row: usize,
+        out: &mut Vec<f32>,
+    ) -> anyhow::Result<()> {
+        out.clear();
+        for h in 0..self.geo.num_q_heads() {
+            out.extend_from_slice(batch.q_row(row, h, 0));
+        }
+        Ok(())
+    }
+
+    fn read_keys(
+        &self,
+        host: &HostTier<T>,
+        table: &[u32],
+        len: usize,
+        head: usize,
+        out: &mut Vec<f32>,
+    ) -> anyhow::Result<()> {
+        read_host_keys(&self.geo, host, table, len, head, out)
     }
 
     fn attend_decode(
@@ -408,6 +490,34 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         job.run(&mut batch.out[span], &mut scratch.attn, &mut scratch.tile);
         Ok(())
     }
+}
+
+/// KV head `head`'s keys of a sequence's first `len` tokens in `host`, `[len][d]` in f32.
+pub(crate) fn read_host_keys<T: KvElem>(
+    geo: &Geometry,
+    host: &HostTier<T>,
+    table: &[u32],
+    len: usize,
+    head: usize,
+    out: &mut Vec<f32>,
+) -> anyhow::Result<()> {
+    let (p, d) = (geo.page_size, geo.head_dim);
+    let pages = geo.pages(len);
+    anyhow::ensure!(
+        table.len() >= pages,
+        "a block table of {} blocks for {len} tokens",
+        table.len()
+    );
+    out.clear();
+    out.resize(len * d, 0.0);
+    for (j, &block) in table[..pages].iter().enumerate() {
+        let n = geo.valid_tokens(j, len);
+        T::to_f32s(
+            &host.chunk(block, head)[..n * d],
+            &mut out[j * p * d..(j * p + n) * d],
+        );
+    }
+    Ok(())
 }
 
 /// Prefetches `seg` and adds the segment before it (one segment of look-ahead).

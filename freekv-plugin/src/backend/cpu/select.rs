@@ -1,14 +1,16 @@
 //! Selection for one KV head: Quest upper-bound scores from the page summaries, GQA pooling,
-//! exact top-k, and the replacement plan (resident winners stay; missing winners go into the
-//! selected slots whose current pages score lowest).
+//! the rerank of a shortlist by token-level attention mass, exact top-k, and the replacement
+//! plan (resident winners stay; missing winners go into the selected slots whose current
+//! pages score lowest).
 
 use std::cmp::Ordering;
 use std::ops::Range;
 
 use crate::geometry::{Geometry, NO_PAGE};
-use crate::Pooling;
+use crate::{AttnParams, Pooling};
 
 use super::elem::KvElem;
+use super::host_tier::HostTier;
 use super::math;
 use crate::plan::PlanEntry;
 
@@ -28,6 +30,11 @@ pub struct SelectScratch {
     evict: Vec<(f32, u32)>,
     missing: Vec<(f32, u32)>,
     pub plan: Vec<PlanEntry>,
+    /// The rerank's scaled queries `[G][d]`, token offsets in a page, shortlist and logits.
+    scaled_q: Vec<f32>,
+    token_offsets: Vec<usize>,
+    shortlist: Vec<u32>,
+    logits: Vec<f32>,
 }
 
 /// Descending score, then ascending index: a total order, so ties pick lower pages.
@@ -99,6 +106,89 @@ pub fn pooled_scores<T: KvElem>(
                     *p = p.max(*r);
                 }
             }
+        }
+    }
+}
+
+/// The rerank selector's second stage for KV head `head`, whose group queries are `group_q`
+/// (`[G][d]`): `sc.pooled` holds the candidates' page-bound scores; the best
+/// `shortlist x k` of them are scored again by their tokens' exact attention weight (per
+/// query head, the softmax over every shortlisted token, with the layer's scale, soft-cap and
+/// window; then the mean over the group), and every other candidate scores `-inf`. Candidate
+/// pages are full pages, so every token read is in the host tier.
+#[allow(clippy::too_many_arguments)]
+pub fn rerank<T: KvElem>(
+    geo: &Geometry,
+    host: &HostTier<T>,
+    table: &[u32],
+    head: usize,
+    group_q: &[f32],
+    params: &AttnParams,
+    len: usize,
+    cand: Range<usize>,
+    shortlist: usize,
+    sc: &mut SelectScratch,
+) {
+    let (p, d) = (geo.page_size, geo.head_dim);
+    let g = group_q.len() / d;
+    let n = cand.len();
+    let m = (shortlist * geo.sel_pages).min(n);
+    // The shortlist: the m best by the page bound (the same order as the top-k).
+    sc.shortlist.clear();
+    sc.shortlist.extend(0..n as u32);
+    if m < n && m > 0 {
+        let pooled = &sc.pooled;
+        sc.shortlist.select_nth_unstable_by(m - 1, |&a, &b| {
+            better((pooled[a as usize], a), (pooled[b as usize], b))
+        });
+    }
+    sc.shortlist.truncate(m);
+    sc.token_offsets.clear();
+    sc.token_offsets.extend((0..p).map(|t| t * d));
+    sc.scaled_q.clear();
+    sc.scaled_q
+        .extend(group_q.iter().map(|x| x * params.softmax_scale));
+    // Logits `[G][m][p]` of every shortlisted token.
+    sc.logits.clear();
+    sc.logits.resize(g * m * p, f32::NEG_INFINITY);
+    sc.raw.resize(g * p, 0.0);
+    let first = params.first_visible(len.saturating_sub(1));
+    for (i, &c) in sc.shortlist.iter().enumerate() {
+        let page = cand.start + c as usize;
+        let chunk = host.chunk(table[page], head);
+        math::dots_indexed_group(
+            &sc.scaled_q,
+            g,
+            T::rows_ref(&chunk[..p * d]),
+            &sc.token_offsets,
+            &mut sc.raw,
+        );
+        for h in 0..g {
+            for t in 0..p {
+                if page * p + t < first {
+                    continue;
+                }
+                let mut s = sc.raw[h * p + t];
+                if let Some(cap) = params.softcap {
+                    s = cap * (s / cap).tanh();
+                }
+                sc.logits[(h * m + i) * p + t] = s;
+            }
+        }
+    }
+    sc.pooled.clear();
+    sc.pooled.resize(n, f32::NEG_INFINITY);
+    for &c in &sc.shortlist {
+        sc.pooled[c as usize] = 0.0;
+    }
+    for h in 0..g {
+        let row = &mut sc.logits[h * m * p..(h + 1) * m * p];
+        let max = math::max(row);
+        let z = math::exp_sub_sum(row, max);
+        let w = 1.0 / (z * g as f32);
+        for (i, &c) in sc.shortlist.iter().enumerate() {
+            let mass: f32 = row[i * p..(i + 1) * p].iter().sum();
+            sc.pooled[c as usize] += mass * w;
         }
     }
 }

@@ -51,10 +51,10 @@ use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::cpu::io::CpuBatch;
 use crate::backend::cpu::select::{plan_replacement, SelectScratch};
 use crate::backend::cpu::{CpuBackend, CpuScratch};
-use crate::backend::{Backend, RecallStats, Role};
+use crate::backend::{Backend, RecallStats, Role, Selection};
 use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
-use crate::{AttnParams, FreeKvConfig, Pooling};
+use crate::{AttnParams, FreeKvConfig, Pooling, Selector};
 
 pub use ops::{
     decode_rows, span_tokens, token_span, ChunkMove, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
@@ -168,6 +168,46 @@ pub struct OffloadScratch<T: KvElem, S> {
 }
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
+    /// The Quest scores of the candidates for the heads in `heads`, pooled on the device from
+    /// its mirror of the summaries, into `scratch.scores` (`[n_kv][candidates]`).
+    fn score_on_device(
+        &self,
+        host: &<Self as Backend>::HostTier,
+        table: &[u32],
+        dev: &<Self as Backend>::DeviceTier,
+        candidates: &Range<usize>,
+        heads: &[bool],
+        scratch: &mut <Self as Backend>::Scratch,
+    ) -> anyhow::Result<()> {
+        let Some(mirror) = host.summaries.as_ref() else {
+            anyhow::bail!(
+                "page selection on a layer allocated as dense (no page summaries on the device)"
+            );
+        };
+        scratch.blocks.clear();
+        scratch.blocks.extend_from_slice(&table[candidates.clone()]);
+        let stale = (!host.unmirrored.is_empty())
+            .then(|| scratch.blocks.iter().find(|b| host.unmirrored.contains(b)))
+            .flatten();
+        if let Some(b) = stale {
+            anyhow::bail!(
+                "the device's summary of block {b} is stale after a failed copy (copied \
+                 again at the layer's next call)"
+            );
+        }
+        self.ops
+            .score_pages(
+                mirror,
+                &scratch.blocks,
+                dev.plan.query(),
+                heads,
+                self.pooling,
+                &mut scratch.scores,
+                &mut scratch.device,
+            )
+            .context("scoring the candidate pages")
+    }
+
     /// The backend for `geo` on the device `ops`, with the configuration's summary and pooling.
     pub fn new(geo: Geometry, config: &FreeKvConfig, ops: O) -> Self {
         Self {
@@ -714,41 +754,32 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         host: &Self::HostTier,
         table: &[u32],
         dev: &mut Self::DeviceTier,
-        candidates: Range<usize>,
+        selection: &Selection,
         heads: &[bool],
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()> {
-        let g = &self.geo;
-        let n = candidates.len();
-        let Some(mirror) = host.summaries.as_ref() else {
-            anyhow::bail!(
-                "page selection on a layer allocated as dense (no page summaries on the device)"
+        if selection.selector != Selector::Quest {
+            // Selectors that read keys run on the host, over the host tier, as on the CPU. The
+            // oracle's softmax covers every token: the caller settles the step's first.
+            anyhow::ensure!(
+                selection.selector != Selector::Oracle || host.pending.is_empty(),
+                "an oracle selection before the step's tokens reached the host tier"
             );
-        };
-        scratch.blocks.clear();
-        scratch.blocks.extend_from_slice(&table[candidates.clone()]);
-        let stale = (!host.unmirrored.is_empty())
-            .then(|| scratch.blocks.iter().find(|b| host.unmirrored.contains(b)))
-            .flatten();
-        if let Some(b) = stale {
-            anyhow::bail!(
-                "the device's summary of block {b} is stale after a failed copy (copied \
-                 again at the layer's next call)"
+            return self.cpu.select(
+                &host.tier,
+                table,
+                &mut dev.plan,
+                selection,
+                heads,
+                &mut scratch.cpu,
             );
         }
+        let g = &self.geo;
+        let candidates = selection.candidates.clone();
+        let n = candidates.len();
         scratch.scores.clear();
         scratch.scores.resize(g.num_kv_heads * n, 0.0);
-        self.ops
-            .score_pages(
-                mirror,
-                &scratch.blocks,
-                dev.plan.query(),
-                heads,
-                self.pooling,
-                &mut scratch.scores,
-                &mut scratch.device,
-            )
-            .context("scoring the candidate pages")?;
+        self.score_on_device(host, table, dev, &candidates, heads, scratch)?;
         let sel = g.selected_slots();
         for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
             let sc = &mut scratch.select;

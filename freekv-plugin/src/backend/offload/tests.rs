@@ -187,15 +187,22 @@ fn a_failed_summary_copy_is_retried_before_any_selection_scores_it() {
     let mut dev = off.alloc_device_tier().unwrap();
     let heads = vec![true; g.num_kv_heads];
     let table = [0u32, 2, 1];
+    let selection = crate::backend::Selection {
+        candidates: 0..3,
+        len: 3 * g.page_size,
+        params: crate::AttnParams::scaled(1.0),
+        selector: crate::Selector::Quest,
+        shortlist: 2,
+    };
     let err = off
-        .select(&host, &table, &mut dev, 0..3, &heads, &mut scratch)
+        .select(&host, &table, &mut dev, &selection, &heads, &mut scratch)
         .unwrap_err();
     assert!(format!("{err:#}").contains("block 2 is stale"), "{err:#}");
     // The next call's settle copies it; the mirror then scores as the host tier does.
     let mut batch = off.alloc_batch();
     off.settle(&mut host, &mut batch, &mut scratch).unwrap();
     assert!(host.unmirrored.is_empty());
-    off.select(&host, &table, &mut dev, 0..3, &heads, &mut scratch)
+    off.select(&host, &table, &mut dev, &selection, &heads, &mut scratch)
         .unwrap();
     let w = 2 * g.head_dim;
     let m = host.summaries.as_ref().unwrap();

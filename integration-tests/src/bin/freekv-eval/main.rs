@@ -2,7 +2,7 @@
 //! through the engine as users run it (the Rust SDK and the engine's server).
 //!
 //! ```text
-//! freekv-eval <passkey|retrieval|agreement|tuning|speed|load|batching|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
+//! freekv-eval <passkey|retrieval|selection|agreement|tuning|speed|load|batching|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
 //! ```
 //!
 //! `plots` redraws the PNGs from the JSON files already in the output folder.
@@ -18,6 +18,7 @@ mod load;
 mod passkey;
 mod plot;
 mod retrieval;
+mod selection;
 mod speed;
 mod variants;
 
@@ -35,7 +36,7 @@ pub struct Ctx {
 }
 
 const USAGE: &str =
-    "usage: freekv-eval <passkey|retrieval|agreement|tuning|speed|load|batching|all|plots> [--quick] [--out DIR] \
+    "usage: freekv-eval <passkey|retrieval|selection|agreement|tuning|speed|load|batching|all|plots> [--quick] [--out DIR] \
                      [--gguf FILE] [--mistralrs BIN]";
 
 fn parse_args() -> Result<(Vec<String>, Ctx)> {
@@ -53,12 +54,13 @@ fn parse_args() -> Result<(Vec<String>, Ctx)> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
-            "passkey" | "retrieval" | "agreement" | "tuning" | "speed" | "load" | "batching"
-            | "plots" => parts.push(a),
+            "passkey" | "retrieval" | "selection" | "agreement" | "tuning" | "speed" | "load"
+            | "batching" | "plots" => parts.push(a),
             "all" => parts.extend(
                 [
                     "passkey",
                     "retrieval",
+                    "selection",
                     "agreement",
                     "tuning",
                     "speed",
@@ -154,6 +156,9 @@ fn replot(cx: &Ctx) -> Result<()> {
     if let Some(trials) = read_json::<Vec<retrieval::Trial>>(cx, "retrieval.json")? {
         draw(cx, "retrieval-accuracy.png", &retrieval::chart(&trials))?;
     }
+    if let Some(cells) = read_json::<Vec<selection::Cell>>(cx, "selection.json")? {
+        draw(cx, "selection-by-layer.png", &selection::chart(&cells))?;
+    }
     if let Some(outcomes) = read_json::<Vec<agreement::Outcome>>(cx, "tuning.json")? {
         draw(
             cx,
@@ -209,29 +214,62 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
             }
             "retrieval" => {
                 let plan = retrieval::Plan::new(cx.quick);
-                let trials = retrieval::run(cx, &plan).await?;
+                let (trials, traces) = retrieval::run(cx, &plan).await?;
                 write(&cx.out, "retrieval.json", &json(&trials)?)?;
+                write(&cx.out, "retrieval-traces.json", &json(&traces)?)?;
                 let mut md = header(part, t.elapsed().as_secs_f64());
                 md += &format!(
                     "Prompt: {} with the needles; the question is then teacher forced one decode \
                      step at a time and the answer generated greedily (SmolLM2-135M-Instruct, \
-                     Q4_1, the engine's automatic dtype on the CPU). {} trials per task and length, the asked needle \
-                     at depths 10-90%.\n",
+                     Q4_1, the engine's automatic dtype on the CPU). Per length one model, FreeKV \
+                     at a budget of 1/8 of the context (a quarter of it, at most 128 tokens, each \
+                     for sink and window); each trial's prompt prefilled once and answered under \
+                     every arm (switched between requests; the prefix cache serves the prompt). \
+                     Arms: dense = FreeKV's dense mode; oracle = pages by exact attention mass of \
+                     the current query (mode sync); quest = today's selector, rerank = the new one (both mode freekv, tau 0.9). {} \
+                     paired trials per task and length, the asked needle at depths 10-90%.\n",
                     freekv_integration_tests::prose::Prose::load().source(),
                     plan.trials
                 );
                 md += &retrieval::table(&trials);
+                if !traces.is_empty() {
+                    md += "\n### Needle traces of failing trials\n";
+                    md += &retrieval::traces(&traces);
+                }
                 write(&cx.out, "retrieval.md", &md)?;
                 println!("{md}");
                 draw(cx, "retrieval-accuracy.png", &retrieval::chart(&trials))?;
                 for t in &trials {
                     // The question and answer must have gone through the sparse path.
-                    let sparse = t.budget.is_some_and(|b| t.prompt_tokens > b);
+                    let sparse =
+                        t.variant != "dense" && t.budget.is_some_and(|b| t.prompt_tokens > b);
                     anyhow::ensure!(
                         !sparse || t.sparse_steps > 0,
                         "{} on {:?}: the question was never decoded sparsely",
                         t.variant,
                         t.task
+                    );
+                }
+            }
+            "selection" => {
+                let plan = selection::Plan::new(cx.quick);
+                let cells = selection::run(cx, &plan).await?;
+                write(&cx.out, "selection.json", &json(&cells)?)?;
+                let mut md = header(part, t.elapsed().as_secs_f64());
+                md += &format!(
+                    "Prompt: {} (raw tokens), then {} tokens of its continuation teacher forced;                      FreeKV in mode dense (the dense model's queries) with the selection probe                      (SmolLM2-135M-Instruct, Q4_1, f16 on the CPU). Budgets 1/8 of the context.\n",
+                    freekv_integration_tests::prose::Prose::load().source(),
+                    plan.forced
+                );
+                md += &selection::tables(&cells);
+                write(&cx.out, "selection.md", &md)?;
+                println!("{md}");
+                draw(cx, "selection-by-layer.png", &selection::chart(&cells))?;
+                for c in &cells {
+                    anyhow::ensure!(
+                        c.report.means(None, 0).steps > 0,
+                        "selection: nothing probed at ~{} tokens",
+                        c.prompt_tokens
                     );
                 }
             }

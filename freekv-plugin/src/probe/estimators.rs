@@ -1,0 +1,513 @@
+//! Page-score estimators the probe compares: Quest-style bounds over summaries of a page or
+//! of finer runs of tokens inside it, pooled over the GQA group in several ways, and
+//! token-level estimates from low-bit key proxies. Each is computed from the keys themselves
+//! (the probe's diagnostic, not the product's path), through the product's own scoring
+//! function where the product has one, so the product's selector is measured as it runs.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::cpu::math;
+use crate::backend::cpu::select::{pooled_scores, SelectScratch};
+use crate::geometry::Geometry;
+use crate::{AttnParams, Pooling, SummaryKind};
+
+/// `proxy_bits` of a token-level estimate from the keys themselves, unquantized.
+pub const EXACT_KEYS: u8 = 32;
+
+/// How the summaries of a page's runs of tokens combine into the page's score.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Combine {
+    /// The page scores as its best run (LServe's sub-chunks).
+    #[default]
+    Max,
+    /// The page scores as the sum of its runs' softmax weights (an attention-mass estimate;
+    /// with `softmax-mean` pooling only).
+    Mass,
+}
+
+/// One way of scoring candidate pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Estimator {
+    /// Tokens per summary: the page size (one summary per page, as FreeKV keeps them) or a
+    /// divisor of it (finer summaries inside a transfer page).
+    pub sub: usize,
+    /// The summary's kind.
+    pub summary: SummaryKind,
+    /// Pooling over the group's query heads.
+    pub pooling: Pooling,
+    /// Bounds multiplied by the layer's softmax scale before pooling (the product pools raw
+    /// bounds).
+    pub scaled: bool,
+    /// How a page's runs combine (when `sub` < page size).
+    pub combine: Combine,
+    /// Bits per key channel of a token-level proxy (0: no proxy): each key quantized within
+    /// its page's min/max range; a page scores its estimated attention mass. [`EXACT_KEYS`]:
+    /// the keys themselves (a rerank with exact keys).
+    pub proxy_bits: u8,
+    /// With a proxy: only the `shortlist x k` pages best by the scaled page bound are
+    /// estimated token by token (0: every candidate).
+    pub shortlist: usize,
+}
+
+impl Estimator {
+    /// The product's selector today: min/max per page, softmax-mean over raw bounds.
+    pub fn quest(page_size: usize) -> Self {
+        Self {
+            sub: page_size,
+            summary: SummaryKind::MinMax,
+            pooling: Pooling::SoftmaxMean,
+            scaled: false,
+            combine: Combine::Max,
+            proxy_bits: 0,
+            shortlist: 0,
+        }
+    }
+
+    /// A short name for tables ("minmax/32 sm raw", "minmax/8 sm scaled mass", "proxy2 x4").
+    pub fn label(&self) -> String {
+        if self.proxy_bits > 0 {
+            let keys = match self.proxy_bits {
+                EXACT_KEYS => "exact".to_string(),
+                b => format!("proxy{b}"),
+            };
+            return match self.shortlist {
+                0 => keys,
+                s => format!("{keys} x{s}"),
+            };
+        }
+        let summary = match self.summary {
+            SummaryKind::MinMax => "minmax",
+            SummaryKind::CentreMad => "box",
+        };
+        let pooling = match self.pooling {
+            Pooling::SoftmaxMean => "sm",
+            Pooling::Mean => "mean",
+            Pooling::Max => "max",
+        };
+        let mut s = format!(
+            "{summary}/{} {pooling} {}",
+            self.sub,
+            if self.scaled { "scaled" } else { "raw" }
+        );
+        if self.combine == Combine::Mass {
+            s.push_str(" mass");
+        }
+        s
+    }
+
+    /// Checks the estimator against a page size.
+    pub fn check(&self, page_size: usize) -> Result<(), String> {
+        if self.sub == 0 || page_size % self.sub != 0 {
+            return Err(format!(
+                "estimator {}: {} tokens per summary do not divide the page size {page_size}",
+                self.label(),
+                self.sub
+            ));
+        }
+        if self.combine == Combine::Mass && self.pooling != Pooling::SoftmaxMean {
+            return Err(format!(
+                "estimator {}: mass combination needs softmax-mean pooling",
+                self.label()
+            ));
+        }
+        if self.proxy_bits > 8 && self.proxy_bits != EXACT_KEYS {
+            return Err(format!(
+                "estimator {}: at most 8 proxy bits (or {EXACT_KEYS}: exact keys)",
+                self.label()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Working memory of the estimators.
+#[derive(Default)]
+pub struct EstScratch {
+    summaries: Vec<f32>,
+    offsets: Vec<usize>,
+    q: Vec<f32>,
+    raw: Vec<f32>,
+    select: SelectScratch,
+    logits: Vec<f32>,
+    key: Vec<f32>,
+    short: Vec<f32>,
+}
+
+/// Scores of the candidate pages `cand` (one per page, higher is better) for one KV head's
+/// group `q` (`[G][d]`) over its keys (`[len][d]`), into `out`. `k` is the number of pages
+/// the selection keeps (for shortlists).
+#[allow(clippy::too_many_arguments)]
+pub fn page_scores(
+    est: &Estimator,
+    geo: &Geometry,
+    params: &AttnParams,
+    q: &[f32],
+    keys: &[f32],
+    cand: Range<usize>,
+    k: usize,
+    sc: &mut EstScratch,
+    out: &mut Vec<f32>,
+) {
+    if est.proxy_bits > 0 {
+        proxy_scores(est, geo, params, q, keys, cand, k, sc, out);
+    } else {
+        bound_scores(est, geo, params, q, keys, cand, sc, out);
+    }
+}
+
+/// Summaries of every `sub`-token run of the candidate pages, `[page][run][upper d | lower d]`.
+fn summarise(
+    est: &Estimator,
+    geo: &Geometry,
+    keys: &[f32],
+    cand: &Range<usize>,
+    sc: &mut EstScratch,
+) {
+    let (p, d, sub) = (geo.page_size, geo.head_dim, est.sub);
+    let runs = cand.len() * (p / sub);
+    sc.summaries.clear();
+    sc.summaries.resize(runs * 2 * d, 0.0);
+    sc.offsets.clear();
+    sc.offsets.extend((0..runs).map(|i| i * 2 * d));
+    for (i, s) in sc.summaries.chunks_exact_mut(2 * d).enumerate() {
+        let first = cand.start * p + i * sub;
+        let (upper, lower) = s.split_at_mut(d);
+        upper.fill(f32::NEG_INFINITY);
+        lower.fill(f32::INFINITY);
+        for t in first..first + sub {
+            for c in 0..d {
+                let x = keys[t * d + c];
+                upper[c] = upper[c].max(x);
+                lower[c] = lower[c].min(x);
+            }
+        }
+        if est.summary == SummaryKind::CentreMad {
+            for c in 0..d {
+                let centre = 0.5 * (upper[c] + lower[c]);
+                let mad = (first..first + sub)
+                    .map(|t| (keys[t * d + c] - centre).abs())
+                    .sum::<f32>()
+                    / sub as f32;
+                upper[c] = centre + mad;
+                lower[c] = centre - mad;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bound_scores(
+    est: &Estimator,
+    geo: &Geometry,
+    params: &AttnParams,
+    q: &[f32],
+    keys: &[f32],
+    cand: Range<usize>,
+    sc: &mut EstScratch,
+    out: &mut Vec<f32>,
+) {
+    let d = geo.head_dim;
+    let g = q.len() / d;
+    let runs_per_page = geo.page_size / est.sub;
+    let n = cand.len();
+    summarise(est, geo, keys, &cand, sc);
+    sc.q.clear();
+    let scale = if est.scaled {
+        params.softmax_scale
+    } else {
+        1.0
+    };
+    sc.q.extend(q.iter().map(|x| x * scale));
+    out.clear();
+    if runs_per_page == 1 || est.combine == Combine::Mass {
+        pooled_scores(
+            &sc.q,
+            d,
+            &sc.summaries,
+            &sc.offsets,
+            est.pooling,
+            &mut sc.select,
+        );
+        out.extend(
+            sc.select
+                .pooled
+                .chunks_exact(runs_per_page)
+                .map(|runs| runs.iter().sum::<f32>()),
+        );
+        return;
+    }
+    // Best run per page and head, then pooled over the group as the product pools.
+    sc.raw.clear();
+    sc.raw.resize(g * n, f32::NEG_INFINITY);
+    for h in 0..g {
+        pooled_scores(
+            &sc.q[h * d..(h + 1) * d],
+            d,
+            &sc.summaries,
+            &sc.offsets,
+            Pooling::Mean,
+            &mut sc.select,
+        );
+        for (j, runs) in sc.select.pooled.chunks_exact(runs_per_page).enumerate() {
+            sc.raw[h * n + j] = runs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+    }
+    pool(&mut sc.raw, g, n, est.pooling, out);
+}
+
+/// Pools per-head page scores `raw` (`[g][n]`, consumed) over the group as the product does.
+fn pool(raw: &mut [f32], g: usize, n: usize, pooling: Pooling, out: &mut Vec<f32>) {
+    out.clear();
+    match pooling {
+        Pooling::SoftmaxMean => {
+            out.resize(n, 0.0);
+            for h in 0..g {
+                let row = &mut raw[h * n..(h + 1) * n];
+                let m = math::max(row);
+                let z = math::exp_sub_sum(row, m);
+                let w = 1.0 / (z * g as f32);
+                for (p, e) in out.iter_mut().zip(row.iter()) {
+                    *p += e * w;
+                }
+            }
+        }
+        Pooling::Mean => {
+            out.resize(n, 0.0);
+            for h in 0..g {
+                math::axpy(out, 1.0 / g as f32, &raw[h * n..(h + 1) * n]);
+            }
+        }
+        Pooling::Max => {
+            out.resize(n, f32::NEG_INFINITY);
+            for h in 0..g {
+                for (p, r) in out.iter_mut().zip(&raw[h * n..(h + 1) * n]) {
+                    *p = p.max(*r);
+                }
+            }
+        }
+    }
+}
+
+/// Token-level estimates from keys quantized within each page's min/max range.
+#[allow(clippy::too_many_arguments)]
+fn proxy_scores(
+    est: &Estimator,
+    geo: &Geometry,
+    params: &AttnParams,
+    q: &[f32],
+    keys: &[f32],
+    cand: Range<usize>,
+    k: usize,
+    sc: &mut EstScratch,
+    out: &mut Vec<f32>,
+) {
+    let (p, d) = (geo.page_size, geo.head_dim);
+    let g = q.len() / d;
+    let n = cand.len();
+    // Which pages get the estimate.
+    let mut estimated = vec![true; n];
+    if est.shortlist > 0 && est.shortlist * k < n {
+        let base = Estimator {
+            scaled: true,
+            ..Estimator::quest(p)
+        };
+        let mut short = std::mem::take(&mut sc.short);
+        bound_scores(&base, geo, params, q, keys, cand.clone(), sc, &mut short);
+        estimated.fill(false);
+        for j in top_k(&short, est.shortlist * k) {
+            estimated[j] = true;
+        }
+        sc.short = short;
+    }
+    let base = Estimator::quest(p);
+    summarise(&base, geo, keys, &cand, sc);
+    let exact = est.proxy_bits == EXACT_KEYS;
+    let levels = if exact {
+        0.0
+    } else {
+        ((1u32 << est.proxy_bits) - 1) as f32
+    };
+    out.clear();
+    out.resize(n, f32::NEG_INFINITY);
+    sc.logits.clear();
+    sc.logits.resize(g * n * p, f32::NEG_INFINITY);
+    sc.key.resize(d, 0.0);
+    for (j, _) in estimated.iter().enumerate().filter(|(_, &e)| e) {
+        let (upper, lower) = sc.summaries[j * 2 * d..(j + 1) * 2 * d].split_at(d);
+        for t in 0..p {
+            let row = &keys[((cand.start + j) * p + t) * d..][..d];
+            for c in 0..d {
+                let span = upper[c] - lower[c];
+                sc.key[c] = if exact {
+                    row[c]
+                } else if span > 0.0 {
+                    lower[c] + ((row[c] - lower[c]) / span * levels).round() * span / levels
+                } else {
+                    lower[c]
+                };
+            }
+            for h in 0..g {
+                let mut s = math::dot(&q[h * d..(h + 1) * d], &sc.key) * params.softmax_scale;
+                if let Some(c) = params.softcap {
+                    s = c * (s / c).tanh();
+                }
+                sc.logits[(h * n + j) * p + t] = s;
+            }
+        }
+    }
+    // Per head, softmax over every estimated token; a page scores its mass, mean over heads.
+    for (j, o) in out.iter_mut().enumerate() {
+        if estimated[j] {
+            *o = 0.0;
+        }
+    }
+    for h in 0..g {
+        let row = &mut sc.logits[h * n * p..(h + 1) * n * p];
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = row.iter().map(|&s| ((s - m) as f64).exp()).sum();
+        for (j, o) in out.iter_mut().enumerate().filter(|(j, _)| estimated[*j]) {
+            let mass: f64 = row[j * p..(j + 1) * p]
+                .iter()
+                .map(|&s| ((s - m) as f64).exp())
+                .sum();
+            *o += (mass / z / g as f64) as f32;
+        }
+    }
+}
+
+/// The `k` best of `scores` (descending score, then ascending index: the product's order),
+/// as indices.
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    let better = |&a: &usize, &b: &usize| scores[b].total_cmp(&scores[a]).then(a.cmp(&b));
+    let k = k.min(order.len());
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, better);
+    }
+    order.truncate(k);
+    order.sort_unstable_by(better);
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FreeKvConfig, ModelShape};
+
+    fn geo() -> Geometry {
+        let c = FreeKvConfig {
+            page_size: 8,
+            budget: 48,
+            sink: 8,
+            window: 8,
+            ..Default::default()
+        };
+        Geometry::new(
+            &c,
+            &ModelShape {
+                num_layers: 1,
+                num_q_heads: 2,
+                num_kv_heads: 1,
+                head_dim: 4,
+            },
+        )
+    }
+
+    fn keys(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len * 4)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_page_bound_is_the_products_score_and_finer_runs_bound_it_tighter() {
+        let g = geo();
+        let params = AttnParams::scaled(0.5);
+        let q = [0.3, -1.2, 0.8, 0.1, -0.4, 0.9, 0.2, -1.5];
+        let ks = keys(80, 7);
+        let mut sc = EstScratch::default();
+        let mut out = Vec::new();
+        // Quest over whole pages, raw, mean pooling: the mean over heads of the bound.
+        let est = Estimator {
+            pooling: Pooling::Mean,
+            ..Estimator::quest(8)
+        };
+        page_scores(&est, &g, &params, &q, &ks, 1..9, 2, &mut sc, &mut out);
+        for (i, j) in (1..9).enumerate() {
+            let bound = |h: usize, tokens: Range<usize>| -> f32 {
+                (0..4)
+                    .map(|c| {
+                        let col = tokens.clone().map(|t| ks[t * 4 + c]);
+                        let hi = col.clone().fold(f32::MIN, f32::max);
+                        let lo = col.fold(f32::MAX, f32::min);
+                        (q[h * 4 + c] * hi).max(q[h * 4 + c] * lo)
+                    })
+                    .sum()
+            };
+            let want = (bound(0, j * 8..j * 8 + 8) + bound(1, j * 8..j * 8 + 8)) / 2.0;
+            assert!(
+                (out[i] - want).abs() < 1e-5,
+                "page {j}: {} vs {want}",
+                out[i]
+            );
+            // Runs of 4, best run: never above the page's bound, never below any key's q.k.
+            let fine = Estimator { sub: 4, ..est };
+            let mut f = Vec::new();
+            page_scores(&fine, &g, &params, &q, &ks, 1..9, 2, &mut sc, &mut f);
+            let best = |h: usize| bound(h, j * 8..j * 8 + 4).max(bound(h, j * 8 + 4..j * 8 + 8));
+            assert!((f[i] - (best(0) + best(1)) / 2.0).abs() < 1e-5);
+            assert!(f[i] <= out[i] + 1e-5);
+        }
+    }
+
+    #[test]
+    fn an_eight_bit_proxy_ranks_pages_as_their_exact_mass() {
+        let g = geo();
+        let params = AttnParams::scaled(0.5);
+        let q = [0.3, -1.2, 0.8, 0.1, -0.4, 0.9, 0.2, -1.5];
+        let ks = keys(80, 11);
+        let (mut sc, mut out) = (EstScratch::default(), Vec::new());
+        let est = Estimator {
+            proxy_bits: 8,
+            ..Estimator::quest(8)
+        };
+        page_scores(&est, &g, &params, &q, &ks, 1..9, 2, &mut sc, &mut out);
+        // The exact masses over the candidates only, mean over the two heads.
+        let mut exact = vec![0.0f64; 8];
+        for h in 0..2 {
+            let logit =
+                |t: usize| (0..4).map(|c| q[h * 4 + c] * ks[t * 4 + c]).sum::<f32>() as f64 * 0.5;
+            let z: f64 = (8..72).map(|t| logit(t).exp()).sum();
+            for (i, e) in exact.iter_mut().enumerate() {
+                *e += ((i + 1) * 8..(i + 2) * 8)
+                    .map(|t| logit(t).exp())
+                    .sum::<f64>()
+                    / z
+                    / 2.0;
+            }
+        }
+        for (o, e) in out.iter().zip(&exact) {
+            assert!((*o as f64 - e).abs() < 0.01, "{o} vs {e}");
+        }
+        assert_eq!(top_k(&out, 3), {
+            let e: Vec<f32> = exact.iter().map(|&x| x as f32).collect();
+            top_k(&e, 3)
+        });
+    }
+
+    #[test]
+    fn top_k_breaks_ties_by_lower_index() {
+        assert_eq!(top_k(&[1.0, 3.0, 3.0, 0.5, 3.0], 2), vec![1, 2]);
+        assert_eq!(top_k(&[1.0, 2.0], 5), vec![1, 0]);
+        assert!(top_k(&[1.0], 0).is_empty());
+    }
+}

@@ -1,0 +1,59 @@
+//! Where the probe meets a decode step: after the step of a layer, each row's query and its
+//! sequence's keys, read through the backend, are measured head by head.
+
+use crate::backend::Backend;
+use crate::state::{LayerState, RowStep};
+use crate::timeline::LayerCtx;
+use crate::DecodeRow;
+
+use super::measure_head;
+
+/// Measures the decode step just run on this layer (a no-op without a probe, on a layer
+/// listed dense, and for contexts within the budget).
+pub(crate) fn probe_decode<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    st: &mut LayerState<B>,
+    rows: &[DecodeRow<'_>],
+) -> anyhow::Result<()> {
+    let LayerState {
+        host,
+        seqs,
+        batch,
+        steps,
+        probe,
+        ..
+    } = st;
+    let Some(lp) = probe.as_mut() else {
+        return Ok(());
+    };
+    if cx.config.dense_layers.contains(&cx.layer) {
+        return Ok(());
+    }
+    let (d, gs) = (cx.geo.head_dim, cx.geo.group);
+    for (r, row) in rows.iter().enumerate() {
+        let seq = &seqs[&row.seq_id];
+        let len = seq.len;
+        if !cx.geo.is_sparse(len) {
+            continue;
+        }
+        let mut query = std::mem::take(&mut lp.m.q);
+        cx.backend.read_query(batch, r, &mut query)?;
+        let attended = match (steps[r], seq.dev.as_ref()) {
+            (RowStep::Speculated | RowStep::Fresh, Some(dev)) => Some(dev),
+            _ => None,
+        };
+        for h in 0..cx.geo.num_kv_heads {
+            cx.backend
+                .read_keys(host, &seq.table, len, h, &mut lp.m.keys)?;
+            lp.m.q.clear();
+            lp.m.q
+                .extend_from_slice(&query[h * gs * d..(h + 1) * gs * d]);
+            let resident = attended
+                .map(|dev| cx.backend.resident_pages(dev, h, len))
+                .transpose()?;
+            measure_head(lp, &seq.params, len, cx.layer, h, resident.as_deref());
+        }
+        lp.m.q = query;
+    }
+    Ok(())
+}
