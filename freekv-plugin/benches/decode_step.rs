@@ -1,6 +1,7 @@
 //! One decode step of one layer on CPU: dense vs synchronous retrieval vs FreeKV (speculative,
 //! and with correction) vs an oracle that attends over 2048 already-gathered tokens, measured
-//! side by side in one run, plus the copy vs in-place device tier.
+//! side by side in one run, plus the copy vs in-place device tier and the selectors (today's
+//! page bounds vs the rerank).
 //!
 //! `cargo bench -p freekv-plugin --bench decode_step [-- --quick]`
 //!
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use freekv_plugin::{
     AttnParams, CpuKernels, DecodeRow, DeviceTierLayout, FreeKv, FreeKvConfig, KvDType, Mode,
-    ModelShape,
+    ModelShape, Selector,
 };
 
 mod inputs;
@@ -170,6 +171,7 @@ fn main() {
     let mut wall_rows = Vec::new();
     let mut cpu_rows = Vec::new();
     let mut kernel_rows = Vec::new();
+    let mut selector_rows = Vec::new();
     let cases: Vec<(Shape, usize)> = if quick {
         vec![(LLAMA, 32768), (SMOL, 32768)]
     } else {
@@ -195,6 +197,14 @@ fn main() {
         let run = |mode, tier, len, label| {
             prefill(shape, config(mode, tier), &prompt, len, total_steps, label)
         };
+        let rerank = |mode, shortlist, label| {
+            let c = FreeKvConfig {
+                selector: Selector::Rerank,
+                shortlist,
+                ..config(mode, DeviceTierLayout::InPlace)
+            };
+            prefill(shape, c, &prompt, ctx, total_steps, label)
+        };
         let mut variants = vec![
             run(Mode::Dense, DeviceTierLayout::InPlace, ctx, "dense"),
             run(Mode::Sync, DeviceTierLayout::InPlace, ctx, "sync"),
@@ -212,6 +222,9 @@ fn main() {
                 BUDGET - total_steps,
                 "oracle",
             ),
+            rerank(Mode::Sync, 2, "sync-rerank"),
+            rerank(Mode::FreeKv, 2, "freekv-rerank"),
+            rerank(Mode::FreeKv, 4, "freekv-rerank4"),
             run(Mode::Sync, DeviceTierLayout::Copy, ctx, "sync-copy"),
             run(Mode::FreeKv, DeviceTierLayout::Copy, ctx, "freekv-copy"),
             // The same with the portable loops instead of the SIMD kernels.
@@ -297,6 +310,22 @@ fn main() {
                 100.0 * c.correction_rate(),
             ));
         }
+        let cr = variants[by("freekv-rerank")].counters();
+        selector_rows.push(format!(
+            "| {} | {}K | {:.0} | {:.0} | **{:.2}x** | {:.0} | {:.0} | **{:.2}x** | {:.0} | **{:.2}x** | {:.1}% / {:.1}% |",
+            shape.name,
+            ctx / 1024,
+            wall("sync"),
+            wall("sync-rerank"),
+            wall("sync-rerank") / wall("sync"),
+            wall("freekv"),
+            wall("freekv-rerank"),
+            wall("freekv-rerank") / wall("freekv"),
+            wall("freekv-rerank4"),
+            wall("freekv-rerank4") / wall("freekv"),
+            100.0 * c.correction_rate(),
+            100.0 * cr.correction_rate(),
+        ));
         eprintln!("{} at {}K:", shape.name, ctx / 1024);
         for v in &variants {
             let c = v.counters();
@@ -324,6 +353,11 @@ fn main() {
     println!("\nOn-CPU time of the calling thread per layer-step (us; background work on the worker thread excluded):\n");
     println!("{header}");
     for r in &cpu_rows {
+        println!("{r}");
+    }
+    println!("\nSelectors, wall-clock per layer-step (us): today's page bounds (quest) vs the rerank (shortlist 2, and 4: the page bounds pick that many times the selected pages, their tokens' exact attention weight decides):\n");
+    println!("| shape | context | sync quest | sync rerank | rerank/quest | freekv quest | freekv rerank | rerank/quest | freekv rerank x4 | x4/quest | correction rate quest / rerank |\n|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &selector_rows {
         println!("{r}");
     }
     let build = if cfg!(all(

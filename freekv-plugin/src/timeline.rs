@@ -179,7 +179,7 @@ impl<B> LayerCtx<'_, B> {
             len,
             params: *params,
             selector: self.policy.selector,
-            shortlist: self.config.shortlist,
+            shortlist: self.policy.shortlist,
         }
     }
 

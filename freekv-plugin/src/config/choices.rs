@@ -109,11 +109,11 @@ pub enum Selector {
     /// budget alone allows: the gap between it and dense is the budget's, the gap between a
     /// selector and it is the selector's.
     Oracle,
-    /// Two stages: the Quest bound (pooled with the query at the softmax's scale) shortlists
-    /// `shortlist` x the selected pages; each shortlisted page is then scored by the exact
-    /// attention weight of its tokens for the query (softmax over the shortlisted tokens, the
-    /// mean over the group). Token-level evidence where the page bound is loose, reading only
-    /// the shortlist's keys.
+    /// Two stages: the page summaries, shrunk to a typical box and pooled with the query at
+    /// the softmax's scale, shortlist `shortlist` x the selected pages; each shortlisted page
+    /// is then scored by the exact attention weight of its tokens for the query (softmax over
+    /// the shortlisted tokens, the mean over the group). Token-level evidence where the page
+    /// bound is loose, reading only the shortlist's keys.
     Rerank,
 }
 

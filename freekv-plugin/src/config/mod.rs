@@ -155,11 +155,13 @@ pub fn parse_layer_list(s: &str) -> Result<Vec<usize>, String> {
 
 /// The knobs an instance can switch between requests ([`crate::AnyInstance::set_policy`]):
 /// which parts of the method run and how pages are scored. Everything else shapes the
-/// instance's memory and is fixed when it is built.
+/// instance's memory (or its threads' decisions) and is fixed when it is built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     pub mode: Mode,
     pub selector: Selector,
+    /// Selector `rerank`: pages shortlisted per selected page.
+    pub shortlist: usize,
 }
 
 impl Policy {
@@ -167,6 +169,11 @@ impl Policy {
     /// keeps no summaries on a device, and one built without correction mirrors no stored
     /// queries there.
     pub fn check(&self, built: &FreeKvConfig) -> Result<(), ConfigError> {
+        FreeKvConfig {
+            shortlist: self.shortlist,
+            ..FreeKvConfig::default()
+        }
+        .validate(None)?;
         if built.mode == Mode::Dense && self.mode != Mode::Dense {
             return Err(err(
                 "mode",
@@ -191,11 +198,12 @@ impl Policy {
 }
 
 impl FreeKvConfig {
-    /// The mode and selector of this configuration.
+    /// The mode, selector and shortlist of this configuration.
     pub fn policy(&self) -> Policy {
         Policy {
             mode: self.mode,
             selector: self.selector,
+            shortlist: self.shortlist,
         }
     }
 

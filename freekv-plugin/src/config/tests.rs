@@ -258,3 +258,37 @@ fn knob_table_names_follow_the_fields_and_round_trip() {
     }
     assert!(FreeKvConfig::knob("budget").is_some() && FreeKvConfig::knob("nope").is_none());
 }
+
+#[test]
+fn policies_an_instance_can_switch_to() {
+    let built = FreeKvConfig::default();
+    let oracle = Policy {
+        mode: Mode::Sync,
+        selector: Selector::Oracle,
+        shortlist: 2,
+    };
+    oracle.check(&built).unwrap();
+    for bad in [0, 17] {
+        let e = Policy {
+            shortlist: bad,
+            ..built.policy()
+        }
+        .check(&built)
+        .unwrap_err();
+        assert_eq!(e.knob, "shortlist");
+    }
+    // Built dense: no summaries on a device to select from.
+    let dense = FreeKvConfig {
+        mode: Mode::Dense,
+        ..Default::default()
+    };
+    assert_eq!(oracle.check(&dense).unwrap_err().knob, "mode");
+    // Built without correction: no stored query mirrored for the test.
+    let sync = FreeKvConfig {
+        mode: Mode::Sync,
+        ..Default::default()
+    };
+    let e = built.policy().check(&sync).unwrap_err();
+    assert!(e.valid.contains("build it with mode freekv"), "{e}");
+    sync.policy().check(&built).unwrap();
+}

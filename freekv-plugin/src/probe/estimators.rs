@@ -28,6 +28,21 @@ pub enum Combine {
     Mass,
 }
 
+/// Rotary channel pairs whose keys' norm bounds `q . k` too (Cauchy-Schwarz: over a pair,
+/// `q . k <= |q| max |k|`, tight where RoPE turns the pair through many angles inside a page).
+/// Any pairing gives a valid bound; the model's rotary pairing gives a tight one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pairs {
+    /// The plain per-channel bound.
+    #[default]
+    None,
+    /// Channels `c` and `c + d/2` (rotate-half RoPE).
+    Half,
+    /// Channels `2i` and `2i + 1` (interleaved RoPE).
+    Adjacent,
+}
+
 /// One way of scoring candidate pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Estimator {
@@ -50,6 +65,20 @@ pub struct Estimator {
     /// With a proxy: only the `shortlist x k` pages best by the scaled page bound are
     /// estimated token by token (0: every candidate).
     pub shortlist: usize,
+    /// The shortlist takes each query head's best pages in turn (instead of the pooled best).
+    #[serde(default)]
+    pub per_head_shortlist: bool,
+    /// Channel pairs whose norm bound tightens the page bound.
+    #[serde(default)]
+    pub pairs: Pairs,
+    /// Min/max summaries shrunk around their centre to this percentage of their half-range
+    /// (100: the bounds themselves; a "typical" box rather than a bound).
+    #[serde(default = "full_range")]
+    pub shrink_pct: u8,
+}
+
+fn full_range() -> u8 {
+    100
 }
 
 impl Estimator {
@@ -63,19 +92,44 @@ impl Estimator {
             combine: Combine::Max,
             proxy_bits: 0,
             shortlist: 0,
+            per_head_shortlist: false,
+            pairs: Pairs::None,
+            shrink_pct: 100,
         }
     }
 
     /// A short name for tables ("minmax/32 sm raw", "minmax/8 sm scaled mass", "proxy2 x4").
     pub fn label(&self) -> String {
         if self.proxy_bits > 0 {
+            let norms = match self.pairs {
+                Pairs::None => "",
+                Pairs::Half => " +norm/half",
+                Pairs::Adjacent => " +norm/adjacent",
+            };
             let keys = match self.proxy_bits {
                 EXACT_KEYS => "exact".to_string(),
                 b => format!("proxy{b}"),
             };
+            // The shortlist's page bound, where it is not min/max over whole pages.
+            let mut base = String::new();
+            if self.summary == SummaryKind::CentreMad {
+                base.push_str(" box");
+            }
+            if self.shrink_pct != 100 {
+                base.push_str(&format!(" shrink{}", self.shrink_pct));
+            }
+            if self.combine == Combine::Mass {
+                base.push_str(&format!(" /{} mass", self.sub));
+            }
+            let norms = format!("{base}{norms}");
+            let per_head = if self.per_head_shortlist {
+                " per head"
+            } else {
+                ""
+            };
             return match self.shortlist {
                 0 => keys,
-                s => format!("{keys} x{s}"),
+                s => format!("{keys} x{s}{per_head}{norms}"),
             };
         }
         let summary = match self.summary {
@@ -95,16 +149,30 @@ impl Estimator {
         if self.combine == Combine::Mass {
             s.push_str(" mass");
         }
+        match self.pairs {
+            Pairs::None => {}
+            Pairs::Half => s.push_str(" +norm/half"),
+            Pairs::Adjacent => s.push_str(" +norm/adjacent"),
+        }
+        if self.shrink_pct != 100 {
+            s.push_str(&format!(" shrink{}", self.shrink_pct));
+        }
         s
     }
 
     /// Checks the estimator against a page size.
     pub fn check(&self, page_size: usize) -> Result<(), String> {
-        if self.sub == 0 || page_size % self.sub != 0 {
+        if self.sub == 0 || !page_size.is_multiple_of(self.sub) {
             return Err(format!(
                 "estimator {}: {} tokens per summary do not divide the page size {page_size}",
                 self.label(),
                 self.sub
+            ));
+        }
+        if self.pairs != Pairs::None && self.combine == Combine::Mass {
+            return Err(format!(
+                "estimator {}: norm bounds combine runs by their best",
+                self.label()
             ));
         }
         if self.combine == Combine::Mass && self.pooling != Pooling::SoftmaxMean {
@@ -134,6 +202,8 @@ pub struct EstScratch {
     logits: Vec<f32>,
     key: Vec<f32>,
     short: Vec<f32>,
+    /// Per run, the largest key norm of each channel pair.
+    norms: Vec<f32>,
 }
 
 /// Scores of the candidate pages `cand` (one per page, higher is better) for one KV head's
@@ -172,6 +242,8 @@ fn summarise(
     sc.summaries.resize(runs * 2 * d, 0.0);
     sc.offsets.clear();
     sc.offsets.extend((0..runs).map(|i| i * 2 * d));
+    sc.norms.clear();
+    sc.norms.resize(runs * d / 2, 0.0);
     for (i, s) in sc.summaries.chunks_exact_mut(2 * d).enumerate() {
         let first = cand.start * p + i * sub;
         let (upper, lower) = s.split_at_mut(d);
@@ -182,6 +254,22 @@ fn summarise(
                 let x = keys[t * d + c];
                 upper[c] = upper[c].max(x);
                 lower[c] = lower[c].min(x);
+            }
+        }
+        if est.pairs != Pairs::None {
+            for (i2, norm) in sc.norms[i * d / 2..(i + 1) * d / 2].iter_mut().enumerate() {
+                let (a, b) = pair(est.pairs, d, i2);
+                *norm = (first..first + sub)
+                    .map(|t| (keys[t * d + a].powi(2) + keys[t * d + b].powi(2)).sqrt())
+                    .fold(0.0, f32::max);
+            }
+        }
+        if est.summary == SummaryKind::MinMax && est.shrink_pct != 100 {
+            let f = est.shrink_pct as f32 / 100.0;
+            for c in 0..d {
+                let (centre, half) = (0.5 * (upper[c] + lower[c]), 0.5 * (upper[c] - lower[c]));
+                upper[c] = centre + f * half;
+                lower[c] = centre - f * half;
             }
         }
         if est.summary == SummaryKind::CentreMad {
@@ -222,6 +310,31 @@ fn bound_scores(
     };
     sc.q.extend(q.iter().map(|x| x * scale));
     out.clear();
+    if est.pairs != Pairs::None {
+        let runs = n * runs_per_page;
+        sc.raw.clear();
+        sc.raw.resize(g * n, f32::NEG_INFINITY);
+        for h in 0..g {
+            let qh = &sc.q[h * d..(h + 1) * d];
+            for r in 0..runs {
+                let (upper, lower) = sc.summaries[r * 2 * d..(r + 1) * 2 * d].split_at(d);
+                let bound: f32 = (0..d / 2)
+                    .map(|i2| {
+                        let (a, b) = pair(est.pairs, d, i2);
+                        let box_bound = (qh[a] * upper[a]).max(qh[a] * lower[a])
+                            + (qh[b] * upper[b]).max(qh[b] * lower[b]);
+                        let norm_bound =
+                            (qh[a].powi(2) + qh[b].powi(2)).sqrt() * sc.norms[r * d / 2 + i2];
+                        box_bound.min(norm_bound)
+                    })
+                    .sum();
+                let j = r / runs_per_page;
+                sc.raw[h * n + j] = sc.raw[h * n + j].max(bound);
+            }
+        }
+        pool(&mut sc.raw, g, n, est.pooling, out);
+        return;
+    }
     if runs_per_page == 1 || est.combine == Combine::Mass {
         pooled_scores(
             &sc.q,
@@ -256,6 +369,14 @@ fn bound_scores(
         }
     }
     pool(&mut sc.raw, g, n, est.pooling, out);
+}
+
+/// The channels of pair `i` of `d` under `pairs`.
+fn pair(pairs: Pairs, d: usize, i: usize) -> (usize, usize) {
+    match pairs {
+        Pairs::Half => (i, i + d / 2),
+        _ => (2 * i, 2 * i + 1),
+    }
 }
 
 /// Pools per-head page scores `raw` (`[g][n]`, consumed) over the group as the product does.
@@ -310,15 +431,55 @@ fn proxy_scores(
     // Which pages get the estimate.
     let mut estimated = vec![true; n];
     if est.shortlist > 0 && est.shortlist * k < n {
+        // The shortlist's page bound: this estimator's summaries, at the softmax's scale.
         let base = Estimator {
             scaled: true,
-            ..Estimator::quest(p)
+            proxy_bits: 0,
+            shortlist: 0,
+            per_head_shortlist: false,
+            ..*est
         };
         let mut short = std::mem::take(&mut sc.short);
-        bound_scores(&base, geo, params, q, keys, cand.clone(), sc, &mut short);
         estimated.fill(false);
-        for j in top_k(&short, est.shortlist * k) {
-            estimated[j] = true;
+        let m = est.shortlist * k;
+        if est.per_head_shortlist {
+            // Each query head's best pages by its own scaled bound, in turn.
+            let mut ranked = Vec::new();
+            for h in 0..g {
+                bound_scores(
+                    &Estimator {
+                        pooling: Pooling::Mean,
+                        ..base
+                    },
+                    geo,
+                    params,
+                    &q[h * d..(h + 1) * d],
+                    keys,
+                    cand.clone(),
+                    sc,
+                    &mut short,
+                );
+                ranked.push(top_k(&short, m));
+            }
+            let mut taken = 0;
+            'fill: for i in 0..m {
+                for r in &ranked {
+                    if let Some(&j) = r.get(i) {
+                        if !estimated[j] {
+                            estimated[j] = true;
+                            taken += 1;
+                            if taken == m {
+                                break 'fill;
+                            }
+                        }
+                    }
+                }
+            }
+        } else {
+            bound_scores(&base, geo, params, q, keys, cand.clone(), sc, &mut short);
+            for j in top_k(&short, m) {
+                estimated[j] = true;
+            }
         }
         sc.short = short;
     }
@@ -466,6 +627,37 @@ mod tests {
             let best = |h: usize| bound(h, j * 8..j * 8 + 4).max(bound(h, j * 8 + 4..j * 8 + 8));
             assert!((f[i] - (best(0) + best(1)) / 2.0).abs() < 1e-5);
             assert!(f[i] <= out[i] + 1e-5);
+        }
+    }
+
+    #[test]
+    fn a_norm_bound_lies_between_the_best_key_and_the_page_bound() {
+        let g = geo();
+        let params = AttnParams::scaled(1.0);
+        let ks = keys(80, 5);
+        let (mut sc, mut plain, mut paired) = (EstScratch::default(), Vec::new(), Vec::new());
+        for h in 0..2 {
+            let q = [[0.3, -1.2, 0.8, 0.1], [-0.4, 0.9, 0.2, -1.5]][h];
+            let quest = Estimator {
+                pooling: Pooling::Mean,
+                ..Estimator::quest(8)
+            };
+            page_scores(&quest, &g, &params, &q, &ks, 1..9, 2, &mut sc, &mut plain);
+            for pairs in [Pairs::Half, Pairs::Adjacent] {
+                let est = Estimator { pairs, ..quest };
+                page_scores(&est, &g, &params, &q, &ks, 1..9, 2, &mut sc, &mut paired);
+                for (i, j) in (1..9).enumerate() {
+                    let best = (j * 8..j * 8 + 8)
+                        .map(|t| (0..4).map(|c| q[c] * ks[t * 4 + c]).sum::<f32>())
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    assert!(
+                        paired[i] >= best - 1e-5,
+                        "{pairs:?} page {j}: {} < {best}",
+                        paired[i]
+                    );
+                    assert!(paired[i] <= plain[i] + 1e-5, "{pairs:?} page {j}");
+                }
+            }
         }
     }
 

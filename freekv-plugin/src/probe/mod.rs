@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use estimators::{top_k, Combine, EstScratch, Estimator, EXACT_KEYS};
+pub use estimators::{top_k, Combine, EstScratch, Estimator, Pairs, EXACT_KEYS};
 pub(crate) use hook::probe_decode;
 pub(crate) use mass::oracle_scores;
 pub use mass::page_masses;

@@ -108,9 +108,33 @@ pub fn page_scores(
     pooling: Pooling,
     store: &dyn Fn(f64) -> f64,
 ) -> Vec<f64> {
+    page_scores_shrunk(qs, kv, candidates, p, kind, pooling, store, 1.0)
+}
+
+/// [`page_scores`] over each summary's box shrunk around its centre to `shrink` of its
+/// half-width.
+#[allow(clippy::too_many_arguments)]
+pub fn page_scores_shrunk(
+    qs: &[&[f32]],
+    kv: &HeadKv<'_>,
+    candidates: std::ops::Range<usize>,
+    p: usize,
+    kind: SummaryKind,
+    pooling: Pooling,
+    store: &dyn Fn(f64) -> f64,
+    shrink: f64,
+) -> Vec<f64> {
     let sums: Vec<(Vec<f64>, Vec<f64>)> = candidates
         .clone()
-        .map(|j| summary(kv, j, p, kind, store))
+        .map(|j| {
+            let (up, lo) = summary(kv, j, p, kind, store);
+            let c: Vec<f64> = up.iter().zip(&lo).map(|(u, l)| (u + l) / 2.0).collect();
+            let h: Vec<f64> = up.iter().zip(&lo).map(|(u, l)| (u - l) / 2.0).collect();
+            (
+                c.iter().zip(&h).map(|(c, h)| c + shrink * h).collect(),
+                c.iter().zip(&h).map(|(c, h)| c - shrink * h).collect(),
+            )
+        })
         .collect();
     // raw[h][j] = sum_c max(q_c * upper_c, q_c * lower_c)
     let raw: Vec<Vec<f64>> = qs
@@ -188,8 +212,9 @@ pub fn oracle_scores(
 }
 
 /// The rerank selector's scores of the candidate pages for one KV head whose group queries
-/// are `qs`, at position `len - 1`: the page bounds, pooled with the queries times the softmax
-/// scale, shortlist the `shortlist x k` best candidates; each shortlisted page then scores the
+/// are `qs`, at position `len - 1`: the page summaries shrunk to half their width around their
+/// centre, pooled with the queries times the softmax scale, shortlist the `shortlist x k` best
+/// candidates; each shortlisted page then scores the
 /// mean over the group of its tokens' softmax weight among every shortlisted (visible) token;
 /// the other candidates score -inf.
 #[allow(clippy::too_many_arguments)]
@@ -211,7 +236,16 @@ pub fn rerank_scores(
         .map(|q| q.iter().map(|x| x * params.softmax_scale).collect())
         .collect();
     let scaled: Vec<&[f32]> = scaled.iter().map(|q| &q[..]).collect();
-    let bounds = page_scores(&scaled, kv, candidates.clone(), p, kind, pooling, store);
+    let bounds = page_scores_shrunk(
+        &scaled,
+        kv,
+        candidates.clone(),
+        p,
+        kind,
+        pooling,
+        store,
+        0.5,
+    );
     let short = top_k(
         &bounds,
         candidates.start,

@@ -7,7 +7,7 @@ use freekv_integration_tests::engine::{
 };
 use freekv_integration_tests::tiny_models::{filler_text, write_tiny_model, Arch};
 use freekv_integration_tests::{paths, serial};
-use freekv_plugin::{DeviceTierLayout, FreeKvConfig, Mode, PrefillAttention};
+use freekv_plugin::{DeviceTierLayout, FreeKvConfig, Mode, Policy, PrefillAttention, Selector};
 
 /// Tokens generated per comparison.
 const GENERATE: usize = 200;
@@ -117,7 +117,9 @@ async fn budget_above_context_gives_the_stock_tokens_on_every_arch() -> anyhow::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_budget_completes_and_reports_agreement() -> anyhow::Result<()> {
     let _serial = serial();
-    println!("arch      mode       prefix  agree  sparse-steps  corrected-heads  pages-recalled");
+    println!(
+        "arch      mode       selector  prefix  agree  sparse-steps  corrected-heads  pages-recalled"
+    );
     for (i, arch) in Arch::ALL.into_iter().enumerate() {
         let dir = paths::scratch(&format!("tiny-small-{}", arch.name()))?;
         let model = write_tiny_model(arch, &dir, 21 + i as u64)?;
@@ -125,35 +127,58 @@ async fn small_budget_completes_and_reports_agreement() -> anyhow::Result<()> {
         let stock = load(Source::Plain(&model.dir), &Attention::Stock, 4).await?;
         let want = greedy(&stock.model, &prompt, GENERATE).await?;
         drop(stock);
-        for mode in [Mode::FreeKv, Mode::Sync] {
-            let config = FreeKvConfig {
+        // One load; every policy answers the same prompt (switched between requests): full
+        // FreeKV and sync with today's selector, the rerank selector, the oracle.
+        let fkv = load(
+            Source::Plain(&model.dir),
+            &Attention::freekv(small_budget()),
+            4,
+        )
+        .await?;
+        let fk = fkv.freekv.as_ref().expect("FreeKV instance");
+        for (mode, selector) in [
+            (Mode::FreeKv, Selector::Quest),
+            (Mode::Sync, Selector::Quest),
+            (Mode::FreeKv, Selector::Rerank),
+            (Mode::Sync, Selector::Oracle),
+        ] {
+            wait_until(
+                10,
+                5,
+                || fk.live_sequences() == 0,
+                || {
+                    format!(
+                        "{}: the last request's FreeKV state was never freed",
+                        arch.name()
+                    )
+                },
+            )
+            .await;
+            fk.set_policy(Policy {
                 mode,
-                ..small_budget()
-            };
-            let fkv = load(Source::Plain(&model.dir), &Attention::freekv(config), 4).await?;
+                selector,
+                ..fk.policy()
+            })?;
+            let before = fk.counters().total;
             let got = greedy(&fkv.model, &prompt, GENERATE).await?;
             assert_eq!(
                 got.tokens.len(),
                 GENERATE,
-                "{}: generation stopped early",
+                "{} {mode:?} {selector:?}: generation stopped early",
                 arch.name()
             );
-            let c = fkv
-                .freekv
-                .as_ref()
-                .expect("FreeKV instance")
-                .counters()
-                .total;
+            let c = fk.counters().total.since(&before);
             assert!(
                 c.sparse_steps > 0,
-                "{}: the small budget never went sparse",
+                "{} {mode:?} {selector:?}: the small budget never went sparse",
                 arch.name()
             );
             let (prefix, agree) = agreement(&want.tokens, &got.tokens);
             println!(
-                "{:8}  {:9}  {prefix:6}  {agree:5.3}  {:12}  {:15}  {:14}",
+                "{:8}  {:9}  {:8}  {prefix:6}  {agree:5.3}  {:12}  {:15}  {:14}",
                 arch.name(),
                 format!("{mode:?}"),
+                format!("{selector:?}"),
                 c.sparse_steps,
                 c.heads_corrected,
                 c.pages_recalled

@@ -313,7 +313,8 @@ impl<T: KvElem> Backend for CpuBackend<T> {
                             .iter()
                             .map(|&b| host.summary_offset(b, h)),
                     );
-                    // The rerank's shortlist pools at the attention's temperature.
+                    // The rerank's shortlist: boxes shrunk to typical, pooled at the
+                    // attention's temperature.
                     let rerank = selection.selector == Selector::Rerank;
                     let q: &[f32] = if rerank {
                         let scale = selection.params.softmax_scale;
@@ -323,12 +324,14 @@ impl<T: KvElem> Backend for CpuBackend<T> {
                     } else {
                         group_q
                     };
-                    select::pooled_scores(
+                    let shrink = if rerank { select::RERANK_SHRINK } else { 1.0 };
+                    select::pooled_box_scores(
                         q,
                         d,
                         host.summaries(),
                         &scratch.offsets,
                         self.pooling,
+                        shrink,
                         &mut scratch.select,
                     );
                     if rerank {

@@ -58,15 +58,34 @@ pub fn pooled_scores<T: KvElem>(
     pooling: Pooling,
     sc: &mut SelectScratch,
 ) {
+    pooled_box_scores(group_q, d, summaries, offsets, pooling, 1.0, sc)
+}
+
+/// [`pooled_scores`] over each summary's box shrunk around its centre to `shrink` of its
+/// half-width (1: the bound itself). With centre `c = (upper + lower) / 2` and half-width
+/// `h = (upper - lower) / 2`, the shrunk box's bound `q . c + shrink |q| . h` is
+/// `(a q+ + b q-) . upper + (b q+ + a q-) . lower` with `a = (1 + shrink) / 2` and
+/// `b = (1 - shrink) / 2`: the same one dot product per page and query head.
+pub fn pooled_box_scores<T: KvElem>(
+    group_q: &[f32],
+    d: usize,
+    summaries: &[T],
+    offsets: &[usize],
+    pooling: Pooling,
+    shrink: f32,
+    sc: &mut SelectScratch,
+) {
     let n_cand = offsets.len();
     let g = group_q.len() / d;
+    let (a, b) = ((1.0 + shrink) / 2.0, (1.0 - shrink) / 2.0);
     sc.qq.resize(g * 2 * d, 0.0);
     for h in 0..g {
         let q = &group_q[h * d..(h + 1) * d];
-        let (pos, neg) = sc.qq[h * 2 * d..(h + 1) * 2 * d].split_at_mut(d);
+        let (upper, lower) = sc.qq[h * 2 * d..(h + 1) * 2 * d].split_at_mut(d);
         for c in 0..d {
-            pos[c] = q[c].max(0.0);
-            neg[c] = q[c].min(0.0);
+            let (pos, neg) = (q[c].max(0.0), q[c].min(0.0));
+            upper[c] = a * pos + b * neg;
+            lower[c] = b * pos + a * neg;
         }
     }
     sc.raw.resize(g * n_cand, 0.0);
@@ -109,6 +128,12 @@ pub fn pooled_scores<T: KvElem>(
         }
     }
 }
+
+/// The rerank's first stage scores each page by its min/max box shrunk to half its width
+/// around the centre (a typical, not a bounding, box): at equal shortlists it lets more needle
+/// pages through than the bound (docs/results.md, section 1c; a centre +/- mean deviation box
+/// does a little better, but would need summaries of its own beside the bounds).
+pub const RERANK_SHRINK: f32 = 0.5;
 
 /// The rerank selector's second stage for KV head `head`, whose group queries are `group_q`
 /// (`[G][d]`): `sc.pooled` holds the candidates' page-bound scores; the best

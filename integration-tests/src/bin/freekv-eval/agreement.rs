@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use either::Either;
 use freekv_integration_tests::engine::{load, Source};
-use freekv_plugin::LayerCounters;
+use freekv_plugin::{LayerCounters, Selector};
 use mistralrs::{CustomLogitsProcessor, DType, RequestBuilder, Tensor, TextMessageRole};
 use serde::{Deserialize, Serialize};
 
@@ -88,11 +88,24 @@ impl Plan {
                 ],
             };
         }
+        // FREEKV_EVAL_PRECISIONS="f32" and FREEKV_EVAL_VARIANTS="b1024 t0.9,b1024 oracle"
+        // narrow the plan (a partial run; the default is the whole plan).
+        let precisions = match std::env::var("FREEKV_EVAL_PRECISIONS").ok().as_deref() {
+            Some("f32") => vec![Precision::F32],
+            Some("auto") => vec![Precision::Auto],
+            _ => vec![Precision::F32, Precision::Auto],
+        };
+        let keep: Option<Vec<String>> = std::env::var("FREEKV_EVAL_VARIANTS")
+            .ok()
+            .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
+        let oracle = |b| Variant::oracle(b);
+        let rerank =
+            |b| Variant::freekv(b, 0.9, FreeKv).with("rerank", |c| c.selector = Selector::Rerank);
         Self {
-            precisions: vec![Precision::F32, Precision::Auto],
+            precisions,
             prompt_tokens: 2048,
             forced_tokens: 1024,
-            variants: vec![
+            variants: [
                 // The numerical floor: FreeKV attending over every page, no retrieval.
                 Variant::freekv(1024, 0.9, Dense),
                 Variant::freekv(256, 0.9, FreeKv),
@@ -103,7 +116,15 @@ impl Plan {
                 Variant::freekv(1024, 0.8, FreeKv),
                 Variant::freekv(512, 0.9, Sync),
                 Variant::freekv(512, 0.9, Speculative),
-            ],
+                // What the budget allows, and the rerank selector.
+                oracle(512),
+                oracle(1024),
+                rerank(512),
+                rerank(1024),
+            ]
+            .into_iter()
+            .filter(|v| keep.as_ref().is_none_or(|k| k.contains(&v.name)))
+            .collect(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! through the engine as users run it (the Rust SDK and the engine's server).
 //!
 //! ```text
-//! freekv-eval <passkey|retrieval|selection|agreement|tuning|speed|load|batching|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
+//! freekv-eval <passkey|retrieval|selection|needles|agreement|tuning|speed|load|batching|all|plots> [--quick] [--out DIR] [--gguf FILE] [--mistralrs BIN]
 //! ```
 //!
 //! `plots` redraws the PNGs from the JSON files already in the output folder.
@@ -15,6 +15,7 @@
 mod agreement;
 mod batching;
 mod load;
+mod needles;
 mod passkey;
 mod plot;
 mod retrieval;
@@ -36,7 +37,7 @@ pub struct Ctx {
 }
 
 const USAGE: &str =
-    "usage: freekv-eval <passkey|retrieval|selection|agreement|tuning|speed|load|batching|all|plots> [--quick] [--out DIR] \
+    "usage: freekv-eval <passkey|retrieval|selection|needles|agreement|tuning|speed|load|batching|all|plots> [--quick] [--out DIR] \
                      [--gguf FILE] [--mistralrs BIN]";
 
 fn parse_args() -> Result<(Vec<String>, Ctx)> {
@@ -54,13 +55,14 @@ fn parse_args() -> Result<(Vec<String>, Ctx)> {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
-            "passkey" | "retrieval" | "selection" | "agreement" | "tuning" | "speed" | "load"
-            | "batching" | "plots" => parts.push(a),
+            "passkey" | "retrieval" | "selection" | "needles" | "agreement" | "tuning"
+            | "speed" | "load" | "batching" | "plots" => parts.push(a),
             "all" => parts.extend(
                 [
                     "passkey",
                     "retrieval",
                     "selection",
+                    "needles",
                     "agreement",
                     "tuning",
                     "speed",
@@ -272,6 +274,23 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                         c.prompt_tokens
                     );
                 }
+            }
+            "needles" => {
+                let cells = needles::run(cx).await?;
+                write(&cx.out, "needles.json", &json(&cells)?)?;
+                let mut md = header(part, t.elapsed().as_secs_f64());
+                md += "The retrieval part's single-key cases (question teacher forced, 12 answer \
+                       tokens), FreeKV in mode dense (the dense model's queries) with the selection \
+                       probe watching the asked needle's pages (SmolLM2-135M-Instruct, Q4_1, f16 on \
+                       the CPU). Budgets 1/8 of the context, sink and window a quarter of it each \
+                       (at most 128 tokens).\n";
+                md += &needles::table(&cells);
+                write(&cx.out, "needles.md", &md)?;
+                println!("{md}");
+                anyhow::ensure!(
+                    cells.iter().all(|c| c.samples > 0),
+                    "needles: nothing probed"
+                );
             }
             "tuning" => {
                 let plan = agreement::Plan::tuning(cx.quick);

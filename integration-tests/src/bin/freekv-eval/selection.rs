@@ -12,8 +12,8 @@ use anyhow::{Context, Result};
 use either::Either;
 use freekv_integration_tests::engine::{load, Attention, Source};
 use freekv_integration_tests::prose::Prose;
-use freekv_plugin::probe::{Combine, Estimator, ProbeReport, ProbeSpec, Split, EXACT_KEYS};
-use freekv_plugin::{FreeKvConfig, Mode, Policy, Pooling, Selector, SummaryKind};
+use freekv_plugin::probe::{Combine, Estimator, Pairs, ProbeReport, ProbeSpec, Split, EXACT_KEYS};
+use freekv_plugin::{FreeKvConfig, Mode, Policy, Pooling, SummaryKind};
 use serde::{Deserialize, Serialize};
 
 use crate::Ctx;
@@ -56,12 +56,24 @@ impl Plan {
     }
 }
 
-/// The estimators compared (the product's first).
+/// The estimators compared: the product's selectors first (today's page bounds, then the
+/// rerank selector with its default shortlist of 2), then the candidates measured to choose
+/// it.
 pub fn estimators(p: usize) -> Vec<Estimator> {
     let q = Estimator::quest(p);
     let scaled = Estimator { scaled: true, ..q };
+    let token_level = |proxy_bits, shortlist| Estimator {
+        proxy_bits,
+        shortlist,
+        ..q
+    };
     let mut out = vec![
         q,
+        Estimator {
+            shrink_pct: 50,
+            ..token_level(EXACT_KEYS, 2)
+        },
+        token_level(EXACT_KEYS, 2),
         scaled,
         Estimator {
             pooling: Pooling::Mean,
@@ -76,6 +88,7 @@ pub fn estimators(p: usize) -> Vec<Estimator> {
             ..scaled
         },
     ];
+    // Finer summaries inside a transfer page.
     for sub in [16, 8] {
         out.push(Estimator { sub, ..scaled });
         out.push(Estimator {
@@ -84,24 +97,67 @@ pub fn estimators(p: usize) -> Vec<Estimator> {
             ..scaled
         });
     }
+    // Token-level estimates over every candidate, from low-bit key proxies.
     for bits in [4, 2, 1] {
+        out.push(token_level(bits, 0));
+    }
+    // Page bounds tightened by the norms of rotary channel pairs (either pairing).
+    for pairs in [Pairs::Half, Pairs::Adjacent] {
+        out.push(Estimator { pairs, ..scaled });
         out.push(Estimator {
-            proxy_bits: bits,
-            ..q
+            pairs,
+            ..token_level(EXACT_KEYS, 2)
+        });
+    }
+    // The rerank's shortlist by other page estimates: centre +/- deviation boxes, finer runs.
+    for shortlist in [2, 4] {
+        out.push(Estimator {
+            summary: SummaryKind::CentreMad,
+            ..token_level(EXACT_KEYS, shortlist)
+        });
+        out.push(Estimator {
+            sub: 8,
+            combine: Combine::Mass,
+            ..token_level(EXACT_KEYS, shortlist)
+        });
+    }
+    // ... or min/max summaries shrunk to a typical box (no other summaries kept).
+    for shrink_pct in [25, 50] {
+        out.push(Estimator {
+            shrink_pct,
+            ..scaled
+        });
+        for shortlist in [2, 4] {
+            if (shrink_pct, shortlist) != (50, 2) {
+                out.push(Estimator {
+                    shrink_pct,
+                    ..token_level(EXACT_KEYS, shortlist)
+                });
+            }
+        }
+    }
+    // The rerank's shortlist taken per query head.
+    for shortlist in [2, 4] {
+        out.push(Estimator {
+            per_head_shortlist: true,
+            ..token_level(EXACT_KEYS, shortlist)
         });
     }
     // A token-level rerank of the best pages by the page bound: low-bit proxies or the keys.
     for bits in [2, 3, 4, EXACT_KEYS] {
-        for shortlist in [2, 4] {
-            out.push(Estimator {
-                proxy_bits: bits,
-                shortlist,
-                ..q
-            });
+        for shortlist in [2, 4, 8] {
+            if (bits, shortlist) != (EXACT_KEYS, 2) {
+                out.push(token_level(bits, shortlist));
+            }
         }
     }
     out
 }
+
+/// The indices in [`estimators`] of the product's selectors: today's page bounds (`quest`)
+/// and the rerank.
+pub const QUEST: usize = 0;
+pub const RERANK: usize = 1;
 
 /// One cell's measurements.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,7 +196,7 @@ pub async fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Cell>> {
         // Dense attention: the probe sees the dense model's queries.
         fk.set_policy(Policy {
             mode: Mode::Dense,
-            selector: Selector::Quest,
+            ..fk.policy()
         })?;
         let words = tokens * 2;
         let ids = loaded
@@ -223,7 +279,7 @@ pub fn tables(cells: &[Cell]) -> String {
             c.prompt_tokens, c.budget, sink, window, sel, c.forced, m.steps
         );
         md += "| selection | attention mass captured | share of the oracle's | page recall vs oracle |\n|---|---|---|---|\n";
-        md += &format!("| dense (every page) | 1.000 | - | - |\n");
+        md += "| dense (every page) | 1.000 | - | - |\n";
         md += &format!(
             "| oracle per query head (not group-consistent) | {:.3} | {:.1}% | - |\n",
             m.oracle_per_head,
@@ -236,9 +292,13 @@ pub fn tables(cells: &[Cell]) -> String {
         let mut order: Vec<usize> = (0..r.estimators.len()).collect();
         order.sort_by(|&a, &b| m.mass[b].total_cmp(&m.mass[a]));
         for e in order {
-            let today = if e == 0 { " (today's selector)" } else { "" };
+            let product = match e {
+                QUEST => " (**quest**, today's selector)",
+                RERANK => " (**rerank**, the new selector)",
+                _ => "",
+            };
             md += &format!(
-                "| {}{today} | {:.3} | {:.1}% | {:.3} |\n",
+                "| {}{product} | {:.3} | {:.1}% | {:.3} |\n",
                 r.estimators[e],
                 m.mass[e],
                 100.0 * m.mass[e] / m.oracle,
@@ -251,15 +311,16 @@ pub fn tables(cells: &[Cell]) -> String {
             100.0 * m.fixed / m.oracle
         );
         // Splits.
-        md += "\n| split (sink + window + selected pages) | sink + window | oracle | today's | best estimator |\n|---|---|---|---|---|\n";
+        md += "\n| split (sink + window + selected pages) | sink + window | oracle | quest | rerank | best estimator |\n|---|---|---|---|---|---|\n";
         for (s, &(sink, window, sel)) in r.splits.iter().enumerate() {
             let m = r.means(None, s);
             let best = (0..m.mass.len()).max_by(|&a, &b| m.mass[a].total_cmp(&m.mass[b]));
             md += &format!(
-                "| {sink} + {window} + {sel} | {:.3} | {:.3} | {:.3} | {} |\n",
+                "| {sink} + {window} + {sel} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
                 m.fixed,
                 m.oracle,
-                m.mass[0],
+                m.mass[QUEST],
+                m.mass[RERANK],
                 best.map_or("-".into(), |b| format!(
                     "{:.3} ({})",
                     m.mass[b], r.estimators[b]
@@ -267,13 +328,7 @@ pub fn tables(cells: &[Cell]) -> String {
             );
         }
         // Per layer.
-        let best = (0..m.mass.len())
-            .max_by(|&a, &b| m.mass[a].total_cmp(&m.mass[b]))
-            .unwrap_or(0);
-        md += &format!(
-            "\n| layer | sink + window | oracle | {} (today) | recall | {} | recall |\n|---|---|---|---|---|---|---|\n",
-            r.estimators[0], r.estimators[best]
-        );
+        md += "\n| layer | sink + window | oracle | quest | quest recall@k | rerank | rerank recall@k |\n|---|---|---|---|---|---|---|\n";
         for l in 0..r.layers.len() {
             if r.layers[l].is_empty() {
                 continue;
@@ -281,41 +336,35 @@ pub fn tables(cells: &[Cell]) -> String {
             let m = r.means(Some(&[l]), 0);
             md += &format!(
                 "| {l} | {:.3} | {:.3} | {:.3} | {:.2} | {:.3} | {:.2} |\n",
-                m.fixed, m.oracle, m.mass[0], m.recall[0], m.mass[best], m.recall[best]
+                m.fixed, m.oracle, m.mass[QUEST], m.recall[QUEST], m.mass[RERANK], m.recall[RERANK]
             );
         }
     }
     md
 }
 
-/// Attention mass captured per layer at the first cell's instance split: sink + window, the
-/// oracle, today's selector and the best estimator.
+/// Attention mass captured per layer at the last cell's instance split: sink + window, the
+/// oracle (pooled over the group, and per query head), today's selector and the rerank.
 pub fn chart(cells: &[Cell]) -> crate::plot::Chart<'static> {
     let mut series = Vec::new();
     if let Some(c) = cells.last() {
         let r = &c.report;
-        let all = r.means(None, 0);
-        let best = (0..all.mass.len())
-            .max_by(|&a, &b| all.mass[a].total_cmp(&all.mass[b]))
-            .unwrap_or(0);
         let layers: Vec<usize> = (0..r.layers.len())
             .filter(|&l| !r.layers[l].is_empty())
             .collect();
         let line =
-            |label: String, f: &dyn Fn(&freekv_plugin::probe::Means) -> f64| crate::plot::Series {
-                label,
+            |label: &str, f: &dyn Fn(&freekv_plugin::probe::Means) -> f64| crate::plot::Series {
+                label: label.to_string(),
                 points: layers
                     .iter()
                     .map(|&l| (l as f64, f(&r.means(Some(&[l]), 0))))
                     .collect(),
             };
-        series.push(line("oracle per query head".into(), &|m| m.oracle_per_head));
-        series.push(line("oracle (group)".into(), &|m| m.oracle));
-        series.push(line(format!("{} (best)", r.estimators[best]), &|m| {
-            m.mass[best]
-        }));
-        series.push(line(format!("{} (today)", r.estimators[0]), &|m| m.mass[0]));
-        series.push(line("sink + window".into(), &|m| m.fixed));
+        series.push(line("oracle per query head", &|m| m.oracle_per_head));
+        series.push(line("oracle (group)", &|m| m.oracle));
+        series.push(line("rerank (new)", &|m| m.mass[RERANK]));
+        series.push(line("quest (today)", &|m| m.mass[QUEST]));
+        series.push(line("sink + window", &|m| m.fixed));
     }
     crate::plot::Chart {
         title: "Attention mass captured per layer (budget 1/8 of the context)",

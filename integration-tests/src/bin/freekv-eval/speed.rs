@@ -17,7 +17,7 @@ use freekv_integration_tests::http;
 use freekv_integration_tests::load::percentile;
 use freekv_integration_tests::prose::Prose;
 use freekv_integration_tests::server::{streamed_answer, Server};
-use freekv_plugin::{FreeKvConfig, Mode};
+use freekv_plugin::{FreeKvConfig, Mode, Selector};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -35,6 +35,8 @@ const END_TOKENS: [u32; 2] = [0, 2];
 pub struct Plan {
     pub contexts: Vec<usize>,
     pub gen_tokens: usize,
+    /// Requests per context and path.
+    pub repeats: usize,
     pub variants: Vec<Variant>,
 }
 
@@ -44,19 +46,51 @@ impl Plan {
             return Self {
                 contexts: vec![300],
                 gen_tokens: 16,
+                repeats: 1,
                 variants: vec![Variant::dense(), small(128)],
             };
         }
+        // FREEKV_EVAL_CONTEXTS="7680" and FREEKV_EVAL_VARIANTS="b512 t0.9,b512 t0.9 rerank"
+        // narrow the plan; FREEKV_EVAL_REPEATS=3 sends each prompt that many times (the later
+        // ones hit the prefix cache: their decode rates count, their TTFTs do not).
+        let contexts = std::env::var("FREEKV_EVAL_CONTEXTS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1024, 2048, 4096, 7680]);
+        let keep: Option<Vec<String>> = std::env::var("FREEKV_EVAL_VARIANTS")
+            .ok()
+            .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
+        let rerank = |b, shortlist| {
+            let name = match shortlist {
+                2 => "rerank".to_string(),
+                s => format!("rerank x{s}"),
+            };
+            Variant::freekv(b, 0.9, Mode::FreeKv).with(&name, |c| {
+                c.selector = Selector::Rerank;
+                c.shortlist = shortlist;
+            })
+        };
         Self {
-            contexts: vec![1024, 2048, 4096, 7680],
+            contexts,
             gen_tokens: 64,
-            variants: vec![
+            repeats: std::env::var("FREEKV_EVAL_REPEATS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+            variants: [
                 Variant::dense(),
                 Variant::freekv(256, 0.9, Mode::FreeKv),
                 Variant::freekv(512, 0.9, Mode::FreeKv),
                 Variant::freekv(1024, 0.9, Mode::FreeKv),
                 Variant::freekv(512, 0.9, Mode::Dense),
-            ],
+                rerank(512, 2),
+                rerank(1024, 2),
+                rerank(512, 4),
+                rerank(1024, 4),
+            ]
+            .into_iter()
+            .filter(|v| keep.as_ref().is_none_or(|k| k.contains(&v.name)))
+            .collect(),
         }
     }
 }
@@ -208,7 +242,11 @@ pub fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Point>> {
         let global: Vec<&str> = global.iter().map(String::as_str).collect();
         let name = format!("speed-{}", v.name.replace(' ', "-"));
         let server = Server::start(&cx.mistralrs, &cx.gguf, &name, &global, &serve)?;
-        for &context in &plan.contexts {
+        for &context in plan
+            .contexts
+            .iter()
+            .flat_map(|c| std::iter::repeat_n(c, plan.repeats))
+        {
             let p = one(&server, &prose, v, context, plan.gen_tokens)
                 .with_context(|| format!("{} at {context} tokens", v.name))?;
             eprintln!(

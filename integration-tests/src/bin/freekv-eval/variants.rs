@@ -2,7 +2,7 @@
 //! configurations (budget, tau, mode).
 
 use freekv_integration_tests::engine::Attention;
-use freekv_plugin::{FreeKvConfig, Mode};
+use freekv_plugin::{FreeKvConfig, Mode, Selector};
 
 /// One configuration under test.
 #[derive(Clone, Debug)]
@@ -54,6 +54,17 @@ impl Variant {
             self.name = format!("{} {suffix}", self.name);
         }
         self
+    }
+
+    /// The oracle at `budget` (pages by the exact attention mass of the current query, mode
+    /// sync): what the budget alone allows.
+    pub fn oracle(budget: usize) -> Self {
+        let mut v = Self::freekv(budget, 0.9, Mode::Sync);
+        if let Some(c) = v.config.as_mut() {
+            c.selector = Selector::Oracle;
+        }
+        v.name = format!("b{budget} oracle");
+        v
     }
 
     /// FreeKV with adaptive correction holding `rate` of the heads corrected (from tau 0.9).

@@ -16,7 +16,7 @@
 //! watching the asked needle's pages ([`trace`]): per step, in how many (layer, KV head) pairs
 //! the needle was attended and its rank under the selector and the oracle.
 
-mod cases;
+pub mod cases;
 mod report;
 mod trace;
 
@@ -46,39 +46,35 @@ pub struct Arm {
     pub policy: Policy,
 }
 
+const fn arm(name: &'static str, mode: Mode, selector: Selector, shortlist: usize) -> Arm {
+    Arm {
+        name,
+        policy: Policy {
+            mode,
+            selector,
+            shortlist,
+        },
+    }
+}
+
 impl Arm {
     /// Every arm: FreeKV's dense mode (the dense reference), the oracle at the budget (select
     /// by exact attention mass with the current query), today's selector and the rerank
-    /// selector (full FreeKV, tau 0.9, shortlist 2).
-    pub const ALL: [Arm; 4] = [
-        Arm {
-            name: "dense",
-            policy: Policy {
-                mode: Mode::Dense,
-                selector: Selector::Quest,
-            },
-        },
-        Arm {
-            name: "oracle",
-            policy: Policy {
-                mode: Mode::Sync,
-                selector: Selector::Oracle,
-            },
-        },
-        Arm {
-            name: "quest",
-            policy: Policy {
-                mode: Mode::FreeKv,
-                selector: Selector::Quest,
-            },
-        },
-        Arm {
-            name: "rerank",
-            policy: Policy {
-                mode: Mode::FreeKv,
-                selector: Selector::Rerank,
-            },
-        },
+    /// selector (full FreeKV, tau 0.9; shortlists of 2, 4 and 8), and the same with and
+    /// without speculation. The default plan runs the first four; `FREEKV_EVAL_ARMS` names
+    /// others.
+    pub const ALL: [Arm; 10] = [
+        arm("dense", Mode::Dense, Selector::Quest, 2),
+        arm("oracle", Mode::Sync, Selector::Oracle, 2),
+        arm("quest", Mode::FreeKv, Selector::Quest, 2),
+        arm("rerank", Mode::FreeKv, Selector::Rerank, 2),
+        arm("rerank x4", Mode::FreeKv, Selector::Rerank, 4),
+        arm("rerank x8", Mode::FreeKv, Selector::Rerank, 8),
+        // Speculation apart from selection: the oracle speculating, the selectors in sync.
+        arm("oracle freekv", Mode::FreeKv, Selector::Oracle, 2),
+        arm("quest sync", Mode::Sync, Selector::Quest, 2),
+        arm("rerank sync", Mode::Sync, Selector::Rerank, 2),
+        arm("rerank x8 sync", Mode::Sync, Selector::Rerank, 8),
     ];
 }
 
@@ -92,6 +88,8 @@ pub struct Plan {
     /// Failing trials traced per cell and arm (a selector that missed where the oracle found
     /// the needle).
     pub traces: usize,
+    /// Sink and window tokens (None: a quarter of the budget each, at most 128 tokens).
+    pub edges: Option<(usize, usize)>,
 }
 
 /// A list from the environment (`FREEKV_EVAL_*`), comma separated.
@@ -108,8 +106,9 @@ impl Plan {
                 tasks: vec![Task::SingleKey, Task::MultiKey],
                 cells: vec![(400, 128)],
                 trials: 1,
-                arms: Arm::ALL.to_vec(),
+                arms: Arm::ALL[..4].to_vec(),
                 traces: 1,
+                edges: None,
             };
         }
         // FREEKV_EVAL_LENGTHS="2048,4096", FREEKV_EVAL_TRIALS=20, FREEKV_EVAL_ARMS="dense,oracle",
@@ -150,9 +149,19 @@ impl Plan {
             trials,
             arms: Arm::ALL
                 .into_iter()
-                .filter(|a| arms.as_ref().is_none_or(|k| k.iter().any(|k| k == a.name)))
+                .enumerate()
+                .filter(|(i, a)| match &arms {
+                    Some(k) => k.iter().any(|k| k == a.name),
+                    None => *i < 4,
+                })
+                .map(|(_, a)| a)
                 .collect(),
             traces: 3,
+            // FREEKV_EVAL_EDGES="32,64": sink and window tokens.
+            edges: env_list("FREEKV_EVAL_EDGES").and_then(|v| match v[..] {
+                [ref s, ref w] => Some((s.parse().ok()?, w.parse().ok()?)),
+                _ => None,
+            }),
         }
     }
 }
@@ -269,11 +278,25 @@ pub async fn complete(
 
 /// A case made into token ids: the prompt (resized to the target length), the question, and
 /// where the asked needle sits.
-struct Prompt {
-    case: cases::Case,
-    prompt: Vec<u32>,
-    question: Vec<u32>,
-    needle_tokens: (usize, usize),
+pub struct Prompt {
+    pub case: cases::Case,
+    pub prompt: Vec<u32>,
+    pub question: Vec<u32>,
+    /// The asked needle's first and last token in the prompt.
+    pub needle_tokens: (usize, usize),
+}
+
+impl Prompt {
+    /// The pages of `page_size` tokens that hold the asked needle.
+    pub fn needle_pages(&self, page_size: usize) -> Vec<usize> {
+        (self.needle_tokens.0 / page_size..=self.needle_tokens.1 / page_size).collect()
+    }
+}
+
+/// Words of the prose per token of the model's tokenizer (from one sample).
+pub async fn words_per_token(model: &mistralrs::Model, prose: &Prose) -> Result<f64> {
+    let sample = tokenize(model, &prose.words(0, 2000)).await?;
+    Ok(2000.0 / sample.len() as f64)
 }
 
 async fn tokenize(model: &mistralrs::Model, text: &str) -> Result<Vec<u32>> {
@@ -283,7 +306,7 @@ async fn tokenize(model: &mistralrs::Model, text: &str) -> Result<Vec<u32>> {
 }
 
 /// Trial `i` of `task` at about `target` tokens.
-async fn prompt(
+pub async fn prompt(
     model: &mistralrs::Model,
     prose: &Prose,
     words_per_token: f64,
@@ -363,10 +386,11 @@ pub async fn run(cx: &Ctx, plan: &Plan) -> Result<(Vec<Trial>, Vec<NeedleTrace>)
     for &(target, budget) in &plan.cells {
         let t = std::time::Instant::now();
         let edge = crate::selection::edges(budget);
+        let (sink, window) = plan.edges.unwrap_or((edge, edge));
         let config = FreeKvConfig {
             budget,
-            sink: edge,
-            window: edge,
+            sink,
+            window,
             ..FreeKvConfig::default()
         };
         let p = config.page_size;
@@ -379,8 +403,7 @@ pub async fn run(cx: &Ctx, plan: &Plan) -> Result<(Vec<Trial>, Vec<NeedleTrace>)
         let loaded = load(Source::Gguf(&cx.gguf), &attention, 1).await?;
         let model = &loaded.model;
         let fk = loaded.freekv.clone().context("FreeKV instance")?;
-        let sample = tokenize(model, &prose.words(0, 2000)).await?;
-        let words_per_token = 2000.0 / sample.len() as f64;
+        let words_per_token = words_per_token(model, &prose).await?;
         for &task in &plan.tasks {
             for i in 0..plan.trials {
                 let pr =

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use freekv_plugin::probe::{Estimator, ProbeSpec};
-use freekv_plugin::FreeKv;
+use freekv_plugin::probe::{Estimator, ProbeSpec, EXACT_KEYS};
+use freekv_plugin::{FreeKv, Selector};
 use serde::{Deserialize, Serialize};
 
 use super::{ask, Arm, Prompt, Task, Trial};
@@ -70,10 +70,20 @@ pub async fn needle(
 ) -> Result<NeedleTrace> {
     let cfg = fk.config();
     let ps = cfg.page_size;
-    let pages: Vec<usize> = (p.needle_tokens.0 / ps..=p.needle_tokens.1 / ps).collect();
+    let pages = p.needle_pages(ps);
     let (_, _, sel, _) = cfg.pages();
+    // The arm's own selector ranks the needle.
+    let own = match arm.policy.selector {
+        Selector::Rerank => Estimator {
+            proxy_bits: EXACT_KEYS,
+            shortlist: arm.policy.shortlist,
+            shrink_pct: 50,
+            ..Estimator::quest(ps)
+        },
+        _ => Estimator::quest(ps),
+    };
     fk.set_probe(Some(ProbeSpec {
-        estimators: vec![Estimator::quest(ps)],
+        estimators: vec![own],
         splits: Vec::new(),
         watch: pages.clone(),
     }))?;
