@@ -1,7 +1,7 @@
 //! One decode step of one layer on CPU: dense vs synchronous retrieval vs FreeKV (speculative,
-//! and with correction) vs an oracle that attends over 2048 already-gathered tokens, measured
-//! side by side in one run, plus the copy vs in-place device tier and the selectors (today's
-//! page bounds vs the rerank).
+//! and with correction) vs attention over 2048 already-gathered tokens ("gathered": FreeKV's
+//! cost if selection and recall were free), measured side by side in one run, plus the copy vs
+//! in-place device tier and the selectors (today's page bounds vs the rerank).
 //!
 //! `cargo bench -p freekv-plugin --bench decode_step [-- --quick]`
 //!
@@ -215,12 +215,12 @@ fn main() {
                 "speculative",
             ),
             run(Mode::FreeKv, DeviceTierLayout::InPlace, ctx, "freekv"),
-            // The oracle: 2048 tokens already in place, plain attention over them.
+            // Gathered: 2048 tokens already in place, plain attention over them.
             run(
                 Mode::Dense,
                 DeviceTierLayout::InPlace,
                 BUDGET - total_steps,
-                "oracle",
+                "gathered",
             ),
             rerank(Mode::Sync, 2, "sync-rerank"),
             rerank(Mode::FreeKv, 2, "freekv-rerank"),
@@ -287,11 +287,11 @@ fn main() {
                     .collect::<Vec<f64>>(),
             ),
         ] {
-            let (dense, sync, fkv, oracle) = (
+            let (dense, sync, fkv, gathered) = (
                 us[by("dense")],
                 us[by("sync")],
                 us[by("freekv")],
-                us[by("oracle")],
+                us[by("gathered")],
             );
             rows.push(format!(
                 "| {} | {}K | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.1}x** | **{:.2}x** | **{:.2}x** | {:.1}% |",
@@ -301,12 +301,12 @@ fn main() {
                 sync,
                 us[by("speculative")],
                 fkv,
-                oracle,
+                gathered,
                 us[by("sync-copy")],
                 us[by("freekv-copy")],
                 dense / fkv,
                 sync / fkv,
-                fkv / oracle,
+                fkv / gathered,
                 100.0 * c.correction_rate(),
             ));
         }
@@ -344,7 +344,7 @@ fn main() {
             );
         }
     }
-    let header = "| shape | context | dense | sync | speculative | freekv | oracle 2048 | sync (copy) | freekv (copy) | dense/freekv | sync/freekv | freekv/oracle | correction rate |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+    let header = "| shape | context | dense | sync | speculative | freekv | gathered 2048 | sync (copy) | freekv (copy) | dense/freekv | sync/freekv | freekv/gathered | correction rate |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|";
     println!("Wall-clock time per layer-step (us):\n");
     println!("{header}");
     for r in &wall_rows {

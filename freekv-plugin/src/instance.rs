@@ -26,7 +26,7 @@ use crate::geometry::Geometry;
 use crate::probe::{self, LayerProbe, ProbeReport, ProbeSpec};
 use crate::state::{LayerState, StepTrace};
 use crate::timeline::{self, LayerCtx};
-use crate::{prefill, AttnParams, DecodeRow, FreeKvConfig, Mode, ModelShape, Policy, PrefillRow};
+use crate::{prefill, AttnParams, DecodeRow, FreeKvConfig, ModelShape, Policy, PrefillRow};
 
 /// FreeKV's operations on one loaded model, whatever its backend and dtype: what the engine
 /// glue calls on a [`FreeKv`](crate::FreeKv), which dereferences to this.
@@ -92,17 +92,20 @@ pub trait AnyInstance: Send + Sync {
     fn join_background(&self) -> anyhow::Result<()>;
     /// The mode and selector in force.
     fn policy(&self) -> Policy;
-    /// Switches the mode and selector, from each layer's next call on (a sequence in flight
-    /// continues under the new policy: a dense step forgets its selection, a first sparse
-    /// step selects for every head). An error names a policy the instance was not built for
-    /// (see [`Policy::check`]). For evaluations that run one prompt under several policies.
+    /// Switches the mode, selector and shortlist once the background work queued so far is
+    /// done. Meant for the time between requests (evaluations that answer one prompt under
+    /// several policies): a sequence in flight continues under the new policy from each
+    /// layer's next call (a dense step forgets its selection, a first sparse step selects for
+    /// every head), so one forward pass may mix them. An error names a policy the instance was
+    /// not built for (see [`Policy::check`]).
     fn set_policy(&self, policy: Policy) -> anyhow::Result<()>;
     /// Starts measuring selection on every decode step (see [`crate::probe`]), or stops
     /// (`None`); what was measured before is dropped. An error names an estimator or split
-    /// this instance cannot measure, or a backend without the probe (it reads the host
-    /// tier's keys: the CPU's in-place device tier).
+    /// this instance cannot measure. The probe reads every key of a probed context at every
+    /// step (and, on a device, waits for the step's values): a diagnostic.
     fn set_probe(&self, spec: Option<ProbeSpec>) -> anyhow::Result<()>;
-    /// What the probe measured since it was set or last taken (empty without a probe).
+    /// What the probe measured since it was set or last taken (empty without a probe),
+    /// with the failures that stopped it on some layer.
     fn take_probe(&self) -> ProbeReport;
 }
 
@@ -140,7 +143,7 @@ impl<B: Backend> Shared<B> {
             policy,
             geo: self.geo,
             layer,
-            dense_layer: policy.mode == Mode::Dense || self.config.dense_layers.contains(&layer),
+            dense_layer: policy.dense_layer(&self.config, layer),
             num_blocks: self.num_blocks,
             tracing: self.tracing.load(Ordering::Relaxed),
         }
@@ -410,9 +413,9 @@ impl<B: Backend> AnyInstance for Instance<B> {
             .settle(&mut st.host, &mut st.batch, &mut st.scratch)
             .and_then(|()| backend.load_decode(&mut st.batch, q, k, v))
             .and_then(|()| timeline::decode_step(&cx, st, rows, params))
-            .and_then(|scheduled| {
-                probe::probe_decode(&cx, st, rows)?;
-                Ok(scheduled)
+            .map(|scheduled| {
+                probe::probe_decode(&cx, st, rows);
+                scheduled
             })
             .and_then(|scheduled| Ok((scheduled, backend.take_output(&mut st.batch, q.dtype())?)));
         let (scheduled, out) = match step {
@@ -526,6 +529,10 @@ impl<B: Backend> AnyInstance for Instance<B> {
 
     fn set_policy(&self, policy: Policy) -> anyhow::Result<()> {
         policy.check(&self.shared.config)?;
+        // Background work queued under the old policy finishes under it.
+        for cell in &self.shared.layers {
+            drop(self.wait_idle(cell));
+        }
         *self
             .shared
             .policy
@@ -565,6 +572,7 @@ impl<B: Backend> AnyInstance for Instance<B> {
                             lp.spec().estimators.iter().map(|e| e.label()).collect();
                         report.splits = lp.splits();
                     }
+                    report.failures.extend(lp.failure.take());
                     lp.take()
                 }
                 None => Default::default(),

@@ -56,6 +56,15 @@ impl AttnParams {
         }
     }
 
+    /// A scaled logit after the layer's soft-capping (unchanged without one).
+    #[inline]
+    pub fn cap(&self, logit: f32) -> f32 {
+        match self.softcap {
+            Some(c) => c * (logit / c).tanh(),
+            None => logit,
+        }
+    }
+
     /// First key position a query at `pos` may attend to.
     pub fn first_visible(&self, pos: usize) -> usize {
         match self.sliding_window {

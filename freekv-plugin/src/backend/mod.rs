@@ -49,9 +49,11 @@ impl std::ops::AddAssign for RecallStats {
 pub struct Selection {
     /// The candidate pages (see [`Geometry::candidates`]).
     pub candidates: Range<usize>,
-    /// Tokens of the sequence in the host tier: the context of the stored query.
+    /// The context of the stored query: the sequence's tokens when the query was stored (on a
+    /// device that writes a step's token to the host tier after the step, the last may still
+    /// be on its way; candidates never include it).
     pub len: usize,
-    /// The layer's attention parameters (the oracle's softmax).
+    /// The layer's attention parameters (the softmax of the oracle and of the rerank).
     pub params: AttnParams,
     /// How pages are scored.
     pub selector: Selector,
@@ -237,8 +239,9 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- score / select ---------------------------------------------------------------
     /// Scores the selection's candidate pages with the stored query (by its selector: the
-    /// Quest bound with GQA pooling, or the oracle's exact attention mass), takes the exact
-    /// top-k per KV head in `heads` and plans the replacement: winners already resident stay,
+    /// Quest bound with GQA pooling; the rerank, whose shortlist by the page summaries is
+    /// scored by its tokens' exact attention weight; or the oracle's exact attention mass),
+    /// takes the exact top-k per KV head in `heads` and plans the replacement: winners already resident stay,
     /// missing winners go into the lowest-scored selected slots. The plan is applied by
     /// [`Backend::recall`].
     fn select(
@@ -273,27 +276,23 @@ pub trait Backend: Send + Sync + 'static {
 
     // ---- diagnostics ------------------------------------------------------------------
     /// Batch row `row`'s query (a decode step's), `[n_q][d]` in f32, into `out` (the
-    /// selection probe). Default: not available on this backend.
+    /// selection probe; the host waits for the step's values where they are on a device).
     fn read_query(
         &self,
-        _batch: &mut Self::Batch,
-        _row: usize,
-        _out: &mut Vec<f32>,
-    ) -> anyhow::Result<()> {
-        anyhow::bail!("the selection probe is not available on this backend (use the CPU's in-place device tier)")
-    }
+        batch: &mut Self::Batch,
+        row: usize,
+        out: &mut Vec<f32>,
+    ) -> anyhow::Result<()>;
     /// KV head `head`'s keys of a sequence's first `len` tokens as the host tier holds them,
-    /// `[len][d]` in f32, into `out` (the oracle selector and the selection probe).
+    /// `[len][d]` in f32, into `out` (the selection probe, after [`Backend::settle`]).
     fn read_keys(
         &self,
-        _host: &Self::HostTier,
-        _table: &[u32],
-        _len: usize,
-        _head: usize,
-        _out: &mut Vec<f32>,
-    ) -> anyhow::Result<()> {
-        anyhow::bail!("the selection probe is not available on this backend (use the CPU's in-place device tier)")
-    }
+        host: &Self::HostTier,
+        table: &[u32],
+        len: usize,
+        head: usize,
+        out: &mut Vec<f32>,
+    ) -> anyhow::Result<()>;
 
     // ---- attend -----------------------------------------------------------------------
     /// Decode attention of batch row `row` (query at position `len - 1`) over the working

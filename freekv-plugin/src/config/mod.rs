@@ -158,13 +158,20 @@ pub fn parse_layer_list(s: &str) -> Result<Vec<usize>, String> {
 /// instance's memory (or its threads' decisions) and is fixed when it is built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
+    /// Which parts of the method run.
     pub mode: Mode,
+    /// How pages are scored.
     pub selector: Selector,
     /// Selector `rerank`: pages shortlisted per selected page.
     pub shortlist: usize,
 }
 
 impl Policy {
+    /// Whether `layer` of an instance built for `built` attends densely under this policy.
+    pub fn dense_layer(&self, built: &FreeKvConfig, layer: usize) -> bool {
+        self.mode == Mode::Dense || built.dense_layers.contains(&layer)
+    }
+
     /// Whether an instance built for `built` can run this policy: one built for mode `dense`
     /// keeps no summaries on a device, and one built without correction mirrors no stored
     /// queries there.

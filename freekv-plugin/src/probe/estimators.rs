@@ -9,7 +9,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::cpu::math;
-use crate::backend::cpu::select::{pooled_scores, SelectScratch};
+use crate::backend::cpu::select::{pool_scores, pooled_scores, SelectScratch};
 use crate::geometry::Geometry;
 use crate::{AttnParams, Pooling, SummaryKind};
 
@@ -332,7 +332,7 @@ fn bound_scores(
                 sc.raw[h * n + j] = sc.raw[h * n + j].max(bound);
             }
         }
-        pool(&mut sc.raw, g, n, est.pooling, out);
+        pool_scores(&mut sc.raw, g, est.pooling, out);
         return;
     }
     if runs_per_page == 1 || est.combine == Combine::Mass {
@@ -368,7 +368,7 @@ fn bound_scores(
             sc.raw[h * n + j] = runs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         }
     }
-    pool(&mut sc.raw, g, n, est.pooling, out);
+    pool_scores(&mut sc.raw, g, est.pooling, out);
 }
 
 /// The channels of pair `i` of `d` under `pairs`.
@@ -376,39 +376,6 @@ fn pair(pairs: Pairs, d: usize, i: usize) -> (usize, usize) {
     match pairs {
         Pairs::Half => (i, i + d / 2),
         _ => (2 * i, 2 * i + 1),
-    }
-}
-
-/// Pools per-head page scores `raw` (`[g][n]`, consumed) over the group as the product does.
-fn pool(raw: &mut [f32], g: usize, n: usize, pooling: Pooling, out: &mut Vec<f32>) {
-    out.clear();
-    match pooling {
-        Pooling::SoftmaxMean => {
-            out.resize(n, 0.0);
-            for h in 0..g {
-                let row = &mut raw[h * n..(h + 1) * n];
-                let m = math::max(row);
-                let z = math::exp_sub_sum(row, m);
-                let w = 1.0 / (z * g as f32);
-                for (p, e) in out.iter_mut().zip(row.iter()) {
-                    *p += e * w;
-                }
-            }
-        }
-        Pooling::Mean => {
-            out.resize(n, 0.0);
-            for h in 0..g {
-                math::axpy(out, 1.0 / g as f32, &raw[h * n..(h + 1) * n]);
-            }
-        }
-        Pooling::Max => {
-            out.resize(n, f32::NEG_INFINITY);
-            for h in 0..g {
-                for (p, r) in out.iter_mut().zip(&raw[h * n..(h + 1) * n]) {
-                    *p = p.max(*r);
-                }
-            }
-        }
     }
 }
 
@@ -486,6 +453,7 @@ fn proxy_scores(
     let base = Estimator::quest(p);
     summarise(&base, geo, keys, &cand, sc);
     let exact = est.proxy_bits == EXACT_KEYS;
+    let first = params.first_visible(keys.len() / d - 1);
     let levels = if exact {
         0.0
     } else {
@@ -511,11 +479,12 @@ fn proxy_scores(
                 };
             }
             for h in 0..g {
-                let mut s = math::dot(&q[h * d..(h + 1) * d], &sc.key) * params.softmax_scale;
-                if let Some(c) = params.softcap {
-                    s = c * (s / c).tanh();
+                // Tokens the layer's window hides stay at -inf, as in the product's rerank.
+                if (cand.start + j) * p + t < first {
+                    continue;
                 }
-                sc.logits[(h * n + j) * p + t] = s;
+                let s = math::dot(&q[h * d..(h + 1) * d], &sc.key) * params.softmax_scale;
+                sc.logits[(h * n + j) * p + t] = params.cap(s);
             }
         }
     }

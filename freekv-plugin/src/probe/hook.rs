@@ -9,12 +9,32 @@ use crate::DecodeRow;
 use super::measure_head;
 
 /// Measures the decode step just run on this layer (a no-op without a probe, on a layer
-/// listed dense, and for contexts within the budget).
+/// listed dense, and for contexts within the budget). A measurement that fails (a device
+/// error while reading keys) stops the layer's probe and is reported by the next
+/// [`crate::AnyInstance::take_probe`]; the step itself is done and keeps its output.
 pub(crate) fn probe_decode<B: Backend>(
     cx: &LayerCtx<'_, B>,
     st: &mut LayerState<B>,
     rows: &[DecodeRow<'_>],
+) {
+    if st.probe.is_none() || cx.config.dense_layers.contains(&cx.layer) {
+        return;
+    }
+    if let Err(e) = measure_rows(cx, st, rows) {
+        if let Some(lp) = st.probe.as_mut() {
+            lp.fail(format!("layer {}: {e:#}", cx.layer));
+        }
+    }
+}
+
+fn measure_rows<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    st: &mut LayerState<B>,
+    rows: &[DecodeRow<'_>],
 ) -> anyhow::Result<()> {
+    // The step's tokens into the host tier first (a device writes them after the step).
+    cx.backend
+        .settle(&mut st.host, &mut st.batch, &mut st.scratch)?;
     let LayerState {
         host,
         seqs,
@@ -23,12 +43,9 @@ pub(crate) fn probe_decode<B: Backend>(
         probe,
         ..
     } = st;
-    let Some(lp) = probe.as_mut() else {
+    let Some(lp) = probe.as_mut().filter(|lp| lp.failure.is_none()) else {
         return Ok(());
     };
-    if cx.config.dense_layers.contains(&cx.layer) {
-        return Ok(());
-    }
     let (d, gs) = (cx.geo.head_dim, cx.geo.group);
     for (r, row) in rows.iter().enumerate() {
         let seq = &seqs[&row.seq_id];

@@ -33,10 +33,8 @@ pub fn page_masses(
         let mut max = f32::NEG_INFINITY;
         for t in first..len {
             let k = &keys[t * d..(t + 1) * d];
-            let mut s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * params.softmax_scale;
-            if let Some(c) = params.softcap {
-                s = c * (s / c).tanh();
-            }
+            let s = params
+                .cap(qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * params.softmax_scale);
             logits[t] = s;
             max = max.max(s);
         }

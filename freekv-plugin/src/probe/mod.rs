@@ -38,7 +38,9 @@ use crate::AttnParams;
 /// selected pages are the rest of the instance's slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Split {
+    /// Sink tokens.
     pub sink: usize,
+    /// Window tokens (at least one page).
     pub window: usize,
 }
 
@@ -47,24 +49,31 @@ pub struct Split {
 pub struct ProbeSpec {
     /// The estimators compared (e.g. [`Estimator::quest`], the product's).
     pub estimators: Vec<Estimator>,
-    /// Budget splits (empty: the instance's own sink and window).
+    /// Budget splits besides the instance's own, which is always measured first.
     pub splits: Vec<Split>,
     /// Logical pages traced at every probed step (e.g. the pages holding a needle).
     pub watch: Vec<usize>,
 }
 
 impl ProbeSpec {
-    /// The geometry of each split for an instance of geometry `geo`; an error names a split
+    /// The geometry of each split for an instance of geometry `geo`, the instance's own first
+    /// (added when the spec does not list it first: the watched pages and the first row of
+    /// every table are measured against what the instance attends); an error names a split
     /// or estimator the instance cannot measure.
     pub fn geometries(&self, geo: &Geometry) -> Result<Vec<Geometry>, String> {
         for e in &self.estimators {
             e.check(geo.page_size)?;
         }
-        if self.splits.is_empty() {
-            return Ok(vec![*geo]);
-        }
         let p = geo.page_size;
-        self.splits
+        let own = Split {
+            sink: geo.sink_pages * p,
+            window: geo.window_pages * p,
+        };
+        let mut splits = self.splits.clone();
+        if splits.first() != Some(&own) {
+            splits.insert(0, own);
+        }
+        splits
             .iter()
             .map(|s| {
                 let (sink, window) = (s.sink / p, s.window / p);
@@ -137,8 +146,11 @@ impl HeadStats {
 pub struct WatchRecord {
     /// Context length of the step.
     pub len: usize,
+    /// The layer.
     pub layer: usize,
+    /// The KV head.
     pub head: usize,
+    /// The watched logical page.
     pub page: usize,
     /// Its exact attention mass, mean over the group.
     pub mass: f32,
@@ -162,6 +174,9 @@ pub struct ProbeReport {
     pub layers: Vec<Vec<HeadStats>>,
     /// The watched pages, step by step.
     pub watch: Vec<WatchRecord>,
+    /// Why the probe stopped on some layers (a device error while reading keys).
+    #[serde(default)]
+    pub failures: Vec<String>,
 }
 
 impl ProbeReport {
@@ -183,6 +198,7 @@ impl ProbeReport {
             }
         }
         self.watch.extend(other.watch.iter().cloned());
+        self.failures.extend(other.failures.iter().cloned());
     }
 
     /// Means over every probed (step, head) of `layers` (all when None), for split `split`:
@@ -226,11 +242,17 @@ impl ProbeReport {
 /// Means of a [`ProbeReport`] over (step, head) samples.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Means {
+    /// (step, layer, KV head) samples.
     pub steps: u64,
+    /// Attention mass of the sink and window pages.
     pub fixed: f64,
+    /// Mass of sink + window + the group oracle's pages.
     pub oracle: f64,
+    /// Mass of sink + window + each query head's own best pages.
     pub oracle_per_head: f64,
+    /// Per estimator: mass of sink + window + its pages.
     pub mass: Vec<f64>,
+    /// Per estimator: share of the group oracle's pages it selected.
     pub recall: Vec<f64>,
 }
 
@@ -241,6 +263,8 @@ pub(crate) struct LayerProbe {
     heads: Vec<HeadStats>,
     watch: Vec<WatchRecord>,
     m: Measure,
+    /// Why the probe stopped on this layer.
+    pub failure: Option<String>,
 }
 
 impl LayerProbe {
@@ -251,7 +275,13 @@ impl LayerProbe {
             heads: vec![HeadStats::default(); num_kv_heads],
             watch: Vec::new(),
             m: Measure::default(),
+            failure: None,
         }
+    }
+
+    /// Stops measuring on this layer, keeping `why` for the report.
+    pub fn fail(&mut self, why: String) {
+        self.failure.get_or_insert(why);
     }
 
     /// What it measures.
@@ -306,6 +336,7 @@ fn measure_head(
         heads,
         watch,
         m,
+        ..
     } = lp;
     let geo = geos[0];
     let (g, pages) = (geo.group, geo.pages(len));

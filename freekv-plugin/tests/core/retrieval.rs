@@ -11,12 +11,27 @@ use crate::rng::Rng;
 /// Sequences whose prompts end around and beyond the budget, decoded `steps` steps.
 fn run(seed: u64, s: Setup, rng: &mut Rng, queries: Queries, steps: usize) -> Harness {
     let p = s.p();
+    run_beyond(seed, s, rng, queries, steps, 0..5 * p)
+}
+
+/// Sequences whose prompts end `beyond` tokens past the budget minus two pages.
+fn run_beyond(
+    seed: u64,
+    s: Setup,
+    rng: &mut Rng,
+    queries: Queries,
+    steps: usize,
+    beyond: std::ops::Range<usize>,
+) -> Harness {
+    let p = s.p();
     let budget = s.cfg.budget;
     let mut h = Harness::new(s, seed);
     let b = rng.range(1, 3);
     let rows: Vec<PromptSpec> = (0..b)
         .map(|r| {
-            let len = (budget + rng.range(0, 5 * p)).saturating_sub(2 * p).max(1);
+            let len = (budget + rng.range(beyond.start, beyond.end))
+                .saturating_sub(2 * p)
+                .max(1);
             (r as u64 + 10, len, None)
         })
         .collect();
@@ -100,6 +115,7 @@ fn the_rerank_selects_the_shortlisted_pages_whose_tokens_weigh_most() {
         ..ALL
     };
     let mut all = Checked::default();
+    let mut both_stages = 0;
     for i in 0..120 {
         let seed = 27_000 + i as u64;
         let mut rng = Rng::new(seed);
@@ -107,10 +123,28 @@ fn the_rerank_selects_the_shortlisted_pages_whose_tokens_weigh_most() {
         s.cfg.selector = Selector::Rerank;
         s.cfg.shortlist = 1 + i % 4;
         s.cfg.device_tier = [DeviceTierLayout::InPlace, DeviceTierLayout::Copy][i % 2];
-        let h = run(seed, s, &mut rng, Queries::Drift { lo: 0.5, hi: 1.0 }, 4);
+        // Contexts with more candidates than the shortlist, so both stages decide.
+        let (p, k) = (s.p(), s.sel_pages());
+        let reach = (s.cfg.shortlist + 2) * k * p;
+        let h = run_beyond(
+            seed,
+            s,
+            &mut rng,
+            Queries::Drift { lo: 0.5, hi: 1.0 },
+            4,
+            reach..reach + 4 * p,
+        );
+        let cand = h.s.candidates(h.seqs[0].len).len();
+        if h.s.cfg.shortlist > 1 && h.s.cfg.shortlist * k < cand {
+            both_stages += 1;
+        }
         tally(&mut all, h.checked);
     }
     assert!(all.sparse_steps > 250, "{all:?}");
+    assert!(
+        both_stages > 60,
+        "cases where both stages decide: {both_stages}"
+    );
     assert!(all.tie_resolved * 20 < all.heads_compared, "{all:?}");
 }
 

@@ -52,8 +52,11 @@ pub struct CpuBackend<T> {
 /// Working memory of the oracle selector: one head's keys (f32), its pages' masses, logits.
 #[derive(Default)]
 pub(crate) struct OracleScratch {
+    /// One KV head's keys, `[len][d]`.
     pub keys: Vec<f32>,
+    /// Per query head, each page's attention mass.
     pub masses: Vec<f32>,
+    /// One query head's logits over the context.
     pub logits: Vec<f32>,
 }
 
@@ -340,7 +343,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
                             host,
                             table,
                             h,
-                            group_q,
+                            &scratch.scaled_q,
                             &selection.params,
                             selection.len,
                             candidates.clone(),

@@ -30,8 +30,7 @@ pub struct SelectScratch {
     evict: Vec<(f32, u32)>,
     missing: Vec<(f32, u32)>,
     pub plan: Vec<PlanEntry>,
-    /// The rerank's scaled queries `[G][d]`, token offsets in a page, shortlist and logits.
-    scaled_q: Vec<f32>,
+    /// The rerank's token offsets in a page, shortlist and logits.
     token_offsets: Vec<usize>,
     shortlist: Vec<u32>,
     logits: Vec<f32>,
@@ -90,38 +89,37 @@ pub fn pooled_box_scores<T: KvElem>(
     }
     sc.raw.resize(g * n_cand, 0.0);
     math::dots_indexed_group(&sc.qq, g, T::rows_ref(summaries), offsets, &mut sc.raw);
-    sc.pooled.clear();
+    pool_scores(&mut sc.raw[..g * n_cand], g, pooling, &mut sc.pooled);
+}
+
+/// Pools per-query-head page scores `raw` (`[g][n]`; overwritten) over the group into `out`
+/// (`[n]`): softmax over the pages per head then the mean, the mean, or the max.
+pub fn pool_scores(raw: &mut [f32], g: usize, pooling: Pooling, out: &mut Vec<f32>) {
+    let n = raw.len() / g.max(1);
+    out.clear();
     match pooling {
         Pooling::SoftmaxMean => {
-            sc.pooled.resize(n_cand, 0.0);
+            out.resize(n, 0.0);
             for h in 0..g {
-                let raw = &mut sc.raw[h * n_cand..(h + 1) * n_cand];
+                let raw = &mut raw[h * n..(h + 1) * n];
                 let m = math::max(raw);
                 let z = math::exp_sub_sum(raw, m);
                 let w = 1.0 / (z * g as f32);
-                for (p, e) in sc.pooled.iter_mut().zip(raw.iter()) {
+                for (p, e) in out.iter_mut().zip(raw.iter()) {
                     *p += e * w;
                 }
             }
         }
         Pooling::Mean => {
-            sc.pooled.resize(n_cand, 0.0);
+            out.resize(n, 0.0);
             for h in 0..g {
-                math::axpy(
-                    &mut sc.pooled,
-                    1.0 / g as f32,
-                    &sc.raw[h * n_cand..(h + 1) * n_cand],
-                );
+                math::axpy(out, 1.0 / g as f32, &raw[h * n..(h + 1) * n]);
             }
         }
         Pooling::Max => {
-            sc.pooled.resize(n_cand, f32::NEG_INFINITY);
+            out.resize(n, f32::NEG_INFINITY);
             for h in 0..g {
-                for (p, r) in sc
-                    .pooled
-                    .iter_mut()
-                    .zip(&sc.raw[h * n_cand..(h + 1) * n_cand])
-                {
+                for (p, r) in out.iter_mut().zip(&raw[h * n..(h + 1) * n]) {
                     *p = p.max(*r);
                 }
             }
@@ -135,8 +133,9 @@ pub fn pooled_box_scores<T: KvElem>(
 /// does a little better, but would need summaries of its own beside the bounds).
 pub const RERANK_SHRINK: f32 = 0.5;
 
-/// The rerank selector's second stage for KV head `head`, whose group queries are `group_q`
-/// (`[G][d]`): `sc.pooled` holds the candidates' page-bound scores; the best
+/// The rerank selector's second stage for KV head `head`, whose group queries times the
+/// softmax scale are `scaled_q` (`[G][d]`, as its first stage pooled them): `sc.pooled` holds
+/// the candidates' first-stage scores; the best
 /// `shortlist x k` of them are scored again by their tokens' exact attention weight (per
 /// query head, the softmax over every shortlisted token, with the layer's scale, soft-cap and
 /// window; then the mean over the group), and every other candidate scores `-inf`. Candidate
@@ -147,7 +146,7 @@ pub fn rerank<T: KvElem>(
     host: &HostTier<T>,
     table: &[u32],
     head: usize,
-    group_q: &[f32],
+    scaled_q: &[f32],
     params: &AttnParams,
     len: usize,
     cand: Range<usize>,
@@ -155,7 +154,7 @@ pub fn rerank<T: KvElem>(
     sc: &mut SelectScratch,
 ) {
     let (p, d) = (geo.page_size, geo.head_dim);
-    let g = group_q.len() / d;
+    let g = scaled_q.len() / d;
     let n = cand.len();
     let m = (shortlist * geo.sel_pages).min(n);
     // The shortlist: the m best by the page bound (the same order as the top-k).
@@ -170,9 +169,6 @@ pub fn rerank<T: KvElem>(
     sc.shortlist.truncate(m);
     sc.token_offsets.clear();
     sc.token_offsets.extend((0..p).map(|t| t * d));
-    sc.scaled_q.clear();
-    sc.scaled_q
-        .extend(group_q.iter().map(|x| x * params.softmax_scale));
     // Logits `[G][m][p]` of every shortlisted token.
     sc.logits.clear();
     sc.logits.resize(g * m * p, f32::NEG_INFINITY);
@@ -182,7 +178,7 @@ pub fn rerank<T: KvElem>(
         let page = cand.start + c as usize;
         let chunk = host.chunk(table[page], head);
         math::dots_indexed_group(
-            &sc.scaled_q,
+            scaled_q,
             g,
             T::rows_ref(&chunk[..p * d]),
             &sc.token_offsets,
@@ -193,11 +189,7 @@ pub fn rerank<T: KvElem>(
                 if page * p + t < first {
                     continue;
                 }
-                let mut s = sc.raw[h * p + t];
-                if let Some(cap) = params.softcap {
-                    s = cap * (s / cap).tanh();
-                }
-                sc.logits[(h * m + i) * p + t] = s;
+                sc.logits[(h * m + i) * p + t] = params.cap(sc.raw[h * p + t]);
             }
         }
     }
@@ -206,6 +198,7 @@ pub fn rerank<T: KvElem>(
     for &c in &sc.shortlist {
         sc.pooled[c as usize] = 0.0;
     }
+    // Hidden tokens stay at -inf, whose clamped exponential (~1e-38) weighs nothing.
     for h in 0..g {
         let row = &mut sc.logits[h * m * p..(h + 1) * m * p];
         let max = math::max(row);
@@ -291,7 +284,7 @@ pub fn plan_replacement(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{FreeKvConfig, ModelShape};
+    use crate::{AttnParams, FreeKvConfig, ModelShape};
 
     fn geo(sel_budget: usize) -> Geometry {
         let c = FreeKvConfig {
@@ -336,6 +329,93 @@ mod tests {
         let want0 = (sm(11.0, 0.0) + sm(2.0, 0.0)) / 2.0;
         assert!((sc.pooled[0] - want0).abs() < 1e-6);
         assert!((sc.pooled[0] + sc.pooled[1] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_shrunk_box_scores_its_centre_plus_a_share_of_its_width() {
+        // One query head, d = 2, one page: upper (3, 1), lower (-1, -4).
+        let q = [1.0, -2.0];
+        let summaries = [3.0f32, 1.0, -1.0, -4.0];
+        let mut sc = SelectScratch::default();
+        for shrink in [1.0f32, 0.5, 0.0] {
+            pooled_box_scores(&q, 2, &summaries, &[0], Pooling::Mean, shrink, &mut sc);
+            // centre (1, -1.5), half-width (2, 2.5): q.c + shrink |q|.h = 4 + shrink * 7.
+            assert!(
+                (sc.pooled[0] - (4.0 + shrink * 7.0)).abs() < 1e-6,
+                "{shrink}"
+            );
+        }
+    }
+
+    #[test]
+    fn rerank_scores_the_shortlist_by_its_tokens_weight_and_drops_the_rest() {
+        use crate::backend::cpu::host_tier::HostTier;
+        let c = FreeKvConfig {
+            page_size: 8,
+            budget: 24,
+            sink: 0,
+            window: 8,
+            ..Default::default()
+        };
+        let g = Geometry::new(
+            &c,
+            &ModelShape {
+                num_layers: 1,
+                num_q_heads: 2,
+                num_kv_heads: 1,
+                head_dim: 2,
+            },
+        );
+        let mut host = HostTier::<f32>::try_new(g, 8).unwrap();
+        let key = |t: usize| [((t * 7) % 5) as f32 - 2.0, ((t * 3) % 4) as f32 - 1.5];
+        for t in 0..64 {
+            host.write_row((t / 8) as u32, 0, t % 8, &key(t), &[0.0, 0.0]);
+        }
+        let table: Vec<u32> = (0..8).collect();
+        let q = [0.8f32, -0.6, 0.3, 0.9];
+        for params in [
+            AttnParams::scaled(0.7),
+            AttnParams {
+                softmax_scale: 0.7,
+                softcap: Some(2.0),
+                sliding_window: Some(50),
+            },
+        ] {
+            let scaled: Vec<f32> = q.iter().map(|x| x * 0.7).collect();
+            // First-stage scores: pages 1 and 4 best; shortlist 1 x 2 selected pages.
+            let mut sc = SelectScratch {
+                pooled: vec![0.1, 0.9, 0.2, 0.3, 0.8, 0.0, 0.4],
+                ..Default::default()
+            };
+            rerank(&g, &host, &table, 0, &scaled, &params, 64, 0..7, 1, &mut sc);
+            let logit = |h: usize, t: usize| {
+                let k = key(t);
+                params.cap((q[2 * h] * k[0] + q[2 * h + 1] * k[1]) * 0.7) as f64
+            };
+            let first = params.first_visible(63);
+            let tokens: Vec<usize> = (8..16).chain(32..40).filter(|&t| t >= first).collect();
+            for (i, &score) in sc.pooled.iter().enumerate() {
+                if i != 1 && i != 4 {
+                    assert_eq!(score, f32::NEG_INFINITY, "page {i} is not shortlisted");
+                    continue;
+                }
+                let want: f64 = (0..2)
+                    .map(|h| {
+                        let z: f64 = tokens.iter().map(|&t| logit(h, t).exp()).sum();
+                        let page: f64 = tokens
+                            .iter()
+                            .filter(|&&t| t / 8 == i)
+                            .map(|&t| logit(h, t).exp())
+                            .sum();
+                        page / z / 2.0
+                    })
+                    .sum();
+                assert!(
+                    (score as f64 - want).abs() < 1e-5,
+                    "page {i}: {score} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -10,11 +10,14 @@
 //! - the correction test (mode `freekv`): on the device, each row's query read in place against
 //!   the sequence's stored query, mirrored on the device whenever the plan's is stored
 //!   ([`DeviceOps::query_similarities`]); only the similarities come back, one wait per call;
-//! - page scoring: on the device, from a mirror of the summaries that follows the host tier
-//!   (each summary uploaded when its page fills or is re-summarised); the pooled scores come
-//!   back (one small read on the calling thread's own stream, as the authors' worker reads its
-//!   recall list), and the host takes the top-k and plans the replacement with the CPU
-//!   backend's code, so every device makes the CPU backend's plans;
+//! - page scoring (selector `quest`): on the device, from a mirror of the summaries that
+//!   follows the host tier (each summary uploaded when its page fills or is re-summarised);
+//!   the pooled scores come back (one small read on the calling thread's own stream, as the
+//!   authors' worker reads its recall list), and the host takes the top-k and plans the
+//!   replacement with the CPU backend's code, so every device makes the CPU backend's plans.
+//!   Selectors that read keys (`rerank`: its shortlist's tokens; `oracle`: every token, after
+//!   the step's tokens are settled into the host tier) run the CPU backend's selection on the
+//!   host tier;
 //! - working-set resets and recalls: the plan's chunks moved by the device
 //!   ([`DeviceOps::move_chunks`]); the tables follow the data;
 //! - each new token: appended to its window slot on the device from the engine's tensors; its
@@ -50,7 +53,7 @@ use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::cpu::io::CpuBatch;
 use crate::backend::cpu::select::{plan_replacement, SelectScratch};
-use crate::backend::cpu::{CpuBackend, CpuScratch};
+use crate::backend::cpu::{read_host_keys, CpuBackend, CpuScratch};
 use crate::backend::{Backend, RecallStats, Role, Selection};
 use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
@@ -838,6 +841,31 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         len: usize,
     ) -> anyhow::Result<Vec<u32>> {
         self.cpu.resident_pages(&dev.plan, head, len)
+    }
+
+    fn read_query(
+        &self,
+        batch: &mut Self::Batch,
+        row: usize,
+        out: &mut Vec<f32>,
+    ) -> anyhow::Result<()> {
+        let values = self.host_values(batch)?;
+        self.cpu.read_query(values, row, out)
+    }
+
+    fn read_keys(
+        &self,
+        host: &Self::HostTier,
+        table: &[u32],
+        len: usize,
+        head: usize,
+        out: &mut Vec<f32>,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            host.pending.is_empty(),
+            "keys read before the step's tokens reached the host tier"
+        );
+        read_host_keys(&self.geo, &host.tier, table, len, head, out)
     }
 
     fn attend_decode(

@@ -259,7 +259,9 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                 write(&cx.out, "selection.json", &json(&cells)?)?;
                 let mut md = header(part, t.elapsed().as_secs_f64());
                 md += &format!(
-                    "Prompt: {} (raw tokens), then {} tokens of its continuation teacher forced;                      FreeKV in mode dense (the dense model's queries) with the selection probe                      (SmolLM2-135M-Instruct, Q4_1, f16 on the CPU). Budgets 1/8 of the context.\n",
+                    "Prompt: {} (raw tokens), then {} tokens of its continuation teacher forced; \
+                     FreeKV in mode dense (the dense model's queries) with the selection probe \
+                     (SmolLM2-135M-Instruct, Q4_1, f16 on the CPU). Budgets 1/8 of the context.\n",
                     freekv_integration_tests::prose::Prose::load().source(),
                     plan.forced
                 );

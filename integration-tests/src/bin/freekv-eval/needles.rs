@@ -33,7 +33,7 @@ pub struct NeedleCell {
     pub oracle_selects: u64,
     /// Per estimator: samples where it selects a needle page too.
     pub hits: Vec<u64>,
-    /// Per estimator: samples where it selects a needle page the oracle does not.
+    /// Per estimator: samples where it selects a needle page while the oracle selects none.
     pub extra: Vec<u64>,
 }
 
@@ -164,7 +164,7 @@ pub fn table(cells: &[NeedleCell]) -> String {
              oracle selects a needle page in {} of {} (step, layer, KV head) samples.\n\n",
             c.target_tokens, c.budget, c.selected_pages, c.trials, c.oracle_selects, c.samples
         );
-        md += "| selection | needle recall vs oracle | samples selecting a needle page the oracle does not |\n|---|---|---|\n";
+        md += "| selection | needle recall vs oracle | samples where it selects a needle page and the oracle none |\n|---|---|---|\n";
         let mut order: Vec<usize> = (0..c.estimators.len()).collect();
         order.sort_by_key(|&e| std::cmp::Reverse(c.hits[e]));
         for e in order {

@@ -216,21 +216,8 @@ pub async fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Cell>> {
             words,
             ids.len()
         );
+        // The instance's own split comes first (the probe adds it where missing).
         let mut splits = plan.splits.clone();
-        if splits.first()
-            != Some(&Split {
-                sink: edge,
-                window: edge,
-            })
-        {
-            splits.insert(
-                0,
-                Split {
-                    sink: edge,
-                    window: edge,
-                },
-            );
-        }
         splits.retain(|s| s.sink + s.window < budget);
         fk.set_probe(Some(ProbeSpec {
             estimators: estimators(p),

@@ -120,6 +120,10 @@ pub struct Point {
     pub token_p99_ms: f64,
     /// FreeKV's release line for the request (`key=value ...`), None for the stock path.
     pub freekv: Option<String>,
+    /// The same prompt sent before on this server (its prefix cached: the TTFT does not
+    /// count, the decode rate does).
+    #[serde(default)]
+    pub warm: bool,
 }
 
 impl Point {
@@ -159,6 +163,7 @@ fn one(server: &Server, prose: &Prose, v: &Variant, context: usize, gen: usize) 
         "logit_bias": bias,
         "stream": true,
     });
+    let released_before = release_lines(server).len();
     let start = Instant::now();
     let mut times = Vec::new();
     let events = http::post_stream_timed(
@@ -187,12 +192,19 @@ fn one(server: &Server, prose: &Prose, v: &Variant, context: usize, gen: usize) 
     let (first, last) = first.zip(last).context("the stream carried no content")?;
     let mut gaps: Vec<f64> = times.windows(2).map(|w| (w[1] - w[0]) * 1e3).collect();
     gaps.sort_by(f64::total_cmp);
-    // FreeKV logs the request's counters when the engine releases it, just after the stream.
+    // FreeKV logs the request's counters when the engine releases it, just after the stream:
+    // wait for a release line beyond those of the earlier requests.
     let freekv = match v.config {
         None => None,
         Some(_) => {
-            std::thread::sleep(Duration::from_millis(500));
-            release_line(server)
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let lines = release_lines(server);
+                if lines.len() > released_before || Instant::now() > deadline {
+                    break lines.last().cloned();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     };
     Ok(Point {
@@ -208,11 +220,12 @@ fn one(server: &Server, prose: &Prose, v: &Variant, context: usize, gen: usize) 
         token_p50_ms: percentile(&gaps, 0.5),
         token_p99_ms: percentile(&gaps, 0.99),
         freekv,
+        warm: false,
     })
 }
 
-/// The last "request ... released:" line of the server's log.
-fn release_line(server: &Server) -> Option<String> {
+/// The "request ... released:" lines of the server's log, in order.
+fn release_lines(server: &Server) -> Vec<String> {
     [server.log.clone(), server.log.with_extension("err")]
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
@@ -224,7 +237,7 @@ fn release_line(server: &Server) -> Option<String> {
                 })
                 .collect::<Vec<_>>()
         })
-        .next_back()
+        .collect()
 }
 
 /// Every path at every context.
@@ -242,13 +255,15 @@ pub fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Point>> {
         let global: Vec<&str> = global.iter().map(String::as_str).collect();
         let name = format!("speed-{}", v.name.replace(' ', "-"));
         let server = Server::start(&cx.mistralrs, &cx.gguf, &name, &global, &serve)?;
-        for &context in plan
+        for (i, &context) in plan
             .contexts
             .iter()
             .flat_map(|c| std::iter::repeat_n(c, plan.repeats))
+            .enumerate()
         {
-            let p = one(&server, &prose, v, context, plan.gen_tokens)
+            let mut p = one(&server, &prose, v, context, plan.gen_tokens)
                 .with_context(|| format!("{} at {context} tokens", v.name))?;
+            p.warm = i % plan.repeats.max(1) != 0;
             eprintln!(
                 "speed {:<18} {:>5} prompt tokens: first token {:.1} s, decode {:.1} tok/s (p50 {:.1} ms, p99 {:.1} ms){}",
                 p.path,
@@ -277,9 +292,11 @@ pub fn table(points: &[Point]) -> String {
     contexts.dedup();
     for c in contexts {
         let at: Vec<&Point> = points.iter().filter(|p| p.context == c).collect();
-        let stock = at.iter().find(|p| p.freekv.is_none());
+        let stock = at.iter().find(|p| p.freekv.is_none() && !p.warm);
         for p in &at {
             let ratio = |f: fn(&Point) -> f64, inverse: bool| match stock {
+                // A warm request's TTFT is a prefix-cache hit: no ratio.
+                Some(_) if inverse && p.warm => "-".into(),
                 Some(s) if p.freekv.is_some() => {
                     let r = if inverse { f(s) / f(p) } else { f(p) / f(s) };
                     format!("{r:.2}x")
@@ -295,8 +312,9 @@ pub fn table(points: &[Point]) -> String {
                 .map(|r| format!("{r:.3}"))
                 .unwrap_or_else(|| "-".into());
             s += &format!(
-                "| {c} | {} | {} | {:.1} | {} | {:.1} | {} | {:.1} | {:.1} | {correction} | {blocking} |\n",
+                "| {c} | {}{} | {} | {:.1} | {} | {:.1} | {} | {:.1} | {:.1} | {correction} | {blocking} |\n",
                 p.path,
+                if p.warm { " (again)" } else { "" },
                 p.prompt_tokens,
                 p.ttft_s,
                 ratio(|p| p.ttft_s, true),
@@ -392,6 +410,7 @@ mod tests {
             token_p50_ms: 25.0,
             token_p99_ms: 30.0,
             freekv: Some("prefill_tokens=3570 correction_rate=0.605 blocking_ms=0.41".into()),
+            warm: false,
         };
         assert_eq!(p.counter("correction_rate"), Some(0.605));
         assert_eq!(p.counter("blocking_ms"), Some(0.41));

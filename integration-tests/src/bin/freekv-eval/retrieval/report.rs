@@ -51,10 +51,14 @@ pub fn table(trials: &[Trial]) -> String {
     );
     cells.sort_unstable();
     let mut md = String::new();
-    let select = |task: Task, arm: &str, len: usize| -> Vec<&Trial> {
+    let select = |task: Task, arm: &str, cell: (usize, usize)| -> Vec<&Trial> {
         trials
             .iter()
-            .filter(|t| t.task == task && t.variant == arm && t.target_tokens == len)
+            .filter(|t| {
+                t.task == task
+                    && t.variant == arm
+                    && (t.target_tokens, t.budget.unwrap_or(0)) == cell
+            })
             .collect()
     };
     for task in Task::ALL {
@@ -70,8 +74,8 @@ pub fn table(trials: &[Trial]) -> String {
         md += "\n";
         for arm in &arms {
             md += &format!("| {arm} |");
-            for &(l, _) in &cells {
-                let cell = select(task, arm, l);
+            for &c in &cells {
+                let cell = select(task, arm, c);
                 let (p, se) = accuracy(&cell);
                 md += &format!(
                     " {:.0}% ± {:.0} (n={}) |",
@@ -95,8 +99,8 @@ pub fn table(trials: &[Trial]) -> String {
                 .filter(|a| *a != reference && !(reference == "oracle" && *a == "dense"))
             {
                 md += &format!("| {arm} - {reference} |");
-                for &(l, _) in &cells {
-                    md += &match paired(&select(task, arm, l), &select(task, reference, l)) {
+                for &c in &cells {
+                    md += &match paired(&select(task, arm, c), &select(task, reference, c)) {
                         Some((m, se, _)) => format!(
                             " {:+.0} ± {:.0}{} |",
                             100.0 * m,

@@ -88,6 +88,7 @@ pub async fn needle(
         watch: pages.clone(),
     }))?;
     let (answer, _, _) = ask(model, fk, arm, p).await?;
+    let oracle = arm.policy.selector == Selector::Oracle;
     let report = fk.take_probe();
     fk.set_probe(None)?;
     // Per step, per (layer, head): the needle's best rank, whether attended, its mass.
@@ -109,7 +110,13 @@ pub async fn needle(
             (Some(x), Some(y)) => Some(x.min(y)),
             (x, y) => x.or(y),
         };
-        pair.rank = best(pair.rank, w.ranks.first().copied().flatten());
+        // An oracle arm's selector is the oracle.
+        let own = if oracle {
+            w.oracle_rank
+        } else {
+            w.ranks.first().copied().flatten()
+        };
+        pair.rank = best(pair.rank, own);
         pair.oracle = best(pair.oracle, w.oracle_rank);
         pair.attended |= w.resident.unwrap_or(false);
         pair.mass += w.mass as f64;
