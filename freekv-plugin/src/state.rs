@@ -34,6 +34,11 @@ pub struct SeqLayer<B: Backend> {
     /// What FreeKV did for this sequence on this layer since its prefill (the per-request
     /// counters; folded into the layer's when the sequence is freed).
     pub counters: LayerCounters,
+    /// Per KV head: selected this step with the stored query, over `fresh_candidates` (a
+    /// corrected head, or every head of a blocking step). The worker's selection for the next
+    /// step would repeat it where the candidates are the same.
+    pub fresh: Vec<bool>,
+    pub fresh_candidates: std::ops::Range<usize>,
 }
 
 impl<B: Backend> SeqLayer<B> {
@@ -48,6 +53,8 @@ impl<B: Backend> SeqLayer<B> {
             failure: None,
             query_row: None,
             counters: LayerCounters::default(),
+            fresh: Vec::new(),
+            fresh_candidates: 0..0,
         }
     }
 }

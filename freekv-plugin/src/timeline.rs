@@ -113,6 +113,7 @@ fn append<B: Backend>(
     seq.params = *params;
     seq.trace = None;
     seq.query_row = None;
+    seq.fresh.clear();
     cx.backend.write_tokens(
         &mut st.host,
         &seq.table,
@@ -313,6 +314,8 @@ fn correct<B: Backend>(
         cx.backend
             .select(host, &seq.table, dev, &selection, heads, scratch)?;
         let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch)?;
+        seq.fresh.clone_from(heads);
+        seq.fresh_candidates = selection.candidates;
         counters.head_selections += n as u64;
         counters.add_recall(stats);
         counters.blocking_ns += t.elapsed().as_nanos() as u64;
@@ -414,7 +417,9 @@ pub fn background_selection<B: Backend>(
 }
 
 /// Selection with the stored query over the candidates of the sequence's next step, and the
-/// recall, for the heads in `heads` (counted in the sequence's counters).
+/// recall, for the heads in `heads` (counted in the sequence's counters). A head this step
+/// already selected with the same query over the same candidates keeps that selection (the
+/// selection would be the same: every winner resident, nothing to recall).
 pub fn select_for_next_step<B: Backend>(
     cx: &LayerCtx<'_, B>,
     host: &B::HostTier,
@@ -427,11 +432,21 @@ pub fn select_for_next_step<B: Backend>(
         return Ok(());
     };
     let selection = cx.selection(seq.len + 1, seq.len, &seq.params);
-    cx.backend
-        .select(host, &seq.table, dev, &selection, heads, scratch)?;
-    let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch)?;
-    seq.counters.head_selections += heads.iter().filter(|&&h| h).count() as u64;
-    seq.counters.add_recall(stats);
+    // The heads left to select, in `seq.fresh` (emptied after).
+    let repeat = !seq.fresh.is_empty() && seq.fresh_candidates == selection.candidates;
+    seq.fresh.resize(heads.len(), false);
+    for (left, &h) in seq.fresh.iter_mut().zip(heads) {
+        *left = h && !(repeat && *left);
+    }
+    let heads = &seq.fresh;
+    if heads.iter().any(|&h| h) {
+        cx.backend
+            .select(host, &seq.table, dev, &selection, heads, scratch)?;
+        let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch)?;
+        seq.counters.head_selections += heads.iter().filter(|&&h| h).count() as u64;
+        seq.counters.add_recall(stats);
+    }
+    seq.fresh.clear();
     seq.select();
     Ok(())
 }

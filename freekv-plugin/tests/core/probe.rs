@@ -1,7 +1,7 @@
-//! The selection probe on a live instance: in mode `dense` it measures every step of every
-//! retrieving layer past the budget without changing the output (the harness checks it
-//! against dense attention), and in mode `sync` its estimator for the product's selector ranks
-//! exactly the pages the step attended.
+//! The selection probe on a live instance, on both device tiers: in mode `dense` it measures
+//! every step of every retrieving layer past the budget without changing the output (the
+//! harness checks it against dense attention), and in mode `sync` its estimator for the
+//! product's selector ranks exactly the pages the step attended.
 
 use freekv_plugin::probe::{Estimator, ProbeSpec};
 use freekv_plugin::{DeviceTierLayout, Mode, Policy, Pooling, Selector, SummaryKind};
@@ -21,7 +21,8 @@ fn a_probe_measures_every_sparse_step_and_its_quest_estimator_is_the_products_se
             ..ALL
         };
         let mut s = cycled_setup(i, &mut rng, &lim);
-        s.cfg.device_tier = DeviceTierLayout::InPlace;
+        // The probe reads keys on either tier (the copy tier after settling the step's tokens).
+        s.cfg.device_tier = [DeviceTierLayout::InPlace, DeviceTierLayout::Copy][i % 2];
         // The product's selector as the probe's first estimator computes it.
         s.cfg.summary = SummaryKind::MinMax;
         s.cfg.pooling = Pooling::SoftmaxMean;
@@ -57,6 +58,7 @@ fn a_probe_measures_every_sparse_step_and_its_quest_estimator_is_the_products_se
             h.decode(&[1], Queries::Random, false);
         }
         let report = h.fk.take_probe();
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
         assert_eq!(report.estimators.len(), 2);
         for l in 0..layers {
             if dense.contains(&l) {

@@ -169,6 +169,16 @@ pub fn page_scores_shrunk(
         .collect()
 }
 
+/// The scaled, soft-capped logit of query `q` and key `k`.
+fn logit(q: &[f32], k: &[f32], params: &AttnParams) -> f64 {
+    let s: f64 = q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let s = s * params.softmax_scale as f64;
+    match params.softcap {
+        Some(cap) => cap as f64 * (s / cap as f64).tanh(),
+        None => s,
+    }
+}
+
 /// The oracle's scores of the candidate pages for one KV head whose group queries are `qs`,
 /// each at position `len - 1` over the keys `0..len`: per query head, the softmax weight of
 /// the page's tokens (every visible key in the softmax), then the mean over the group.
@@ -182,18 +192,7 @@ pub fn oracle_scores(
 ) -> Vec<f64> {
     let mut pooled = vec![0f64; candidates.len()];
     for q in qs {
-        let logit = |t: usize| {
-            let s: f64 = q
-                .iter()
-                .zip(&kv.k[t])
-                .map(|(a, b)| *a as f64 * *b as f64)
-                .sum();
-            let s = s * params.softmax_scale as f64;
-            match params.softcap {
-                Some(cap) => cap as f64 * (s / cap as f64).tanh(),
-                None => s,
-            }
-        };
+        let logit = |t: usize| logit(q, &kv.k[t], params);
         let seen: Vec<usize> = (0..len).filter(|&t| visible(params, len - 1, t)).collect();
         let m = seen
             .iter()
@@ -212,8 +211,8 @@ pub fn oracle_scores(
 }
 
 /// The rerank selector's scores of the candidate pages for one KV head whose group queries
-/// are `qs`, at position `len - 1`: the page summaries shrunk to half their width around their
-/// centre, pooled with the queries times the softmax scale, shortlist the `shortlist x k` best
+/// are `qs`, at position `len - 1`: the page summaries (min/max boxes shrunk to half their
+/// width around their centre), pooled with the queries times the softmax scale, shortlist the `shortlist x k` best
 /// candidates; each shortlisted page then scores the
 /// mean over the group of its tokens' softmax weight among every shortlisted (visible) token;
 /// the other candidates score -inf.
@@ -236,6 +235,11 @@ pub fn rerank_scores(
         .map(|q| q.iter().map(|x| x * params.softmax_scale).collect())
         .collect();
     let scaled: Vec<&[f32]> = scaled.iter().map(|q| &q[..]).collect();
+    // Min/max boxes shrunk to half their width; centre +/- deviation boxes as they are.
+    let shrink = match kind {
+        SummaryKind::MinMax => 0.5,
+        SummaryKind::CentreMad => 1.0,
+    };
     let bounds = page_scores_shrunk(
         &scaled,
         kv,
@@ -244,7 +248,7 @@ pub fn rerank_scores(
         kind,
         pooling,
         store,
-        0.5,
+        shrink,
     );
     let short = top_k(
         &bounds,
@@ -261,18 +265,7 @@ pub fn rerank_scores(
         .filter(|&t| visible(params, len - 1, t))
         .collect();
     for q in qs {
-        let logit = |t: usize| {
-            let s: f64 = q
-                .iter()
-                .zip(&kv.k[t])
-                .map(|(a, b)| *a as f64 * *b as f64)
-                .sum();
-            let s = s * params.softmax_scale as f64;
-            match params.softcap {
-                Some(cap) => cap as f64 * (s / cap as f64).tanh(),
-                None => s,
-            }
-        };
+        let logit = |t: usize| logit(q, &kv.k[t], params);
         let m = tokens
             .iter()
             .map(|&t| logit(t))

@@ -298,6 +298,34 @@ fn tau_one_equals_sync() {
     }
 }
 
+/// A head corrected on the critical path was selected with the query the worker would use
+/// for the next step: over the same candidates the worker keeps that selection instead of
+/// repeating it (the pages stay the reference's, as every step checks), so with every head
+/// corrected (tau = 1) the worker selects only where a page boundary moved the candidates.
+#[test]
+fn the_worker_does_not_repeat_a_selection_made_on_the_critical_path() {
+    let lim = Limits {
+        modes: &[Mode::FreeKv],
+        head_dims: &FAST_DIMS,
+        ..ALL
+    };
+    for i in 0..12 {
+        let seed = 52_000 + i as u64;
+        let mut rng = Rng::new(seed);
+        let mut s = cycled_setup(i, &mut rng, &lim);
+        s.cfg.tau = 1.0;
+        let h = run(seed, s, &mut rng, Queries::Random, 24);
+        let c = h.fk.counters().total;
+        let worker = c.head_selections - c.heads_corrected;
+        assert!(c.heads_corrected > 0, "{c:?}");
+        assert!(
+            worker * 3 < c.heads_corrected,
+            "seed {seed}: the worker selected {worker} heads for {} corrected",
+            c.heads_corrected
+        );
+    }
+}
+
 /// The copy layout is the offload backend (the CUDA backend's orchestration: plans, chunk
 /// moves, appends, decode over the slots) on host memory: on 30 seeded cases it equals the CPU
 /// backend, which reads the working set in place, step for step.

@@ -327,7 +327,11 @@ impl<T: KvElem> Backend for CpuBackend<T> {
                     } else {
                         group_q
                     };
-                    let shrink = if rerank { select::RERANK_SHRINK } else { 1.0 };
+                    // Bounds shrunk to a typical box; a centre +/- deviation box is one.
+                    let shrink = match (rerank, self.summary) {
+                        (true, SummaryKind::MinMax) => select::RERANK_SHRINK,
+                        _ => 1.0,
+                    };
                     select::pooled_box_scores(
                         q,
                         d,

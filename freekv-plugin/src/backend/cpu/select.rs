@@ -42,6 +42,19 @@ fn better(a: (f32, u32), b: (f32, u32)) -> Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
+/// The indices of the `k` best of `scores` ([`better`] order; unsorted) into `out`.
+fn best_of(scores: &[f32], k: usize, out: &mut Vec<u32>) {
+    let n = scores.len();
+    out.clear();
+    out.extend(0..n as u32);
+    if k < n && k > 0 {
+        out.select_nth_unstable_by(k - 1, |&a, &b| {
+            better((scores[a as usize], a), (scores[b as usize], b))
+        });
+    }
+    out.truncate(k.min(n));
+}
+
 /// Pooled scores of the candidates for one KV head.
 ///
 /// `group_q` is the group's queries `[G][d]`; candidate `j`'s summary (upper `[d]` then lower
@@ -129,8 +142,9 @@ pub fn pool_scores(raw: &mut [f32], g: usize, pooling: Pooling, out: &mut Vec<f3
 
 /// The rerank's first stage scores each page by its min/max box shrunk to half its width
 /// around the centre (a typical, not a bounding, box): at equal shortlists it lets more needle
-/// pages through than the bound (docs/results.md, section 1c; a centre +/- mean deviation box
-/// does a little better, but would need summaries of its own beside the bounds).
+/// pages through than the bound (docs/results.md, section 1c). Centre +/- mean deviation
+/// summaries (`--freekv-summary centre-mad`) are such a box already, used as they are, and do a
+/// little better still.
 pub const RERANK_SHRINK: f32 = 0.5;
 
 /// The rerank selector's second stage for KV head `head`, whose group queries times the
@@ -158,15 +172,7 @@ pub fn rerank<T: KvElem>(
     let n = cand.len();
     let m = (shortlist * geo.sel_pages).min(n);
     // The shortlist: the m best by the page bound (the same order as the top-k).
-    sc.shortlist.clear();
-    sc.shortlist.extend(0..n as u32);
-    if m < n && m > 0 {
-        let pooled = &sc.pooled;
-        sc.shortlist.select_nth_unstable_by(m - 1, |&a, &b| {
-            better((pooled[a as usize], a), (pooled[b as usize], b))
-        });
-    }
-    sc.shortlist.truncate(m);
+    best_of(&sc.pooled, m, &mut sc.shortlist);
     sc.token_offsets.clear();
     sc.token_offsets.extend((0..p).map(|t| t * d));
     // Logits `[G][m][p]` of every shortlisted token.
@@ -222,15 +228,7 @@ pub fn plan_replacement(
 ) {
     let n_cand = cand.len();
     let k = geo.sel_pages.min(n_cand);
-    sc.order.clear();
-    sc.order.extend(0..n_cand as u32);
-    if k < n_cand && k > 0 {
-        let pooled = &sc.pooled;
-        sc.order.select_nth_unstable_by(k - 1, |&a, &b| {
-            better((pooled[a as usize], a), (pooled[b as usize], b))
-        });
-    }
-    sc.order.truncate(k);
+    best_of(&sc.pooled, k, &mut sc.order);
     // Mark the winners.
     sc.stamp = sc.stamp.wrapping_add(1);
     if sc.stamp == 0 || sc.mark.len() < n_cand {

@@ -15,7 +15,7 @@ use freekv_plugin::{FreeKvConfig, Mode, Policy};
 use serde::{Deserialize, Serialize};
 
 use crate::retrieval::{self, Task};
-use crate::selection::{edges, estimators, QUEST, RERANK};
+use crate::selection::{edges, estimators, product_note, QUEST, RERANK};
 use crate::Ctx;
 
 /// One (length, budget) cell.
@@ -168,11 +168,7 @@ pub fn table(cells: &[NeedleCell]) -> String {
         let mut order: Vec<usize> = (0..c.estimators.len()).collect();
         order.sort_by_key(|&e| std::cmp::Reverse(c.hits[e]));
         for e in order {
-            let product = match e {
-                QUEST => " (**quest**, today's selector)",
-                RERANK => " (**rerank**, the new selector)",
-                _ => "",
-            };
+            let product = product_note(e);
             md += &format!(
                 "| {}{product} | {:.3} | {} |\n",
                 c.estimators[e],

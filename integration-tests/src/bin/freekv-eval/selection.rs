@@ -159,6 +159,15 @@ pub fn estimators(p: usize) -> Vec<Estimator> {
 pub const QUEST: usize = 0;
 pub const RERANK: usize = 1;
 
+/// What a table says after an estimator's label: which product selector it is, if any.
+pub fn product_note(e: usize) -> &'static str {
+    match e {
+        QUEST => " (**quest**, today's selector)",
+        RERANK => " (**rerank**, the new selector)",
+        _ => "",
+    }
+}
+
 /// One cell's measurements.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cell {
@@ -279,11 +288,7 @@ pub fn tables(cells: &[Cell]) -> String {
         let mut order: Vec<usize> = (0..r.estimators.len()).collect();
         order.sort_by(|&a, &b| m.mass[b].total_cmp(&m.mass[a]));
         for e in order {
-            let product = match e {
-                QUEST => " (**quest**, today's selector)",
-                RERANK => " (**rerank**, the new selector)",
-                _ => "",
-            };
+            let product = product_note(e);
             md += &format!(
                 "| {}{product} | {:.3} | {:.1}% | {:.3} |\n",
                 r.estimators[e],
