@@ -413,10 +413,7 @@ impl<B: Backend> AnyInstance for Instance<B> {
             .settle(&mut st.host, &mut st.batch, &mut st.scratch)
             .and_then(|()| backend.load_decode(&mut st.batch, q, k, v))
             .and_then(|()| timeline::decode_step(&cx, st, rows, params))
-            .map(|scheduled| {
-                probe::probe_decode(&cx, st, rows);
-                scheduled
-            })
+            .inspect(|_| probe::probe_decode(&cx, st, rows))
             .and_then(|scheduled| Ok((scheduled, backend.take_output(&mut st.batch, q.dtype())?)));
         let (scheduled, out) = match step {
             Ok(done) => done,

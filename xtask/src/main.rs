@@ -19,8 +19,8 @@ commands:
                         ARGS go to examples/passkey_cli.rs (--tokens, --depth, --budget, --compare-stock)
   test [-- ARGS]        every test (ARGS go to the test binaries, e.g. a name filter; without
                         ARGS also the evaluation's smoke run)
-  eval PART.. [--quick] the evaluation on the real model: passkey, retrieval, agreement,
-                        tuning, speed, load, batching or all;
+  eval PART.. [--quick] the evaluation on the real model: passkey, retrieval, selection,
+                        needles, agreement, tuning, speed, load, batching or all;
                         writes tables, JSON and PNG plots to docs/results (see docs/results.md)
 ";
 
