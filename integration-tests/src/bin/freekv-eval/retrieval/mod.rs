@@ -156,7 +156,11 @@ impl Plan {
                 })
                 .map(|(_, a)| a)
                 .collect(),
-            traces: 3,
+            // FREEKV_EVAL_TRACES=1: failing trials traced per cell and arm.
+            traces: std::env::var("FREEKV_EVAL_TRACES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(3),
             // FREEKV_EVAL_EDGES="32,64": sink and window tokens.
             edges: env_list("FREEKV_EVAL_EDGES").and_then(|v| match v[..] {
                 [ref s, ref w] => Some((s.parse().ok()?, w.parse().ok()?)),
@@ -453,36 +457,47 @@ pub async fn run(cx: &Ctx, plan: &Plan) -> Result<(Vec<Trial>, Vec<NeedleTrace>)
                 );
             }
         }
-        // Needle traces: trials the oracle answered and a selector missed.
+        // Needle traces: trials the oracle answered and a selector missed, grouped by trial so
+        // that the arms of one trial share its prefilled prompt (the prefix cache).
+        let mut missed: Vec<(&Arm, Trial)> = Vec::new();
         for arm in plan.arms.iter().filter(|a| a.policy.mode != Mode::Dense) {
-            let missed: Vec<Trial> = out
-                .iter()
-                .filter(|t| t.variant == arm.name && t.target_tokens == target && !t.correct)
-                .filter(|t| {
-                    out.iter().any(|o| {
-                        o.variant == "oracle"
-                            && o.correct
-                            && o.task == t.task
-                            && o.trial == t.trial
-                            && o.target_tokens == target
+            missed.extend(
+                out.iter()
+                    .filter(|t| t.variant == arm.name && t.target_tokens == target && !t.correct)
+                    .filter(|t| {
+                        out.iter().any(|o| {
+                            o.variant == "oracle"
+                                && o.correct
+                                && o.task == t.task
+                                && o.trial == t.trial
+                                && o.target_tokens == target
+                        })
                     })
-                })
-                .take(plan.traces)
-                .cloned()
-                .collect();
-            for m in missed {
-                let pr = prompt(
-                    model,
-                    &prose,
-                    words_per_token,
-                    m.task,
-                    target,
-                    m.trial,
-                    plan.trials,
-                )
-                .await?;
-                traces.push(trace::needle(model, &fk, arm, &pr, &m).await?);
-            }
+                    .take(plan.traces)
+                    .map(|t| (arm, t.clone())),
+            );
+        }
+        missed.sort_by_key(|(_, t)| (t.task, t.trial));
+        let mut asked: Option<((Task, usize), Prompt)> = None;
+        for (arm, m) in missed {
+            let key = (m.task, m.trial);
+            let pr = match asked.take() {
+                Some((k, pr)) if k == key => pr,
+                _ => {
+                    prompt(
+                        model,
+                        &prose,
+                        words_per_token,
+                        m.task,
+                        target,
+                        m.trial,
+                        plan.trials,
+                    )
+                    .await?
+                }
+            };
+            traces.push(trace::needle(model, &fk, arm, &pr, &m).await?);
+            asked = Some((key, pr));
         }
         fk.set_probe(None)?;
     }
