@@ -97,7 +97,7 @@ declare_knobs! {
     selector: Selector = Selector::Quest, "freekv-selector", "FREEKV_SELECTOR", "KIND";
     /// Selector `rerank`: pages shortlisted by the page bounds per selected page, 1 to 16 (the
     /// keys of `shortlist` x the selected pages are read at each selection).
-    shortlist: usize = 2, "freekv-shortlist", "FREEKV_SHORTLIST", "PAGES";
+    shortlist: usize = 4, "freekv-shortlist", "FREEKV_SHORTLIST", "PAGES";
     /// Layers that always attend densely, comma separated ("" for none). On a GPU a dense
     /// layer keeps its whole pool in device memory too (1/L of the host tier per layer).
     dense_layers: Vec<usize> = vec![0], "freekv-dense-layers", "FREEKV_DENSE_LAYERS", "LIST";
@@ -288,7 +288,7 @@ impl FreeKvConfig {
             return Err(err(
                 "shortlist",
                 self.shortlist,
-                "1 to 16 pages shortlisted per selected page (2: twice the selected pages)",
+                "1 to 16 pages shortlisted per selected page (4: four times the selected pages)",
             ));
         }
         if !(0.0..=1.0).contains(&self.correction_rate) {

@@ -99,8 +99,12 @@ impl Plan {
             .ok()
             .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
         let oracle = |b| Variant::oracle(b);
-        let rerank =
-            |b| Variant::freekv(b, 0.9, FreeKv).with("rerank", |c| c.selector = Selector::Rerank);
+        let rerank = |b| {
+            Variant::freekv(b, 0.9, FreeKv).with("rerank x4", |c| {
+                c.selector = Selector::Rerank;
+                c.shortlist = 4;
+            })
+        };
         Self {
             precisions,
             prompt_tokens: 2048,

@@ -228,7 +228,8 @@ async fn run(parts: &[String], cx: &Ctx) -> Result<()> {
                      for sink and window); each trial's prompt prefilled once and answered under \
                      every arm (switched between requests; the prefix cache serves the prompt). \
                      Arms: dense = FreeKV's dense mode; oracle = pages by exact attention mass of \
-                     the current query (mode sync); quest = today's selector, rerank = the new one (both mode freekv, tau 0.9). {} \
+                     the current query (mode sync); quest = today's selector, rerank xN = the new one shortlisting N pages per \
+                     selected page (4 by default; all mode freekv, tau 0.9). {} \
                      paired trials per task and length, the asked needle at depths 10-90%.\n",
                     freekv_integration_tests::prose::Prose::load().source(),
                     plan.trials

@@ -71,7 +71,7 @@ pub fn estimators(p: usize) -> Vec<Estimator> {
         q,
         Estimator {
             shrink_pct: 50,
-            ..token_level(EXACT_KEYS, 2)
+            ..token_level(EXACT_KEYS, 4)
         },
         token_level(EXACT_KEYS, 2),
         scaled,
@@ -128,7 +128,7 @@ pub fn estimators(p: usize) -> Vec<Estimator> {
             ..scaled
         });
         for shortlist in [2, 4] {
-            if (shrink_pct, shortlist) != (50, 2) {
+            if (shrink_pct, shortlist) != (50, 4) {
                 out.push(Estimator {
                     shrink_pct,
                     ..token_level(EXACT_KEYS, shortlist)

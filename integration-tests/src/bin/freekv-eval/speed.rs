@@ -50,7 +50,7 @@ impl Plan {
                 variants: vec![Variant::dense(), small(128)],
             };
         }
-        // FREEKV_EVAL_CONTEXTS="7680" and FREEKV_EVAL_VARIANTS="b512 t0.9,b512 t0.9 rerank"
+        // FREEKV_EVAL_CONTEXTS="7680" and FREEKV_EVAL_VARIANTS="b512 t0.9,b512 t0.9 rerank x4"
         // narrow the plan; FREEKV_EVAL_REPEATS=3 sends each prompt that many times (the later
         // ones hit the prefix cache: their decode rates count, their TTFTs do not).
         let contexts = std::env::var("FREEKV_EVAL_CONTEXTS")
@@ -61,11 +61,7 @@ impl Plan {
             .ok()
             .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
         let rerank = |b, shortlist| {
-            let name = match shortlist {
-                2 => "rerank".to_string(),
-                s => format!("rerank x{s}"),
-            };
-            Variant::freekv(b, 0.9, Mode::FreeKv).with(&name, |c| {
+            Variant::freekv(b, 0.9, Mode::FreeKv).with(&format!("rerank x{shortlist}"), |c| {
                 c.selector = Selector::Rerank;
                 c.shortlist = shortlist;
             })

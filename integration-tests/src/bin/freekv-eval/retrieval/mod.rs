@@ -60,20 +60,20 @@ const fn arm(name: &'static str, mode: Mode, selector: Selector, shortlist: usiz
 impl Arm {
     /// Every arm: FreeKV's dense mode (the dense reference), the oracle at the budget (select
     /// by exact attention mass with the current query), today's selector and the rerank
-    /// selector (full FreeKV, tau 0.9; shortlists of 2, 4 and 8), and the same with and
-    /// without speculation. The default plan runs the first four; `FREEKV_EVAL_ARMS` names
-    /// others.
+    /// selector (full FreeKV, tau 0.9; shortlists of 4, the default, 2 and 8), and the same
+    /// with and without speculation. The default plan runs the first four; `FREEKV_EVAL_ARMS`
+    /// names others.
     pub const ALL: [Arm; 10] = [
         arm("dense", Mode::Dense, Selector::Quest, 2),
         arm("oracle", Mode::Sync, Selector::Oracle, 2),
         arm("quest", Mode::FreeKv, Selector::Quest, 2),
-        arm("rerank", Mode::FreeKv, Selector::Rerank, 2),
         arm("rerank x4", Mode::FreeKv, Selector::Rerank, 4),
+        arm("rerank x2", Mode::FreeKv, Selector::Rerank, 2),
         arm("rerank x8", Mode::FreeKv, Selector::Rerank, 8),
         // Speculation apart from selection: the oracle speculating, the selectors in sync.
         arm("oracle freekv", Mode::FreeKv, Selector::Oracle, 2),
         arm("quest sync", Mode::Sync, Selector::Quest, 2),
-        arm("rerank sync", Mode::Sync, Selector::Rerank, 2),
+        arm("rerank x2 sync", Mode::Sync, Selector::Rerank, 2),
         arm("rerank x8 sync", Mode::Sync, Selector::Rerank, 8),
     ];
 }
