@@ -106,6 +106,36 @@ impl Geometry {
 }
 
 #[cfg(test)]
+impl Geometry {
+    /// A geometry for unit tests: pages of 8 tokens, `budget` tokens of which `sink` and
+    /// `window` are the edges, and `shape` = (layers, query heads, KV heads, head dim).
+    pub(crate) fn for_test(
+        budget: usize,
+        sink: usize,
+        window: usize,
+        shape: (usize, usize, usize, usize),
+    ) -> Self {
+        let c = FreeKvConfig {
+            page_size: 8,
+            budget,
+            sink,
+            window,
+            ..Default::default()
+        };
+        let (num_layers, num_q_heads, num_kv_heads, head_dim) = shape;
+        Self::new(
+            &c,
+            &ModelShape {
+                num_layers,
+                num_q_heads,
+                num_kv_heads,
+                head_dim,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

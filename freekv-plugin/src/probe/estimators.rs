@@ -525,25 +525,9 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{FreeKvConfig, ModelShape};
 
     fn geo() -> Geometry {
-        let c = FreeKvConfig {
-            page_size: 8,
-            budget: 48,
-            sink: 8,
-            window: 8,
-            ..Default::default()
-        };
-        Geometry::new(
-            &c,
-            &ModelShape {
-                num_layers: 1,
-                num_q_heads: 2,
-                num_kv_heads: 1,
-                head_dim: 4,
-            },
-        )
+        Geometry::for_test(48, 8, 8, (1, 2, 1, 4))
     }
 
     fn keys(len: usize, seed: u64) -> Vec<f32> {

@@ -76,26 +76,10 @@ pub(crate) fn oracle_scores(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{FreeKvConfig, ModelShape};
 
     #[test]
     fn masses_match_a_naive_softmax_and_respect_the_window() {
-        let c = FreeKvConfig {
-            page_size: 8,
-            budget: 48,
-            sink: 8,
-            window: 8,
-            ..Default::default()
-        };
-        let geo = Geometry::new(
-            &c,
-            &ModelShape {
-                num_layers: 1,
-                num_q_heads: 2,
-                num_kv_heads: 1,
-                head_dim: 3,
-            },
-        );
+        let geo = Geometry::for_test(48, 8, 8, (1, 2, 1, 3));
         let len = 21;
         let keys: Vec<f32> = (0..len * 3)
             .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)

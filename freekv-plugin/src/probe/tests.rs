@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::{FreeKvConfig, ModelShape, Pooling, SummaryKind};
+use crate::{Pooling, SummaryKind};
 
 struct Lcg(u64);
 
@@ -20,22 +20,7 @@ impl Lcg {
 }
 
 fn geo(budget: usize) -> Geometry {
-    let c = FreeKvConfig {
-        page_size: 8,
-        budget,
-        sink: 8,
-        window: 8,
-        ..Default::default()
-    };
-    Geometry::new(
-        &c,
-        &ModelShape {
-            num_layers: 2,
-            num_q_heads: 6,
-            num_kv_heads: 2,
-            head_dim: 4,
-        },
-    )
+    Geometry::for_test(budget, 8, 8, (2, 6, 2, 4))
 }
 
 /// Every k-subset of `0..n`.

@@ -163,26 +163,10 @@ impl<T: KvElem> HostTier<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{FreeKvConfig, ModelShape};
     use half::bf16;
 
     fn geo() -> Geometry {
-        let c = FreeKvConfig {
-            page_size: 8,
-            budget: 64,
-            sink: 16,
-            window: 16,
-            ..Default::default()
-        };
-        Geometry::new(
-            &c,
-            &ModelShape {
-                num_layers: 1,
-                num_q_heads: 4,
-                num_kv_heads: 2,
-                head_dim: 4,
-            },
-        )
+        Geometry::for_test(64, 16, 16, (1, 4, 2, 4))
     }
 
     /// A tiny deterministic value per (block, head, token, channel, k/v).

@@ -282,25 +282,10 @@ pub fn plan_replacement(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{AttnParams, FreeKvConfig, ModelShape};
+    use crate::AttnParams;
 
     fn geo(sel_budget: usize) -> Geometry {
-        let c = FreeKvConfig {
-            page_size: 8,
-            budget: 16 + 16 + 8 * sel_budget,
-            sink: 16,
-            window: 16,
-            ..Default::default()
-        };
-        Geometry::new(
-            &c,
-            &ModelShape {
-                num_layers: 1,
-                num_q_heads: 2,
-                num_kv_heads: 1,
-                head_dim: 2,
-            },
-        )
+        Geometry::for_test(16 + 16 + 8 * sel_budget, 16, 16, (1, 2, 1, 2))
     }
 
     fn apply(sel: &mut [u32], plan: &[PlanEntry], slot0: u32) {
@@ -348,22 +333,7 @@ mod tests {
     #[test]
     fn rerank_scores_the_shortlist_by_its_tokens_weight_and_drops_the_rest() {
         use crate::backend::cpu::host_tier::HostTier;
-        let c = FreeKvConfig {
-            page_size: 8,
-            budget: 24,
-            sink: 0,
-            window: 8,
-            ..Default::default()
-        };
-        let g = Geometry::new(
-            &c,
-            &ModelShape {
-                num_layers: 1,
-                num_q_heads: 2,
-                num_kv_heads: 1,
-                head_dim: 2,
-            },
-        );
+        let g = Geometry::for_test(24, 0, 8, (1, 2, 1, 2));
         let mut host = HostTier::<f32>::try_new(g, 8).unwrap();
         let key = |t: usize| [((t * 7) % 5) as f32 - 2.0, ((t * 3) % 4) as f32 - 1.5];
         for t in 0..64 {

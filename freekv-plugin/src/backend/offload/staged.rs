@@ -144,26 +144,10 @@ impl<T: KvElem> Drop for StagedRecall<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{FreeKvConfig, ModelShape};
 
     #[test]
     fn staged_equals_direct_scatter() {
-        let c = FreeKvConfig {
-            page_size: 8,
-            budget: 64,
-            sink: 8,
-            window: 8,
-            ..Default::default()
-        };
-        let geo = Geometry::new(
-            &c,
-            &ModelShape {
-                num_layers: 1,
-                num_q_heads: 4,
-                num_kv_heads: 2,
-                head_dim: 4,
-            },
-        );
+        let geo = Geometry::for_test(64, 8, 8, (1, 4, 2, 4));
         let mut host = HostTier::<f32>::try_new(geo, 10).unwrap();
         for b in 0..10u32 {
             for h in 0..2 {

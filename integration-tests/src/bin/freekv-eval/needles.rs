@@ -11,11 +11,11 @@ use anyhow::{Context, Result};
 use freekv_integration_tests::engine::{load, Attention, Source};
 use freekv_integration_tests::prose::Prose;
 use freekv_plugin::probe::{ProbeSpec, WatchRecord};
-use freekv_plugin::{FreeKvConfig, Mode, Policy};
+use freekv_plugin::{Mode, Policy};
 use serde::{Deserialize, Serialize};
 
 use crate::retrieval::{self, Task};
-use crate::selection::{edges, estimators, product_note, QUEST, RERANK};
+use crate::selection::{at_budget, estimators, product_note, QUEST, RERANK};
 use crate::Ctx;
 
 /// One (length, budget) cell.
@@ -90,13 +90,7 @@ pub async fn run(cx: &Ctx) -> Result<Vec<NeedleCell>> {
     let mut out = Vec::new();
     for (target, budget) in plan {
         let t = std::time::Instant::now();
-        let edge = edges(budget);
-        let config = FreeKvConfig {
-            budget,
-            sink: edge,
-            window: edge,
-            ..FreeKvConfig::default()
-        };
+        let config = at_budget(budget);
         let (p, sel) = (config.page_size, config.pages().2);
         let attention = Attention::FreeKv {
             config,

@@ -183,18 +183,23 @@ pub fn edges(budget: usize) -> usize {
     (budget / 4).min(128)
 }
 
+/// FreeKV's defaults at `budget` with its sink and window split by [`edges`].
+pub fn at_budget(budget: usize) -> FreeKvConfig {
+    let edge = edges(budget);
+    FreeKvConfig {
+        budget,
+        sink: edge,
+        window: edge,
+        ..FreeKvConfig::default()
+    }
+}
+
 pub async fn run(cx: &Ctx, plan: &Plan) -> Result<Vec<Cell>> {
     let prose = Prose::load();
     let mut out = Vec::new();
     for &(tokens, budget) in &plan.cells {
         let t = std::time::Instant::now();
-        let edge = edges(budget);
-        let config = FreeKvConfig {
-            budget,
-            sink: edge,
-            window: edge,
-            ..FreeKvConfig::default()
-        };
+        let config = at_budget(budget);
         let p = config.page_size;
         let attention = Attention::FreeKv {
             config,
