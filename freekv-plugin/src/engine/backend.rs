@@ -4,21 +4,26 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result, Tensor};
 use mistralrs_core::attention_backend::{
-    paged_attention_backend, register_paged_attention_backend, CacheConfig, ModelConfigLike,
-    PagedAttentionBackend, PagedAttentionLayerBackend, PagedCacheType, SchedulerStats,
+    paged_attention_backend, register_paged_attention_backend, BackendStep, CacheConfig,
+    ModelConfigLike, PagedAttentionBackend, PagedAttentionInputMetadata,
+    PagedAttentionLayerBackend, PagedCacheType, SchedulerStats,
 };
 use once_cell::sync::OnceCell;
 
-use super::{layer::FreeKvLayer, metrics, model_check, registry};
+use super::registry::{LoadedModel, Registry};
+use super::{layer::FreeKvLayer, metrics, model_check, step_rows};
 use crate::backend::offload::STAGED_CHUNKS_PER_BUFFER;
 use crate::{FreeKv, FreeKvConfig, KvDType};
 
-/// The FreeKV paged-attention backend. One per process; the configuration it holds applies
-/// to the models loaded after it was set.
+/// The FreeKV paged-attention backend. One per process (the engine registers one backend);
+/// the configuration it holds applies to the models loaded after it was set, and it keeps
+/// the models it serves.
 pub struct FreeKvBackend {
     config: Mutex<FreeKvConfig>,
+    models: Arc<Registry>,
 }
 
+/// The backend registered with the engine (set once; the engine holds it too).
 static BACKEND: OnceCell<Arc<FreeKvBackend>> = OnceCell::new();
 
 /// Validates `config`, registers the FreeKV backend with the engine (once per process) and
@@ -28,6 +33,7 @@ pub fn register(config: FreeKvConfig) -> anyhow::Result<()> {
     let backend = BACKEND.get_or_try_init(|| -> anyhow::Result<_> {
         let backend = Arc::new(FreeKvBackend {
             config: Mutex::new(config.clone()),
+            models: Arc::default(),
         });
         if register_paged_attention_backend(backend.clone()).is_err() {
             let other = paged_attention_backend().map_or("?", |b| b.name());
@@ -51,6 +57,12 @@ pub fn configure(config: FreeKvConfig) -> anyhow::Result<()> {
         "FreeKV is not registered; call freekv_plugin::engine::register first"
     );
     register(config)
+}
+
+/// Every model served by FreeKV in this process that is still loaded, in load order (none
+/// before [`register`]).
+pub fn loaded_models() -> Vec<LoadedModel> {
+    BACKEND.get().map(|b| b.models.loaded()).unwrap_or_default()
 }
 
 impl FreeKvBackend {
@@ -176,7 +188,7 @@ impl PagedAttentionBackend for FreeKvBackend {
         }
         let handles: Vec<_> = caches.iter().map(|(k, _)| k.id()).collect();
         let model = Arc::new(freekv);
-        let index = registry::add_model(model.clone(), &handles);
+        let index = self.models.add_model(model.clone(), &handles);
         tracing::info!(
             "FreeKV serves model #{index} on {:?}: {} blocks of {} tokens, KV {dtype:?}, host tier {} MiB, device tier {} KiB per sequence and {} MiB for the pool (page summaries, dense layers' pages), CPU kernels {}, {:?}",
             device.location(),
@@ -203,11 +215,11 @@ impl PagedAttentionBackend for FreeKvBackend {
                  summaries assume rotary (or no) positions in the keys; run it with --paged-attn off"
             );
         }
-        Ok(Box::<FreeKvLayer>::default())
+        Ok(Box::new(FreeKvLayer::new(self.models.clone())))
     }
 
     fn on_sequence_freed(&self, kv_cache_manager_id: usize, seq_id: usize) {
-        let Some(model) = registry::model_for_manager(kv_cache_manager_id) else {
+        let Some(model) = self.models.model_for_manager(kv_cache_manager_id) else {
             return;
         };
         // The engine's sequence id is the `id` of the request's response (and of its chunks).
@@ -222,10 +234,20 @@ impl PagedAttentionBackend for FreeKvBackend {
     }
 
     fn observe_scheduler(&self, kv_cache_manager_id: usize, stats: &SchedulerStats) {
-        registry::record_scheduler(kv_cache_manager_id, *stats);
+        self.models.record_scheduler(kv_cache_manager_id, *stats);
     }
 
     fn metrics(&self) -> Option<String> {
-        Some(metrics::render(&registry::loaded_models()))
+        Some(metrics::render(&self.models.loaded()))
+    }
+
+    /// Reads the step's rows once, for every layer of the step.
+    fn prepare_step(
+        &self,
+        metadata: &PagedAttentionInputMetadata,
+        seq_ids: &[usize],
+        kv_cache_manager_id: usize,
+    ) -> Option<BackendStep> {
+        Some(step_rows::prepare(metadata, seq_ids, kv_cache_manager_id))
     }
 }

@@ -11,7 +11,7 @@ use crate::{DecodeRow, PrefillRow};
 /// The slot the engine's prompt metadata gives padding positions (mistral.rs `_PAD_SLOT_ID`).
 const PAD_SLOT: i64 = -1;
 
-/// One prompt row, owning its block table.
+/// One prompt row, owning its block-table row as the engine sent it (padded).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PromptRow {
     pub seq_id: u64,
@@ -20,7 +20,7 @@ pub(crate) struct PromptRow {
     pub new_len: usize,
 }
 
-/// One decode row, owning its block table.
+/// One decode row, owning its block-table row as the engine sent it (padded).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StepRow {
     pub seq_id: u64,
@@ -29,23 +29,25 @@ pub(crate) struct StepRow {
 }
 
 impl PromptRow {
-    pub fn as_row(&self) -> PrefillRow<'_> {
-        PrefillRow {
+    /// The row with its table cut to the blocks its tokens need at `page_size`.
+    pub fn as_row(&self, page_size: usize) -> anyhow::Result<PrefillRow<'_>> {
+        Ok(PrefillRow {
             seq_id: self.seq_id,
-            block_table: &self.block_table,
+            block_table: trimmed(&self.block_table, self.cached_len + self.new_len, page_size)?,
             cached_len: self.cached_len,
             new_len: self.new_len,
-        }
+        })
     }
 }
 
 impl StepRow {
-    pub fn as_row(&self) -> DecodeRow<'_> {
-        DecodeRow {
+    /// The row with its table cut to the blocks its tokens need at `page_size`.
+    pub fn as_row(&self, page_size: usize) -> anyhow::Result<DecodeRow<'_>> {
+        Ok(DecodeRow {
             seq_id: self.seq_id,
-            block_table: &self.block_table,
+            block_table: trimmed(&self.block_table, self.context_len, page_size)?,
             context_len: self.context_len,
-        }
+        })
     }
 }
 
@@ -73,38 +75,26 @@ fn table_rows(tables: &Tensor) -> anyhow::Result<Vec<Vec<u32>>> {
     })
 }
 
-fn seq_ids(meta: &PagedAttentionInputMetadata, batch: usize) -> anyhow::Result<Vec<u64>> {
-    let ids = meta.seq_ids.as_ref().ok_or_else(|| {
-        anyhow::anyhow!("the engine sent no sequence ids (is the FreeKV engine patch applied?)")
-    })?;
-    anyhow::ensure!(
-        ids.len() == batch,
-        "the engine sent {} sequence ids for a batch of {batch}",
-        ids.len()
-    );
-    Ok(ids.iter().map(|&id| id as u64).collect())
-}
-
 /// Blocks needed for `tokens` tokens, taken from the front of a padded table row.
-fn trimmed(row: &[u32], tokens: usize, page_size: usize) -> anyhow::Result<Vec<u32>> {
+fn trimmed(row: &[u32], tokens: usize, page_size: usize) -> anyhow::Result<&[u32]> {
+    anyhow::ensure!(page_size > 0, "page size 0");
     let needed = tokens.div_ceil(page_size);
     anyhow::ensure!(
         needed <= row.len(),
         "block table has {} blocks but {tokens} tokens need {needed}",
         row.len()
     );
-    Ok(row[..needed].to_vec())
+    Ok(&row[..needed])
 }
 
-/// Prompt rows: `batch` sequences of up to `max_len` new tokens each.
+/// Prompt rows: one per sequence id (`seq_ids`, one per batch row), each of up to `max_len`
+/// new tokens (the slot mapping's width); returns the rows and `max_len`.
 pub(crate) fn translate_prompt_rows(
     meta: &PagedAttentionInputMetadata,
+    seq_ids: &[usize],
     device: &Device,
-    batch: usize,
-    max_len: usize,
-    page_size: usize,
-) -> anyhow::Result<Vec<PromptRow>> {
-    let ids = seq_ids(meta, batch)?;
+) -> anyhow::Result<(Vec<PromptRow>, usize)> {
+    let batch = seq_ids.len();
     let tables = table_rows(&host_copy(
         meta.block_tables.as_ref(),
         device,
@@ -119,13 +109,18 @@ pub(crate) fn translate_prompt_rows(
         .to_dtype(DType::I64)?
         .flatten_all()?
         .to_vec1::<i64>()?;
+    if batch == 0 {
+        anyhow::ensure!(slots.is_empty(), "slot mapping for an empty batch");
+        return Ok((Vec::new(), 0));
+    }
     anyhow::ensure!(
-        slots.len() == batch * max_len,
-        "slot mapping has {} entries for {batch} rows of {max_len} tokens",
+        slots.len() % batch == 0,
+        "slot mapping has {} entries for {batch} rows",
         slots.len()
     );
+    let max_len = slots.len() / batch;
     let mut rows = Vec::with_capacity(batch);
-    for (b, (seq_id, table)) in ids.into_iter().zip(tables).enumerate() {
+    for (b, (&seq_id, table)) in seq_ids.iter().zip(tables).enumerate() {
         let new_len = slots[b * max_len..(b + 1) * max_len]
             .iter()
             .filter(|&&s| s != PAD_SLOT)
@@ -136,24 +131,24 @@ pub(crate) fn translate_prompt_rows(
             .and_then(|c| c.get(b).copied())
             .unwrap_or(0);
         rows.push(PromptRow {
-            seq_id,
-            block_table: trimmed(&table, cached_len + new_len, page_size)?,
+            seq_id: seq_id as u64,
+            block_table: table,
             cached_len,
             new_len,
         });
     }
-    Ok(rows)
+    Ok((rows, max_len))
 }
 
-/// Decode rows: one new token per sequence. Uses the unwindowed tables: FreeKV needs every
-/// page of the sequence and applies a layer's sliding window itself.
+/// Decode rows: one new token per sequence (`seq_ids`, one per batch row). Uses the
+/// unwindowed tables: FreeKV needs every page of the sequence and applies a layer's sliding
+/// window itself.
 pub(crate) fn translate_decode_rows(
     meta: &PagedAttentionInputMetadata,
+    seq_ids: &[usize],
     device: &Device,
-    batch: usize,
-    page_size: usize,
 ) -> anyhow::Result<Vec<StepRow>> {
-    let ids = seq_ids(meta, batch)?;
+    let batch = seq_ids.len();
     let (tables, lens) = match (&meta.full_block_tables, &meta.full_context_lens) {
         (Some(_), Some(_)) => (
             host_copy(meta.full_block_tables.as_ref(), device, "block tables")?,
@@ -172,18 +167,16 @@ pub(crate) fn translate_decode_rows(
         tables.len(),
         lens.len()
     );
-    ids.into_iter()
+    Ok(seq_ids
+        .iter()
         .zip(tables)
         .zip(lens)
-        .map(|((seq_id, table), len)| {
-            let context_len = len as usize;
-            Ok(StepRow {
-                seq_id,
-                block_table: trimmed(&table, context_len, page_size)?,
-                context_len,
-            })
+        .map(|((&seq_id, table), len)| StepRow {
+            seq_id: seq_id as u64,
+            block_table: table,
+            context_len: len as usize,
         })
-        .collect()
+        .collect())
 }
 
 /// The core tests' seeded PRNG.
@@ -254,13 +247,6 @@ mod tests {
         }];
         let t = tensor(rng, &slots, -1, 300);
         meta.slot_mappings = maybe_map(rng, t).unwrap_or_default();
-        if rng.chance(0.8) {
-            let n = {
-                let alt = rng.range(0, 4);
-                rng.pick(&[batch, alt])
-            };
-            meta.seq_ids = Some((0..n).map(|i| i * 7).collect());
-        }
         if rng.chance(0.3) {
             let n = {
                 let alt = rng.range(0, 4);
@@ -284,23 +270,32 @@ mod tests {
             let max_len = rng.range(0, 6);
             let page = rng.pick(&[1, 8, 16, 32]);
             let meta = metadata(&mut rng, batch, max_len);
+            let ids: Vec<usize> = (0..batch).map(|i| i * 7).collect();
             let outcome = catch_unwind(AssertUnwindSafe(|| {
-                let prompt =
-                    super::translate_prompt_rows(&meta, &Device::Cpu, batch, max_len, page);
-                let decode = super::translate_decode_rows(&meta, &Device::Cpu, batch, page);
-                if let Ok(rows) = &prompt {
-                    assert_eq!(rows.len(), batch);
-                    for r in rows {
-                        assert!(r.new_len <= max_len);
-                        assert!(r.block_table.len() * page >= r.cached_len + r.new_len);
-                    }
-                }
-                if let Ok(rows) = &decode {
-                    assert_eq!(rows.len(), batch);
-                    for r in rows {
-                        assert!(r.block_table.len() * page >= r.context_len);
-                    }
-                }
+                // A row is accepted when it translates and its table covers its tokens at
+                // the page size (what a layer asks of it).
+                let prompt = super::translate_prompt_rows(&meta, &ids, &Device::Cpu).and_then(
+                    |(rows, len)| {
+                        assert_eq!(rows.len(), batch);
+                        // A layer refuses a step whose rows are not as long as its q.
+                        anyhow::ensure!(len == max_len, "prompt length");
+                        for r in &rows {
+                            let row = r.as_row(page)?;
+                            assert!(r.new_len <= max_len);
+                            assert!(row.block_table.len() * page >= r.cached_len + r.new_len);
+                        }
+                        Ok(())
+                    },
+                );
+                let decode =
+                    super::translate_decode_rows(&meta, &ids, &Device::Cpu).and_then(|rows| {
+                        assert_eq!(rows.len(), batch);
+                        for r in &rows {
+                            let row = r.as_row(page)?;
+                            assert!(row.block_table.len() * page >= r.context_len);
+                        }
+                        Ok(())
+                    });
                 (prompt.is_ok(), decode.is_ok())
             }));
             match outcome {

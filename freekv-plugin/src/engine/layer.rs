@@ -10,15 +10,16 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::TensorId;
 
-use super::{batch, registry, step_rows};
+use super::registry::Registry;
+use super::step_rows::{self, StepRows};
 use crate::{AttnParams, FreeKv, PrefillAttention, PrefillRow};
 
 /// A model layer's paged attention. The layer does not know its index at construction
 /// (the engine builds layers before the cache); its first call finds it from its cache
-/// handle in the registry, and from then on it keeps its model's instance alive (see
-/// `registry`) and needs no lookup.
-#[derive(Default)]
+/// handle in its backend's registry, and from then on it keeps its model's instance alive
+/// (see `registry`) and needs no lookup.
 pub struct FreeKvLayer {
+    models: Arc<Registry>,
     adopted: OnceLock<Adopted>,
     /// The engine's KV-cache manager has been tied to the model.
     manager_bound: AtomicBool,
@@ -30,6 +31,17 @@ struct Adopted {
     index: usize,
     freekv: Arc<FreeKv>,
     layer: usize,
+}
+
+impl FreeKvLayer {
+    /// A layer of a model served by the backend whose registry is `models`.
+    pub(crate) fn new(models: Arc<Registry>) -> Self {
+        Self {
+            models,
+            adopted: OnceLock::new(),
+            manager_bound: AtomicBool::new(false),
+        }
+    }
 }
 
 fn engine_err(e: anyhow::Error) -> candle_core::Error {
@@ -86,7 +98,7 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
         let served = match self.adopted.get().filter(|a| a.handle == handle) {
             Some(a) => a,
             None => {
-                let (index, freekv, layer) = registry::adopt(handle).ok_or_else(|| {
+                let (index, freekv, layer) = self.models.adopt(handle).ok_or_else(|| {
                     candle_core::Error::Msg(
                         "FreeKV: a forward call came with a KV cache FreeKV did not allocate"
                             .into(),
@@ -110,10 +122,10 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
                 }
             }
         };
-        if let Some(manager) = meta.kv_cache_manager_id {
-            if !self.manager_bound.swap(true, Ordering::Relaxed) {
-                registry::bind_manager(manager, served.index);
-            }
+        let step = step_rows::prepared(meta).map_err(engine_err)?;
+        if !self.manager_bound.swap(true, Ordering::Relaxed) {
+            self.models
+                .bind_manager(step.kv_cache_manager_id, served.index);
         }
         let (freekv, layer) = (&*served.freekv, served.layer);
         let page_size = freekv.config().page_size;
@@ -123,58 +135,71 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
             sliding_window: sdpa.sliding_window,
         };
         let (batch, q_heads, q_len, head_dim) = q.dims4()?;
-
-        if meta.is_first_prompt_chunk {
-            let rows = step_rows::prompt_rows(meta, q.device(), batch, q_len, page_size)
-                .map_err(engine_err)?;
-            if layer == 0 {
-                tracing::debug!("FreeKV prefill rows (L={q_len}): {rows:?}");
-            }
-            let rows: Vec<_> = rows.iter().map(batch::PromptRow::as_row).collect();
-            let choice = freekv.config().prefill_attention;
-            if engine_attends_prompt(
-                choice,
-                q.device().is_cpu(),
-                mask.is_some(),
-                &params,
-                &rows,
-                q_len,
-            ) {
-                freekv
-                    .prefill(layer, &rows, q, k, v, &params, false)
+        match step.rows().map_err(engine_err)? {
+            StepRows::Prompt { rows, max_len } => {
+                if rows.len() != batch || *max_len != q_len {
+                    candle_core::bail!(
+                        "FreeKV: the step's metadata describes {} prompt rows of {max_len} tokens, \
+                         the layer received {batch} rows of {q_len}",
+                        rows.len()
+                    );
+                }
+                if layer == 0 {
+                    tracing::debug!("FreeKV prefill rows (L={q_len}): {rows:?}");
+                }
+                let rows = rows
+                    .iter()
+                    .map(|r| r.as_row(page_size))
+                    .collect::<anyhow::Result<Vec<_>>>()
                     .map_err(engine_err)?;
-                return Sdpa.run_attention(q, k, v, mask, flash, sdpa);
+                let choice = freekv.config().prefill_attention;
+                let on_cpu = q.device().is_cpu();
+                if engine_attends_prompt(choice, on_cpu, mask.is_some(), &params, &rows, q_len) {
+                    freekv
+                        .prefill(layer, &rows, q, k, v, &params, false)
+                        .map_err(engine_err)?;
+                    return Sdpa.run_attention(q, k, v, mask, flash, sdpa);
+                }
+                // Otherwise FreeKV's own causal kernel attends the prompt, over the cached
+                // prefix (if any) and the new tokens, straight from the host tier: the engine's
+                // mask is not read (the kernel masks by position, window and softcap from
+                // `sdpa`).
+                freekv
+                    .prefill(layer, &rows, q, k, v, &params, true)
+                    .map_err(engine_err)?
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg("FreeKV: prefill returned no output".into())
+                    })
             }
-            // Otherwise FreeKV's own causal kernel attends the prompt, over the cached prefix
-            // (if any) and the new tokens, straight from the host tier: the engine's mask is
-            // not read (the kernel masks by position, window and softcap from `sdpa`).
-            let out = freekv
-                .prefill(layer, &rows, q, k, v, &params, true)
-                .map_err(engine_err)?
-                .ok_or_else(|| {
-                    candle_core::Error::Msg("FreeKV: prefill returned no output".into())
-                })?;
-            return Ok(out);
+            StepRows::Decode(rows) => {
+                if q_len != 1 {
+                    candle_core::bail!(
+                        "FreeKV: decode steps of {q_len} tokens per sequence are not supported (speculative decoding); run with --paged-attn off"
+                    );
+                }
+                if rows.len() != batch {
+                    candle_core::bail!(
+                        "FreeKV: the step's metadata describes {} decode rows, the layer received {batch}",
+                        rows.len()
+                    );
+                }
+                if layer == 0 {
+                    tracing::trace!("FreeKV decode rows: {rows:?}");
+                }
+                let rows = rows
+                    .iter()
+                    .map(|r| r.as_row(page_size))
+                    .collect::<anyhow::Result<Vec<_>>>()
+                    .map_err(engine_err)?;
+                let kv_heads = k.dim(1)?;
+                let q = q.reshape((batch, q_heads, head_dim))?;
+                let k = k.reshape((batch, kv_heads, head_dim))?;
+                let v = v.reshape((batch, kv_heads, head_dim))?;
+                freekv
+                    .decode(layer, &rows, &q, &k, &v, &params)
+                    .map_err(engine_err)
+            }
         }
-
-        if q_len != 1 {
-            candle_core::bail!(
-                "FreeKV: decode steps of {q_len} tokens per sequence are not supported (speculative decoding); run with --paged-attn off"
-            );
-        }
-        let rows =
-            step_rows::decode_rows(meta, q.device(), batch, page_size).map_err(engine_err)?;
-        if layer == 0 {
-            tracing::trace!("FreeKV decode rows: {rows:?}");
-        }
-        let rows: Vec<_> = rows.iter().map(batch::StepRow::as_row).collect();
-        let kv_heads = k.dim(1)?;
-        let q = q.reshape((batch, q_heads, head_dim))?;
-        let k = k.reshape((batch, kv_heads, head_dim))?;
-        let v = v.reshape((batch, kv_heads, head_dim))?;
-        freekv
-            .decode(layer, &rows, &q, &k, &v, &params)
-            .map_err(engine_err)
     }
 }
 

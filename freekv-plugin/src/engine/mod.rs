@@ -31,5 +31,5 @@ mod model_check;
 mod registry;
 mod step_rows;
 
-pub use backend::{configure, register, register_from_env, FreeKvBackend};
-pub use registry::{loaded_models, LoadedModel};
+pub use backend::{configure, loaded_models, register, register_from_env, FreeKvBackend};
+pub use registry::LoadedModel;

@@ -1,103 +1,85 @@
-//! The rows of the current forward pass, read from the engine's metadata once per step
-//! rather than once per layer (on a GPU each read copies the block tables to the host and
-//! waits for the device).
-//!
-//! Every layer of a step receives the same metadata (the engine builds it once per step, with
-//! new tensors), and tensor ids are never reused, so the ids of the tensors a translation reads
-//! identify the step it belongs to. A hit costs a lock and a comparison, no allocation.
+//! The rows of one forward pass, read from the engine's metadata once per step by the
+//! backend's `prepare_step` hook (on a GPU each read copies the block tables to the host and
+//! waits for the device), and carried to every layer of the step in the metadata itself
+//! (`PagedAttentionInputMetadata::backend_step`): each step, and each model, has its own.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::{Device, Tensor, TensorId};
-use mistralrs_core::attention_backend::PagedAttentionInputMetadata;
-use once_cell::sync::Lazy;
+use candle_core::Device;
+use mistralrs_core::attention_backend::{BackendStep, PagedAttentionInputMetadata};
 
 use super::batch::{self, PromptRow, StepRow};
 
-/// What identifies one translation: the tensors read and the shape asked for.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Key {
-    tensors: [Option<TensorId>; 4],
-    shape: [usize; 3],
+/// A step's rows: a first prompt chunk's, or a decode step's.
+#[derive(Clone, Debug)]
+pub(crate) enum StepRows {
+    /// Prompt rows of up to `max_len` new tokens each (the engine pads to `max_len`).
+    Prompt {
+        rows: Vec<PromptRow>,
+        max_len: usize,
+    },
+    /// One new token per row.
+    Decode(Vec<StepRow>),
 }
 
-/// The last translation of one kind.
-struct Last<R> {
-    slot: Mutex<Option<(Key, Arc<Vec<R>>)>>,
+/// What the hook prepared for one step: the engine's KV-cache manager whose sequences the
+/// rows are, and the rows, or why the metadata could not be read (reported by each layer of
+/// the step, failing its requests).
+#[derive(Debug)]
+pub(crate) struct PreparedStep {
+    /// Sequence ids are unique within this manager.
+    pub kv_cache_manager_id: usize,
+    rows: Result<StepRows, String>,
 }
 
-impl<R> Last<R> {
-    fn new() -> Self {
-        Self {
-            slot: Mutex::new(None),
-        }
-    }
-
-    fn get_or_read(
-        &self,
-        key: Key,
-        read: impl FnOnce() -> anyhow::Result<Vec<R>>,
-    ) -> anyhow::Result<Arc<Vec<R>>> {
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((k, rows)) = slot.as_ref() {
-            if *k == key {
-                return Ok(rows.clone());
-            }
-        }
-        let rows = Arc::new(read()?);
-        *slot = Some((key, rows.clone()));
-        Ok(rows)
+impl PreparedStep {
+    /// The step's rows.
+    pub fn rows(&self) -> anyhow::Result<&StepRows> {
+        self.rows.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
     }
 }
 
-static PROMPTS: Lazy<Last<PromptRow>> = Lazy::new(Last::new);
-static STEPS: Lazy<Last<StepRow>> = Lazy::new(Last::new);
-
-fn id_for(map: Option<&batch::DeviceMap>, device: &Device) -> Option<TensorId> {
-    batch::tensor_for(map?, device).map(Tensor::id)
+/// Reads the rows of a step (sequence `seq_ids`) from `meta`, where its tensors live on
+/// `device` (or any device).
+fn read(
+    meta: &PagedAttentionInputMetadata,
+    seq_ids: &[usize],
+    device: &Device,
+) -> anyhow::Result<StepRows> {
+    if meta.is_first_prompt_chunk {
+        let (rows, max_len) = batch::translate_prompt_rows(meta, seq_ids, device)?;
+        Ok(StepRows::Prompt { rows, max_len })
+    } else {
+        Ok(StepRows::Decode(batch::translate_decode_rows(
+            meta, seq_ids, device,
+        )?))
+    }
 }
 
-/// [`batch::translate_prompt_rows`], once per step.
-pub(crate) fn prompt_rows(
+/// The `prepare_step` hook: the step's rows, read from the metadata's host copy where the
+/// engine sent one.
+pub(crate) fn prepare(
     meta: &PagedAttentionInputMetadata,
-    device: &Device,
-    batch: usize,
-    max_len: usize,
-    page_size: usize,
-) -> anyhow::Result<Arc<Vec<PromptRow>>> {
-    let key = Key {
-        tensors: [
-            id_for(meta.block_tables.as_ref(), device),
-            id_for(Some(&meta.slot_mappings), device),
-            None,
-            None,
-        ],
-        shape: [batch, max_len, page_size],
-    };
-    PROMPTS.get_or_read(key, || {
-        batch::translate_prompt_rows(meta, device, batch, max_len, page_size)
+    seq_ids: &[usize],
+    kv_cache_manager_id: usize,
+) -> BackendStep {
+    let rows = read(meta, seq_ids, &Device::Cpu).map_err(|e| format!("{e:#}"));
+    Arc::new(PreparedStep {
+        kv_cache_manager_id,
+        rows,
     })
 }
 
-/// [`batch::translate_decode_rows`], once per step.
-pub(crate) fn decode_rows(
-    meta: &PagedAttentionInputMetadata,
-    device: &Device,
-    batch: usize,
-    page_size: usize,
-) -> anyhow::Result<Arc<Vec<StepRow>>> {
-    let key = Key {
-        tensors: [
-            id_for(meta.block_tables.as_ref(), device),
-            id_for(meta.context_lens.as_ref(), device),
-            id_for(meta.full_block_tables.as_ref(), device),
-            id_for(meta.full_context_lens.as_ref(), device),
-        ],
-        shape: [batch, 1, page_size],
-    };
-    STEPS.get_or_read(key, || {
-        batch::translate_decode_rows(meta, device, batch, page_size)
-    })
+/// What the hook prepared for the step `meta` describes.
+pub(crate) fn prepared(meta: &PagedAttentionInputMetadata) -> anyhow::Result<&PreparedStep> {
+    meta.backend_step
+        .as_ref()
+        .and_then(|s| s.downcast_ref::<PreparedStep>())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "the engine prepared no FreeKV step for this forward pass (is the FreeKV engine patch applied?)"
+            )
+        })
 }
 
 #[cfg(test)]
@@ -107,7 +89,9 @@ mod tests {
     use candle_core::{Device, Tensor};
     use mistralrs_core::attention_backend::PagedAttentionInputMetadata;
 
-    fn meta(tables: &[u32], len: u32, seq: usize) -> PagedAttentionInputMetadata {
+    use super::StepRows;
+
+    fn decode_meta(tables: &[u32], len: u32) -> PagedAttentionInputMetadata {
         let mut meta = PagedAttentionInputMetadata::dummy(&Device::Cpu).unwrap();
         let cpu = Device::Cpu.location();
         let t = Tensor::from_slice(tables, (1, tables.len()), &Device::Cpu).unwrap();
@@ -116,26 +100,56 @@ mod tests {
         meta.context_lens = Some(HashMap::from([(cpu, l)]));
         meta.full_block_tables = None;
         meta.full_context_lens = None;
-        meta.seq_ids = Some(vec![seq]);
+        meta.is_first_prompt_chunk = false;
         meta
     }
 
+    fn decoded(meta: &PagedAttentionInputMetadata) -> (usize, u64, usize, Vec<u32>) {
+        let step = super::prepared(meta).unwrap();
+        match step.rows().unwrap() {
+            StepRows::Decode(rows) => (
+                step.kv_cache_manager_id,
+                rows[0].seq_id,
+                rows[0].context_len,
+                rows[0].block_table.clone(),
+            ),
+            other => panic!("decode metadata read as {other:?}"),
+        }
+    }
+
     #[test]
-    fn one_read_per_step_and_a_new_step_reads_again() {
-        let step = meta(&[3, 4], 40, 7);
-        let a = super::decode_rows(&step, &Device::Cpu, 1, 32).unwrap();
-        let b = super::decode_rows(&step, &Device::Cpu, 1, 32).unwrap();
-        assert!(
-            std::sync::Arc::ptr_eq(&a, &b),
-            "the second layer read again"
-        );
-        assert_eq!(a[0].context_len, 40);
-        // The next step's tensors (even with equal values) are new tensors: read again.
-        let next = meta(&[3, 4], 41, 7);
-        let c = super::decode_rows(&next, &Device::Cpu, 1, 32).unwrap();
-        assert_eq!(c[0].context_len, 41);
-        assert_eq!(c[0].block_table, vec![3, 4]);
-        // Another page size is another translation (41 tokens need 3 pages of 16).
-        assert!(super::decode_rows(&next, &Device::Cpu, 1, 16).is_err());
+    fn each_step_carries_its_own_rows() {
+        // Two models' steps (two KV-cache managers, the same sequence id) prepared one after
+        // the other: each layer reads its own step's.
+        let mut a = decode_meta(&[3, 4], 40);
+        let mut b = decode_meta(&[9], 5);
+        a.backend_step = Some(super::prepare(&a, &[7], 0));
+        b.backend_step = Some(super::prepare(&b, &[7], 1));
+        assert_eq!(decoded(&a), (0, 7, 40, vec![3, 4]));
+        assert_eq!(decoded(&b), (1, 7, 5, vec![9]));
+        // The prepared rows are what the layers read, not the tensors (read once per step).
+        let mut stale = a.clone();
+        stale.context_lens = b.context_lens.clone();
+        assert_eq!(decoded(&stale), (0, 7, 40, vec![3, 4]));
+        // A page size under which the table does not cover the context is refused per layer.
+        let StepRows::Decode(rows) = super::prepared(&a).unwrap().rows().unwrap() else {
+            unreachable!()
+        };
+        assert!(rows[0].as_row(32).is_ok());
+        assert!(rows[0].as_row(16).is_err());
+        // Metadata the hook did not see is refused.
+        let err = super::prepared(&decode_meta(&[5], 7)).unwrap_err();
+        assert!(format!("{err}").contains("no FreeKV step"), "{err}");
+    }
+
+    #[test]
+    fn a_step_whose_metadata_cannot_be_read_fails_in_every_layer() {
+        let mut meta = decode_meta(&[3], 10);
+        meta.context_lens = None;
+        meta.backend_step = Some(super::prepare(&meta, &[1], 0));
+        for _layer in 0..2 {
+            let err = super::prepared(&meta).unwrap().rows().unwrap_err();
+            assert!(format!("{err}").contains("context lengths"), "{err}");
+        }
     }
 }

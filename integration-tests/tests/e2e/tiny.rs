@@ -241,6 +241,59 @@ async fn concurrent_requests_of_different_lengths_stay_on_their_own_path() -> an
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_models_served_at_once_keep_their_own_state() -> anyhow::Result<()> {
+    let _serial = serial();
+    // Two models in one process (two FreeKV instances, two engine KV-cache managers whose
+    // sequence ids overlap), decoding at the same time: each step's rows travel with that
+    // step's metadata, so each request follows its own model's reference path.
+    let mut models = Vec::new();
+    for (i, arch) in [Arch::Llama, Arch::Qwen2].into_iter().enumerate() {
+        let dir = paths::scratch(&format!("tiny-two-models-{}", arch.name()))?;
+        models.push(write_tiny_model(arch, &dir, 61 + i as u64)?);
+    }
+    let prompts: Vec<String> = (0..2).map(|i| filler_text(700 + i, 400)).collect();
+    let mut references = Vec::new();
+    for (model, prompt) in models.iter().zip(&prompts) {
+        references.push(reference_greedy(model, prompt, 80)?);
+    }
+    let mut loaded = Vec::new();
+    for model in &models {
+        let fkv = load(
+            Source::Plain(&model.dir),
+            &Attention::freekv(big_budget()),
+            4,
+        )
+        .await?;
+        loaded.push(Arc::new(fkv.model));
+    }
+    let handles: Vec<_> = loaded
+        .iter()
+        .zip(&prompts)
+        .map(|(engine, prompt)| {
+            let (engine, prompt) = (engine.clone(), prompt.clone());
+            tokio::spawn(async move { greedy(&engine, &prompt, 80).await })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let got = h.await??;
+        let (want, margins) = &references[i];
+        let (prefix, _) = agreement(want, &got.tokens);
+        let required = robust_prefix(margins, NEAR_TIE);
+        println!(
+            "model {i}: {prefix} leading tokens as its reference (first near-tie at {required})"
+        );
+        assert!(
+            prefix >= required,
+            "model {i} left its reference path at token {prefix}, before the first near-tie at \
+             {required}: {:?} vs {:?}",
+            want.get(prefix),
+            got.tokens.get(prefix)
+        );
+    }
+    Ok(())
+}
+
 /// Sends every prompt at once (greedy, `n` tokens each) and returns the generations in
 /// prompt order.
 async fn greedy_concurrently(
