@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use crate::backend::{Backend, Role};
+use crate::backend::{Backend, Inputs, Role};
 use crate::correction::Threshold;
 use crate::counters::{Counters, LayerCounters};
 use crate::geometry::Geometry;
@@ -376,7 +376,7 @@ impl<B: Backend> AnyInstance for Instance<B> {
         let backend = &self.shared.backend;
         let step = backend
             .settle(&mut st.host, &mut st.batch, &mut st.scratch)
-            .and_then(|()| backend.load_prefill(&mut st.batch, q, k, v, last_only))
+            .and_then(|()| backend.load(&mut st.batch, Inputs::Prefill { q, k, v, last_only }))
             .and_then(|()| prefill::prefill_step(&cx, st, rows, params, want_output))
             .and_then(|()| {
                 want_output
@@ -411,7 +411,7 @@ impl<B: Backend> AnyInstance for Instance<B> {
         let backend = &self.shared.backend;
         let step = backend
             .settle(&mut st.host, &mut st.batch, &mut st.scratch)
-            .and_then(|()| backend.load_decode(&mut st.batch, q, k, v))
+            .and_then(|()| backend.load(&mut st.batch, Inputs::Decode { q, k, v }))
             .and_then(|()| timeline::decode_step(&cx, st, rows, params))
             .inspect(|_| probe::probe_decode(&cx, st, rows))
             .and_then(|scheduled| Ok((scheduled, backend.take_output(&mut st.batch, q.dtype())?)));
@@ -507,10 +507,12 @@ impl<B: Backend> AnyInstance for Instance<B> {
         let state = cell.state.lock().ok()?;
         let seq = state.seqs.get(&seq_id)?;
         let dev = seq.dev.as_ref().filter(|_| seq.has_selection())?;
-        (0..self.shared.geo.num_kv_heads)
-            .map(|h| self.shared.backend.resident_pages(dev, h, seq.len))
-            .collect::<anyhow::Result<_>>()
-            .ok()
+        let plan = B::slot_plan(dev);
+        Some(
+            (0..self.shared.geo.num_kv_heads)
+                .map(|h| plan.resident_pages(h))
+                .collect(),
+        )
     }
 
     fn join_background(&self) -> anyhow::Result<()> {

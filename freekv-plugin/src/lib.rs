@@ -6,15 +6,17 @@
 //!   table of flags, `FREEKV_*` variables and help), their parsers and validation;
 //! - [`FreeKv`] (here): the instance the engine glue calls, one per loaded model;
 //! - `timeline` / `prefill`: the method itself, one decode step of one layer as the spec reads
-//!   (append -> correct? -> attend -> schedule) and the prompt path;
-//! - [`backend`]: the FreeKV operations behind one trait, implemented by [`backend::cpu`]
+//!   (plan -> append -> correct? -> attend -> schedule) and the prompt path;
+//! - [`step_plan`]: a decode step's plan for the whole batch, built and checked once;
+//! - [`backend`]: the FreeKV operations behind two traits ([`backend::Memory`]: allocation
+//!   and sizes; [`backend::Backend`]: batch-level operations), implemented by [`backend::cpu`]
 //!   (working set read in place) and [`backend::offload`] (working set in a device's own
 //!   memory, over a [`backend::offload::DeviceOps`]: host memory, or `cuda::ops::CudaOps`
 //!   from `cuda` (features `nvrtc`/`cuda`: the CUDA kernels and device code), which
 //!   [`FreeKv::new_on`] uses with a CUDA device);
 //! - [`geometry`]: page arithmetic (sink / window / candidates / slots);
-//! - [`plan`]: a sequence's per-step plan as plain arrays (slot tables, pending
-//!   replacements, stored query), what every backend's working set is built on;
+//! - [`plan`]: a working set's slot tables as plain arrays (slot tables, pending
+//!   replacements, stored query), the one slot layout every backend's working set is built on;
 //! - `correction`: the correction test's thresholds, fixed or adapting to a target rate;
 //! - `state`: what is kept per layer and per (sequence, layer), the sequence's phase;
 //! - [`counters`]: what FreeKV did, per layer and in total;
@@ -30,6 +32,7 @@ pub mod plan;
 mod prefill;
 pub mod probe;
 mod state;
+pub mod step_plan;
 mod timeline;
 mod types;
 

@@ -68,6 +68,18 @@ impl SlotPlan {
         &mut self.slot_page[head * self.geo.slots..(head + 1) * self.geo.slots]
     }
 
+    /// The logical pages KV head `head` attends over (sorted; for traces and tests).
+    pub fn resident_pages(&self, head: usize) -> Vec<u32> {
+        let mut pages: Vec<u32> = self
+            .slots(head)
+            .iter()
+            .copied()
+            .filter(|&p| p != NO_PAGE)
+            .collect();
+        pages.sort_unstable();
+        pages
+    }
+
     /// The stored query, `[n_q][d]`.
     pub fn query(&self) -> &[f32] {
         &self.query

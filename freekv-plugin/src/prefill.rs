@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Arrange, Attend, Backend, CausalRow, WriteRow};
 use crate::state::{LayerState, SeqLayer};
 use crate::timeline::{select_for_next_step, LayerCtx};
 use crate::{AttnParams, PrefillRow};
@@ -36,38 +36,46 @@ pub fn prefill_step<B: Backend>(
     want_output: bool,
 ) -> anyhow::Result<()> {
     let geo = cx.geo;
+    let tables: Vec<&[u32]> = rows
+        .iter()
+        .map(|row| &row.block_table[..geo.pages(row.cached_len + row.new_len)])
+        .collect();
     // 1. Every new token into the host tier; summaries for every full page (including a
     //    cached prefix written by another sequence).
-    for (r, row) in rows.iter().enumerate() {
-        let total = row.cached_len + row.new_len;
-        let table = &row.block_table[..geo.pages(total)];
-        cx.backend.write_tokens(
-            &mut st.host,
+    let writes: Vec<WriteRow<'_>> = rows
+        .iter()
+        .zip(&tables)
+        .enumerate()
+        .map(|(r, (row, table))| WriteRow {
             table,
-            &mut st.batch,
-            r,
-            row.cached_len,
-            row.new_len,
-            &mut st.scratch,
-        )?;
-        cx.backend
-            .ensure_summaries(&mut st.host, table, total / geo.page_size, &mut st.scratch)?;
-    }
+            row: r,
+            first_pos: row.cached_len,
+            n: row.new_len,
+            summarised_pages: (row.cached_len + row.new_len) / geo.page_size,
+        })
+        .collect();
+    cx.backend
+        .write(&mut st.host, &mut st.batch, &writes, &mut st.scratch)?;
     // 2. Dense causal attention of the new queries over cached + new keys.
     if want_output {
-        for (r, row) in rows.iter().enumerate() {
-            let table = &row.block_table[..geo.pages(row.cached_len + row.new_len)];
-            cx.backend.attend_prefill(
-                &st.host,
+        let causal: Vec<CausalRow<'_>> = rows
+            .iter()
+            .zip(&tables)
+            .enumerate()
+            .map(|(r, (row, table))| CausalRow {
                 table,
-                row.cached_len,
-                row.new_len,
-                &mut st.batch,
-                r,
-                params,
-                &mut st.scratch,
-            )?;
-        }
+                cached_len: row.cached_len,
+                new_len: row.new_len,
+                row: r,
+            })
+            .collect();
+        cx.backend.attend(
+            &mut st.host,
+            &mut st.batch,
+            Attend::Prefill(&causal),
+            params,
+            &mut st.scratch,
+        )?;
     }
     // 3. The sequences' state and their first selection.
     let LayerState {
@@ -102,7 +110,9 @@ pub fn prefill_step<B: Backend>(
             seq.dev = Some(cx.backend.alloc_device_tier()?);
         }
         let dev = seq.dev.as_mut().expect("allocated above");
-        let stats = cx.backend.reset_working_set(host, &seq.table, dev, total)?;
+        let stats = cx
+            .backend
+            .arrange(host, &seq.table, dev, total, Arrange::Reset, batch)?;
         seq.counters.add_recall(stats);
         cx.backend.store_query(dev, batch, r, row.new_len - 1)?;
         select_for_next_step(cx, host, seq, all_heads, scratch)?;

@@ -10,6 +10,7 @@ use crate::backend::{Backend, Role};
 use crate::correction::Threshold;
 use crate::counters::LayerCounters;
 use crate::probe::LayerProbe;
+use crate::step_plan::StepPlan;
 use crate::AttnParams;
 
 /// The working set and bookkeeping of one sequence on one layer.
@@ -118,14 +119,14 @@ pub struct StepTrace {
     pub corrected: Vec<bool>,
 }
 
-/// How a row's step goes, decided at append.
+/// How a row's step goes, decided when the step is planned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowStep {
     /// Attend over every page.
     Dense,
     /// Attend over every page, which the working set holds (a context within the budget, on
     /// a backend that attends over working sets on its device; see
-    /// [`Backend::holds_short_contexts`](crate::backend::Backend::holds_short_contexts)).
+    /// [`Memory::holds_short_contexts`](crate::backend::Memory::holds_short_contexts)).
     Whole,
     /// Attend over the working set, which holds a selection made for this step.
     Speculated,
@@ -144,11 +145,9 @@ pub struct LayerState<B: Backend> {
     /// The layer's own counts (waits for background work) and those of freed sequences; live
     /// sequences count in their [`SeqLayer::counters`] (see [`LayerState::totals`]).
     pub counters: LayerCounters,
-    /// Per-row decisions of the current call.
-    pub steps: Vec<RowStep>,
-    /// The rows of the current call that run the correction test, and their similarities
-    /// (`[tested][n_kv]`).
-    pub tested: Vec<usize>,
+    /// The plan of the current (or last) decode step.
+    pub plan: StepPlan,
+    /// The correction test's similarities of the current call (`[tested row][n_kv]`), reused.
     pub similarity: Vec<f32>,
     /// Per-KV-head buffers of the current row.
     pub heads: Vec<bool>,
@@ -168,8 +167,7 @@ impl<B: Backend> LayerState<B> {
             batch: backend.alloc_batch(),
             scratch: backend.alloc_scratch(Role::Caller),
             counters: LayerCounters::default(),
-            steps: Vec::new(),
-            tested: Vec::new(),
+            plan: StepPlan::default(),
             similarity: Vec::new(),
             heads: vec![false; n_kv],
             all_heads: vec![true; n_kv],

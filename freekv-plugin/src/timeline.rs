@@ -23,9 +23,11 @@
 
 use std::time::Instant;
 
-use crate::backend::{Backend, Selection};
+use crate::backend::{Arrange, Attend, AttendRow, Backend, Selection, WriteRow};
+use crate::correction::Threshold;
 use crate::geometry::Geometry;
 use crate::state::{LayerState, Phase, RowStep, SeqLayer, StepTrace};
+use crate::step_plan::{PlannedRow, StepPlan};
 use crate::{AttnParams, DecodeRow, FreeKvConfig, Mode, Policy, Selector};
 
 /// What a step needs to know about its layer.
@@ -46,129 +48,230 @@ pub struct LayerCtx<'a, B> {
 
 /// One decode step of one layer for a batch (the rows of the loaded batch). Returns whether
 /// background work was scheduled (the caller submits the layer to the worker).
+///
+/// The step is planned first ([`plan_step`]: no device work), then each stage runs over every
+/// row: the writes, the correction test and the attention as one backend call each.
 pub fn decode_step<B: Backend>(
     cx: &LayerCtx<'_, B>,
     st: &mut LayerState<B>,
     rows: &[DecodeRow<'_>],
     params: &AttnParams,
 ) -> anyhow::Result<bool> {
-    st.steps.clear();
-    for (r, row) in rows.iter().enumerate() {
-        let step = append(cx, st, r, row, params)?;
-        st.steps.push(step);
+    let plan = plan_step(cx, st, rows, params)?;
+    let LayerState {
+        host,
+        seqs,
+        batch,
+        scratch,
+        ..
+    } = &mut *st;
+    let mut seqs = seqs_by_row(&plan, seqs)?;
+    // 1. append: every row's token into the host tier, then each working set moves.
+    let writes: Vec<WriteRow<'_>> = plan
+        .rows
+        .iter()
+        .zip(&seqs)
+        .enumerate()
+        .map(|(r, (p, seq))| WriteRow {
+            table: &seq.table,
+            row: r,
+            first_pos: p.len - 1,
+            n: 1,
+            summarised_pages: if p.rebuild {
+                p.len / cx.geo.page_size
+            } else {
+                0
+            },
+        })
+        .collect();
+    cx.backend.write(host, batch, &writes, scratch)?;
+    for (r, (p, seq)) in plan.rows.iter().zip(seqs.iter_mut()).enumerate() {
+        arrange(cx, host, batch, seq, p, r)?;
     }
-    test_drift(cx, st, rows)?;
+    st.plan = plan;
+    let similarity = test_drift(cx, st)?;
     if cx.policy.selector == Selector::Oracle {
         // The oracle's softmax covers every token, the step's own too: a backend that writes
         // the step's tokens into the host tier after the step writes them now.
         cx.backend
             .settle(&mut st.host, &mut st.batch, &mut st.scratch)?;
     }
-    for (r, row) in rows.iter().enumerate() {
-        correct(cx, st, r, row.seq_id)?;
+    let LayerState {
+        host,
+        seqs,
+        batch,
+        scratch,
+        plan,
+        heads,
+        all_heads,
+        threshold,
+        ..
+    } = &mut *st;
+    let mut seqs = seqs_by_row(plan, seqs)?;
+    // 2. correct: the selections that must happen before attention.
+    let mut cor = Correction {
+        heads,
+        all_heads,
+        threshold,
+    };
+    let mut tested = similarity.chunks_exact(cx.geo.num_kv_heads);
+    for (r, (p, seq)) in plan.rows.iter().zip(seqs.iter_mut()).enumerate() {
+        let sims = if p.tests_drift { tested.next() } else { None };
+        correct(cx, (host, batch, scratch), &mut cor, seq, (p, r), sims)?;
     }
-    for (r, row) in rows.iter().enumerate() {
-        attend(cx, st, r, row.seq_id, params)?;
-    }
+    // 3. attend: every row in one call.
+    let attend: Vec<AttendRow<'_, B::DeviceTier>> = plan
+        .rows
+        .iter()
+        .zip(&seqs)
+        .enumerate()
+        .map(|(r, (p, seq))| AttendRow {
+            table: &seq.table,
+            len: p.len,
+            dev: match p.step {
+                RowStep::Dense => None,
+                _ => seq.dev.as_ref(),
+            },
+            row: r,
+        })
+        .collect();
+    cx.backend
+        .attend(host, batch, Attend::Decode(&attend), params, scratch)?;
+    drop(attend);
+    // 4. schedule: the next step's selection goes to the worker (speculative modes).
     let mut scheduled = false;
-    for (r, row) in rows.iter().enumerate() {
-        scheduled |= schedule(cx, st, r, row.seq_id);
+    for (p, seq) in plan.rows.iter().zip(seqs.iter_mut()) {
+        if cx.tracing {
+            trace(cx, seq, p);
+        }
+        if !matches!(p.step, RowStep::Dense | RowStep::Whole) && cx.policy.mode.speculation() {
+            seq.speculate();
+            scheduled = true;
+        }
     }
+    st.similarity = similarity;
     Ok(scheduled)
 }
 
-/// 1. Writes the row's token and decides how the step goes. A context length that does not
-///    continue the sequence (the engine trimmed or re-fed it) rebuilds its state from the
-///    host tier.
-fn append<B: Backend>(
+/// The sequences of the plan's rows, in row order (each found once per step).
+fn seqs_by_row<'a, B: Backend>(
+    plan: &StepPlan,
+    seqs: &'a mut std::collections::HashMap<u64, SeqLayer<B>>,
+) -> anyhow::Result<Vec<&'a mut SeqLayer<B>>> {
+    let mut by_row: Vec<Option<&mut SeqLayer<B>>> = (0..plan.rows.len()).map(|_| None).collect();
+    for (id, seq) in seqs.iter_mut() {
+        if let Some(r) = plan.row_of(*id) {
+            by_row[r] = Some(seq);
+        }
+    }
+    by_row
+        .into_iter()
+        .zip(&plan.rows)
+        .map(|(s, p)| s.ok_or_else(|| anyhow::anyhow!("sequence {} has no state", p.seq_id)))
+        .collect()
+}
+
+/// Plans the step: checks each row against its sequence's state and decides how its step
+/// goes (no device work). A context length that does not continue the sequence (the engine
+/// trimmed or re-fed it) rebuilds its state from the host tier.
+pub fn plan_step<B: Backend>(
     cx: &LayerCtx<'_, B>,
     st: &mut LayerState<B>,
-    r: usize,
-    row: &DecodeRow<'_>,
+    rows: &[DecodeRow<'_>],
     params: &AttnParams,
-) -> anyhow::Result<RowStep> {
+) -> anyhow::Result<StepPlan> {
     let geo = &cx.geo;
-    let len = row.context_len;
-    let seq = st.seqs.get_mut(&row.seq_id).ok_or_else(|| {
-        anyhow::anyhow!(
-            "layer {}: decode for sequence {} which has no FreeKV state (no prefill was seen for it, or it was freed)",
-            cx.layer,
-            row.seq_id
-        )
-    })?;
-    if let Some(failure) = seq.failure.take() {
-        anyhow::bail!(
-            "layer {}, sequence {}: the background selection for this step failed: {failure}",
-            cx.layer,
-            row.seq_id
-        );
-    }
-    cx.check_table(row.seq_id, row.block_table, len)?;
-    let known = geo.pages(seq.len).min(seq.table.len());
-    let continuing = len == seq.len + 1 && row.block_table[..known] == seq.table[..known];
-    seq.table.clear();
-    seq.table
-        .extend_from_slice(&row.block_table[..geo.pages(len)]);
-    seq.len = len;
-    seq.params = *params;
-    seq.trace = None;
-    seq.query_row = None;
-    seq.fresh.clear();
-    cx.backend.write_tokens(
-        &mut st.host,
-        &seq.table,
-        &mut st.batch,
-        r,
-        len - 1,
-        1,
-        &mut st.scratch,
-    )?;
-    if !continuing {
-        cx.backend.ensure_summaries(
-            &mut st.host,
-            &seq.table,
-            len / geo.page_size,
-            &mut st.scratch,
-        )?;
-        seq.forget();
-        seq.counters.rebuilds += 1;
-    }
-    seq.counters.decode_steps += 1;
-    if cx.dense_layer || !geo.is_sparse(len) {
-        seq.forget();
-        if cx.dense_layer || !cx.backend.holds_short_contexts() {
-            return Ok(RowStep::Dense);
+    let mut plan = std::mem::take(&mut st.plan);
+    plan.rows.clear();
+    for row in rows {
+        let len = row.context_len;
+        let seq = st.seqs.get_mut(&row.seq_id).ok_or_else(|| {
+            anyhow::anyhow!(
+                "layer {}: decode for sequence {} which has no FreeKV state (no prefill was seen for it, or it was freed)",
+                cx.layer,
+                row.seq_id
+            )
+        })?;
+        if let Some(failure) = seq.failure.take() {
+            anyhow::bail!(
+                "layer {}, sequence {}: the background selection for this step failed: {failure}",
+                cx.layer,
+                row.seq_id
+            );
         }
-        let dev = match &mut seq.dev {
-            Some(dev) => dev,
-            none => none.insert(cx.backend.alloc_device_tier()?),
+        cx.check_table(row.seq_id, row.block_table, len)?;
+        let known = geo.pages(seq.len).min(seq.table.len());
+        let continuing = len == seq.len + 1 && row.block_table[..known] == seq.table[..known];
+        seq.table.clear();
+        seq.table
+            .extend_from_slice(&row.block_table[..geo.pages(len)]);
+        seq.len = len;
+        seq.params = *params;
+        seq.trace = None;
+        seq.query_row = None;
+        seq.fresh.clear();
+        if !continuing {
+            seq.forget();
+            seq.counters.rebuilds += 1;
+        }
+        seq.counters.decode_steps += 1;
+        let step = if cx.dense_layer || !geo.is_sparse(len) {
+            seq.forget();
+            if cx.dense_layer || !cx.backend.holds_short_contexts() {
+                RowStep::Dense
+            } else {
+                RowStep::Whole
+            }
+        } else {
+            seq.counters.sparse_steps += 1;
+            if seq.has_selection() {
+                RowStep::Speculated
+            } else {
+                RowStep::Fresh
+            }
         };
-        let stats = cx
-            .backend
-            .hold_every_page(&st.host, &seq.table, dev, len, &st.batch, r)?;
-        seq.counters.add_recall(stats);
-        return Ok(RowStep::Whole);
+        plan.rows.push(PlannedRow {
+            seq_id: row.seq_id,
+            len,
+            step,
+            rebuild: !continuing,
+            tests_drift: cx.policy.mode.correction() && step == RowStep::Speculated,
+        });
     }
-    seq.counters.sparse_steps += 1;
-    let selected = seq.has_selection();
-    if seq.dev.is_none() {
-        seq.dev = Some(cx.backend.alloc_device_tier()?);
+    plan.check()?;
+    Ok(plan)
+}
+
+/// 1b. The row's working set for its step: every page of a short context, the window moved
+///     forward over a speculated selection, or the sink and window installed afresh.
+fn arrange<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    host: &B::HostTier,
+    batch: &B::Batch,
+    seq: &mut SeqLayer<B>,
+    p: &PlannedRow,
+    r: usize,
+) -> anyhow::Result<()> {
+    if p.step == RowStep::Dense {
+        return Ok(());
     }
-    let dev = seq.dev.as_mut().expect("allocated above");
-    if selected {
-        cx.backend
-            .advance_window(&seq.table, dev, len, &st.batch, r)?;
-        Ok(RowStep::Speculated)
-    } else {
-        let stats = cx
-            .backend
-            .reset_working_set(&st.host, &seq.table, dev, len)?;
-        seq.counters.add_recall(stats);
-        // The new token enters the window as on every step, wherever the host tier has it.
-        cx.backend
-            .advance_window(&seq.table, dev, len, &st.batch, r)?;
-        Ok(RowStep::Fresh)
-    }
+    let dev = match &mut seq.dev {
+        Some(dev) => dev,
+        none => none.insert(cx.backend.alloc_device_tier()?),
+    };
+    let mut arranged = |how| cx.backend.arrange(host, &seq.table, dev, p.len, how, batch);
+    let stats = match p.step {
+        RowStep::Whole => arranged(Arrange::HoldEvery { row: r })?,
+        RowStep::Speculated => arranged(Arrange::Advance { row: r })?,
+        _ => {
+            let stats = arranged(Arrange::Reset)?;
+            // The new token enters the window as on every step, wherever the host tier has it.
+            arranged(Arrange::Advance { row: r })?;
+            stats
+        }
+    };
+    seq.counters.add_recall(stats);
+    Ok(())
 }
 
 impl<B> LayerCtx<'_, B> {
@@ -208,87 +311,70 @@ impl<B> LayerCtx<'_, B> {
     }
 }
 
-/// Whether row `r`'s step runs the correction test (mode `freekv`, a step that attends over
-/// a speculated selection).
-fn tests_drift<B: Backend>(cx: &LayerCtx<'_, B>, st: &LayerState<B>, r: usize) -> bool {
-    cx.policy.mode.correction() && st.steps[r] == RowStep::Speculated
-}
-
-/// 2a. The correction test of every row that runs it, in one backend call (on a device, one
-///     wait for the similarities): row `st.tested[i]`'s in `st.similarity[i * n_kv..]`.
+/// 2a. The correction test of every row the plan marks, in one backend call (on a device, one
+///     wait for the similarities): the `i`-th tested row's in `[i * n_kv..]`.
 fn test_drift<B: Backend>(
     cx: &LayerCtx<'_, B>,
     st: &mut LayerState<B>,
-    rows: &[DecodeRow<'_>],
-) -> anyhow::Result<()> {
-    st.tested.clear();
-    for r in 0..rows.len() {
-        if tests_drift(cx, st, r) {
-            st.tested.push(r);
-        }
-    }
-    if st.tested.is_empty() {
-        return Ok(());
-    }
+) -> anyhow::Result<Vec<f32>> {
     let LayerState {
         seqs,
         batch,
         similarity,
-        tested,
+        plan,
         ..
     } = st;
-    let devs = tested
-        .iter()
-        .map(|&r| {
-            let seq = &seqs[&rows[r].seq_id];
-            (r, seq.dev.as_ref().expect("sparse rows have a working set"))
-        })
-        .collect::<Vec<_>>();
     similarity.clear();
-    similarity.resize(tested.len() * cx.geo.num_kv_heads, 0.0);
-    cx.backend.query_similarities(&devs, batch, similarity)
+    let devs = plan
+        .tested()
+        .map(|r| {
+            let dev = seqs.get(&plan.rows[r].seq_id).and_then(|s| s.dev.as_ref());
+            dev.map(|d| (r, d))
+                .ok_or_else(|| anyhow::anyhow!("a speculated row without a working set"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if devs.is_empty() {
+        return Ok(std::mem::take(similarity));
+    }
+    similarity.resize(devs.len() * cx.geo.num_kv_heads, 0.0);
+    cx.backend.query_similarities(&devs, batch, similarity)?;
+    Ok(std::mem::take(similarity))
 }
 
-/// 2. The selection that must happen before attention, by step and mode.
+/// The correction test's per-head buffers and thresholds of a layer.
+struct Correction<'a> {
+    heads: &'a mut Vec<bool>,
+    all_heads: &'a [bool],
+    threshold: &'a mut Threshold,
+}
+
+/// 2. The selection that must happen before attention, by step and mode; `similarity`: the
+///    row's correction test, where it ran one.
 fn correct<B: Backend>(
     cx: &LayerCtx<'_, B>,
-    st: &mut LayerState<B>,
-    r: usize,
-    seq_id: u64,
+    (host, batch, scratch): (&B::HostTier, &mut B::Batch, &mut B::Scratch),
+    cor: &mut Correction<'_>,
+    seq: &mut SeqLayer<B>,
+    (p, r): (&PlannedRow, usize),
+    similarity: Option<&[f32]>,
 ) -> anyhow::Result<()> {
-    let step = st.steps[r];
-    if matches!(step, RowStep::Dense | RowStep::Whole) {
+    if matches!(p.step, RowStep::Dense | RowStep::Whole) {
         return Ok(());
     }
-    let LayerState {
-        host,
-        seqs,
-        batch,
-        scratch,
-        similarity,
-        tested,
-        heads,
-        all_heads,
-        threshold,
-        ..
-    } = st;
-    let seq = seqs.get_mut(&seq_id).expect("appended above");
+    let heads = &mut *cor.heads;
     let counters = &mut seq.counters;
-    let dev = seq.dev.as_mut().expect("sparse rows have a working set");
     let mut trace = StepTrace {
         len: seq.len,
         sparse: true,
         ..Default::default()
     };
-    let all = step == RowStep::Fresh || cx.policy.mode == Mode::Sync;
+    let all = p.step == RowStep::Fresh || cx.policy.mode == Mode::Sync;
     if all {
-        heads.copy_from_slice(all_heads);
+        heads.copy_from_slice(cor.all_heads);
         trace.blocking = true;
         counters.blocking_selections += 1;
-    } else if let Some(i) = tested.iter().position(|&t| t == r) {
-        let n_kv = heads.len();
-        let similarity = &similarity[i * n_kv..(i + 1) * n_kv];
-        threshold.decide(similarity, heads);
+    } else if let Some(similarity) = similarity {
+        cor.threshold.decide(similarity, heads);
         for &s in similarity.iter() {
             counters.similarity_histogram[crate::counters::similarity_bin(s)] += 1;
         }
@@ -300,6 +386,10 @@ fn correct<B: Backend>(
     } else {
         heads.fill(false);
     }
+    let dev = seq
+        .dev
+        .as_mut()
+        .ok_or_else(|| anyhow::anyhow!("a sparse row without a working set"))?;
     let n = heads.iter().filter(|&&h| h).count();
     if all || n > 0 || !cx.policy.mode.speculation() {
         cx.backend.store_query(dev, batch, r, 0)?;
@@ -311,14 +401,14 @@ fn correct<B: Backend>(
     if n > 0 {
         let t = Instant::now();
         let selection = cx.selection(seq.len, seq.len, &seq.params);
-        cx.backend
+        let stats = cx
+            .backend
             .select(host, &seq.table, dev, &selection, heads, scratch)?;
-        let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch)?;
         seq.fresh.clone_from(heads);
         seq.fresh_candidates = selection.candidates;
-        counters.head_selections += n as u64;
-        counters.add_recall(stats);
-        counters.blocking_ns += t.elapsed().as_nanos() as u64;
+        seq.counters.head_selections += n as u64;
+        seq.counters.add_recall(stats);
+        seq.counters.blocking_ns += t.elapsed().as_nanos() as u64;
     }
     seq.select();
     if cx.tracing {
@@ -327,57 +417,23 @@ fn correct<B: Backend>(
     Ok(())
 }
 
-/// 3. Attention over the working set (or every page).
-fn attend<B: Backend>(
-    cx: &LayerCtx<'_, B>,
-    st: &mut LayerState<B>,
-    r: usize,
-    seq_id: u64,
-    params: &AttnParams,
-) -> anyhow::Result<()> {
-    let step = st.steps[r];
-    let LayerState {
-        host,
-        seqs,
-        batch,
-        scratch,
-        ..
-    } = st;
-    let seq = seqs.get_mut(&seq_id).expect("appended above");
-    let dev = match step {
-        RowStep::Dense => None,
-        _ => seq.dev.as_ref(),
-    };
-    cx.backend
-        .attend_decode(host, &seq.table, seq.len, dev, batch, r, params, scratch)?;
-    if cx.tracing {
-        let trace = seq.trace.get_or_insert_with(|| StepTrace {
-            len: seq.len,
-            ..Default::default()
-        });
-        // The pages of a sparse step (a whole context's are every page).
-        if let Some(dev) = dev.filter(|_| step != RowStep::Whole) {
-            trace.pages = (0..cx.geo.num_kv_heads)
-                .map(|h| cx.backend.resident_pages(dev, h, seq.len))
-                .collect::<anyhow::Result<_>>()?;
-        }
+/// The step's trace: the pages each head attended (a sparse step's; a whole context's are
+/// every page).
+fn trace<B: Backend>(cx: &LayerCtx<'_, B>, seq: &mut SeqLayer<B>, p: &PlannedRow) {
+    let trace = seq.trace.get_or_insert_with(|| StepTrace {
+        len: p.len,
+        ..Default::default()
+    });
+    if let Some(dev) = seq
+        .dev
+        .as_ref()
+        .filter(|_| matches!(p.step, RowStep::Speculated | RowStep::Fresh))
+    {
+        let plan = B::slot_plan(dev);
+        trace.pages = (0..cx.geo.num_kv_heads)
+            .map(|h| plan.resident_pages(h))
+            .collect();
     }
-    Ok(())
-}
-
-/// 4. Queues the next step's selection and recall (speculative modes).
-fn schedule<B: Backend>(
-    cx: &LayerCtx<'_, B>,
-    st: &mut LayerState<B>,
-    r: usize,
-    seq_id: u64,
-) -> bool {
-    if matches!(st.steps[r], RowStep::Dense | RowStep::Whole) || !cx.policy.mode.speculation() {
-        return false;
-    }
-    let seq = st.seqs.get_mut(&seq_id).expect("appended above");
-    seq.speculate();
-    true
 }
 
 /// The worker's share of step `i` for one layer: the host-tier writes the step deferred
@@ -440,9 +496,9 @@ pub fn select_for_next_step<B: Backend>(
     }
     let heads = &seq.fresh;
     if heads.iter().any(|&h| h) {
-        cx.backend
+        let stats = cx
+            .backend
             .select(host, &seq.table, dev, &selection, heads, scratch)?;
-        let stats = cx.backend.recall(host, &seq.table, dev, heads, scratch)?;
         seq.counters.head_selections += heads.iter().filter(|&&h| h).count() as u64;
         seq.counters.add_recall(stats);
     }

@@ -4,11 +4,16 @@
 //! [`offload`], the working set in a device's own memory, for any [`offload::DeviceOps`]: host
 //! memory or CUDA (`backend/cuda/`).
 //!
-//! The trait splits along the spec's operations: write pages (+ summarise), maintain the
-//! working set, score/select, recall, attend. Storage is opaque (associated types); what
-//! crosses the boundary is plain: page ranges, per-head masks, counts. Selection results stay
-//! inside the device tier as a per-head recall plan (slot, page), FlashInfer-style plain
-//! arrays, so a device can keep them in its own memory.
+//! Two traits, as candle splits a device from its storage ops: [`Memory`] allocates and sizes
+//! a device's memory; [`Backend`] runs the spec's operations on it: load a call, write pages
+//! (+ summarise), arrange the working set, store the query, the correction test, select (+
+//! recall), attend, take the output. Storage is opaque (associated types); what crosses the
+//! boundary is plain: the step's rows ([`WriteRow`], [`AttendRow`]: tables, positions,
+//! lengths), per-head masks, counts. The operations that serve every row of a call (write,
+//! the correction test, attend) take all of them at once, as [`crate::step_plan::StepPlan`]
+//! lists them, so a device runs each as one batch (one kernel launch per layer). Selection
+//! results stay inside the device tier as its [`SlotPlan`] (slot tables and a per-head recall
+//! plan, FlashInfer-style plain arrays), the one slot layout of every device.
 //!
 //! Calls for one layer are serialised by the caller (one lock per layer); a backend may run
 //! calls for different layers concurrently (the decode thread and the background worker).
@@ -23,6 +28,7 @@ use std::ops::Range;
 use candle_core::{DType, Tensor};
 
 use crate::geometry::Geometry;
+use crate::plan::SlotPlan;
 use crate::{AttnParams, Selector};
 
 pub mod cpu;
@@ -70,11 +76,9 @@ pub enum Role {
     Worker,
 }
 
-/// The FreeKV operations of one device, for one model geometry and storage dtype.
-///
-/// Conventions: `table` is a sequence's block table (page `j` lives in block `table[j]`);
-/// `row` indexes the batch loaded by the last `load_*` call; `heads` is a per-KV-head mask.
-pub trait Backend: Send + Sync + 'static {
+/// A device's memory for FreeKV, for one model geometry and storage dtype: what it allocates
+/// and how much.
+pub trait Memory: Send + Sync + 'static {
     /// One layer's host tier: the KV pages of every engine block (HND) and their summaries.
     type HostTier: Send;
     /// One (sequence, layer) device tier: budget-sized slots with per-head slot tables, the
@@ -87,8 +91,6 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The geometry this backend was built for.
     fn geometry(&self) -> &Geometry;
-
-    // ---- allocation -------------------------------------------------------------------
     /// Allocates one layer's host tier for `num_blocks` engine blocks (fallible). `scored`:
     /// whether selection will score the layer's pages (false for a dense layer).
     fn alloc_host_tier(&self, num_blocks: usize, scored: bool) -> anyhow::Result<Self::HostTier>;
@@ -112,26 +114,144 @@ pub trait Backend: Send + Sync + 'static {
     fn device_waits(&self) -> u64 {
         0
     }
+    /// Whether a sequence within the budget on a retrieving layer attends over its working set
+    /// holding every page ([`Arrange::HoldEvery`]; a device whose decode reads its own
+    /// memory) rather than over the host tier. Default: no.
+    fn holds_short_contexts(&self) -> bool {
+        false
+    }
+    /// The slot tables of a working set (which logical page each slot of each head holds).
+    fn slot_plan(dev: &Self::DeviceTier) -> &SlotPlan;
+}
 
-    // ---- inputs and outputs -----------------------------------------------------------
-    /// Loads a decode step: q `(B, Hq, D)`, k/v `(B, Hkv, D)`; clears the output.
-    fn load_decode(
-        &self,
-        batch: &mut Self::Batch,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> anyhow::Result<()>;
-    /// Loads a prompt batch: q `(B, Hq, L, D)`, k/v `(B, Hkv, L, D)`. With `last_only =
+/// The tensors a call loads.
+#[derive(Clone, Copy)]
+pub enum Inputs<'a> {
+    /// A decode step: q `(B, Hq, D)`, k/v `(B, Hkv, D)`.
+    Decode {
+        /// The queries.
+        q: &'a Tensor,
+        /// The new keys.
+        k: &'a Tensor,
+        /// The new values.
+        v: &'a Tensor,
+    },
+    /// A prompt batch: q `(B, Hq, L, D)`, k/v `(B, Hkv, L, D)`. With `last_only =
     /// Some(new_lens)` only each row's last query is kept (no output will be computed).
-    fn load_prefill(
-        &self,
-        batch: &mut Self::Batch,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        last_only: Option<&[usize]>,
-    ) -> anyhow::Result<()>;
+    Prefill {
+        /// The queries.
+        q: &'a Tensor,
+        /// The new keys.
+        k: &'a Tensor,
+        /// The new values.
+        v: &'a Tensor,
+        /// Each row's new tokens, when only its last query is kept.
+        last_only: Option<&'a [usize]>,
+    },
+}
+
+/// One row's writes of a call: batch tokens `0..n` of row `row` go to positions
+/// `first_pos..first_pos + n` of the sequence whose block table is `table`.
+#[derive(Clone, Copy, Debug)]
+pub struct WriteRow<'a> {
+    /// The sequence's block table (covering the written positions).
+    pub table: &'a [u32],
+    /// The batch row.
+    pub row: usize,
+    /// Position of the row's first token.
+    pub first_pos: usize,
+    /// Tokens written.
+    pub n: usize,
+    /// Full pages from the first whose summaries must exist after the write (a prompt, a
+    /// rebuilt context: pages a prefix cache or an earlier sequence filled); 0: only the
+    /// pages the write fills are summarised.
+    pub summarised_pages: usize,
+}
+
+/// How a working set changes for its sequence's step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrange {
+    /// Install the sink and window pages as the host tier holds them and empty the selected
+    /// slots.
+    Reset,
+    /// The sequence grew by the token of batch row `row`: move the window forward.
+    Advance {
+        /// The batch row whose token was written last.
+        row: usize,
+    },
+    /// Hold every page of a context within the budget (the last token written from batch
+    /// row `row`): page `j` in its sink or window slot, or in selectable slot
+    /// `j - sink_pages`. Only for a backend that
+    /// [holds short contexts](Memory::holds_short_contexts).
+    HoldEvery {
+        /// The batch row whose token was written last.
+        row: usize,
+    },
+}
+
+/// One row's decode attention: the query of batch row `row` (position `len - 1`) over the
+/// working set `dev`, or over every page of the sequence when `dev` is `None`.
+pub struct AttendRow<'a, D> {
+    /// The sequence's block table.
+    pub table: &'a [u32],
+    /// Its context (the step's token included).
+    pub len: usize,
+    /// The working set it attends over, if any.
+    pub dev: Option<&'a D>,
+    /// The batch row.
+    pub row: usize,
+}
+
+/// One row's causal prefill attention: its `new_len` queries (positions `cached_len..`) over
+/// the host-tier keys `0..=position`.
+#[derive(Clone, Copy, Debug)]
+pub struct CausalRow<'a> {
+    /// The sequence's block table.
+    pub table: &'a [u32],
+    /// Tokens cached before the call.
+    pub cached_len: usize,
+    /// Tokens the call adds.
+    pub new_len: usize,
+    /// The batch row.
+    pub row: usize,
+}
+
+/// Which attention a call computes, for which rows.
+pub enum Attend<'a, D> {
+    /// One query per row, over a working set or every page.
+    Decode(&'a [AttendRow<'a, D>]),
+    /// Each row's new queries, causally.
+    Prefill(&'a [CausalRow<'a>]),
+}
+
+/// What a diagnostic read returns (the selection probe), `f32` into its buffer.
+#[derive(Clone, Copy, Debug)]
+pub enum Read<'a> {
+    /// Batch row `row`'s query of a decode step, `[n_q][d]` (the host waits for the step's
+    /// values where they are on a device).
+    Query {
+        /// The batch row.
+        row: usize,
+    },
+    /// KV head `head`'s keys of a sequence's first `len` tokens as the host tier holds them,
+    /// `[len][d]` (after [`Backend::settle`]).
+    Keys {
+        /// The sequence's block table.
+        table: &'a [u32],
+        /// Tokens read.
+        len: usize,
+        /// The KV head.
+        head: usize,
+    },
+}
+
+/// The FreeKV operations of one device, on the memory its [`Memory`] allocates.
+///
+/// Conventions: `table` is a sequence's block table (page `j` lives in block `table[j]`);
+/// `row` indexes the batch loaded by the last [`Backend::load`]; `heads` is a per-KV-head mask.
+pub trait Backend: Memory {
+    /// Loads a call's tensors into `batch`; clears the output.
+    fn load(&self, batch: &mut Self::Batch, inputs: Inputs<'_>) -> anyhow::Result<()>;
     /// The attention output of the loaded batch, shaped like its q, in `dtype`.
     fn take_output(&self, batch: &mut Self::Batch, dtype: DType) -> anyhow::Result<Tensor>;
     /// Completes the host-tier writes a backend deferred from the last decode step of this
@@ -148,76 +268,28 @@ pub trait Backend: Send + Sync + 'static {
     ) -> anyhow::Result<()> {
         Ok(())
     }
-
-    // ---- write pages ------------------------------------------------------------------
-    /// Writes `n` tokens of batch row `row` (batch token `j` goes to position `first_pos + j`)
-    /// into the host tier and summarises every page that becomes full. Any write into a
+    /// Writes every row's tokens into the host tier and summarises every page that becomes
+    /// full (and the first [`WriteRow::summarised_pages`] where missing). Any write into a
     /// block invalidates its old summary (block ids are reused across sequences). A decode
     /// token that does not fill its page may be written later ([`Backend::settle`]).
-    #[allow(clippy::too_many_arguments)]
-    fn write_tokens(
+    fn write(
         &self,
         host: &mut Self::HostTier,
-        table: &[u32],
         batch: &mut Self::Batch,
-        row: usize,
-        first_pos: usize,
-        n: usize,
+        rows: &[WriteRow<'_>],
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()>;
-    /// Summarises the first `full_pages` pages of a sequence where their summary is missing
-    /// (prefix-cache hits, rebuilds). Returns how many were computed.
-    fn ensure_summaries(
-        &self,
-        host: &mut Self::HostTier,
-        table: &[u32],
-        full_pages: usize,
-        scratch: &mut Self::Scratch,
-    ) -> anyhow::Result<usize>;
-
-    // ---- working set ------------------------------------------------------------------
-    /// Whether a sequence within the budget on a retrieving layer attends over its working set
-    /// holding every page ([`Backend::hold_every_page`]; a device whose decode reads its own
-    /// memory) rather than over the host tier. Default: no.
-    fn holds_short_contexts(&self) -> bool {
-        false
-    }
-    /// Makes the working set of a sequence of `len` tokens (within the budget; the last token
-    /// just written from batch row `row`) hold every page: page `j` in its sink or window slot,
-    /// or in selectable slot `j - sink_pages`. Only for a backend that
-    /// [holds short contexts](Backend::holds_short_contexts).
-    #[allow(clippy::too_many_arguments)]
-    fn hold_every_page(
-        &self,
-        _host: &Self::HostTier,
-        _table: &[u32],
-        _dev: &mut Self::DeviceTier,
-        _len: usize,
-        _batch: &Self::Batch,
-        _row: usize,
-    ) -> anyhow::Result<RecallStats> {
-        anyhow::bail!("this backend attends short contexts over the host tier")
-    }
-    /// Installs the sink and window pages of a sequence of `len` tokens, as the host tier holds
-    /// them, and empties the selected slots. (A decode step then moves its window forward,
-    /// which places its token however [`Backend::write_tokens`] wrote it.)
-    fn reset_working_set(
+    /// Arranges the working set `dev` of a sequence of `len` tokens (within the budget for
+    /// [`Arrange::HoldEvery`]) for its step. Returns what entered it.
+    fn arrange(
         &self,
         host: &Self::HostTier,
         table: &[u32],
         dev: &mut Self::DeviceTier,
         len: usize,
-    ) -> anyhow::Result<RecallStats>;
-    /// The sequence grew to `len` tokens (the last one written from batch row `row`): moves
-    /// the window forward.
-    fn advance_window(
-        &self,
-        table: &[u32],
-        dev: &mut Self::DeviceTier,
-        len: usize,
+        how: Arrange,
         batch: &Self::Batch,
-        row: usize,
-    ) -> anyhow::Result<()>;
+    ) -> anyhow::Result<RecallStats>;
     /// Stores the query of batch row `row`, token `token` (0 for decode) as the sequence's
     /// current query: selections use it, the next step's drift test compares against it.
     fn store_query(
@@ -236,14 +308,12 @@ pub trait Backend: Send + Sync + 'static {
         batch: &mut Self::Batch,
         out: &mut [f32],
     ) -> anyhow::Result<()>;
-
-    // ---- score / select ---------------------------------------------------------------
     /// Scores the selection's candidate pages with the stored query (by its selector: the
     /// Quest bound with GQA pooling; the rerank, whose shortlist by the page summaries is
     /// scored by its tokens' exact attention weight; or the oracle's exact attention mass),
-    /// takes the exact top-k per KV head in `heads` and plans the replacement: winners already resident stay,
-    /// missing winners go into the lowest-scored selected slots. The plan is applied by
-    /// [`Backend::recall`].
+    /// takes the exact top-k per KV head in `heads`, plans the replacement (winners already
+    /// resident stay, missing winners go into the lowest-scored selected slots) and recalls
+    /// the missing pages into their slots. Returns what the recall moved.
     fn select(
         &self,
         host: &Self::HostTier,
@@ -252,76 +322,22 @@ pub trait Backend: Send + Sync + 'static {
         selection: &Selection,
         heads: &[bool],
         scratch: &mut Self::Scratch,
-    ) -> anyhow::Result<()>;
-
-    // ---- recall -----------------------------------------------------------------------
-    /// Applies the pending plan of the heads in `heads`: brings the missing pages into their
-    /// slots.
-    fn recall(
-        &self,
-        host: &Self::HostTier,
-        table: &[u32],
-        dev: &mut Self::DeviceTier,
-        heads: &[bool],
-        scratch: &mut Self::Scratch,
     ) -> anyhow::Result<RecallStats>;
-
-    /// The logical pages KV head `head` attends over now (sorted; for traces and tests).
-    fn resident_pages(
-        &self,
-        dev: &Self::DeviceTier,
-        head: usize,
-        len: usize,
-    ) -> anyhow::Result<Vec<u32>>;
-
-    // ---- diagnostics ------------------------------------------------------------------
-    /// Batch row `row`'s query (a decode step's), `[n_q][d]` in f32, into `out` (the
-    /// selection probe; the host waits for the step's values where they are on a device).
-    fn read_query(
-        &self,
-        batch: &mut Self::Batch,
-        row: usize,
-        out: &mut Vec<f32>,
-    ) -> anyhow::Result<()>;
-    /// KV head `head`'s keys of a sequence's first `len` tokens as the host tier holds them,
-    /// `[len][d]` in f32, into `out` (the selection probe, after [`Backend::settle`]).
-    fn read_keys(
-        &self,
-        host: &Self::HostTier,
-        table: &[u32],
-        len: usize,
-        head: usize,
-        out: &mut Vec<f32>,
-    ) -> anyhow::Result<()>;
-
-    // ---- attend -----------------------------------------------------------------------
-    /// Decode attention of batch row `row` (query at position `len - 1`) over the working
-    /// set `dev`, or over every page of the sequence when `dev` is `None`; writes the row's
-    /// output into the batch.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_decode(
+    /// The attention of every row of `job`, written into the batch's output.
+    fn attend(
         &self,
         host: &mut Self::HostTier,
-        table: &[u32],
-        len: usize,
-        dev: Option<&Self::DeviceTier>,
         batch: &mut Self::Batch,
-        row: usize,
+        job: Attend<'_, Self::DeviceTier>,
         params: &AttnParams,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()>;
-    /// Causal prefill attention of batch row `row`: its `new_len` queries (positions
-    /// `cached_len..`) over the host-tier keys `0..=position`; writes the row's output.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_prefill(
+    /// A diagnostic read (the selection probe) into `out`.
+    fn read(
         &self,
         host: &Self::HostTier,
-        table: &[u32],
-        cached_len: usize,
-        new_len: usize,
         batch: &mut Self::Batch,
-        row: usize,
-        params: &AttnParams,
-        scratch: &mut Self::Scratch,
+        what: Read<'_>,
+        out: &mut Vec<f32>,
     ) -> anyhow::Result<()>;
 }

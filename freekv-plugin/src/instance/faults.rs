@@ -12,8 +12,11 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{AnyInstance, Instance};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, RecallStats, Role, Selection};
+use crate::backend::{
+    Arrange, Attend, Backend, Inputs, Memory, Read, RecallStats, Role, Selection, WriteRow,
+};
 use crate::geometry::Geometry;
+use crate::plan::SlotPlan;
 use crate::{AttnParams, DecodeRow, FreeKvConfig, Mode, ModelShape, PrefillRow};
 
 /// The next call of `op` fails (on the worker thread only, with `worker_only`).
@@ -23,13 +26,14 @@ struct Fault {
     worker_only: bool,
 }
 
-/// The CPU backend with one armed fault.
-struct Faulty {
-    cpu: CpuBackend<f32>,
+/// A backend with one armed fault: every operation forwards to `inner`, the armed one fails
+/// once first.
+struct Faulty<B> {
+    inner: B,
     fault: Arc<Mutex<Option<Fault>>>,
 }
 
-impl Faulty {
+impl<B> Faulty<B> {
     fn check(&self, op: &'static str) -> anyhow::Result<()> {
         let mut armed = self.fault.lock().unwrap();
         let on_worker = std::thread::current().name() == Some("freekv-worker");
@@ -43,194 +47,135 @@ impl Faulty {
     }
 }
 
-type Cpu = CpuBackend<f32>;
-type Host = <Cpu as Backend>::HostTier;
-type Dev = <Cpu as Backend>::DeviceTier;
-type Scratch = <Cpu as Backend>::Scratch;
-type Batch = <Cpu as Backend>::Batch;
-
-impl Backend for Faulty {
-    type HostTier = Host;
-    type DeviceTier = Dev;
-    type Scratch = Scratch;
-    type Batch = Batch;
+impl<B: Memory> Memory for Faulty<B> {
+    type HostTier = B::HostTier;
+    type DeviceTier = B::DeviceTier;
+    type Scratch = B::Scratch;
+    type Batch = B::Batch;
 
     fn geometry(&self) -> &Geometry {
-        self.cpu.geometry()
+        self.inner.geometry()
     }
-    fn alloc_host_tier(&self, num_blocks: usize, scored: bool) -> anyhow::Result<Host> {
+    fn alloc_host_tier(&self, num_blocks: usize, scored: bool) -> anyhow::Result<B::HostTier> {
         self.check("alloc_host_tier")?;
-        self.cpu.alloc_host_tier(num_blocks, scored)
+        self.inner.alloc_host_tier(num_blocks, scored)
     }
-    fn alloc_device_tier(&self) -> anyhow::Result<Dev> {
+    fn alloc_device_tier(&self) -> anyhow::Result<B::DeviceTier> {
         self.check("alloc_device_tier")?;
-        self.cpu.alloc_device_tier()
+        self.inner.alloc_device_tier()
     }
-    fn alloc_scratch(&self, role: Role) -> Scratch {
-        self.cpu.alloc_scratch(role)
+    fn alloc_scratch(&self, role: Role) -> B::Scratch {
+        self.inner.alloc_scratch(role)
     }
-    fn alloc_batch(&self) -> Batch {
-        self.cpu.alloc_batch()
+    fn alloc_batch(&self) -> B::Batch {
+        self.inner.alloc_batch()
     }
     fn host_tier_bytes(&self, num_blocks: usize) -> usize {
-        self.cpu.host_tier_bytes(num_blocks)
+        self.inner.host_tier_bytes(num_blocks)
     }
     fn device_tier_bytes(&self) -> usize {
-        self.cpu.device_tier_bytes()
+        self.inner.device_tier_bytes()
     }
     fn device_pool_bytes(&self, num_blocks: usize, scored: bool) -> usize {
-        self.cpu.device_pool_bytes(num_blocks, scored)
+        self.inner.device_pool_bytes(num_blocks, scored)
     }
-    fn load_decode(&self, b: &mut Batch, q: &Tensor, k: &Tensor, v: &Tensor) -> anyhow::Result<()> {
-        self.check("load_decode")?;
-        self.cpu.load_decode(b, q, k, v)
+    fn holds_short_contexts(&self) -> bool {
+        self.inner.holds_short_contexts()
     }
-    fn load_prefill(
-        &self,
-        b: &mut Batch,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        last_only: Option<&[usize]>,
-    ) -> anyhow::Result<()> {
-        self.check("load_prefill")?;
-        self.cpu.load_prefill(b, q, k, v, last_only)
+    fn slot_plan(dev: &B::DeviceTier) -> &SlotPlan {
+        B::slot_plan(dev)
     }
-    fn take_output(&self, b: &mut Batch, dtype: DType) -> anyhow::Result<Tensor> {
+}
+
+impl<B: Backend> Backend for Faulty<B> {
+    fn load(&self, b: &mut B::Batch, inputs: Inputs<'_>) -> anyhow::Result<()> {
+        self.check("load")?;
+        self.inner.load(b, inputs)
+    }
+    fn take_output(&self, b: &mut B::Batch, dtype: DType) -> anyhow::Result<Tensor> {
         self.check("take_output")?;
-        self.cpu.take_output(b, dtype)
+        self.inner.take_output(b, dtype)
     }
-    fn write_tokens(
+    fn settle(
         &self,
-        host: &mut Host,
-        table: &[u32],
-        b: &mut Batch,
-        row: usize,
-        first_pos: usize,
-        n: usize,
-        s: &mut Scratch,
+        host: &mut B::HostTier,
+        b: &mut B::Batch,
+        s: &mut B::Scratch,
     ) -> anyhow::Result<()> {
-        self.check("write_tokens")?;
-        self.cpu.write_tokens(host, table, b, row, first_pos, n, s)
+        self.inner.settle(host, b, s)
     }
-    fn ensure_summaries(
+    fn write(
         &self,
-        host: &mut Host,
-        table: &[u32],
-        full_pages: usize,
-        s: &mut Scratch,
-    ) -> anyhow::Result<usize> {
-        self.check("ensure_summaries")?;
-        self.cpu.ensure_summaries(host, table, full_pages, s)
+        host: &mut B::HostTier,
+        b: &mut B::Batch,
+        rows: &[WriteRow<'_>],
+        s: &mut B::Scratch,
+    ) -> anyhow::Result<()> {
+        self.check("write")?;
+        self.inner.write(host, b, rows, s)
     }
-    fn reset_working_set(
+    fn arrange(
         &self,
-        host: &Host,
+        host: &B::HostTier,
         table: &[u32],
-        dev: &mut Dev,
+        dev: &mut B::DeviceTier,
         len: usize,
+        how: Arrange,
+        b: &B::Batch,
     ) -> anyhow::Result<RecallStats> {
-        self.check("reset_working_set")?;
-        self.cpu.reset_working_set(host, table, dev, len)
-    }
-    fn advance_window(
-        &self,
-        table: &[u32],
-        dev: &mut Dev,
-        len: usize,
-        b: &Batch,
-        row: usize,
-    ) -> anyhow::Result<()> {
-        self.check("advance_window")?;
-        self.cpu.advance_window(table, dev, len, b, row)
+        self.check("arrange")?;
+        self.inner.arrange(host, table, dev, len, how, b)
     }
     fn store_query(
         &self,
-        dev: &mut Dev,
-        b: &mut Batch,
+        dev: &mut B::DeviceTier,
+        b: &mut B::Batch,
         row: usize,
         token: usize,
     ) -> anyhow::Result<()> {
         self.check("store_query")?;
-        self.cpu.store_query(dev, b, row, token)
+        self.inner.store_query(dev, b, row, token)
     }
     fn query_similarities(
         &self,
-        rows: &[(usize, &Dev)],
-        b: &mut Batch,
+        rows: &[(usize, &B::DeviceTier)],
+        b: &mut B::Batch,
         out: &mut [f32],
     ) -> anyhow::Result<()> {
         self.check("query_similarities")?;
-        self.cpu.query_similarities(rows, b, out)
+        self.inner.query_similarities(rows, b, out)
     }
     fn select(
         &self,
-        host: &Host,
+        host: &B::HostTier,
         table: &[u32],
-        dev: &mut Dev,
+        dev: &mut B::DeviceTier,
         selection: &Selection,
         heads: &[bool],
-        s: &mut Scratch,
-    ) -> anyhow::Result<()> {
-        self.check("select")?;
-        self.cpu.select(host, table, dev, selection, heads, s)
-    }
-    fn recall(
-        &self,
-        host: &Host,
-        table: &[u32],
-        dev: &mut Dev,
-        heads: &[bool],
-        s: &mut Scratch,
+        s: &mut B::Scratch,
     ) -> anyhow::Result<RecallStats> {
-        self.check("recall")?;
-        self.cpu.recall(host, table, dev, heads, s)
+        self.check("select")?;
+        self.inner.select(host, table, dev, selection, heads, s)
     }
-    fn resident_pages(&self, dev: &Dev, head: usize, len: usize) -> anyhow::Result<Vec<u32>> {
-        self.cpu.resident_pages(dev, head, len)
-    }
-    fn read_query(&self, b: &mut Batch, row: usize, out: &mut Vec<f32>) -> anyhow::Result<()> {
-        self.cpu.read_query(b, row, out)
-    }
-    fn read_keys(
+    fn attend(
         &self,
-        host: &Host,
-        table: &[u32],
-        len: usize,
-        head: usize,
+        host: &mut B::HostTier,
+        b: &mut B::Batch,
+        job: Attend<'_, B::DeviceTier>,
+        params: &AttnParams,
+        s: &mut B::Scratch,
+    ) -> anyhow::Result<()> {
+        self.check("attend")?;
+        self.inner.attend(host, b, job, params, s)
+    }
+    fn read(
+        &self,
+        host: &B::HostTier,
+        b: &mut B::Batch,
+        what: Read<'_>,
         out: &mut Vec<f32>,
     ) -> anyhow::Result<()> {
-        self.cpu.read_keys(host, table, len, head, out)
-    }
-    fn attend_decode(
-        &self,
-        host: &mut Host,
-        table: &[u32],
-        len: usize,
-        dev: Option<&Dev>,
-        b: &mut Batch,
-        row: usize,
-        params: &AttnParams,
-        s: &mut Scratch,
-    ) -> anyhow::Result<()> {
-        self.check("attend_decode")?;
-        self.cpu
-            .attend_decode(host, table, len, dev, b, row, params, s)
-    }
-    fn attend_prefill(
-        &self,
-        host: &Host,
-        table: &[u32],
-        cached_len: usize,
-        new_len: usize,
-        b: &mut Batch,
-        row: usize,
-        params: &AttnParams,
-        s: &mut Scratch,
-    ) -> anyhow::Result<()> {
-        self.check("attend_prefill")?;
-        self.cpu
-            .attend_prefill(host, table, cached_len, new_len, b, row, params, s)
+        self.inner.read(host, b, what, out)
     }
 }
 
@@ -257,18 +202,21 @@ pub(super) fn config() -> FreeKvConfig {
     }
 }
 
+/// An instance over the CPU backend with a fault to arm.
+type FaultyInstance = Instance<Faulty<CpuBackend<f32>>>;
+
 /// An instance over the faulty backend, and the switch that arms its fault.
-fn instance() -> (Instance<Faulty>, Arc<Mutex<Option<Fault>>>) {
+fn instance() -> (FaultyInstance, Arc<Mutex<Option<Fault>>>) {
     instance_with(config())
 }
 
 /// [`instance`] with another configuration.
-fn instance_with(cfg: FreeKvConfig) -> (Instance<Faulty>, Arc<Mutex<Option<Fault>>>) {
+fn instance_with(cfg: FreeKvConfig) -> (FaultyInstance, Arc<Mutex<Option<Fault>>>) {
     cfg.validate(Some(&SHAPE)).unwrap();
     let geo = Geometry::new(&cfg, &SHAPE);
     let fault = Arc::new(Mutex::new(None));
     let backend = Faulty {
-        cpu: CpuBackend::new(geo, &cfg),
+        inner: CpuBackend::new(geo, &cfg),
         fault: fault.clone(),
     };
     let inst = Instance::new(backend, cfg, &SHAPE, 64, "f32").unwrap();
@@ -370,14 +318,13 @@ fn arm(fault: &Arc<Mutex<Option<Fault>>>, op: &'static str, worker_only: bool) {
 #[test]
 fn a_failed_decode_operation_fails_only_its_call_and_names_the_operation() {
     for op in [
-        "load_decode",
-        "write_tokens",
-        "advance_window",
+        "load",
+        "write",
+        "arrange",
         "query_similarities",
         "store_query",
         "select",
-        "recall",
-        "attend_decode",
+        "attend",
         "take_output",
     ] {
         let (clean, _) = instance();
@@ -437,7 +384,7 @@ fn a_failed_background_selection_is_reported_by_its_sequence_only() {
         tau: -1.0,
         ..config()
     };
-    for op in ["select", "recall"] {
+    for op in ["select"] {
         let (clean, _) = instance_with(cfg());
         let (faulty, fault) = instance_with(cfg());
         for inst in [&clean, &faulty] {
@@ -478,14 +425,12 @@ fn a_failed_background_selection_is_reported_by_its_sequence_only() {
 #[test]
 fn a_failed_prefill_fails_its_prompt_and_the_next_prompt_is_served() {
     for op in [
-        "load_prefill",
-        "write_tokens",
-        "ensure_summaries",
-        "attend_prefill",
+        "load",
+        "write",
+        "attend",
         "alloc_device_tier",
-        "reset_working_set",
+        "arrange",
         "select",
-        "recall",
     ] {
         let (clean, _) = instance();
         let (faulty, fault) = instance();
@@ -513,7 +458,7 @@ fn a_host_tier_that_cannot_be_allocated_is_an_error_naming_the_knobs() {
         worker_only: false,
     })));
     let backend = Faulty {
-        cpu: CpuBackend::new(geo, &cfg),
+        inner: CpuBackend::<f32>::new(geo, &cfg),
         fault,
     };
     let err = Instance::new(backend, cfg, &SHAPE, 64, "f32")

@@ -1,7 +1,7 @@
 //! Where the probe meets a decode step: after the step of a layer, each row's query and its
 //! sequence's keys, read through the backend, are measured head by head.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Read};
 use crate::state::{LayerState, RowStep};
 use crate::timeline::LayerCtx;
 use crate::DecodeRow;
@@ -39,7 +39,7 @@ fn measure_rows<B: Backend>(
         host,
         seqs,
         batch,
-        steps,
+        plan,
         probe,
         ..
     } = st;
@@ -54,20 +54,23 @@ fn measure_rows<B: Backend>(
             continue;
         }
         let mut query = std::mem::take(&mut lp.m.q);
-        cx.backend.read_query(batch, r, &mut query)?;
-        let attended = match (steps[r], seq.dev.as_ref()) {
-            (RowStep::Speculated | RowStep::Fresh, Some(dev)) => Some(dev),
+        cx.backend
+            .read(host, batch, Read::Query { row: r }, &mut query)?;
+        let attended = match (plan.rows[r].step, seq.dev.as_ref()) {
+            (RowStep::Speculated | RowStep::Fresh, Some(dev)) => Some(B::slot_plan(dev)),
             _ => None,
         };
         for h in 0..cx.geo.num_kv_heads {
-            cx.backend
-                .read_keys(host, &seq.table, len, h, &mut lp.m.keys)?;
+            let keys = Read::Keys {
+                table: &seq.table,
+                len,
+                head: h,
+            };
+            cx.backend.read(host, batch, keys, &mut lp.m.keys)?;
             lp.m.q.clear();
             lp.m.q
                 .extend_from_slice(&query[h * gs * d..(h + 1) * gs * d]);
-            let resident = attended
-                .map(|dev| cx.backend.resident_pages(dev, h, len))
-                .transpose()?;
+            let resident = attended.map(|plan| plan.resident_pages(h));
             measure_head(lp, &seq.params, len, cx.layer, h, resident.as_deref());
         }
         lp.m.q = query;

@@ -36,7 +36,10 @@ use self::elem::KvElem;
 use self::host_tier::HostTier;
 use self::io::CpuBatch;
 use self::select::SelectScratch;
-use super::{Backend, RecallStats, Role, Selection};
+use super::{
+    Arrange, Attend, AttendRow, Backend, CausalRow, Inputs, Memory, Read, RecallStats, Role,
+    Selection, WriteRow,
+};
 
 /// Attended tokens x KV heads from which a decode step runs its heads in parallel.
 pub(crate) const PARALLEL_DECODE: usize = 8192;
@@ -108,7 +111,7 @@ impl<T: KvElem> CpuBackend<T> {
     }
 }
 
-impl<T: KvElem> Backend for CpuBackend<T> {
+impl<T: KvElem> Memory for CpuBackend<T> {
     type HostTier = HostTier<T>;
     type DeviceTier = SlotPlan;
     type Scratch = CpuScratch<T>;
@@ -160,26 +163,17 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         0
     }
 
-    fn load_decode(
-        &self,
-        batch: &mut CpuBatch,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> anyhow::Result<()> {
-        batch.load_decode(q, k, v)?;
-        self.check_heads(batch)
+    fn slot_plan(dev: &SlotPlan) -> &SlotPlan {
+        dev
     }
+}
 
-    fn load_prefill(
-        &self,
-        batch: &mut CpuBatch,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        last_only: Option<&[usize]>,
-    ) -> anyhow::Result<()> {
-        batch.load_prefill(q, k, v, last_only)?;
+impl<T: KvElem> Backend for CpuBackend<T> {
+    fn load(&self, batch: &mut CpuBatch, inputs: Inputs<'_>) -> anyhow::Result<()> {
+        match inputs {
+            Inputs::Decode { q, k, v } => batch.load_decode(q, k, v)?,
+            Inputs::Prefill { q, k, v, last_only } => batch.load_prefill(q, k, v, last_only)?,
+        }
         self.check_heads(batch)
     }
 
@@ -187,77 +181,39 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         batch.take_output(dtype)
     }
 
-    fn write_tokens(
+    fn write(
         &self,
         host: &mut HostTier<T>,
-        table: &[u32],
         batch: &mut CpuBatch,
-        row: usize,
-        first_pos: usize,
-        n: usize,
+        rows: &[WriteRow<'_>],
         scratch: &mut CpuScratch<T>,
     ) -> anyhow::Result<()> {
-        let p = self.geo.page_size;
-        for j in 0..n {
-            let pos = first_pos + j;
-            let block = table[pos / p];
-            for h in 0..self.geo.num_kv_heads {
-                let (k, v) = batch.kv_row(row, h, j);
-                host.write_row(block, h, pos % p, k, v);
-            }
-            if pos % p == p - 1 {
-                host.summarise(block, self.summary, &mut scratch.rows);
-            }
+        for w in rows {
+            self.write_row(host, batch, w, scratch);
+            self.ensure_summaries(host, &w.table[..w.summarised_pages], scratch);
         }
         Ok(())
     }
 
-    fn ensure_summaries(
-        &self,
-        host: &mut HostTier<T>,
-        table: &[u32],
-        full_pages: usize,
-        scratch: &mut CpuScratch<T>,
-    ) -> anyhow::Result<usize> {
-        let mut n = 0;
-        for &block in &table[..full_pages] {
-            if !host.is_summarised(block) {
-                host.summarise(block, self.summary, &mut scratch.rows);
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-
-    fn reset_working_set(
+    fn arrange(
         &self,
         _host: &HostTier<T>,
         _table: &[u32],
         dev: &mut SlotPlan,
         len: usize,
-    ) -> anyhow::Result<RecallStats> {
-        let g = &self.geo;
-        dev.clear();
-        let mut stats = RecallStats::default();
-        for (page, slot) in g.fixed_pages(len) {
-            for h in 0..g.num_kv_heads {
-                dev.slots_mut(h)[slot] = page as u32;
-            }
-            stats.pages += g.num_kv_heads;
-        }
-        Ok(stats)
-    }
-
-    fn advance_window(
-        &self,
-        _table: &[u32],
-        dev: &mut SlotPlan,
-        len: usize,
+        how: Arrange,
         _batch: &CpuBatch,
-        _row: usize,
-    ) -> anyhow::Result<()> {
-        self.advance_window_plan(dev, len);
-        Ok(())
+    ) -> anyhow::Result<RecallStats> {
+        match how {
+            Arrange::Reset => Ok(self.reset_plan(dev, len)),
+            Arrange::Advance { .. } => {
+                self.advance_window_plan(dev, len);
+                Ok(RecallStats::default())
+            }
+            Arrange::HoldEvery { .. } => {
+                anyhow::bail!("this backend attends short contexts over the host tier")
+            }
+        }
     }
 
     fn store_query(
@@ -295,6 +251,130 @@ impl<T: KvElem> Backend for CpuBackend<T> {
     }
 
     fn select(
+        &self,
+        host: &HostTier<T>,
+        table: &[u32],
+        dev: &mut SlotPlan,
+        selection: &Selection,
+        heads: &[bool],
+        scratch: &mut CpuScratch<T>,
+    ) -> anyhow::Result<RecallStats> {
+        self.plan_selection(host, table, dev, selection, heads, scratch)?;
+        // In place, a recall only updates the tables.
+        Ok(Self::apply_plan(dev, heads))
+    }
+
+    fn attend(
+        &self,
+        host: &mut HostTier<T>,
+        batch: &mut CpuBatch,
+        job: Attend<'_, SlotPlan>,
+        params: &AttnParams,
+        scratch: &mut CpuScratch<T>,
+    ) -> anyhow::Result<()> {
+        match job {
+            Attend::Decode(rows) => {
+                self.attend_decode_rows(host, batch, rows, params, scratch);
+            }
+            Attend::Prefill(rows) => {
+                for r in rows {
+                    self.attend_prefill_row(host, batch, r, params, scratch);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read(
+        &self,
+        host: &HostTier<T>,
+        batch: &mut CpuBatch,
+        what: Read<'_>,
+        out: &mut Vec<f32>,
+    ) -> anyhow::Result<()> {
+        match what {
+            Read::Query { row } => {
+                out.clear();
+                for h in 0..self.geo.num_q_heads() {
+                    out.extend_from_slice(batch.q_row(row, h, 0));
+                }
+                Ok(())
+            }
+            Read::Keys { table, len, head } => {
+                read_host_keys(&self.geo, host, table, len, head, out)
+            }
+        }
+    }
+}
+
+impl<T: KvElem> CpuBackend<T> {
+    /// Writes one row's tokens into the host tier, summarising each page it fills.
+    pub(crate) fn write_row(
+        &self,
+        host: &mut HostTier<T>,
+        batch: &CpuBatch,
+        w: &WriteRow<'_>,
+        scratch: &mut CpuScratch<T>,
+    ) {
+        let p = self.geo.page_size;
+        for j in 0..w.n {
+            let pos = w.first_pos + j;
+            let block = w.table[pos / p];
+            for h in 0..self.geo.num_kv_heads {
+                let (k, v) = batch.kv_row(w.row, h, j);
+                host.write_row(block, h, pos % p, k, v);
+            }
+            if pos % p == p - 1 {
+                host.summarise(block, self.summary, &mut scratch.rows);
+            }
+        }
+    }
+
+    /// Summarises the blocks of `full` where their summary is missing (prefix-cache hits,
+    /// rebuilds). Returns how many were computed.
+    pub(crate) fn ensure_summaries(
+        &self,
+        host: &mut HostTier<T>,
+        full: &[u32],
+        scratch: &mut CpuScratch<T>,
+    ) -> usize {
+        let mut n = 0;
+        for &block in full {
+            if !host.is_summarised(block) {
+                host.summarise(block, self.summary, &mut scratch.rows);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The slot tables' share of [`Arrange::Reset`]: sink and window pages in their slots,
+    /// the selected slots empty.
+    pub(crate) fn reset_plan(&self, dev: &mut SlotPlan, len: usize) -> RecallStats {
+        let g = &self.geo;
+        dev.clear();
+        let mut stats = RecallStats::default();
+        for (page, slot) in g.fixed_pages(len) {
+            for h in 0..g.num_kv_heads {
+                dev.slots_mut(h)[slot] = page as u32;
+            }
+            stats.pages += g.num_kv_heads;
+        }
+        stats
+    }
+
+    /// Applies the pending plans of `heads` to the slot tables; counts the pages that enter.
+    pub(crate) fn apply_plan(dev: &mut SlotPlan, heads: &[bool]) -> RecallStats {
+        let pages = (0..heads.len())
+            .filter(|&h| heads[h])
+            .map(|h| dev.plan(h).iter().filter(|e| e.page != NO_PAGE).count())
+            .sum();
+        dev.apply_plans(heads);
+        RecallStats { pages, bytes: 0 }
+    }
+
+    /// Scores and plans a selection (see [`Backend::select`]) without applying it.
+    pub(crate) fn plan_selection(
         &self,
         host: &HostTier<T>,
         table: &[u32],
@@ -383,122 +463,88 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn recall(
-        &self,
-        _host: &HostTier<T>,
-        _table: &[u32],
-        dev: &mut SlotPlan,
-        heads: &[bool],
-        _scratch: &mut CpuScratch<T>,
-    ) -> anyhow::Result<RecallStats> {
-        // In place, a recall only updates the tables.
-        let pages = (0..self.geo.num_kv_heads)
-            .filter(|&h| heads[h])
-            .map(|h| dev.plan(h).iter().filter(|e| e.page != NO_PAGE).count())
-            .sum();
-        dev.apply_plans(heads);
-        Ok(RecallStats { pages, bytes: 0 })
-    }
-
-    fn resident_pages(&self, dev: &SlotPlan, head: usize, _len: usize) -> anyhow::Result<Vec<u32>> {
-        let mut pages: Vec<u32> = dev
-            .slots(head)
-            .iter()
-            .copied()
-            .filter(|&p| p != NO_PAGE)
-            .collect();
-        pages.sort_unstable();
-        Ok(pages)
-    }
-
-    fn read_query(
-        &self,
-        batch: &mut CpuBatch,
-        row: usize,
-        out: &mut Vec<f32>,
-    ) -> anyhow::Result<()> {
-        out.clear();
-        for h in 0..self.geo.num_q_heads() {
-            out.extend_from_slice(batch.q_row(row, h, 0));
-        }
-        Ok(())
-    }
-
-    fn read_keys(
+    /// Decode attention of every row. A step that attends over many tokens in all (long
+    /// contexts, a large budget, many rows) runs its (row, KV head) pairs on rayon's pool (the
+    /// engine's matmul threads are idle during attention).
+    fn attend_decode_rows(
         &self,
         host: &HostTier<T>,
-        table: &[u32],
-        len: usize,
-        head: usize,
-        out: &mut Vec<f32>,
-    ) -> anyhow::Result<()> {
-        read_host_keys(&self.geo, host, table, len, head, out)
-    }
-
-    fn attend_decode(
-        &self,
-        host: &mut HostTier<T>,
-        table: &[u32],
-        len: usize,
-        dev: Option<&SlotPlan>,
         batch: &mut CpuBatch,
-        row: usize,
+        rows: &[AttendRow<'_, SlotPlan>],
         params: &AttnParams,
         scratch: &mut CpuScratch<T>,
-    ) -> anyhow::Result<()> {
+    ) {
         let g = &self.geo;
         let (n_q, per_head) = (batch.n_q, g.group * g.head_dim);
-        // One query position per row: the row's heads are contiguous in q and out.
-        let span = row * n_q * g.head_dim..(row + 1) * n_q * g.head_dim;
-        let (q, out) = (&batch.q[span.clone()], &mut batch.out[span]);
-        // A step that attends over many tokens (a long dense context, or a large budget) runs
-        // its KV heads on rayon's pool (the engine's matmul threads are idle during attention).
-        let attended = if dev.is_some() {
-            len.min(g.slots * g.page_size)
-        } else {
-            len
-        };
+        let width = n_q * g.head_dim;
+        let attended: usize = rows
+            .iter()
+            .map(|r| match r.dev {
+                Some(_) => r.len.min(g.slots * g.page_size),
+                None => r.len,
+            })
+            .sum();
+        let (q, out) = (&batch.q, &mut batch.out);
         if attended * g.num_kv_heads >= PARALLEL_DECODE && rayon::current_num_threads() > 1 {
             use rayon::prelude::*;
-            out.par_chunks_mut(per_head)
-                .zip(q.par_chunks(per_head))
-                .enumerate()
-                .for_each_init(AttnScratch::default, |sc, (h, (out, q))| {
-                    self.decode_head(host, table, len, dev, h, q, out, params, sc)
+            // One query position per row: a row's heads are contiguous in q and out. Every
+            // (row, KV head) pair is one item, so a single row spreads over the pool too.
+            let mut items: Vec<(&AttendRow<'_, SlotPlan>, usize, &mut [f32])> = Vec::new();
+            let mut rest: &mut [f32] = out;
+            let mut at = 0;
+            let mut order: Vec<&AttendRow<'_, SlotPlan>> = rows.iter().collect();
+            order.sort_by_key(|r| r.row);
+            for r in order {
+                let tail = std::mem::take(&mut rest);
+                let (_, tail) = tail.split_at_mut(r.row * width - at);
+                let (mine, tail) = tail.split_at_mut(width);
+                rest = tail;
+                at = (r.row + 1) * width;
+                items.extend(
+                    mine.chunks_mut(per_head)
+                        .enumerate()
+                        .map(|(h, o)| (r, h, o)),
+                );
+            }
+            items
+                .into_par_iter()
+                .for_each_init(AttnScratch::default, |sc, (r, h, o)| {
+                    let q = &q[r.row * width + h * per_head..r.row * width + (h + 1) * per_head];
+                    self.decode_head(host, r, h, (q, o), params, sc)
                 });
-            return Ok(());
+            return;
         }
-        for (h, (out, q)) in out.chunks_mut(per_head).zip(q.chunks(per_head)).enumerate() {
-            self.decode_head(host, table, len, dev, h, q, out, params, &mut scratch.attn);
+        for r in rows {
+            let span = r.row * width..(r.row + 1) * width;
+            let (q, out) = (&q[span.clone()], &mut out[span]);
+            for (h, (o, q)) in out.chunks_mut(per_head).zip(q.chunks(per_head)).enumerate() {
+                self.decode_head(host, r, h, (q, o), params, &mut scratch.attn);
+            }
         }
-        Ok(())
     }
 
-    fn attend_prefill(
+    /// Causal prefill attention of one row.
+    pub(crate) fn attend_prefill_row(
         &self,
         host: &HostTier<T>,
-        table: &[u32],
-        cached_len: usize,
-        new_len: usize,
         batch: &mut CpuBatch,
-        row: usize,
+        r: &CausalRow<'_>,
         params: &AttnParams,
         scratch: &mut CpuScratch<T>,
-    ) -> anyhow::Result<()> {
+    ) {
         let (n_q, q_tokens, d) = (batch.n_q, batch.q_tokens, batch.d);
-        let span = row * n_q * q_tokens * d..(row + 1) * n_q * q_tokens * d;
+        let span = r.row * n_q * q_tokens * d..(r.row + 1) * n_q * q_tokens * d;
         let job = PrefillJob {
             geo: &self.geo,
             host,
-            table,
-            cached_len,
-            new_len,
+            table: r.table,
+            cached_len: r.cached_len,
+            new_len: r.new_len,
             params,
             q: &batch.q[span.clone()],
             q_tokens,
         };
         job.run(&mut batch.out[span], &mut scratch.attn, &mut scratch.tile);
-        Ok(())
     }
 }
 
@@ -546,7 +592,7 @@ fn feed<'a, T: KvElem>(
 }
 
 impl<T: KvElem> CpuBackend<T> {
-    /// The slot tables' share of [`Backend::advance_window`]: the page holding token `len - 1`
+    /// The slot tables' share of [`Arrange::Advance`]: the page holding token `len - 1`
     /// takes its window slot, for every KV head.
     pub(crate) fn advance_window_plan(&self, plan: &mut SlotPlan, len: usize) {
         let g = &self.geo;
@@ -557,21 +603,18 @@ impl<T: KvElem> CpuBackend<T> {
         }
     }
 
-    /// Decode attention of KV head `h`'s query heads (`q` and `out`: `[G][d]`) over the whole
-    /// context (`dev` None) or the working set's slots.
-    #[allow(clippy::too_many_arguments)]
+    /// Decode attention of KV head `h`'s query heads (`q` into `out`: `[G][d]`) of row `r`
+    /// over its whole context (no working set) or its working set's slots.
     fn decode_head(
         &self,
         host: &HostTier<T>,
-        table: &[u32],
-        len: usize,
-        dev: Option<&SlotPlan>,
+        r: &AttendRow<'_, SlotPlan>,
         h: usize,
-        q: &[f32],
-        out: &mut [f32],
+        (q, out): (&[f32], &mut [f32]),
         params: &AttnParams,
         sc: &mut AttnScratch,
     ) {
+        let (table, len, dev) = (r.table, r.len, r.dev);
         let g = &self.geo;
         let (p, d, gs) = (g.page_size, g.head_dim, g.group);
         let pos = len - 1;

@@ -77,32 +77,47 @@ impl CudaBatch {
         Ok(())
     }
 
-    /// Stages one row's decode descriptor: `lens` (`[n_slots][n_kv]` spans) and `index` (a
-    /// dense layer's stored slots) go next to `desc`, which is pointed at them; the upload is
-    /// queued on `stream`. Returns the device address of the staged [`SeqDesc`].
+    /// Stages the descriptors of one decode launch: each row's `lens` (`[n_slots][n_kv]`
+    /// spans) and `index` (a dense layer's stored slots) go before the [`SeqDesc`] array, each
+    /// descriptor pointed at its own; the upload is queued on `stream`. Returns the device
+    /// address of the staged descriptor array.
     pub(super) fn stage_decode(
         &mut self,
         ctx: &Arc<CudaContext>,
         stream: &CudaStream,
-        lens: &[i32],
-        index: Option<&[u32]>,
-        mut desc: SeqDesc,
+        rows: &[(&[i32], Option<&[u32]>, SeqDesc)],
     ) -> anyhow::Result<u64> {
-        let lens_b = as_bytes(lens);
-        let index_b = index.map_or(&[][..], as_bytes);
-        let (lens_off, index_off) = (0, align(lens_b.len()));
-        let desc_off = index_off + align(index_b.len());
-        let total = desc_off + std::mem::size_of::<SeqDesc>();
+        let mut offsets = Vec::with_capacity(rows.len());
+        let mut total = 0;
+        for (lens, index, _) in rows {
+            let lens_off = total;
+            total += align(as_bytes(lens).len());
+            let index_off = total;
+            total += align(index.map_or(0, |ix| as_bytes(ix).len()));
+            offsets.push((lens_off, index_off));
+        }
+        let desc_off = total;
+        let desc_bytes = std::mem::size_of::<SeqDesc>();
+        total += rows.len() * desc_bytes;
         let dev = self.stage(ctx, stream, total, |host, dev| {
-            desc.slot_len = dev + lens_off as u64;
-            desc.slot_index = if index.is_some() {
-                dev + index_off as u64
-            } else {
-                0
-            };
-            host[lens_off..lens_off + lens_b.len()].copy_from_slice(lens_b);
-            host[index_off..index_off + index_b.len()].copy_from_slice(index_b);
-            host[desc_off..].copy_from_slice(as_bytes(std::slice::from_ref(&desc)));
+            for (i, ((lens, index, desc), &(lens_off, index_off))) in
+                rows.iter().zip(&offsets).enumerate()
+            {
+                let lens_b = as_bytes(lens);
+                host[lens_off..lens_off + lens_b.len()].copy_from_slice(lens_b);
+                let mut desc = *desc;
+                desc.slot_len = dev + lens_off as u64;
+                desc.slot_index = match index {
+                    Some(ix) => {
+                        let index_b = as_bytes(ix);
+                        host[index_off..index_off + index_b.len()].copy_from_slice(index_b);
+                        dev + index_off as u64
+                    }
+                    None => 0,
+                };
+                let at = desc_off + i * desc_bytes;
+                host[at..at + desc_bytes].copy_from_slice(as_bytes(std::slice::from_ref(&desc)));
+            }
         })?;
         Ok(dev + desc_off as u64)
     }

@@ -85,7 +85,7 @@ impl LayerTier {
     }
 
     /// The decode kernels' view of this layer: its first `n_slots` slots (the token spans and
-    /// any slot index are staged with the call, see `CudaBatch::stage_decode`).
+    /// any slot index are staged with the launch, see `CudaBatch::stage_decode`).
     pub fn desc(&self, n_slots: usize) -> SeqDesc {
         SeqDesc {
             slots: self.slots.ptr(),
@@ -148,17 +148,25 @@ impl DecodeBuffers {
             part_o: DeviceBuffer::new(ctx, 0)?,
             part_ml: DeviceBuffer::new(ctx, 0)?,
         };
-        bufs.prepare(geo, geo.slots)?;
+        bufs.prepare(geo, 1, geo.slots)?;
         Ok(bufs)
     }
 
-    /// The slots per decode block of a call over `n_slots` logical slots, with the buffers
-    /// grown to hold its partials (after the earlier decodes using them have run).
-    pub fn prepare(&mut self, geo: &Geometry, n_slots: usize) -> anyhow::Result<usize> {
+    /// The slots per decode block of a launch for `n_seq` rows over at most `max_slots`
+    /// logical slots each, with the buffers grown to hold its partials (after the earlier
+    /// decodes using them have run).
+    pub fn prepare(
+        &mut self,
+        geo: &Geometry,
+        n_seq: usize,
+        max_slots: usize,
+    ) -> anyhow::Result<usize> {
         let (n_q, n_kv, d) = (geo.num_q_heads(), geo.num_kv_heads, geo.head_dim);
-        let slots_per_chunk = Kernels::decode_slots_per_chunk(1, n_kv, n_slots, self.sm_count);
-        let n_chunks = n_slots.div_ceil(slots_per_chunk.max(1)).max(1);
-        let (o_bytes, ml_bytes) = (n_q * n_chunks * d * 4, n_q * n_chunks * 2 * 4);
+        let slots_per_chunk =
+            Kernels::decode_slots_per_chunk(n_seq, n_kv, max_slots, self.sm_count);
+        let n_chunks = max_slots.div_ceil(slots_per_chunk.max(1)).max(1);
+        let partials = n_seq * n_q * n_chunks;
+        let (o_bytes, ml_bytes) = (partials * d * 4, partials * 2 * 4);
         if self.part_o.bytes() < o_bytes || self.part_ml.bytes() < ml_bytes {
             self.stream.synchronize()?;
             self.part_o = DeviceBuffer::new(&self.ctx, o_bytes.max(self.part_o.bytes()))?;

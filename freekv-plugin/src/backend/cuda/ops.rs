@@ -26,7 +26,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::offload::{
-    decode_rows, ChunkMove, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
+    decode_rows, ChunkMove, DecodeDesc, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
 };
 use crate::backend::Role;
 use crate::geometry::Geometry;
@@ -499,60 +499,91 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
 
     fn decode(
         &self,
-        slots: &LayerTier,
-        index: Option<&[u32]>,
-        slot_len: &[i32],
+        rows: &[DecodeDesc<'_, LayerTier>],
         batch: &mut CudaBatch,
-        row: usize,
+        params: &AttnParams,
+        scratch: &mut CudaOpsScratch<T>,
+    ) -> anyhow::Result<()> {
+        let geo = &self.geo;
+        let n_kv = geo.num_kv_heads;
+        let mut live = Vec::with_capacity(rows.len());
+        for r in rows {
+            let n_slots = r.index.map_or(geo.slots, <[u32]>::len);
+            let stored = r.slots.shape.n_slots;
+            anyhow::ensure!(
+                r.row < batch.rows && batch.out.is_some() && r.slot_len.len() == n_slots * n_kv,
+                "decode of row {} of a {}-row batch over {n_slots} slots got {} slot lengths",
+                r.row,
+                batch.rows,
+                r.slot_len.len()
+            );
+            let last = r
+                .index
+                .map_or(Some(n_slots.saturating_sub(1) as u32), |ix| {
+                    ix.iter().copied().max()
+                });
+            if let Some(bad) = last.filter(|&s| s as usize >= stored) {
+                anyhow::bail!("decode reads slot {bad} of {stored}");
+            }
+            // A row with nothing to attend stays zero.
+            if n_slots > 0 {
+                live.push((r, n_slots));
+            }
+        }
+        // One launch per run of consecutive batch rows (every row of a step on the device:
+        // one launch per layer); descriptor `s` of a launch serves its `s`-th row.
+        live.sort_by_key(|(r, _)| r.row);
+        let mut start = 0;
+        while start < live.len() {
+            let mut end = start + 1;
+            while end < live.len() && live[end].0.row == live[end - 1].0.row + 1 {
+                end += 1;
+            }
+            self.decode_run(&live[start..end], batch, params, scratch)?;
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+impl<T: KvElem> CudaOps<T> {
+    /// One launch of the decode kernels for consecutive batch rows (each with its slot count).
+    fn decode_run(
+        &self,
+        run: &[(&DecodeDesc<'_, LayerTier>, usize)],
+        batch: &mut CudaBatch,
         params: &AttnParams,
         scratch: &mut CudaOpsScratch<T>,
     ) -> anyhow::Result<()> {
         let geo = &self.geo;
         let (n_kv, n_q, d) = (geo.num_kv_heads, geo.num_q_heads(), geo.head_dim);
-        let n_slots = index.map_or(geo.slots, <[u32]>::len);
-        let stored = slots.shape.n_slots;
-        anyhow::ensure!(
-            row < batch.rows && batch.out.is_some() && slot_len.len() == n_slots * n_kv,
-            "decode of row {row} of a {}-row batch over {n_slots} slots got {} slot lengths",
-            batch.rows,
-            slot_len.len()
-        );
-        let last = index.map_or(Some(n_slots.saturating_sub(1) as u32), |ix| {
-            ix.iter().copied().max()
-        });
-        if let Some(bad) = last.filter(|&s| s as usize >= stored) {
-            anyhow::bail!("decode reads slot {bad} of {stored}");
-        }
-        if n_slots == 0 {
-            // Nothing to attend: the row stays zero.
-            return Ok(());
-        }
+        let max_slots = run.iter().map(|&(_, n)| n).max().unwrap_or(0);
         self.bind()?;
         if scratch.decode.is_none() {
             let bufs = DecodeBuffers::new(&self.ctx, geo, self.sm_count, &self.engine)?;
             scratch.decode = Some(bufs);
         }
         let bufs = scratch.decode.as_mut().expect("allocated above");
-        let slots_per_chunk = bufs.prepare(geo, n_slots)?;
-        let desc = batch.stage_decode(
-            &self.ctx,
-            &self.engine,
-            slot_len,
-            index,
-            slots.desc(n_slots),
-        )?;
-        let row_off = (row * n_q * d * 2) as u64;
+        let slots_per_chunk = bufs.prepare(geo, run.len(), max_slots)?;
+        let staged: Vec<_> = run
+            .iter()
+            .map(|&(r, n)| (r.slot_len, r.index, r.slots.desc(n)))
+            .collect();
+        let descs = batch.stage_decode(&self.ctx, &self.engine, &staged)?;
+        let row_off = (run[0].0.row * n_q * d * 2) as u64;
         let s = self.engine.cu_stream();
         // The pages moved into the slots have landed.
-        slots.after_moves(s)?;
+        for &(r, _) in run {
+            r.slots.after_moves(s)?;
+        }
         let launched = self.kernels.decode(
             s,
             batch.q + row_off,
             (n_q * d) as i64,
-            desc,
-            1,
+            descs,
+            run.len(),
             n_kv,
-            n_slots,
+            max_slots,
             slots_per_chunk,
             bufs.part_o.ptr(),
             bufs.part_ml.ptr(),
@@ -563,9 +594,10 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         );
         // Whether or not both kernels were queued (a queued one still reads them): the
         // descriptors stay allocated, and the slots unwritten, until the kernels have run.
-        let guarded = batch
-            .guard_descriptors(s)
-            .and_then(|()| slots.last_use.record(s));
+        let mut guarded = batch.guard_descriptors(s);
+        for &(r, _) in run {
+            guarded = guarded.and_then(|()| r.slots.last_use.record(s));
+        }
         if guarded.is_err() {
             let _ = self.engine.synchronize();
         }

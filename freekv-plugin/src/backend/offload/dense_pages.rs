@@ -6,6 +6,7 @@
 use anyhow::Context;
 
 use crate::backend::cpu::elem::KvElem;
+use crate::backend::WriteRow;
 
 use super::{
     token_rows, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadBatch, OffloadScratch,
@@ -15,17 +16,14 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// Mirrors the tokens `first_pos..first_pos + n` of a dense layer (just written to the
     /// host tier) into its pages on the device: one token from the batch's row, more as the
     /// pages that hold them.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn mirror_tokens(
         &self,
         host: &mut HostOf<T, O>,
-        table: &[u32],
         batch: &OffloadBatch<O::Batch, O::Staged>,
-        row: usize,
-        first_pos: usize,
-        n: usize,
+        w: &WriteRow<'_>,
         scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<()> {
+        let (table, row, first_pos, n) = (w.table, w.row, w.first_pos, w.n);
         let Some(pages) = host.pages.as_mut() else {
             return Ok(());
         };

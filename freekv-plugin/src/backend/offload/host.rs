@@ -25,7 +25,7 @@ use crate::correction::group_similarity;
 use crate::geometry::Geometry;
 use crate::{AttnParams, Pooling};
 
-use super::ops::{decode_rows, span_tokens, ChunkMove, DeviceOps, NewToken};
+use super::ops::{decode_rows, span_tokens, ChunkMove, DecodeDesc, DeviceOps, NewToken};
 use super::staged::StagedRecall;
 
 /// The host-memory device for KV stored as `T`.
@@ -134,15 +134,12 @@ fn slot_rows<'a, T>(
 impl<T: KvElem> HostOps<T> {
     /// Attention of KV head `h`'s query heads (`q`, `out`: `[G][d]`) over its logical slots
     /// (stored where `index` says, see [`DeviceOps::decode`]).
-    #[allow(clippy::too_many_arguments)]
     fn decode_head(
         &self,
         data: &[T],
-        index: Option<&[u32]>,
-        slot_len: &[i32],
+        (index, slot_len): (Option<&[u32]>, &[i32]),
         h: usize,
-        q: &[f32],
-        out: &mut [f32],
+        (q, out): (&[f32], &mut [f32]),
         params: &AttnParams,
         sc: &mut AttnScratch,
     ) {
@@ -480,14 +477,28 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
 
     fn decode(
         &self,
-        slots: &Vec<T>,
-        index: Option<&[u32]>,
-        slot_len: &[i32],
+        rows: &[DecodeDesc<'_, Vec<T>>],
         batch: &mut HostBatch<T>,
-        row: usize,
         params: &AttnParams,
         scratch: &mut HostOpsScratch<T>,
     ) -> anyhow::Result<()> {
+        for r in rows {
+            self.decode_row(r, batch, params, scratch)?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: KvElem> HostOps<T> {
+    /// One row of [`DeviceOps::decode`].
+    fn decode_row(
+        &self,
+        r: &DecodeDesc<'_, Vec<T>>,
+        batch: &mut HostBatch<T>,
+        params: &AttnParams,
+        scratch: &mut HostOpsScratch<T>,
+    ) -> anyhow::Result<()> {
+        let (slots, index, slot_len, row) = (r.slots, r.index, r.slot_len, r.row);
         let g = &self.geo;
         let (n_q, d) = (g.num_q_heads(), g.head_dim);
         let stored = slots.len() / self.slot_elems();
@@ -517,12 +528,19 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
                 .zip(q.par_chunks(per_head))
                 .enumerate()
                 .for_each_init(AttnScratch::default, |sc, (h, (out, q))| {
-                    self.decode_head(slots, index, slot_len, h, q, out, params, sc)
+                    self.decode_head(slots, (index, slot_len), h, (q, out), params, sc)
                 });
             return Ok(());
         }
         for (h, (out, q)) in out.chunks_mut(per_head).zip(q.chunks(per_head)).enumerate() {
-            self.decode_head(slots, index, slot_len, h, q, out, params, &mut scratch.attn);
+            self.decode_head(
+                slots,
+                (index, slot_len),
+                h,
+                (q, out),
+                params,
+                &mut scratch.attn,
+            );
         }
         Ok(())
     }

@@ -36,6 +36,7 @@
 //!   to its position (`prompt`: a dense layer's pages, or the row's pages copied from the host
 //!   tier for the call; the host attends a row whose copy does not fit).
 
+mod decode;
 mod dense_pages;
 pub mod host;
 pub mod ops;
@@ -53,14 +54,17 @@ use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::cpu::io::CpuBatch;
 use crate::backend::cpu::select::{plan_replacement, SelectScratch};
-use crate::backend::cpu::{read_host_keys, CpuBackend, CpuScratch};
-use crate::backend::{Backend, RecallStats, Role, Selection};
+use crate::backend::cpu::{CpuBackend, CpuScratch};
+use crate::backend::{
+    Arrange, Attend, Backend, Inputs, Memory, Read, RecallStats, Role, Selection, WriteRow,
+};
 use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling, Selector};
 
 pub use ops::{
-    decode_rows, span_tokens, token_span, ChunkMove, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
+    decode_rows, span_tokens, token_span, ChunkMove, DecodeDesc, DeviceOps, NewToken,
+    STAGED_CHUNKS_PER_BUFFER,
 };
 use prompt::DevicePrompt;
 
@@ -131,25 +135,50 @@ struct PendingToken {
 /// for the host-side work (the host tier, the correction test, FreeKV's prefill), read from
 /// that copy when first needed ([`OffloadBackend::host_values`]).
 pub struct OffloadBatch<B, S> {
+    /// Where the loaded call stands.
+    call: Call,
     /// The call's values on the host (and the output of the rows the host attends), once
-    /// `host_loaded`.
+    /// loaded there (a prompt's at once, a decode step's when first needed).
     host: CpuBatch,
-    host_loaded: bool,
-    /// Whether the call's output was taken (so a read of `staged` waits for nothing).
-    retired: bool,
-    /// Whether the call has waited for the device (counted once in `step_waits`).
-    waited: bool,
     /// A decode step's values copied towards host memory.
     staged: Option<S>,
     /// A decode step's tensors on the device, and its output.
     pub dev: B,
-    /// Whether `dev` holds the loaded call (a decode step).
-    on_device: bool,
     /// Rows of a decode step whose output the host computed (in `host.out`).
     host_rows: Vec<usize>,
-    /// A prompt batch whose output is wanted: its tensors on the device, for the device's
-    /// prefill attention.
-    prompt: Option<DevicePrompt>,
+}
+
+/// The lifecycle of a batch's loaded call.
+enum Call {
+    /// Nothing loaded (or the last load failed).
+    Empty,
+    /// A prompt batch, its values on the host; `device`: its tensors on the device for the
+    /// device's prefill attention, when its output is wanted.
+    Prompt { device: Option<DevicePrompt> },
+    /// A decode step on the device.
+    Decode {
+        /// Its values were read on the host (from `staged`).
+        host_loaded: bool,
+        /// It waited for the device (counted once in `step_waits`).
+        waited: bool,
+        /// Its output was taken (so a read of `staged` waits for nothing).
+        retired: bool,
+    },
+}
+
+impl<B, S> OffloadBatch<B, S> {
+    /// Whether the loaded call is a decode step on the device.
+    fn on_device(&self) -> bool {
+        matches!(self.call, Call::Decode { .. })
+    }
+
+    /// The loaded prompt's tensors on the device, when the device may attend it.
+    fn prompt(&mut self) -> Option<&mut DevicePrompt> {
+        match &mut self.call {
+            Call::Prompt { device } => device.as_mut(),
+            _ => None,
+        }
+    }
 }
 
 /// Per-thread working memory.
@@ -175,12 +204,12 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// its mirror of the summaries, into `scratch.scores` (`[n_kv][candidates]`).
     fn score_on_device(
         &self,
-        host: &<Self as Backend>::HostTier,
+        host: &<Self as Memory>::HostTier,
         table: &[u32],
-        dev: &<Self as Backend>::DeviceTier,
+        dev: &<Self as Memory>::DeviceTier,
         candidates: &Range<usize>,
         heads: &[bool],
-        scratch: &mut <Self as Backend>::Scratch,
+        scratch: &mut <Self as Memory>::Scratch,
     ) -> anyhow::Result<()> {
         let Some(mirror) = host.summaries.as_ref() else {
             anyhow::bail!(
@@ -270,15 +299,29 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         &self,
         batch: &'a mut OffloadBatch<O::Batch, O::Staged>,
     ) -> anyhow::Result<&'a mut CpuBatch> {
-        if !batch.host_loaded {
+        match batch.call {
+            Call::Empty => anyhow::bail!("no call is loaded"),
+            Call::Decode {
+                host_loaded: false, ..
+            } => {}
+            _ => return Ok(&mut batch.host),
+        }
+        {
             self.note_wait(batch);
             let staged = batch.staged.as_ref().context("no decode step is loaded")?;
             let [q, k, v] = self
                 .ops
                 .read_staged(staged)
                 .context("reading a decode step's q, k and v on the host")?;
-            self.cpu.load_decode(&mut batch.host, &q, &k, &v)?;
-            batch.host_loaded = true;
+            let inputs = Inputs::Decode {
+                q: &q,
+                k: &k,
+                v: &v,
+            };
+            self.cpu.load(&mut batch.host, inputs)?;
+            if let Call::Decode { host_loaded, .. } = &mut batch.call {
+                *host_loaded = true;
+            }
         }
         Ok(&mut batch.host)
     }
@@ -286,8 +329,13 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// Counts a wait of the loaded call for its own device work (once per call; none after
     /// its output was taken).
     fn note_wait(&self, batch: &mut OffloadBatch<O::Batch, O::Staged>) {
-        if !batch.retired && !batch.waited {
-            batch.waited = true;
+        if let Call::Decode {
+            waited: waited @ false,
+            retired: false,
+            ..
+        } = &mut batch.call
+        {
+            *waited = true;
             self.step_waits.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -297,6 +345,9 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         params.softcap.is_none_or(|c| c > 0.0)
     }
 }
+
+/// The device tier of an [`OffloadBackend`] on `O`.
+type TierOf<T, O> = OffloadTier<T, <O as DeviceOps<T>>::Slots, <O as DeviceOps<T>>::Query>;
 
 /// The host tier of an [`OffloadBackend`] on `O`.
 type HostOf<T, O> = OffloadHost<
@@ -315,7 +366,7 @@ fn token_rows<'a, T: KvElem, B, S>(
     row: usize,
     buf: &'a mut Vec<T>,
 ) -> NewToken<'a, T, B> {
-    if batch.on_device {
+    if batch.on_device() {
         return NewToken::Batch {
             batch: &batch.dev,
             row,
@@ -344,7 +395,7 @@ fn on_host(t: &Tensor) -> anyhow::Result<Tensor> {
     Ok(t.to_device(&Device::Cpu)?)
 }
 
-impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
+impl<T: KvElem, O: DeviceOps<T>> Memory for OffloadBackend<T, O> {
     type HostTier = HostOf<T, O>;
     type DeviceTier = OffloadTier<T, O::Slots, O::Query>;
     type Scratch = OffloadScratch<T, O::Scratch>;
@@ -430,15 +481,11 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
 
     fn alloc_batch(&self) -> Self::Batch {
         OffloadBatch {
+            call: Call::Empty,
             host: CpuBatch::default(),
-            host_loaded: false,
-            retired: false,
-            waited: false,
             staged: None,
             dev: self.ops.alloc_batch(),
-            on_device: false,
             host_rows: Vec::new(),
-            prompt: None,
         }
     }
 
@@ -466,66 +513,35 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         }
     }
 
-    fn load_decode(
-        &self,
-        batch: &mut Self::Batch,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> anyhow::Result<()> {
-        batch.on_device = false;
-        batch.host_loaded = false;
-        batch.retired = false;
-        batch.waited = false;
-        batch.host_rows.clear();
-        batch.prompt = None;
-        self.ops
-            .load_batch(&mut batch.dev, q, k, v)
-            .context("loading a decode step on the device")?;
-        // The host's copy (the host tier, the correction test), read when needed.
-        let reuse = batch.staged.take();
-        batch.staged = Some(
-            self.ops
-                .stage_batch(&batch.dev, reuse)
-                .context("copying a decode step's q, k and v towards the host")?,
-        );
-        batch.on_device = true;
-        Ok(())
+    fn holds_short_contexts(&self) -> bool {
+        true
     }
 
-    fn load_prefill(
-        &self,
-        batch: &mut Self::Batch,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        last_only: Option<&[usize]>,
-    ) -> anyhow::Result<()> {
-        batch.on_device = false;
-        batch.host_loaded = false;
-        batch.host_rows.clear();
-        batch.prompt = None;
-        let (hq, hk, hv) = (on_host(q)?, on_host(k)?, on_host(v)?);
-        self.cpu
-            .load_prefill(&mut batch.host, &hq, &hk, &hv, last_only)?;
-        batch.host_loaded = true;
-        if last_only.is_none() {
-            batch.prompt = Some(DevicePrompt {
-                inputs: [q.clone(), k.clone(), v.clone()],
-                out: vec![None; q.dim(0)?],
-            });
+    fn slot_plan(dev: &Self::DeviceTier) -> &SlotPlan {
+        &dev.plan
+    }
+}
+
+impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
+    fn load(&self, batch: &mut Self::Batch, inputs: Inputs<'_>) -> anyhow::Result<()> {
+        match inputs {
+            Inputs::Decode { q, k, v } => self.load_decode(batch, q, k, v),
+            Inputs::Prefill { q, k, v, last_only } => self.load_prefill(batch, q, k, v, last_only),
         }
-        Ok(())
     }
 
     fn take_output(&self, batch: &mut Self::Batch, dtype: DType) -> anyhow::Result<Tensor> {
-        batch.retired = true;
-        let attended = |p: &DevicePrompt| p.out.iter().any(Option::is_some);
-        if batch.prompt.as_ref().is_some_and(attended) {
+        if let Call::Decode { retired, .. } = &mut batch.call {
+            *retired = true;
+        }
+        let attended = |p: &mut DevicePrompt| p.out.iter().any(Option::is_some);
+        if batch.prompt().is_some_and(attended) {
             return self.take_prompt_output(batch, dtype);
         }
-        batch.prompt = None;
-        if batch.on_device {
+        if let Call::Prompt { device } = &mut batch.call {
+            *device = None;
+        }
+        if batch.on_device() {
             let OffloadBatch {
                 host,
                 dev,
@@ -548,47 +564,20 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             .to_device(self.ops.device())?)
     }
 
-    fn write_tokens(
+    fn write(
         &self,
         host: &mut Self::HostTier,
-        table: &[u32],
         batch: &mut Self::Batch,
-        row: usize,
-        first_pos: usize,
-        n: usize,
+        rows: &[WriteRow<'_>],
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()> {
-        let p = self.geo.page_size;
-        let block = table[first_pos / p];
-        // A decode token waits for the step's staged values (a page it fills is summarised
-        // then), unless a dense layer's stale page must be copied whole from the host tier now.
-        let defer =
-            batch.on_device && n == 1 && !(host.pages.is_some() && host.stale[block as usize]);
-        if defer {
-            host.pending.push(PendingToken {
-                row,
-                block,
-                pos: first_pos % p,
-            });
-        } else {
-            let values = self.host_values(batch)?;
-            self.cpu.write_tokens(
-                &mut host.tier,
-                table,
-                values,
-                row,
-                first_pos,
-                n,
-                &mut scratch.cpu,
-            )?;
+        for w in rows {
+            self.write_row(host, batch, w, scratch)?;
+            if w.summarised_pages > 0 {
+                self.ensure_summaries(host, &w.table[..w.summarised_pages], scratch)?;
+            }
         }
-        self.mirror_tokens(host, table, batch, row, first_pos, n, scratch)?;
-        // The pages that became full were summarised: mirror them.
-        scratch.blocks.clear();
-        scratch
-            .blocks
-            .extend((first_pos / p..(first_pos + n) / p).map(|page| table[page]));
-        self.upload_summaries(host, scratch)
+        Ok(())
     }
 
     fn settle(
@@ -611,15 +600,15 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         // same token).
         for t in &host.pending {
             // The device already holds the token; a page it fills is summarised here.
-            self.cpu.write_tokens(
-                &mut host.tier,
-                &[t.block],
-                values,
-                t.row,
-                t.pos,
-                1,
-                &mut scratch.cpu,
-            )?;
+            let w = WriteRow {
+                table: &[t.block],
+                row: t.row,
+                first_pos: t.pos,
+                n: 1,
+                summarised_pages: 0,
+            };
+            self.cpu
+                .write_row(&mut host.tier, values, &w, &mut scratch.cpu);
             if t.pos + 1 == p {
                 scratch.blocks.push(t.block);
             }
@@ -629,90 +618,28 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         self.upload_summaries(host, scratch)
     }
 
-    fn ensure_summaries(
-        &self,
-        host: &mut Self::HostTier,
-        table: &[u32],
-        full_pages: usize,
-        scratch: &mut Self::Scratch,
-    ) -> anyhow::Result<usize> {
-        scratch.blocks.clear();
-        scratch.blocks.extend(
-            table[..full_pages]
-                .iter()
-                .copied()
-                .filter(|&b| !host.tier.is_summarised(b)),
-        );
-        let n = self
-            .cpu
-            .ensure_summaries(&mut host.tier, table, full_pages, &mut scratch.cpu)?;
-        self.upload_summaries(host, scratch)?;
-        Ok(n)
-    }
-
-    fn reset_working_set(
+    fn arrange(
         &self,
         host: &Self::HostTier,
         table: &[u32],
         dev: &mut Self::DeviceTier,
         len: usize,
+        how: Arrange,
+        batch: &Self::Batch,
     ) -> anyhow::Result<RecallStats> {
-        let g = &self.geo;
-        dev.held_len = 0;
-        let mut stats = self
-            .cpu
-            .reset_working_set(&host.tier, table, &mut dev.plan, len)?;
-        let mut moves = Vec::new();
-        for h in 0..g.num_kv_heads {
-            for (slot, &page) in dev.plan.slots(h).iter().enumerate() {
-                if page != NO_PAGE {
-                    moves.push(ChunkMove {
-                        block: table[page as usize],
-                        head: h as u32,
-                        slot: slot as u32,
-                    });
-                    // The page's valid tokens are what the working set gains.
-                    stats.bytes += 2
-                        * g.valid_tokens(page as usize, len)
-                        * g.head_dim
-                        * std::mem::size_of::<T>();
-                }
+        match how {
+            Arrange::Reset => self.reset_working_set(host, table, dev, len),
+            Arrange::Advance { row } => {
+                dev.held_len = 0;
+                self.cpu.advance_window_plan(&mut dev.plan, len);
+                let slot = self.geo.window_slot((len - 1) / self.geo.page_size);
+                self.append_from_batch(dev, slot, len - 1, batch, row)?;
+                Ok(RecallStats::default())
+            }
+            Arrange::HoldEvery { row } => {
+                self.hold_whole_context(host, table, dev, len, batch, row)
             }
         }
-        self.ops
-            .move_chunks(&host.tier, &mut dev.slots, &moves, None)
-            .context("installing the sink and window pages")?;
-        Ok(stats)
-    }
-
-    fn advance_window(
-        &self,
-        _table: &[u32],
-        dev: &mut Self::DeviceTier,
-        len: usize,
-        batch: &Self::Batch,
-        row: usize,
-    ) -> anyhow::Result<()> {
-        dev.held_len = 0;
-        self.cpu.advance_window_plan(&mut dev.plan, len);
-        let slot = self.geo.window_slot((len - 1) / self.geo.page_size);
-        self.append_from_batch(dev, slot, len - 1, batch, row)
-    }
-
-    fn holds_short_contexts(&self) -> bool {
-        true
-    }
-
-    fn hold_every_page(
-        &self,
-        host: &Self::HostTier,
-        table: &[u32],
-        dev: &mut Self::DeviceTier,
-        len: usize,
-        batch: &Self::Batch,
-        row: usize,
-    ) -> anyhow::Result<RecallStats> {
-        self.hold_whole_context(host, table, dev, len, batch, row)
     }
 
     fn store_query(
@@ -738,7 +665,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         batch: &mut Self::Batch,
         out: &mut [f32],
     ) -> anyhow::Result<()> {
-        if !batch.on_device {
+        if !batch.on_device() {
             let values = self.host_values(batch)?;
             let plans: Vec<_> = rows.iter().map(|&(r, dev)| (r, &dev.plan)).collect();
             return self.cpu.query_similarities(&plans, values, out);
@@ -760,6 +687,70 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         selection: &Selection,
         heads: &[bool],
         scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<RecallStats> {
+        self.plan_selection(host, table, dev, selection, heads, scratch)?;
+        self.recall(host, table, dev, heads, scratch)
+    }
+
+    fn attend(
+        &self,
+        host: &mut Self::HostTier,
+        batch: &mut Self::Batch,
+        job: Attend<'_, Self::DeviceTier>,
+        params: &AttnParams,
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()> {
+        match job {
+            Attend::Decode(rows) => self.attend_decode_rows(host, batch, rows, params, scratch),
+            Attend::Prefill(rows) => {
+                for r in rows {
+                    let on_device = batch.prompt().is_some()
+                        && Self::decode_on_device(params)
+                        && self.attend_prompt_on_device(host, r, batch, params, scratch)?;
+                    if !on_device {
+                        self.cpu.attend_prefill_row(
+                            &host.tier,
+                            &mut batch.host,
+                            r,
+                            params,
+                            &mut scratch.cpu,
+                        );
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        host: &Self::HostTier,
+        batch: &mut Self::Batch,
+        what: Read<'_>,
+        out: &mut Vec<f32>,
+    ) -> anyhow::Result<()> {
+        if let Read::Keys { .. } = what {
+            anyhow::ensure!(
+                host.pending.is_empty(),
+                "keys read before the step's tokens reached the host tier"
+            );
+        } else {
+            self.host_values(batch)?;
+        }
+        self.cpu.read(&host.tier, &mut batch.host, what, out)
+    }
+}
+
+impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
+    /// Scores and plans a selection (see [`Backend::select`]) without recalling it.
+    fn plan_selection(
+        &self,
+        host: &HostOf<T, O>,
+        table: &[u32],
+        dev: &mut OffloadTier<T, O::Slots, O::Query>,
+        selection: &Selection,
+        heads: &[bool],
+        scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<()> {
         if selection.selector != Selector::Quest {
             // Selectors that read keys run on the host, over the host tier, as on the CPU. The
@@ -768,7 +759,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
                 selection.selector != Selector::Oracle || host.pending.is_empty(),
                 "an oracle selection before the step's tokens reached the host tier"
             );
-            return self.cpu.select(
+            return self.cpu.plan_selection(
                 &host.tier,
                 table,
                 &mut dev.plan,
@@ -795,13 +786,15 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         Ok(())
     }
 
+    /// Applies the pending plan of the heads in `heads`: brings the missing pages into their
+    /// slots.
     fn recall(
         &self,
-        host: &Self::HostTier,
+        host: &HostOf<T, O>,
         table: &[u32],
-        dev: &mut Self::DeviceTier,
+        dev: &mut OffloadTier<T, O::Slots, O::Query>,
         heads: &[bool],
-        scratch: &mut Self::Scratch,
+        scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<RecallStats> {
         let g = &self.geo;
         dev.held_len = 0;
@@ -826,168 +819,155 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
             )
             .context("recalling the selected pages")?;
         // The tables follow the data (and the plans are consumed).
-        let mut stats =
-            self.cpu
-                .recall(&host.tier, table, &mut dev.plan, heads, &mut scratch.cpu)?;
+        let mut stats = CpuBackend::<T>::apply_plan(&mut dev.plan, heads);
         debug_assert_eq!(stats.pages, scratch.moves.len());
         stats.bytes = stats.pages * self.chunk_bytes();
         Ok(stats)
     }
 
-    fn resident_pages(
+    /// Loads a decode step (see [`Inputs::Decode`]).
+    fn load_decode(
         &self,
-        dev: &Self::DeviceTier,
-        head: usize,
-        len: usize,
-    ) -> anyhow::Result<Vec<u32>> {
-        self.cpu.resident_pages(&dev.plan, head, len)
-    }
-
-    fn read_query(
-        &self,
-        batch: &mut Self::Batch,
-        row: usize,
-        out: &mut Vec<f32>,
+        batch: &mut OffloadBatch<O::Batch, O::Staged>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
     ) -> anyhow::Result<()> {
-        let values = self.host_values(batch)?;
-        self.cpu.read_query(values, row, out)
-    }
-
-    fn read_keys(
-        &self,
-        host: &Self::HostTier,
-        table: &[u32],
-        len: usize,
-        head: usize,
-        out: &mut Vec<f32>,
-    ) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            host.pending.is_empty(),
-            "keys read before the step's tokens reached the host tier"
-        );
-        read_host_keys(&self.geo, &host.tier, table, len, head, out)
-    }
-
-    fn attend_decode(
-        &self,
-        host: &mut Self::HostTier,
-        table: &[u32],
-        len: usize,
-        dev: Option<&Self::DeviceTier>,
-        batch: &mut Self::Batch,
-        row: usize,
-        params: &AttnParams,
-        scratch: &mut Self::Scratch,
-    ) -> anyhow::Result<()> {
-        let pages_on_device = || {
-            host.pages.is_some()
-                && !table[..self.geo.pages(len)]
-                    .iter()
-                    .any(|&b| host.stale[b as usize])
-        };
-        let on_device = batch.on_device
-            && Self::decode_on_device(params)
-            && (dev.is_some() || pages_on_device());
-        if !on_device {
-            // The host tier (dense), or the host chunks the tables name, with this step's
-            // tokens in place.
-            self.settle(host, batch, scratch)?;
-            let values = self.host_values(batch)?;
-            self.cpu.attend_decode(
-                &mut host.tier,
-                table,
-                len,
-                dev.map(|d| &d.plan),
-                values,
-                row,
-                params,
-                &mut scratch.cpu,
-            )?;
-            if batch.on_device {
-                batch.host_rows.push(row);
-            }
-            return Ok(());
-        }
-        let g = &self.geo;
-        let n_kv = g.num_kv_heads;
-        // The attended tokens of each slot (from the slot tables, or every page of the
-        // context), cut at the sliding window's start.
-        let first = params.first_visible(len - 1);
-        let span = |page: usize| visible_span(g, first, page, len);
-        scratch.slot_len.clear();
-        scratch.index.clear();
-        let (slots, index) = match dev {
-            Some(dev) => {
-                scratch.slot_len.resize(g.slots * n_kv, 0);
-                for h in 0..n_kv {
-                    for (slot, &page) in dev.plan.slots(h).iter().enumerate() {
-                        if page != NO_PAGE {
-                            scratch.slot_len[slot * n_kv + h] = span(page as usize);
-                        }
-                    }
-                }
-                (&dev.slots, None)
-            }
-            None => {
-                let pages = host.pages.as_ref().expect("checked above");
-                let visible = first / g.page_size..g.pages(len);
-                scratch.index.extend_from_slice(&table[visible.clone()]);
-                for page in visible {
-                    scratch
-                        .slot_len
-                        .extend(std::iter::repeat_n(span(page), n_kv));
-                }
-                (pages, Some(&scratch.index[..]))
-            }
-        };
+        batch.call = Call::Empty;
+        batch.host_rows.clear();
         self.ops
-            .decode(
-                slots,
-                index,
-                &scratch.slot_len,
-                &mut batch.dev,
-                row,
-                params,
-                &mut scratch.device,
-            )
-            .with_context(|| {
-                if index.is_some() {
-                    "decode attention over a dense layer's pages"
-                } else {
-                    "decode attention over the working set"
-                }
-            })
+            .load_batch(&mut batch.dev, q, k, v)
+            .context("loading a decode step on the device")?;
+        // The host's copy (the host tier, the correction test), read when needed.
+        let reuse = batch.staged.take();
+        batch.staged = Some(
+            self.ops
+                .stage_batch(&batch.dev, reuse)
+                .context("copying a decode step's q, k and v towards the host")?,
+        );
+        batch.call = Call::Decode {
+            host_loaded: false,
+            waited: false,
+            retired: false,
+        };
+        Ok(())
     }
 
-    fn attend_prefill(
+    /// Loads a prompt batch (see [`Inputs::Prefill`]).
+    fn load_prefill(
         &self,
-        host: &Self::HostTier,
-        table: &[u32],
-        cached_len: usize,
-        new_len: usize,
-        batch: &mut Self::Batch,
-        row: usize,
-        params: &AttnParams,
-        scratch: &mut Self::Scratch,
+        batch: &mut OffloadBatch<O::Batch, O::Staged>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        last_only: Option<&[usize]>,
     ) -> anyhow::Result<()> {
-        if batch.prompt.is_some()
-            && Self::decode_on_device(params)
-            && self.attend_prompt_on_device(
-                host, table, cached_len, new_len, batch, row, params, scratch,
-            )?
-        {
-            return Ok(());
+        batch.call = Call::Empty;
+        batch.host_rows.clear();
+        let (hq, hk, hv) = (on_host(q)?, on_host(k)?, on_host(v)?);
+        let inputs = Inputs::Prefill {
+            q: &hq,
+            k: &hk,
+            v: &hv,
+            last_only,
+        };
+        self.cpu.load(&mut batch.host, inputs)?;
+        let device = match last_only {
+            None => Some(DevicePrompt {
+                inputs: [q.clone(), k.clone(), v.clone()],
+                out: vec![None; q.dim(0)?],
+            }),
+            Some(_) => None,
+        };
+        batch.call = Call::Prompt { device };
+        Ok(())
+    }
+
+    /// One row of [`Backend::write`].
+    fn write_row(
+        &self,
+        host: &mut HostOf<T, O>,
+        batch: &mut OffloadBatch<O::Batch, O::Staged>,
+        w: &WriteRow<'_>,
+        scratch: &mut OffloadScratch<T, O::Scratch>,
+    ) -> anyhow::Result<()> {
+        let (table, row, first_pos, n) = (w.table, w.row, w.first_pos, w.n);
+        let p = self.geo.page_size;
+        let block = table[first_pos / p];
+        // A decode token waits for the step's staged values (a page it fills is summarised
+        // then), unless a dense layer's stale page must be copied whole from the host tier now.
+        let defer =
+            batch.on_device() && n == 1 && !(host.pages.is_some() && host.stale[block as usize]);
+        if defer {
+            host.pending.push(PendingToken {
+                row,
+                block,
+                pos: first_pos % p,
+            });
+        } else {
+            let values = self.host_values(batch)?;
+            self.cpu
+                .write_row(&mut host.tier, values, w, &mut scratch.cpu);
         }
-        self.cpu.attend_prefill(
-            &host.tier,
-            table,
-            cached_len,
-            new_len,
-            &mut batch.host,
-            row,
-            params,
-            &mut scratch.cpu,
-        )
+        self.mirror_tokens(host, batch, w, scratch)?;
+        // The pages that became full were summarised: mirror them.
+        scratch.blocks.clear();
+        scratch
+            .blocks
+            .extend((first_pos / p..(first_pos + n) / p).map(|page| table[page]));
+        self.upload_summaries(host, scratch)
+    }
+
+    /// Summarises the blocks of `full` where their summary is missing, and mirrors them.
+    fn ensure_summaries(
+        &self,
+        host: &mut HostOf<T, O>,
+        full: &[u32],
+        scratch: &mut OffloadScratch<T, O::Scratch>,
+    ) -> anyhow::Result<()> {
+        scratch.blocks.clear();
+        scratch.blocks.extend(
+            full.iter()
+                .copied()
+                .filter(|&b| !host.tier.is_summarised(b)),
+        );
+        self.cpu
+            .ensure_summaries(&mut host.tier, full, &mut scratch.cpu);
+        self.upload_summaries(host, scratch)
+    }
+
+    /// [`Arrange::Reset`]: the sink and window pages copied into their slots.
+    fn reset_working_set(
+        &self,
+        host: &HostOf<T, O>,
+        table: &[u32],
+        dev: &mut OffloadTier<T, O::Slots, O::Query>,
+        len: usize,
+    ) -> anyhow::Result<RecallStats> {
+        let g = &self.geo;
+        dev.held_len = 0;
+        let mut stats = self.cpu.reset_plan(&mut dev.plan, len);
+        let mut moves = Vec::new();
+        for h in 0..g.num_kv_heads {
+            for (slot, &page) in dev.plan.slots(h).iter().enumerate() {
+                if page != NO_PAGE {
+                    moves.push(ChunkMove {
+                        block: table[page as usize],
+                        head: h as u32,
+                        slot: slot as u32,
+                    });
+                    // The page's valid tokens are what the working set gains.
+                    stats.bytes += 2
+                        * g.valid_tokens(page as usize, len)
+                        * g.head_dim
+                        * std::mem::size_of::<T>();
+                }
+            }
+        }
+        self.ops
+            .move_chunks(&host.tier, &mut dev.slots, &moves, None)
+            .context("installing the sink and window pages")?;
+        Ok(stats)
     }
 }
 

@@ -220,22 +220,31 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
         rows: NewToken<'_, T, Self::Batch>,
     ) -> anyhow::Result<()>;
 
-    /// Decode attention of batch row `row`'s query (one position) over logical slots: with
-    /// no `index`, the working set's slots themselves; with one, logical slot `i` is stored in
-    /// slot `index[i]` (a dense layer's pages in its pool). `slot_len[i * n_kv + head]` says
-    /// which tokens of each logical slot the head attends, as [`token_span`]: `[lo, hi)`
-    /// (`lo > 0` where a sliding window starts inside the page; 0: empty); the softcap, when
-    /// set, is positive, and `params.sliding_window` is not read. Writes the row's output in the
+    /// Decode attention of each row of `rows` (one launch for the call where the device can):
+    /// the query of batch row `row` (one position) over logical slots: with no `index`, the
+    /// working set's slots themselves; with one, logical slot `i` is stored in slot
+    /// `index[i]` (a dense layer's pages in its pool). `slot_len[i * n_kv + head]` says which
+    /// tokens of each logical slot the head attends, as [`token_span`]: `[lo, hi)` (`lo > 0`
+    /// where a sliding window starts inside the page; 0: empty); the softcap, when set, is
+    /// positive, and `params.sliding_window` is not read. Writes each row's output in the
     /// batch.
-    #[allow(clippy::too_many_arguments)]
     fn decode(
         &self,
-        slots: &Self::Slots,
-        index: Option<&[u32]>,
-        slot_len: &[i32],
+        rows: &[DecodeDesc<'_, Self::Slots>],
         batch: &mut Self::Batch,
-        row: usize,
         params: &AttnParams,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()>;
+}
+
+/// One row of a [`DeviceOps::decode`] call.
+pub struct DecodeDesc<'a, S> {
+    /// The slots it reads.
+    pub slots: &'a S,
+    /// Where each logical slot is stored (`None`: logical slot `i` is slot `i`).
+    pub index: Option<&'a [u32]>,
+    /// `[logical slot][n_kv]` attended tokens, packed by [`token_span`].
+    pub slot_len: &'a [i32],
+    /// The batch row whose query attends.
+    pub row: usize,
 }

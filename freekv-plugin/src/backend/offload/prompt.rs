@@ -8,11 +8,12 @@ use anyhow::Context;
 use candle_core::{DType, Tensor};
 
 use crate::backend::cpu::elem::KvElem;
-use crate::backend::Backend;
+use crate::backend::{Backend, CausalRow};
 use crate::AttnParams;
 
 use super::{
-    visible_span, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadBatch, OffloadScratch,
+    visible_span, Call, ChunkMove, DecodeDesc, DeviceOps, HostOf, OffloadBackend, OffloadBatch,
+    OffloadScratch,
 };
 
 /// Prompt queries per device batch (bounds the staged decode descriptors of one batch).
@@ -29,24 +30,20 @@ pub struct DevicePrompt {
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// Attends prompt row `row` on the device. Returns false, having done nothing, where the
     /// row's pages do not fit in device memory beside what it holds (the host attends it).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn attend_prompt_on_device(
         &self,
         host: &HostOf<T, O>,
-        table: &[u32],
-        cached_len: usize,
-        new_len: usize,
+        r: &CausalRow<'_>,
         batch: &mut OffloadBatch<O::Batch, O::Staged>,
-        row: usize,
         params: &AttnParams,
         scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<bool> {
+        let (table, cached_len, new_len, row) = (r.table, r.cached_len, r.new_len, r.row);
         let g = &self.geo;
         let (n_kv, p) = (g.num_kv_heads, g.page_size);
         let pages = g.pages(cached_len + new_len);
         let prompt = batch
-            .prompt
-            .as_mut()
+            .prompt()
             .context("no prompt batch is loaded on the device")?;
         // The row's queries (and keys, values) as the rows of a decode batch: (L, H, D).
         let [q, k, v] = [0, 1, 2].map(|i| {
@@ -102,28 +99,34 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
                     &v.narrow(0, start, n)?,
                 )
                 .context("loading a prompt's queries on the device")?;
+            // Query `start + j` sits at `pos` and sees the keys `first..=pos`: one decode
+            // row each, all in one call.
+            scratch.slot_len.clear();
+            let mut spans = Vec::with_capacity(n);
             for j in 0..n {
-                // Query `start + j` sits at `pos` and sees the keys `first..=pos`.
                 let pos = cached_len + start + j;
                 let first = params.first_visible(pos);
                 let visible = first / p..g.pages(pos + 1);
-                scratch.slot_len.clear();
+                let lens0 = scratch.slot_len.len();
                 for page in visible.clone() {
                     let span = visible_span(g, first, page, pos + 1);
                     scratch.slot_len.extend(std::iter::repeat_n(span, n_kv));
                 }
-                self.ops
-                    .decode(
-                        slots,
-                        Some(&index[visible]),
-                        &scratch.slot_len,
-                        &mut rows,
-                        j,
-                        params,
-                        &mut scratch.device,
-                    )
-                    .context("prefill attention on the device")?;
+                spans.push((lens0..scratch.slot_len.len(), visible));
             }
+            let descs: Vec<_> = spans
+                .into_iter()
+                .enumerate()
+                .map(|(j, (lens, visible))| DecodeDesc {
+                    slots,
+                    index: Some(&index[visible]),
+                    slot_len: &scratch.slot_len[lens],
+                    row: j,
+                })
+                .collect();
+            self.ops
+                .decode(&descs, &mut rows, params, &mut scratch.device)
+                .context("prefill attention on the device")?;
             outs.push(
                 self.ops
                     .finish_batch(&mut rows, &[], &[], out_dtype)
@@ -147,12 +150,15 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         batch: &mut OffloadBatch<O::Batch, O::Staged>,
         dtype: DType,
     ) -> anyhow::Result<Tensor> {
-        let prompt = batch
-            .prompt
-            .as_mut()
-            .context("no prompt batch is loaded on the device")?;
+        let OffloadBatch { call, host, .. } = batch;
+        let Call::Prompt {
+            device: Some(prompt),
+        } = call
+        else {
+            anyhow::bail!("no prompt batch is loaded on the device")
+        };
         let host_out = if prompt.out.iter().any(Option::is_none) {
-            Some(self.cpu.take_output(&mut batch.host, dtype)?)
+            Some(self.cpu.take_output(host, dtype)?)
         } else {
             None
         };
@@ -165,7 +171,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             });
         }
         // The engine's tensors are not held past the call.
-        batch.prompt = None;
+        *call = Call::Prompt { device: None };
         Ok(Tensor::stack(&rows, 0)?)
     }
 }

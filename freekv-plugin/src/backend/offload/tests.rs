@@ -4,6 +4,7 @@
 use super::host::HostOps;
 use super::*;
 use crate::backend::cpu::select::pooled_scores;
+use crate::backend::AttendRow;
 use crate::plan::tests::geo;
 
 /// Summaries the host computes outside a page fill (`ensure_summaries`) reach the device's
@@ -48,11 +49,9 @@ fn summaries_computed_late_reach_the_mirror() {
         vec![0.0; n_kv],
         "nothing uploaded yet"
     );
-    assert_eq!(
-        off.ensure_summaries(&mut host, &[2], 1, &mut scratch)
-            .unwrap(),
-        1
-    );
+    assert!(!host.tier.is_summarised(2));
+    off.ensure_summaries(&mut host, &[2], &mut scratch).unwrap();
+    assert!(host.tier.is_summarised(2));
     let got = score(&host, &mut scratch);
     for h in 0..n_kv {
         let mut sc = SelectScratch::default();
@@ -95,36 +94,66 @@ fn dense_layers_attend_from_their_pages_on_the_device() {
     let kv = tensor(n_kv * 20 * d, 0, &[1, n_kv, 20, d]);
     let q = tensor(n_q * 20 * d, 1, &[1, n_q, 20, d]);
     let mut batch = off.alloc_batch();
-    off.load_prefill(&mut batch, &q, &kv, &kv, None).unwrap();
-    off.write_tokens(&mut host, &table, &mut batch, 0, 0, 20, &mut scratch)
+    let prompt = Inputs::Prefill {
+        q: &q,
+        k: &kv,
+        v: &kv,
+        last_only: None,
+    };
+    let write = |first_pos, n| WriteRow {
+        table: &table,
+        row: 0,
+        first_pos,
+        n,
+        summarised_pages: 0,
+    };
+    off.load(&mut batch, prompt).unwrap();
+    off.write(&mut host, &mut batch, &[write(0, 20)], &mut scratch)
         .unwrap();
     let (qd, kd) = (
         tensor(n_q * d, 5, &[1, n_q, d]),
         tensor(n_kv * d, 3, &[1, n_kv, d]),
     );
     let params = AttnParams::scaled(0.5);
+    let step = Inputs::Decode {
+        q: &qd,
+        k: &kd,
+        v: &kd,
+    };
     let attend = |host: &mut HostOf<f32, HostOps<f32>>,
                   scratch: &mut OffloadScratch<f32, _>,
                   on_device: bool| {
         let mut b = off.alloc_batch();
-        off.load_decode(&mut b, &qd, &kd, &kd).unwrap();
+        off.load(&mut b, step).unwrap();
+        let row = AttendRow {
+            table: &table,
+            len: 21,
+            dev: None,
+            row: 0,
+        };
         if on_device {
-            off.attend_decode(host, &table, 21, None, &mut b, 0, &params, scratch)
+            off.attend(host, &mut b, Attend::Decode(&[row]), &params, scratch)
                 .unwrap();
             let out = off.take_output(&mut b, DType::F32).unwrap();
             return out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         }
         let sc = &mut scratch.cpu;
         let values = off.host_values(&mut b).unwrap();
+        let row = AttendRow {
+            table: &table,
+            len: 21,
+            dev: None,
+            row: 0,
+        };
         off.cpu
-            .attend_decode(&mut host.tier, &table, 21, None, values, 0, &params, sc)
+            .attend(&mut host.tier, values, Attend::Decode(&[row]), &params, sc)
             .unwrap();
         (0..n_q)
             .flat_map(|h| values.out_row(0, h, 0).to_vec())
             .collect::<Vec<f32>>()
     };
-    off.load_decode(&mut batch, &qd, &kd, &kd).unwrap();
-    off.write_tokens(&mut host, &table, &mut batch, 0, 20, 1, &mut scratch)
+    off.load(&mut batch, step).unwrap();
+    off.write(&mut host, &mut batch, &[write(20, 1)], &mut scratch)
         .unwrap();
     // Not a page's last token: it reaches the host tier when the step is settled.
     assert_eq!(host.pending.len(), 1);
@@ -149,8 +178,8 @@ fn dense_layers_attend_from_their_pages_on_the_device() {
     // (That row's output is the host's, merged into the device batch's.)
     host.stale[table[1] as usize] = true;
     assert_eq!(attend(&mut host, &mut scratch, true), changed);
-    off.load_prefill(&mut batch, &q, &kv, &kv, None).unwrap();
-    off.write_tokens(&mut host, &table, &mut batch, 0, 8, 1, &mut scratch)
+    off.load(&mut batch, prompt).unwrap();
+    off.write(&mut host, &mut batch, &[write(8, 1)], &mut scratch)
         .unwrap();
     assert!(!host.stale[table[1] as usize]);
     assert_eq!(
@@ -178,7 +207,7 @@ fn a_failed_summary_copy_is_retried_before_any_selection_scores_it() {
     // A mirror too small for block 2: its copy fails, naming the block.
     let mirror = host.summaries.replace(off.ops.alloc_summaries(2).unwrap());
     let err = off
-        .ensure_summaries(&mut host, &[2], 1, &mut scratch)
+        .ensure_summaries(&mut host, &[2], &mut scratch)
         .unwrap_err();
     assert!(format!("{err:#}").contains("block 2"), "{err:#}");
     assert_eq!(host.unmirrored, vec![2]);

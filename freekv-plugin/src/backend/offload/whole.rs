@@ -11,7 +11,7 @@ use crate::backend::RecallStats;
 use super::{token_rows, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadBatch, OffloadTier};
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
-    /// [`Backend::hold_every_page`](crate::backend::Backend::hold_every_page): only what
+    /// [`Arrange::HoldEvery`](crate::backend::Arrange::HoldEvery): only what
     /// changed since the previous step moves (the new page, and the page leaving the window
     /// for its selectable slot); any other context is installed whole.
     pub(super) fn hold_whole_context(
