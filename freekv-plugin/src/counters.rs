@@ -168,7 +168,9 @@ impl LayerCounters {
 /// Counters of every layer and their sum.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Counters {
+    /// One entry per layer, in layer order.
     pub per_layer: Vec<LayerCounters>,
+    /// The sum over the layers.
     pub total: LayerCounters,
 }
 

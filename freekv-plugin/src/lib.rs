@@ -7,32 +7,34 @@
 //! - [`FreeKv`] (here): the instance the engine glue calls, one per loaded model;
 //! - `timeline` / `prefill`: the method itself, one decode step of one layer as the spec reads
 //!   (plan -> append -> correct? -> attend -> schedule) and the prompt path;
-//! - [`step_plan`]: a decode step's plan for the whole batch, built and checked once;
-//! - [`backend`]: the FreeKV operations behind two traits ([`backend::Memory`]: allocation
-//!   and sizes; [`backend::Backend`]: batch-level operations), implemented by [`backend::cpu`]
-//!   (working set read in place) and [`backend::offload`] (working set in a device's own
-//!   memory, over a [`backend::offload::DeviceOps`]: host memory, or `cuda::ops::CudaOps`
-//!   from `cuda` (features `nvrtc`/`cuda`: the CUDA kernels and device code), which
-//!   [`FreeKv::new_on`] uses with a CUDA device);
-//! - [`geometry`]: page arithmetic (sink / window / candidates / slots);
-//! - [`plan`]: a working set's slot tables as plain arrays (slot tables, pending
+//! - `step_plan`: a decode step's plan for the whole batch, built and checked once;
+//! - `backend`: the FreeKV operations behind two traits (`Memory`: allocation and sizes;
+//!   `Backend`: batch-level operations), implemented by `backend::cpu` (working set read in
+//!   place) and `backend::offload` (working set in a device's own memory, over a `DeviceOps`:
+//!   host memory, or `cuda::ops::CudaOps` from `cuda` (features `nvrtc`/`cuda`: the CUDA
+//!   kernels and device code), which [`FreeKv::new_on`] uses with a CUDA device); private:
+//!   the crate's API is [`FreeKv`] and its types;
+//! - `geometry`: page arithmetic (sink / window / candidates / slots);
+//! - `plan`: a working set's slot tables as plain arrays (slot tables, pending
 //!   replacements, stored query), the one slot layout every backend's working set is built on;
 //! - `correction`: the correction test's thresholds, fixed or adapting to a target rate;
 //! - `state`: what is kept per layer and per (sequence, layer), the sequence's phase;
 //! - [`counters`]: what FreeKV did, per layer and in total;
 //! - `engine` / `cli` (features `engine` / `cli`): the mistral.rs glue and CLI flags.
 
-pub mod backend;
+#![warn(missing_docs)]
+
+mod backend;
 pub mod config;
 mod correction;
 pub mod counters;
-pub mod geometry;
+mod geometry;
 mod instance;
-pub mod plan;
+mod plan;
 mod prefill;
 pub mod probe;
 mod state;
-pub mod step_plan;
+mod step_plan;
 mod timeline;
 mod types;
 

@@ -4,9 +4,13 @@
 /// The model's attention geometry (the same for every layer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModelShape {
+    /// Attention layers.
     pub num_layers: usize,
+    /// Query heads per layer.
     pub num_q_heads: usize,
+    /// KV heads per layer (a divisor of the query heads).
     pub num_kv_heads: usize,
+    /// Dimension of each head's keys, values and queries.
     pub head_dim: usize,
 }
 
@@ -20,19 +24,12 @@ impl ModelShape {
 /// Storage dtype of the host tier (and of the copy device tier).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvDType {
+    /// 32-bit IEEE floats.
     F32,
+    /// 16-bit IEEE floats.
     F16,
+    /// bfloat16.
     BF16,
-}
-
-impl KvDType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            KvDType::F32 => 4,
-            KvDType::F16 | KvDType::BF16 => 2,
-        }
-    }
 }
 
 /// Per-call attention parameters from the engine.
@@ -81,16 +78,23 @@ impl AttnParams {
 /// then hold only the new tokens.
 #[derive(Clone, Copy, Debug)]
 pub struct PrefillRow<'a> {
+    /// The sequence (unique among the model's live sequences).
     pub seq_id: u64,
+    /// Its blocks, covering `cached_len + new_len` tokens.
     pub block_table: &'a [u32],
+    /// Tokens already in the host tier (a prefix-cache hit).
     pub cached_len: usize,
+    /// Tokens this call adds (the row's q/k/v; a shorter row of the batch is padded).
     pub new_len: usize,
 }
 
 /// One batch row of a decode step; `context_len` includes the token being decoded now.
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeRow<'a> {
+    /// The sequence (prefilled before its first decode step).
     pub seq_id: u64,
+    /// Its blocks, covering `context_len` tokens.
     pub block_table: &'a [u32],
+    /// Its context, the token decoded now included.
     pub context_len: usize,
 }

@@ -7,7 +7,7 @@
 //! lives in the crate's core.
 //!
 //! Lifecycle:
-//! 1. [`register`] (the CLI does it from `--freekv-*` flags, an SDK user calls it before
+//! 1. [`register`](crate::engine::register) (the CLI does it from `--freekv-*` flags, an SDK user calls it before
 //!    building a model) validates the configuration and registers the backend once per
 //!    process; the configuration applies to the models loaded after the call.
 //! 2. At load, `block_size` checks that FreeKV can serve the model and fixes the block size
@@ -20,7 +20,7 @@
 //!    what FreeKV did for that request), and after each scheduling pass how full its block
 //!    pool (our host tier) is.
 //! 4. The server's `/metrics` shows FreeKV's counters, live sequence states and the pool
-//!    ([`metrics`]). When the engine drops the model, its layers drop the instance and with
+//!    (`metrics`). When the engine drops the model, its layers drop the instance and with
 //!    it the host tier.
 
 mod backend;

@@ -23,6 +23,7 @@ pub trait KvElem:
     ZeroBits + Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 'static
 {
     /// The dtype this element stores.
+    #[cfg_attr(not(feature = "nvrtc"), allow(dead_code))]
     const DTYPE: KvDType;
     /// Converts `src` into `dst` (same length).
     fn to_f32s(src: &[Self], dst: &mut [f32]);
@@ -31,9 +32,8 @@ pub trait KvElem:
     /// `src` itself when the storage is already f32 (no conversion needed).
     fn as_f32s(src: &[Self]) -> Option<&[f32]>;
     /// One element as f32.
+    #[cfg_attr(not(feature = "nvrtc"), allow(dead_code))]
     fn to_f32(self) -> f32;
-    /// `out[j] = q . rows[offsets[j]..][..q.len()]` with the rows stored as `Self`.
-    fn dots_indexed(q: &[f32], rows: &[Self], offsets: &[usize], out: &mut [f32]);
     /// The rows as [`RowsRef`] for the grouped kernels.
     fn rows_ref(rows: &[Self]) -> RowsRef<'_>;
 }
@@ -55,10 +55,6 @@ impl KvElem for f32 {
     #[inline]
     fn to_f32(self) -> f32 {
         self
-    }
-    #[inline]
-    fn dots_indexed(q: &[f32], rows: &[f32], offsets: &[usize], out: &mut [f32]) {
-        super::math::dots_indexed(q, rows, offsets, out)
     }
     #[inline]
     fn rows_ref(rows: &[f32]) -> RowsRef<'_> {
@@ -86,11 +82,6 @@ impl KvElem for f16 {
         f16::to_f32(self)
     }
     #[inline]
-    fn dots_indexed(q: &[f32], rows: &[f16], offsets: &[usize], out: &mut [f32]) {
-        let bits = half::slice::HalfFloatSliceExt::reinterpret_cast(rows);
-        super::math::dots_indexed_16(q, bits, offsets, out, false)
-    }
-    #[inline]
     fn rows_ref(rows: &[f16]) -> RowsRef<'_> {
         RowsRef::F16(half::slice::HalfFloatSliceExt::reinterpret_cast(rows))
     }
@@ -116,11 +107,6 @@ impl KvElem for bf16 {
     #[inline]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
-    }
-    #[inline]
-    fn dots_indexed(q: &[f32], rows: &[bf16], offsets: &[usize], out: &mut [f32]) {
-        let bits = half::slice::HalfFloatSliceExt::reinterpret_cast(rows);
-        super::math::dots_indexed_16(q, bits, offsets, out, true)
     }
     #[inline]
     fn rows_ref(rows: &[bf16]) -> RowsRef<'_> {

@@ -57,6 +57,7 @@ impl<T: KvElem> HostTier<T> {
     }
 
     /// Number of blocks.
+    #[cfg(feature = "nvrtc")]
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
     }

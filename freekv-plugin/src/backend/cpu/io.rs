@@ -139,14 +139,6 @@ impl CpuBatch {
         &self.q[o..o + self.d]
     }
 
-    /// The queries of (row, token) for the query heads `heads` (contiguous in decode batches).
-    #[inline]
-    pub fn q_heads(&self, row: usize, heads: std::ops::Range<usize>) -> &[f32] {
-        debug_assert!(self.q_tokens == 1);
-        let o = (row * self.n_q + heads.start) * self.d;
-        &self.q[o..o + heads.len() * self.d]
-    }
-
     /// Key and value rows of (row, kv head, token).
     #[inline]
     pub fn kv_row(&self, row: usize, head: usize, token: usize) -> (&[f32], &[f32]) {
@@ -155,6 +147,7 @@ impl CpuBatch {
     }
 
     /// Output rows of (row, q heads `heads`) for decode, or of one token for prefill.
+    #[cfg(test)]
     #[inline]
     pub fn out_row(&mut self, row: usize, head: usize, token: usize) -> &mut [f32] {
         let o = ((row * self.n_q + head) * self.q_tokens + token) * self.d;

@@ -18,20 +18,27 @@ use super::recall::RawEvent;
 /// Geometry shared by all layers of a sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TierShape {
+    /// KV heads.
     pub n_kv: usize,
+    /// Query heads per KV head.
     pub group: usize,
+    /// Elements per head vector.
     pub head_dim: usize,
+    /// Tokens per page (one page per slot).
     pub page_size: usize,
     /// Slots of the tier: budget / page_size for a working set, the pool's blocks for a dense
     /// layer.
     pub n_slots: usize,
+    /// Bytes per element.
     pub elem_bytes: usize,
 }
 
 impl TierShape {
+    /// Elements of one slot: the keys and values of one page for every KV head.
     pub fn slot_elems(&self) -> usize {
         2 * self.page_size * self.n_kv * self.head_dim
     }
+    /// Bytes of one slot.
     pub fn slot_bytes(&self) -> usize {
         self.slot_elems() * self.elem_bytes
     }
@@ -40,7 +47,9 @@ impl TierShape {
 /// One layer of one sequence on the device: its slots. Which tokens of each slot a decode
 /// attends is the host's slot table, staged with each decode's descriptor.
 pub struct LayerTier {
+    /// The geometry of the slots.
     pub shape: TierShape,
+    /// The slots, `n_slots` of `slot_bytes()` bytes each.
     pub slots: DeviceBuffer,
     /// Recorded on the engine's stream after each decode over the slots or append into them
     /// that may still be queued: a move into the slots (another stream) waits on it first, and

@@ -16,13 +16,20 @@ use super::module::LoadedKernels;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SeqDesc {
+    /// Device address of the slots `[n_slots][2][page][n_kv][d]` (or a pool of slots, see
+    /// `slot_index`).
     pub slots: u64,
+    /// `[n_slots][n_kv]` i32: the attended tokens `[lo, hi)` of each logical slot and KV head,
+    /// packed as `hi | lo << 16`.
     pub slot_len: u64,
+    /// Device address of one layer's page summaries `[n_kv][n_blocks][2][d]`.
     pub summaries: u64,
     /// `[n_slots]` i32: the stored slot of each logical slot (a dense layer's pages in its
     /// pool); 0 = logical slot i is slot i.
     pub slot_index: u64,
+    /// Slots attended by decode (sink + selected + window, or a dense layer's pages).
     pub n_slots: i32,
+    /// Candidate pages to score.
     pub cand_count: i32,
 }
 
@@ -30,11 +37,14 @@ pub struct SeqDesc {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecallJob {
+    /// Device address of the destination slots `[n_slots][2][page][n_kv][d]`.
     pub slots: u64,
     /// The chunk's host address as submitted to the pipeline, rewritten to its offset in
     /// elements into the staging buffer for the scatter kernel.
     pub src: u64,
+    /// Destination slot.
     pub slot: i32,
+    /// Destination KV head.
     pub head: i32,
 }
 
@@ -50,17 +60,24 @@ pub fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
 /// GQA pooling (`mode` of freekv_pool_scores).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelPooling {
+    /// Mean over the group of the softmax over candidates (the paper's default).
     SoftmaxMean = 0,
+    /// Mean of the raw scores over the group.
     Mean = 1,
+    /// Maximum of the raw scores over the group.
     Max = 2,
 }
 
 /// A kernel argument: every parameter of our kernels is one of these.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
+    /// A device pointer.
     Ptr(u64),
+    /// A 64-bit signed integer.
     I64(i64),
+    /// A 32-bit signed integer.
     I32(i32),
+    /// A 32-bit float.
     F32(f32),
 }
 
@@ -69,10 +86,12 @@ pub const SCORE_PAGES_PER_BLOCK: i32 = 64;
 
 /// The kernels of one configuration on one device, with typed launches.
 pub struct Kernels {
+    /// The loaded functions and the configuration they were compiled for.
     pub loaded: Arc<LoadedKernels>,
 }
 
 impl Kernels {
+    /// Typed launches of the kernels in `loaded`.
     pub fn new(loaded: Arc<LoadedKernels>) -> Self {
         Self { loaded }
     }

@@ -17,6 +17,7 @@ pub struct DeviceBuffer {
 }
 
 impl DeviceBuffer {
+    /// Allocates `bytes` bytes of uninitialised device memory in `ctx`.
     pub fn new(ctx: &Arc<CudaContext>, bytes: usize) -> anyhow::Result<Self> {
         ctx.bind_to_thread()?;
         // SAFETY: plain allocation in the bound context; freed in Drop.
@@ -48,10 +49,12 @@ impl DeviceBuffer {
         Ok(())
     }
 
+    /// The buffer's device address.
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
 
+    /// Size in bytes, as requested.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -133,6 +136,7 @@ unsafe impl Sync for PinnedBuffer {}
 pub const HOST_ALLOC_PORTABLE: u32 = 0x01;
 
 impl PinnedBuffer {
+    /// Allocates `bytes` bytes of portable pinned host memory, zero-filled.
     pub fn new(ctx: &Arc<CudaContext>, bytes: usize) -> anyhow::Result<Self> {
         ctx.bind_to_thread()?;
         // SAFETY: cuMemHostAlloc with flags PORTABLE (never WRITECOMBINED); freed in Drop.
@@ -152,19 +156,23 @@ impl PinnedBuffer {
         })
     }
 
+    /// The buffer's host address.
     pub fn as_ptr(&self) -> *const u8 {
         self.ptr
     }
 
+    /// Size in bytes, as requested.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
+    /// The whole buffer as bytes.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `bytes` long and initialised in `new`.
         unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) }
     }
 
+    /// The whole buffer as mutable bytes.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as above, and we hold &mut self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }

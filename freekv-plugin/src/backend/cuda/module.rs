@@ -15,13 +15,16 @@ use super::source::{ComputeCap, KernelConfig, KernelFile};
 
 /// The functions of one kernel configuration on one context.
 pub struct LoadedKernels {
+    /// The configuration the kernels were compiled for.
     pub config: KernelConfig,
+    /// The compute capability the PTX was compiled for (the context's device).
     pub arch: ComputeCap,
     functions: HashMap<&'static str, CudaFunction>,
     _modules: Vec<Arc<CudaModule>>,
 }
 
 impl LoadedKernels {
+    /// The raw handle of kernel `name`; panics if no kernel file defines it.
     pub fn function(&self, name: &str) -> sys::CUfunction {
         self.functions
             .get(name)

@@ -25,8 +25,9 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
+use crate::backend::offload::ops::decode_rows;
 use crate::backend::offload::{
-    decode_rows, ChunkMove, DecodeDesc, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
+    ChunkMove, DecodeDesc, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
 };
 use crate::backend::Role;
 use crate::geometry::Geometry;

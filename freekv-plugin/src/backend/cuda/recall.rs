@@ -32,15 +32,18 @@ unsafe impl Send for RawEvent {}
 unsafe impl Sync for RawEvent {}
 
 impl RawEvent {
+    /// Creates an event in `ctx` with timing disabled.
     pub fn new(ctx: &Arc<CudaContext>) -> anyhow::Result<Self> {
         ctx.bind_to_thread()?;
         Ok(Self(result::event::create(
             sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
         )?))
     }
+    /// The raw event handle.
     pub fn raw(&self) -> sys::CUevent {
         self.0
     }
+    /// Records the event on `stream`.
     pub fn record(&self, stream: sys::CUstream) -> anyhow::Result<()> {
         // SAFETY: valid event and stream.
         unsafe { result::event::record(self.0, stream) }?;
@@ -58,6 +61,7 @@ impl RawEvent {
         }?;
         Ok(())
     }
+    /// Blocks the calling thread until the last record of this event has completed.
     pub fn synchronize(&self) -> anyhow::Result<()> {
         // SAFETY: valid event.
         unsafe { result::event::synchronize(self.0) }?;
@@ -75,10 +79,13 @@ impl Drop for RawEvent {
 /// What a request moved, reported once its work is enqueued.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PipelineStats {
+    /// Chunks moved.
     pub chunks: usize,
+    /// Bytes copied from the host into the staging buffers.
     pub bytes: usize,
     /// Host->device copy calls issued (runs of host-contiguous chunks are merged).
     pub copy_calls: usize,
+    /// Staging groups issued (at most `chunks_per_buffer` chunks each).
     pub groups: usize,
 }
 
@@ -116,11 +123,15 @@ struct Buffers {
 pub struct RecallPipeline {
     tx: Option<mpsc::Sender<Request>>,
     worker: Option<JoinHandle<()>>,
+    /// Bytes of one chunk (one page of one KV head, keys and values).
     pub chunk_bytes: usize,
+    /// Chunks each staging buffer holds.
     pub chunks_per_buffer: usize,
 }
 
 impl RecallPipeline {
+    /// Starts the worker thread with two copy streams, each with a staging buffer of
+    /// `chunks_per_buffer` chunks of `chunk_bytes` bytes; `n_kv` is the KV heads of the slots.
     pub fn new(
         ctx: &Arc<CudaContext>,
         kernels: Arc<Kernels>,

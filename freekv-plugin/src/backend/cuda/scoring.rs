@@ -16,7 +16,9 @@ use super::mem::DeviceBuffer;
 
 /// One layer's page summaries in device memory, laid out as the host tier's.
 pub struct DeviceSummaries {
+    /// The summaries, `[n_kv][block][upper d | lower d]` 16-bit elements.
     pub buf: DeviceBuffer,
+    /// Blocks of the pool mirrored.
     pub num_blocks: usize,
     n_kv: usize,
     /// Elements of one (block, head) summary: upper and lower bound, `2 d`.
@@ -92,6 +94,7 @@ impl DeviceSummaries {
 
 /// One thread's scoring buffers, grown to the largest candidate count seen.
 pub struct ScoreBuffers {
+    /// The thread's own stream, on which its scoring calls run.
     pub stream: Arc<CudaStream>,
     q: DeviceBuffer,
     desc: DeviceBuffer,

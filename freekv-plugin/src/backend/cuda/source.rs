@@ -22,8 +22,10 @@ pub enum KernelFile {
 }
 
 impl KernelFile {
+    /// Every kernel file.
     pub const ALL: [KernelFile; 3] = [Self::Select, Self::Transfer, Self::Decode];
 
+    /// The file's name in `kernels/`.
     pub fn file_name(self) -> &'static str {
         match self {
             Self::Select => "select.cu",
@@ -66,7 +68,9 @@ impl KernelFile {
 /// Element type of the KV cache, queries, summaries and attention output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum KernelDtype {
+    /// 16-bit IEEE floats.
     F16,
+    /// bfloat16.
     Bf16,
 }
 
@@ -78,6 +82,7 @@ impl KernelDtype {
         }
     }
 
+    /// Bytes per element.
     pub fn size_bytes(self) -> usize {
         2
     }
@@ -86,6 +91,7 @@ impl KernelDtype {
 /// What a compiled module is specialised for. One model uses one configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KernelConfig {
+    /// Element type.
     pub dtype: KernelDtype,
     /// 64, 128 or 256.
     pub head_dim: usize,
@@ -108,6 +114,7 @@ impl fmt::Display for UnsupportedConfig {
 impl std::error::Error for UnsupportedConfig {}
 
 impl KernelConfig {
+    /// Checks that the kernels can be specialised for this configuration.
     pub fn validate(&self) -> Result<(), UnsupportedConfig> {
         if ![64, 128, 256].contains(&self.head_dim) {
             return Err(UnsupportedConfig(format!(
@@ -159,12 +166,16 @@ impl KernelConfig {
 /// A device's compute capability (8.0 = A100, 9.0 = H100/H200).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ComputeCap {
+    /// Major version.
     pub major: u32,
+    /// Minor version.
     pub minor: u32,
 }
 
 impl ComputeCap {
+    /// Compute capability 8.0 (A100).
     pub const SM80: ComputeCap = ComputeCap { major: 8, minor: 0 };
+    /// Compute capability 9.0 (H100, H200).
     pub const SM90: ComputeCap = ComputeCap { major: 9, minor: 0 };
 }
 

@@ -9,7 +9,6 @@
 //! scores as zeros here, as it would on a GPU, and the plans differ from the CPU backend's.
 
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -32,8 +31,6 @@ use super::staged::StagedRecall;
 pub struct HostOps<T> {
     geo: Geometry,
     device: Device,
-    /// Staged copies read ([`DeviceOps::read_staged`]): on a GPU, each is a wait for the device.
-    staged_reads: AtomicUsize,
     _elem: PhantomData<fn() -> T>,
 }
 
@@ -43,15 +40,8 @@ impl<T> HostOps<T> {
         Self {
             geo,
             device: Device::Cpu,
-            staged_reads: AtomicUsize::new(0),
             _elem: PhantomData,
         }
-    }
-
-    /// How many decode steps' staged values the host has read so far: the steps that, on a
-    /// GPU, would have waited for the device.
-    pub fn staged_reads(&self) -> usize {
-        self.staged_reads.load(Ordering::Relaxed)
     }
 
     /// Elements of one slot.
@@ -235,7 +225,6 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
     }
 
     fn read_staged(&self, staged: &[Tensor; 3]) -> anyhow::Result<[Tensor; 3]> {
-        self.staged_reads.fetch_add(1, Ordering::Relaxed);
         Ok(staged.clone())
     }
 

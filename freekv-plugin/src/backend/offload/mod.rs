@@ -62,10 +62,7 @@ use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling, Selector};
 
-pub use ops::{
-    decode_rows, span_tokens, token_span, ChunkMove, DecodeDesc, DeviceOps, NewToken,
-    STAGED_CHUNKS_PER_BUFFER,
-};
+pub use ops::{token_span, ChunkMove, DecodeDesc, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER};
 use prompt::DevicePrompt;
 
 /// [`Backend`] for a device whose working sets live in its own memory.
@@ -250,11 +247,6 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             step_waits: AtomicU64::new(0),
             correction: config.mode.correction(),
         }
-    }
-
-    /// The device.
-    pub fn ops(&self) -> &O {
-        &self.ops
     }
 
     /// Bytes of one chunk (one head's K+V of one page).

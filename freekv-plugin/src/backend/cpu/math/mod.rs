@@ -159,6 +159,7 @@ pub fn scale(y: &mut [f32], a: f32) {
 }
 
 /// `acc[c] += sum_t w[t] * v[t * d + c]` for `c < d = acc.len()`: the value side of attention.
+#[cfg(test)]
 #[inline]
 pub fn weighted_sum(acc: &mut [f32], w: &[f32], v: &[f32]) {
     debug_assert!(v.len() >= w.len() * acc.len());
@@ -203,6 +204,7 @@ fn check_rows(offsets: &[usize], d: usize, len: usize) {
 
 /// `out[j] = q . base[offsets[j]..offsets[j] + q.len()]`: logits over rows that are not
 /// contiguous (page summaries looked up by block id).
+#[cfg(test)]
 #[inline]
 pub fn dots_indexed(q: &[f32], base: &[f32], offsets: &[usize], out: &mut [f32]) {
     check_rows(offsets, q.len(), base.len());
@@ -211,6 +213,7 @@ pub fn dots_indexed(q: &[f32], base: &[f32], offsets: &[usize], out: &mut [f32])
 
 /// [`dots_indexed`] over rows stored as 16-bit floats (`bf16 = true`: bfloat16, else IEEE
 /// half), converted on the fly.
+#[cfg(test)]
 #[inline]
 pub fn dots_indexed_16(q: &[f32], base: &[u16], offsets: &[usize], out: &mut [f32], bf16: bool) {
     check_rows(offsets, q.len(), base.len());

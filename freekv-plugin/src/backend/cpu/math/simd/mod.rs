@@ -17,9 +17,14 @@ mod scoring;
 mod softmax;
 
 pub use convert::bf16_to_f32;
-pub use products::{axpy, dot, dots, weighted_sum, weighted_sum_rows};
-pub use scoring::{dots_indexed, dots_indexed_16, dots_indexed_group};
+pub use products::{axpy, dot, dots, weighted_sum_rows};
+pub use scoring::dots_indexed_group;
 pub use softmax::{exp_sub_sum, max};
+#[cfg(test)]
+pub use {
+    products::weighted_sum,
+    scoring::{dots_indexed, dots_indexed_16},
+};
 
 /// Sum of the 8 lanes.
 #[inline]
