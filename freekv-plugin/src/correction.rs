@@ -8,8 +8,8 @@
 //! raises it; at equilibrium `P(similarity < tau) = rate`. Early layers, whose queries drift a
 //! lot, thus stop being corrected nearly every step, and stable layers still get their share.
 
-use crate::backend::cpu::math;
 use crate::geometry::Geometry;
+use crate::math;
 
 /// The correction test's similarity of one sequence: per KV head (`out[h]`), the mean over its
 /// group of cos(current query head, stored query head), each cosine clamped to `[-1, 1]` and 1

@@ -30,6 +30,7 @@ mod correction;
 pub mod counters;
 mod geometry;
 mod instance;
+mod math;
 mod plan;
 mod prefill;
 pub mod probe;
@@ -53,12 +54,12 @@ pub mod cli;
 
 use half::{bf16, f16};
 
-pub use backend::cpu::math::CpuKernels;
 pub use config::{
     ConfigError, DeviceTierLayout, FreeKvConfig, Mode, Policy, Pooling, PrefillAttention, Selector,
     SummaryKind,
 };
 pub use counters::{Counters, LayerCounters};
+pub use math::CpuKernels;
 pub use state::StepTrace;
 pub use types::{AttnParams, DecodeRow, KvDType, ModelShape, PrefillRow};
 

@@ -8,9 +8,9 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::cpu::math;
 use crate::backend::cpu::select::{pool_scores, pooled_scores, SelectScratch};
 use crate::geometry::Geometry;
+use crate::math;
 use crate::{AttnParams, Pooling, SummaryKind};
 
 /// `proxy_bits` of a token-level estimate from the keys themselves, unquantized.

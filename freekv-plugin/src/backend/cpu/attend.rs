@@ -9,7 +9,7 @@
 use crate::AttnParams;
 
 use super::elem::KvElem;
-use super::math;
+use crate::math;
 
 /// Keys and values of up to one page of one KV head.
 #[derive(Clone, Copy)]

@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 
-use super::math::RowsRef;
+use crate::math::RowsRef;
 use crate::KvDType;
 
 /// Types whose all-zero bit pattern is a valid value (here: 0.0), so zeroed memory from the
@@ -92,7 +92,7 @@ impl KvElem for bf16 {
     #[inline]
     fn to_f32s(src: &[bf16], dst: &mut [f32]) {
         // bf16 is the top half of an f32: a shift.
-        super::math::bf16_to_f32(half::slice::HalfFloatSliceExt::reinterpret_cast(src), dst);
+        crate::math::bf16_to_f32(half::slice::HalfFloatSliceExt::reinterpret_cast(src), dst);
     }
     #[inline]
     fn from_f32s(src: &[f32], dst: &mut [bf16]) {

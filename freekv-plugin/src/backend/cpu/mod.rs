@@ -17,7 +17,7 @@ pub mod causal;
 pub mod elem;
 pub mod host_tier;
 pub mod io;
-pub mod math;
+
 pub mod select;
 
 use std::marker::PhantomData;

@@ -11,7 +11,7 @@ use crate::{AttnParams, Pooling};
 
 use super::elem::KvElem;
 use super::host_tier::HostTier;
-use super::math;
+use crate::math;
 use crate::plan::PlanEntry;
 
 /// Working memory of selection, reused between calls.

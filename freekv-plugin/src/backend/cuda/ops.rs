@@ -27,7 +27,7 @@ use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::offload::ops::decode_rows;
 use crate::backend::offload::{
-    ChunkMove, DecodeDesc, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
+    ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
 };
 use crate::backend::Role;
 use crate::geometry::Geometry;
@@ -152,7 +152,7 @@ impl<T: KvElem> CudaOps<T> {
     }
 }
 
-impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
+impl<T: KvElem> DeviceMemory<T> for CudaOps<T> {
     type Slots = LayerTier;
     type Scratch = CudaOpsScratch<T>;
     /// None where the system refused to page-lock the pages.
@@ -170,6 +170,78 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         CudaBatch::default()
     }
 
+    fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<LayerTier> {
+        self.bind()?;
+        LayerTier::new(&self.ctx, tier_shape(&self.geo, n_slots))
+    }
+
+    fn slots_bytes(&self, n_slots: usize) -> usize {
+        layer_tier_bytes(&tier_shape(&self.geo, n_slots))
+    }
+
+    fn alloc_scratch(&self, _role: Role) -> CudaOpsScratch<T> {
+        CudaOpsScratch {
+            decode: None,
+            score: None,
+            rows: Vec::new(),
+        }
+    }
+
+    fn pin_host(&self, pages: &[T]) -> Option<HostRegistration> {
+        let bytes = std::mem::size_of_val(pages);
+        if bytes == 0 {
+            return None;
+        }
+        match HostRegistration::new(&self.ctx, pages.as_ptr() as *const u8, bytes) {
+            Ok(pin) => Some(pin),
+            Err(e) => {
+                tracing::warn!(
+                    "FreeKV: could not page-lock a layer's host tier ({bytes} bytes: {e}); its \
+                     recalls copy from pageable memory, through the driver's staging, at lower \
+                     bandwidth. A smaller pool (--pa-memory-mb or --pa-context-len) can be pinned."
+                );
+                None
+            }
+        }
+    }
+
+    fn alloc_summaries(&self, num_blocks: usize) -> anyhow::Result<DeviceSummaries> {
+        self.bind()?;
+        DeviceSummaries::new(&self.ctx, &self.geo, num_blocks)
+    }
+
+    fn summaries_bytes(&self, num_blocks: usize) -> usize {
+        summaries_bytes(&self.geo, num_blocks)
+    }
+
+    fn upload_summaries(
+        &self,
+        host: &HostTier<T>,
+        mirror: &mut DeviceSummaries,
+        blocks: &[u32],
+        scratch: &mut CudaOpsScratch<T>,
+    ) -> anyhow::Result<()> {
+        self.bind()?;
+        let bufs = self.score_buffers(&mut scratch.score)?;
+        mirror.upload(host, blocks, &bufs.stream)
+    }
+
+    fn alloc_query(&self) -> anyhow::Result<CudaQuery<T>> {
+        self.bind()?;
+        CudaQuery::new(&self.ctx, &self.geo, &self.engine)
+    }
+
+    fn query_bytes(&self) -> usize {
+        drift::query_bytes(&self.geo)
+    }
+
+    fn upload_query(&self, query: &[f32], dst: &mut CudaQuery<T>) -> anyhow::Result<()> {
+        self.bind()?;
+        dst.upload(query, &self.engine)
+    }
+}
+
+impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     fn load_batch(
         &self,
         batch: &mut CudaBatch,
@@ -260,62 +332,6 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         Ok(out.to_dtype(dtype)?)
     }
 
-    fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<LayerTier> {
-        self.bind()?;
-        LayerTier::new(&self.ctx, tier_shape(&self.geo, n_slots))
-    }
-
-    fn slots_bytes(&self, n_slots: usize) -> usize {
-        layer_tier_bytes(&tier_shape(&self.geo, n_slots))
-    }
-
-    fn alloc_scratch(&self, _role: Role) -> CudaOpsScratch<T> {
-        CudaOpsScratch {
-            decode: None,
-            score: None,
-            rows: Vec::new(),
-        }
-    }
-
-    fn pin_host(&self, pages: &[T]) -> Option<HostRegistration> {
-        let bytes = std::mem::size_of_val(pages);
-        if bytes == 0 {
-            return None;
-        }
-        match HostRegistration::new(&self.ctx, pages.as_ptr() as *const u8, bytes) {
-            Ok(pin) => Some(pin),
-            Err(e) => {
-                tracing::warn!(
-                    "FreeKV: could not page-lock a layer's host tier ({bytes} bytes: {e}); its \
-                     recalls copy from pageable memory, through the driver's staging, at lower \
-                     bandwidth. A smaller pool (--pa-memory-mb or --pa-context-len) can be pinned."
-                );
-                None
-            }
-        }
-    }
-
-    fn alloc_summaries(&self, num_blocks: usize) -> anyhow::Result<DeviceSummaries> {
-        self.bind()?;
-        DeviceSummaries::new(&self.ctx, &self.geo, num_blocks)
-    }
-
-    fn summaries_bytes(&self, num_blocks: usize) -> usize {
-        summaries_bytes(&self.geo, num_blocks)
-    }
-
-    fn upload_summaries(
-        &self,
-        host: &HostTier<T>,
-        mirror: &mut DeviceSummaries,
-        blocks: &[u32],
-        scratch: &mut CudaOpsScratch<T>,
-    ) -> anyhow::Result<()> {
-        self.bind()?;
-        let bufs = self.score_buffers(&mut scratch.score)?;
-        mirror.upload(host, blocks, &bufs.stream)
-    }
-
     fn score_pages(
         &self,
         mirror: &DeviceSummaries,
@@ -348,20 +364,6 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
             pooling,
             out,
         )
-    }
-
-    fn alloc_query(&self) -> anyhow::Result<CudaQuery<T>> {
-        self.bind()?;
-        CudaQuery::new(&self.ctx, &self.geo, &self.engine)
-    }
-
-    fn query_bytes(&self) -> usize {
-        drift::query_bytes(&self.geo)
-    }
-
-    fn upload_query(&self, query: &[f32], dst: &mut CudaQuery<T>) -> anyhow::Result<()> {
-        self.bind()?;
-        dst.upload(query, &self.engine)
     }
 
     fn query_similarities(

@@ -24,7 +24,9 @@ use crate::correction::group_similarity;
 use crate::geometry::Geometry;
 use crate::{AttnParams, Pooling};
 
-use super::ops::{decode_rows, span_tokens, ChunkMove, DecodeDesc, DeviceOps, NewToken};
+use super::ops::{
+    decode_rows, span_tokens, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken,
+};
 use super::staged::StagedRecall;
 
 /// The host-memory device for KV stored as `T`.
@@ -168,7 +170,7 @@ impl<T: KvElem> HostOps<T> {
     }
 }
 
-impl<T: KvElem> DeviceOps<T> for HostOps<T> {
+impl<T: KvElem> DeviceMemory<T> for HostOps<T> {
     type Slots = Vec<T>;
     type Scratch = HostOpsScratch<T>;
     /// Host memory needs no registration.
@@ -186,69 +188,6 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
 
     fn alloc_batch(&self) -> HostBatch<T> {
         HostBatch::default()
-    }
-
-    fn load_batch(
-        &self,
-        batch: &mut HostBatch<T>,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> anyhow::Result<()> {
-        let (n_q, d) = (self.geo.num_q_heads(), self.geo.head_dim);
-        let b = decode_rows(&self.geo, q, k, v)?;
-        batch.q.clear();
-        read_f32(q, &mut batch.q)?;
-        for (t, dst) in [(k, &mut batch.k), (v, &mut batch.v)] {
-            batch.f32s.clear();
-            read_f32(t, &mut batch.f32s)?;
-            dst.clear();
-            dst.resize(batch.f32s.len(), T::default());
-            T::from_f32s(&batch.f32s, dst);
-        }
-        batch.rows = b;
-        batch.out.clear();
-        batch.out.resize(b * n_q * d, 0.0);
-        batch.inputs = Some([q.clone(), k.clone(), v.clone()]);
-        Ok(())
-    }
-
-    fn stage_batch(
-        &self,
-        batch: &HostBatch<T>,
-        _reuse: Option<[Tensor; 3]>,
-    ) -> anyhow::Result<[Tensor; 3]> {
-        batch
-            .inputs
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("no decode batch is loaded"))
-    }
-
-    fn read_staged(&self, staged: &[Tensor; 3]) -> anyhow::Result<[Tensor; 3]> {
-        Ok(staged.clone())
-    }
-
-    fn finish_batch(
-        &self,
-        batch: &mut HostBatch<T>,
-        host_rows: &[usize],
-        host_out: &[f32],
-        dtype: DType,
-    ) -> anyhow::Result<Tensor> {
-        let w = self.geo.num_q_heads() * self.geo.head_dim;
-        anyhow::ensure!(
-            host_rows.is_empty() || host_out.len() == batch.out.len(),
-            "a decode batch of {} values merged with {} host-computed values",
-            batch.out.len(),
-            host_out.len()
-        );
-        for &r in host_rows {
-            anyhow::ensure!(r < batch.rows, "host row {r} of a {}-row batch", batch.rows);
-            batch.out[r * w..(r + 1) * w].copy_from_slice(&host_out[r * w..(r + 1) * w]);
-        }
-        let out = std::mem::take(&mut batch.out);
-        let shape = (batch.rows, self.geo.num_q_heads(), self.geo.head_dim);
-        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(dtype)?)
     }
 
     fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<Vec<T>> {
@@ -321,6 +260,91 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
         Ok(())
     }
 
+    fn alloc_query(&self) -> anyhow::Result<Vec<f32>> {
+        let n = self.geo.num_q_heads() * self.geo.head_dim;
+        try_zeroed_vec(n).ok_or_else(|| anyhow::anyhow!("out of memory for a {n}-value query"))
+    }
+
+    fn query_bytes(&self) -> usize {
+        self.geo.num_q_heads() * self.geo.head_dim * std::mem::size_of::<f32>()
+    }
+
+    fn upload_query(&self, query: &[f32], dst: &mut Vec<f32>) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            query.len() == dst.len(),
+            "a {}-value query stored into {} values",
+            query.len(),
+            dst.len()
+        );
+        dst.copy_from_slice(query);
+        Ok(())
+    }
+}
+
+impl<T: KvElem> DeviceOps<T> for HostOps<T> {
+    fn load_batch(
+        &self,
+        batch: &mut HostBatch<T>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> anyhow::Result<()> {
+        let (n_q, d) = (self.geo.num_q_heads(), self.geo.head_dim);
+        let b = decode_rows(&self.geo, q, k, v)?;
+        batch.q.clear();
+        read_f32(q, &mut batch.q)?;
+        for (t, dst) in [(k, &mut batch.k), (v, &mut batch.v)] {
+            batch.f32s.clear();
+            read_f32(t, &mut batch.f32s)?;
+            dst.clear();
+            dst.resize(batch.f32s.len(), T::default());
+            T::from_f32s(&batch.f32s, dst);
+        }
+        batch.rows = b;
+        batch.out.clear();
+        batch.out.resize(b * n_q * d, 0.0);
+        batch.inputs = Some([q.clone(), k.clone(), v.clone()]);
+        Ok(())
+    }
+
+    fn stage_batch(
+        &self,
+        batch: &HostBatch<T>,
+        _reuse: Option<[Tensor; 3]>,
+    ) -> anyhow::Result<[Tensor; 3]> {
+        batch
+            .inputs
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no decode batch is loaded"))
+    }
+
+    fn read_staged(&self, staged: &[Tensor; 3]) -> anyhow::Result<[Tensor; 3]> {
+        Ok(staged.clone())
+    }
+
+    fn finish_batch(
+        &self,
+        batch: &mut HostBatch<T>,
+        host_rows: &[usize],
+        host_out: &[f32],
+        dtype: DType,
+    ) -> anyhow::Result<Tensor> {
+        let w = self.geo.num_q_heads() * self.geo.head_dim;
+        anyhow::ensure!(
+            host_rows.is_empty() || host_out.len() == batch.out.len(),
+            "a decode batch of {} values merged with {} host-computed values",
+            batch.out.len(),
+            host_out.len()
+        );
+        for &r in host_rows {
+            anyhow::ensure!(r < batch.rows, "host row {r} of a {}-row batch", batch.rows);
+            batch.out[r * w..(r + 1) * w].copy_from_slice(&host_out[r * w..(r + 1) * w]);
+        }
+        let out = std::mem::take(&mut batch.out);
+        let shape = (batch.rows, self.geo.num_q_heads(), self.geo.head_dim);
+        Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(dtype)?)
+    }
+
     fn score_pages(
         &self,
         mirror: &HostSummaries<T>,
@@ -351,26 +375,6 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
             pooled_scores(group_q, d, &mirror.data, &scratch.offsets, pooling, sc);
             out[h * n..(h + 1) * n].copy_from_slice(&sc.pooled);
         }
-        Ok(())
-    }
-
-    fn alloc_query(&self) -> anyhow::Result<Vec<f32>> {
-        let n = self.geo.num_q_heads() * self.geo.head_dim;
-        try_zeroed_vec(n).ok_or_else(|| anyhow::anyhow!("out of memory for a {n}-value query"))
-    }
-
-    fn query_bytes(&self) -> usize {
-        self.geo.num_q_heads() * self.geo.head_dim * std::mem::size_of::<f32>()
-    }
-
-    fn upload_query(&self, query: &[f32], dst: &mut Vec<f32>) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            query.len() == dst.len(),
-            "a {}-value query stored into {} values",
-            query.len(),
-            dst.len()
-        );
-        dst.copy_from_slice(query);
         Ok(())
     }
 

@@ -62,7 +62,9 @@ use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling, Selector};
 
-pub use ops::{token_span, ChunkMove, DecodeDesc, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER};
+pub use ops::{
+    token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
+};
 use prompt::DevicePrompt;
 
 /// [`Backend`] for a device whose working sets live in its own memory.
@@ -339,14 +341,14 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
 }
 
 /// The device tier of an [`OffloadBackend`] on `O`.
-type TierOf<T, O> = OffloadTier<T, <O as DeviceOps<T>>::Slots, <O as DeviceOps<T>>::Query>;
+type TierOf<T, O> = OffloadTier<T, <O as DeviceMemory<T>>::Slots, <O as DeviceMemory<T>>::Query>;
 
 /// The host tier of an [`OffloadBackend`] on `O`.
 type HostOf<T, O> = OffloadHost<
     T,
-    <O as DeviceOps<T>>::HostPin,
-    <O as DeviceOps<T>>::Summaries,
-    <O as DeviceOps<T>>::Slots,
+    <O as DeviceMemory<T>>::HostPin,
+    <O as DeviceMemory<T>>::Summaries,
+    <O as DeviceMemory<T>>::Slots,
 >;
 
 /// The new token of batch row `row` (its first token) for an append: read in place from a

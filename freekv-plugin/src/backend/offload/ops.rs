@@ -1,4 +1,5 @@
-//! The raw device calls of the offload design, behind [`DeviceOps`]: what a device must do
+//! The raw device calls of the offload design, behind [`DeviceMemory`] (allocation, sizes,
+//! uploads of host-computed data) and [`DeviceOps`] (a step's work): what a device must do
 //! for FreeKV's working set and page scoring to live in its own memory. Everything above this
 //! interface (slot tables, which summaries to mirror when, top-k and the replacement plan,
 //! which chunks move where, when attention may run on the device) is
@@ -66,21 +67,11 @@ pub enum NewToken<'a, T, B> {
     Batch { batch: &'a B, row: usize },
 }
 
-/// The device operations of one model geometry (fixed at construction) for KV stored as `T`.
-///
-/// Slot data is token-major: `[slot][k/v][page_size][n_kv][head_dim]` (the layout the CUDA
-/// kernels read). Ordering: work that reads or writes a decode batch ([`DeviceOps::decode`],
-/// an append from the batch, its copy to the host [`DeviceOps::stage_batch`]) may stay
-/// queued in order with the engine's own work on its device (the engine's stream); the tensor
-/// [`DeviceOps::finish_batch`] returns is valid in that order. A move into slots
-/// ([`DeviceOps::move_chunks`]) may stay queued too: the device orders it after every queued
-/// read or write of those slots and before every later one, whichever thread makes it. Any
-/// other call returns once its work is complete and its inputs may be reused. The device frees
-/// slots only once their queued work is done, and releases a host tier's pages (its `HostPin`,
-/// dropped before the pages) only once no queued move reads them, so no call races with
-/// another. A failure is an error; the caller names the
-/// operation it served.
-pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
+/// The memory of a device for the offload design, for one model geometry (fixed at
+/// construction) and KV stored as `T`: what it allocates, how much, and the plain copies of
+/// host-computed data into it (page summaries, stored queries). See [`DeviceOps`] for the
+/// ordering rules every call follows.
+pub trait DeviceMemory<T: KvElem>: Send + Sync + 'static {
     /// Slot data: one (sequence, layer) working set, or a dense layer's pages (one slot per
     /// block of the pool).
     type Slots: Send;
@@ -117,6 +108,46 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
 
     /// An empty decode batch.
     fn alloc_batch(&self) -> Self::Batch;
+
+    /// Allocates the summary mirror of a pool of `num_blocks` blocks (contents zero).
+    fn alloc_summaries(&self, num_blocks: usize) -> anyhow::Result<Self::Summaries>;
+    /// Bytes of the summary mirror of `num_blocks` blocks.
+    fn summaries_bytes(&self, num_blocks: usize) -> usize;
+    /// Copies the host tier's summaries of `blocks` (every KV head; sorted, distinct) into the
+    /// mirror.
+    fn upload_summaries(
+        &self,
+        host: &HostTier<T>,
+        mirror: &mut Self::Summaries,
+        blocks: &[u32],
+        scratch: &mut Self::Scratch,
+    ) -> anyhow::Result<()>;
+
+    /// Allocates a stored query (zero).
+    fn alloc_query(&self) -> anyhow::Result<Self::Query>;
+    /// Bytes of device memory a stored query takes.
+    fn query_bytes(&self) -> usize;
+    /// Writes `query` (`[n_q][d]` f32, the host's copy of the stored query) into `dst`, in
+    /// order before any later correction test that reads it (on the engine's stream: the test
+    /// is queued there too).
+    fn upload_query(&self, query: &[f32], dst: &mut Self::Query) -> anyhow::Result<()>;
+}
+
+/// The device operations of one model geometry (fixed at construction) for KV stored as `T`.
+///
+/// Slot data is token-major: `[slot][k/v][page_size][n_kv][head_dim]` (the layout the CUDA
+/// kernels read). Ordering: work that reads or writes a decode batch ([`DeviceOps::decode`],
+/// an append from the batch, its copy to the host [`DeviceOps::stage_batch`]) may stay
+/// queued in order with the engine's own work on its device (the engine's stream); the tensor
+/// [`DeviceOps::finish_batch`] returns is valid in that order. A move into slots
+/// ([`DeviceOps::move_chunks`]) may stay queued too: the device orders it after every queued
+/// read or write of those slots and before every later one, whichever thread makes it. Any
+/// other call returns once its work is complete and its inputs may be reused. The device frees
+/// slots only once their queued work is done, and releases a host tier's pages (its `HostPin`,
+/// dropped before the pages) only once no queued move reads them, so no call races with
+/// another. A failure is an error; the caller names the
+/// operation it served.
+pub trait DeviceOps<T: KvElem>: DeviceMemory<T> {
     /// Loads a decode step in place: q `(B, Hq, D)`, k and v `(B, Hkv, D)` (tensors of any
     /// float dtype on [`DeviceOps::device`]; read without a copy where their dtype is `T`'s),
     /// and allocates its `(B, Hq, D)` output.
@@ -148,20 +179,6 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
         host_out: &[f32],
         dtype: DType,
     ) -> anyhow::Result<Tensor>;
-
-    /// Allocates the summary mirror of a pool of `num_blocks` blocks (contents zero).
-    fn alloc_summaries(&self, num_blocks: usize) -> anyhow::Result<Self::Summaries>;
-    /// Bytes of the summary mirror of `num_blocks` blocks.
-    fn summaries_bytes(&self, num_blocks: usize) -> usize;
-    /// Copies the host tier's summaries of `blocks` (every KV head; sorted, distinct) into the
-    /// mirror.
-    fn upload_summaries(
-        &self,
-        host: &HostTier<T>,
-        mirror: &mut Self::Summaries,
-        blocks: &[u32],
-        scratch: &mut Self::Scratch,
-    ) -> anyhow::Result<()>;
     /// Scores candidate pages from the mirror: for each KV head `h`, the Quest bound of every
     /// query head of its group (`query`: `[n_q][d]` f32) against the summary of each block of
     /// `blocks`, pooled over the group. Writes `out[h * blocks.len() + j]` (`[n_kv][n]`) for
@@ -177,15 +194,6 @@ pub trait DeviceOps<T: KvElem>: Send + Sync + 'static {
         out: &mut [f32],
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()>;
-
-    /// Allocates a stored query (zero).
-    fn alloc_query(&self) -> anyhow::Result<Self::Query>;
-    /// Bytes of device memory a stored query takes.
-    fn query_bytes(&self) -> usize;
-    /// Writes `query` (`[n_q][d]` f32, the host's copy of the stored query) into `dst`, in
-    /// order before any later correction test that reads it (on the engine's stream: the test
-    /// is queued there too).
-    fn upload_query(&self, query: &[f32], dst: &mut Self::Query) -> anyhow::Result<()>;
     /// The correction test of a decode batch: for each `(row, stored)` of `rows`, per KV head
     /// the mean over its group of cos(row's query, stored query), each cosine clamped to
     /// `[-1, 1]` and 1 where either vector is zero, into `out[i * n_kv + head]`. The query is
