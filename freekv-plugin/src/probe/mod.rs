@@ -321,7 +321,6 @@ struct Measure {
 
 /// One step of one KV head: `q` is the group's query `[G][d]`, `keys` its keys `[len][d]`,
 /// `resident` the pages the step attended (None: dense).
-#[allow(clippy::too_many_arguments)]
 fn measure_head(
     lp: &mut LayerProbe,
     params: &AttnParams,
