@@ -65,7 +65,7 @@ pub use types::{AttnParams, DecodeRow, KvDType, ModelShape, PrefillRow};
 
 use backend::cpu::elem::KvElem;
 use backend::cpu::CpuBackend;
-use backend::offload::host::HostOps;
+use backend::offload::emulated::EmulatedDevice;
 use backend::offload::OffloadBackend;
 use backend::Backend;
 use geometry::Geometry;
@@ -102,8 +102,11 @@ fn instance<B: Backend>(
 }
 
 /// The offload design on host memory (the copy layout).
-fn host_offload<T: KvElem>(geo: Geometry, config: &FreeKvConfig) -> OffloadBackend<T, HostOps<T>> {
-    OffloadBackend::new(geo, config, HostOps::new(geo))
+fn host_offload<T: KvElem>(
+    geo: Geometry,
+    config: &FreeKvConfig,
+) -> OffloadBackend<T, EmulatedDevice<T>> {
+    OffloadBackend::new(geo, config, EmulatedDevice::new(geo))
 }
 
 impl FreeKv {

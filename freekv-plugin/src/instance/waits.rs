@@ -7,7 +7,7 @@
 use super::faults::{config, decode, prefill, PAGE, PROMPT, SHAPE};
 use super::{AnyInstance, Instance};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::offload::host::HostOps;
+use crate::backend::offload::emulated::EmulatedDevice;
 use crate::backend::offload::OffloadBackend;
 use crate::geometry::Geometry;
 use crate::{FreeKvConfig, Mode};
@@ -25,7 +25,7 @@ fn run(mode: Mode, dense_layers: Vec<usize>) -> (u64, Vec<Vec<f32>>, Vec<Vec<f32
     };
     cfg.validate(Some(&SHAPE)).unwrap();
     let geo = Geometry::new(&cfg, &SHAPE);
-    let offload = OffloadBackend::<f32, _>::new(geo, &cfg, HostOps::new(geo));
+    let offload = OffloadBackend::<f32, _>::new(geo, &cfg, EmulatedDevice::new(geo));
     let device = Instance::new(offload, cfg.clone(), &SHAPE, 64, "f32").unwrap();
     let cpu = Instance::new(CpuBackend::<f32>::new(geo, &cfg), cfg, &SHAPE, 64, "f32").unwrap();
     prefill(&device, 1).unwrap();

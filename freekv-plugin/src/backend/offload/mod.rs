@@ -38,7 +38,7 @@
 
 mod decode;
 mod dense_pages;
-pub mod host;
+pub mod emulated;
 pub mod ops;
 mod prompt;
 mod staged;

@@ -12,7 +12,7 @@ use crate::geometry::Geometry;
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 
-use super::host::scatter_chunk;
+use super::emulated::scatter_chunk;
 use super::ops::ChunkMove;
 
 /// The slot data of the device tier being filled, handed to the scatter thread.

@@ -1,7 +1,7 @@
 //! The offload orchestration's own checks (the harness in `tests/core` runs it against the CPU
 //! backend and the reference on seeded random cases).
 
-use super::host::HostOps;
+use super::emulated::EmulatedDevice;
 use super::*;
 use crate::backend::cpu::select::pooled_scores;
 use crate::backend::AttendRow;
@@ -12,7 +12,7 @@ use crate::plan::tests::geo;
 #[test]
 fn summaries_computed_late_reach_the_mirror() {
     let g = geo();
-    let off = OffloadBackend::new(g, &FreeKvConfig::default(), HostOps::<f32>::new(g));
+    let off = OffloadBackend::new(g, &FreeKvConfig::default(), EmulatedDevice::<f32>::new(g));
     assert!(off.alloc_host_tier(4, false).unwrap().summaries.is_none());
     let mut host = off.alloc_host_tier(4, true).unwrap();
     let mut scratch = off.alloc_scratch(Role::Worker);
@@ -29,7 +29,7 @@ fn summaries_computed_late_reach_the_mirror() {
     let q: Vec<f32> = (0..g.num_q_heads() * d)
         .map(|i| (i % 5) as f32 - 2.0)
         .collect();
-    let score = |host: &HostOf<f32, HostOps<f32>>, scratch: &mut OffloadScratch<f32, _>| {
+    let score = |host: &HostOf<f32, EmulatedDevice<f32>>, scratch: &mut OffloadScratch<f32, _>| {
         let mut out = vec![0.0; n_kv];
         off.ops
             .score_pages(
@@ -75,7 +75,7 @@ fn summaries_computed_late_reach_the_mirror() {
 #[test]
 fn dense_layers_attend_from_their_pages_on_the_device() {
     let g = geo();
-    let off = OffloadBackend::new(g, &FreeKvConfig::default(), HostOps::<f32>::new(g));
+    let off = OffloadBackend::new(g, &FreeKvConfig::default(), EmulatedDevice::<f32>::new(g));
     let mut host = off.alloc_host_tier(6, false).unwrap();
     assert!(host.pages.is_some() && host.summaries.is_none());
     assert_eq!(
@@ -120,7 +120,7 @@ fn dense_layers_attend_from_their_pages_on_the_device() {
         k: &kd,
         v: &kd,
     };
-    let attend = |host: &mut HostOf<f32, HostOps<f32>>,
+    let attend = |host: &mut HostOf<f32, EmulatedDevice<f32>>,
                   scratch: &mut OffloadScratch<f32, _>,
                   on_device: bool| {
         let mut b = off.alloc_batch();
@@ -193,7 +193,7 @@ fn dense_layers_attend_from_their_pages_on_the_device() {
 #[test]
 fn a_failed_summary_copy_is_retried_before_any_selection_scores_it() {
     let g = geo();
-    let off = OffloadBackend::new(g, &FreeKvConfig::default(), HostOps::<f32>::new(g));
+    let off = OffloadBackend::new(g, &FreeKvConfig::default(), EmulatedDevice::<f32>::new(g));
     let mut host = off.alloc_host_tier(4, true).unwrap();
     let mut scratch = off.alloc_scratch(Role::Worker);
     for h in 0..g.num_kv_heads {

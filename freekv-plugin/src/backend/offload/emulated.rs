@@ -30,13 +30,13 @@ use super::ops::{
 use super::staged::StagedRecall;
 
 /// The host-memory device for KV stored as `T`.
-pub struct HostOps<T> {
+pub struct EmulatedDevice<T> {
     geo: Geometry,
     device: Device,
     _elem: PhantomData<fn() -> T>,
 }
 
-impl<T> HostOps<T> {
+impl<T> EmulatedDevice<T> {
     /// A host-memory device for `geo`.
     pub fn new(geo: Geometry) -> Self {
         Self {
@@ -54,7 +54,7 @@ impl<T> HostOps<T> {
 }
 
 /// Per-thread memory of the host-memory device.
-pub struct HostOpsScratch<T: KvElem> {
+pub struct EmulatedScratch<T: KvElem> {
     role: Role,
     /// The worker's staged recall, started on its first multi-chunk move.
     staged: Option<StagedRecall<T>>,
@@ -64,7 +64,7 @@ pub struct HostOpsScratch<T: KvElem> {
 }
 
 /// One layer's summary mirror in host memory, laid out as the host tier's.
-pub struct HostSummaries<T> {
+pub struct EmulatedSummaries<T> {
     pub(super) num_blocks: usize,
     /// `[n_kv][block][upper d | lower d]`.
     pub(super) data: Vec<T>,
@@ -73,7 +73,7 @@ pub struct HostSummaries<T> {
 /// A decode batch in the host-memory device: q as f32, k and v as stored, and the output
 /// (`[B][n_q][d]` f32; a row no decode wrote stays zero, as a CUDA batch's does).
 #[derive(Default)]
-pub struct HostBatch<T> {
+pub struct EmulatedBatch<T> {
     q: Vec<f32>,
     k: Vec<T>,
     v: Vec<T>,
@@ -123,7 +123,7 @@ fn slot_rows<'a, T>(
     (&data[k..k + span], &data[v..v + span], stride)
 }
 
-impl<T: KvElem> HostOps<T> {
+impl<T: KvElem> EmulatedDevice<T> {
     /// Attention of KV head `h`'s query heads (`q`, `out`: `[G][d]`) over its logical slots
     /// (stored where `index` says, see [`DeviceOps::decode`]).
     fn decode_head(
@@ -170,13 +170,13 @@ impl<T: KvElem> HostOps<T> {
     }
 }
 
-impl<T: KvElem> DeviceMemory<T> for HostOps<T> {
+impl<T: KvElem> DeviceMemory<T> for EmulatedDevice<T> {
     type Slots = Vec<T>;
-    type Scratch = HostOpsScratch<T>;
+    type Scratch = EmulatedScratch<T>;
     /// Host memory needs no registration.
     type HostPin = ();
-    type Summaries = HostSummaries<T>;
-    type Batch = HostBatch<T>;
+    type Summaries = EmulatedSummaries<T>;
+    type Batch = EmulatedBatch<T>;
     /// The engine's tensors themselves.
     type Staged = [Tensor; 3];
     /// As f32 (the plan's copy, which the host-memory device stores exactly).
@@ -186,8 +186,8 @@ impl<T: KvElem> DeviceMemory<T> for HostOps<T> {
         &self.device
     }
 
-    fn alloc_batch(&self) -> HostBatch<T> {
-        HostBatch::default()
+    fn alloc_batch(&self) -> EmulatedBatch<T> {
+        EmulatedBatch::default()
     }
 
     fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<Vec<T>> {
@@ -209,8 +209,8 @@ impl<T: KvElem> DeviceMemory<T> for HostOps<T> {
             .saturating_mul(std::mem::size_of::<T>())
     }
 
-    fn alloc_scratch(&self, role: Role) -> HostOpsScratch<T> {
-        HostOpsScratch {
+    fn alloc_scratch(&self, role: Role) -> EmulatedScratch<T> {
+        EmulatedScratch {
             role,
             staged: None,
             attn: AttnScratch::default(),
@@ -221,7 +221,7 @@ impl<T: KvElem> DeviceMemory<T> for HostOps<T> {
 
     fn pin_host(&self, _pages: &[T]) {}
 
-    fn alloc_summaries(&self, num_blocks: usize) -> anyhow::Result<HostSummaries<T>> {
+    fn alloc_summaries(&self, num_blocks: usize) -> anyhow::Result<EmulatedSummaries<T>> {
         let n = num_blocks.saturating_mul(self.geo.num_kv_heads * 2 * self.geo.head_dim);
         let data = try_zeroed_vec(n).ok_or_else(|| {
             anyhow::anyhow!(
@@ -229,7 +229,7 @@ impl<T: KvElem> DeviceMemory<T> for HostOps<T> {
                 self.summaries_bytes(num_blocks)
             )
         })?;
-        Ok(HostSummaries { num_blocks, data })
+        Ok(EmulatedSummaries { num_blocks, data })
     }
 
     fn summaries_bytes(&self, num_blocks: usize) -> usize {
@@ -241,9 +241,9 @@ impl<T: KvElem> DeviceMemory<T> for HostOps<T> {
     fn upload_summaries(
         &self,
         host: &HostTier<T>,
-        mirror: &mut HostSummaries<T>,
+        mirror: &mut EmulatedSummaries<T>,
         blocks: &[u32],
-        _scratch: &mut HostOpsScratch<T>,
+        _scratch: &mut EmulatedScratch<T>,
     ) -> anyhow::Result<()> {
         let w = 2 * self.geo.head_dim;
         for &b in blocks {
@@ -281,10 +281,10 @@ impl<T: KvElem> DeviceMemory<T> for HostOps<T> {
     }
 }
 
-impl<T: KvElem> DeviceOps<T> for HostOps<T> {
+impl<T: KvElem> DeviceOps<T> for EmulatedDevice<T> {
     fn load_batch(
         &self,
-        batch: &mut HostBatch<T>,
+        batch: &mut EmulatedBatch<T>,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -309,7 +309,7 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
 
     fn stage_batch(
         &self,
-        batch: &HostBatch<T>,
+        batch: &EmulatedBatch<T>,
         _reuse: Option<[Tensor; 3]>,
     ) -> anyhow::Result<[Tensor; 3]> {
         batch
@@ -324,7 +324,7 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
 
     fn finish_batch(
         &self,
-        batch: &mut HostBatch<T>,
+        batch: &mut EmulatedBatch<T>,
         host_rows: &[usize],
         host_out: &[f32],
         dtype: DType,
@@ -347,13 +347,13 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
 
     fn score_pages(
         &self,
-        mirror: &HostSummaries<T>,
+        mirror: &EmulatedSummaries<T>,
         blocks: &[u32],
         query: &[f32],
         heads: &[bool],
         pooling: Pooling,
         out: &mut [f32],
-        scratch: &mut HostOpsScratch<T>,
+        scratch: &mut EmulatedScratch<T>,
     ) -> anyhow::Result<()> {
         let g = &self.geo;
         let (d, n) = (g.head_dim, blocks.len());
@@ -380,7 +380,7 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
 
     fn query_similarities(
         &self,
-        batch: &mut HostBatch<T>,
+        batch: &mut EmulatedBatch<T>,
         rows: &[(usize, &Vec<f32>)],
         out: &mut [f32],
     ) -> anyhow::Result<()> {
@@ -409,7 +409,7 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
         host: &HostTier<T>,
         slots: &mut Vec<T>,
         moves: &[ChunkMove],
-        scratch: Option<&mut HostOpsScratch<T>>,
+        scratch: Option<&mut EmulatedScratch<T>>,
     ) -> anyhow::Result<()> {
         match scratch {
             Some(sc) if sc.role == Role::Worker && moves.len() > 1 => {
@@ -435,7 +435,7 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
         slots: &mut Vec<T>,
         slot: usize,
         token: usize,
-        rows: NewToken<'_, T, HostBatch<T>>,
+        rows: NewToken<'_, T, EmulatedBatch<T>>,
     ) -> anyhow::Result<()> {
         let g = &self.geo;
         let width = g.num_kv_heads * g.head_dim;
@@ -471,9 +471,9 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
     fn decode(
         &self,
         rows: &[DecodeDesc<'_, Vec<T>>],
-        batch: &mut HostBatch<T>,
+        batch: &mut EmulatedBatch<T>,
         params: &AttnParams,
-        scratch: &mut HostOpsScratch<T>,
+        scratch: &mut EmulatedScratch<T>,
     ) -> anyhow::Result<()> {
         for r in rows {
             self.decode_row(r, batch, params, scratch)?;
@@ -482,14 +482,14 @@ impl<T: KvElem> DeviceOps<T> for HostOps<T> {
     }
 }
 
-impl<T: KvElem> HostOps<T> {
+impl<T: KvElem> EmulatedDevice<T> {
     /// One row of [`DeviceOps::decode`].
     fn decode_row(
         &self,
         r: &DecodeDesc<'_, Vec<T>>,
-        batch: &mut HostBatch<T>,
+        batch: &mut EmulatedBatch<T>,
         params: &AttnParams,
-        scratch: &mut HostOpsScratch<T>,
+        scratch: &mut EmulatedScratch<T>,
     ) -> anyhow::Result<()> {
         let (slots, index, slot_len, row) = (r.slots, r.index, r.slot_len, r.row);
         let g = &self.geo;
@@ -547,7 +547,7 @@ mod tests {
     #[test]
     fn moves_and_appends_land_token_major() {
         let g = geo();
-        let ops = HostOps::<f32>::new(g);
+        let ops = EmulatedDevice::<f32>::new(g);
         let mut host = HostTier::<f32>::try_new(g, 4).unwrap();
         for h in 0..3 {
             for t in 0..8 {
