@@ -25,7 +25,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
-use crate::backend::offload::ops::decode_rows;
+use crate::backend::offload::ops::{consecutive_runs, decode_rows};
 use crate::backend::offload::{
     ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
 };
@@ -536,14 +536,9 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         // One launch per run of consecutive batch rows (every row of a step on the device:
         // one launch per layer); descriptor `s` of a launch serves its `s`-th row.
         live.sort_by_key(|(r, _)| r.row);
-        let mut start = 0;
-        while start < live.len() {
-            let mut end = start + 1;
-            while end < live.len() && live[end].0.row == live[end - 1].0.row + 1 {
-                end += 1;
-            }
-            self.decode_run(&live[start..end], batch, params, scratch)?;
-            start = end;
+        let rows: Vec<usize> = live.iter().map(|(r, _)| r.row).collect();
+        for run in consecutive_runs(&rows) {
+            self.decode_run(&live[run], batch, params, scratch)?;
         }
         Ok(())
     }

@@ -5,6 +5,8 @@
 //! which chunks move where, when attention may run on the device) is
 //! [`OffloadBackend`](super::OffloadBackend)'s, written once for every device.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::backend::cpu::elem::KvElem;
@@ -41,6 +43,21 @@ pub fn token_span(lo: usize, hi: usize) -> i32 {
 pub fn span_tokens(span: i32) -> (usize, usize) {
     let s = span.max(0) as usize;
     (s >> 16, s & 0xffff)
+}
+
+/// The runs of consecutive values in `rows` (sorted ascending), as index ranges into `rows`:
+/// the batch rows one decode launch can serve (its `s`-th descriptor is its `s`-th row).
+#[cfg_attr(not(feature = "nvrtc"), allow(dead_code))]
+pub fn consecutive_runs(rows: &[usize]) -> Vec<Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=rows.len() {
+        if i == rows.len() || rows[i] != rows[i - 1] + 1 {
+            runs.push(start..i);
+            start = i;
+        }
+    }
+    runs
 }
 
 /// The rows of a decode step for `geo`: q `(B, Hq, D)`, k and v `(B, Hkv, D)`; an error names
@@ -255,4 +272,26 @@ pub struct DecodeDesc<'a, S> {
     pub slot_len: &'a [i32],
     /// The batch row whose query attends.
     pub row: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::consecutive_runs;
+
+    #[test]
+    fn a_launch_serves_each_run_of_consecutive_rows() {
+        assert!(consecutive_runs(&[]).is_empty());
+        assert_eq!(consecutive_runs(&[0, 1, 2, 3]), vec![0..4]);
+        assert_eq!(consecutive_runs(&[5]), vec![0..1]);
+        // Row 2 attended on the host: two launches.
+        assert_eq!(consecutive_runs(&[0, 1, 3, 4, 7]), vec![0..2, 2..4, 4..5]);
+        // Every row is in exactly one run, in order.
+        let rows = [1, 2, 4, 6, 7, 8, 10];
+        let runs = consecutive_runs(&rows);
+        let covered: Vec<usize> = runs.iter().flat_map(|r| rows[r.clone()].to_vec()).collect();
+        assert_eq!(covered, rows);
+        for r in &runs {
+            assert!(rows[r.clone()].windows(2).all(|w| w[1] == w[0] + 1));
+        }
+    }
 }
