@@ -57,15 +57,20 @@ pub fn decode_step<B: Backend>(
     rows: &[DecodeRow<'_>],
     params: &AttnParams,
 ) -> anyhow::Result<bool> {
-    let plan = plan_step(cx, st, rows, params)?;
+    st.plan = plan_step(cx, st, rows, params)?;
     let LayerState {
         host,
         seqs,
         batch,
         scratch,
+        plan,
+        similarity,
+        heads,
+        all_heads,
+        threshold,
         ..
     } = &mut *st;
-    let mut seqs = seqs_by_row(&plan, seqs)?;
+    let mut seqs = seqs_by_row(plan, seqs)?;
     // 1. append: every row's token into the host tier, then each working set moves.
     let writes: Vec<WriteRow<'_>> = plan
         .rows
@@ -88,26 +93,12 @@ pub fn decode_step<B: Backend>(
     for (r, (p, seq)) in plan.rows.iter().zip(seqs.iter_mut()).enumerate() {
         arrange(cx, host, batch, seq, p, r)?;
     }
-    st.plan = plan;
-    let similarity = test_drift(cx, st)?;
+    test_drift(cx, plan, &seqs, batch, similarity)?;
     if cx.policy.selector == Selector::Oracle {
         // The oracle's softmax covers every token, the step's own too: a backend that writes
         // the step's tokens into the host tier after the step writes them now.
-        cx.backend
-            .settle(&mut st.host, &mut st.batch, &mut st.scratch)?;
+        cx.backend.settle(host, batch, scratch)?;
     }
-    let LayerState {
-        host,
-        seqs,
-        batch,
-        scratch,
-        plan,
-        heads,
-        all_heads,
-        threshold,
-        ..
-    } = &mut *st;
-    let mut seqs = seqs_by_row(plan, seqs)?;
     // 2. correct: the selections that must happen before attention.
     let mut cor = Correction {
         heads,
@@ -137,7 +128,6 @@ pub fn decode_step<B: Backend>(
         .collect();
     cx.backend
         .attend(host, batch, Attend::Decode(&attend), params, scratch)?;
-    drop(attend);
     // 4. schedule: the next step's selection goes to the worker (speculative modes).
     let mut scheduled = false;
     for (p, seq) in plan.rows.iter().zip(seqs.iter_mut()) {
@@ -149,7 +139,6 @@ pub fn decode_step<B: Backend>(
             scheduled = true;
         }
     }
-    st.similarity = similarity;
     Ok(scheduled)
 }
 
@@ -312,33 +301,28 @@ impl<B> LayerCtx<'_, B> {
 }
 
 /// 2a. The correction test of every row the plan marks, in one backend call (on a device, one
-///     wait for the similarities): the `i`-th tested row's in `[i * n_kv..]`.
+///     wait for the similarities): the `i`-th tested row's in `similarity[i * n_kv..]`.
 fn test_drift<B: Backend>(
     cx: &LayerCtx<'_, B>,
-    st: &mut LayerState<B>,
-) -> anyhow::Result<Vec<f32>> {
-    let LayerState {
-        seqs,
-        batch,
-        similarity,
-        plan,
-        ..
-    } = st;
+    plan: &StepPlan,
+    seqs: &[&mut SeqLayer<B>],
+    batch: &mut B::Batch,
+    similarity: &mut Vec<f32>,
+) -> anyhow::Result<()> {
     similarity.clear();
     let devs = plan
         .tested()
         .map(|r| {
-            let dev = seqs.get(&plan.rows[r].seq_id).and_then(|s| s.dev.as_ref());
+            let dev = seqs[r].dev.as_ref();
             dev.map(|d| (r, d))
                 .ok_or_else(|| anyhow::anyhow!("a speculated row without a working set"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     if devs.is_empty() {
-        return Ok(std::mem::take(similarity));
+        return Ok(());
     }
     similarity.resize(devs.len() * cx.geo.num_kv_heads, 0.0);
-    cx.backend.query_similarities(&devs, batch, similarity)?;
-    Ok(std::mem::take(similarity))
+    cx.backend.query_similarities(&devs, batch, similarity)
 }
 
 /// The correction test's per-head buffers and thresholds of a layer.

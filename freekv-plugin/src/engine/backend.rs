@@ -12,7 +12,7 @@ use once_cell::sync::OnceCell;
 
 use super::registry::{LoadedModel, Registry};
 use super::{layer::FreeKvLayer, metrics, model_check, step_rows};
-use crate::backend::offload::STAGED_CHUNKS_PER_BUFFER;
+use crate::backend::offload::ops::STAGED_CHUNKS_PER_BUFFER;
 use crate::{FreeKv, FreeKvConfig, KvDType};
 
 /// The FreeKV paged-attention backend. One per process (the engine registers one backend);

@@ -488,28 +488,18 @@ impl<T: KvElem> CpuBackend<T> {
         if attended * g.num_kv_heads >= PARALLEL_DECODE && rayon::current_num_threads() > 1 {
             use rayon::prelude::*;
             // One query position per row: a row's heads are contiguous in q and out. Every
-            // (row, KV head) pair is one item, so a single row spreads over the pool too.
-            let mut items: Vec<(&AttendRow<'_, SlotPlan>, usize, &mut [f32])> = Vec::new();
-            let mut rest: &mut [f32] = out;
-            let mut at = 0;
-            let mut order: Vec<&AttendRow<'_, SlotPlan>> = rows.iter().collect();
-            order.sort_by_key(|r| r.row);
-            for r in order {
-                let tail = std::mem::take(&mut rest);
-                let (_, tail) = tail.split_at_mut(r.row * width - at);
-                let (mine, tail) = tail.split_at_mut(width);
-                rest = tail;
-                at = (r.row + 1) * width;
-                items.extend(
-                    mine.chunks_mut(per_head)
-                        .enumerate()
-                        .map(|(h, o)| (r, h, o)),
-                );
+            // (row, KV head) pair of the job is one item, so a single row spreads over the
+            // pool too.
+            let n_kv = g.num_kv_heads;
+            let mut job_of = vec![None; out.len() / width];
+            for (j, r) in rows.iter().enumerate() {
+                job_of[r.row] = Some(j);
             }
-            items
-                .into_par_iter()
-                .for_each_init(AttnScratch::default, |sc, (r, h, o)| {
-                    let q = &q[r.row * width + h * per_head..r.row * width + (h + 1) * per_head];
+            out.par_chunks_mut(per_head)
+                .zip(q.par_chunks(per_head))
+                .enumerate()
+                .filter_map(|(i, io)| job_of[i / n_kv].map(|j| (&rows[j], i % n_kv, io)))
+                .for_each_init(AttnScratch::default, |sc, (r, h, (o, q))| {
                     self.decode_head(host, r, h, (q, o), params, sc)
                 });
             return;

@@ -25,10 +25,8 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
-use crate::backend::offload::ops::{consecutive_runs, decode_rows};
-use crate::backend::offload::{
-    ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
-};
+use crate::backend::offload::ops::{consecutive_runs, decode_rows, STAGED_CHUNKS_PER_BUFFER};
+use crate::backend::offload::{ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken};
 use crate::backend::Role;
 use crate::geometry::Geometry;
 use crate::{AttnParams, KvDType, Pooling};

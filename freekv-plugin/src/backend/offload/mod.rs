@@ -62,9 +62,7 @@ use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling, Selector};
 
-pub use ops::{
-    token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, STAGED_CHUNKS_PER_BUFFER,
-};
+pub use ops::{token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken};
 use prompt::DevicePrompt;
 
 /// [`Backend`] for a device whose working sets live in its own memory.

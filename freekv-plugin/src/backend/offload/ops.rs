@@ -17,6 +17,7 @@ use crate::{AttnParams, Pooling};
 
 /// Most chunks a device stages per copy buffer when it moves chunks (the CUDA recall pipeline
 /// has two such buffers of `2 * page_size * head_dim` elements per chunk).
+#[cfg_attr(not(any(feature = "engine", feature = "nvrtc")), allow(dead_code))]
 pub const STAGED_CHUNKS_PER_BUFFER: usize = 256;
 
 /// One chunk to move: KV head `head`'s K+V of host block `block` (HND, one page) into that
