@@ -31,7 +31,7 @@ use freekv_plugin::cuda::mem::{DeviceBuffer, HostRegistration, PinnedBuffer};
 use freekv_plugin::cuda::module;
 use freekv_plugin::cuda::recall::{RawEvent, RecallPipeline};
 use freekv_plugin::cuda::source::{KernelConfig, KernelDtype};
-use freekv_plugin::{AttnParams, DecodeRow, FreeKv, KvDType, Mode, ModelShape};
+use freekv_plugin::{AttnParams, DecodeRow, FreeKv, KvDType, Mode, ModelShape, Qkv};
 
 mod inputs;
 #[allow(dead_code)] // the CPU benchmarks' other shape
@@ -73,13 +73,15 @@ fn sync(device: &Device) -> anyhow::Result<()> {
 
 /// Dense attention over the whole context on the GPU with candle's ops, per layer: q `(1, 8, 4,
 /// d)` against K/V `(1, 8, ctx + steps, d)` (GQA without copying K/V).
-fn dense_gpu(
-    device: &Device,
-    layers: usize,
-    ctx: usize,
-    steps: &Steps,
-    n: usize,
-) -> anyhow::Result<Timed> {
+fn dense_gpu(w: &Workload) -> anyhow::Result<Timed> {
+    let Workload {
+        device,
+        layers,
+        ctx,
+        steps,
+        n,
+        ..
+    } = *w;
     let s = LLAMA;
     let group = s.q / s.kv;
     let scale = 1.0 / (s.d as f64).sqrt();
@@ -126,19 +128,34 @@ fn softmax_last(x: &Tensor) -> anyhow::Result<Tensor> {
     Ok(e.broadcast_div(&z)?.to_dtype(dt)?)
 }
 
+/// One context's inputs, the same for every variant.
+#[derive(Clone, Copy)]
+struct Workload<'a> {
+    device: &'a Device,
+    layers: usize,
+    /// Prompt tokens.
+    ctx: usize,
+    prompt: &'a inputs::Prompt,
+    /// Each decode step's q, k and v per layer.
+    steps: &'a Steps,
+    /// Timed decode steps.
+    n: usize,
+    /// Untimed decode steps before them (FreeKV only).
+    warmup: usize,
+}
+
 /// One FreeKV mode through `FreeKv::new_on`: prefill (not timed), then `n` timed decode steps
 /// over every layer after a warm-up.
-#[allow(clippy::too_many_arguments)]
-fn freekv(
-    device: &Device,
-    mode: Mode,
-    layers: usize,
-    ctx: usize,
-    prompt: &inputs::Prompt,
-    steps: &Steps,
-    n: usize,
-    warmup: usize,
-) -> anyhow::Result<Timed> {
+fn freekv(w: &Workload, mode: Mode) -> anyhow::Result<Timed> {
+    let Workload {
+        device,
+        layers,
+        ctx,
+        prompt,
+        steps,
+        n,
+        warmup,
+    } = *w;
     let s = LLAMA;
     let shape = ModelShape {
         num_layers: layers,
@@ -163,7 +180,12 @@ fn freekv(
             };
             for l in 0..layers {
                 let i = (step % per_layer) * layers + l;
-                let out = fk.decode(l, &[row], &steps.q[i], &steps.k[i], &steps.v[i], &params)?;
+                let out = fk.decode(
+                    l,
+                    &[row],
+                    Qkv::new(&steps.q[i], &steps.k[i], &steps.v[i]),
+                    &params,
+                )?;
                 std::hint::black_box(out);
             }
         }
@@ -193,6 +215,11 @@ fn main() -> anyhow::Result<()> {
         Ok(n) if n > 0 => Device::new_cuda(0)?,
         other => {
             out.emit(format!("{{\"skipped\":\"no CUDA device ({other:?})\"}}"));
+            // The device script runs the bench with FREEKV_REQUIRE_CUDA=1: a skip is a failure.
+            anyhow::ensure!(
+                std::env::var("FREEKV_REQUIRE_CUDA").as_deref() != Ok("1"),
+                "the bench needs the GPU (FREEKV_REQUIRE_CUDA=1): no CUDA device ({other:?})"
+            );
             return Ok(());
         }
     };
@@ -209,20 +236,26 @@ fn main() -> anyhow::Result<()> {
     ));
     bandwidth(&device, &mut out)?;
     for &ctx in &contexts {
-        let mut rng = Rng(0xC0DA + ctx as u64);
+        let mut rng = Rng::new(0xC0DA + ctx as u64);
         let steps = make_steps(LLAMA, layers, warmup + n, &device, &mut rng);
         let prompt = make_prompt(LLAMA, ctx, &device, &mut rng);
-        let dense = dense_gpu(&device, layers, ctx, &steps, n)?;
+        let w = Workload {
+            device: &device,
+            layers,
+            ctx,
+            prompt: &prompt,
+            steps: &steps,
+            n,
+            warmup,
+        };
+        let dense = dense_gpu(&w)?;
         let mut rows = vec![("dense-gpu", dense)];
         for (label, mode) in [
             ("sync", Mode::Sync),
             ("speculative", Mode::Speculative),
             ("freekv", Mode::FreeKv),
         ] {
-            rows.push((
-                label,
-                freekv(&device, mode, layers, ctx, &prompt, &steps, n, warmup)?,
-            ));
+            rows.push((label, freekv(&w, mode)?));
         }
         let dense_ms = rows[0].1.ms_per_step;
         let dense_bytes = rows[0].1.device_kv_bytes;
@@ -294,17 +327,17 @@ fn bandwidth(device: &Device, out: &mut Out) -> anyhow::Result<()> {
         elem_bytes: 2,
     };
     let tier = LayerTier::new(&ctx, shape)?;
-    let mut rng = Rng(12345);
+    let mut rng = Rng::new(12345);
     let (mut best, mut calls) = (0f64, 0);
     for _ in 0..3 {
         let jobs: Vec<RecallJob> = (0..4096)
             .map(|i| {
-                let c = (rng.next() as usize) % n_chunks_host;
+                let c = (rng.next_u64() as usize) % n_chunks_host;
                 RecallJob {
                     src: host.as_ptr() as u64 + (c * chunk_bytes) as u64,
                     slots: tier.slots.ptr(),
                     slot: (i % n_slots) as i32,
-                    head: ((rng.next() as usize) % s.kv) as i32,
+                    head: ((rng.next_u64() as usize) % s.kv) as i32,
                 }
             })
             .collect();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use freekv_plugin::{
-    AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow,
+    AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow, Qkv,
 };
 
 #[allow(dead_code)]
@@ -77,7 +77,7 @@ fn prefill(shape: Shape, mode: Mode, label: &'static str, steps: usize, rng: &mu
                     cached_len: done,
                     new_len: chunk,
                 };
-                fk.prefill(layer, &[row], &q, &k, &k, &params, false)
+                fk.prefill(layer, &[row], Qkv::new(&q, &k, &k), &params, false)
                     .unwrap();
                 done += chunk;
             }
@@ -110,7 +110,9 @@ impl Variant {
             let [q, k, v] = &inputs[self.len % inputs.len()];
             let t = Instant::now();
             for layer in 0..LAYERS {
-                self.fk.decode(layer, &rows, q, k, v, params).unwrap();
+                self.fk
+                    .decode(layer, &rows, Qkv::new(q, k, v), params)
+                    .unwrap();
             }
             if timed {
                 self.elapsed += t.elapsed();
@@ -124,7 +126,7 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, per_round, warmup) = if quick { (3, 2, 1) } else { (6, 3, 2) };
     let shape = LLAMA;
-    let mut rng = Rng(0xBA7C4);
+    let mut rng = Rng::new(0xBA7C4);
     let inputs: Vec<[Tensor; 3]> = (0..INPUTS)
         .map(|_| {
             [

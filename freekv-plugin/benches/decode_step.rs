@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use freekv_plugin::{
     AttnParams, CpuKernels, DecodeRow, DeviceTierLayout, FreeKv, FreeKvConfig, KvDType, Mode,
-    ModelShape, Selector,
+    ModelShape, Qkv, Selector,
 };
 
 mod inputs;
@@ -109,7 +109,12 @@ impl Variant {
                 let i = (self.step % (steps.q.len() / LAYERS)) * LAYERS + layer;
                 let out = self
                     .fk
-                    .decode(layer, &[row], &steps.q[i], &steps.k[i], &steps.v[i], params)
+                    .decode(
+                        layer,
+                        &[row],
+                        Qkv::new(&steps.q[i], &steps.k[i], &steps.v[i]),
+                        params,
+                    )
                     .unwrap();
                 std::hint::black_box(out);
             }
@@ -189,7 +194,7 @@ fn main() {
     println!("# {LAYERS} layers round-robin, {rounds} rounds x {per_round} steps per variant (+{warmup} warm-up), modes interleaved; times are per layer-step");
     println!();
     for (shape, ctx) in cases {
-        let mut rng = Rng(0xF4EE + ctx as u64 + shape.q as u64);
+        let mut rng = Rng::new(0xF4EE + ctx as u64 + shape.q as u64);
         let total_steps = warmup + rounds * per_round;
         let steps = make_steps(shape, LAYERS, total_steps, &Device::Cpu, &mut rng);
         let params = AttnParams::scaled(1.0 / (shape.d as f32).sqrt());

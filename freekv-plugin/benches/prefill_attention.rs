@@ -20,7 +20,7 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use freekv_plugin::{AttnParams, FreeKv, FreeKvConfig, KvDType, ModelShape, PrefillRow};
+use freekv_plugin::{AttnParams, FreeKv, FreeKvConfig, KvDType, ModelShape, PrefillRow, Qkv};
 use mistralrs_core::attention_backend::{Sdpa, SdpaParams};
 use rayon::prelude::*;
 
@@ -138,7 +138,9 @@ fn bench(shape: Shape, len: usize, reps: usize, with_sdpa: bool) -> Row {
             cached_len: 0,
             new_len: len,
         };
-        let out = fk.prefill(0, &[row], &q, &k, &v, &params, want).unwrap();
+        let out = fk
+            .prefill(0, &[row], Qkv::new(&q, &k, &v), &params, want)
+            .unwrap();
         std::hint::black_box(out);
         fk.free_sequence(id);
     };

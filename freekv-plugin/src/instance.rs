@@ -26,40 +26,34 @@ use crate::geometry::Geometry;
 use crate::probe::{self, LayerProbe, ProbeReport, ProbeSpec};
 use crate::state::{LayerState, StepTrace};
 use crate::timeline::{self, LayerCtx};
-use crate::{prefill, AttnParams, DecodeRow, FreeKvConfig, ModelShape, Policy, PrefillRow};
+use crate::{prefill, AttnParams, DecodeRow, FreeKvConfig, ModelShape, Policy, PrefillRow, Qkv};
 
 /// FreeKV's operations on one loaded model, whatever its backend and dtype: what the engine
 /// glue calls on a [`FreeKv`](crate::FreeKv), which dereferences to this.
 pub trait AnyInstance: Send + Sync {
-    /// A prompt batch on one layer. q: `(B, Hq, Lmax, D)`, k/v: `(B, Hkv, Lmax, D)` candle CPU
-    /// tensors of any float dtype (rows shorter than `Lmax` padded at the end). Writes every
+    /// A prompt batch on one layer, `qkv` of shape `(B, H, Lmax, D)`. Writes every
     /// new token to the host tier (and the summaries of pages that became full), builds the
     /// sequence's state on this layer (replacing any earlier one) and makes the first
     /// selection with the last prompt query. With `want_output`, returns the causal attention
     /// output `(B, Hq, Lmax, D)` in q's dtype (new queries attend over cached + new keys;
     /// padding positions hold zeros); otherwise `None`.
-    #[allow(clippy::too_many_arguments)]
     fn prefill(
         &self,
         layer: usize,
         rows: &[PrefillRow<'_>],
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: Qkv<'_>,
         params: &AttnParams,
         want_output: bool,
     ) -> anyhow::Result<Option<Tensor>>;
-    /// One decode step of one layer. q: `(B, Hq, D)`, k/v: `(B, Hkv, D)`; returns `(B, Hq, D)`
-    /// in q's dtype. A row whose sequence has no state on this layer is an error naming it; a
+    /// One decode step of one layer, `qkv` of shape `(B, H, D)`; returns `(B, Hq, D)` in q's
+    /// dtype. A row whose sequence has no state on this layer is an error naming it; a
     /// row whose `context_len` is not the state's length + 1 (the engine trimmed or re-fed the
     /// sequence) rebuilds the state from the host tier (blocking selection).
     fn decode(
         &self,
         layer: usize,
         rows: &[DecodeRow<'_>],
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: Qkv<'_>,
         params: &AttnParams,
     ) -> anyhow::Result<Tensor>;
     /// Drops all state of a sequence (every layer) and returns what FreeKV did for it since
@@ -352,12 +346,11 @@ impl<B: Backend> AnyInstance for Instance<B> {
         &self,
         layer: usize,
         rows: &[PrefillRow<'_>],
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: Qkv<'_>,
         params: &AttnParams,
         want_output: bool,
     ) -> anyhow::Result<Option<Tensor>> {
+        let Qkv { q, k, v } = qkv;
         let (b, _, l, _) = q.dims4()?;
         anyhow::ensure!(
             rows.len() == b,
@@ -393,11 +386,10 @@ impl<B: Backend> AnyInstance for Instance<B> {
         &self,
         layer: usize,
         rows: &[DecodeRow<'_>],
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: Qkv<'_>,
         params: &AttnParams,
     ) -> anyhow::Result<Tensor> {
+        let Qkv { q, k, v } = qkv;
         let b = q.dim(0)?;
         anyhow::ensure!(
             rows.len() == b,

@@ -61,7 +61,7 @@ pub use config::{
 pub use counters::{Counters, LayerCounters};
 pub use math::CpuKernels;
 pub use state::StepTrace;
-pub use types::{AttnParams, DecodeRow, KvDType, ModelShape, PrefillRow};
+pub use types::{AttnParams, DecodeRow, KvDType, ModelShape, PrefillRow, Qkv};
 
 use backend::cpu::elem::KvElem;
 use backend::cpu::CpuBackend;

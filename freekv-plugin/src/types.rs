@@ -1,6 +1,8 @@
 //! The plain types of the public API: the model's geometry, the host-tier dtype, per-call
 //! attention parameters and the batch rows the engine glue hands over.
 
+use candle_core::Tensor;
+
 /// The model's attention geometry (the same for every layer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ModelShape {
@@ -86,6 +88,26 @@ pub struct PrefillRow<'a> {
     pub cached_len: usize,
     /// Tokens this call adds (the row's q/k/v; a shorter row of the batch is padded).
     pub new_len: usize,
+}
+
+/// One layer's new queries, keys and values for a batch of rows: candle CPU tensors of any
+/// float dtype, `(B, H, L, D)` for a prompt (rows shorter than `L` padded at the end) and
+/// `(B, H, D)` for a decode step, with `Hq` query heads in `q` and `Hkv` KV heads in `k`, `v`.
+#[derive(Clone, Copy, Debug)]
+pub struct Qkv<'a> {
+    /// The queries.
+    pub q: &'a Tensor,
+    /// The keys.
+    pub k: &'a Tensor,
+    /// The values.
+    pub v: &'a Tensor,
+}
+
+impl<'a> Qkv<'a> {
+    /// The batch's queries, keys and values.
+    pub fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        Self { q, k, v }
+    }
 }
 
 /// One batch row of a decode step; `context_len` includes the token being decoded now.

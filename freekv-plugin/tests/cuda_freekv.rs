@@ -11,7 +11,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use freekv_plugin::{
-    AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow,
+    AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow, Qkv,
 };
 
 // The core tests' seeded PRNG (only part of it is used here).
@@ -22,28 +22,25 @@ use rng::Rng;
 
 /// `n` values uniform in [-1, 1).
 fn uniform(rng: &mut Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| (2.0 * rng.unit() - 1.0) as f32).collect()
+    (0..n).map(|_| rng.signed()).collect()
 }
 
-/// The CUDA device, or None with the reason printed (the test then passes as skipped).
+/// The CUDA device, or None with the reason printed (the test then passes as skipped, or
+/// fails under FREEKV_REQUIRE_CUDA=1, as the device script runs it).
 fn cuda_device(test: &str) -> Option<Device> {
-    match cudarc::driver::CudaContext::device_count() {
+    let why = match cudarc::driver::CudaContext::device_count() {
         Ok(n) if n > 0 => match Device::new_cuda(0) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("SKIPPED {test}: CUDA device 0 could not be opened: {e}");
-                None
-            }
+            Ok(d) => return Some(d),
+            Err(e) => format!("CUDA device 0 could not be opened: {e}"),
         },
-        Ok(_) => {
-            eprintln!("SKIPPED {test}: no CUDA device present");
-            None
-        }
-        Err(e) => {
-            eprintln!("SKIPPED {test}: CUDA driver unavailable ({e:?})");
-            None
-        }
+        Ok(_) => "no CUDA device present".to_string(),
+        Err(e) => format!("CUDA driver unavailable ({e:?})"),
+    };
+    if std::env::var("FREEKV_REQUIRE_CUDA").as_deref() == Ok("1") {
+        panic!("{test} needs the GPU (FREEKV_REQUIRE_CUDA=1): {why}");
     }
+    eprintln!("SKIPPED {test}: {why}");
+    None
 }
 
 struct Case {
@@ -208,13 +205,11 @@ fn run_case(cuda: &Device, seed: u64, c: &Case) -> f32 {
         let q = tensor(uniform(&mut rng, b * hq * lmax * d), &[b, hq, lmax, d]);
         let k = tensor(uniform(&mut rng, b * hkv * lmax * d), &[b, hkv, lmax, d]);
         let v = tensor(uniform(&mut rng, b * hkv * lmax * d), &[b, hkv, lmax, d]);
-        let want = cpu.prefill(layer, &rows, &q, &k, &v, &c.params, true);
+        let want = cpu.prefill(layer, &rows, Qkv::new(&q, &k, &v), &c.params, true);
         let got = gpu.prefill(
             layer,
             &rows,
-            &on_gpu(&q),
-            &on_gpu(&k),
-            &on_gpu(&v),
+            Qkv::new(&on_gpu(&q), &on_gpu(&k), &on_gpu(&v)),
             &c.params,
             true,
         );
@@ -242,13 +237,11 @@ fn run_case(cuda: &Device, seed: u64, c: &Case) -> f32 {
             let q = tensor(uniform(&mut rng, b * hq * d), &[b, hq, d]);
             let k = tensor(uniform(&mut rng, b * hkv * d), &[b, hkv, d]);
             let v = tensor(uniform(&mut rng, b * hkv * d), &[b, hkv, d]);
-            let want = cpu.decode(layer, &rows, &q, &k, &v, &c.params);
+            let want = cpu.decode(layer, &rows, Qkv::new(&q, &k, &v), &c.params);
             let got = gpu.decode(
                 layer,
                 &rows,
-                &on_gpu(&q),
-                &on_gpu(&k),
-                &on_gpu(&v),
+                Qkv::new(&on_gpu(&q), &on_gpu(&k), &on_gpu(&v)),
                 &c.params,
             );
             let at = format!("{what}: decode step {step} L{layer}");

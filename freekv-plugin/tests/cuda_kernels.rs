@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, CudaContext};
 use freekv_plugin::cuda::device_tier::{LayerTier, TierShape};
-use freekv_plugin::cuda::kernels::{KernelPooling, Kernels, RecallJob, SeqDesc};
+use freekv_plugin::cuda::kernels::{
+    CorrectionLaunch, DecodeLaunch, KernelPooling, Kernels, RecallJob, ScoreLaunch, SeqDesc,
+    SeqRows,
+};
 use freekv_plugin::cuda::mem::{DeviceBuffer, HostRegistration, PinnedBuffer};
 use freekv_plugin::cuda::module;
 use freekv_plugin::cuda::recall::{RawEvent, RecallPipeline};
@@ -20,23 +23,11 @@ use freekv_plugin::cuda::source::{KernelConfig, KernelDtype};
 
 // ---------------------------------------------------------------- helpers
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn f(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+// The core tests' seeded generator.
+#[allow(dead_code)]
+#[path = "core/rng.rs"]
+mod rng;
+use rng::Rng;
 
 fn enc(dt: KernelDtype, x: f32) -> u16 {
     match dt {
@@ -51,29 +42,31 @@ fn dec(dt: KernelDtype, x: u16) -> f32 {
     }
 }
 
-/// The device, or None with the reason printed (the test then passes as skipped).
+/// The device, or None with the reason printed (the test then passes as skipped, or fails
+/// under FREEKV_REQUIRE_CUDA=1, as the device script runs it).
 fn device(test: &str) -> Option<Arc<CudaContext>> {
-    match CudaContext::device_count() {
+    let why = match CudaContext::device_count() {
         Ok(n) if n > 0 => match CudaContext::new(0) {
-            Ok(ctx) => Some(ctx),
-            Err(e) => {
-                eprintln!("SKIPPED {test}: CUDA device 0 could not be opened: {e:?}");
-                None
+            Ok(ctx) => {
+                eprintln!("{test}: {}", module::versions());
+                return Some(ctx);
             }
+            Err(e) => format!("CUDA device 0 could not be opened: {e:?}"),
         },
-        Ok(_) => {
-            eprintln!("SKIPPED {test}: no CUDA device present");
-            None
-        }
-        Err(e) => {
-            eprintln!("SKIPPED {test}: CUDA driver unavailable ({e:?})");
-            None
-        }
+        Ok(_) => "no CUDA device present".to_string(),
+        Err(e) => format!("CUDA driver unavailable ({e:?})"),
+    };
+    if std::env::var("FREEKV_REQUIRE_CUDA").as_deref() == Ok("1") {
+        panic!("{test} needs the GPU (FREEKV_REQUIRE_CUDA=1): {why}");
     }
+    eprintln!("SKIPPED {test}: {why}");
+    None
 }
 
 fn kernels(ctx: &Arc<CudaContext>, cfg: KernelConfig) -> Kernels {
-    Kernels::new(module::load(ctx, cfg).expect("kernels compile and load"))
+    let loaded = module::load(ctx, cfg).expect("kernels compile and load");
+    eprintln!("kernels {} loaded from {:?}", cfg.tag(), loaded.images);
+    Kernels::new(loaded)
 }
 
 fn stream(ctx: &Arc<CudaContext>) -> Arc<cudarc::driver::CudaStream> {
@@ -127,7 +120,7 @@ fn cfg(dtype: KernelDtype, head_dim: usize, page_size: usize, group: usize) -> K
 
 // ---------------------------------------------------------------- scoring + pooling
 
-#[allow(clippy::too_many_arguments)]
+/// The pooled scores of `blocks` from the summaries `summ` (`[n_kv][n_blocks][2][d]`).
 fn cpu_pooled(
     q: &[f32],
     summ: &[f32],
@@ -135,10 +128,10 @@ fn cpu_pooled(
     group: usize,
     d: usize,
     blocks: &[i32],
-    n_blocks: usize,
     pooling: KernelPooling,
 ) -> Vec<f32> {
     let n = blocks.len();
+    let n_blocks = summ.len() / (n_kv * 2 * d);
     let mut out = vec![0f32; n_kv * n];
     for g in 0..n_kv {
         let raw: Vec<Vec<f64>> = (0..group)
@@ -193,21 +186,23 @@ fn scores_and_pooling_match_cpu_for_any_group() {
     ] {
         let p = 32;
         let k = kernels(&ctx, cfg(dtype, d, p, group));
-        let mut rng = Rng(7 + group as u64);
+        let mut rng = Rng::new(7 + group as u64);
         // Summaries by block, `[n_kv][n_blocks][2][d]` as the host tier holds them; the
         // candidates are distinct blocks in shuffled order (a sequence's blocks are not
         // contiguous in the pool).
         let n_blocks = 300;
         let n = n_blocks - 12;
-        let q16: Vec<u16> = (0..n_kv * group * d).map(|_| enc(dtype, rng.f())).collect();
+        let q16: Vec<u16> = (0..n_kv * group * d)
+            .map(|_| enc(dtype, rng.signed()))
+            .collect();
         let sm16: Vec<u16> = (0..n_blocks * n_kv * 2 * d)
-            .map(|_| enc(dtype, rng.f()))
+            .map(|_| enc(dtype, rng.signed()))
             .collect();
         let q: Vec<f32> = q16.iter().map(|&x| dec(dtype, x)).collect();
         let sm: Vec<f32> = sm16.iter().map(|&x| dec(dtype, x)).collect();
         let mut blocks: Vec<i32> = (0..n_blocks as i32).collect();
         for i in (1..blocks.len()).rev() {
-            blocks.swap(i, rng.below(i + 1));
+            blocks.swap(i, rng.range(0, i));
         }
         blocks.truncate(n);
         let stride = n + 3;
@@ -231,28 +226,29 @@ fn scores_and_pooling_match_cpu_for_any_group() {
             KernelPooling::Mean,
             KernelPooling::Max,
         ] {
-            k.score_and_pool(
-                s.cu_stream(),
-                qd.ptr(),
-                0,
-                descs.ptr(),
-                bd.ptr(),
+            let launch = ScoreLaunch {
+                q: SeqRows {
+                    ptr: qd.ptr(),
+                    seq_stride: 0,
+                },
+                descs: descs.ptr(),
+                cand_blocks: bd.ptr(),
                 n_blocks,
-                1,
+                n_seq: 1,
                 n_kv,
-                n,
-                stride,
-                raw.ptr(),
-                pooled.ptr(),
+                max_cand: n,
+                cand_stride: stride,
+                raw: raw.ptr(),
+                pooled: pooled.ptr(),
                 pooling,
-            )
-            .unwrap();
+            };
+            k.score_and_pool(s.cu_stream(), &launch).unwrap();
             sync(&s);
             let all: Vec<f32> = download(&pooled, n_kv * stride);
             let got: Vec<f32> = (0..n_kv)
                 .flat_map(|g| all[g * stride..g * stride + n].to_vec())
                 .collect();
-            let want = cpu_pooled(&q, &sm, n_kv, group, d, &blocks, n_blocks, pooling);
+            let want = cpu_pooled(&q, &sm, n_kv, group, d, &blocks, pooling);
             let atol = if pooling == KernelPooling::SoftmaxMean {
                 1e-6
             } else {
@@ -283,9 +279,9 @@ fn correction_flags_match_cpu() {
         (KernelDtype::Bf16, 256, 7, 2, 1),
     ] {
         let k = kernels(&ctx, cfg(dtype, d, 32, group));
-        let mut rng = Rng(55 + d as u64);
+        let mut rng = Rng::new(55 + d as u64);
         let n = n_seq * n_kv * group * d;
-        let a: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+        let a: Vec<f32> = (0..n).map(|_| rng.signed()).collect();
         // Mix of near and far previous queries so that both flag values occur, and one
         // stored query head of zeros (a query never stored: no drift).
         let mut b: Vec<f32> = a
@@ -293,9 +289,9 @@ fn correction_flags_match_cpu() {
             .enumerate()
             .map(|(i, &x)| {
                 if (i / (group * d)) % 2 == 0 {
-                    x + 0.1 * rng.f()
+                    x + 0.1 * rng.signed()
                 } else {
-                    rng.f()
+                    rng.signed()
                 }
             })
             .collect();
@@ -325,16 +321,15 @@ fn correction_flags_match_cpu() {
         let cos = DeviceBuffer::zeroed(&ctx, n_seq * n_kv * 4).unwrap();
         let flags = DeviceBuffer::zeroed(&ctx, n_seq * n_kv * 4).unwrap();
         let tau = 0.9;
-        k.correction(
-            s.cu_stream(),
-            queries_d.ptr(),
+        let launch = CorrectionLaunch {
+            queries: queries_d.ptr(),
             n_seq,
             n_kv,
             tau,
-            cos.ptr(),
-            flags.ptr(),
-        )
-        .unwrap();
+            cos_out: cos.ptr(),
+            flags: flags.ptr(),
+        };
+        k.correction(s.cu_stream(), &launch).unwrap();
         sync(&s);
         let got_cos: Vec<f32> = download(&cos, n_seq * n_kv);
         let got_flags: Vec<i32> = download(&flags, n_seq * n_kv);
@@ -394,9 +389,9 @@ fn recall_pipeline_is_exact() {
         let n_blocks = 40;
         let (page_elems, chunk_elems) = (n_kv * 2 * p * d, 2 * p * d);
         let mut host = PinnedBuffer::new(&ctx, n_blocks * page_elems * 2).unwrap();
-        let mut rng = Rng(9 + d as u64);
+        let mut rng = Rng::new(9 + d as u64);
         for x in host.as_mut_slice().chunks_exact_mut(2) {
-            let v = (rng.next() & 0xffff) as u16 & 0x7bff; // finite values only
+            let v = (rng.next_u64() & 0xffff) as u16 & 0x7bff; // finite values only
             x.copy_from_slice(&v.to_le_bytes());
         }
         let pages: Vec<u16> = host
@@ -429,10 +424,10 @@ fn recall_pipeline_is_exact() {
         let mut chunks = Vec::new();
         for slot in 0..shape.n_slots {
             for h in 0..n_kv {
-                if rng.below(3) == 0 {
+                if rng.range(0, 2) == 0 {
                     continue;
                 }
-                let b = rng.below(n_blocks);
+                let b = rng.range(0, n_blocks - 1);
                 want.push((b, slot, h));
                 chunks.push(job(b, slot, h));
             }
@@ -504,7 +499,7 @@ fn decode_attention_matches_cpu() {
         (KernelDtype::F16, 64, 32, 12, 2, 12, 0.0),
     ] {
         let k = kernels(&ctx, cfg(dtype, d, p, group));
-        let mut rng = Rng(1000 + d as u64 + group as u64);
+        let mut rng = Rng::new(1000 + d as u64 + group as u64);
         let n_seq = 2;
         let shape = TierShape {
             n_kv,
@@ -519,21 +514,21 @@ fn decode_attention_matches_cpu() {
             .collect();
         let n_q = n_kv * group;
         let q: Vec<u16> = (0..n_seq * n_q * d)
-            .map(|_| enc(dtype, rng.f() * 2.0))
+            .map(|_| enc(dtype, rng.signed() * 2.0))
             .collect();
         let mut all_slots = Vec::new();
         let mut all_lens = Vec::new();
         for t in &tiers {
             let slots: Vec<u16> = (0..n_slots * shape.slot_elems())
-                .map(|_| enc(dtype, rng.f()))
+                .map(|_| enc(dtype, rng.signed()))
                 .collect();
             // Per (slot, head) token spans [lo, hi) (hi in the low 16 bits, lo in the high
             // ones): mostly full, some partial, some cut by a sliding window, some empty.
             let lens: Vec<i32> = (0..n_slots * n_kv)
-                .map(|_| match rng.below(7) {
+                .map(|_| match rng.range(0, 6) {
                     0 => 0,
-                    1 => 1 + rng.below(p) as i32,
-                    2 => ((1 + rng.below(p - 1) as i32) << 16) | p as i32,
+                    1 => 1 + rng.range(0, p - 1) as i32,
+                    2 => ((1 + rng.range(0, p - 2) as i32) << 16) | p as i32,
                     _ => p as i32,
                 })
                 .collect();
@@ -564,23 +559,24 @@ fn decode_attention_matches_cpu() {
         let part_ml = DeviceBuffer::zeroed(&ctx, n_seq * n_q * n_chunks * 2 * 4).unwrap();
         let out = DeviceBuffer::zeroed(&ctx, n_seq * n_q * d * 2).unwrap();
         let scale = 1.0 / (d as f32).sqrt();
-        k.decode(
-            s.cu_stream(),
-            qd.ptr(),
-            (n_q * d) as i64,
-            descs_d.ptr(),
+        let rows = |ptr| SeqRows {
+            ptr,
+            seq_stride: (n_q * d) as i64,
+        };
+        let launch = DecodeLaunch {
+            q: rows(qd.ptr()),
+            descs: descs_d.ptr(),
             n_seq,
             n_kv,
-            n_slots,
-            spc,
-            part_o.ptr(),
-            part_ml.ptr(),
-            out.ptr(),
-            (n_q * d) as i64,
+            max_slots: n_slots,
+            slots_per_chunk: spc,
+            part_o: part_o.ptr(),
+            part_ml: part_ml.ptr(),
+            out: rows(out.ptr()),
             scale,
             softcap,
-        )
-        .unwrap();
+        };
+        k.decode(s.cu_stream(), &launch).unwrap();
         sync(&s);
         let got: Vec<f32> = download::<u16>(&out, n_seq * n_q * d)
             .iter()

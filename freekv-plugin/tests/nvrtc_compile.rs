@@ -4,8 +4,8 @@
 //! missing library fails instead of skipping. With FREEKV_PTX_OUT set, the PTX is written there
 //! (check.sh then assembles it with ptxas for the register and spill report).
 
-use freekv_plugin::cuda::nvrtc::{compile, nvrtc_version};
-use freekv_plugin::cuda::source::{ci_matrix, ComputeCap, KernelFile};
+use freekv_plugin::cuda::nvrtc::{compile, compile_image, nvrtc_version};
+use freekv_plugin::cuda::source::{ci_matrix, ComputeCap, Image, KernelFile};
 
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90() {
@@ -63,6 +63,20 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                                 }
                             }
                             Err(e) => failures.push(format!("{e:#}")),
+                        }
+                        // The backend loads the cubin of the device's architecture first: make
+                        // the one of the GPUs we run on (an ELF file).
+                        if arch == ComputeCap::SM90 {
+                            match compile_image(file, cfg, arch, Image::Cubin) {
+                                Ok(bin) if bin.starts_with(b"\x7fELF") => {}
+                                Ok(bin) => failures.push(format!(
+                                    "{} {} {arch}: the cubin ({} bytes) is not an ELF file",
+                                    file.file_name(),
+                                    cfg.tag(),
+                                    bin.len()
+                                )),
+                                Err(e) => failures.push(format!("{e:#}")),
+                            }
                         }
                     }
                     failures

@@ -104,6 +104,13 @@ pub fn test(ctx: &Ctx, extra: &[&str]) -> Result<(), String> {
         eprintln!("xtask: evaluation smoke run (freekv-eval all --quick)");
         run(eval_command(ctx, &model).args(["all", "--quick", "--out", "target/eval-smoke"]))?;
     }
+    eprintln!("xtask: the GPU device script, dry-run on the CPU (kernels/device-run.sh)");
+    run(Command::new("bash")
+        .current_dir(&ctx.root)
+        .arg("kernels/device-run.sh")
+        .env("DEVICE_RUN_DRY", "1")
+        .env("DEVICE_BIN", ctx.root.join("target/release"))
+        .env("OUT", ctx.root.join("target/device-run-dry")))?;
     eprintln!(
         "xtask: CUDA path: compile every kernel (sm_80, sm_90) and type-check the Rust CUDA code"
     );

@@ -2,7 +2,7 @@
 //! and values per (step, layer), and a prompt, on any device.
 
 use candle_core::{DType, Device, Tensor};
-use freekv_plugin::{AttnParams, FreeKv, FreeKvConfig, Mode, PrefillRow};
+use freekv_plugin::{AttnParams, FreeKv, FreeKvConfig, Mode, PrefillRow, Qkv};
 
 use crate::shapes::Shape;
 
@@ -25,26 +25,11 @@ pub fn bench_config(mode: Mode) -> FreeKvConfig {
     }
 }
 
-/// SplitMix64 + Box-Muller: reproducible data without the rand crate.
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// About standard normal (Irwin-Hall of 4 uniforms): cheap enough for 10^8 draws.
-    pub fn normal(&mut self) -> f32 {
-        let r = self.next();
-        let u = |s: u32| ((r >> s) & 0xFFFF) as f32 / 65536.0;
-        (u(0) + u(16) + u(32) + u(48) - 2.0) * 1.732_050_8
-    }
-    pub fn normals(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal()).collect()
-    }
-}
+/// The tests' seeded generator (ChaCha8), shared with the benchmarks.
+#[allow(dead_code)]
+#[path = "../../tests/core/rng.rs"]
+mod rng;
+pub use rng::Rng;
 
 /// The decode inputs of every (step, layer), shared by all variants.
 pub struct Steps {
@@ -168,7 +153,7 @@ pub fn prefill_sequence(
                 cached_len: done,
                 new_len: n,
             };
-            fk.prefill(layer, &[row], &q, &k, &k, &params, false)
+            fk.prefill(layer, &[row], Qkv::new(&q, &k, &k), &params, false)
                 .unwrap();
             done += n;
         }

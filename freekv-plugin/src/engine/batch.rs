@@ -179,82 +179,170 @@ pub(crate) fn translate_decode_rows(
         .collect())
 }
 
-/// The core tests' seeded PRNG.
-#[cfg(test)]
-#[allow(dead_code)]
-#[path = "../../tests/core/rng.rs"]
-mod test_rng;
-
 #[cfg(test)]
 mod tests {
-    //! Arbitrary engine metadata through the translation: never a panic, and every row it
-    //! accepts is consistent (its table covers its tokens).
+    //! Arbitrary engine metadata through the translation (proptest, with shrinking): never a
+    //! panic, and every row it accepts is consistent (its table covers its tokens).
+    //! `FREEKV_FUZZ_CASES` sets the number of cases (default a million, seconds in release).
 
+    use std::cell::Cell;
     use std::collections::HashMap;
-    use std::panic::{catch_unwind, AssertUnwindSafe};
 
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Device, DeviceLocation, Tensor};
     use mistralrs_core::attention_backend::PagedAttentionInputMetadata;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
-    use super::test_rng::Rng;
-
-    fn tensor(rng: &mut Rng, dims: &[usize], lo: i64, hi: i64) -> Tensor {
-        let n: usize = dims.iter().product();
-        let values: Vec<i64> = (0..n)
-            .map(|_| lo + (rng.next_u64() % (hi - lo + 1) as u64) as i64)
-            .collect();
-        let t = Tensor::from_vec(values, dims, &Device::Cpu).expect("tensor");
-        let dtype = rng.pick(&[DType::I64, DType::U32, DType::F32, DType::U8]);
-        t.to_dtype(dtype).expect("dtype")
+    /// One metadata tensor: its shape, values (the first `dims.product()` of them), dtype,
+    /// and whether the map holding it is absent (0), empty (1) or holds it.
+    #[derive(Clone, Debug)]
+    struct TensorCase {
+        dims: Vec<usize>,
+        values: Vec<i64>,
+        dtype: DType,
+        map: u8,
     }
 
-    fn maybe_map(rng: &mut Rng, t: Tensor) -> Option<HashMap<candle_core::DeviceLocation, Tensor>> {
-        match rng.range(0, 5) {
-            0 => None,
-            1 => Some(HashMap::new()),
-            _ => Some(HashMap::from([(Device::Cpu.location(), t)])),
+    impl TensorCase {
+        fn tensor(&self) -> Tensor {
+            let t = Tensor::from_slice(&self.values, self.dims.as_slice(), &Device::Cpu);
+            t.and_then(|t| t.to_dtype(self.dtype)).expect("tensor")
+        }
+
+        fn map(&self) -> Option<HashMap<DeviceLocation, Tensor>> {
+            match self.map {
+                0 => None,
+                1 => Some(HashMap::new()),
+                _ => Some(HashMap::from([(Device::Cpu.location(), self.tensor())])),
+            }
         }
     }
 
-    fn dims(rng: &mut Rng, batch: usize) -> Vec<usize> {
-        match rng.range(0, 4) {
-            0 => vec![rng.range(0, 6)],
-            1 => vec![rng.range(0, 4), rng.range(0, 4), rng.range(0, 3)],
-            _ => vec![batch, rng.range(0, 10)],
+    /// Values in `lo..=hi` of any dtype, shaped by `dims` (at most 48 elements).
+    fn tensor_case(
+        lo: i64,
+        hi: i64,
+        dims: impl Strategy<Value = Vec<usize>>,
+    ) -> impl Strategy<Value = TensorCase> {
+        let dtypes = select(&[DType::I64, DType::U32, DType::F32, DType::U8][..]);
+        (dims, vec(lo..=hi, 48), dtypes, 0..=5u8).prop_map(|(dims, mut values, dtype, map)| {
+            values.truncate(dims.iter().product());
+            TensorCase {
+                dims,
+                values,
+                dtype,
+                map,
+            }
+        })
+    }
+
+    /// A block table's shape: mostly `[batch, n]`, sometimes of another rank.
+    fn table_dims(batch: usize) -> impl Strategy<Value = Vec<usize>> {
+        prop_oneof![
+            1 => vec(0..=6usize, 1),
+            1 => (0..=4usize, 0..=4usize, 0..=3usize).prop_map(|(a, b, c)| vec![a, b, c]),
+            3 => (0..=10usize).prop_map(move |n| vec![batch, n]),
+        ]
+    }
+
+    /// One step's metadata as the engine might send it, valid or not.
+    #[derive(Clone, Debug)]
+    struct MetaCase {
+        batch: usize,
+        max_len: usize,
+        page: usize,
+        tables: TensorCase,
+        full_tables: bool,
+        lens: TensorCase,
+        full_lens: bool,
+        slots: TensorCase,
+        cached: Option<Vec<usize>>,
+    }
+
+    impl MetaCase {
+        fn metadata(&self) -> PagedAttentionInputMetadata {
+            let mut meta = PagedAttentionInputMetadata::dummy(&Device::Cpu).expect("dummy");
+            meta.block_tables = self.tables.map();
+            if self.full_tables {
+                meta.full_block_tables = meta.block_tables.clone();
+            }
+            meta.context_lens = self.lens.map();
+            if self.full_lens {
+                meta.full_context_lens = meta.context_lens.clone();
+            }
+            meta.slot_mappings = self.slots.map().unwrap_or_default();
+            meta.num_cached_tokens = self.cached.clone();
+            meta
         }
     }
 
-    fn metadata(rng: &mut Rng, batch: usize, max_len: usize) -> PagedAttentionInputMetadata {
-        let mut meta = PagedAttentionInputMetadata::dummy(&Device::Cpu).expect("dummy");
-        let table_dims = dims(rng, batch);
-        let t = tensor(rng, &table_dims, -3, 40);
-        meta.block_tables = maybe_map(rng, t);
-        if rng.chance(0.5) {
-            meta.full_block_tables = meta.block_tables.clone();
-        }
-        let lens = [{
-            let alt = rng.range(0, 5);
-            rng.pick(&[batch, batch * max_len, alt])
-        }];
-        let t = tensor(rng, &lens, -2, 400);
-        meta.context_lens = maybe_map(rng, t);
-        if rng.chance(0.5) {
-            meta.full_context_lens = meta.context_lens.clone();
-        }
-        let slots = [{
-            let alt = rng.range(0, 9);
-            rng.pick(&[batch * max_len, alt])
-        }];
-        let t = tensor(rng, &slots, -1, 300);
-        meta.slot_mappings = maybe_map(rng, t).unwrap_or_default();
-        if rng.chance(0.3) {
-            let n = {
-                let alt = rng.range(0, 4);
-                rng.pick(&[batch, alt])
-            };
-            meta.num_cached_tokens = Some((0..n).map(|_| rng.range(0, 200)).collect());
-        }
-        meta
+    fn meta_case() -> impl Strategy<Value = MetaCase> {
+        let shape = (0..=3usize, 0..=5usize, select(&[1usize, 8, 16, 32][..]));
+        shape
+            .prop_flat_map(|(batch, max_len, page)| {
+                let one = |n: usize| vec![n];
+                let lens = prop_oneof![Just(batch), Just(batch * max_len), 0..=5usize];
+                let slots = prop_oneof![Just(batch * max_len), 0..=9usize];
+                let cached =
+                    prop_oneof![Just(batch), 0..=4usize].prop_flat_map(|n| vec(0..=200usize, n));
+                (
+                    (Just(batch), Just(max_len), Just(page)),
+                    tensor_case(-3, 40, table_dims(batch)),
+                    any::<bool>(),
+                    tensor_case(-2, 400, lens.prop_map(one)),
+                    any::<bool>(),
+                    tensor_case(-1, 300, slots.prop_map(one)),
+                    proptest::option::weighted(0.3, cached),
+                )
+            })
+            .prop_map(
+                |((batch, max_len, page), tables, full_tables, lens, full_lens, slots, cached)| {
+                    MetaCase {
+                        batch,
+                        max_len,
+                        page,
+                        tables,
+                        full_tables,
+                        lens,
+                        full_lens,
+                        slots,
+                        cached,
+                    }
+                },
+            )
+    }
+
+    /// Whether the prompt and the decode translations accept the case's metadata; panics
+    /// where an accepted row is inconsistent.
+    fn translate(case: &MetaCase) -> (bool, bool) {
+        let (batch, max_len, page) = (case.batch, case.max_len, case.page);
+        let meta = case.metadata();
+        let ids: Vec<usize> = (0..batch).map(|i| i * 7).collect();
+        // A row is accepted when it translates and its table covers its tokens at the page
+        // size (what a layer asks of it).
+        let prompt =
+            super::translate_prompt_rows(&meta, &ids, &Device::Cpu).and_then(|(rows, len)| {
+                assert_eq!(rows.len(), batch);
+                // A layer refuses a step whose rows are not as long as its q.
+                anyhow::ensure!(len == max_len, "prompt length");
+                for r in &rows {
+                    let row = r.as_row(page)?;
+                    assert!(r.new_len <= max_len);
+                    assert!(row.block_table.len() * page >= r.cached_len + r.new_len);
+                }
+                Ok(())
+            });
+        let decode = super::translate_decode_rows(&meta, &ids, &Device::Cpu).and_then(|rows| {
+            assert_eq!(rows.len(), batch);
+            for r in &rows {
+                let row = r.as_row(page)?;
+                assert!(row.block_table.len() * page >= r.context_len);
+            }
+            Ok(())
+        });
+        (prompt.is_ok(), decode.is_ok())
     }
 
     #[test]
@@ -263,51 +351,22 @@ mod tests {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1_000_000);
-        let mut rng = Rng::new(0xBA7C);
-        let (mut accepted, mut rejected) = (0, 0);
-        for case in 0..cases {
-            let batch = rng.range(0, 4);
-            let max_len = rng.range(0, 6);
-            let page = rng.pick(&[1, 8, 16, 32]);
-            let meta = metadata(&mut rng, batch, max_len);
-            let ids: Vec<usize> = (0..batch).map(|i| i * 7).collect();
-            let outcome = catch_unwind(AssertUnwindSafe(|| {
-                // A row is accepted when it translates and its table covers its tokens at
-                // the page size (what a layer asks of it).
-                let prompt = super::translate_prompt_rows(&meta, &ids, &Device::Cpu).and_then(
-                    |(rows, len)| {
-                        assert_eq!(rows.len(), batch);
-                        // A layer refuses a step whose rows are not as long as its q.
-                        anyhow::ensure!(len == max_len, "prompt length");
-                        for r in &rows {
-                            let row = r.as_row(page)?;
-                            assert!(r.new_len <= max_len);
-                            assert!(row.block_table.len() * page >= r.cached_len + r.new_len);
-                        }
-                        Ok(())
-                    },
-                );
-                let decode =
-                    super::translate_decode_rows(&meta, &ids, &Device::Cpu).and_then(|rows| {
-                        assert_eq!(rows.len(), batch);
-                        for r in &rows {
-                            let row = r.as_row(page)?;
-                            assert!(row.block_table.len() * page >= r.context_len);
-                        }
-                        Ok(())
-                    });
-                (prompt.is_ok(), decode.is_ok())
-            }));
-            match outcome {
-                Ok((p, d)) => {
-                    accepted += p as usize + d as usize;
-                    rejected += !p as usize + !d as usize;
-                }
-                Err(_) => {
-                    panic!("case {case} (batch {batch}, max_len {max_len}, page {page}) panicked")
-                }
-            }
-        }
+        let config = Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        };
+        let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
+        let (accepted, rejected) = (Cell::new(0), Cell::new(0));
+        TestRunner::new_with_rng(config, rng)
+            .run(&meta_case(), |case| {
+                let (p, d) = translate(&case);
+                accepted.set(accepted.get() + p as usize + d as usize);
+                rejected.set(rejected.get() + !p as usize + !d as usize);
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (accepted, rejected) = (accepted.get(), rejected.get());
         println!("{accepted} translations accepted, {rejected} rejected, 0 panics");
         assert!(
             accepted > 0 && rejected > 0,

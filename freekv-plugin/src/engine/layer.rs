@@ -12,7 +12,7 @@ use candle_core::TensorId;
 
 use super::registry::Registry;
 use super::step_rows::{self, StepRows};
-use crate::{AttnParams, FreeKv, PrefillAttention, PrefillRow};
+use crate::{AttnParams, FreeKv, PrefillAttention, PrefillRow, Qkv};
 
 /// A model layer's paged attention. The layer does not know its index at construction
 /// (the engine builds layers before the cache); its first call finds it from its cache
@@ -156,7 +156,7 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
                 let on_cpu = q.device().is_cpu();
                 if engine_attends_prompt(choice, on_cpu, mask.is_some(), &params, &rows, q_len) {
                     freekv
-                        .prefill(layer, &rows, q, k, v, &params, false)
+                        .prefill(layer, &rows, Qkv::new(q, k, v), &params, false)
                         .map_err(engine_err)?;
                     return Sdpa.run_attention(q, k, v, mask, flash, sdpa);
                 }
@@ -165,7 +165,7 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
                 // mask is not read (the kernel masks by position, window and softcap from
                 // `sdpa`).
                 freekv
-                    .prefill(layer, &rows, q, k, v, &params, true)
+                    .prefill(layer, &rows, Qkv::new(q, k, v), &params, true)
                     .map_err(engine_err)?
                     .ok_or_else(|| {
                         candle_core::Error::Msg("FreeKV: prefill returned no output".into())
@@ -196,7 +196,7 @@ impl PagedAttentionLayerBackend for FreeKvLayer {
                 let k = k.reshape((batch, kv_heads, head_dim))?;
                 let v = v.reshape((batch, kv_heads, head_dim))?;
                 freekv
-                    .decode(layer, &rows, &q, &k, &v, &params)
+                    .decode(layer, &rows, Qkv::new(&q, &k, &v), &params)
                     .map_err(engine_err)
             }
         }

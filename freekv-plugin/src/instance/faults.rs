@@ -17,7 +17,7 @@ use crate::backend::{
 };
 use crate::geometry::Geometry;
 use crate::plan::SlotPlan;
-use crate::{AttnParams, DecodeRow, FreeKvConfig, Mode, ModelShape, PrefillRow};
+use crate::{AttnParams, DecodeRow, FreeKvConfig, Mode, ModelShape, PrefillRow, Qkv};
 
 /// The next call of `op` fails (on the worker thread only, with `worker_only`).
 #[derive(Clone, Copy)]
@@ -270,7 +270,7 @@ pub(super) fn prefill<B: Backend>(inst: &Instance<B>, seq: u64) -> anyhow::Resul
         let k = gather(SHAPE.num_kv_heads, 2);
         let v = gather(SHAPE.num_kv_heads, 3);
         let params = AttnParams::scaled(0.25);
-        inst.prefill(layer, &rows, &q, &k, &v, &params, true)?;
+        inst.prefill(layer, &rows, Qkv::new(&q, &k, &v), &params, true)?;
     }
     Ok(())
 }
@@ -305,7 +305,12 @@ pub(super) fn decode<B: Backend>(
         let q = make(SHAPE.num_q_heads, 1);
         let k = make(SHAPE.num_kv_heads, 2);
         let v = make(SHAPE.num_kv_heads, 3);
-        let out = inst.decode(layer, &rows, &q, &k, &v, &AttnParams::scaled(0.25))?;
+        let out = inst.decode(
+            layer,
+            &rows,
+            Qkv::new(&q, &k, &v),
+            &AttnParams::scaled(0.25),
+        )?;
         last = out.flatten_all()?.to_vec1::<f32>()?;
     }
     Ok(last)

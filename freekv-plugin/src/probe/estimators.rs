@@ -206,25 +206,28 @@ pub struct EstScratch {
     norms: Vec<f32>,
 }
 
-/// Scores of the candidate pages `cand` (one per page, higher is better) for one KV head's
-/// group `q` (`[G][d]`) over its keys (`[len][d]`), into `out`. `k` is the number of pages
-/// the selection keeps (for shortlists).
-#[allow(clippy::too_many_arguments)]
-pub fn page_scores(
-    est: &Estimator,
-    geo: &Geometry,
-    params: &AttnParams,
-    q: &[f32],
-    keys: &[f32],
-    cand: Range<usize>,
-    k: usize,
-    sc: &mut EstScratch,
-    out: &mut Vec<f32>,
-) {
+/// One KV head's pages to score: its group's query, its keys and the candidates.
+pub struct HeadScoring<'a> {
+    /// The model's geometry.
+    pub geo: &'a Geometry,
+    /// The layer's attention parameters.
+    pub params: &'a AttnParams,
+    /// The group's query `[G][d]`.
+    pub q: &'a [f32],
+    /// The KV head's keys `[len][d]`.
+    pub keys: &'a [f32],
+    /// The candidate pages.
+    pub cand: Range<usize>,
+    /// Pages the selection keeps (for shortlists).
+    pub k: usize,
+}
+
+/// Scores of the candidate pages of `job` (one per page, higher is better), into `out`.
+pub fn page_scores(est: &Estimator, job: &HeadScoring, sc: &mut EstScratch, out: &mut Vec<f32>) {
     if est.proxy_bits > 0 {
-        proxy_scores(est, geo, params, q, keys, cand, k, sc, out);
+        proxy_scores(est, job, sc, out);
     } else {
-        bound_scores(est, geo, params, q, keys, cand, sc, out);
+        bound_scores(est, job, sc, out);
     }
 }
 
@@ -286,17 +289,9 @@ fn summarise(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn bound_scores(
-    est: &Estimator,
-    geo: &Geometry,
-    params: &AttnParams,
-    q: &[f32],
-    keys: &[f32],
-    cand: Range<usize>,
-    sc: &mut EstScratch,
-    out: &mut Vec<f32>,
-) {
+fn bound_scores(est: &Estimator, job: &HeadScoring, sc: &mut EstScratch, out: &mut Vec<f32>) {
+    let (geo, params, q, keys) = (job.geo, job.params, job.q, job.keys);
+    let cand = job.cand.clone();
     let d = geo.head_dim;
     let g = q.len() / d;
     let runs_per_page = geo.page_size / est.sub;
@@ -380,18 +375,9 @@ fn pair(pairs: Pairs, d: usize, i: usize) -> (usize, usize) {
 }
 
 /// Token-level estimates from keys quantized within each page's min/max range.
-#[allow(clippy::too_many_arguments)]
-fn proxy_scores(
-    est: &Estimator,
-    geo: &Geometry,
-    params: &AttnParams,
-    q: &[f32],
-    keys: &[f32],
-    cand: Range<usize>,
-    k: usize,
-    sc: &mut EstScratch,
-    out: &mut Vec<f32>,
-) {
+fn proxy_scores(est: &Estimator, job: &HeadScoring, sc: &mut EstScratch, out: &mut Vec<f32>) {
+    let (geo, params, q, keys, k) = (job.geo, job.params, job.q, job.keys, job.k);
+    let cand = job.cand.clone();
     let (p, d) = (geo.page_size, geo.head_dim);
     let g = q.len() / d;
     let n = cand.len();
@@ -413,19 +399,16 @@ fn proxy_scores(
             // Each query head's best pages by its own scaled bound, in turn.
             let mut ranked = Vec::new();
             for h in 0..g {
-                bound_scores(
-                    &Estimator {
-                        pooling: Pooling::Mean,
-                        ..base
-                    },
-                    geo,
-                    params,
-                    &q[h * d..(h + 1) * d],
-                    keys,
-                    cand.clone(),
-                    sc,
-                    &mut short,
-                );
+                let one_head = HeadScoring {
+                    q: &q[h * d..(h + 1) * d],
+                    cand: cand.clone(),
+                    ..*job
+                };
+                let mean = Estimator {
+                    pooling: Pooling::Mean,
+                    ..base
+                };
+                bound_scores(&mean, &one_head, sc, &mut short);
                 ranked.push(top_k(&short, m));
             }
             let mut taken = 0;
@@ -443,7 +426,7 @@ fn proxy_scores(
                 }
             }
         } else {
-            bound_scores(&base, geo, params, q, keys, cand.clone(), sc, &mut short);
+            bound_scores(&base, job, sc, &mut short);
             for j in top_k(&short, m) {
                 estimated[j] = true;
             }
@@ -526,6 +509,23 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
 mod tests {
     use super::*;
 
+    /// The tests' scoring job: pages 1..9 of the keys, 2 kept.
+    fn job<'a>(
+        geo: &'a Geometry,
+        params: &'a AttnParams,
+        q: &'a [f32],
+        keys: &'a [f32],
+    ) -> HeadScoring<'a> {
+        HeadScoring {
+            geo,
+            params,
+            q,
+            keys,
+            cand: 1..9,
+            k: 2,
+        }
+    }
+
     fn geo() -> Geometry {
         Geometry::for_test(48, 8, 8, (1, 2, 1, 4))
     }
@@ -555,7 +555,7 @@ mod tests {
             pooling: Pooling::Mean,
             ..Estimator::quest(8)
         };
-        page_scores(&est, &g, &params, &q, &ks, 1..9, 2, &mut sc, &mut out);
+        page_scores(&est, &job(&g, &params, &q, &ks), &mut sc, &mut out);
         for (i, j) in (1..9).enumerate() {
             let bound = |h: usize, tokens: Range<usize>| -> f32 {
                 (0..4)
@@ -576,7 +576,7 @@ mod tests {
             // Runs of 4, best run: never above the page's bound, never below any key's q.k.
             let fine = Estimator { sub: 4, ..est };
             let mut f = Vec::new();
-            page_scores(&fine, &g, &params, &q, &ks, 1..9, 2, &mut sc, &mut f);
+            page_scores(&fine, &job(&g, &params, &q, &ks), &mut sc, &mut f);
             let best = |h: usize| bound(h, j * 8..j * 8 + 4).max(bound(h, j * 8 + 4..j * 8 + 8));
             assert!((f[i] - (best(0) + best(1)) / 2.0).abs() < 1e-5);
             assert!(f[i] <= out[i] + 1e-5);
@@ -595,10 +595,10 @@ mod tests {
                 pooling: Pooling::Mean,
                 ..Estimator::quest(8)
             };
-            page_scores(&quest, &g, &params, &q, &ks, 1..9, 2, &mut sc, &mut plain);
+            page_scores(&quest, &job(&g, &params, &q, &ks), &mut sc, &mut plain);
             for pairs in [Pairs::Half, Pairs::Adjacent] {
                 let est = Estimator { pairs, ..quest };
-                page_scores(&est, &g, &params, &q, &ks, 1..9, 2, &mut sc, &mut paired);
+                page_scores(&est, &job(&g, &params, &q, &ks), &mut sc, &mut paired);
                 for (i, j) in (1..9).enumerate() {
                     let best = (j * 8..j * 8 + 8)
                         .map(|t| (0..4).map(|c| q[c] * ks[t * 4 + c]).sum::<f32>())
@@ -625,7 +625,7 @@ mod tests {
             proxy_bits: 8,
             ..Estimator::quest(8)
         };
-        page_scores(&est, &g, &params, &q, &ks, 1..9, 2, &mut sc, &mut out);
+        page_scores(&est, &job(&g, &params, &q, &ks), &mut sc, &mut out);
         // The exact masses over the candidates only, mean over the two heads.
         let mut exact = vec![0.0f64; 8];
         for h in 0..2 {

@@ -52,27 +52,6 @@ pub fn page_masses(
     }
 }
 
-/// The oracle's scores of the candidate pages `cand`: each page's exact attention mass for
-/// the group's query `q` (`[G][d]`), the mean over the group (see [`page_masses`]).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn oracle_scores(
-    geo: &Geometry,
-    params: &AttnParams,
-    q: &[f32],
-    keys: &[f32],
-    len: usize,
-    cand: std::ops::Range<usize>,
-    out: &mut Vec<f32>,
-    masses: &mut Vec<f32>,
-    logits: &mut Vec<f32>,
-) {
-    let g = q.len() / geo.head_dim;
-    let pages = geo.pages(len);
-    page_masses(geo, params, q, keys, len, masses, logits);
-    out.clear();
-    out.extend(cand.map(|j| (0..g).map(|h| masses[h * pages + j]).sum::<f32>() / g as f32));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,7 +28,6 @@ use serde::{Deserialize, Serialize};
 
 pub use estimators::{top_k, Combine, EstScratch, Estimator, Pairs, EXACT_KEYS};
 pub(crate) use hook::probe_decode;
-pub(crate) use mass::oracle_scores;
 pub use mass::page_masses;
 
 use crate::geometry::Geometry;
@@ -404,17 +403,15 @@ fn measure_head(
         s.oracle_per_head += fixed_mass + per_head / g as f64;
         for (e, est) in spec.estimators.iter().enumerate() {
             let scores = &mut m.scores[e];
-            estimators::page_scores(
-                est,
-                sg,
+            let job = estimators::HeadScoring {
+                geo: sg,
                 params,
-                &m.q,
-                &m.keys,
-                cand.clone(),
+                q: &m.q,
+                keys: &m.keys,
+                cand: cand.clone(),
                 k,
-                &mut m.est,
-                scores,
-            );
+            };
+            estimators::page_scores(est, &job, &mut m.est, scores);
             let chosen = top_k(scores, k);
             s.mass[e] += fixed_mass + mass_of(&chosen);
             if k > 0 {

@@ -1,14 +1,19 @@
 //! Arbitrary knob values through the configuration parser and validator, then into an
-//! instance: never a panic; every rejection names the variable; every accepted configuration
-//! builds and runs a prefill and a decode step. `FREEKV_FUZZ_CASES` sets the number of cases
-//! (the default, a million, runs in seconds to a minute; longer runs set more).
+//! instance (proptest, with shrinking): never a panic; every rejection names the variable;
+//! every accepted configuration builds and runs a prefill and a decode step.
+//! `FREEKV_FUZZ_CASES` sets the number of cases (the default, a million, runs in seconds to a
+//! minute; longer runs set more).
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::cell::Cell;
 
 use candle_core::{Device, Tensor};
-use freekv_plugin::{AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, ModelShape, PrefillRow};
-
-use crate::rng::Rng;
+use freekv_plugin::{
+    AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, ModelShape, PrefillRow, Qkv,
+};
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::sample::select;
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
 const VARS: &[&str] = &[
     "FREEKV_BUDGET",
@@ -83,12 +88,55 @@ const PIECES: &[&str] = &[
     "1_000",
 ];
 
-fn value(rng: &mut Rng) -> String {
-    let pieces = if rng.chance(0.7) { 1 } else { rng.range(2, 3) };
-    (0..pieces).map(|_| rng.pick(PIECES)).collect()
+/// A value: one piece, or two or three run together.
+fn value() -> impl Strategy<Value = String> {
+    let piece = select(PIECES);
+    prop_oneof![
+        7 => piece.clone().prop_map(str::to_string),
+        3 => vec(piece, 2..=3).prop_map(|pieces| pieces.concat()),
+    ]
 }
 
-fn cases() -> usize {
+/// One case: the variables set, the model shape, and the instance's size and prompt (a
+/// fraction of what its blocks hold).
+#[derive(Clone, Debug)]
+struct KnobCase {
+    vars: Vec<(&'static str, String)>,
+    shape: ModelShape,
+    num_blocks: usize,
+    prompt: f64,
+}
+
+fn knob_case() -> impl Strategy<Value = KnobCase> {
+    let vars = vec(proptest::option::weighted(0.3, value()), VARS.len()).prop_map(|values| {
+        VARS.iter()
+            .zip(values)
+            .filter_map(|(&var, v)| v.map(|v| (var, v)))
+            .collect()
+    });
+    let kv_heads = prop_oneof![1 => Just(0usize), 9 => 1..=4usize];
+    let shape = (
+        kv_heads,
+        0..=3usize,
+        0..=3usize,
+        proptest::bool::weighted(0.05),
+        select(&[0usize, 1, 4, 8, 16][..]),
+    )
+        .prop_map(|(kv_heads, layers, group, odd, head_dim)| ModelShape {
+            num_layers: layers,
+            num_q_heads: kv_heads * group + usize::from(odd),
+            num_kv_heads: kv_heads,
+            head_dim,
+        });
+    (vars, shape, 1..=12usize, 0.0..1.0f64).prop_map(|(vars, shape, num_blocks, prompt)| KnobCase {
+        vars,
+        shape,
+        num_blocks,
+        prompt,
+    })
+}
+
+fn cases() -> u32 {
     std::env::var("FREEKV_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -96,11 +144,12 @@ fn cases() -> usize {
 }
 
 /// Builds the instance and runs one prefill and decode step of a short sequence.
-fn exercise(config: FreeKvConfig, shape: ModelShape, rng: &mut Rng) -> anyhow::Result<()> {
+fn exercise(config: FreeKvConfig, case: &KnobCase) -> anyhow::Result<()> {
+    let (shape, num_blocks) = (case.shape, case.num_blocks);
     let page = config.page_size;
-    let num_blocks = rng.range(1, 12);
     let freekv = FreeKv::new(config, shape, num_blocks, KvDType::F32)?;
-    let len = rng.range(1, (num_blocks * page).min(200));
+    let longest = (num_blocks * page).min(200);
+    let len = (1 + (case.prompt * longest as f64) as usize).min(longest);
     let table: Vec<u32> = (0..len.div_ceil(page) as u32).collect();
     let (hq, hkv, d) = (shape.num_q_heads, shape.num_kv_heads, shape.head_dim);
     let dev = Device::Cpu;
@@ -115,9 +164,7 @@ fn exercise(config: FreeKvConfig, shape: ModelShape, rng: &mut Rng) -> anyhow::R
     freekv.prefill(
         0,
         &rows,
-        &t(hq, len)?,
-        &t(hkv, len)?,
-        &t(hkv, len)?,
+        Qkv::new(&t(hq, len)?, &t(hkv, len)?, &t(hkv, len)?),
         &params,
         true,
     )?;
@@ -130,7 +177,7 @@ fn exercise(config: FreeKvConfig, shape: ModelShape, rng: &mut Rng) -> anyhow::R
         }];
         let q = Tensor::randn(0f32, 1.0, (1, hq, d), &dev)?;
         let kv = Tensor::randn(0f32, 1.0, (1, hkv, d), &dev)?;
-        let out = freekv.decode(0, &rows, &q, &kv, &kv, &params)?;
+        let out = freekv.decode(0, &rows, Qkv::new(&q, &kv, &kv), &params)?;
         let finite = out
             .flatten_all()?
             .to_vec1::<f32>()?
@@ -143,59 +190,57 @@ fn exercise(config: FreeKvConfig, shape: ModelShape, rng: &mut Rng) -> anyhow::R
     Ok(())
 }
 
+/// What the configuration did with the case: rejected it (naming a variable), or accepted
+/// it and ran it.
+fn check(case: &KnobCase) -> Result<bool, String> {
+    let vars = &case.vars;
+    let parsed = FreeKvConfig::from_lookup(|name| {
+        vars.iter()
+            .find(|(v, _)| *v == name)
+            .map(|(_, s)| s.clone())
+    });
+    let config = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            return if vars.iter().any(|(v, _)| msg.contains(v)) {
+                Ok(false)
+            } else {
+                Err(format!("the error names no variable: {msg}"))
+            };
+        }
+    };
+    if config.validate(Some(&case.shape)).is_err() {
+        return Ok(false);
+    }
+    // Only small instances are built (the fuzz is about logic, not memory).
+    if config.page_size > 64 || config.budget > 4096 {
+        return Ok(true);
+    }
+    exercise(config, case)
+        .map(|_| true)
+        .map_err(|e| format!("a validated configuration failed: {e:#}"))
+}
+
 #[test]
 fn arbitrary_knobs_never_panic_and_errors_name_the_variable() {
-    let mut rng = Rng::new(0xF022);
-    let (mut accepted, mut rejected) = (0, 0);
-    for case in 0..cases() {
-        let mut vars: Vec<(&str, String)> = Vec::new();
-        for &var in VARS {
-            if rng.chance(0.3) {
-                vars.push((var, value(&mut rng)));
+    let config = Config {
+        cases: cases(),
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
+    let (accepted, rejected) = (Cell::new(0), Cell::new(0));
+    TestRunner::new_with_rng(config, rng)
+        .run(&knob_case(), |case| {
+            match check(&case).map_err(TestCaseError::fail)? {
+                true => accepted.set(accepted.get() + 1),
+                false => rejected.set(rejected.get() + 1),
             }
-        }
-        let kv_heads = if rng.chance(0.1) { 0 } else { rng.range(1, 4) };
-        let shape = ModelShape {
-            num_layers: rng.range(0, 3),
-            num_q_heads: kv_heads * rng.range(0, 3) + usize::from(rng.chance(0.05)),
-            num_kv_heads: kv_heads,
-            head_dim: rng.pick(&[0, 1, 4, 8, 16]),
-        };
-        let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<bool, String> {
-            let parsed = FreeKvConfig::from_lookup(|name| {
-                vars.iter()
-                    .find(|(v, _)| *v == name)
-                    .map(|(_, s)| s.clone())
-            });
-            let config = match parsed {
-                Ok(c) => c,
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    return if vars.iter().any(|(v, _)| msg.contains(v)) {
-                        Ok(false)
-                    } else {
-                        Err(format!("the error names no variable: {msg}"))
-                    };
-                }
-            };
-            if config.validate(Some(&shape)).is_err() {
-                return Ok(false);
-            }
-            // Only small instances are built (the fuzz is about logic, not memory).
-            if config.page_size > 64 || config.budget > 4096 {
-                return Ok(true);
-            }
-            exercise(config, shape, &mut rng)
-                .map(|_| true)
-                .map_err(|e| format!("a validated configuration failed: {e:#}"))
-        }));
-        match outcome {
-            Ok(Ok(true)) => accepted += 1,
-            Ok(Ok(false)) => rejected += 1,
-            Ok(Err(msg)) => panic!("case {case} {vars:?} {shape:?}: {msg}"),
-            Err(_) => panic!("case {case} {vars:?} {shape:?}: panicked"),
-        }
-    }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (accepted, rejected) = (accepted.get(), rejected.get());
     println!("{accepted} configurations accepted, {rejected} rejected, 0 panics");
     assert!(
         accepted > 0 && rejected > 0,

@@ -5,8 +5,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use freekv_plugin::{
-    AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow, Selector,
-    StepTrace,
+    AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow, Qkv,
+    Selector, StepTrace,
 };
 use half::{bf16, f16};
 
@@ -321,7 +321,13 @@ impl Harness {
                 .collect();
             let out = self
                 .fk
-                .prefill(l, &prow, &tq, &tk, &tv, &self.s.params, want_output)
+                .prefill(
+                    l,
+                    &prow,
+                    Qkv::new(&tq, &tk, &tv),
+                    &self.s.params,
+                    want_output,
+                )
                 .expect("prefill");
             assert_eq!(out.is_some(), want_output);
             if let Some(out) = out {
@@ -562,7 +568,7 @@ impl Harness {
                 .collect();
             let out = self
                 .fk
-                .decode(l, &rows, &tq, &tk, &tv, &self.s.params)
+                .decode(l, &rows, Qkv::new(&tq, &tk, &tv), &self.s.params)
                 .expect("decode");
             assert_eq!(out.dims(), &[b, n_q, d]);
             assert_eq!(out.dtype(), dt);
@@ -703,28 +709,24 @@ impl Harness {
                     };
                     let dt = self.s.dtype;
                     let store = move |x: f64| round(x as f32, dt) as f64;
+                    let scoring = reference::Scoring {
+                        page_size: p,
+                        kind: self.s.cfg.summary,
+                        pooling: self.s.cfg.pooling,
+                        store: &store,
+                    };
                     let scores = match self.s.cfg.selector {
-                        Selector::Quest => reference::page_scores(
-                            &qsrc,
-                            &kv,
-                            cand.clone(),
-                            p,
-                            self.s.cfg.summary,
-                            self.s.cfg.pooling,
-                            &store,
-                        ),
+                        Selector::Quest => {
+                            reference::page_scores(&qsrc, &kv, cand.clone(), &scoring)
+                        }
                         Selector::Rerank => reference::rerank_scores(
                             &qsrc,
                             &kv,
                             cand.clone(),
-                            p,
                             if use_current { len } else { len - 1 },
                             &self.s.params,
-                            self.s.cfg.summary,
-                            self.s.cfg.pooling,
-                            &store,
-                            self.s.sel_pages(),
-                            self.s.cfg.shortlist,
+                            &scoring,
+                            self.s.cfg.shortlist * self.s.sel_pages(),
                         ),
                         // The previous query was stored one token earlier.
                         Selector::Oracle => reference::oracle_scores(

@@ -98,32 +98,41 @@ pub fn summary(
     }
 }
 
+/// How pages are summarised and scored.
+pub struct Scoring<'a> {
+    /// Tokens per page.
+    pub page_size: usize,
+    pub kind: SummaryKind,
+    pub pooling: Pooling,
+    /// The rounding of a summary value to its stored dtype.
+    pub store: &'a dyn Fn(f64) -> f64,
+}
+
 /// Pooled scores of the candidate pages for one KV head whose group queries are `qs`.
 pub fn page_scores(
     qs: &[&[f32]],
     kv: &HeadKv<'_>,
     candidates: std::ops::Range<usize>,
-    p: usize,
-    kind: SummaryKind,
-    pooling: Pooling,
-    store: &dyn Fn(f64) -> f64,
+    scoring: &Scoring,
 ) -> Vec<f64> {
-    page_scores_shrunk(qs, kv, candidates, p, kind, pooling, store, 1.0)
+    page_scores_shrunk(qs, kv, candidates, scoring, 1.0)
 }
 
 /// [`page_scores`] over each summary's box shrunk around its centre to `shrink` of its
 /// half-width.
-#[allow(clippy::too_many_arguments)]
 pub fn page_scores_shrunk(
     qs: &[&[f32]],
     kv: &HeadKv<'_>,
     candidates: std::ops::Range<usize>,
-    p: usize,
-    kind: SummaryKind,
-    pooling: Pooling,
-    store: &dyn Fn(f64) -> f64,
+    scoring: &Scoring,
     shrink: f64,
 ) -> Vec<f64> {
+    let (p, kind, pooling, store) = (
+        scoring.page_size,
+        scoring.kind,
+        scoring.pooling,
+        scoring.store,
+    );
     let sums: Vec<(Vec<f64>, Vec<f64>)> = candidates
         .clone()
         .map(|j| {
@@ -212,49 +221,32 @@ pub fn oracle_scores(
 
 /// The rerank selector's scores of the candidate pages for one KV head whose group queries
 /// are `qs`, at position `len - 1`: the page summaries (min/max boxes shrunk to half their
-/// width around their centre), pooled with the queries times the softmax scale, shortlist the `shortlist x k` best
-/// candidates; each shortlisted page then scores the
-/// mean over the group of its tokens' softmax weight among every shortlisted (visible) token;
-/// the other candidates score -inf.
-#[allow(clippy::too_many_arguments)]
+/// width around their centre), pooled with the queries times the softmax scale, shortlist the
+/// `shortlisted` best candidates; each shortlisted page then scores the mean over the group of
+/// its tokens' softmax weight among every shortlisted (visible) token; the other candidates
+/// score -inf.
 pub fn rerank_scores(
     qs: &[&[f32]],
     kv: &HeadKv<'_>,
     candidates: std::ops::Range<usize>,
-    p: usize,
     len: usize,
     params: &AttnParams,
-    kind: SummaryKind,
-    pooling: Pooling,
-    store: &dyn Fn(f64) -> f64,
-    k: usize,
-    shortlist: usize,
+    scoring: &Scoring,
+    shortlisted: usize,
 ) -> Vec<f64> {
+    let p = scoring.page_size;
     let scaled: Vec<Vec<f32>> = qs
         .iter()
         .map(|q| q.iter().map(|x| x * params.softmax_scale).collect())
         .collect();
     let scaled: Vec<&[f32]> = scaled.iter().map(|q| &q[..]).collect();
     // Min/max boxes shrunk to half their width; centre +/- deviation boxes as they are.
-    let shrink = match kind {
+    let shrink = match scoring.kind {
         SummaryKind::MinMax => 0.5,
         SummaryKind::CentreMad => 1.0,
     };
-    let bounds = page_scores_shrunk(
-        &scaled,
-        kv,
-        candidates.clone(),
-        p,
-        kind,
-        pooling,
-        store,
-        shrink,
-    );
-    let short = top_k(
-        &bounds,
-        candidates.start,
-        (shortlist * k).min(candidates.len()),
-    );
+    let bounds = page_scores_shrunk(&scaled, kv, candidates.clone(), scoring, shrink);
+    let short = top_k(&bounds, candidates.start, shortlisted.min(candidates.len()));
     let mut out = vec![f64::NEG_INFINITY; candidates.len()];
     for &j in &short {
         out[j - candidates.start] = 0.0;

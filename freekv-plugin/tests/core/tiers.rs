@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use freekv_plugin::{
     AttnParams, DecodeRow, DeviceTierLayout, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape,
-    PrefillRow,
+    PrefillRow, Qkv,
 };
 
 use crate::equivalence::{cycled_setup, ALL};
@@ -121,7 +121,8 @@ fn a_stale_summary_cannot_attract_the_selection() {
             cached_len: 0,
             new_len: 24,
         };
-        fk.prefill(0, &[row], &q, &k, &v, &params, false).unwrap();
+        fk.prefill(0, &[row], Qkv::new(&q, &k, &v), &params, false)
+            .unwrap();
         fk.free_sequence(1);
         // Sequence B reuses block 1 for its page 1 with small keys; its page 2 (block 0)
         // holds the keys that match the query.
@@ -137,14 +138,16 @@ fn a_stale_summary_cannot_attract_the_selection() {
             cached_len: 0,
             new_len: 32,
         };
-        fk.prefill(0, &[row], &q, &k, &v, &params, false).unwrap();
+        fk.prefill(0, &[row], Qkv::new(&q, &k, &v), &params, false)
+            .unwrap();
         let one = Tensor::ones((1, 1, 4), DType::F32, &Device::Cpu).unwrap();
         let row = DecodeRow {
             seq_id: 2,
             block_table: &table,
             context_len: 33,
         };
-        fk.decode(0, &[row], &one, &one, &one, &params).unwrap();
+        fk.decode(0, &[row], Qkv::new(&one, &one, &one), &params)
+            .unwrap();
         let trace = fk.step_trace(0, 2).unwrap();
         assert!(trace.sparse);
         // Window = page 4; the selection must be page 2 (block 0), not page 1 (block 1,
@@ -219,9 +222,7 @@ fn errors_name_what_is_wrong() {
                 block_table: &table,
                 context_len: 3,
             }],
-            &q,
-            &k,
-            &v,
+            Qkv::new(&q, &k, &v),
             &params,
         )
         .unwrap_err()
@@ -239,7 +240,7 @@ fn errors_name_what_is_wrong() {
         cached_len: 0,
         new_len: 5,
     };
-    fk.prefill(0, &[row], &pq, &pk, &pk, &params, false)
+    fk.prefill(0, &[row], Qkv::new(&pq, &pk, &pk), &params, false)
         .unwrap();
     let e = fk
         .decode(
@@ -249,9 +250,7 @@ fn errors_name_what_is_wrong() {
                 block_table: &[0, 77],
                 context_len: 9,
             }],
-            &q,
-            &k,
-            &v,
+            Qkv::new(&q, &k, &v),
             &params,
         )
         .unwrap_err()
@@ -265,9 +264,7 @@ fn errors_name_what_is_wrong() {
                 block_table: &[0],
                 context_len: 9,
             }],
-            &q,
-            &k,
-            &v,
+            Qkv::new(&q, &k, &v),
             &params,
         )
         .unwrap_err()
@@ -285,16 +282,14 @@ fn errors_name_what_is_wrong() {
                 block_table: &table,
                 context_len: 6,
             }],
-            &q3,
-            &k3,
-            &v3,
+            Qkv::new(&q3, &k3, &v3),
             &params,
         )
         .unwrap_err()
         .to_string();
     assert!(e.contains("3 query heads"), "{e}");
     let e = fk
-        .decode(5, &[], &q, &k, &v, &params)
+        .decode(5, &[], Qkv::new(&q, &k, &v), &params)
         .unwrap_err()
         .to_string();
     assert!(
@@ -309,9 +304,7 @@ fn errors_name_what_is_wrong() {
                 block_table: &table,
                 context_len: 6,
             }],
-            &q,
-            &k,
-            &v,
+            Qkv::new(&q, &k, &v),
             &params,
         )
         .unwrap_err()
@@ -326,9 +319,7 @@ fn errors_name_what_is_wrong() {
                 cached_len: 0,
                 new_len: 5,
             }],
-            &pq,
-            &pk,
-            &pk,
+            Qkv::new(&pq, &pk, &pk),
             &params,
             false,
         )
@@ -343,9 +334,7 @@ fn errors_name_what_is_wrong() {
             block_table: &table,
             context_len: 6,
         }],
-        &q,
-        &k,
-        &v,
+        Qkv::new(&q, &k, &v),
         &params,
     )
     .unwrap();
@@ -359,9 +348,7 @@ fn errors_name_what_is_wrong() {
                 block_table: &table,
                 context_len: 7,
             }],
-            &q,
-            &k,
-            &v,
+            Qkv::new(&q, &k, &v),
             &params,
         )
         .unwrap_err()

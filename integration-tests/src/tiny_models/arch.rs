@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use super::rng::Rng;
 use super::safetensors::Tensor;
-use super::tokenizer::ByteBpe;
+use super::tokenizer::TinyTokenizer;
 
 pub const HEAD_DIM: usize = 64;
 pub const MAX_POSITION_EMBEDDINGS: usize = 8192;
@@ -144,7 +144,7 @@ impl Spec {
     }
 
     /// `config.json`: the keys each 0.8.1 `Config` requires, plus the usual HF ones.
-    pub fn config_json(&self, tok: &ByteBpe) -> Value {
+    pub fn config_json(&self, tok: &TinyTokenizer) -> Value {
         let mut c = json!({
             "architectures": [self.arch.hf_class()],
             "model_type": self.arch.name(),
@@ -212,7 +212,7 @@ impl Spec {
 
     /// All weights, deterministically from `seed`. Each tensor has its own stream (seeded by
     /// its name), so the weights do not depend on the order in which they are drawn.
-    pub fn weights(&self, tok: &ByteBpe, seed: u64) -> BTreeMap<String, Tensor> {
+    pub fn weights(&self, tok: &TinyTokenizer, seed: u64) -> BTreeMap<String, Tensor> {
         let (h, i, v, d) = (self.hidden, self.intermediate, self.vocab, self.head_dim);
         let (q_out, kv_out) = (self.heads * d, self.kv_heads * d);
         let gemma = self.arch == Arch::Gemma2;

@@ -37,7 +37,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 pub use arch::{Arch, Spec};
-pub use tokenizer::ByteBpe;
+pub use tokenizer::TinyTokenizer;
 
 /// A generated model directory and its sizes.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,8 +65,8 @@ impl TinyModel {
         Spec::new(self.arch, self.vocab)
     }
 
-    pub fn tokenizer(&self) -> ByteBpe {
-        ByteBpe::new()
+    pub fn tokenizer(&self) -> TinyTokenizer {
+        TinyTokenizer::new()
     }
 
     /// KV-cache bytes per token at f32 (all layers, K and V).
@@ -82,18 +82,23 @@ pub const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ 
 /// Each file is written to a temporary name and renamed, so a reader never sees half a file.
 pub fn write_tiny_model(arch: Arch, dir: &Path, seed: u64) -> Result<TinyModel> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tok = ByteBpe::new();
+    let tok = TinyTokenizer::new();
     let spec = Spec::new(arch, tok.vocab_size());
-    let put = |name: &str, bytes: &[u8]| -> Result<()> {
+    let put_with = |name: &str, write: &dyn Fn(&Path) -> Result<()>| -> Result<()> {
         let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-        std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        write(&tmp)?;
         std::fs::rename(&tmp, dir.join(name))
             .with_context(|| format!("renaming {} in {}", name, dir.display()))
+    };
+    let put = |name: &str, bytes: &[u8]| -> Result<()> {
+        put_with(name, &|tmp| {
+            std::fs::write(tmp, bytes).with_context(|| format!("writing {}", tmp.display()))
+        })
     };
     let pretty = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("json");
 
     put("config.json", &pretty(&spec.config_json(&tok)))?;
-    put("tokenizer.json", &pretty(&tok.to_json()))?;
+    put("tokenizer.json", tokenizer::TOKENIZER_JSON.as_bytes())?;
     put(
         "tokenizer_config.json",
         &pretty(&json!({
@@ -115,10 +120,10 @@ pub fn write_tiny_model(arch: Arch, dir: &Path, seed: u64) -> Result<TinyModel> 
             "max_new_tokens": 256,
         })),
     )?;
-    put(
-        "model.safetensors",
-        &safetensors::to_bytes(&spec.weights(&tok, seed)),
-    )?;
+    let weights = spec.weights(&tok, seed);
+    put_with("model.safetensors", &|tmp| {
+        safetensors::write(tmp, &weights)
+    })?;
     Ok(TinyModel {
         arch,
         dir: dir.to_path_buf(),
@@ -163,7 +168,7 @@ pub fn filler_text(seed: u64, approx_tokens: usize) -> String {
     ];
     let mut rng = rng::Rng::new(seed);
     let mut out = String::new();
-    let tok = ByteBpe::new();
+    let tok = TinyTokenizer::new();
     let mut sentence_len = 0;
     while tok.encode(&out).len() < approx_tokens {
         // Re-encoding is quadratic but cheap at these sizes; check every 16 words.

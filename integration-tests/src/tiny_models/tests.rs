@@ -194,7 +194,7 @@ fn files_match_the_loaders() {
         assert_eq!(got, expected_tensors(&m), "{}: tensor names/shapes", m.arch);
         assert_eq!(
             w,
-            m.spec().weights(&ByteBpe::new(), 3),
+            m.spec().weights(&TinyTokenizer::new(), 3),
             "{}: file != memory",
             m.arch
         );
@@ -204,17 +204,25 @@ fn files_match_the_loaders() {
 
 #[test]
 fn same_seed_same_bytes() {
-    let tok = ByteBpe::new();
+    let tok = TinyTokenizer::new();
     let s = Spec::new(Arch::Llama, tok.vocab_size());
-    let a = safetensors::to_bytes(&s.weights(&tok, 11));
-    assert_eq!(a, safetensors::to_bytes(&s.weights(&tok, 11)));
-    assert_ne!(a, safetensors::to_bytes(&s.weights(&tok, 12)));
+    let dir = std::env::temp_dir().join(format!("tiny-same-seed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bytes = |seed: u64, name: &str| {
+        let p = dir.join(name);
+        safetensors::write(&p, &s.weights(&tok, seed)).unwrap();
+        std::fs::read(p).unwrap()
+    };
+    let a = bytes(11, "a");
+    assert_eq!(a, bytes(11, "b"));
+    assert_ne!(a, bytes(12, "c"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn filler_text_is_long_and_tokenizes_compactly() {
     let t = filler_text(1, 1000);
-    let n = ByteBpe::new().encode(&t).len();
+    let n = TinyTokenizer::new().encode(&t).len();
     assert!((1000..1100).contains(&n), "{n} tokens");
     assert_eq!(t, filler_text(1, 1000));
 }
@@ -232,7 +240,7 @@ fn greedy_is_robust_peaked_and_varied() {
             .unwrap_or(d)
     };
     let (prompt_len, gen) = (env("FREEKV_TINY_PROMPT", 192), env("FREEKV_TINY_GEN", 160));
-    let tok = ByteBpe::new();
+    let tok = TinyTokenizer::new();
     let mut prompt = vec![tok.bos_id];
     prompt.extend(tok.encode(&format!("user: {}\nassistant:", filler_text(5, prompt_len))));
     println!(

@@ -27,7 +27,7 @@ use candle_core::{DType, Tensor};
 use crate::correction::group_similarity;
 use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
-use crate::probe::oracle_scores;
+use crate::probe::page_masses;
 use crate::{AttnParams, FreeKvConfig, Pooling, Selector, SummaryKind};
 
 use self::attend::{Attention, AttnScratch, Segment};
@@ -61,6 +61,26 @@ pub(crate) struct OracleScratch {
     pub masses: Vec<f32>,
     /// One query head's logits over the context.
     pub logits: Vec<f32>,
+}
+
+impl OracleScratch {
+    /// The oracle's scores of `selection`'s candidate pages, from the keys in `self.keys`
+    /// (`[selection.len][d]`): each page's exact attention mass for the group's query `q`
+    /// (`[G][d]`), the mean over the group (see [`page_masses`]).
+    fn scores(&mut self, geo: &Geometry, q: &[f32], selection: &Selection, out: &mut Vec<f32>) {
+        let g = q.len() / geo.head_dim;
+        let len = selection.len;
+        let pages = geo.pages(len);
+        let (masses, logits) = (&mut self.masses, &mut self.logits);
+        page_masses(geo, &selection.params, q, &self.keys, len, masses, logits);
+        out.clear();
+        out.extend(
+            selection
+                .candidates
+                .clone()
+                .map(|j| (0..g).map(|h| masses[h * pages + j]).sum::<f32>() / g as f32),
+        );
+    }
 }
 
 /// Per-thread working memory.
@@ -428,10 +448,7 @@ impl<T: KvElem> CpuBackend<T> {
                             table,
                             h,
                             &scratch.scaled_q,
-                            &selection.params,
-                            selection.len,
-                            candidates.clone(),
-                            selection.shortlist,
+                            selection,
                             &mut scratch.select,
                         );
                     }
@@ -439,17 +456,7 @@ impl<T: KvElem> CpuBackend<T> {
                 Selector::Oracle => {
                     let o = &mut scratch.oracle;
                     read_host_keys(&self.geo, host, table, selection.len, h, &mut o.keys)?;
-                    oracle_scores(
-                        &self.geo,
-                        &selection.params,
-                        group_q,
-                        &o.keys,
-                        selection.len,
-                        candidates.clone(),
-                        &mut scratch.select.pooled,
-                        &mut o.masses,
-                        &mut o.logits,
-                    );
+                    o.scores(&self.geo, group_q, selection, &mut scratch.select.pooled);
                 }
             }
             select::plan_replacement(

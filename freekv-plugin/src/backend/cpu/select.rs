@@ -6,8 +6,9 @@
 use std::cmp::Ordering;
 use std::ops::Range;
 
+use crate::backend::Selection;
 use crate::geometry::{Geometry, NO_PAGE};
-use crate::{AttnParams, Pooling};
+use crate::Pooling;
 
 use super::elem::KvElem;
 use super::host_tier::HostTier;
@@ -149,24 +150,28 @@ pub const RERANK_SHRINK: f32 = 0.5;
 
 /// The rerank selector's second stage for KV head `head`, whose group queries times the
 /// softmax scale are `scaled_q` (`[G][d]`, as its first stage pooled them): `sc.pooled` holds
-/// the candidates' first-stage scores; the best
+/// the first-stage scores of the selection's candidates; the best
 /// `shortlist x k` of them are scored again by their tokens' exact attention weight (per
-/// query head, the softmax over every shortlisted token, with the layer's scale, soft-cap and
-/// window; then the mean over the group), and every other candidate scores `-inf`. Candidate
-/// pages are full pages, so every token read is in the host tier.
-#[allow(clippy::too_many_arguments)]
+/// query head, the softmax over every shortlisted token of the selection's context, with the
+/// layer's scale, soft-cap and window; then the mean over the group), and every other
+/// candidate scores `-inf`. Candidate pages are full pages, so every token read is in the host
+/// tier.
 pub fn rerank<T: KvElem>(
     geo: &Geometry,
     host: &HostTier<T>,
     table: &[u32],
     head: usize,
     scaled_q: &[f32],
-    params: &AttnParams,
-    len: usize,
-    cand: Range<usize>,
-    shortlist: usize,
+    selection: &Selection,
     sc: &mut SelectScratch,
 ) {
+    let Selection {
+        ref params,
+        len,
+        candidates: ref cand,
+        shortlist,
+        ..
+    } = *selection;
     let (p, d) = (geo.page_size, geo.head_dim);
     let g = scaled_q.len() / d;
     let n = cand.len();
@@ -282,7 +287,7 @@ pub fn plan_replacement(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::AttnParams;
+    use crate::{AttnParams, Selector};
 
     fn geo(sel_budget: usize) -> Geometry {
         Geometry::for_test(16 + 16 + 8 * sel_budget, 16, 16, (1, 2, 1, 2))
@@ -355,7 +360,14 @@ mod tests {
                 pooled: vec![0.1, 0.9, 0.2, 0.3, 0.8, 0.0, 0.4],
                 ..Default::default()
             };
-            rerank(&g, &host, &table, 0, &scaled, &params, 64, 0..7, 1, &mut sc);
+            let selection = Selection {
+                candidates: 0..7,
+                len: 64,
+                params,
+                selector: Selector::Rerank,
+                shortlist: 1,
+            };
+            rerank(&g, &host, &table, 0, &scaled, &selection, &mut sc);
             let logit = |h: usize, t: usize| {
                 let k = key(t);
                 params.cap((q[2 * h] * k[0] + q[2 * h + 1] * k[1]) * 0.7) as f64

@@ -65,6 +65,17 @@ fn align(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
 
+/// One row of a decode launch as [`CudaBatch::stage_decode`] stages it.
+#[derive(Clone, Copy)]
+pub(super) struct StagedDecodeRow<'a> {
+    /// `[n_slots][n_kv]` attended spans.
+    pub lens: &'a [i32],
+    /// A dense layer's stored slots.
+    pub index: Option<&'a [u32]>,
+    /// The row's descriptor (its `slot_len` and `slot_index` are set when staged).
+    pub desc: SeqDesc,
+}
+
 impl CudaBatch {
     /// Starts a call: waits until the previous call's staged descriptor copies have run,
     /// before their memory is rewritten (in practice they have: that call was a whole step
@@ -85,11 +96,11 @@ impl CudaBatch {
         &mut self,
         ctx: &Arc<CudaContext>,
         stream: &CudaStream,
-        rows: &[(&[i32], Option<&[u32]>, SeqDesc)],
+        rows: &[StagedDecodeRow<'_>],
     ) -> anyhow::Result<u64> {
         let mut offsets = Vec::with_capacity(rows.len());
         let mut total = 0;
-        for (lens, index, _) in rows {
+        for &StagedDecodeRow { lens, index, .. } in rows {
             let lens_off = total;
             total += align(as_bytes(lens).len());
             let index_off = total;
@@ -100,12 +111,12 @@ impl CudaBatch {
         let desc_bytes = std::mem::size_of::<SeqDesc>();
         total += rows.len() * desc_bytes;
         let dev = self.stage(ctx, stream, total, |host, dev| {
-            for (i, ((lens, index, desc), &(lens_off, index_off))) in
+            for (i, (&StagedDecodeRow { lens, index, desc }, &(lens_off, index_off))) in
                 rows.iter().zip(&offsets).enumerate()
             {
                 let lens_b = as_bytes(lens);
                 host[lens_off..lens_off + lens_b.len()].copy_from_slice(lens_b);
-                let mut desc = *desc;
+                let mut desc = desc;
                 desc.slot_len = dev + lens_off as u64;
                 desc.slot_index = match index {
                     Some(ix) => {

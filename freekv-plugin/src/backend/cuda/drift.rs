@@ -12,7 +12,7 @@ use crate::backend::cpu::elem::KvElem;
 use crate::geometry::Geometry;
 
 use super::batch::CudaBatch;
-use super::kernels::Kernels;
+use super::kernels::{CorrectionLaunch, Kernels};
 use super::mem::DeviceBuffer;
 use super::recall::RawEvent;
 
@@ -113,7 +113,15 @@ pub fn similarities<T: KvElem>(
     let res = batch.drift_buffer(ctx, stream, n * n_kv)?.ptr();
     let flags = res + (4 * n * n_kv) as u64;
     // The flags are not read: the host decides with its own (possibly adapting) thresholds.
-    kernels.correction(stream.cu_stream(), queries, n, n_kv, 0.0, res, flags)?;
+    let launch = CorrectionLaunch {
+        queries,
+        n_seq: n,
+        n_kv,
+        tau: 0.0,
+        cos_out: res,
+        flags,
+    };
+    kernels.correction(stream.cu_stream(), &launch)?;
     batch.guard_descriptors(stream.cu_stream())?;
     // SAFETY: `res` holds `n * n_kv` f32 written by the kernel above, in stream order; the
     // copy into pageable `out` returns once done (then the stream is synchronised anyway).

@@ -51,6 +51,88 @@ pub struct RecallJob {
 const _: () = assert!(std::mem::size_of::<SeqDesc>() == 40);
 const _: () = assert!(std::mem::size_of::<RecallJob>() == 24);
 
+/// Rows of a batch in device memory, one per sequence: the first row's address and the stride
+/// between sequences, in elements.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqRows {
+    /// Device address of the first sequence's row.
+    pub ptr: u64,
+    /// Elements from one sequence's row to the next.
+    pub seq_stride: i64,
+}
+
+/// The operands of [`Kernels::score_and_pool`].
+#[derive(Clone, Copy, Debug)]
+pub struct ScoreLaunch {
+    /// Each sequence's query `[n_q][d]` (16-bit).
+    pub q: SeqRows,
+    /// `[n_seq]` [`SeqDesc`]: each sequence's summaries and candidate count.
+    pub descs: u64,
+    /// `[n_seq][cand_stride]` i32: each candidate's block in the layer's `[n_kv][n_blocks][2][d]`
+    /// summaries (`SeqDesc::summaries`).
+    pub cand_blocks: u64,
+    /// Blocks in the summaries.
+    pub n_blocks: usize,
+    /// Sequences.
+    pub n_seq: usize,
+    /// KV heads.
+    pub n_kv: usize,
+    /// The most candidates of any sequence (sizes the grid).
+    pub max_cand: usize,
+    /// Row stride of `cand_blocks`, `raw` and `pooled`.
+    pub cand_stride: usize,
+    /// Scratch for the per-query-head scores `[n_seq][n_q][cand_stride]` f32.
+    pub raw: u64,
+    /// The pooled scores `[n_seq][n_kv][cand_stride]` f32.
+    pub pooled: u64,
+    /// How a group's query heads pool into their KV head's score.
+    pub pooling: KernelPooling,
+}
+
+/// The operands of [`Kernels::correction`].
+#[derive(Clone, Copy, Debug)]
+pub struct CorrectionLaunch {
+    /// Device array of `2 n_seq` addresses (current, stored) of `[n_q][d]` queries.
+    pub queries: u64,
+    /// Sequences.
+    pub n_seq: usize,
+    /// KV heads.
+    pub n_kv: usize,
+    /// Threshold of the flags: a head whose mean cosine is below it is flagged.
+    pub tau: f32,
+    /// The cosines `[n_seq][n_kv]` f32.
+    pub cos_out: u64,
+    /// The flags `[n_seq][n_kv]` i32.
+    pub flags: u64,
+}
+
+/// The operands of [`Kernels::decode`].
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeLaunch {
+    /// Each sequence's query `[n_q][d]` (16-bit).
+    pub q: SeqRows,
+    /// `[n_seq]` [`SeqDesc`]: each sequence's slots.
+    pub descs: u64,
+    /// Sequences.
+    pub n_seq: usize,
+    /// KV heads.
+    pub n_kv: usize,
+    /// The most slots any sequence attends (sizes the grid).
+    pub max_slots: usize,
+    /// Slots per partial chunk.
+    pub slots_per_chunk: usize,
+    /// Partial outputs: `n_seq * n_q * n_chunks * d` f32.
+    pub part_o: u64,
+    /// Partial maxima and sums: `n_seq * n_q * n_chunks * 2` f32.
+    pub part_ml: u64,
+    /// The output `[n_seq][n_q][d]` (16-bit).
+    pub out: SeqRows,
+    /// Softmax scale.
+    pub scale: f32,
+    /// Logit soft-cap (0 = none).
+    pub softcap: f32,
+}
+
 /// Views a slice of plain-old-data descriptors as bytes for uploads.
 pub fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
     // SAFETY: the descriptor types are repr(C) integers without padding (asserted sizes above).
@@ -137,85 +219,57 @@ impl Kernels {
         .map_err(|e| anyhow::anyhow!("launching {name} (grid {grid:?}, block {block}): {e:?}"))
     }
 
-    /// freekv_score_pages + freekv_pool_scores: pooled scores `[n_seq][n_kv][cand_stride]` f32.
-    /// `cand_blocks` (`[n_seq][cand_stride]` i32) names each candidate's block in the layer's
-    /// `[n_kv][n_blocks][2][d]` summaries (`SeqDesc::summaries`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn score_and_pool(
-        &self,
-        stream: sys::CUstream,
-        q: u64,
-        q_seq_stride: i64,
-        descs: u64,
-        cand_blocks: u64,
-        n_blocks: usize,
-        n_seq: usize,
-        n_kv: usize,
-        max_cand: usize,
-        cand_stride: usize,
-        raw: u64,
-        pooled: u64,
-        pooling: KernelPooling,
-    ) -> anyhow::Result<()> {
-        let blocks = (max_cand as u32).div_ceil(SCORE_PAGES_PER_BLOCK as u32);
+    /// freekv_score_pages + freekv_pool_scores: pooled scores `[n_seq][n_kv][cand_stride]` f32
+    /// (see [`ScoreLaunch`]).
+    pub fn score_and_pool(&self, stream: sys::CUstream, l: &ScoreLaunch) -> anyhow::Result<()> {
+        let blocks = (l.max_cand as u32).div_ceil(SCORE_PAGES_PER_BLOCK as u32);
         self.launch(
             "freekv_score_pages",
-            (blocks, n_kv as u32, n_seq as u32),
+            (blocks, l.n_kv as u32, l.n_seq as u32),
             128,
             stream,
             &[
-                Arg::Ptr(q),
-                Arg::I64(q_seq_stride),
-                Arg::Ptr(descs),
-                Arg::Ptr(cand_blocks),
-                Arg::I32(n_blocks as i32),
-                Arg::Ptr(raw),
-                Arg::I32(n_kv as i32),
-                Arg::I32(cand_stride as i32),
+                Arg::Ptr(l.q.ptr),
+                Arg::I64(l.q.seq_stride),
+                Arg::Ptr(l.descs),
+                Arg::Ptr(l.cand_blocks),
+                Arg::I32(l.n_blocks as i32),
+                Arg::Ptr(l.raw),
+                Arg::I32(l.n_kv as i32),
+                Arg::I32(l.cand_stride as i32),
                 Arg::I32(SCORE_PAGES_PER_BLOCK),
             ],
         )?;
         self.launch(
             "freekv_pool_scores",
-            (n_kv as u32, n_seq as u32, 1),
+            (l.n_kv as u32, l.n_seq as u32, 1),
             256,
             stream,
             &[
-                Arg::Ptr(raw),
-                Arg::Ptr(descs),
-                Arg::Ptr(pooled),
-                Arg::I32(n_kv as i32),
-                Arg::I32(cand_stride as i32),
-                Arg::I32(pooling as i32),
+                Arg::Ptr(l.raw),
+                Arg::Ptr(l.descs),
+                Arg::Ptr(l.pooled),
+                Arg::I32(l.n_kv as i32),
+                Arg::I32(l.cand_stride as i32),
+                Arg::I32(l.pooling as i32),
             ],
         )
     }
 
     /// freekv_correction: cos `[n_seq][n_kv]` f32 and flags `[n_seq][n_kv]` i32 of each
-    /// sequence's current query against its stored one; `queries` is a device array of
-    /// `2 n_seq` addresses (current, stored) of `[n_q][d]` queries.
-    #[allow(clippy::too_many_arguments)]
-    pub fn correction(
-        &self,
-        stream: sys::CUstream,
-        queries: u64,
-        n_seq: usize,
-        n_kv: usize,
-        tau: f32,
-        cos_out: u64,
-        flags: u64,
-    ) -> anyhow::Result<()> {
+    /// sequence's current query against its stored one (see [`CorrectionLaunch`]).
+    pub fn correction(&self, stream: sys::CUstream, l: &CorrectionLaunch) -> anyhow::Result<()> {
         self.launch(
             "freekv_correction",
-            (n_kv as u32, n_seq as u32, 1),
+            (l.n_kv as u32, l.n_seq as u32, 1),
             128,
             stream,
             &[
-                Arg::Ptr(queries),
-                Arg::I32(n_kv as i32),
-                Arg::F32(tau),
-                Arg::Ptr(cos_out),
-                Arg::Ptr(flags),
+                Arg::Ptr(l.queries),
+                Arg::I32(l.n_kv as i32),
+                Arg::F32(l.tau),
+                Arg::Ptr(l.cos_out),
+                Arg::Ptr(l.flags),
             ],
         )
     }
@@ -243,44 +297,27 @@ impl Kernels {
         )
     }
 
-    /// Decode attention: freekv_decode_partial over `n_chunks` chunks of `slots_per_chunk` slots,
-    /// then freekv_decode_combine into `out` (`[n_seq][n_q][D]`, sequence stride `out_seq_stride`).
-    /// `part_o` holds n_seq*n_q*n_chunks*D f32, `part_ml` n_seq*n_q*n_chunks*2 f32.
-    #[allow(clippy::too_many_arguments)]
-    pub fn decode(
-        &self,
-        stream: sys::CUstream,
-        q: u64,
-        q_seq_stride: i64,
-        descs: u64,
-        n_seq: usize,
-        n_kv: usize,
-        max_slots: usize,
-        slots_per_chunk: usize,
-        part_o: u64,
-        part_ml: u64,
-        out: u64,
-        out_seq_stride: i64,
-        scale: f32,
-        softcap: f32,
-    ) -> anyhow::Result<()> {
-        let n_chunks = max_slots.div_ceil(slots_per_chunk.max(1)).max(1);
+    /// Decode attention: freekv_decode_partial over chunks of `slots_per_chunk` slots, then
+    /// freekv_decode_combine into `out` (see [`DecodeLaunch`]).
+    pub fn decode(&self, stream: sys::CUstream, l: &DecodeLaunch) -> anyhow::Result<()> {
+        let n_chunks = l.max_slots.div_ceil(l.slots_per_chunk.max(1)).max(1);
+        let (n_kv, n_seq) = (l.n_kv, l.n_seq);
         self.launch(
             "freekv_decode_partial",
             (n_chunks as u32, n_kv as u32, n_seq as u32),
             128,
             stream,
             &[
-                Arg::Ptr(q),
-                Arg::I64(q_seq_stride),
-                Arg::Ptr(descs),
-                Arg::Ptr(part_o),
-                Arg::Ptr(part_ml),
+                Arg::Ptr(l.q.ptr),
+                Arg::I64(l.q.seq_stride),
+                Arg::Ptr(l.descs),
+                Arg::Ptr(l.part_o),
+                Arg::Ptr(l.part_ml),
                 Arg::I32(n_kv as i32),
                 Arg::I32(n_chunks as i32),
-                Arg::I32(slots_per_chunk as i32),
-                Arg::F32(scale),
-                Arg::F32(softcap),
+                Arg::I32(l.slots_per_chunk as i32),
+                Arg::F32(l.scale),
+                Arg::F32(l.softcap),
             ],
         )?;
         let n_q = n_kv * self.loaded.config.group;
@@ -290,10 +327,10 @@ impl Kernels {
             self.loaded.config.head_dim as u32,
             stream,
             &[
-                Arg::Ptr(part_o),
-                Arg::Ptr(part_ml),
-                Arg::Ptr(out),
-                Arg::I64(out_seq_stride),
+                Arg::Ptr(l.part_o),
+                Arg::Ptr(l.part_ml),
+                Arg::Ptr(l.out.ptr),
+                Arg::I64(l.out.seq_stride),
                 Arg::I32(n_kv as i32),
                 Arg::I32(n_chunks as i32),
             ],

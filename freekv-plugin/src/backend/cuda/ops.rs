@@ -26,15 +26,17 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::offload::ops::{consecutive_runs, decode_rows, STAGED_CHUNKS_PER_BUFFER};
-use crate::backend::offload::{ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken};
+use crate::backend::offload::{
+    ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageScoring,
+};
 use crate::backend::Role;
 use crate::geometry::Geometry;
 use crate::{AttnParams, KvDType, Pooling};
 
-use super::batch::{tensor_ptr, CudaBatch, CudaStaged};
+use super::batch::{tensor_ptr, CudaBatch, CudaStaged, StagedDecodeRow};
 use super::device_tier::{layer_tier_bytes, tier_shape, DecodeBuffers, LayerTier};
 use super::drift::{self, CudaQuery};
-use super::kernels::{KernelPooling, Kernels, RecallJob};
+use super::kernels::{DecodeLaunch, KernelPooling, Kernels, RecallJob, SeqRows};
 use super::mem::HostRegistration;
 use super::module;
 use super::recall::RecallPipeline;
@@ -333,16 +335,14 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     fn score_pages(
         &self,
         mirror: &DeviceSummaries,
-        blocks: &[u32],
-        query: &[f32],
-        _heads: &[bool],
-        pooling: Pooling,
+        job: &PageScoring<'_>,
         out: &mut [f32],
         scratch: &mut CudaOpsScratch<T>,
     ) -> anyhow::Result<()> {
         // Every head is scored (one launch; the unselected rows are cheap and ignored).
         self.bind()?;
-        let pooling = match pooling {
+        let query = job.query;
+        let pooling = match job.pooling {
             Pooling::SoftmaxMean => KernelPooling::SoftmaxMean,
             Pooling::Mean => KernelPooling::Mean,
             Pooling::Max => KernelPooling::Max,
@@ -352,16 +352,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         rows.resize(query.len(), T::default());
         T::from_f32s(query, rows);
         let bufs = self.score_buffers(&mut scratch.score)?;
-        bufs.score(
-            &self.ctx,
-            &self.kernels,
-            &self.geo,
-            mirror,
-            blocks,
-            rows,
-            pooling,
-            out,
-        )
+        bufs.score(&self.kernels, mirror, job.blocks, rows, pooling, out)
     }
 
     fn query_similarities(
@@ -563,7 +554,11 @@ impl<T: KvElem> CudaOps<T> {
         let slots_per_chunk = bufs.prepare(geo, run.len(), max_slots)?;
         let staged: Vec<_> = run
             .iter()
-            .map(|&(r, n)| (r.slot_len, r.index, r.slots.desc(n)))
+            .map(|&(r, n)| StagedDecodeRow {
+                lens: r.slot_len,
+                index: r.index,
+                desc: r.slots.desc(n),
+            })
             .collect();
         let descs = batch.stage_decode(&self.ctx, &self.engine, &staged)?;
         let row_off = (run[0].0.row * n_q * d * 2) as u64;
@@ -572,21 +567,25 @@ impl<T: KvElem> CudaOps<T> {
         for &(r, _) in run {
             r.slots.after_moves(s)?;
         }
+        let rows = |ptr| SeqRows {
+            ptr: ptr + row_off,
+            seq_stride: (n_q * d) as i64,
+        };
         let launched = self.kernels.decode(
             s,
-            batch.q + row_off,
-            (n_q * d) as i64,
-            descs,
-            run.len(),
-            n_kv,
-            max_slots,
-            slots_per_chunk,
-            bufs.part_o.ptr(),
-            bufs.part_ml.ptr(),
-            batch.out_ptr + row_off,
-            (n_q * d) as i64,
-            params.softmax_scale,
-            params.softcap.unwrap_or(0.0),
+            &DecodeLaunch {
+                q: rows(batch.q),
+                descs,
+                n_seq: run.len(),
+                n_kv,
+                max_slots,
+                slots_per_chunk,
+                part_o: bufs.part_o.ptr(),
+                part_ml: bufs.part_ml.ptr(),
+                out: rows(batch.out_ptr),
+                scale: params.softmax_scale,
+                softcap: params.softcap.unwrap_or(0.0),
+            },
         );
         // Whether or not both kernels were queued (a queued one still reads them): the
         // descriptors stay allocated, and the slots unwritten, until the kernels have run.

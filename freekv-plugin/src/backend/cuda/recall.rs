@@ -155,11 +155,18 @@ impl RecallPipeline {
                 reusable: RawEvent::new(ctx)?,
             })
         };
-        let mut bufs = [mk()?, mk()?];
+        let mut worker = Worker {
+            kernels,
+            bufs: [mk()?, mk()?],
+            next: 0,
+            chunk_bytes,
+            per_buffer: chunks_per_buffer,
+            elem_bytes: 2,
+            n_kv,
+        };
         let (tx, rx) = mpsc::channel::<Request>();
         let ctx2 = ctx.clone();
-        let elem_bytes = 2;
-        let worker = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("freekv-recall".into())
             .spawn(move || {
                 if let Err(e) = ctx2.bind_to_thread() {
@@ -170,22 +177,12 @@ impl RecallPipeline {
                     }
                     return;
                 }
-                let mut next = 0usize;
                 for req in rx {
-                    let r = run_request(
-                        &kernels,
-                        &mut bufs,
-                        &mut next,
-                        &req,
-                        chunk_bytes,
-                        chunks_per_buffer,
-                        elem_bytes,
-                        n_kv,
-                    );
+                    let r = worker.run(&req);
                     if r.is_err() {
                         // Part of the request may be queued without its `done` record: let it
                         // finish before anything else touches the slots or the host chunks.
-                        for b in &bufs {
+                        for b in &worker.bufs {
                             let _ = b.stream.synchronize();
                         }
                     }
@@ -194,7 +191,7 @@ impl RecallPipeline {
             })?;
         Ok(Self {
             tx: Some(tx),
-            worker: Some(worker),
+            worker: Some(thread),
             chunk_bytes,
             chunks_per_buffer,
         })
@@ -237,97 +234,122 @@ impl Drop for RecallPipeline {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_request(
-    kernels: &Kernels,
-    bufs: &mut [Buffers; 2],
-    next: &mut usize,
-    req: &Request,
+/// The worker thread's state: the kernels, both staging buffers and which one is next.
+struct Worker {
+    kernels: Arc<Kernels>,
+    bufs: [Buffers; 2],
+    /// The staging buffer the next group of chunks uses.
+    next: usize,
+    /// Bytes of one chunk.
     chunk_bytes: usize,
+    /// Chunks each staging buffer holds.
     per_buffer: usize,
+    /// Bytes of one element (16-bit KV).
     elem_bytes: usize,
+    /// KV heads of the destination slots.
     n_kv: usize,
-) -> anyhow::Result<PipelineStats> {
-    let mut stats = PipelineStats {
-        chunks: req.chunks.len(),
-        ..Default::default()
-    };
-    let mut used = [false, false];
-    for group in req.chunks.chunks(per_buffer) {
-        let b = *next;
-        *next ^= 1;
-        let buf = &mut bufs[b];
-        let stream = buf.stream.cu_stream();
-        // The job table and staging buffer of `b` may still be read by its previous group.
-        buf.reusable.synchronize()?;
-        if !used[b] {
-            for w in &req.waits {
-                w.wait_on(stream)?;
-            }
-            used[b] = true;
-        }
-        let chunk_elems = (chunk_bytes / elem_bytes) as u64;
-        let jobs: Vec<RecallJob> = group
-            .iter()
-            .enumerate()
-            .map(|(i, c)| RecallJob {
-                src: i as u64 * chunk_elems,
-                ..*c
-            })
-            .collect();
-        let bytes = as_bytes(&jobs);
-        buf.jobs_host.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
-        // SAFETY: the pinned job table stays untouched until `reusable` fires (checked above).
-        unsafe {
-            result::memcpy_htod_async(
-                buf.jobs_dev.ptr(),
-                &buf.jobs_host.as_slice()[..bytes.len()],
-                stream,
-            )
-        }?;
-        // Merge runs of chunks that are contiguous on the host (same page, next head).
-        let mut i = 0;
-        while i < group.len() {
-            let mut j = i + 1;
-            while j < group.len() && group[j].src == group[j - 1].src + chunk_bytes as u64 {
-                j += 1;
-            }
-            let n = (j - i) * chunk_bytes;
-            // SAFETY: the run lies in host memory valid until `done` fires (`submit`); the
-            // destination lies inside staging.
-            let src = unsafe { std::slice::from_raw_parts(group[i].src as *const u8, n) };
-            unsafe {
-                result::memcpy_htod_async(buf.staging.ptr() + (i * chunk_bytes) as u64, src, stream)
-            }?;
-            stats.copy_calls += 1;
-            i = j;
-        }
-        kernels.recall_scatter(
-            stream,
-            buf.staging.ptr(),
-            buf.jobs_dev.ptr(),
-            group.len(),
+}
+
+impl Worker {
+    /// Queues one request's copies and scatters on the two copy streams, alternating buffers
+    /// per group of chunks, and records its `done` event.
+    fn run(&mut self, req: &Request) -> anyhow::Result<PipelineStats> {
+        let Self {
+            kernels,
+            bufs,
+            next,
+            chunk_bytes,
+            per_buffer,
+            elem_bytes,
             n_kv,
-        )?;
-        buf.reusable.record(stream)?;
-        stats.bytes += group.len() * chunk_bytes;
-        stats.groups += 1;
-    }
-    // One `done` event for the whole request: join the other stream into the last used one.
-    let s0 = bufs[0].stream.cu_stream();
-    match used {
-        [true, true] => {
-            bufs[1].reusable.wait_on(s0)?;
-            req.done.record(s0)?;
-        }
-        [false, true] => req.done.record(bufs[1].stream.cu_stream())?,
-        [true, false] => req.done.record(s0)?,
-        [false, false] => {
-            for w in &req.waits {
-                w.wait_on(s0)?;
+        } = self;
+        let (chunk_bytes, per_buffer, elem_bytes, n_kv) =
+            (*chunk_bytes, *per_buffer, *elem_bytes, *n_kv);
+        let mut stats = PipelineStats {
+            chunks: req.chunks.len(),
+            ..Default::default()
+        };
+        let mut used = [false, false];
+        for group in req.chunks.chunks(per_buffer) {
+            let b = *next;
+            *next ^= 1;
+            let buf = &mut bufs[b];
+            let stream = buf.stream.cu_stream();
+            // The job table and staging buffer of `b` may still be read by its previous group.
+            buf.reusable.synchronize()?;
+            if !used[b] {
+                for w in &req.waits {
+                    w.wait_on(stream)?;
+                }
+                used[b] = true;
             }
-            req.done.record(s0)?;
+            let chunk_elems = (chunk_bytes / elem_bytes) as u64;
+            let jobs: Vec<RecallJob> = group
+                .iter()
+                .enumerate()
+                .map(|(i, c)| RecallJob {
+                    src: i as u64 * chunk_elems,
+                    ..*c
+                })
+                .collect();
+            let bytes = as_bytes(&jobs);
+            buf.jobs_host.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+            // SAFETY: the pinned job table stays untouched until `reusable` fires (checked above).
+            unsafe {
+                result::memcpy_htod_async(
+                    buf.jobs_dev.ptr(),
+                    &buf.jobs_host.as_slice()[..bytes.len()],
+                    stream,
+                )
+            }?;
+            // Merge runs of chunks that are contiguous on the host (same page, next head).
+            let mut i = 0;
+            while i < group.len() {
+                let mut j = i + 1;
+                while j < group.len() && group[j].src == group[j - 1].src + chunk_bytes as u64 {
+                    j += 1;
+                }
+                let n = (j - i) * chunk_bytes;
+                // SAFETY: the run lies in host memory valid until `done` fires (`submit`); the
+                // destination lies inside staging.
+                let src = unsafe { std::slice::from_raw_parts(group[i].src as *const u8, n) };
+                unsafe {
+                    result::memcpy_htod_async(
+                        buf.staging.ptr() + (i * chunk_bytes) as u64,
+                        src,
+                        stream,
+                    )
+                }?;
+                stats.copy_calls += 1;
+                i = j;
+            }
+            kernels.recall_scatter(
+                stream,
+                buf.staging.ptr(),
+                buf.jobs_dev.ptr(),
+                group.len(),
+                n_kv,
+            )?;
+            buf.reusable.record(stream)?;
+            stats.bytes += group.len() * chunk_bytes;
+            stats.groups += 1;
         }
+        // One `done` event for the whole request: join the other stream into the last used one.
+        let s0 = bufs[0].stream.cu_stream();
+        match used {
+            [true, true] => {
+                bufs[1].reusable.wait_on(s0)?;
+                req.done.record(s0)?;
+            }
+            [false, true] => req.done.record(bufs[1].stream.cu_stream())?,
+            [true, false] => req.done.record(s0)?,
+            [false, false] => {
+                for w in &req.waits {
+                    w.wait_on(s0)?;
+                }
+                req.done.record(s0)?;
+            }
+        }
+        Ok(stats)
     }
-    Ok(stats)
 }

@@ -11,7 +11,7 @@ use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::geometry::Geometry;
 
-use super::kernels::{as_bytes, KernelPooling, Kernels, SeqDesc};
+use super::kernels::{as_bytes, KernelPooling, Kernels, ScoreLaunch, SeqDesc, SeqRows};
 use super::mem::DeviceBuffer;
 
 /// One layer's page summaries in device memory, laid out as the host tier's.
@@ -103,6 +103,8 @@ pub struct ScoreBuffers {
     pooled: DeviceBuffer,
     /// Candidates the buffers hold.
     cap: usize,
+    ctx: Arc<CudaContext>,
+    geo: Geometry,
 }
 
 impl ScoreBuffers {
@@ -116,17 +118,16 @@ impl ScoreBuffers {
             raw: DeviceBuffer::new(ctx, 4)?,
             pooled: DeviceBuffer::new(ctx, 4)?,
             cap: 0,
+            ctx: ctx.clone(),
+            geo: *geo,
         })
     }
 
     /// Scores the `blocks` candidates with `q_rows` (`[n_q][d]`, 16-bit) from `mirror`,
     /// pooled per KV head, into `out` (`[n_kv][blocks.len()]`), and waits for the result.
-    #[allow(clippy::too_many_arguments)]
     pub fn score<T: KvElem>(
         &mut self,
-        ctx: &Arc<CudaContext>,
         kernels: &Kernels,
-        geo: &Geometry,
         mirror: &DeviceSummaries,
         blocks: &[u32],
         q_rows: &[T],
@@ -134,6 +135,7 @@ impl ScoreBuffers {
         out: &mut [f32],
     ) -> anyhow::Result<()> {
         let n = blocks.len();
+        let (ctx, geo) = (&self.ctx, &self.geo);
         let (n_kv, n_q) = (geo.num_kv_heads, geo.num_q_heads());
         anyhow::ensure!(
             out.len() == n_kv * n && std::mem::size_of_val(q_rows) == self.q.bytes(),
@@ -173,18 +175,22 @@ impl ScoreBuffers {
         // Row stride `n`: the pooled rows come back as one `[n_kv][n]` block.
         kernels.score_and_pool(
             s,
-            self.q.ptr(),
-            0,
-            self.desc.ptr(),
-            self.blocks.ptr(),
-            mirror.num_blocks,
-            1,
-            n_kv,
-            n,
-            n,
-            self.raw.ptr(),
-            self.pooled.ptr(),
-            pooling,
+            &ScoreLaunch {
+                q: SeqRows {
+                    ptr: self.q.ptr(),
+                    seq_stride: 0,
+                },
+                descs: self.desc.ptr(),
+                cand_blocks: self.blocks.ptr(),
+                n_blocks: mirror.num_blocks,
+                n_seq: 1,
+                n_kv,
+                max_cand: n,
+                cand_stride: n,
+                raw: self.raw.ptr(),
+                pooled: self.pooled.ptr(),
+                pooling,
+            },
         )?;
         // SAFETY: `out` is exactly the first n_kv * n pooled scores (checked above, and the
         // buffer holds n_kv * cap >= that); it is borrowed until the synchronize.

@@ -137,10 +137,15 @@ impl KernelConfig {
         Ok(())
     }
 
-    /// NVRTC options: the specialisation plus the target (`compute_XY`, PTX for that arch).
-    pub fn nvrtc_options(&self, arch: ComputeCap) -> Vec<String> {
+    /// NVRTC options: the specialisation plus the target: `compute_XY` for PTX, `sm_XY` for
+    /// a cubin.
+    pub fn nvrtc_options(&self, arch: ComputeCap, image: Image) -> Vec<String> {
+        let target = match image {
+            Image::Ptx => "compute",
+            Image::Cubin => "sm",
+        };
         vec![
-            format!("--gpu-architecture=compute_{}{}", arch.major, arch.minor),
+            format!("--gpu-architecture={target}_{}{}", arch.major, arch.minor),
             "--std=c++17".to_string(),
             "--device-as-default-execution-space".to_string(),
             format!("-DFKV_DTYPE={}", self.dtype.define()),
@@ -183,6 +188,16 @@ impl fmt::Display for ComputeCap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "sm_{}{}", self.major, self.minor)
     }
+}
+
+/// What NVRTC makes of a kernel file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Image {
+    /// Machine code for one architecture: loads on any driver that supports the GPU.
+    Cubin,
+    /// PTX for a virtual architecture, compiled by the driver when loaded: fails to load on a
+    /// driver older than the NVRTC that wrote it.
+    Ptx,
 }
 
 /// The configurations CI compiles for every architecture: every dtype x head dim at the common

@@ -22,10 +22,10 @@ use crate::backend::cpu::PARALLEL_DECODE;
 use crate::backend::Role;
 use crate::correction::group_similarity;
 use crate::geometry::Geometry;
-use crate::{AttnParams, Pooling};
+use crate::AttnParams;
 
 use super::ops::{
-    decode_rows, span_tokens, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken,
+    decode_rows, span_tokens, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageScoring,
 };
 use super::staged::StagedRecall;
 
@@ -348,13 +348,16 @@ impl<T: KvElem> DeviceOps<T> for EmulatedDevice<T> {
     fn score_pages(
         &self,
         mirror: &EmulatedSummaries<T>,
-        blocks: &[u32],
-        query: &[f32],
-        heads: &[bool],
-        pooling: Pooling,
+        job: &PageScoring<'_>,
         out: &mut [f32],
         scratch: &mut EmulatedScratch<T>,
     ) -> anyhow::Result<()> {
+        let PageScoring {
+            blocks,
+            query,
+            heads,
+            pooling,
+        } = *job;
         let g = &self.geo;
         let (d, n) = (g.head_dim, blocks.len());
         anyhow::ensure!(

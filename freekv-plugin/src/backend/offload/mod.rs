@@ -62,7 +62,7 @@ use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling, Selector};
 
-pub use ops::{token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken};
+pub use ops::{token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageScoring};
 use prompt::DevicePrompt;
 
 /// [`Backend`] for a device whose working sets live in its own memory.
@@ -227,10 +227,12 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         self.ops
             .score_pages(
                 mirror,
-                &scratch.blocks,
-                dev.plan.query(),
-                heads,
-                self.pooling,
+                &PageScoring {
+                    blocks: &scratch.blocks,
+                    query: dev.plan.query(),
+                    heads,
+                    pooling: self.pooling,
+                },
                 &mut scratch.scores,
                 &mut scratch.device,
             )

@@ -151,6 +151,19 @@ pub trait DeviceMemory<T: KvElem>: Send + Sync + 'static {
     fn upload_query(&self, query: &[f32], dst: &mut Self::Query) -> anyhow::Result<()>;
 }
 
+/// What [`DeviceOps::score_pages`] scores: the candidates' blocks and the query.
+#[derive(Clone, Copy, Debug)]
+pub struct PageScoring<'a> {
+    /// The candidate pages' blocks in the summaries.
+    pub blocks: &'a [u32],
+    /// The query `[n_q][d]` f32.
+    pub query: &'a [f32],
+    /// The KV heads whose scores are read (the others may be skipped).
+    pub heads: &'a [bool],
+    /// How a group's query heads pool into their KV head's score.
+    pub pooling: Pooling,
+}
+
 /// The device operations of one model geometry (fixed at construction) for KV stored as `T`.
 ///
 /// Slot data is token-major: `[slot][k/v][page_size][n_kv][head_dim]` (the layout the CUDA
@@ -198,17 +211,13 @@ pub trait DeviceOps<T: KvElem>: DeviceMemory<T> {
         dtype: DType,
     ) -> anyhow::Result<Tensor>;
     /// Scores candidate pages from the mirror: for each KV head `h`, the Quest bound of every
-    /// query head of its group (`query`: `[n_q][d]` f32) against the summary of each block of
-    /// `blocks`, pooled over the group. Writes `out[h * blocks.len() + j]` (`[n_kv][n]`) for
-    /// every head; only the rows of heads in `heads` are read.
-    #[allow(clippy::too_many_arguments)]
+    /// query head of its group against the summary of each block of `job.blocks`, pooled over
+    /// the group. Writes `out[h * blocks.len() + j]` (`[n_kv][n]`) for every head; only the
+    /// rows of heads in `job.heads` are read.
     fn score_pages(
         &self,
         mirror: &Self::Summaries,
-        blocks: &[u32],
-        query: &[f32],
-        heads: &[bool],
-        pooling: Pooling,
+        job: &PageScoring<'_>,
         out: &mut [f32],
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()>;

@@ -34,10 +34,12 @@ fn summaries_computed_late_reach_the_mirror() {
         off.ops
             .score_pages(
                 host.summaries.as_ref().unwrap(),
-                &[2],
-                &q,
-                &[true; 3],
-                Pooling::Max,
+                &PageScoring {
+                    blocks: &[2],
+                    query: &q,
+                    heads: &[true; 3],
+                    pooling: Pooling::Max,
+                },
                 &mut out,
                 &mut scratch.device,
             )
