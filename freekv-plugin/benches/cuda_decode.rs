@@ -5,6 +5,8 @@
 //!
 //! - `dense-gpu`: every key and value on the GPU, attention over the whole context with candle's
 //!   matmul and softmax (the baseline a GPU with enough memory runs);
+//! - `dense-freekv`: FreeKV in mode `dense` (every page on the device, FreeKV's decode kernels):
+//!   what the kernels cost against candle's, before any retrieval;
 //! - `sync`: FreeKV's synchronous retrieval (select with q_i, recall, attend; all blocking);
 //! - `speculative`: speculative retrieval without correction;
 //! - `freekv`: speculative retrieval with correction (tau 0.9).
@@ -12,12 +14,19 @@
 //! Queries drift (consecutive cosine about 0.93 per query head), as in `decode_step`. Reported as
 //! one JSON object per line (stdout and `$FREEKV_BENCH_OUT`): ms per step (all layers), the
 //! ratios to dense-gpu and to sync, correction rate, pages recalled and blocking time per
-//! layer-step, device KV bytes per sequence against dense; and the recall pipeline's bandwidth on
-//! 16 KiB chunks against a measured host-to-device peak.
+//! layer-step, device KV bytes per sequence against dense, whether the host tier is page-locked
+//! (`pinned`); then, last and non-fatal, the recall pipeline's bandwidth on 16 KiB chunks
+//! against a measured host-to-device peak.
+//!
+//! Fairness: cudarc's per-buffer event tracking is off (with it on, candle's dense baseline is
+//! bound by the CPU recording events); every variant attends the same inputs; with
+//! `FREEKV_BENCH_WEIGHTS=1` each layer also multiplies a token by a Llama-8B layer's worth of
+//! weights (4096 x 53248 bf16, 436 MB), the work a real model gives the recall to hide behind.
 //!
 //! `cargo bench -p freekv-plugin --features cuda --bench cuda_decode` (or the binary that
 //! `kernels/build-device.sh` builds). Env: FREEKV_BENCH_LAYERS, FREEKV_BENCH_CONTEXTS (e.g.
-//! "32768,65536"), FREEKV_BENCH_STEPS. Without a CUDA device it says so and exits 0.
+//! "32768,65536"), FREEKV_BENCH_STEPS, FREEKV_BENCH_WEIGHTS. Without a CUDA device it says so and
+//! exits 0 (with FREEKV_REQUIRE_CUDA=1: fails).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -25,7 +34,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use cudarc::driver::{result, sys, CudaContext};
-use freekv_plugin::cuda::device_tier::{LayerTier, TierShape};
+use freekv_plugin::cuda::device_tier::{CudaSlots, TierShape};
 use freekv_plugin::cuda::kernels::{Kernels, RecallJob};
 use freekv_plugin::cuda::mem::{DeviceBuffer, HostRegistration, PinnedBuffer};
 use freekv_plugin::cuda::module;
@@ -63,6 +72,16 @@ struct Timed {
     ms_per_step: f64,
     counters: Option<freekv_plugin::LayerCounters>,
     device_kv_bytes: usize,
+    /// Whether every layer's host tier was page-locked (None: no host tier).
+    pinned: Option<bool>,
+}
+
+/// The stand-in for a layer's weight work: one token times the weights, on candle's stream.
+fn weight_work(w: &Workload) -> anyhow::Result<()> {
+    if let Some((x, weights)) = w.weights {
+        std::hint::black_box(x.matmul(weights)?);
+    }
+    Ok(())
 }
 
 /// Waits for all work queued on `device` (candle's stream).
@@ -107,6 +126,7 @@ fn dense_gpu(w: &Workload) -> anyhow::Result<Timed> {
     let t = Instant::now();
     for step in 0..n {
         for l in 0..layers {
+            weight_work(w)?;
             std::hint::black_box(attend((step % per_layer) * layers + l, l)?);
         }
     }
@@ -115,6 +135,7 @@ fn dense_gpu(w: &Workload) -> anyhow::Result<Timed> {
         ms_per_step: t.elapsed().as_secs_f64() * 1e3 / n as f64,
         counters: None,
         device_kv_bytes: layers * 2 * ctx * s.kv * s.d * 2,
+        pinned: None,
     })
 }
 
@@ -142,6 +163,8 @@ struct Workload<'a> {
     n: usize,
     /// Untimed decode steps before them (FreeKV only).
     warmup: usize,
+    /// The stand-in weight work per layer: a token `(1, 4096)` and the weights.
+    weights: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// One FreeKV mode through `FreeKv::new_on`: prefill (not timed), then `n` timed decode steps
@@ -155,6 +178,7 @@ fn freekv(w: &Workload, mode: Mode) -> anyhow::Result<Timed> {
         steps,
         n,
         warmup,
+        ..
     } = *w;
     let s = LLAMA;
     let shape = ModelShape {
@@ -179,6 +203,7 @@ fn freekv(w: &Workload, mode: Mode) -> anyhow::Result<Timed> {
                 context_len: len,
             };
             for l in 0..layers {
+                weight_work(w)?;
                 let i = (step % per_layer) * layers + l;
                 let out = fk.decode(
                     l,
@@ -204,6 +229,7 @@ fn freekv(w: &Workload, mode: Mode) -> anyhow::Result<Timed> {
         ms_per_step: ms,
         counters: Some(fk.counters().total.since(&base)),
         device_kv_bytes: fk.device_tier_bytes_per_sequence(),
+        pinned: Some(fk.unpinned_host_tiers() == 0),
     })
 }
 
@@ -223,6 +249,14 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    // Off before any buffer exists (it applies to buffers created later): candle's stream
+    // orders its own work, and FreeKV orders its streams with its own events.
+    let Device::Cuda(cuda) = &device else {
+        anyhow::bail!("not a CUDA device")
+    };
+    // SAFETY: every tensor of the bench is used on candle's stream only; FreeKV's streams touch
+    // raw device memory, ordered by FreeKV's own events.
+    unsafe { cuda.cuda_stream().context().disable_event_tracking() };
     let layers = env_usize("FREEKV_BENCH_LAYERS", 8);
     let n = env_usize("FREEKV_BENCH_STEPS", 32);
     let warmup = 4;
@@ -230,11 +264,18 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![32768, 65536, 131072]);
+    let with_weights = env_usize("FREEKV_BENCH_WEIGHTS", 0) == 1;
+    let weights = if with_weights {
+        let x = Tensor::ones((1, 4096), DType::BF16, &device)?;
+        let w = Tensor::zeros((4096, 53248), DType::BF16, &device)?;
+        Some((x, w))
+    } else {
+        None
+    };
     out.emit(format!(
-        "{{\"shape\":\"{}\",\"budget\":{BUDGET},\"page\":{PAGE},\"layers\":{layers},\"steps\":{n},\"contexts\":{contexts:?}}}",
+        "{{\"shape\":\"{}\",\"budget\":{BUDGET},\"page\":{PAGE},\"layers\":{layers},\"steps\":{n},\"contexts\":{contexts:?},\"event_tracking\":false,\"weights_per_layer\":{with_weights}}}",
         LLAMA.name
     ));
-    bandwidth(&device, &mut out)?;
     for &ctx in &contexts {
         let mut rng = Rng::new(0xC0DA + ctx as u64);
         let steps = make_steps(LLAMA, layers, warmup + n, &device, &mut rng);
@@ -247,10 +288,12 @@ fn main() -> anyhow::Result<()> {
             steps: &steps,
             n,
             warmup,
+            weights: weights.as_ref().map(|(x, w)| (x, w)),
         };
         let dense = dense_gpu(&w)?;
         let mut rows = vec![("dense-gpu", dense)];
         for (label, mode) in [
+            ("dense-freekv", Mode::Dense),
             ("sync", Mode::Sync),
             ("speculative", Mode::Speculative),
             ("freekv", Mode::FreeKv),
@@ -259,12 +302,12 @@ fn main() -> anyhow::Result<()> {
         }
         let dense_ms = rows[0].1.ms_per_step;
         let dense_bytes = rows[0].1.device_kv_bytes;
-        let sync_ms = rows[1].1.ms_per_step;
+        let sync_ms = rows[2].1.ms_per_step;
         for (label, r) in &rows {
             let c = r.counters.unwrap_or_default();
             let layer_steps = (n * layers).max(1) as f64;
             out.emit(format!(
-                "{{\"context\":{ctx},\"layers\":{layers},\"variant\":\"{label}\",\"ms_per_step\":{:.3},\"vs_dense_gpu\":{:.3},\"speedup_vs_sync\":{:.3},\"correction_rate\":{:.4},\"pages_recalled_per_layer_step\":{:.2},\"blocking_us_per_layer_step\":{:.1},\"wait_us_per_layer_step\":{:.1},\"device_kv_bytes_per_sequence\":{},\"vs_dense_kv_bytes\":{:.4}}}",
+                "{{\"context\":{ctx},\"layers\":{layers},\"variant\":\"{label}\",\"ms_per_step\":{:.3},\"vs_dense_gpu\":{:.3},\"speedup_vs_sync\":{:.3},\"correction_rate\":{:.4},\"pages_recalled_per_layer_step\":{:.2},\"blocking_us_per_layer_step\":{:.1},\"wait_us_per_layer_step\":{:.1},\"device_kv_bytes_per_sequence\":{},\"vs_dense_kv_bytes\":{:.4},\"pinned\":{}}}",
                 r.ms_per_step,
                 r.ms_per_step / dense_ms,
                 sync_ms / r.ms_per_step,
@@ -274,8 +317,13 @@ fn main() -> anyhow::Result<()> {
                 c.wait_ns as f64 / 1e3 / layer_steps,
                 r.device_kv_bytes,
                 r.device_kv_bytes as f64 / dense_bytes as f64,
+                r.pinned.map_or("null".to_string(), |p| p.to_string()),
             ));
         }
+    }
+    // Last: a failure here (pinning refused, say) costs no figure above.
+    if let Err(e) = bandwidth(&device, &mut out) {
+        out.emit(serde_json::json!({ "bandwidth_error": format!("{e:#}") }).to_string());
     }
     Ok(())
 }
@@ -326,7 +374,7 @@ fn bandwidth(device: &Device, out: &mut Out) -> anyhow::Result<()> {
         n_slots,
         elem_bytes: 2,
     };
-    let tier = LayerTier::new(&ctx, shape)?;
+    let tier = CudaSlots::new(&ctx, shape)?;
     let mut rng = Rng::new(12345);
     let (mut best, mut calls) = (0f64, 0);
     for _ in 0..3 {

@@ -75,6 +75,9 @@ pub trait AnyInstance: Send + Sync {
     /// Decode calls (of any layer) that waited for their own device work before returning:
     /// the host synchronisations on the decode critical path (0 without a device).
     fn device_waits(&self) -> u64;
+    /// Layers whose host tier the device could not page-lock (their recalls copy from
+    /// pageable memory, more slowly); 0 without a device.
+    fn unpinned_host_tiers(&self) -> u64;
     /// Turns per-step traces on or off (for tests and debugging; off by default).
     fn set_tracing(&self, on: bool);
     /// What the last decode step of `seq_id` on `layer` did (with tracing on).
@@ -482,6 +485,10 @@ impl<B: Backend> AnyInstance for Instance<B> {
 
     fn device_waits(&self) -> u64 {
         self.shared.backend.device_waits()
+    }
+
+    fn unpinned_host_tiers(&self) -> u64 {
+        self.shared.backend.unpinned_host_tiers()
     }
 
     fn set_tracing(&self, on: bool) {

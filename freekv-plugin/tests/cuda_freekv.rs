@@ -14,6 +14,9 @@ use freekv_plugin::{
     AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, PrefillRow, Qkv,
 };
 
+#[path = "support/gpu.rs"]
+mod gpu;
+
 // The core tests' seeded PRNG (only part of it is used here).
 #[allow(dead_code)]
 #[path = "core/rng.rs"]
@@ -36,10 +39,7 @@ fn cuda_device(test: &str) -> Option<Device> {
         Ok(_) => "no CUDA device present".to_string(),
         Err(e) => format!("CUDA driver unavailable ({e:?})"),
     };
-    if std::env::var("FREEKV_REQUIRE_CUDA").as_deref() == Ok("1") {
-        panic!("{test} needs the GPU (FREEKV_REQUIRE_CUDA=1): {why}");
-    }
-    eprintln!("SKIPPED {test}: {why}");
+    gpu::skip(test, &why);
     None
 }
 

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{result, CudaContext};
-use freekv_plugin::cuda::device_tier::{LayerTier, TierShape};
+use freekv_plugin::cuda::device_tier::{CudaSlots, TierShape};
 use freekv_plugin::cuda::kernels::{
     CorrectionLaunch, DecodeLaunch, KernelPooling, Kernels, RecallJob, ScoreLaunch, SeqDesc,
     SeqRows,
@@ -22,6 +22,9 @@ use freekv_plugin::cuda::recall::{RawEvent, RecallPipeline};
 use freekv_plugin::cuda::source::{KernelConfig, KernelDtype};
 
 // ---------------------------------------------------------------- helpers
+
+#[path = "support/gpu.rs"]
+mod gpu;
 
 // The core tests' seeded generator.
 #[allow(dead_code)]
@@ -56,10 +59,7 @@ fn device(test: &str) -> Option<Arc<CudaContext>> {
         Ok(_) => "no CUDA device present".to_string(),
         Err(e) => format!("CUDA driver unavailable ({e:?})"),
     };
-    if std::env::var("FREEKV_REQUIRE_CUDA").as_deref() == Ok("1") {
-        panic!("{test} needs the GPU (FREEKV_REQUIRE_CUDA=1): {why}");
-    }
-    eprintln!("SKIPPED {test}: {why}");
+    gpu::skip(test, &why);
     None
 }
 
@@ -411,7 +411,7 @@ fn recall_pipeline_is_exact() {
             n_slots: 24,
             elem_bytes: 2,
         };
-        let tier = LayerTier::new(&ctx, shape).unwrap();
+        let tier = CudaSlots::new(&ctx, shape).unwrap();
         // 3 chunks per buffer: forces several groups and both staging buffers.
         let pipe = RecallPipeline::new(&ctx, k.clone(), chunk_elems * 2, 3, n_kv).unwrap();
         let job = |b: usize, slot: usize, h: usize| RecallJob {
@@ -509,8 +509,8 @@ fn decode_attention_matches_cpu() {
             n_slots,
             elem_bytes: 2,
         };
-        let tiers: Vec<LayerTier> = (0..n_seq)
-            .map(|_| LayerTier::new(&ctx, shape).unwrap())
+        let tiers: Vec<CudaSlots> = (0..n_seq)
+            .map(|_| CudaSlots::new(&ctx, shape).unwrap())
             .collect();
         let n_q = n_kv * group;
         let q: Vec<u16> = (0..n_seq * n_q * d)

@@ -114,6 +114,11 @@ pub trait Memory: Send + Sync + 'static {
     fn device_waits(&self) -> u64 {
         0
     }
+    /// Host tiers (one per layer) the device could not page-lock, whose recalls copy from
+    /// pageable memory at a lower bandwidth; 0 for a backend without a device.
+    fn unpinned_host_tiers(&self) -> u64 {
+        0
+    }
     /// Whether a sequence within the budget on a retrieving layer attends over its working set
     /// holding every page ([`Arrange::HoldEvery`]; a device whose decode reads its own
     /// memory) rather than over the host tier. Default: no.

@@ -143,6 +143,12 @@ const METRICS: &[Metric] = &[
         help: "Decode layer calls that waited for the device before returning (correction test, host-side reads); 0 on CPU",
         value: |m| Some(m.model.freekv.device_waits() as f64),
     },
+    Metric {
+        name: "freekv_unpinned_host_tiers",
+        kind: "gauge",
+        help: "Layers whose host tier the GPU could not page-lock: their recalls copy from pageable memory at a lower bandwidth (0 on CPU)",
+        value: |m| Some(m.model.freekv.unpinned_host_tiers() as f64),
+    },
 ];
 
 /// The exposition text for `models` (one sample per metric and model, labelled `model`).

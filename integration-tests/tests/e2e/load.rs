@@ -96,6 +96,11 @@ fn mixed_length_streams_under_memory_pressure() -> Result<()> {
         Some(&0.0),
         "the CPU backend has no device to wait for: {m:?}"
     );
+    assert_eq!(
+        m.get("freekv_unpinned_host_tiers"),
+        Some(&0.0),
+        "the CPU backend pins nothing and reports no unpinned tier: {m:?}"
+    );
     assert!(server.alive(), "the server died");
     let after = answer(&http::post_json(
         server.port,

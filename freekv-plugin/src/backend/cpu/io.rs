@@ -79,7 +79,8 @@ impl CpuBatch {
     }
 
     /// Loads a prompt batch: q `(B, Hq, L, D)`, k/v `(B, Hkv, L, D)`; with `last_only`, only
-    /// row `b`'s query at token `new_lens[b] - 1` is kept (and no output is allocated).
+    /// row `b`'s query at token `new_lens[b] - 1` is kept (and no output is allocated), and q
+    /// may hold just those queries, `(B, Hq, 1, D)` (gathered where q was made).
     pub fn load_prefill(
         &mut self,
         q: &Tensor,
@@ -87,10 +88,11 @@ impl CpuBatch {
         v: &Tensor,
         last_only: Option<&[usize]>,
     ) -> anyhow::Result<()> {
-        let (b, hq, l, d) = q.dims4()?;
-        let (bk, hkv, lk, dk) = k.dims4()?;
+        let (b, hq, lq, d) = q.dims4()?;
+        let (bk, hkv, l, dk) = k.dims4()?;
+        let gathered = last_only.is_some() && lq == 1;
         anyhow::ensure!(
-            v.dims() == k.dims() && bk == b && lk == l && dk == d,
+            v.dims() == k.dims() && bk == b && (lq == l || gathered) && dk == d,
             "prefill q {:?}, k {:?}, v {:?}: expected (B, Hq, L, D), (B, Hkv, L, D), (B, Hkv, L, D)",
             q.dims(),
             k.dims(),
@@ -113,7 +115,8 @@ impl CpuBatch {
                         n >= 1 && n <= l,
                         "row {row}: {n} new tokens in a batch of length {l}"
                     );
-                    let last = q.narrow(0, row, 1)?.narrow(2, n - 1, 1)?;
+                    let at = if gathered { 0 } else { n - 1 };
+                    let last = q.narrow(0, row, 1)?.narrow(2, at, 1)?;
                     read_f32(&last, &mut self.q)?;
                 }
                 self.q_tokens = 1;
@@ -207,6 +210,23 @@ mod tests {
         // Row 0 last token 2, head 1: q[0,1,2,:] = 10, 11. Row 1 token 0, head 0: q[1,0,0,:] = 12, 13.
         assert_eq!(b.q_row(0, 1, 99), &[10.0, 11.0]);
         assert_eq!(b.q_row(1, 0, 0), &[12.0, 13.0]);
+        // The same queries gathered beforehand (the offload backend gathers them on the
+        // device): row 0's is q[0,:,2,:], row 1's q[1,:,0,:].
+        let gathered = Tensor::cat(
+            &[
+                q.narrow(0, 0, 1).unwrap().narrow(2, 2, 1).unwrap(),
+                q.narrow(0, 1, 1).unwrap().narrow(2, 0, 1).unwrap(),
+            ],
+            0,
+        )
+        .unwrap();
+        b.load_prefill(&gathered, &kv, &kv, Some(&[3, 1])).unwrap();
+        assert_eq!(b.q_row(0, 1, 99), &[10.0, 11.0]);
+        assert_eq!(b.q_row(1, 0, 0), &[12.0, 13.0]);
+        assert!(
+            b.load_prefill(&gathered, &kv, &kv, None).is_err(),
+            "a gathered q without last_only"
+        );
         b.load_prefill(&q, &kv, &kv, None).unwrap();
         assert_eq!(b.q_row(1, 0, 2), &[16.0, 17.0]);
         b.out_row(1, 1, 2).copy_from_slice(&[1.0, 2.0]);

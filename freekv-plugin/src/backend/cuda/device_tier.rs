@@ -1,4 +1,4 @@
-//! The device memory of one (sequence, layer) working set ([`LayerTier`]): the slots (sink +
+//! The device memory of one (sequence, layer) working set ([`CudaSlots`]): the slots (sink +
 //! selected + window, NHD `[slot][k/v][p][n_kv][d]`, the layout the host-memory device and the
 //! kernels share), O(budget) and allocated once; and the decode
 //! kernels' partials ([`DecodeBuffers`]). The page summaries are per layer, not per sequence
@@ -42,11 +42,15 @@ impl TierShape {
     pub fn slot_bytes(&self) -> usize {
         self.slot_elems() * self.elem_bytes
     }
+    /// Device bytes of a [`CudaSlots`] of this shape.
+    pub fn bytes(&self) -> usize {
+        self.n_slots * self.slot_bytes()
+    }
 }
 
 /// One layer of one sequence on the device: its slots. Which tokens of each slot a decode
 /// attends is the host's slot table, staged with each decode's descriptor.
-pub struct LayerTier {
+pub struct CudaSlots {
     /// The geometry of the slots.
     pub shape: TierShape,
     /// The slots, `n_slots` of `slot_bytes()` bytes each.
@@ -63,7 +67,7 @@ pub struct LayerTier {
     moved: AtomicBool,
 }
 
-impl LayerTier {
+impl CudaSlots {
     /// Slots with unspecified contents: a decode reads only the tokens its staged spans name,
     /// which a move or an append wrote first.
     pub fn new(ctx: &Arc<CudaContext>, shape: TierShape) -> anyhow::Result<Self> {
@@ -116,12 +120,7 @@ pub fn tier_shape(geo: &Geometry, n_slots: usize) -> TierShape {
     }
 }
 
-/// Device bytes of one [`LayerTier`] of `shape`.
-pub fn layer_tier_bytes(shape: &TierShape) -> usize {
-    shape.n_slots * shape.slot_bytes()
-}
-
-impl Drop for LayerTier {
+impl Drop for CudaSlots {
     fn drop(&mut self) {
         // Queued decodes and appends may still read or write the slots, and a move write them.
         let _ = self.last_use.synchronize();

@@ -34,7 +34,7 @@ use crate::geometry::Geometry;
 use crate::{AttnParams, KvDType, Pooling};
 
 use super::batch::{tensor_ptr, CudaBatch, CudaStaged, StagedDecodeRow};
-use super::device_tier::{layer_tier_bytes, tier_shape, DecodeBuffers, LayerTier};
+use super::device_tier::{tier_shape, CudaSlots, DecodeBuffers};
 use super::drift::{self, CudaQuery};
 use super::kernels::{DecodeLaunch, KernelPooling, Kernels, RecallJob, SeqRows};
 use super::mem::HostRegistration;
@@ -153,10 +153,10 @@ impl<T: KvElem> CudaOps<T> {
 }
 
 impl<T: KvElem> DeviceMemory<T> for CudaOps<T> {
-    type Slots = LayerTier;
+    type Slots = CudaSlots;
     type Scratch = CudaOpsScratch<T>;
     /// None where the system refused to page-lock the pages.
-    type HostPin = Option<HostRegistration>;
+    type HostPin = HostRegistration;
     type Summaries = DeviceSummaries;
     type Batch = CudaBatch;
     type Staged = CudaStaged;
@@ -170,13 +170,13 @@ impl<T: KvElem> DeviceMemory<T> for CudaOps<T> {
         CudaBatch::default()
     }
 
-    fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<LayerTier> {
+    fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<CudaSlots> {
         self.bind()?;
-        LayerTier::new(&self.ctx, tier_shape(&self.geo, n_slots))
+        CudaSlots::new(&self.ctx, tier_shape(&self.geo, n_slots))
     }
 
     fn slots_bytes(&self, n_slots: usize) -> usize {
-        layer_tier_bytes(&tier_shape(&self.geo, n_slots))
+        tier_shape(&self.geo, n_slots).bytes()
     }
 
     fn alloc_scratch(&self, _role: Role) -> CudaOpsScratch<T> {
@@ -376,7 +376,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     fn move_chunks(
         &self,
         host: &HostTier<T>,
-        slots: &mut LayerTier,
+        slots: &mut CudaSlots,
         moves: &[ChunkMove],
         _scratch: Option<&mut CudaOpsScratch<T>>,
     ) -> anyhow::Result<()> {
@@ -419,7 +419,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
 
     fn append_token(
         &self,
-        slots: &mut LayerTier,
+        slots: &mut CudaSlots,
         slot: usize,
         token: usize,
         rows: NewToken<'_, T, CudaBatch>,
@@ -491,7 +491,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
 
     fn decode(
         &self,
-        rows: &[DecodeDesc<'_, LayerTier>],
+        rows: &[DecodeDesc<'_, CudaSlots>],
         batch: &mut CudaBatch,
         params: &AttnParams,
         scratch: &mut CudaOpsScratch<T>,
@@ -537,7 +537,7 @@ impl<T: KvElem> CudaOps<T> {
     /// One launch of the decode kernels for consecutive batch rows (each with its slot count).
     fn decode_run(
         &self,
-        run: &[(&DecodeDesc<'_, LayerTier>, usize)],
+        run: &[(&DecodeDesc<'_, CudaSlots>, usize)],
         batch: &mut CudaBatch,
         params: &AttnParams,
         scratch: &mut CudaOpsScratch<T>,

@@ -11,17 +11,17 @@ use crate::plan::SlotPlan;
 use crate::AttnParams;
 
 use super::{
-    visible_span, DecodeDesc, DeviceOps, HostOf, OffloadBackend, OffloadBatch, OffloadScratch,
-    TierOf,
+    visible_span, DecodeDesc, DeviceOps, DeviceTierOf, HostTierOf, OffloadBackend, OffloadBatch,
+    OffloadScratch,
 };
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// [`Attend::Decode`]: the rows the device attends in one call, the others on the host.
     pub(super) fn attend_decode_rows(
         &self,
-        host: &mut HostOf<T, O>,
+        host: &mut HostTierOf<T, O>,
         batch: &mut OffloadBatch<O::Batch, O::Staged>,
-        rows: &[AttendRow<'_, TierOf<T, O>>],
+        rows: &[AttendRow<'_, DeviceTierOf<T, O>>],
         params: &AttnParams,
         scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<()> {

@@ -9,7 +9,7 @@ use crate::backend::cpu::elem::KvElem;
 use crate::backend::WriteRow;
 
 use super::{
-    token_rows, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadBatch, OffloadScratch,
+    token_rows, ChunkMove, DeviceOps, HostTierOf, OffloadBackend, OffloadBatch, OffloadScratch,
 };
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
@@ -18,7 +18,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// pages that hold them.
     pub(super) fn mirror_tokens(
         &self,
-        host: &mut HostOf<T, O>,
+        host: &mut HostTierOf<T, O>,
         batch: &OffloadBatch<O::Batch, O::Staged>,
         w: &WriteRow<'_>,
         scratch: &mut OffloadScratch<T, O::Scratch>,

@@ -219,7 +219,10 @@ impl<T: KvElem> DeviceMemory<T> for EmulatedDevice<T> {
         }
     }
 
-    fn pin_host(&self, _pages: &[T]) {}
+    /// Host memory is the emulated device's own: always "registered".
+    fn pin_host(&self, _pages: &[T]) -> Option<()> {
+        Some(())
+    }
 
     fn alloc_summaries(&self, num_blocks: usize) -> anyhow::Result<EmulatedSummaries<T>> {
         let n = num_blocks.saturating_mul(self.geo.num_kv_heads * 2 * self.geo.head_dim);

@@ -73,6 +73,9 @@ pub struct OffloadBackend<T: KvElem, O> {
     ops: O,
     /// Decode calls that read their own values on the host before their output was taken.
     step_waits: AtomicU64,
+    /// Host tiers (layers) the device could not page-lock: their recalls copy from pageable
+    /// memory.
+    unpinned: AtomicU64,
     /// Whether the correction test runs (mode `freekv`): the stored query is mirrored on the
     /// device.
     correction: bool,
@@ -98,9 +101,9 @@ pub struct OffloadTier<T, S, Q> {
 
 /// One layer's host tier, registered with the device while it lives, and what the device
 /// mirrors of it: the summaries of a sparse layer, or every page of a dense one.
-pub struct OffloadHost<T, P, M, S> {
+pub struct OffloadHostTier<T, P, M, S> {
     /// Declared first: unregistered before the pages are freed.
-    _pin: P,
+    _pin: Option<P>,
     tier: HostTier<T>,
     /// None for a layer whose pages are never scored (dense).
     summaries: Option<M>,
@@ -247,6 +250,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             pooling: config.pooling,
             ops,
             step_waits: AtomicU64::new(0),
+            unpinned: AtomicU64::new(0),
             correction: config.mode.correction(),
         }
     }
@@ -259,7 +263,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// Uploads the summaries of `scratch.blocks` that the host tier holds (sorted, distinct).
     fn upload_summaries(
         &self,
-        host: &mut HostOf<T, O>,
+        host: &mut HostTierOf<T, O>,
         scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<()> {
         let Some(mirror) = host.summaries.as_mut() else {
@@ -341,10 +345,11 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
 }
 
 /// The device tier of an [`OffloadBackend`] on `O`.
-type TierOf<T, O> = OffloadTier<T, <O as DeviceMemory<T>>::Slots, <O as DeviceMemory<T>>::Query>;
+type DeviceTierOf<T, O> =
+    OffloadTier<T, <O as DeviceMemory<T>>::Slots, <O as DeviceMemory<T>>::Query>;
 
 /// The host tier of an [`OffloadBackend`] on `O`.
-type HostOf<T, O> = OffloadHost<
+type HostTierOf<T, O> = OffloadHostTier<
     T,
     <O as DeviceMemory<T>>::HostPin,
     <O as DeviceMemory<T>>::Summaries,
@@ -389,8 +394,31 @@ fn on_host(t: &Tensor) -> anyhow::Result<Tensor> {
     Ok(t.to_device(&Device::Cpu)?)
 }
 
+/// Each row's last query of a prompt batch, `(B, Hq, 1, D)`, gathered where q lives: row `b`'s
+/// at token `new_lens[b] - 1`.
+fn last_queries(q: &Tensor, new_lens: &[usize]) -> anyhow::Result<Tensor> {
+    let (b, _, l, _) = q.dims4()?;
+    anyhow::ensure!(
+        new_lens.len() == b,
+        "{} rows for a batch of {b}",
+        new_lens.len()
+    );
+    let rows = new_lens
+        .iter()
+        .enumerate()
+        .map(|(row, &n)| {
+            anyhow::ensure!(
+                n >= 1 && n <= l,
+                "row {row}: {n} new tokens in a batch of length {l}"
+            );
+            Ok(q.narrow(0, row, 1)?.narrow(2, n - 1, 1)?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
 impl<T: KvElem, O: DeviceOps<T>> Memory for OffloadBackend<T, O> {
-    type HostTier = HostOf<T, O>;
+    type HostTier = HostTierOf<T, O>;
     type DeviceTier = OffloadTier<T, O::Slots, O::Query>;
     type Scratch = OffloadScratch<T, O::Scratch>;
     type Batch = OffloadBatch<O::Batch, O::Staged>;
@@ -430,8 +458,12 @@ impl<T: KvElem, O: DeviceOps<T>> Memory for OffloadBackend<T, O> {
         } else {
             Vec::new()
         };
-        Ok(OffloadHost {
-            _pin: self.ops.pin_host(tier.pages()),
+        let pin = self.ops.pin_host(tier.pages());
+        if pin.is_none() && !tier.pages().is_empty() {
+            self.unpinned.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(OffloadHostTier {
+            _pin: pin,
             tier,
             summaries,
             pages,
@@ -497,6 +529,10 @@ impl<T: KvElem, O: DeviceOps<T>> Memory for OffloadBackend<T, O> {
     /// call's `settle`) wait for nothing: the step is long complete.
     fn device_waits(&self) -> u64 {
         self.step_waits.load(Ordering::Relaxed)
+    }
+
+    fn unpinned_host_tiers(&self) -> u64 {
+        self.unpinned.load(Ordering::Relaxed)
     }
 
     fn device_pool_bytes(&self, num_blocks: usize, scored: bool) -> usize {
@@ -739,7 +775,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// Scores and plans a selection (see [`Backend::select`]) without recalling it.
     fn plan_selection(
         &self,
-        host: &HostOf<T, O>,
+        host: &HostTierOf<T, O>,
         table: &[u32],
         dev: &mut OffloadTier<T, O::Slots, O::Query>,
         selection: &Selection,
@@ -784,7 +820,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// slots.
     fn recall(
         &self,
-        host: &HostOf<T, O>,
+        host: &HostTierOf<T, O>,
         table: &[u32],
         dev: &mut OffloadTier<T, O::Slots, O::Query>,
         heads: &[bool],
@@ -858,7 +894,13 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     ) -> anyhow::Result<()> {
         batch.call = Call::Empty;
         batch.host_rows.clear();
-        let (hq, hk, hv) = (on_host(q)?, on_host(k)?, on_host(v)?);
+        // The host reads every key and value (into the host tier), but of the queries only each
+        // row's last (the first selection's) when the engine attends the prompt itself.
+        let hq = match last_only {
+            Some(new_lens) => on_host(&last_queries(q, new_lens)?)?,
+            None => on_host(q)?,
+        };
+        let (hk, hv) = (on_host(k)?, on_host(v)?);
         let inputs = Inputs::Prefill {
             q: &hq,
             k: &hk,
@@ -880,7 +922,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// One row of [`Backend::write`].
     fn write_row(
         &self,
-        host: &mut HostOf<T, O>,
+        host: &mut HostTierOf<T, O>,
         batch: &mut OffloadBatch<O::Batch, O::Staged>,
         w: &WriteRow<'_>,
         scratch: &mut OffloadScratch<T, O::Scratch>,
@@ -915,7 +957,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// Summarises the blocks of `full` where their summary is missing, and mirrors them.
     fn ensure_summaries(
         &self,
-        host: &mut HostOf<T, O>,
+        host: &mut HostTierOf<T, O>,
         full: &[u32],
         scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<()> {
@@ -933,7 +975,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// [`Arrange::Reset`]: the sink and window pages copied into their slots.
     fn reset_working_set(
         &self,
-        host: &HostOf<T, O>,
+        host: &HostTierOf<T, O>,
         table: &[u32],
         dev: &mut OffloadTier<T, O::Slots, O::Query>,
         len: usize,

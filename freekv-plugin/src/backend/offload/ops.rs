@@ -119,10 +119,10 @@ pub trait DeviceMemory<T: KvElem>: Send + Sync + 'static {
     fn slots_bytes(&self, n_slots: usize) -> usize;
     /// Per-thread memory for a thread of `role`.
     fn alloc_scratch(&self, role: Role) -> Self::Scratch;
-    /// Registers a newly allocated host tier's pages with the device. Best effort: where the
-    /// system refuses, copies still work from pageable memory (more slowly), and the device
-    /// says so in its log.
-    fn pin_host(&self, pages: &[T]) -> Self::HostPin;
+    /// Registers a newly allocated host tier's pages with the device (page-locks them). Best
+    /// effort: None where the system refuses (or there are no pages); copies then work from
+    /// pageable memory, more slowly, and the device says so in its log.
+    fn pin_host(&self, pages: &[T]) -> Option<Self::HostPin>;
 
     /// An empty decode batch.
     fn alloc_batch(&self) -> Self::Batch;

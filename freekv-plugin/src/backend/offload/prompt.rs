@@ -12,7 +12,7 @@ use crate::backend::{Backend, CausalRow};
 use crate::AttnParams;
 
 use super::{
-    visible_span, Call, ChunkMove, DecodeDesc, DeviceOps, HostOf, OffloadBackend, OffloadBatch,
+    visible_span, Call, ChunkMove, DecodeDesc, DeviceOps, HostTierOf, OffloadBackend, OffloadBatch,
     OffloadScratch,
 };
 
@@ -32,7 +32,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// row's pages do not fit in device memory beside what it holds (the host attends it).
     pub(super) fn attend_prompt_on_device(
         &self,
-        host: &HostOf<T, O>,
+        host: &HostTierOf<T, O>,
         r: &CausalRow<'_>,
         batch: &mut OffloadBatch<O::Batch, O::Staged>,
         params: &AttnParams,

@@ -29,7 +29,8 @@ fn summaries_computed_late_reach_the_mirror() {
     let q: Vec<f32> = (0..g.num_q_heads() * d)
         .map(|i| (i % 5) as f32 - 2.0)
         .collect();
-    let score = |host: &HostOf<f32, EmulatedDevice<f32>>, scratch: &mut OffloadScratch<f32, _>| {
+    let score = |host: &HostTierOf<f32, EmulatedDevice<f32>>,
+                 scratch: &mut OffloadScratch<f32, _>| {
         let mut out = vec![0.0; n_kv];
         off.ops
             .score_pages(
@@ -122,7 +123,7 @@ fn dense_layers_attend_from_their_pages_on_the_device() {
         k: &kd,
         v: &kd,
     };
-    let attend = |host: &mut HostOf<f32, EmulatedDevice<f32>>,
+    let attend = |host: &mut HostTierOf<f32, EmulatedDevice<f32>>,
                   scratch: &mut OffloadScratch<f32, _>,
                   on_device: bool| {
         let mut b = off.alloc_batch();

@@ -8,7 +8,9 @@ use anyhow::Context;
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::RecallStats;
 
-use super::{token_rows, ChunkMove, DeviceOps, HostOf, OffloadBackend, OffloadBatch, OffloadTier};
+use super::{
+    token_rows, ChunkMove, DeviceOps, HostTierOf, OffloadBackend, OffloadBatch, OffloadTier,
+};
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// [`Arrange::HoldEvery`](crate::backend::Arrange::HoldEvery): only what
@@ -16,7 +18,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     /// for its selectable slot); any other context is installed whole.
     pub(super) fn hold_whole_context(
         &self,
-        host: &HostOf<T, O>,
+        host: &HostTierOf<T, O>,
         table: &[u32],
         dev: &mut OffloadTier<T, O::Slots, O::Query>,
         len: usize,
