@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use crate::backend::{Arrange, Attend, Backend, CausalRow, WriteRow};
+use crate::backend::{Arrange, ArrangeRow, Attend, Backend, CausalRow, StoreQuery, WriteRow};
 use crate::state::{LayerState, SeqLayer};
 use crate::timeline::{select_for_next_step, LayerCtx};
 use crate::{AttnParams, PrefillRow};
@@ -110,11 +110,22 @@ pub fn prefill_step<B: Backend>(
             seq.dev = Some(cx.backend.alloc_device_tier()?);
         }
         let dev = seq.dev.as_mut().expect("allocated above");
-        let stats = cx
-            .backend
-            .arrange(host, &seq.table, dev, total, Arrange::Reset, batch)?;
-        seq.counters.add_recall(stats);
-        cx.backend.store_query(dev, batch, r, row.new_len - 1)?;
+        let mut one = [ArrangeRow {
+            table: &seq.table,
+            dev,
+            len: total,
+            how: Arrange::Reset,
+        }];
+        let stats = cx.backend.arrange(host, &mut one, batch)?;
+        let [ArrangeRow { dev, .. }] = one;
+        let mut one = [StoreQuery {
+            dev,
+            row: r,
+            token: row.new_len - 1,
+        }];
+        cx.backend.store_query(&mut one, batch)?;
+        seq.counters
+            .add_recall(stats.into_iter().next().unwrap_or_default());
         select_for_next_step(cx, host, seq, all_heads, scratch)?;
         seq.counters.blocking_ns += t.elapsed().as_nanos() as u64;
     }

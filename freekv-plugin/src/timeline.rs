@@ -23,7 +23,9 @@
 
 use std::time::Instant;
 
-use crate::backend::{Arrange, Attend, AttendRow, Backend, Selection, WriteRow};
+use crate::backend::{
+    Arrange, ArrangeRow, Attend, AttendRow, Backend, SelectRow, Selection, StoreQuery, WriteRow,
+};
 use crate::correction::Threshold;
 use crate::geometry::Geometry;
 use crate::state::{LayerState, Phase, RowStep, SeqLayer, StepTrace};
@@ -90,9 +92,7 @@ pub fn decode_step<B: Backend>(
         })
         .collect();
     cx.backend.write(host, batch, &writes, scratch)?;
-    for (r, (p, seq)) in plan.rows.iter().zip(seqs.iter_mut()).enumerate() {
-        arrange(cx, host, batch, seq, p, r)?;
-    }
+    arrange(cx, host, batch, plan, &mut seqs)?;
     test_drift(cx, plan, &seqs, batch, similarity)?;
     if cx.policy.selector == Selector::Oracle {
         // The oracle's softmax covers every token, the step's own too: a backend that writes
@@ -105,11 +105,14 @@ pub fn decode_step<B: Backend>(
         all_heads,
         threshold,
     };
-    let mut tested = similarity.chunks_exact(cx.geo.num_kv_heads);
-    for (r, (p, seq)) in plan.rows.iter().zip(seqs.iter_mut()).enumerate() {
-        let sims = if p.tests_drift { tested.next() } else { None };
-        correct(cx, (host, batch, scratch), &mut cor, seq, (p, r), sims)?;
-    }
+    correct(
+        cx,
+        (host, batch, scratch),
+        &mut cor,
+        plan,
+        &mut seqs,
+        similarity,
+    )?;
     // 3. attend: every row in one call.
     let attend: Vec<AttendRow<'_, B::DeviceTier>> = plan
         .rows
@@ -231,35 +234,43 @@ pub fn plan_step<B: Backend>(
     Ok(plan)
 }
 
-/// 1b. The row's working set for its step: every page of a short context, the window moved
-///     forward over a speculated selection, or the sink and window installed afresh.
+/// 1b. Every row's working set for its step, in one backend call: every page of a short
+///     context, the window moved forward over a speculated selection, or the sink and window
+///     installed afresh.
 fn arrange<B: Backend>(
     cx: &LayerCtx<'_, B>,
     host: &B::HostTier,
     batch: &B::Batch,
-    seq: &mut SeqLayer<B>,
-    p: &PlannedRow,
-    r: usize,
+    plan: &StepPlan,
+    seqs: &mut [&mut SeqLayer<B>],
 ) -> anyhow::Result<()> {
-    if p.step == RowStep::Dense {
-        return Ok(());
+    let mut rows = Vec::with_capacity(seqs.len());
+    let mut arranged = Vec::with_capacity(seqs.len());
+    for (r, (p, seq)) in plan.rows.iter().zip(seqs.iter_mut()).enumerate() {
+        let how = match p.step {
+            RowStep::Dense => continue,
+            RowStep::Whole => Arrange::HoldEvery { row: r },
+            RowStep::Speculated => Arrange::Advance { row: r },
+            RowStep::Fresh => Arrange::Fresh { row: r },
+        };
+        let SeqLayer { table, dev, .. } = &mut **seq;
+        let dev = match dev {
+            Some(dev) => dev,
+            none => none.insert(cx.backend.alloc_device_tier()?),
+        };
+        rows.push(ArrangeRow {
+            table,
+            dev,
+            len: p.len,
+            how,
+        });
+        arranged.push(r);
     }
-    let dev = match &mut seq.dev {
-        Some(dev) => dev,
-        none => none.insert(cx.backend.alloc_device_tier()?),
-    };
-    let mut arranged = |how| cx.backend.arrange(host, &seq.table, dev, p.len, how, batch);
-    let stats = match p.step {
-        RowStep::Whole => arranged(Arrange::HoldEvery { row: r })?,
-        RowStep::Speculated => arranged(Arrange::Advance { row: r })?,
-        _ => {
-            let stats = arranged(Arrange::Reset)?;
-            // The new token enters the window as on every step, wherever the host tier has it.
-            arranged(Arrange::Advance { row: r })?;
-            stats
-        }
-    };
-    seq.counters.add_recall(stats);
+    let stats = cx.backend.arrange(host, &mut rows, batch)?;
+    drop(rows);
+    for (r, stats) in arranged.into_iter().zip(stats) {
+        seqs[r].counters.add_recall(stats);
+    }
     Ok(())
 }
 
@@ -327,25 +338,128 @@ fn test_drift<B: Backend>(
 
 /// The correction test's per-head buffers and thresholds of a layer.
 struct Correction<'a> {
+    /// Per row, the KV heads that select before attention (`[rows][n_kv]`).
     heads: &'a mut Vec<bool>,
     all_heads: &'a [bool],
     threshold: &'a mut Threshold,
 }
 
-/// 2. The selection that must happen before attention, by step and mode; `similarity`: the
-///    row's correction test, where it ran one.
+/// What the correction stage decided for one sparse row.
+struct Corrected {
+    /// Its query is stored now (otherwise by the worker).
+    store: bool,
+    /// KV heads that select now.
+    selecting: usize,
+    trace: StepTrace,
+}
+
+/// 2. The selections that must happen before attention, by step and mode (`similarity`: the
+///    correction test of the plan's tested rows, in row order): each row decides which heads
+///    select (no device work); then the queries are stored and the selections run, one
+///    backend call each for the batch.
 fn correct<B: Backend>(
     cx: &LayerCtx<'_, B>,
     (host, batch, scratch): (&B::HostTier, &mut B::Batch, &mut B::Scratch),
     cor: &mut Correction<'_>,
-    seq: &mut SeqLayer<B>,
-    (p, r): (&PlannedRow, usize),
-    similarity: Option<&[f32]>,
+    plan: &StepPlan,
+    seqs: &mut [&mut SeqLayer<B>],
+    similarity: &[f32],
 ) -> anyhow::Result<()> {
-    if matches!(p.step, RowStep::Dense | RowStep::Whole) {
-        return Ok(());
+    let n_kv = cx.geo.num_kv_heads;
+    cor.heads.clear();
+    cor.heads.resize(plan.rows.len() * n_kv, false);
+    let mut tested = similarity.chunks_exact(n_kv);
+    let mut decided: Vec<Option<Corrected>> = Vec::with_capacity(seqs.len());
+    for (r, (p, seq)) in plan.rows.iter().zip(seqs.iter_mut()).enumerate() {
+        let sims = if p.tests_drift { tested.next() } else { None };
+        if matches!(p.step, RowStep::Dense | RowStep::Whole) {
+            decided.push(None);
+            continue;
+        }
+        anyhow::ensure!(seq.dev.is_some(), "a sparse row without a working set");
+        let heads = &mut cor.heads[r * n_kv..(r + 1) * n_kv];
+        decided.push(Some(decide(
+            cx,
+            cor.all_heads,
+            cor.threshold,
+            seq,
+            p,
+            sims,
+            heads,
+        )));
     }
-    let heads = &mut *cor.heads;
+    // Stored now where a selection reads it now (or nothing else would: mode `sync`);
+    // otherwise only the worker's selection and the next step's correction test read it,
+    // and the worker stores it, off the critical path.
+    let mut stores = Vec::new();
+    for (r, (seq, c)) in seqs.iter_mut().zip(&decided).enumerate() {
+        match c {
+            Some(c) if c.store => stores.push(StoreQuery {
+                dev: seq.dev.as_mut().expect("checked above"),
+                row: r,
+                token: 0,
+            }),
+            Some(_) => seq.query_row = Some(r),
+            None => {}
+        }
+    }
+    cx.backend.store_query(&mut stores, batch)?;
+    drop(stores);
+    let t = Instant::now();
+    let mut selects = Vec::new();
+    for (r, (seq, c)) in seqs.iter_mut().zip(&decided).enumerate() {
+        if c.as_ref().is_some_and(|c| c.selecting > 0) {
+            let selection = cx.selection(seq.len, seq.len, &seq.params);
+            let SeqLayer { table, dev, .. } = &mut **seq;
+            selects.push(SelectRow {
+                table,
+                dev: dev.as_mut().expect("checked above"),
+                selection,
+                heads: &cor.heads[r * n_kv..(r + 1) * n_kv],
+            });
+        }
+    }
+    let candidates: Vec<_> = selects
+        .iter()
+        .map(|s| s.selection.candidates.clone())
+        .collect();
+    let stats = cx.backend.select(host, &mut selects, scratch)?;
+    drop(selects);
+    // The selections' blocking time, shared by the rows that selected.
+    let blocking_ns = t.elapsed().as_nanos() as u64 / candidates.len().max(1) as u64;
+    let mut selected = stats.into_iter().zip(candidates);
+    for (r, (seq, c)) in seqs.iter_mut().zip(decided).enumerate() {
+        let Some(c) = c else { continue };
+        if c.selecting > 0 {
+            let (stats, candidates) = selected.next().expect("one result per selecting row");
+            seq.fresh.clear();
+            seq.fresh
+                .extend_from_slice(&cor.heads[r * n_kv..(r + 1) * n_kv]);
+            seq.fresh_candidates = candidates;
+            seq.counters.head_selections += c.selecting as u64;
+            seq.counters.add_recall(stats);
+            seq.counters.blocking_ns += blocking_ns;
+        }
+        seq.select();
+        if cx.tracing {
+            seq.trace = Some(c.trace);
+        }
+    }
+    Ok(())
+}
+
+/// Which KV heads of one sparse row select before attention (into `heads`), counted in the
+/// row's counters: every head at a fresh step or in mode `sync`; the heads the correction
+/// test flags where it ran; none otherwise.
+fn decide<B: Backend>(
+    cx: &LayerCtx<'_, B>,
+    all_heads: &[bool],
+    threshold: &mut Threshold,
+    seq: &mut SeqLayer<B>,
+    p: &PlannedRow,
+    similarity: Option<&[f32]>,
+    heads: &mut [bool],
+) -> Corrected {
     let counters = &mut seq.counters;
     let mut trace = StepTrace {
         len: seq.len,
@@ -354,51 +468,28 @@ fn correct<B: Backend>(
     };
     let all = p.step == RowStep::Fresh || cx.policy.mode == Mode::Sync;
     if all {
-        heads.copy_from_slice(cor.all_heads);
+        heads.copy_from_slice(all_heads);
         trace.blocking = true;
         counters.blocking_selections += 1;
     } else if let Some(similarity) = similarity {
-        cor.threshold.decide(similarity, heads);
+        threshold.decide(similarity, heads);
         for &s in similarity.iter() {
             counters.similarity_histogram[crate::counters::similarity_bin(s)] += 1;
         }
         counters.heads_checked += heads.len() as u64;
         counters.heads_corrected += heads.iter().filter(|&&h| h).count() as u64;
         if cx.tracing {
-            trace.corrected = heads.clone();
+            trace.corrected = heads.to_vec();
         }
     } else {
         heads.fill(false);
     }
-    let dev = seq
-        .dev
-        .as_mut()
-        .ok_or_else(|| anyhow::anyhow!("a sparse row without a working set"))?;
-    let n = heads.iter().filter(|&&h| h).count();
-    if all || n > 0 || !cx.policy.mode.speculation() {
-        cx.backend.store_query(dev, batch, r, 0)?;
-    } else {
-        // Only the worker's selection (and the next step's correction test) reads it: stored
-        // there, off the critical path.
-        seq.query_row = Some(r);
+    let selecting = heads.iter().filter(|&&h| h).count();
+    Corrected {
+        store: all || selecting > 0 || !cx.policy.mode.speculation(),
+        selecting,
+        trace,
     }
-    if n > 0 {
-        let t = Instant::now();
-        let selection = cx.selection(seq.len, seq.len, &seq.params);
-        let stats = cx
-            .backend
-            .select(host, &seq.table, dev, &selection, heads, scratch)?;
-        seq.fresh.clone_from(heads);
-        seq.fresh_candidates = selection.candidates;
-        seq.counters.head_selections += n as u64;
-        seq.counters.add_recall(stats);
-        seq.counters.blocking_ns += t.elapsed().as_nanos() as u64;
-    }
-    seq.select();
-    if cx.tracing {
-        seq.trace = Some(trace);
-    }
-    Ok(())
 }
 
 /// The step's trace: the pages each head attended (a sparse step's; a whole context's are
@@ -444,7 +535,10 @@ pub fn background_selection<B: Backend>(
             .as_ref()
             .map_err(|e| anyhow::anyhow!("{e:#}"))
             .and_then(|()| match (seq.query_row.take(), seq.dev.as_mut()) {
-                (Some(r), Some(dev)) => cx.backend.store_query(dev, batch, r, 0),
+                (Some(row), Some(dev)) => {
+                    let mut one = [StoreQuery { dev, row, token: 0 }];
+                    cx.backend.store_query(&mut one, batch)
+                }
                 _ => Ok(()),
             })
             .and_then(|()| select_for_next_step(cx, host, seq, all_heads, scratch));
@@ -479,12 +573,18 @@ pub fn select_for_next_step<B: Backend>(
         *left = h && !(repeat && *left);
     }
     let heads = &seq.fresh;
-    if heads.iter().any(|&h| h) {
-        let stats = cx
-            .backend
-            .select(host, &seq.table, dev, &selection, heads, scratch)?;
-        seq.counters.head_selections += heads.iter().filter(|&&h| h).count() as u64;
-        seq.counters.add_recall(stats);
+    let selecting = heads.iter().filter(|&&h| h).count();
+    if selecting > 0 {
+        let mut one = [SelectRow {
+            table: &seq.table,
+            dev,
+            selection,
+            heads,
+        }];
+        let stats = cx.backend.select(host, &mut one, scratch)?;
+        seq.counters.head_selections += selecting as u64;
+        seq.counters
+            .add_recall(stats.into_iter().next().unwrap_or_default());
     }
     seq.fresh.clear();
     seq.select();

@@ -192,6 +192,48 @@ pub enum Arrange {
         /// The batch row whose token was written last.
         row: usize,
     },
+    /// [`Arrange::Reset`], then [`Arrange::Advance`]: a sparse step without a selection (the
+    /// first, or a rebuild) installs the sink and window afresh, the step's token included.
+    Fresh {
+        /// The batch row whose token was written last.
+        row: usize,
+    },
+}
+
+/// One working set of [`Backend::arrange`].
+pub struct ArrangeRow<'a, D> {
+    /// The sequence's block table.
+    pub table: &'a [u32],
+    /// Its working set.
+    pub dev: &'a mut D,
+    /// Its context length.
+    pub len: usize,
+    /// How the working set changes.
+    pub how: Arrange,
+}
+
+/// One query of [`Backend::store_query`]: batch row `row`'s, token `token` (0 for decode), into
+/// the working set `dev`.
+pub struct StoreQuery<'a, D> {
+    /// The sequence's working set.
+    pub dev: &'a mut D,
+    /// The batch row.
+    pub row: usize,
+    /// The token of the row (0 for decode).
+    pub token: usize,
+}
+
+/// One sequence's selection of [`Backend::select`]: the heads in `heads` select over the
+/// candidates of `selection` with the query stored in `dev`.
+pub struct SelectRow<'a, D> {
+    /// The sequence's block table.
+    pub table: &'a [u32],
+    /// Its working set.
+    pub dev: &'a mut D,
+    /// What to select.
+    pub selection: Selection,
+    /// The KV heads that select.
+    pub heads: &'a [bool],
 }
 
 /// One row's decode attention: the query of batch row `row` (position `len - 1`) over the
@@ -284,25 +326,20 @@ pub trait Backend: Memory {
         rows: &[WriteRow<'_>],
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()>;
-    /// Arranges the working set `dev` of a sequence of `len` tokens (within the budget for
-    /// [`Arrange::HoldEvery`]) for its step. Returns what entered it.
+    /// Arranges each row's working set (of a sequence of `len` tokens, within the budget for
+    /// [`Arrange::HoldEvery`]) for its step. Returns what entered each, in row order.
     fn arrange(
         &self,
         host: &Self::HostTier,
-        table: &[u32],
-        dev: &mut Self::DeviceTier,
-        len: usize,
-        how: Arrange,
+        rows: &mut [ArrangeRow<'_, Self::DeviceTier>],
         batch: &Self::Batch,
-    ) -> anyhow::Result<RecallStats>;
-    /// Stores the query of batch row `row`, token `token` (0 for decode) as the sequence's
-    /// current query: selections use it, the next step's drift test compares against it.
+    ) -> anyhow::Result<Vec<RecallStats>>;
+    /// Stores each row's query as its sequence's current query: selections use it, the next
+    /// step's drift test compares against it.
     fn store_query(
         &self,
-        dev: &mut Self::DeviceTier,
+        rows: &mut [StoreQuery<'_, Self::DeviceTier>],
         batch: &mut Self::Batch,
-        row: usize,
-        token: usize,
     ) -> anyhow::Result<()>;
     /// The correction test of a decode call: for each `(row, working set)` of `rows`, per KV
     /// head the mean over its group of cos(batch query of `row`, stored query), each cosine
@@ -313,21 +350,19 @@ pub trait Backend: Memory {
         batch: &mut Self::Batch,
         out: &mut [f32],
     ) -> anyhow::Result<()>;
-    /// Scores the selection's candidate pages with the stored query (by its selector: the
-    /// Quest bound with GQA pooling; the rerank, whose shortlist by the page summaries is
-    /// scored by its tokens' exact attention weight; or the oracle's exact attention mass),
-    /// takes the exact top-k per KV head in `heads`, plans the replacement (winners already
-    /// resident stay, missing winners go into the lowest-scored selected slots) and recalls
-    /// the missing pages into their slots. Returns what the recall moved.
+    /// For each row: scores the selection's candidate pages with the stored query (by its
+    /// selector: the Quest bound with GQA pooling; the rerank, whose shortlist by the page
+    /// summaries is scored by its tokens' exact attention weight; or the oracle's exact
+    /// attention mass), takes the exact top-k per KV head in `heads`, plans the replacement
+    /// (winners already resident stay, missing winners go into the lowest-scored selected
+    /// slots) and recalls the missing pages into their slots. Returns what each recall moved,
+    /// in row order.
     fn select(
         &self,
         host: &Self::HostTier,
-        table: &[u32],
-        dev: &mut Self::DeviceTier,
-        selection: &Selection,
-        heads: &[bool],
+        rows: &mut [SelectRow<'_, Self::DeviceTier>],
         scratch: &mut Self::Scratch,
-    ) -> anyhow::Result<RecallStats>;
+    ) -> anyhow::Result<Vec<RecallStats>>;
     /// The attention of every row of `job`, written into the batch's output.
     fn attend(
         &self,

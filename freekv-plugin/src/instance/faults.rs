@@ -13,7 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use super::{AnyInstance, Instance};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{
-    Arrange, Attend, Backend, Inputs, Memory, Read, RecallStats, Role, Selection, WriteRow,
+    ArrangeRow, Attend, Backend, Inputs, Memory, Read, RecallStats, Role, SelectRow, StoreQuery,
+    WriteRow,
 };
 use crate::geometry::Geometry;
 use crate::plan::SlotPlan;
@@ -117,24 +118,19 @@ impl<B: Backend> Backend for Faulty<B> {
     fn arrange(
         &self,
         host: &B::HostTier,
-        table: &[u32],
-        dev: &mut B::DeviceTier,
-        len: usize,
-        how: Arrange,
+        rows: &mut [ArrangeRow<'_, B::DeviceTier>],
         b: &B::Batch,
-    ) -> anyhow::Result<RecallStats> {
+    ) -> anyhow::Result<Vec<RecallStats>> {
         self.check("arrange")?;
-        self.inner.arrange(host, table, dev, len, how, b)
+        self.inner.arrange(host, rows, b)
     }
     fn store_query(
         &self,
-        dev: &mut B::DeviceTier,
+        rows: &mut [StoreQuery<'_, B::DeviceTier>],
         b: &mut B::Batch,
-        row: usize,
-        token: usize,
     ) -> anyhow::Result<()> {
         self.check("store_query")?;
-        self.inner.store_query(dev, b, row, token)
+        self.inner.store_query(rows, b)
     }
     fn query_similarities(
         &self,
@@ -148,14 +144,11 @@ impl<B: Backend> Backend for Faulty<B> {
     fn select(
         &self,
         host: &B::HostTier,
-        table: &[u32],
-        dev: &mut B::DeviceTier,
-        selection: &Selection,
-        heads: &[bool],
+        rows: &mut [SelectRow<'_, B::DeviceTier>],
         s: &mut B::Scratch,
-    ) -> anyhow::Result<RecallStats> {
+    ) -> anyhow::Result<Vec<RecallStats>> {
         self.check("select")?;
-        self.inner.select(host, table, dev, selection, heads, s)
+        self.inner.select(host, rows, s)
     }
     fn attend(
         &self,

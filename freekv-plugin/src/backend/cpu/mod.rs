@@ -37,8 +37,8 @@ use self::host_tier::HostTier;
 use self::io::CpuBatch;
 use self::select::SelectScratch;
 use super::{
-    Arrange, Attend, AttendRow, Backend, CausalRow, Inputs, Memory, Read, RecallStats, Role,
-    Selection, WriteRow,
+    Arrange, ArrangeRow, Attend, AttendRow, Backend, CausalRow, Inputs, Memory, Read, RecallStats,
+    Role, SelectRow, Selection, StoreQuery, WriteRow,
 };
 
 /// Attended tokens x KV heads from which a decode step runs its heads in parallel.
@@ -218,35 +218,39 @@ impl<T: KvElem> Backend for CpuBackend<T> {
     fn arrange(
         &self,
         _host: &HostTier<T>,
-        _table: &[u32],
-        dev: &mut SlotPlan,
-        len: usize,
-        how: Arrange,
+        rows: &mut [ArrangeRow<'_, SlotPlan>],
         _batch: &CpuBatch,
-    ) -> anyhow::Result<RecallStats> {
-        match how {
-            Arrange::Reset => Ok(self.reset_plan(dev, len)),
-            Arrange::Advance { .. } => {
-                self.advance_window_plan(dev, len);
-                Ok(RecallStats::default())
-            }
-            Arrange::HoldEvery { .. } => {
-                anyhow::bail!("this backend attends short contexts over the host tier")
-            }
-        }
+    ) -> anyhow::Result<Vec<RecallStats>> {
+        rows.iter_mut()
+            .map(|r| match r.how {
+                Arrange::Reset => Ok(self.reset_plan(r.dev, r.len)),
+                Arrange::Advance { .. } => {
+                    self.advance_window_plan(r.dev, r.len);
+                    Ok(RecallStats::default())
+                }
+                Arrange::Fresh { .. } => {
+                    let stats = self.reset_plan(r.dev, r.len);
+                    self.advance_window_plan(r.dev, r.len);
+                    Ok(stats)
+                }
+                Arrange::HoldEvery { .. } => {
+                    anyhow::bail!("this backend attends short contexts over the host tier")
+                }
+            })
+            .collect()
     }
 
     fn store_query(
         &self,
-        dev: &mut SlotPlan,
+        rows: &mut [StoreQuery<'_, SlotPlan>],
         batch: &mut CpuBatch,
-        row: usize,
-        token: usize,
     ) -> anyhow::Result<()> {
         let d = self.geo.head_dim;
-        let q = dev.query_mut();
-        for h in 0..self.geo.num_q_heads() {
-            q[h * d..(h + 1) * d].copy_from_slice(batch.q_row(row, h, token));
+        for r in rows {
+            let q = r.dev.query_mut();
+            for h in 0..self.geo.num_q_heads() {
+                q[h * d..(h + 1) * d].copy_from_slice(batch.q_row(r.row, h, r.token));
+            }
         }
         Ok(())
     }
@@ -273,15 +277,16 @@ impl<T: KvElem> Backend for CpuBackend<T> {
     fn select(
         &self,
         host: &HostTier<T>,
-        table: &[u32],
-        dev: &mut SlotPlan,
-        selection: &Selection,
-        heads: &[bool],
+        rows: &mut [SelectRow<'_, SlotPlan>],
         scratch: &mut CpuScratch<T>,
-    ) -> anyhow::Result<RecallStats> {
-        self.plan_selection(host, table, dev, selection, heads, scratch)?;
-        // In place, a recall only updates the tables.
-        Ok(Self::apply_plan(dev, heads))
+    ) -> anyhow::Result<Vec<RecallStats>> {
+        rows.iter_mut()
+            .map(|r| {
+                self.plan_selection(host, r.table, r.dev, &r.selection, r.heads, scratch)?;
+                // In place, a recall only updates the tables.
+                Ok(Self::apply_plan(r.dev, r.heads))
+            })
+            .collect()
     }
 
     fn attend(

@@ -56,7 +56,8 @@ use crate::backend::cpu::io::CpuBatch;
 use crate::backend::cpu::select::{plan_replacement, SelectScratch};
 use crate::backend::cpu::{CpuBackend, CpuScratch};
 use crate::backend::{
-    Arrange, Attend, Backend, Inputs, Memory, Read, RecallStats, Role, Selection, WriteRow,
+    Arrange, ArrangeRow, Attend, Backend, Inputs, Memory, Read, RecallStats, Role, SelectRow,
+    Selection, StoreQuery, WriteRow,
 };
 use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
@@ -651,40 +652,50 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     fn arrange(
         &self,
         host: &Self::HostTier,
-        table: &[u32],
-        dev: &mut Self::DeviceTier,
-        len: usize,
-        how: Arrange,
+        rows: &mut [ArrangeRow<'_, Self::DeviceTier>],
         batch: &Self::Batch,
-    ) -> anyhow::Result<RecallStats> {
-        match how {
-            Arrange::Reset => self.reset_working_set(host, table, dev, len),
-            Arrange::Advance { row } => {
-                dev.held_len = 0;
-                self.cpu.advance_window_plan(&mut dev.plan, len);
-                let slot = self.geo.window_slot((len - 1) / self.geo.page_size);
-                self.append_from_batch(dev, slot, len - 1, batch, row)?;
-                Ok(RecallStats::default())
-            }
-            Arrange::HoldEvery { row } => {
-                self.hold_whole_context(host, table, dev, len, batch, row)
-            }
-        }
+    ) -> anyhow::Result<Vec<RecallStats>> {
+        rows.iter_mut()
+            .map(|r| {
+                let (table, len) = (r.table, r.len);
+                match r.how {
+                    Arrange::Reset => self.reset_working_set(host, table, r.dev, len),
+                    Arrange::Advance { row } => {
+                        self.advance_working_set(r.dev, len, batch, row)?;
+                        Ok(RecallStats::default())
+                    }
+                    Arrange::Fresh { row } => {
+                        let stats = self.reset_working_set(host, table, r.dev, len)?;
+                        self.advance_working_set(r.dev, len, batch, row)?;
+                        Ok(stats)
+                    }
+                    Arrange::HoldEvery { row } => {
+                        self.hold_whole_context(host, table, r.dev, len, batch, row)
+                    }
+                }
+            })
+            .collect()
     }
 
     fn store_query(
         &self,
-        dev: &mut Self::DeviceTier,
+        rows: &mut [StoreQuery<'_, Self::DeviceTier>],
         batch: &mut Self::Batch,
-        row: usize,
-        token: usize,
     ) -> anyhow::Result<()> {
         let values = self.host_values(batch)?;
-        self.cpu.store_query(&mut dev.plan, values, row, token)?;
-        if self.correction {
-            self.ops
-                .upload_query(dev.plan.query(), &mut dev.reference)
-                .context("copying the stored query to the device")?;
+        for r in rows {
+            let plan = &mut r.dev.plan;
+            let mut one = [StoreQuery {
+                dev: plan,
+                row: r.row,
+                token: r.token,
+            }];
+            self.cpu.store_query(&mut one, values)?;
+            if self.correction {
+                self.ops
+                    .upload_query(r.dev.plan.query(), &mut r.dev.reference)
+                    .context("copying the stored query to the device")?;
+            }
         }
         Ok(())
     }
@@ -712,14 +723,15 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
     fn select(
         &self,
         host: &Self::HostTier,
-        table: &[u32],
-        dev: &mut Self::DeviceTier,
-        selection: &Selection,
-        heads: &[bool],
+        rows: &mut [SelectRow<'_, Self::DeviceTier>],
         scratch: &mut Self::Scratch,
-    ) -> anyhow::Result<RecallStats> {
-        self.plan_selection(host, table, dev, selection, heads, scratch)?;
-        self.recall(host, table, dev, heads, scratch)
+    ) -> anyhow::Result<Vec<RecallStats>> {
+        rows.iter_mut()
+            .map(|r| {
+                self.plan_selection(host, r.table, r.dev, &r.selection, r.heads, scratch)?;
+                self.recall(host, r.table, r.dev, r.heads, scratch)
+            })
+            .collect()
     }
 
     fn attend(
@@ -881,6 +893,21 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             retired: false,
         };
         Ok(())
+    }
+
+    /// Moves the window of `dev` forward over the token of batch row `row` (position
+    /// `len - 1`).
+    fn advance_working_set(
+        &self,
+        dev: &mut DeviceTierOf<T, O>,
+        len: usize,
+        batch: &OffloadBatch<O::Batch, O::Staged>,
+        row: usize,
+    ) -> anyhow::Result<()> {
+        dev.held_len = 0;
+        self.cpu.advance_window_plan(&mut dev.plan, len);
+        let slot = self.geo.window_slot((len - 1) / self.geo.page_size);
+        self.append_from_batch(dev, slot, len - 1, batch, row)
     }
 
     /// Loads a prompt batch (see [`Inputs::Prefill`]).

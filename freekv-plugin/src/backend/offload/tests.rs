@@ -226,16 +226,22 @@ fn a_failed_summary_copy_is_retried_before_any_selection_scores_it() {
         selector: crate::Selector::Quest,
         shortlist: 2,
     };
-    let err = off
-        .select(&host, &table, &mut dev, &selection, &heads, &mut scratch)
-        .unwrap_err();
+    let mut select = |host: &HostTierOf<f32, EmulatedDevice<f32>>, scratch: &mut _| {
+        let mut one = [crate::backend::SelectRow {
+            table: &table,
+            dev: &mut dev,
+            selection: selection.clone(),
+            heads: &heads,
+        }];
+        off.select(host, &mut one, scratch)
+    };
+    let err = select(&host, &mut scratch).unwrap_err();
     assert!(format!("{err:#}").contains("block 2 is stale"), "{err:#}");
     // The next call's settle copies it; the mirror then scores as the host tier does.
     let mut batch = off.alloc_batch();
     off.settle(&mut host, &mut batch, &mut scratch).unwrap();
     assert!(host.unmirrored.is_empty());
-    off.select(&host, &table, &mut dev, &selection, &heads, &mut scratch)
-        .unwrap();
+    select(&host, &mut scratch).unwrap();
     let w = 2 * g.head_dim;
     let m = host.summaries.as_ref().unwrap();
     for h in 0..g.num_kv_heads {
