@@ -23,6 +23,7 @@ use crate::backend::{Backend, Inputs, Role};
 use crate::correction::Threshold;
 use crate::counters::{Counters, LayerCounters};
 use crate::geometry::Geometry;
+use crate::plan::SlotPlan;
 use crate::probe::{self, LayerProbe, ProbeReport, ProbeSpec};
 use crate::state::{LayerState, StepTrace};
 use crate::timeline::{self, LayerCtx};
@@ -85,6 +86,12 @@ pub trait AnyInstance: Send + Sync {
     /// The pages each KV head of `seq_id` will attend over at its next step on `layer`
     /// (after the background work; `None` while the sequence attends densely).
     fn resident_pages(&self, layer: usize, seq_id: u64) -> Option<Vec<Vec<u32>>>;
+    /// Per KV head of `seq_id` on `layer`, the margin of the selection behind its
+    /// [resident pages](AnyInstance::resident_pages): how far its last selected page scored
+    /// above the best page left out, relative to their magnitude (0 at a tie, +inf when every
+    /// candidate was selected). Two backends whose scores round differently may select
+    /// differently only where it is that small.
+    fn selection_margins(&self, layer: usize, seq_id: u64) -> Option<Vec<f32>>;
     /// Waits for all background work (e.g. before measuring or tearing down).
     fn join_background(&self) -> anyhow::Result<()>;
     /// The mode and selector in force.
@@ -335,6 +342,29 @@ mod faults;
 #[cfg(test)]
 mod waits;
 
+impl<B: Backend> Instance<B> {
+    /// `f` of each KV head's slot tables for `seq_id` on `layer`, once the background work is
+    /// done; None while the sequence has no selection there.
+    fn per_head_of_selection<R>(
+        &self,
+        layer: usize,
+        seq_id: u64,
+        f: impl Fn(&SlotPlan, usize) -> R,
+    ) -> Option<Vec<R>> {
+        let cell = self.cell(layer).ok()?;
+        drop(self.wait_idle(cell));
+        let state = cell.state.lock().ok()?;
+        let seq = state.seqs.get(&seq_id)?;
+        let dev = seq.dev.as_ref().filter(|_| seq.has_selection())?;
+        let plan = B::slot_plan(dev);
+        Some(
+            (0..self.shared.geo.num_kv_heads)
+                .map(|h| f(plan, h))
+                .collect(),
+        )
+    }
+}
+
 impl<B: Backend> Drop for Instance<B> {
     fn drop(&mut self) {
         self.jobs.take();
@@ -501,17 +531,11 @@ impl<B: Backend> AnyInstance for Instance<B> {
     }
 
     fn resident_pages(&self, layer: usize, seq_id: u64) -> Option<Vec<Vec<u32>>> {
-        let cell = self.cell(layer).ok()?;
-        drop(self.wait_idle(cell));
-        let state = cell.state.lock().ok()?;
-        let seq = state.seqs.get(&seq_id)?;
-        let dev = seq.dev.as_ref().filter(|_| seq.has_selection())?;
-        let plan = B::slot_plan(dev);
-        Some(
-            (0..self.shared.geo.num_kv_heads)
-                .map(|h| plan.resident_pages(h))
-                .collect(),
-        )
+        self.per_head_of_selection(layer, seq_id, SlotPlan::resident_pages)
+    }
+
+    fn selection_margins(&self, layer: usize, seq_id: u64) -> Option<Vec<f32>> {
+        self.per_head_of_selection(layer, seq_id, SlotPlan::margin)
     }
 
     fn join_background(&self) -> anyhow::Result<()> {

@@ -28,6 +28,8 @@ pub struct SlotPlan {
     plan_len: Vec<u32>,
     /// `[n_q][d]`: the stored query (the last step's, once the step is over).
     query: Vec<f32>,
+    /// `[n_kv]`: the margin of each head's last selection (see `select::margin`).
+    margin: Vec<f32>,
 }
 
 impl SlotPlan {
@@ -45,6 +47,7 @@ impl SlotPlan {
             ],
             plan_len: vec![0; geo.num_kv_heads],
             query: vec![0.0; geo.num_q_heads() * geo.head_dim],
+            margin: vec![f32::INFINITY; geo.num_kv_heads],
         }
     }
 
@@ -52,7 +55,7 @@ impl SlotPlan {
     pub fn bytes(geo: &Geometry) -> usize {
         geo.num_kv_heads * geo.slots * 4
             + geo.num_kv_heads * geo.sel_pages * 8
-            + geo.num_kv_heads * 4
+            + geo.num_kv_heads * 8
             + geo.num_q_heads() * geo.head_dim * 4
     }
 
@@ -78,6 +81,17 @@ impl SlotPlan {
             .collect();
         pages.sort_unstable();
         pages
+    }
+
+    /// The margin of `head`'s last selection: how far its last winner scored above the best
+    /// page left out, relative (+inf before any selection).
+    pub fn margin(&self, head: usize) -> f32 {
+        self.margin[head]
+    }
+
+    /// Records the margin of `head`'s selection.
+    pub fn set_margin(&mut self, head: usize, margin: f32) {
+        self.margin[head] = margin;
     }
 
     /// The stored query, `[n_q][d]`.

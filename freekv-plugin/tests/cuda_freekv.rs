@@ -108,6 +108,10 @@ fn candle_dtype(dt: KvDType) -> DType {
     }
 }
 
+/// A selection whose margin (the relative gap between its last selected page and the best one
+/// left out) is below this may pick other pages on the GPU, whose scores round differently.
+const NEAR_TIE: f32 = 1e-5;
+
 /// Within a few units in the last place of the KV dtype, for values of magnitude <= 1.
 fn tolerance(dt: KvDType) -> f32 {
     match dt {
@@ -191,6 +195,8 @@ fn run_case(cuda: &Device, seed: u64, c: &Case) -> f32 {
     let on_gpu = |t: &Tensor| t.to_device(cuda).expect("tensor to CUDA");
     let tol = tolerance(c.dtype);
     let mut worst = 0.0f32;
+    // (layer, row) pairs whose selections forked at a near tie.
+    let mut forked = std::collections::HashSet::new();
     let b = c.prompt_lens.len();
     let lmax = *c.prompt_lens.iter().max().unwrap();
     for layer in 0..c.shape.num_layers {
@@ -249,19 +255,50 @@ fn run_case(cuda: &Device, seed: u64, c: &Case) -> f32 {
                 want.unwrap_or_else(|e| panic!("{at}: CPU: {e:#}")),
                 got.unwrap_or_else(|e| panic!("{at}: CUDA: {e:#}")),
             );
-            worst = worst.max(compare(&want, &got, tol, &at));
-            for r in 0..b as u64 {
-                assert_eq!(
-                    cpu.resident_pages(layer, r),
-                    gpu.resident_pages(layer, r),
-                    "{at}: resident pages of sequence {r}"
+            for r in (0..b).filter(|&r| !forked.contains(&(layer, r))) {
+                let row = |t: &Tensor| t.narrow(0, r, 1).expect("row");
+                let at = format!("{at} row {r}");
+                worst = worst.max(compare(&row(&want), &row(&got), tol, &at));
+            }
+            for r in 0..b {
+                if forked.contains(&(layer, r)) {
+                    continue;
+                }
+                let id = r as u64;
+                let (cp, gp) = (cpu.resident_pages(layer, id), gpu.resident_pages(layer, id));
+                if cp == gp {
+                    continue;
+                }
+                // The scores sum in another order on the GPU: only a near tie at a selection's
+                // boundary may pick other pages. From there on this layer of the sequence
+                // follows two selections, no longer compared.
+                let (cm, gm) = (
+                    cpu.selection_margins(layer, id),
+                    gpu.selection_margins(layer, id),
                 );
+                let near_tie = match (&cp, &gp, &cm, &gm) {
+                    (Some(cp), Some(gp), Some(cm), Some(gm)) => (0..cp.len())
+                        .filter(|&h| cp[h] != gp[h])
+                        .all(|h| cm[h].min(gm[h]) < NEAR_TIE),
+                    _ => false,
+                };
+                assert!(
+                    near_tie,
+                    "{at}: resident pages of sequence {r}: cpu {cp:?} vs cuda {gp:?} \
+                     (selection margins: cpu {cm:?}, cuda {gm:?})"
+                );
+                eprintln!("{at}: sequence {r} forks at a near tie (margins {cm:?} / {gm:?})");
+                forked.insert((layer, r));
             }
         }
     }
     cpu.join_background().unwrap();
     gpu.join_background()
         .unwrap_or_else(|e| panic!("{what}: CUDA background work: {e:#}"));
+    if !forked.is_empty() {
+        // The forked selections recall and correct differently.
+        return worst;
+    }
     let (cc, gc) = (cpu.counters().total, gpu.counters().total);
     assert_eq!(cc.sparse_steps, gc.sparse_steps, "{what}: sparse steps");
     assert_eq!(
@@ -281,22 +318,40 @@ fn freekv_on_cuda_matches_the_cpu_backend() {
         return;
     };
     let modes = [Mode::Dense, Mode::Sync, Mode::Speculative, Mode::FreeKv];
-    let mut n = 0;
-    for seed in 0..24u64 {
+    let seeds = 24u64;
+    // Every seed runs; the failures are listed together.
+    let mut failures = Vec::new();
+    for seed in 0..seeds {
         let mut rng = Rng::new(seed);
         let mode = modes[seed as usize % modes.len()];
         let case = random_case(&mut rng, mode);
-        let worst = run_case(&cuda, seed, &case);
-        eprintln!(
-            "seed {seed}: {:?} {:?} p {} d {} kv {} group {}: max |cpu - cuda| = {worst:.2e}",
-            mode,
-            case.dtype,
-            case.cfg.page_size,
-            case.shape.head_dim,
-            case.shape.num_kv_heads,
-            case.shape.group()
-        );
-        n += 1;
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_case(&cuda, seed, &case)
+        }));
+        match run {
+            Ok(worst) => eprintln!(
+                "seed {seed}: {:?} {:?} p {} d {} kv {} group {}: max |cpu - cuda| = {worst:.2e}",
+                mode,
+                case.dtype,
+                case.cfg.page_size,
+                case.shape.head_dim,
+                case.shape.num_kv_heads,
+                case.shape.group()
+            ),
+            Err(panic) => failures.push(format!(
+                "seed {seed}: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("panicked")
+            )),
+        }
     }
-    assert_eq!(n, 24);
+    assert!(
+        failures.is_empty(),
+        "{} of {seeds} seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -153,6 +153,12 @@ fn a_stale_summary_cannot_attract_the_selection() {
         // Window = page 4; the selection must be page 2 (block 0), not page 1 (block 1,
         // whose old summary said 100).
         assert_eq!(trace.pages, vec![vec![2, 4]], "{tier:?}");
+        // Page 2's bound is far above the other candidates': a clear, finite margin.
+        let margins = fk.selection_margins(0, 2).unwrap();
+        assert!(
+            margins.iter().all(|m| m.is_finite() && *m > 1e-3),
+            "{tier:?}: {margins:?}"
+        );
     }
 }
 

@@ -471,6 +471,7 @@ impl<T: KvElem> CpuBackend<T> {
                 &mut scratch.select,
             );
             dev.set_plan(h, scratch.select.plan.iter().copied());
+            dev.set_margin(h, scratch.select.margin);
         }
         Ok(())
     }

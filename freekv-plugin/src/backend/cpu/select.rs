@@ -31,6 +31,8 @@ pub struct SelectScratch {
     evict: Vec<(f32, u32)>,
     missing: Vec<(f32, u32)>,
     pub plan: Vec<PlanEntry>,
+    /// The last selection's margin (see [`margin`]).
+    pub margin: f32,
     /// The rerank's token offsets in a page, shortlist and logits.
     token_offsets: Vec<usize>,
     shortlist: Vec<u32>,
@@ -222,6 +224,23 @@ pub fn rerank<T: KvElem>(
     }
 }
 
+/// How far a selection's worst winner scored above the best candidate left out, relative to
+/// the larger magnitude: +inf when nothing was left out, 0 at a tie. Two backends whose scores
+/// differ in rounding may pick differently only where this is below their rounding.
+pub fn margin(worst_winner: f32, best_loser: f32) -> f32 {
+    if best_loser == f32::NEG_INFINITY && worst_winner > best_loser {
+        return f32::INFINITY;
+    }
+    if worst_winner.is_nan() || best_loser.is_nan() || worst_winner <= best_loser {
+        return 0.0;
+    }
+    let scale = worst_winner
+        .abs()
+        .max(best_loser.abs())
+        .max(f32::MIN_POSITIVE);
+    (worst_winner - best_loser) / scale
+}
+
 /// Top-k of `sc.pooled` over the candidates `cand` and the replacement plan for one head
 /// whose selected slots currently hold `sel_slots` (pages, [`NO_PAGE`] when empty; slot `i`
 /// here is geometry slot `geo.selected_slots().start + i`). Leaves the plan in `sc.plan`.
@@ -244,6 +263,16 @@ pub fn plan_replacement(
     for &w in &sc.order {
         sc.mark[w as usize] = sc.stamp;
     }
+    let worst_winner = sc
+        .order
+        .iter()
+        .map(|&w| sc.pooled[w as usize])
+        .fold(f32::INFINITY, f32::min);
+    let best_loser = (0..n_cand)
+        .filter(|&c| sc.mark[c] != sc.stamp)
+        .map(|c| sc.pooled[c])
+        .fold(f32::NEG_INFINITY, f32::max);
+    sc.margin = margin(worst_winner, best_loser);
     // Resident winners stay (unmarked); every other selected slot may be replaced.
     let slot0 = geo.selected_slots().start as u32;
     sc.evict.clear();
@@ -452,5 +481,26 @@ mod tests {
         apply(&mut sel, &sc.plan, g.selected_slots().start as u32);
         sel.sort();
         assert_eq!(sel, vec![2, 3]);
+    }
+
+    #[test]
+    fn the_margin_is_the_relative_gap_between_the_last_winner_and_the_first_loser() {
+        let g = geo(3);
+        let mut sc = SelectScratch {
+            pooled: vec![0.5, 4.0, 2.0, 1.999, 3.0, -1.0],
+            ..Default::default()
+        };
+        let sel = vec![NO_PAGE; g.sel_pages];
+        plan_replacement(&g, 2..8, &sel, &mut sc);
+        // Winners 4.0, 3.0, 2.0; the best left out 1.999.
+        assert!((sc.margin - 0.001 / 2.0).abs() < 1e-6, "{}", sc.margin);
+        sc.pooled = vec![2.0, 2.0, 2.0, 2.0, 0.0, 0.0];
+        plan_replacement(&g, 2..8, &sel, &mut sc);
+        assert_eq!(sc.margin, 0.0, "a tie at the boundary");
+        sc.pooled = vec![1.0, 2.0];
+        plan_replacement(&g, 2..4, &sel, &mut sc);
+        assert_eq!(sc.margin, f32::INFINITY, "every candidate wins");
+        assert_eq!(margin(-1.0, f32::NEG_INFINITY), f32::INFINITY);
+        assert_eq!(margin(f32::NEG_INFINITY, f32::NEG_INFINITY), 0.0);
     }
 }

@@ -824,6 +824,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
                 .extend_from_slice(&scratch.scores[h * n..(h + 1) * n]);
             plan_replacement(g, candidates.clone(), &dev.plan.slots(h)[sel.clone()], sc);
             dev.plan.set_plan(h, sc.plan.iter().copied());
+            dev.plan.set_margin(h, sc.margin);
         }
         Ok(())
     }
