@@ -266,7 +266,11 @@ fn arrange<B: Backend>(
         });
         arranged.push(r);
     }
-    let stats = cx.backend.arrange(host, &mut rows, batch)?;
+    let stats = if rows.is_empty() {
+        Vec::new()
+    } else {
+        cx.backend.arrange(host, &mut rows, batch)?
+    };
     drop(rows);
     for (r, stats) in arranged.into_iter().zip(stats) {
         seqs[r].counters.add_recall(stats);
@@ -403,7 +407,9 @@ fn correct<B: Backend>(
             None => {}
         }
     }
-    cx.backend.store_query(&mut stores, batch)?;
+    if !stores.is_empty() {
+        cx.backend.store_query(&mut stores, batch)?;
+    }
     drop(stores);
     let t = Instant::now();
     let mut selects = Vec::new();
@@ -423,7 +429,11 @@ fn correct<B: Backend>(
         .iter()
         .map(|s| s.selection.candidates.clone())
         .collect();
-    let stats = cx.backend.select(host, &mut selects, scratch)?;
+    let stats = if selects.is_empty() {
+        Vec::new()
+    } else {
+        cx.backend.select(host, &mut selects, scratch)?
+    };
     drop(selects);
     // The selections' blocking time, shared by the rows that selected.
     let blocking_ns = t.elapsed().as_nanos() as u64 / candidates.len().max(1) as u64;

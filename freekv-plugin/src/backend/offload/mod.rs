@@ -682,6 +682,10 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         rows: &mut [StoreQuery<'_, Self::DeviceTier>],
         batch: &mut Self::Batch,
     ) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            // Reading the values on the host would wait for the device.
+            return Ok(());
+        }
         let values = self.host_values(batch)?;
         for r in rows {
             let plan = &mut r.dev.plan;
