@@ -39,29 +39,30 @@
 mod decode;
 mod dense_pages;
 pub mod emulated;
+mod inputs;
 pub mod ops;
 mod prompt;
+mod selection;
 mod staged;
 mod whole;
 
-use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::cpu::io::CpuBatch;
-use crate::backend::cpu::select::{plan_replacement, SelectScratch};
+use crate::backend::cpu::select::SelectScratch;
 use crate::backend::cpu::{CpuBackend, CpuScratch};
 use crate::backend::{
     Arrange, ArrangeRow, Attend, Backend, Inputs, Memory, Read, RecallStats, Role, SelectRow,
-    Selection, StoreQuery, WriteRow,
+    StoreQuery, WriteRow,
 };
 use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
-use crate::{AttnParams, FreeKvConfig, Pooling, Selector};
+use crate::{AttnParams, FreeKvConfig, Pooling};
 
 pub use ops::{token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageScoring};
 use prompt::DevicePrompt;
@@ -201,48 +202,6 @@ pub struct OffloadScratch<T: KvElem, S> {
 }
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
-    /// The Quest scores of the candidates for the heads in `heads`, pooled on the device from
-    /// its mirror of the summaries, into `scratch.scores` (`[n_kv][candidates]`).
-    fn score_on_device(
-        &self,
-        host: &<Self as Memory>::HostTier,
-        table: &[u32],
-        dev: &<Self as Memory>::DeviceTier,
-        candidates: &Range<usize>,
-        heads: &[bool],
-        scratch: &mut <Self as Memory>::Scratch,
-    ) -> anyhow::Result<()> {
-        let Some(mirror) = host.summaries.as_ref() else {
-            anyhow::bail!(
-                "page selection on a layer allocated as dense (no page summaries on the device)"
-            );
-        };
-        scratch.blocks.clear();
-        scratch.blocks.extend_from_slice(&table[candidates.clone()]);
-        let stale = (!host.unmirrored.is_empty())
-            .then(|| scratch.blocks.iter().find(|b| host.unmirrored.contains(b)))
-            .flatten();
-        if let Some(b) = stale {
-            anyhow::bail!(
-                "the device's summary of block {b} is stale after a failed copy (copied \
-                 again at the layer's next call)"
-            );
-        }
-        self.ops
-            .score_pages(
-                mirror,
-                &PageScoring {
-                    blocks: &scratch.blocks,
-                    query: dev.plan.query(),
-                    heads,
-                    pooling: self.pooling,
-                },
-                &mut scratch.scores,
-                &mut scratch.device,
-            )
-            .context("scoring the candidate pages")
-    }
-
     /// The backend for `geo` on the device `ops`, with the configuration's summary and pooling.
     pub fn new(geo: Geometry, config: &FreeKvConfig, ops: O) -> Self {
         Self {
@@ -388,34 +347,6 @@ fn token_rows<'a, T: KvElem, B, S>(
 fn visible_span(g: &Geometry, first: usize, page: usize, len: usize) -> i32 {
     let hi = g.valid_tokens(page, len);
     token_span(first.saturating_sub(page * g.page_size).min(hi), hi)
-}
-
-/// Reads a tensor's values on the host (a no-op for CPU tensors).
-fn on_host(t: &Tensor) -> anyhow::Result<Tensor> {
-    Ok(t.to_device(&Device::Cpu)?)
-}
-
-/// Each row's last query of a prompt batch, `(B, Hq, 1, D)`, gathered where q lives: row `b`'s
-/// at token `new_lens[b] - 1`.
-fn last_queries(q: &Tensor, new_lens: &[usize]) -> anyhow::Result<Tensor> {
-    let (b, _, l, _) = q.dims4()?;
-    anyhow::ensure!(
-        new_lens.len() == b,
-        "{} rows for a batch of {b}",
-        new_lens.len()
-    );
-    let rows = new_lens
-        .iter()
-        .enumerate()
-        .map(|(row, &n)| {
-            anyhow::ensure!(
-                n >= 1 && n <= l,
-                "row {row}: {n} new tokens in a batch of length {l}"
-            );
-            Ok(q.narrow(0, row, 1)?.narrow(2, n - 1, 1)?)
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&rows, 0)?)
 }
 
 impl<T: KvElem, O: DeviceOps<T>> Memory for OffloadBackend<T, O> {
@@ -788,118 +719,6 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
 }
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
-    /// Scores and plans a selection (see [`Backend::select`]) without recalling it.
-    fn plan_selection(
-        &self,
-        host: &HostTierOf<T, O>,
-        table: &[u32],
-        dev: &mut OffloadTier<T, O::Slots, O::Query>,
-        selection: &Selection,
-        heads: &[bool],
-        scratch: &mut OffloadScratch<T, O::Scratch>,
-    ) -> anyhow::Result<()> {
-        if selection.selector != Selector::Quest {
-            // Selectors that read keys run on the host, over the host tier, as on the CPU. The
-            // oracle's softmax covers every token: the caller settles the step's first.
-            anyhow::ensure!(
-                selection.selector != Selector::Oracle || host.pending.is_empty(),
-                "an oracle selection before the step's tokens reached the host tier"
-            );
-            return self.cpu.plan_selection(
-                &host.tier,
-                table,
-                &mut dev.plan,
-                selection,
-                heads,
-                &mut scratch.cpu,
-            );
-        }
-        let g = &self.geo;
-        let candidates = selection.candidates.clone();
-        let n = candidates.len();
-        scratch.scores.clear();
-        scratch.scores.resize(g.num_kv_heads * n, 0.0);
-        self.score_on_device(host, table, dev, &candidates, heads, scratch)?;
-        let sel = g.selected_slots();
-        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
-            let sc = &mut scratch.select;
-            sc.pooled.clear();
-            sc.pooled
-                .extend_from_slice(&scratch.scores[h * n..(h + 1) * n]);
-            plan_replacement(g, candidates.clone(), &dev.plan.slots(h)[sel.clone()], sc);
-            dev.plan.set_plan(h, sc.plan.iter().copied());
-            dev.plan.set_margin(h, sc.margin);
-        }
-        Ok(())
-    }
-
-    /// Applies the pending plan of the heads in `heads`: brings the missing pages into their
-    /// slots.
-    fn recall(
-        &self,
-        host: &HostTierOf<T, O>,
-        table: &[u32],
-        dev: &mut OffloadTier<T, O::Slots, O::Query>,
-        heads: &[bool],
-        scratch: &mut OffloadScratch<T, O::Scratch>,
-    ) -> anyhow::Result<RecallStats> {
-        let g = &self.geo;
-        dev.held_len = 0;
-        scratch.moves.clear();
-        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
-            for e in dev.plan.plan(h) {
-                if e.page != NO_PAGE {
-                    scratch.moves.push(ChunkMove {
-                        block: table[e.page as usize],
-                        head: h as u32,
-                        slot: e.slot,
-                    });
-                }
-            }
-        }
-        self.ops
-            .move_chunks(
-                &host.tier,
-                &mut dev.slots,
-                &scratch.moves,
-                Some(&mut scratch.device),
-            )
-            .context("recalling the selected pages")?;
-        // The tables follow the data (and the plans are consumed).
-        let mut stats = CpuBackend::<T>::apply_plan(&mut dev.plan, heads);
-        debug_assert_eq!(stats.pages, scratch.moves.len());
-        stats.bytes = stats.pages * self.chunk_bytes();
-        Ok(stats)
-    }
-
-    /// Loads a decode step (see [`Inputs::Decode`]).
-    fn load_decode(
-        &self,
-        batch: &mut OffloadBatch<O::Batch, O::Staged>,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> anyhow::Result<()> {
-        batch.call = Call::Empty;
-        batch.host_rows.clear();
-        self.ops
-            .load_batch(&mut batch.dev, q, k, v)
-            .context("loading a decode step on the device")?;
-        // The host's copy (the host tier, the correction test), read when needed.
-        let reuse = batch.staged.take();
-        batch.staged = Some(
-            self.ops
-                .stage_batch(&batch.dev, reuse)
-                .context("copying a decode step's q, k and v towards the host")?,
-        );
-        batch.call = Call::Decode {
-            host_loaded: false,
-            waited: false,
-            retired: false,
-        };
-        Ok(())
-    }
-
     /// Moves the window of `dev` forward over the token of batch row `row` (position
     /// `len - 1`).
     fn advance_working_set(
@@ -913,42 +732,6 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         self.cpu.advance_window_plan(&mut dev.plan, len);
         let slot = self.geo.window_slot((len - 1) / self.geo.page_size);
         self.append_from_batch(dev, slot, len - 1, batch, row)
-    }
-
-    /// Loads a prompt batch (see [`Inputs::Prefill`]).
-    fn load_prefill(
-        &self,
-        batch: &mut OffloadBatch<O::Batch, O::Staged>,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        last_only: Option<&[usize]>,
-    ) -> anyhow::Result<()> {
-        batch.call = Call::Empty;
-        batch.host_rows.clear();
-        // The host reads every key and value (into the host tier), but of the queries only each
-        // row's last (the first selection's) when the engine attends the prompt itself.
-        let hq = match last_only {
-            Some(new_lens) => on_host(&last_queries(q, new_lens)?)?,
-            None => on_host(q)?,
-        };
-        let (hk, hv) = (on_host(k)?, on_host(v)?);
-        let inputs = Inputs::Prefill {
-            q: &hq,
-            k: &hk,
-            v: &hv,
-            last_only,
-        };
-        self.cpu.load(&mut batch.host, inputs)?;
-        let device = match last_only {
-            None => Some(DevicePrompt {
-                inputs: [q.clone(), k.clone(), v.clone()],
-                out: vec![None; q.dim(0)?],
-            }),
-            Some(_) => None,
-        };
-        batch.call = Call::Prompt { device };
-        Ok(())
     }
 
     /// One row of [`Backend::write`].

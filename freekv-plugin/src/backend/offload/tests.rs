@@ -6,6 +6,7 @@ use super::*;
 use crate::backend::cpu::select::pooled_scores;
 use crate::backend::AttendRow;
 use crate::plan::tests::geo;
+use candle_core::Device;
 
 /// Summaries the host computes outside a page fill (`ensure_summaries`) reach the device's
 /// mirror, and a dense layer has none.
