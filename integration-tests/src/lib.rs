@@ -7,6 +7,7 @@ pub mod http;
 pub mod load;
 pub mod paths;
 pub mod prose;
+pub mod ring;
 pub mod server;
 pub mod tiny_models;
 

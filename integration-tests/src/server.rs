@@ -25,7 +25,8 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> Result<u16> {
+/// A port free on the loopback interface now.
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -51,17 +52,25 @@ impl Server {
         global: &[&str],
         serve_args: &[&str],
     ) -> Result<Server> {
-        let port = free_port()?;
-        let log = paths::scratch(name)?.join("server.log");
-        let child = Command::new(bin)
-            .args(["--token-source", "none"])
+        let mut cmd = Command::new(bin);
+        cmd.args(["--token-source", "none"])
             .args(global)
             .args(["serve", "--format", "gguf", "-m"])
             .arg(gguf.parent().context("gguf folder")?)
             .arg("-f")
             .arg(gguf.file_name().context("gguf name")?)
             .arg("--cpu")
-            .args(serve_args)
+            .args(serve_args);
+        Self::spawn(cmd, &paths::scratch(name)?)
+    }
+
+    /// Starts `cmd` (a `mistralrs ... serve ...` command: the loopback host and a free port are
+    /// added, the log goes to `dir/server.log` and `.err`) and waits until `/health` answers
+    /// (5 minutes at most).
+    pub fn spawn(mut cmd: Command, dir: &std::path::Path) -> Result<Server> {
+        let port = free_port()?;
+        let log = dir.join("server.log");
+        let child = cmd
             .args(["--host", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)

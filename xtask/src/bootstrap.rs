@@ -19,7 +19,12 @@ use std::path::{Path, PathBuf};
 
 /// Engine crates we patch, all pinned to this version.
 pub const ENGINE_VERSION: &str = "0.8.1";
-pub const PATCHED_CRATES: &[&str] = &["mistralrs-core", "mistralrs-server-core", "mistralrs-cli"];
+pub const PATCHED_CRATES: &[&str] = &[
+    "mistralrs-quant",
+    "mistralrs-core",
+    "mistralrs-server-core",
+    "mistralrs-cli",
+];
 
 /// Stamps live beside the crate folders, not inside: cargo fingerprints a path crate by the
 /// newest file in its folder, so a stamp written inside would rebuild the engine.

@@ -10,6 +10,7 @@ use mistralrs_core::attention_backend::{
 };
 use once_cell::sync::OnceCell;
 
+use super::rank::Rank;
 use super::registry::{LoadedModel, Registry};
 use super::{layer::FreeKvLayer, metrics, model_check, step_rows};
 use crate::backend::offload::ops::STAGED_CHUNKS_PER_BUFFER;
@@ -21,6 +22,8 @@ use crate::{FreeKv, FreeKvConfig, KvDType};
 pub struct FreeKvBackend {
     config: Mutex<FreeKvConfig>,
     models: Arc<Registry>,
+    /// This process's tensor-parallel rank (each rank registers its own backend).
+    rank: Rank,
 }
 
 /// The backend registered with the engine (set once; the engine holds it too).
@@ -34,6 +37,7 @@ pub fn register(config: FreeKvConfig) -> anyhow::Result<()> {
         let backend = Arc::new(FreeKvBackend {
             config: Mutex::new(config.clone()),
             models: Arc::default(),
+            rank: Rank::of_this_process(),
         });
         if register_paged_attention_backend(backend.clone()).is_err() {
             let other = paged_attention_backend().map_or("?", |b| b.name());
@@ -226,8 +230,9 @@ impl PagedAttentionBackend for FreeKvBackend {
         // A preempted sequence is released too, and counts again from its new prefill.
         if let Some(c) = model.freekv.free_sequence(seq_id as u64) {
             tracing::info!(
-                "FreeKV model #{} request {seq_id} released: {}",
+                "FreeKV model #{}{} request {seq_id} released: {}",
                 model.index,
+                self.rank.label(),
                 c.summary()
             );
         }
@@ -238,7 +243,7 @@ impl PagedAttentionBackend for FreeKvBackend {
     }
 
     fn metrics(&self) -> Option<String> {
-        Some(metrics::render(&self.models.loaded()))
+        Some(metrics::render(&self.models.loaded(), self.rank))
     }
 
     /// Reads the step's rows once, for every layer of the step.

@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 
+use super::rank::Rank;
 use super::registry::LoadedModel;
 
 /// A model and its counters, read once per scrape.
@@ -151,8 +152,10 @@ const METRICS: &[Metric] = &[
     },
 ];
 
-/// The exposition text for `models` (one sample per metric and model, labelled `model`).
-pub(crate) fn render(models: &[LoadedModel]) -> String {
+/// The exposition text for `models` (one sample per metric and model, labelled `model`), then
+/// this process's tensor-parallel rank: in a tensor-parallel world every metric above is this
+/// rank's share (the master's, which serves `/metrics`); the other ranks log theirs per request.
+pub(crate) fn render(models: &[LoadedModel], rank: Rank) -> String {
     let samples: Vec<Sample<'_>> = models
         .iter()
         .map(|model| Sample {
@@ -171,5 +174,15 @@ pub(crate) fn render(models: &[LoadedModel]) -> String {
             }
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP freekv_tensor_parallel_rank The rank whose FreeKV these metrics show\n\
+         # TYPE freekv_tensor_parallel_rank gauge\n\
+         freekv_tensor_parallel_rank {}\n\
+         # HELP freekv_tensor_parallel_world_size Ranks that share each layer's KV heads (each with its own FreeKV)\n\
+         # TYPE freekv_tensor_parallel_world_size gauge\n\
+         freekv_tensor_parallel_world_size {}",
+        rank.rank, rank.world_size
+    );
     out
 }

@@ -28,6 +28,7 @@ mod batch;
 mod layer;
 mod metrics;
 mod model_check;
+mod rank;
 mod registry;
 mod step_rows;
 

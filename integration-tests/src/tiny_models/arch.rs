@@ -81,7 +81,7 @@ impl Arch {
     }
 
     /// (query heads, kv heads, layers): head groups of 2, 4, 3, 4, 1 and 2.
-    fn shape(self) -> (usize, usize, usize) {
+    pub fn shape(self) -> (usize, usize, usize) {
         match self {
             Arch::Llama => (4, 2, 2),
             Arch::Mistral => (4, 1, 3),

@@ -8,6 +8,7 @@
 
 mod bad_input;
 mod load;
+mod ring;
 mod server;
 mod smollm2;
 mod tiny;
