@@ -284,17 +284,35 @@ fn a_killed_rank_fails_requests_with_an_error_and_the_master_keeps_serving() -> 
         failed,
         "a stream whose rank died finished without an error: {text}"
     );
-    // A new request gets an error too, promptly; the master is still up.
-    let t = Instant::now();
-    let reply = http::post_json(port, "/v1/chat/completions", &chat("Hello?", 8, false))?;
-    println!(
-        "next request ({:?}): {} {}",
-        t.elapsed(),
-        reply.status,
-        &reply.body[..reply.body.len().min(300)]
+    // New requests get errors too, promptly. The engine's loop ends at a failed step and
+    // the next request restarts it, so the first one may only hear that nothing answered;
+    // the restarted engine then says what to do.
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let reply = http::post_json(port, "/v1/chat/completions", &chat("Hello?", 8, false))?;
+        println!(
+            "next request ({:?}): {} {}",
+            t.elapsed(),
+            reply.status,
+            reply.body
+        );
+        assert!(
+            t.elapsed() < FAILS_WITHIN,
+            "a request took {:?}",
+            t.elapsed()
+        );
+        assert_ne!(
+            reply.status, 200,
+            "a request succeeded without rank 1: {}",
+            reply.body
+        );
+        replies.push(reply.body);
+    }
+    assert!(
+        replies.iter().any(|r| r.contains("restart every rank")),
+        "no error said what to do: {replies:?}"
     );
-    assert!(t.elapsed() < FAILS_WITHIN);
-    assert!(reply.status != 200 || reply.body.contains("error"));
     assert!(world.master.alive(), "the master exited");
     assert_eq!(http::get(port, "/health")?.status, 200);
     Ok(())
