@@ -22,8 +22,9 @@ use crate::{FreeKv, FreeKvConfig, KvDType};
 pub struct FreeKvBackend {
     config: Mutex<FreeKvConfig>,
     models: Arc<Registry>,
-    /// This process's tensor-parallel rank (each rank registers its own backend).
-    rank: Rank,
+    /// This process's tensor-parallel rank (each rank registers its own backend), read at
+    /// first use: after a model loaded, so the engine has already checked its configuration.
+    rank: OnceCell<Rank>,
 }
 
 /// The backend registered with the engine (set once; the engine holds it too).
@@ -37,7 +38,7 @@ pub fn register(config: FreeKvConfig) -> anyhow::Result<()> {
         let backend = Arc::new(FreeKvBackend {
             config: Mutex::new(config.clone()),
             models: Arc::default(),
-            rank: Rank::of_this_process(),
+            rank: OnceCell::new(),
         });
         if register_paged_attention_backend(backend.clone()).is_err() {
             let other = paged_attention_backend().map_or("?", |b| b.name());
@@ -70,6 +71,10 @@ pub fn loaded_models() -> Vec<LoadedModel> {
 }
 
 impl FreeKvBackend {
+    fn rank(&self) -> Rank {
+        *self.rank.get_or_init(Rank::of_this_process)
+    }
+
     fn config(&self) -> FreeKvConfig {
         self.config
             .lock()
@@ -232,7 +237,7 @@ impl PagedAttentionBackend for FreeKvBackend {
             tracing::info!(
                 "FreeKV model #{}{} request {seq_id} released: {}",
                 model.index,
-                self.rank.label(),
+                self.rank().label(),
                 c.summary()
             );
         }
@@ -243,7 +248,7 @@ impl PagedAttentionBackend for FreeKvBackend {
     }
 
     fn metrics(&self) -> Option<String> {
-        Some(metrics::render(&self.models.loaded(), self.rank))
+        Some(metrics::render(&self.models.loaded(), self.rank()))
     }
 
     /// Reads the step's rows once, for every layer of the step.

@@ -6,7 +6,7 @@
 //! working sets) is this rank's share. Nothing of FreeKV crosses the wire; this module only
 //! labels what a rank reports (`/metrics` on the master, the release log lines on every rank).
 
-use serde::Deserialize;
+use mistralrs_core::distributed::{use_ring, RingConfig};
 
 /// This process's place in a tensor-parallel world (rank 0 of 1 when alone).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,37 +17,25 @@ pub(crate) struct Rank {
     pub world_size: usize,
 }
 
-#[derive(Deserialize)]
-struct RingConfigRank {
-    rank: usize,
-    world_size: usize,
-}
-
 impl Rank {
     const ALONE: Rank = Rank {
         rank: 0,
         world_size: 1,
     };
 
-    /// This process's rank: from the ring configuration when the engine runs with one
-    /// (`RING_CONFIG`), else rank 0 of 1. A configuration the engine could not read either
-    /// stops the engine first, so an unreadable one reads as alone here.
+    /// This process's rank: the engine's ring configuration's when it runs with one
+    /// (`RING_CONFIG`), else rank 0 of 1. Call it once a model has loaded: the engine has then
+    /// read the configuration itself (and stopped on one it cannot read).
     pub(crate) fn of_this_process() -> Rank {
-        match std::env::var_os("RING_CONFIG") {
-            Some(path) if mistralrs_core::distributed::use_ring() => std::fs::read(path)
-                .ok()
-                .and_then(|bytes| Self::from_ring_config(&bytes))
-                .unwrap_or(Self::ALONE),
-            _ => Self::ALONE,
+        if use_ring() {
+            let config = RingConfig::load();
+            Rank {
+                rank: config.rank,
+                world_size: config.world_size,
+            }
+        } else {
+            Self::ALONE
         }
-    }
-
-    fn from_ring_config(json: &[u8]) -> Option<Rank> {
-        let c: RingConfigRank = serde_json::from_slice(json).ok()?;
-        (c.world_size >= 1 && c.rank < c.world_size).then_some(Rank {
-            rank: c.rank,
-            world_size: c.world_size,
-        })
     }
 
     /// " (rank R of W)" in a tensor-parallel world, empty when alone.
@@ -65,26 +53,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_ring_configuration_names_the_rank() {
-        let json = br#"{"master_ip":"127.0.0.1","master_port":1,"port":2,"right_port":3,"rank":1,"world_size":2}"#;
-        let rank = Rank::from_ring_config(json).unwrap();
-        assert_eq!(
-            rank,
-            Rank {
-                rank: 1,
-                world_size: 2
-            }
-        );
+    fn a_rank_in_a_world_is_named() {
+        let rank = Rank {
+            rank: 1,
+            world_size: 2,
+        };
         assert_eq!(rank.label(), " (rank 1 of 2)");
         assert_eq!(Rank::ALONE.label(), "");
-    }
-
-    #[test]
-    fn an_impossible_rank_reads_as_none() {
-        assert_eq!(
-            Rank::from_ring_config(br#"{"rank":2,"world_size":2}"#),
-            None
-        );
-        assert_eq!(Rank::from_ring_config(b"not json"), None);
     }
 }
