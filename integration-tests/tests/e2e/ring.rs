@@ -153,9 +153,17 @@ fn a_sparse_budget_decodes_sparsely_on_both_ranks() -> Result<()> {
             .with_context(|| format!("request {i}"))?;
         ensure!(!text.trim().is_empty(), "request {i}: an empty answer");
     }
-    let master = released(&std::fs::read_to_string(&world.master.log)?);
+    // A rank logs a release after it has answered: give both logs a moment to settle.
+    let start = Instant::now();
+    let (master, rank1) = loop {
+        let master = released(&std::fs::read_to_string(&world.master.log)?);
+        let rank1 = released(&world.daemons[0].log_text());
+        if master.len() == rank1.len() || start.elapsed() > Duration::from_secs(10) {
+            break (master, rank1);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let daemon = &mut world.daemons[0];
-    let rank1 = released(&daemon.log_text());
     assert!(
         daemon.alive(),
         "rank 1 exited; see {}",
