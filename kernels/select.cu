@@ -1,5 +1,6 @@
-// Page selection on the device: scoring, group pooling, correction flags. The top-k and the
-// replacement plan are the host's, from the pooled scores (every device makes the CPU's plans).
+// Page selection on the device: scoring, group pooling, the top-k and the replacement plan
+// (freekv_plan_pages, the CPU backend's `plan_replacement` exactly), correction flags. Only each
+// head's plan (a few slot/page pairs) goes back to the host, which moves the chunks it names.
 //
 // A sequence has `cand_count` candidate pages (full pages that are neither sink nor window), in the
 // order the host lists their blocks. Score buffers are indexed by candidate j with a fixed row stride `cand_stride` >= the largest cand_count of the batch.
@@ -154,5 +155,167 @@ extern "C" __global__ void freekv_correction(const unsigned long long* __restric
     c *= 1.0f / GROUP;
     cos_out[s * n_kv + g] = c;
     flags[s * n_kv + g] = c < tau ? 1 : 0;
+  }
+}
+
+// Total-order bits of a float, as an unsigned integer that sorts as Rust's `f32::total_cmp`:
+// -NaN < -inf < ... < -0 < +0 < ... < +inf < NaN.
+__device__ __forceinline__ u32 order_bits(float x) {
+  const u32 u = __float_as_uint(x);
+  return u ^ ((u & 0x80000000u) ? 0xffffffffu : 0x80000000u);
+}
+
+// A candidate's rank key: larger is better (higher score, then the lower page: ties pick lower
+// pages), and distinct for distinct candidates.
+__device__ __forceinline__ u64 cand_key(const float* __restrict__ pooled, int j) {
+  return ((u64)order_bits(pooled[j]) << 32) | (u64)(0xffffffffu - (u32)j);
+}
+
+// The relative gap between the last winner and the best candidate left out (0 on a tie, +inf
+// when every candidate wins), as the CPU backend's `margin`.
+__device__ __forceinline__ float plan_margin(float worst_winner, float best_loser) {
+  if (best_loser == FKV_NEG_INF && worst_winner > best_loser) return __int_as_float(0x7f800000);
+  if (isnan(worst_winner) || isnan(best_loser) || worst_winner <= best_loser) return 0.0f;
+  const float scale = fmaxf(fmaxf(fabsf(worst_winner), fabsf(best_loser)), 1.17549435e-38f);
+  return (worst_winner - best_loser) / scale;
+}
+
+#define NO_PAGE 0xffffffffu
+
+// The top-k and replacement plan of one (sequence, KV head) from its pooled scores, identical to
+// the CPU backend's `plan_replacement` on the same scores:
+// - winners: the k = min(sel_k, cand_count) best candidates (cand_key order), i.e. the keys >= the
+//   k-th largest key, found by an 8-bit radix select over the 64-bit keys (8 passes);
+// - a selected slot holding a winner keeps it (the first such slot, should a page be held twice);
+//   every other selected slot may be replaced, lowest (score, slot) first, where an empty slot or
+//   one holding a page that is no longer a candidate scores -inf;
+// - the winners no slot holds, best first, go into those slots in that order; slots left over are
+//   emptied; a pair that leaves its slot unchanged is omitted.
+// Candidate j is page `cand_first[s] + j`. resident: [n_seq][n_kv][n_sel] u32, the selected slots'
+// pages (NO_PAGE: empty); slot i is `slot0 + i`. plan: per (s, g) a row of 2 + 2 n_sel u32: the
+// pair count, the margin (f32 bits), then (slot, page) pairs in the CPU backend's order.
+// work: per (s, g) n_sel x (u64 evict key, u64 missing key, u32 evict order, u32 missing order).
+// Launch: grid = (n_kv, n_seq), block = 256.
+extern "C" __global__ void freekv_plan_pages(const float* __restrict__ pooled,
+                                             const SeqDesc* __restrict__ descs,
+                                             const int* __restrict__ cand_first,
+                                             const u32* __restrict__ resident, u32* __restrict__ plan,
+                                             unsigned char* __restrict__ work, int n_kv, int cand_stride,
+                                             int n_sel, int sel_k, int slot0) {
+  __shared__ u32 hist[256];
+  __shared__ float scratch[32];
+  __shared__ u64 s_prefix;
+  __shared__ u32 s_remaining;
+  __shared__ int n_evict, n_missing;
+  const int g = blockIdx.x, s = blockIdx.y, tid = threadIdx.x, nt = blockDim.x;
+  const i64 row = (i64)s * n_kv + g;
+  const int n = descs[s].cand_count;
+  const u32 first = (u32)cand_first[s];
+  const float* __restrict__ sc = pooled + row * cand_stride;
+  const u32* __restrict__ held = resident + row * n_sel;
+  u32* __restrict__ out = plan + row * (2 + 2 * (i64)n_sel);
+  u64* ekey = reinterpret_cast<u64*>(work + row * 24 * (i64)n_sel);
+  u64* mkey = ekey + n_sel;
+  u32* eorder = reinterpret_cast<u32*>(mkey + n_sel);
+  u32* morder = eorder + n_sel;
+  const int k = min(sel_k, n);
+
+  // The k-th largest key (exact: keys are distinct). With k = 0 no key reaches it.
+  u64 prefix = 0, mask = 0;
+  u32 remaining = (u32)k;
+  if (k > 0) {
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += nt) hist[i] = 0;
+      __syncthreads();
+      for (int j = tid; j < n; j += nt) {
+        const u64 key = cand_key(sc, j);
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      }
+      __syncthreads();
+      if (tid == 0) {
+        u32 acc = 0;
+        int b = 255;
+        for (; b > 0; --b) {
+          if (acc + hist[b] >= remaining) break;
+          acc += hist[b];
+        }
+        s_prefix = prefix | ((u64)b << shift);
+        s_remaining = remaining - acc;
+      }
+      __syncthreads();
+      prefix = s_prefix;
+      remaining = s_remaining;
+      mask |= (u64)255 << shift;
+    }
+  }
+  // Winners: keys >= threshold (none when k = 0).
+  const bool any = k > 0;
+  const u64 threshold = prefix;
+
+  // The margin: the worst winner's score against the best loser's.
+  float worst = __int_as_float(0x7f800000), best_loser = FKV_NEG_INF;
+  for (int j = tid; j < n; j += nt) {
+    if (any && cand_key(sc, j) >= threshold) worst = fminf(worst, sc[j]);
+    else best_loser = fmaxf(best_loser, sc[j]);
+  }
+  worst = -block_max(-worst, scratch);
+  best_loser = block_max(best_loser, scratch);
+
+  if (tid == 0) n_evict = n_missing = 0;
+  __syncthreads();
+  // The slots that may be replaced, with their scores.
+  for (int i = tid; i < n_sel; i += nt) {
+    const u32 p = held[i];
+    const bool cand = p != NO_PAGE && p >= first && p - first < (u32)n;
+    float score = FKV_NEG_INF;
+    if (cand) {
+      const int c = (int)(p - first);
+      bool keep = any && cand_key(sc, c) >= threshold;
+      for (int i2 = 0; keep && i2 < i; ++i2) keep = held[i2] != p;
+      if (keep) continue;
+      score = sc[c];
+    }
+    const int e = atomicAdd(&n_evict, 1);
+    ekey[e] = ((u64)order_bits(score) << 32) | (u64)(u32)(slot0 + i);
+  }
+  // The winners no slot holds.
+  for (int j = tid; any && j < n; j += nt) {
+    if (cand_key(sc, j) < threshold) continue;
+    const u32 page = first + (u32)j;
+    bool is_held = false;
+    for (int i = 0; !is_held && i < n_sel; ++i) is_held = held[i] == page;
+    if (is_held) continue;
+    const int m = atomicAdd(&n_missing, 1);
+    mkey[m] = ((u64)order_bits(sc[j]) << 32) | (u64)(0xffffffffu - page);
+  }
+  __syncthreads();
+  const int ne = n_evict, nm = n_missing;
+  // Ranks (keys are distinct): evicted slots ascending, missing pages descending.
+  for (int e = tid; e < ne; e += nt) {
+    const u64 key = ekey[e];
+    int r = 0;
+    for (int x = 0; x < ne; ++x) r += ekey[x] < key;
+    eorder[r] = (u32)key;
+  }
+  for (int m = tid; m < nm; m += nt) {
+    const u64 key = mkey[m];
+    int r = 0;
+    for (int x = 0; x < nm; ++x) r += mkey[x] > key;
+    morder[r] = 0xffffffffu - (u32)key;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    u32 count = 0;
+    for (int r = 0; r < ne; ++r) {
+      const u32 slot = eorder[r];
+      const u32 page = r < nm ? morder[r] : NO_PAGE;
+      if (page != held[slot - (u32)slot0]) {
+        out[2 + 2 * count] = slot;
+        out[3 + 2 * count] = page;
+        ++count;
+      }
+    }
+    out[0] = count;
+    out[1] = __float_as_uint(plan_margin(worst, best_loser));
   }
 }

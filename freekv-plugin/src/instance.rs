@@ -1,14 +1,17 @@
 //! One FreeKV instance over a backend: per-layer state behind per-layer locks, and the
-//! background worker that runs the speculative selections.
+//! background workers that run the speculative selections.
 //!
 //! Threading: the engine calls a layer's prefill/decode from its thread; each call locks that
 //! layer only. A decode step that scheduled background work marks the layer pending and sends
-//! its index to the worker thread, which locks the layer, runs
-//! [`timeline::background_selection`] and clears the mark. Every call that touches a layer
+//! its index to the workers (`workers` threads sharing one queue); the one that takes it locks
+//! the layer, runs
+//! [`background::background_selection`] and clears the mark. Every call that touches a layer
 //! first joins its pending work (waits for the mark to clear), so the next step's attention
 //! always sees the recalled pages, and then completes the host-tier writes the backend left
-//! from the layer's last step (`Backend::settle`; the worker does so first too). The worker holds one layer at a time; the calling thread
-//! meanwhile works on the other layers: that is the overlap.
+//! from the layer's last step (`Backend::settle`; the worker does so first too). A worker holds
+//! one layer at a time, so a layer's work runs in order; the calling thread meanwhile works on
+//! the other layers (that is the overlap), and layers queued behind each other go to the idle
+//! workers.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +23,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::backend::{Backend, Inputs, Role};
+use crate::background;
 use crate::correction::Threshold;
 use crate::counters::{Counters, LayerCounters};
 use crate::geometry::Geometry;
@@ -174,7 +178,7 @@ fn lock_status(cell: &Mutex<JobStatus>) -> MutexGuard<'_, JobStatus> {
 pub struct Instance<B: Backend> {
     shared: Arc<Shared<B>>,
     jobs: Option<Sender<usize>>,
-    worker: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl<B: Backend> Instance<B> {
@@ -185,7 +189,7 @@ impl<B: Backend> Instance<B> {
             .count()
     }
 
-    /// Allocates the host tier of every layer and starts the worker.
+    /// Allocates the host tier of every layer and starts the workers.
     pub fn new(
         backend: B,
         config: FreeKvConfig,
@@ -232,14 +236,23 @@ impl<B: Backend> Instance<B> {
             tracing: AtomicBool::new(false),
         });
         let (jobs, queue) = channel();
-        let worker_shared = shared.clone();
-        let worker = std::thread::Builder::new()
-            .name("freekv-worker".into())
-            .spawn(move || worker_loop(worker_shared, queue))?;
+        let queue = Arc::new(Mutex::new(queue));
+        let mut workers = Vec::with_capacity(shared.config.workers);
+        for i in 0..shared.config.workers.max(1) {
+            let (shared, queue) = (shared.clone(), queue.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("freekv-worker-{i}"))
+                .spawn(move || worker_loop(shared, queue));
+            match spawned {
+                Ok(w) => workers.push(w),
+                // The queue closes with `jobs`: the workers started so far end.
+                Err(e) => anyhow::bail!("starting FreeKV worker thread {i}: {e}"),
+            }
+        }
         Ok(Self {
             shared,
             jobs: Some(jobs),
-            worker: Some(worker),
+            workers,
         })
     }
 
@@ -299,18 +312,25 @@ impl<B: Backend> Instance<B> {
         if !sent {
             let mut status = lock_status(&cell.job);
             status.pending = false;
-            status.failure = Some("the FreeKV worker thread is gone".into());
+            status.failure = Some("the FreeKV worker threads are gone".into());
         }
     }
 }
 
-fn worker_loop<B: Backend>(shared: Arc<Shared<B>>, queue: Receiver<usize>) {
+/// One worker: takes layers from the shared queue until it closes.
+fn worker_loop<B: Backend>(shared: Arc<Shared<B>>, queue: Arc<Mutex<Receiver<usize>>>) {
     let mut scratch = shared.backend.alloc_scratch(Role::Worker);
-    for layer in queue {
+    loop {
+        // Held while waiting: the idle workers queue on the lock, one waits on the channel.
+        let next = match queue.lock() {
+            Ok(q) => q.recv(),
+            Err(_) => return,
+        };
+        let Ok(layer) = next else { return };
         let cell = &shared.layers[layer];
         let result = catch_unwind(AssertUnwindSafe(|| match cell.state.lock() {
             Ok(mut state) => {
-                timeline::background_selection(&shared.ctx(layer), &mut state, &mut scratch);
+                background::background_selection(&shared.ctx(layer), &mut state, &mut scratch);
                 None
             }
             Err(_) => Some("the layer's state is unusable after an earlier panic".to_string()),
@@ -368,7 +388,7 @@ impl<B: Backend> Instance<B> {
 impl<B: Backend> Drop for Instance<B> {
     fn drop(&mut self) {
         self.jobs.take();
-        if let Some(w) = self.worker.take() {
+        for w in self.workers.drain(..) {
             let _ = w.join();
         }
     }

@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod background;
 pub mod config;
 mod correction;
 pub mod counters;
@@ -73,7 +74,7 @@ pub use instance::AnyInstance;
 use instance::Instance;
 
 /// FreeKV for one loaded model: the host tier of every layer, every sequence's per-layer
-/// state, and a background worker thread for the speculative selections.
+/// state, and background worker threads (knob `workers`) for the speculative selections.
 ///
 /// `Send + Sync`; every method takes `&self` (one lock per layer inside). Calls for one layer
 /// must come in the model's order (the engine's forward pass); a decode call for layer `l`

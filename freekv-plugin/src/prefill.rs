@@ -7,8 +7,9 @@
 use std::time::Instant;
 
 use crate::backend::{Arrange, ArrangeRow, Attend, Backend, CausalRow, StoreQuery, WriteRow};
+use crate::background::select_for_next_step;
 use crate::state::{LayerState, SeqLayer};
-use crate::timeline::{select_for_next_step, LayerCtx};
+use crate::timeline::LayerCtx;
 use crate::{AttnParams, PrefillRow};
 
 /// Checks one prompt row against the batch and the host tier.

@@ -15,7 +15,7 @@
 //! 4. **schedule** - store `q_i` (mode `speculative`: the worker stores it, since only its
 //!    selection reads it); in the speculative modes hand the layer to the background
 //!    worker, which selects with `q_i` for the context of step `i + 1` and recalls the missing
-//!    pages ([`background_selection`]), off the critical path. The next call for this layer
+//!    pages ([`crate::background`]), off the critical path. The next call for this layer
 //!    joins that work before it starts (see `crate::instance`).
 //!
 //! So the pages a head attends over at step `i` are `select(q_{i-1}, candidates(L))`, or
@@ -28,7 +28,7 @@ use crate::backend::{
 };
 use crate::correction::Threshold;
 use crate::geometry::Geometry;
-use crate::state::{LayerState, Phase, RowStep, SeqLayer, StepTrace};
+use crate::state::{LayerState, RowStep, SeqLayer, StepTrace};
 use crate::step_plan::{PlannedRow, StepPlan};
 use crate::{AttnParams, DecodeRow, FreeKvConfig, Mode, Policy, Selector};
 
@@ -281,7 +281,7 @@ fn arrange<B: Backend>(
 impl<B> LayerCtx<'_, B> {
     /// A selection for the step whose context is `context` tokens, with the query stored
     /// when the sequence had `len` tokens in the host tier.
-    fn selection(&self, context: usize, len: usize, params: &AttnParams) -> Selection {
+    pub(crate) fn selection(&self, context: usize, len: usize, params: &AttnParams) -> Selection {
         Selection {
             candidates: self.geo.candidates(context, params),
             len,
@@ -519,84 +519,4 @@ fn trace<B: Backend>(cx: &LayerCtx<'_, B>, seq: &mut SeqLayer<B>, p: &PlannedRow
             .map(|h| plan.resident_pages(h))
             .collect();
     }
-}
-
-/// The worker's share of step `i` for one layer: the host-tier writes the step deferred
-/// ([`Backend::settle`]), then for every sequence that scheduled it, store `q_i` if the step
-/// left that to the worker, select with it over the candidates of step `i + 1` and recall
-/// the missing pages. A sequence whose selection fails keeps the error for its next step
-/// (which reports it) and loses its selection; the other sequences are not affected.
-pub fn background_selection<B: Backend>(
-    cx: &LayerCtx<'_, B>,
-    st: &mut LayerState<B>,
-    scratch: &mut B::Scratch,
-) {
-    let LayerState {
-        host,
-        seqs,
-        batch,
-        all_heads,
-        ..
-    } = st;
-    let settled = cx.backend.settle(host, batch, scratch);
-    for seq in seqs.values_mut().filter(|s| s.phase == Phase::Speculating) {
-        let t = Instant::now();
-        let selected = settled
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("{e:#}"))
-            .and_then(|()| match (seq.query_row.take(), seq.dev.as_mut()) {
-                (Some(row), Some(dev)) => {
-                    let mut one = [StoreQuery { dev, row, token: 0 }];
-                    cx.backend.store_query(&mut one, batch)
-                }
-                _ => Ok(()),
-            })
-            .and_then(|()| select_for_next_step(cx, host, seq, all_heads, scratch));
-        if let Err(e) = selected {
-            seq.forget();
-            seq.failure = Some(format!("{e:#}"));
-        }
-        seq.counters.background_ns += t.elapsed().as_nanos() as u64;
-    }
-}
-
-/// Selection with the stored query over the candidates of the sequence's next step, and the
-/// recall, for the heads in `heads` (counted in the sequence's counters). A head this step
-/// already selected with the same query over the same candidates keeps that selection (the
-/// selection would be the same: every winner resident, nothing to recall).
-pub fn select_for_next_step<B: Backend>(
-    cx: &LayerCtx<'_, B>,
-    host: &B::HostTier,
-    seq: &mut SeqLayer<B>,
-    heads: &[bool],
-    scratch: &mut B::Scratch,
-) -> anyhow::Result<()> {
-    let Some(dev) = seq.dev.as_mut() else {
-        seq.forget();
-        return Ok(());
-    };
-    let selection = cx.selection(seq.len + 1, seq.len, &seq.params);
-    // The heads left to select, in `seq.fresh` (emptied after).
-    let repeat = !seq.fresh.is_empty() && seq.fresh_candidates == selection.candidates;
-    seq.fresh.resize(heads.len(), false);
-    for (left, &h) in seq.fresh.iter_mut().zip(heads) {
-        *left = h && !(repeat && *left);
-    }
-    let heads = &seq.fresh;
-    let selecting = heads.iter().filter(|&&h| h).count();
-    if selecting > 0 {
-        let mut one = [SelectRow {
-            table: &seq.table,
-            dev,
-            selection,
-            heads,
-        }];
-        let stats = cx.backend.select(host, &mut one, scratch)?;
-        seq.counters.head_selections += selecting as u64;
-        seq.counters
-            .add_recall(stats.into_iter().next().unwrap_or_default());
-    }
-    seq.fresh.clear();
-    seq.select();
-    Ok(())
 }

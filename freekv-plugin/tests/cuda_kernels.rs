@@ -32,6 +32,10 @@ mod gpu;
 mod rng;
 use rng::Rng;
 
+// The top-k and replacement plan kernel.
+#[path = "cuda_kernels/plan.rs"]
+mod plan;
+
 fn enc(dt: KernelDtype, x: f32) -> u16 {
     match dt {
         KernelDtype::F16 => half::f16::from_f32(x).to_bits(),

@@ -109,6 +109,10 @@ declare_knobs! {
     /// copy (recall pages into budget-sized slots, and dense layers' pages into a copy of
     /// their own, as on a GPU).
     device_tier: DeviceTierLayout = DeviceTierLayout::InPlace, "freekv-device-tier", "FREEKV_DEVICE_TIER", "KIND";
+    /// Background threads per model that run the selections and recalls behind the decode,
+    /// 1 to 16: layers queued behind each other are served in parallel (each layer's work
+    /// still runs in order, on one thread at a time).
+    workers: usize = 2, "freekv-workers", "FREEKV_WORKERS", "THREADS";
     /// Which attention computes a prompt's output: engine (the engine's own, on the model's
     /// device, for prompts without a cached prefix in full-attention layers), freekv (FreeKV's
     /// over cached prefix and new tokens, on FreeKV's device) or auto (engine on a GPU, freekv
@@ -289,6 +293,13 @@ impl FreeKvConfig {
                 "shortlist",
                 self.shortlist,
                 "1 to 16 pages shortlisted per selected page (4: four times the selected pages)",
+            ));
+        }
+        if !(1..=16).contains(&self.workers) {
+            return Err(err(
+                "workers",
+                self.workers,
+                "1 to 16 background threads per model (2: two layers' selections at once)",
             ));
         }
         if !(0.0..=1.0).contains(&self.correction_rate) {

@@ -120,6 +120,9 @@ fn every_bad_knob_is_named_with_value_and_range() {
         let e = invalid(|c| c.shortlist = bad);
         assert_eq!((e.knob, e.value.clone()), ("shortlist", bad.to_string()));
         assert!(e.valid.contains("1 to 16"), "{e}");
+        let e = invalid(|c| c.workers = bad);
+        assert_eq!((e.knob, e.value.clone()), ("workers", bad.to_string()));
+        assert!(e.valid.contains("1 to 16 background threads"), "{e}");
     }
     let e = invalid(|c| c.dense_layers = vec![0, 4]);
     assert_eq!(e.knob, "dense_layers");
@@ -177,6 +180,7 @@ fn environment_overrides_and_errors() {
         ("FREEKV_PREFILL_ATTENTION", "engine"),
         ("FREEKV_SELECTOR", "oracle"),
         ("FREEKV_SHORTLIST", "3"),
+        ("FREEKV_WORKERS", "3"),
     ]
     .into_iter()
     .collect();
@@ -197,6 +201,7 @@ fn environment_overrides_and_errors() {
             dense_layers: vec![],
             mode: Mode::Speculative,
             device_tier: DeviceTierLayout::Copy,
+            workers: 3,
             prefill_attention: PrefillAttention::Engine,
         }
     );

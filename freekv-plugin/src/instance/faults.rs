@@ -37,7 +37,9 @@ struct Faulty<B> {
 impl<B> Faulty<B> {
     fn check(&self, op: &'static str) -> anyhow::Result<()> {
         let mut armed = self.fault.lock().unwrap();
-        let on_worker = std::thread::current().name() == Some("freekv-worker");
+        let on_worker = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("freekv-worker"));
         match *armed {
             Some(f) if f.op == op && (on_worker || !f.worker_only) => {
                 *armed = None;
@@ -418,6 +420,54 @@ fn a_failed_background_selection_is_reported_by_its_sequence_only() {
         assert!(out.iter().all(|x| x.is_finite()));
         assert!(faulty.counters().total.blocking_selections > blocking);
     }
+}
+
+/// The worker selects for every sequence of a layer in one call; when that call fails, each
+/// sequence is selected again on its own, so a failure is charged to the sequence it belongs
+/// to. A failure that does not recur (injected once) costs neither sequence anything.
+#[test]
+fn a_failed_selection_of_several_sequences_is_retried_one_by_one() {
+    let cfg = || FreeKvConfig {
+        tau: -1.0,
+        ..config()
+    };
+    let (clean, _) = instance_with(cfg());
+    let (faulty, fault) = instance_with(cfg());
+    for inst in [&clean, &faulty] {
+        prefill(inst, 1).unwrap();
+        prefill(inst, 2).unwrap();
+    }
+    let mut len = PROMPT + 1;
+    for _ in 0..2 {
+        decode(&clean, &[1, 2], len).unwrap();
+        decode(&faulty, &[1, 2], len).unwrap();
+        len += 1;
+    }
+    faulty.join_background().unwrap();
+    // This step schedules both sequences' next selections: one call on the worker, which
+    // fails.
+    arm(&fault, "select", true);
+    decode(&clean, &[1, 2], len).unwrap();
+    decode(&faulty, &[1, 2], len).unwrap();
+    faulty.join_background().unwrap();
+    assert!(
+        fault.lock().unwrap().is_none(),
+        "select never ran on the worker"
+    );
+    len += 1;
+    let blocking = faulty.counters().total.blocking_selections;
+    for _ in 0..3 {
+        assert_eq!(
+            decode(&clean, &[1, 2], len).unwrap(),
+            decode(&faulty, &[1, 2], len).unwrap()
+        );
+        len += 1;
+    }
+    assert_eq!(
+        faulty.counters().total.blocking_selections,
+        blocking,
+        "no sequence lost its selection"
+    );
 }
 
 #[test]

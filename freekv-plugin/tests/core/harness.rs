@@ -860,6 +860,7 @@ pub fn random_setup(rng: &mut Rng, lim: &Limits) -> Setup {
         } else {
             freekv_plugin::DeviceTierLayout::InPlace
         },
+        workers: 2,
         prefill_attention: Default::default(),
     };
     let params = AttnParams {

@@ -336,6 +336,25 @@ fn tau_one_equals_sync() {
     }
 }
 
+/// The number of background workers changes when a layer's work runs, not what it does: one
+/// worker and four give the same pages and outputs, step for step.
+#[test]
+fn the_worker_count_does_not_change_results() {
+    for i in 0..8 {
+        let seed = 51_000 + i as u64;
+        let lim = Limits {
+            modes: &[Mode::FreeKv, Mode::Speculative],
+            head_dims: &FAST_DIMS,
+            ..ALL
+        };
+        let mut one = cycled_setup(i, &mut Rng::new(seed), &lim);
+        one.cfg.workers = 1;
+        let mut four = one.clone();
+        four.cfg.workers = 4;
+        same_inputs(seed, one, four, 6);
+    }
+}
+
 /// A head corrected on the critical path was selected with the query the worker would use
 /// for the next step: over the same candidates the worker keeps that selection instead of
 /// repeating it (the pages stay the reference's, as every step checks), so with every head

@@ -23,7 +23,7 @@ pub trait KvElem:
     ZeroBits + Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + 'static
 {
     /// The dtype this element stores.
-    #[cfg_attr(not(feature = "nvrtc"), allow(dead_code))]
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     const DTYPE: KvDType;
     /// Converts `src` into `dst` (same length).
     fn to_f32s(src: &[Self], dst: &mut [f32]);
@@ -32,7 +32,7 @@ pub trait KvElem:
     /// `src` itself when the storage is already f32 (no conversion needed).
     fn as_f32s(src: &[Self]) -> Option<&[f32]>;
     /// One element as f32.
-    #[cfg_attr(not(feature = "nvrtc"), allow(dead_code))]
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn to_f32(self) -> f32;
     /// The rows as [`RowsRef`] for the grouped kernels.
     fn rows_ref(rows: &[Self]) -> RowsRef<'_>;

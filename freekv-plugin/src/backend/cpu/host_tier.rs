@@ -57,7 +57,7 @@ impl<T: KvElem> HostTier<T> {
     }
 
     /// Number of blocks.
-    #[cfg(feature = "nvrtc")]
+    #[cfg(feature = "cuda")]
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
     }

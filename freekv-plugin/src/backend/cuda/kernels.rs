@@ -89,6 +89,43 @@ pub struct ScoreLaunch {
     pub pooling: KernelPooling,
 }
 
+/// The operands of [`Kernels::plan_pages`]: each (sequence, KV head)'s top-k and replacement
+/// plan from its pooled scores, as the CPU backend's `plan_replacement` makes it.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanLaunch {
+    /// The pooled scores `[n_seq][n_kv][cand_stride]` f32 ([`ScoreLaunch::pooled`]).
+    pub pooled: u64,
+    /// `[n_seq]` [`SeqDesc`]: each sequence's candidate count.
+    pub descs: u64,
+    /// `[n_seq]` i32: each sequence's first candidate page (candidate `j` is page `first + j`).
+    pub cand_first: u64,
+    /// `[n_seq][n_kv][n_sel]` u32: the pages the selected slots hold (`u32::MAX`: empty).
+    pub resident: u64,
+    /// The plans: per (sequence, KV head) a row of `plan_row_len(n_sel)` u32
+    /// ([`crate::backend::offload::page_plans`]): the pair count, the margin (f32 bits), then
+    /// `(slot, page)` pairs.
+    pub plan: u64,
+    /// Scratch of [`plan_work_bytes`]`(n_seq * n_kv, n_sel)` bytes.
+    pub work: u64,
+    /// Sequences.
+    pub n_seq: usize,
+    /// KV heads.
+    pub n_kv: usize,
+    /// Row stride of `pooled`.
+    pub cand_stride: usize,
+    /// Selected slots per KV head.
+    pub n_sel: usize,
+    /// Pages to select per KV head (at most the candidates).
+    pub sel_k: usize,
+    /// The first selected slot's index in the working set.
+    pub slot0: usize,
+}
+
+/// Bytes of [`PlanLaunch::work`] for `rows` (sequence, KV head) rows of `n_sel` slots.
+pub fn plan_work_bytes(rows: usize, n_sel: usize) -> usize {
+    rows * n_sel * 24
+}
+
 /// The operands of [`Kernels::correction`].
 #[derive(Clone, Copy, Debug)]
 pub struct CorrectionLaunch {
@@ -252,6 +289,33 @@ impl Kernels {
                 Arg::I32(l.n_kv as i32),
                 Arg::I32(l.cand_stride as i32),
                 Arg::I32(l.pooling as i32),
+            ],
+        )
+    }
+
+    /// freekv_plan_pages: each (sequence, KV head)'s top-k and replacement plan from its
+    /// pooled scores (see [`PlanLaunch`]).
+    pub fn plan_pages(&self, stream: sys::CUstream, l: &PlanLaunch) -> anyhow::Result<()> {
+        let as_i32 = |what: &str, v: usize| {
+            i32::try_from(v).map_err(|_| anyhow::anyhow!("page planning: {what} {v} exceeds i32"))
+        };
+        self.launch(
+            "freekv_plan_pages",
+            (l.n_kv as u32, l.n_seq as u32, 1),
+            256,
+            stream,
+            &[
+                Arg::Ptr(l.pooled),
+                Arg::Ptr(l.descs),
+                Arg::Ptr(l.cand_first),
+                Arg::Ptr(l.resident),
+                Arg::Ptr(l.plan),
+                Arg::Ptr(l.work),
+                Arg::I32(as_i32("KV heads", l.n_kv)?),
+                Arg::I32(as_i32("candidate stride", l.cand_stride)?),
+                Arg::I32(as_i32("selected slots", l.n_sel)?),
+                Arg::I32(as_i32("pages to select", l.sel_k)?),
+                Arg::I32(as_i32("first selected slot", l.slot0)?),
             ],
         )
     }

@@ -1,6 +1,7 @@
 //! [`DeviceOps`] on a CUDA device: chunk moves through the double-buffered [`RecallPipeline`]
 //! (copy engines into staging, `freekv_recall_scatter` into the slots), appends by async copies
-//! into the window slot, the correction test with `freekv_correction` ([`drift`]), page scoring with `freekv_score_pages` / `freekv_pool_scores` over a
+//! into the window slot, the correction test with `freekv_correction` ([`drift`]), page
+//! selection with `freekv_score_pages` / `freekv_pool_scores` / `freekv_plan_pages` over a
 //! device mirror of the summaries (on the calling thread's own stream), and decode attention
 //! with `freekv_decode_partial` / `freekv_decode_combine`. The orchestration around these calls is
 //! [`OffloadBackend`](crate::backend::offload::OffloadBackend)'s, which CI runs on host memory.
@@ -13,7 +14,7 @@
 //! waits on before it next reads or writes the set: a move returns once it is queued (from a
 //! registered host tier; copies from pageable memory, and requests larger than both staging
 //! buffers, wait while they are enqueued). Freeing a set waits for both events, unregistering a
-//! host tier for the device. Every other call (summary uploads, scoring) returns once its
+//! host tier for the device. Every other call (summary uploads, selection) returns once its
 //! device work has completed.
 
 use std::marker::PhantomData;
@@ -27,16 +28,16 @@ use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::offload::ops::{consecutive_runs, decode_rows, STAGED_CHUNKS_PER_BUFFER};
 use crate::backend::offload::{
-    ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageScoring,
+    ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PagePlans, PageSelection,
 };
 use crate::backend::Role;
 use crate::geometry::Geometry;
-use crate::{AttnParams, KvDType, Pooling};
+use crate::{AttnParams, KvDType};
 
 use super::batch::{tensor_ptr, CudaBatch, CudaStaged, StagedDecodeRow};
 use super::device_tier::{tier_shape, CudaSlots, DecodeBuffers};
 use super::drift::{self, CudaQuery};
-use super::kernels::{DecodeLaunch, KernelPooling, Kernels, RecallJob, SeqRows};
+use super::kernels::{DecodeLaunch, Kernels, RecallJob, SeqRows};
 use super::mem::HostRegistration;
 use super::module;
 use super::recall::RecallPipeline;
@@ -332,27 +333,37 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         Ok(out.to_dtype(dtype)?)
     }
 
-    fn score_pages(
+    fn select_pages(
         &self,
         mirror: &DeviceSummaries,
-        job: &PageScoring<'_>,
-        out: &mut [f32],
+        jobs: &[PageSelection<'_>],
+        out: &mut PagePlans,
         scratch: &mut CudaOpsScratch<T>,
     ) -> anyhow::Result<()> {
-        // Every head is scored (one launch; the unselected rows are cheap and ignored).
+        // Every head of every sequence is planned (the rows not asked for are cheap and not
+        // read); one pooling for the call.
         self.bind()?;
-        let query = job.query;
-        let pooling = match job.pooling {
-            Pooling::SoftmaxMean => KernelPooling::SoftmaxMean,
-            Pooling::Mean => KernelPooling::Mean,
-            Pooling::Max => KernelPooling::Max,
-        };
+        if let Some(j) = jobs.iter().find(|j| j.pooling != jobs[0].pooling) {
+            anyhow::bail!(
+                "one page selection call with two poolings ({:?} and {:?})",
+                jobs[0].pooling,
+                j.pooling
+            );
+        }
+        let q_len = self.geo.num_q_heads() * self.geo.head_dim;
         let rows = &mut scratch.rows;
         rows.clear();
-        rows.resize(query.len(), T::default());
-        T::from_f32s(query, rows);
+        rows.resize(jobs.len() * q_len, T::default());
+        for (job, dst) in jobs.iter().zip(rows.chunks_mut(q_len)) {
+            anyhow::ensure!(
+                job.query.len() == q_len,
+                "page selection got a {}-value query ({q_len} expected)",
+                job.query.len()
+            );
+            T::from_f32s(job.query, dst);
+        }
         let bufs = self.score_buffers(&mut scratch.score)?;
-        bufs.score(&self.kernels, mirror, job.blocks, rows, pooling, out)
+        bufs.select(&self.kernels, mirror, jobs, rows, out)
     }
 
     fn query_similarities(

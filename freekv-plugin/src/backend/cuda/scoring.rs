@@ -1,7 +1,7 @@
-//! Page scoring on a CUDA device: one layer's mirror of the host tier's page summaries
+//! Page selection on a CUDA device: one layer's mirror of the host tier's page summaries
 //! ([`DeviceSummaries`], `[n_kv][block][upper d | lower d]`, written as pages fill) and one
-//! thread's buffers for a scoring call ([`ScoreBuffers`]: the query, the candidates' blocks,
-//! raw and pooled scores), on that thread's own stream.
+//! thread's buffers for a selection ([`ScoreBuffers`]: the query, the candidates' blocks, raw
+//! and pooled scores, the selected slots' pages and the plans), on that thread's own stream.
 
 use std::sync::Arc;
 
@@ -9,9 +9,14 @@ use cudarc::driver::{CudaContext, CudaStream};
 
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
+use crate::backend::offload::page_plans::plan_row_len;
+use crate::backend::offload::{PagePlans, PageSelection};
 use crate::geometry::Geometry;
+use crate::Pooling;
 
-use super::kernels::{as_bytes, KernelPooling, Kernels, ScoreLaunch, SeqDesc, SeqRows};
+use super::kernels::{
+    as_bytes, plan_work_bytes, KernelPooling, Kernels, PlanLaunch, ScoreLaunch, SeqDesc, SeqRows,
+};
 use super::mem::DeviceBuffer;
 
 /// One layer's page summaries in device memory, laid out as the host tier's.
@@ -92,110 +97,216 @@ impl DeviceSummaries {
     }
 }
 
-/// One thread's scoring buffers, grown to the largest candidate count seen.
+/// One thread's selection buffers, grown to the largest call seen: the queries, the candidates'
+/// blocks, raw and pooled scores, the selected slots' pages, the plans; and the host's staging
+/// of the call's inputs.
 pub struct ScoreBuffers {
-    /// The thread's own stream, on which its scoring calls run.
+    /// The thread's own stream, on which its selections run.
     pub stream: Arc<CudaStream>,
-    q: DeviceBuffer,
-    desc: DeviceBuffer,
-    blocks: DeviceBuffer,
-    raw: DeviceBuffer,
-    pooled: DeviceBuffer,
-    /// Candidates the buffers hold.
-    cap: usize,
+    q: Grown,
+    desc: Grown,
+    first: Grown,
+    blocks: Grown,
+    raw: Grown,
+    pooled: Grown,
+    resident: Grown,
+    plan: Grown,
+    work: Grown,
+    /// A call's inputs on the host: candidate blocks `[n_seq][stride]`, first pages, resident
+    /// pages `[n_seq][n_kv][n_sel]`, descriptors.
+    host_blocks: Vec<u32>,
+    host_first: Vec<i32>,
+    host_resident: Vec<u32>,
+    host_desc: Vec<SeqDesc>,
+    /// The plans as read back, `[n_seq][n_kv]` rows of `plan_row_len(sel_pages)`.
+    host_plan: Vec<u32>,
     ctx: Arc<CudaContext>,
     geo: Geometry,
 }
 
+/// A device buffer that grows (to the next power of two) when a call needs more.
+struct Grown(Option<DeviceBuffer>);
+
+impl Grown {
+    /// The buffer, at least `bytes` long.
+    fn at_least(&mut self, ctx: &Arc<CudaContext>, bytes: usize) -> anyhow::Result<&DeviceBuffer> {
+        let bytes = bytes.max(4);
+        if self.0.as_ref().is_none_or(|b| b.bytes() < bytes) {
+            self.0 = None;
+            self.0 = Some(DeviceBuffer::new(ctx, bytes.next_power_of_two())?);
+        }
+        Ok(self.0.as_ref().expect("allocated above"))
+    }
+}
+
+impl From<Pooling> for KernelPooling {
+    fn from(p: Pooling) -> Self {
+        match p {
+            Pooling::SoftmaxMean => KernelPooling::SoftmaxMean,
+            Pooling::Mean => KernelPooling::Mean,
+            Pooling::Max => KernelPooling::Max,
+        }
+    }
+}
+
 impl ScoreBuffers {
-    /// Buffers (for no candidates yet) and a stream of the thread's own.
+    /// Buffers (allocated at first use) and a stream of the thread's own.
     pub fn new(ctx: &Arc<CudaContext>, geo: &Geometry) -> anyhow::Result<Self> {
         Ok(Self {
             stream: ctx.new_stream()?,
-            q: DeviceBuffer::new(ctx, geo.num_q_heads() * geo.head_dim * 2)?,
-            desc: DeviceBuffer::new(ctx, std::mem::size_of::<SeqDesc>())?,
-            blocks: DeviceBuffer::new(ctx, 4)?,
-            raw: DeviceBuffer::new(ctx, 4)?,
-            pooled: DeviceBuffer::new(ctx, 4)?,
-            cap: 0,
+            q: Grown(None),
+            desc: Grown(None),
+            first: Grown(None),
+            blocks: Grown(None),
+            raw: Grown(None),
+            pooled: Grown(None),
+            resident: Grown(None),
+            plan: Grown(None),
+            work: Grown(None),
+            host_blocks: Vec::new(),
+            host_first: Vec::new(),
+            host_resident: Vec::new(),
+            host_desc: Vec::new(),
+            host_plan: Vec::new(),
             ctx: ctx.clone(),
             geo: *geo,
         })
     }
 
-    /// Scores the `blocks` candidates with `q_rows` (`[n_q][d]`, 16-bit) from `mirror`,
-    /// pooled per KV head, into `out` (`[n_kv][blocks.len()]`), and waits for the result.
-    pub fn score<T: KvElem>(
+    /// Selects for every sequence of `jobs` from `mirror`, with `q_rows` (each job's query as
+    /// 16-bit `[n_q][d]`, one after the other): scores, pools and plans every head of every
+    /// sequence on the device in one launch each, then reads back the plans of the heads the
+    /// jobs ask for into `out` (only the plans cross to the host), and waits for them.
+    pub fn select<T: KvElem>(
         &mut self,
         kernels: &Kernels,
         mirror: &DeviceSummaries,
-        blocks: &[u32],
+        jobs: &[PageSelection<'_>],
         q_rows: &[T],
-        pooling: KernelPooling,
-        out: &mut [f32],
+        out: &mut PagePlans,
     ) -> anyhow::Result<()> {
-        let n = blocks.len();
         let (ctx, geo) = (&self.ctx, &self.geo);
-        let (n_kv, n_q) = (geo.num_kv_heads, geo.num_q_heads());
+        let (n_kv, n_q, n_sel) = (geo.num_kv_heads, geo.num_q_heads(), geo.sel_pages);
+        let n_seq = jobs.len();
+        let q_len = n_q * geo.head_dim;
         anyhow::ensure!(
-            out.len() == n_kv * n && std::mem::size_of_val(q_rows) == self.q.bytes(),
-            "page scoring of {n} candidates got a {}-value output and a {}-byte query",
-            out.len(),
-            std::mem::size_of_val(q_rows)
+            q_rows.len() == n_seq * q_len,
+            "page selection of {n_seq} sequences got {} query values",
+            q_rows.len()
         );
-        if let Some(&b) = blocks.iter().find(|&&b| b as usize >= mirror.num_blocks) {
-            anyhow::bail!(
-                "candidate block {b} outside the {}-block summaries",
-                mirror.num_blocks
-            );
-        }
-        if n == 0 {
+        if n_seq == 0 {
+            out.reset(0, n_sel);
             return Ok(());
         }
-        if n > self.cap {
-            let cap = n.next_power_of_two();
-            self.blocks = DeviceBuffer::new(ctx, cap * 4)?;
-            self.raw = DeviceBuffer::new(ctx, n_q * cap * 4)?;
-            self.pooled = DeviceBuffer::new(ctx, n_kv * cap * 4)?;
-            self.cap = cap;
+        let max_cand = jobs.iter().map(|j| j.blocks.len()).max().unwrap_or(0);
+        let stride = max_cand.max(1);
+        self.host_blocks.clear();
+        self.host_first.clear();
+        self.host_resident.clear();
+        self.host_desc.clear();
+        for (s, job) in jobs.iter().enumerate() {
+            anyhow::ensure!(
+                job.resident.len() == n_kv * n_sel && job.heads.len() == n_kv,
+                "page selection of sequence {s} got {} resident pages and {} heads",
+                job.resident.len(),
+                job.heads.len()
+            );
+            if let Some(&b) = job
+                .blocks
+                .iter()
+                .find(|&&b| b as usize >= mirror.num_blocks)
+            {
+                anyhow::bail!(
+                    "candidate block {b} outside the {}-block summaries",
+                    mirror.num_blocks
+                );
+            }
+            let first = i32::try_from(job.first + job.blocks.len()).map_err(|_| {
+                anyhow::anyhow!(
+                    "candidate pages up to {} exceed i32",
+                    job.first + job.blocks.len()
+                )
+            })?;
+            self.host_first.push(first - job.blocks.len() as i32);
+            self.host_blocks.extend_from_slice(job.blocks);
+            self.host_blocks.resize((s + 1) * stride, 0);
+            self.host_resident.extend_from_slice(job.resident);
+            self.host_desc.push(SeqDesc {
+                summaries: mirror.buf.ptr(),
+                cand_count: job.blocks.len() as i32,
+                ..Default::default()
+            });
         }
-        let desc = [SeqDesc {
-            summaries: mirror.buf.ptr(),
-            cand_count: n as i32,
-            ..Default::default()
-        }];
+        let q = self.q.at_least(ctx, std::mem::size_of_val(q_rows))?.ptr();
+        let desc = self
+            .desc
+            .at_least(ctx, n_seq * std::mem::size_of::<SeqDesc>())?
+            .ptr();
+        let first = self.first.at_least(ctx, n_seq * 4)?.ptr();
+        let blocks = self.blocks.at_least(ctx, n_seq * stride * 4)?.ptr();
+        let raw = self.raw.at_least(ctx, n_seq * n_q * stride * 4)?.ptr();
+        let pooled = self.pooled.at_least(ctx, n_seq * n_kv * stride * 4)?.ptr();
+        let resident = self.resident.at_least(ctx, n_seq * n_kv * n_sel * 4)?.ptr();
+        let plan_len = n_seq * n_kv * plan_row_len(n_sel);
+        let plan = self.plan.at_least(ctx, plan_len * 4)?.ptr();
+        let work = self
+            .work
+            .at_least(ctx, plan_work_bytes(n_seq * n_kv, n_sel))?
+            .ptr();
         let s = self.stream.cu_stream();
-        // SAFETY: the host slices outlive the copies: the stream is synchronized below. Block
-        // ids are below the mirror's block count (checked), so they read as the kernel's i32.
+        // SAFETY: each destination holds its source (sized above); the host vectors outlive
+        // the copies (the stream is synchronized below). Block ids are below the mirror's
+        // block count (checked) and pages below i32::MAX (checked), so they read as the
+        // kernels' i32; NO_PAGE is the plan kernel's empty slot.
         unsafe {
-            self.q.copy_from_host_async(0, q_rows, s)?;
-            self.desc.copy_from_host_async(0, as_bytes(&desc), s)?;
-            self.blocks.copy_from_host_async(0, blocks, s)?;
+            use cudarc::driver::result::memcpy_htod_async as up;
+            up(q, q_rows, s)?;
+            up(desc, as_bytes(&self.host_desc), s)?;
+            up(first, &self.host_first[..], s)?;
+            up(blocks, &self.host_blocks[..], s)?;
+            up(resident, &self.host_resident[..], s)?;
         }
-        // Row stride `n`: the pooled rows come back as one `[n_kv][n]` block.
         kernels.score_and_pool(
             s,
             &ScoreLaunch {
                 q: SeqRows {
-                    ptr: self.q.ptr(),
-                    seq_stride: 0,
+                    ptr: q,
+                    seq_stride: q_len as i64,
                 },
-                descs: self.desc.ptr(),
-                cand_blocks: self.blocks.ptr(),
+                descs: desc,
+                cand_blocks: blocks,
                 n_blocks: mirror.num_blocks,
-                n_seq: 1,
+                n_seq,
                 n_kv,
-                max_cand: n,
-                cand_stride: n,
-                raw: self.raw.ptr(),
-                pooled: self.pooled.ptr(),
-                pooling,
+                max_cand,
+                cand_stride: stride,
+                raw,
+                pooled,
+                pooling: jobs[0].pooling.into(),
             },
         )?;
-        // SAFETY: `out` is exactly the first n_kv * n pooled scores (checked above, and the
-        // buffer holds n_kv * cap >= that); it is borrowed until the synchronize.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(out, self.pooled.ptr(), s) }?;
+        kernels.plan_pages(
+            s,
+            &PlanLaunch {
+                pooled,
+                descs: desc,
+                cand_first: first,
+                resident,
+                plan,
+                work,
+                n_seq,
+                n_kv,
+                cand_stride: stride,
+                n_sel,
+                sel_k: n_sel,
+                slot0: geo.selected_slots().start,
+            },
+        )?;
+        self.host_plan.resize(plan_len, 0);
+        // SAFETY: the plan buffer holds at least `plan_len` values; `host_plan` is borrowed
+        // until the synchronize.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut self.host_plan, plan, s) }?;
         self.stream.synchronize()?;
-        Ok(())
+        out.read_rows(&self.host_plan, jobs, n_kv, geo.selected_slots())
     }
 }

@@ -13,7 +13,7 @@ const COMMON: &str = include_str!("../../../../kernels/common.cuh");
 /// One kernel source file. Kernels of one file share a module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum KernelFile {
-    /// `freekv_score_pages`, `freekv_pool_scores`, `freekv_correction`.
+    /// `freekv_score_pages`, `freekv_pool_scores`, `freekv_plan_pages`, `freekv_correction`.
     Select,
     /// `freekv_recall_scatter`.
     Transfer,
@@ -48,6 +48,7 @@ impl KernelFile {
             Self::Select => &[
                 "freekv_score_pages",
                 "freekv_pool_scores",
+                "freekv_plan_pages",
                 "freekv_correction",
             ],
             Self::Transfer => &["freekv_recall_scatter"],

@@ -17,7 +17,7 @@ use crate::backend::cpu::attend::{Attention, AttnScratch, Segment};
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::cpu::io::read_f32;
-use crate::backend::cpu::select::{pooled_scores, SelectScratch};
+use crate::backend::cpu::select::{plan_replacement, pooled_scores, SelectScratch};
 use crate::backend::cpu::PARALLEL_DECODE;
 use crate::backend::Role;
 use crate::correction::group_similarity;
@@ -25,8 +25,10 @@ use crate::geometry::Geometry;
 use crate::AttnParams;
 
 use super::ops::{
-    decode_rows, span_tokens, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageScoring,
+    decode_rows, span_tokens, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken,
+    PageSelection,
 };
+use super::page_plans::PagePlans;
 use super::staged::StagedRecall;
 
 /// The host-memory device for KV stored as `T`.
@@ -348,38 +350,45 @@ impl<T: KvElem> DeviceOps<T> for EmulatedDevice<T> {
         Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(dtype)?)
     }
 
-    fn score_pages(
+    fn select_pages(
         &self,
         mirror: &EmulatedSummaries<T>,
-        job: &PageScoring<'_>,
-        out: &mut [f32],
+        jobs: &[PageSelection<'_>],
+        out: &mut PagePlans,
         scratch: &mut EmulatedScratch<T>,
     ) -> anyhow::Result<()> {
-        let PageScoring {
-            blocks,
-            query,
-            heads,
-            pooling,
-        } = *job;
         let g = &self.geo;
-        let (d, n) = (g.head_dim, blocks.len());
-        anyhow::ensure!(
-            query.len() == g.num_q_heads() * d && out.len() == g.num_kv_heads * n,
-            "page scoring got a {}-value query and a {}-value output for {n} candidates",
-            query.len(),
-            out.len()
-        );
-        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
-            scratch.offsets.clear();
-            scratch.offsets.extend(
-                blocks
-                    .iter()
-                    .map(|&b| (h * mirror.num_blocks + b as usize) * 2 * d),
+        let (d, n_kv, n_sel) = (g.head_dim, g.num_kv_heads, g.sel_pages);
+        out.reset(jobs.len() * n_kv, n_sel);
+        for (s, job) in jobs.iter().enumerate() {
+            let PageSelection {
+                blocks,
+                first,
+                query,
+                heads,
+                pooling,
+                resident,
+            } = *job;
+            anyhow::ensure!(
+                query.len() == g.num_q_heads() * d && resident.len() == n_kv * n_sel,
+                "page selection got a {}-value query and {} resident pages",
+                query.len(),
+                resident.len()
             );
-            let group_q = &query[h * g.group * d..(h + 1) * g.group * d];
-            let sc = &mut scratch.select;
-            pooled_scores(group_q, d, &mirror.data, &scratch.offsets, pooling, sc);
-            out[h * n..(h + 1) * n].copy_from_slice(&sc.pooled);
+            for h in (0..n_kv).filter(|&h| heads[h]) {
+                scratch.offsets.clear();
+                scratch.offsets.extend(
+                    blocks
+                        .iter()
+                        .map(|&b| (h * mirror.num_blocks + b as usize) * 2 * d),
+                );
+                let group_q = &query[h * g.group * d..(h + 1) * g.group * d];
+                let sc = &mut scratch.select;
+                pooled_scores(group_q, d, &mirror.data, &scratch.offsets, pooling, sc);
+                let cand = first..first + blocks.len();
+                plan_replacement(g, cand, &resident[h * n_sel..(h + 1) * n_sel], sc);
+                out.set(s * n_kv + h, &sc.plan, sc.margin);
+            }
         }
         Ok(())
     }

@@ -10,11 +10,12 @@
 //! - the correction test (mode `freekv`): on the device, each row's query read in place against
 //!   the sequence's stored query, mirrored on the device whenever the plan's is stored
 //!   ([`DeviceOps::query_similarities`]); only the similarities come back, one wait per call;
-//! - page scoring (selector `quest`): on the device, from a mirror of the summaries that
-//!   follows the host tier (each summary uploaded when its page fills or is re-summarised);
-//!   the pooled scores come back (one small read on the calling thread's own stream, as the
-//!   authors' worker reads its recall list), and the host takes the top-k and plans the
-//!   replacement with the CPU backend's code, so every device makes the CPU backend's plans.
+//! - page selection (selector `quest`): on the device, from a mirror of the summaries that
+//!   follows the host tier (each summary uploaded when its page fills or is re-summarised):
+//!   scoring, pooling, the top-k and the replacement plan of each head's selected slots, the
+//!   CPU backend's plan exactly ([`DeviceOps::select_pages`]); only the plans come back (one
+//!   small read on the calling thread's own stream, as the authors' worker reads its recall
+//!   list), and the host moves the chunks they name.
 //!   Selectors that read keys (`rerank`: its shortlist's tokens; `oracle`: every token, after
 //!   the step's tokens are settled into the host tier) run the CPU backend's selection on the
 //!   host tier;
@@ -41,6 +42,7 @@ mod dense_pages;
 pub mod emulated;
 mod inputs;
 pub mod ops;
+pub mod page_plans;
 mod prompt;
 mod selection;
 mod staged;
@@ -54,7 +56,6 @@ use candle_core::{DType, Tensor};
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::cpu::io::CpuBatch;
-use crate::backend::cpu::select::SelectScratch;
 use crate::backend::cpu::{CpuBackend, CpuScratch};
 use crate::backend::{
     Arrange, ArrangeRow, Attend, Backend, Inputs, Memory, Read, RecallStats, Role, SelectRow,
@@ -64,7 +65,10 @@ use crate::geometry::{Geometry, NO_PAGE};
 use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling};
 
-pub use ops::{token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageScoring};
+pub use ops::{
+    token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageSelection,
+};
+pub use page_plans::PagePlans;
 use prompt::DevicePrompt;
 
 /// [`Backend`] for a device whose working sets live in its own memory.
@@ -190,9 +194,10 @@ pub struct OffloadScratch<T: KvElem, S> {
     moves: Vec<ChunkMove>,
     /// Blocks whose summaries to upload; a selection's candidate blocks.
     blocks: Vec<u32>,
-    /// `[n_kv][n_cand]` pooled scores from the device.
-    scores: Vec<f32>,
-    select: SelectScratch,
+    /// `[n_kv][sel_pages]` the pages of each head's selected slots, for a selection.
+    resident: Vec<u32>,
+    /// Each head's plan from the device's selection.
+    plans: PagePlans,
     /// `[slot][n_kv]` valid tokens, for decode.
     slot_len: Vec<i32>,
     /// A dense layer's blocks in page order, for decode over its pages.
@@ -429,8 +434,8 @@ impl<T: KvElem, O: DeviceOps<T>> Memory for OffloadBackend<T, O> {
             device: self.ops.alloc_scratch(role),
             moves: Vec::new(),
             blocks: Vec::new(),
-            scores: Vec::new(),
-            select: SelectScratch::default(),
+            resident: Vec::new(),
+            plans: PagePlans::default(),
             slot_len: Vec::new(),
             index: Vec::new(),
             row: Vec::new(),
@@ -661,11 +666,9 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         rows: &mut [SelectRow<'_, Self::DeviceTier>],
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<Vec<RecallStats>> {
+        self.plan_selections(host, rows, scratch)?;
         rows.iter_mut()
-            .map(|r| {
-                self.plan_selection(host, r.table, r.dev, &r.selection, r.heads, scratch)?;
-                self.recall(host, r.table, r.dev, r.heads, scratch)
-            })
+            .map(|r| self.recall(host, r.table, r.dev, r.heads, scratch))
             .collect()
     }
 

@@ -1,8 +1,9 @@
 //! The raw device calls of the offload design, behind [`DeviceMemory`] (allocation, sizes,
 //! uploads of host-computed data) and [`DeviceOps`] (a step's work): what a device must do
-//! for FreeKV's working set and page scoring to live in its own memory. Everything above this
-//! interface (slot tables, which summaries to mirror when, top-k and the replacement plan,
-//! which chunks move where, when attention may run on the device) is
+//! for FreeKV's working set and page selection to live in its own memory (a device's plans
+//! must be the CPU backend's `plan_replacement` of the same scores). Everything above this
+//! interface (slot tables, which summaries to mirror when, which chunks move where as the
+//! plans say, when attention may run on the device) is
 //! [`OffloadBackend`](super::OffloadBackend)'s, written once for every device.
 
 use std::ops::Range;
@@ -15,9 +16,11 @@ use crate::backend::Role;
 use crate::geometry::Geometry;
 use crate::{AttnParams, Pooling};
 
+use super::page_plans::PagePlans;
+
 /// Most chunks a device stages per copy buffer when it moves chunks (the CUDA recall pipeline
 /// has two such buffers of `2 * page_size * head_dim` elements per chunk).
-#[cfg_attr(not(any(feature = "engine", feature = "nvrtc")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "engine", feature = "cuda")), allow(dead_code))]
 pub const STAGED_CHUNKS_PER_BUFFER: usize = 256;
 
 /// One chunk to move: KV head `head`'s K+V of host block `block` (HND, one page) into that
@@ -48,7 +51,7 @@ pub fn span_tokens(span: i32) -> (usize, usize) {
 
 /// The runs of consecutive values in `rows` (sorted ascending), as index ranges into `rows`:
 /// the batch rows one decode launch can serve (its `s`-th descriptor is its `s`-th row).
-#[cfg_attr(not(feature = "nvrtc"), allow(dead_code))]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub fn consecutive_runs(rows: &[usize]) -> Vec<Range<usize>> {
     let mut runs = Vec::new();
     let mut start = 0;
@@ -151,17 +154,24 @@ pub trait DeviceMemory<T: KvElem>: Send + Sync + 'static {
     fn upload_query(&self, query: &[f32], dst: &mut Self::Query) -> anyhow::Result<()>;
 }
 
-/// What [`DeviceOps::score_pages`] scores: the candidates' blocks and the query.
+/// One sequence's selection for [`DeviceOps::select_pages`]: the candidates, the query, and
+/// the pages each head's selected slots hold.
 #[derive(Clone, Copy, Debug)]
-pub struct PageScoring<'a> {
-    /// The candidate pages' blocks in the summaries.
+pub struct PageSelection<'a> {
+    /// The candidate pages' blocks in the summaries: candidate `j` is page `first + j`.
     pub blocks: &'a [u32],
+    /// The first candidate's page.
+    pub first: usize,
     /// The query `[n_q][d]` f32.
     pub query: &'a [f32],
-    /// The KV heads whose scores are read (the others may be skipped).
+    /// The KV heads to plan (the others' plans are left empty).
     pub heads: &'a [bool],
     /// How a group's query heads pool into their KV head's score.
     pub pooling: Pooling,
+    /// `[n_kv][sel_pages]`: the page each head's selected slot holds ([`NO_PAGE`]: empty).
+    ///
+    /// [`NO_PAGE`]: crate::geometry::NO_PAGE
+    pub resident: &'a [u32],
 }
 
 /// The device operations of one model geometry (fixed at construction) for KV stored as `T`.
@@ -210,15 +220,17 @@ pub trait DeviceOps<T: KvElem>: DeviceMemory<T> {
         host_out: &[f32],
         dtype: DType,
     ) -> anyhow::Result<Tensor>;
-    /// Scores candidate pages from the mirror: for each KV head `h`, the Quest bound of every
-    /// query head of its group against the summary of each block of `job.blocks`, pooled over
-    /// the group. Writes `out[h * blocks.len() + j]` (`[n_kv][n]`) for every head; only the
-    /// rows of heads in `job.heads` are read.
-    fn score_pages(
+    /// Selects pages from the mirror for each sequence of `jobs` and each KV head `h` of its
+    /// `heads`: the Quest bound of every query head of the group against the summary of each
+    /// candidate, pooled over the group, then the top `sel_pages` and the replacement plan of
+    /// the head's selected slots, exactly as the CPU backend's `plan_replacement` makes them
+    /// from those pooled scores, into `out` (job `i`'s head `h` at `i * n_kv + h`). Returns once
+    /// `out` is written (only the plans come back from the device; one wait for all jobs).
+    fn select_pages(
         &self,
         mirror: &Self::Summaries,
-        job: &PageScoring<'_>,
-        out: &mut [f32],
+        jobs: &[PageSelection<'_>],
+        out: &mut PagePlans,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()>;
     /// The correction test of a decode batch: for each `(row, stored)` of `rows`, per KV head

@@ -1,42 +1,105 @@
-//! Selection on a device: the candidates scored from the device's mirror of the page
-//! summaries, the top-k and replacement plan on the host, and the recall of the missing pages.
-
-use std::ops::Range;
+//! Selection on a device: the candidates scored, the top-k and each head's replacement plan
+//! made by the device from its mirror of the page summaries, and the recall of the missing
+//! pages.
 
 use anyhow::Context;
 
 use crate::backend::cpu::elem::KvElem;
-use crate::backend::cpu::select::plan_replacement;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Memory, RecallStats, Selection};
+use crate::backend::{RecallStats, SelectRow};
 use crate::geometry::NO_PAGE;
 use crate::Selector;
 
 use super::{
-    ChunkMove, DeviceOps, HostTierOf, OffloadBackend, OffloadScratch, OffloadTier, PageScoring,
+    ChunkMove, DeviceOps, DeviceTierOf, HostTierOf, OffloadBackend, OffloadScratch, OffloadTier,
+    PageSelection,
 };
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
-    /// The Quest scores of the candidates for the heads in `heads`, pooled on the device from
-    /// its mirror of the summaries, into `scratch.scores` (`[n_kv][candidates]`).
-    pub(super) fn score_on_device(
+    /// Plans the selections of `rows` (see [`Backend::select`]) without recalling them: the
+    /// selectors that read keys on the host, row by row; every `quest` row on the device, all
+    /// in one call (one wait for the device per call).
+    pub(super) fn plan_selections(
         &self,
-        host: &<Self as Memory>::HostTier,
-        table: &[u32],
-        dev: &<Self as Memory>::DeviceTier,
-        candidates: &Range<usize>,
-        heads: &[bool],
-        scratch: &mut <Self as Memory>::Scratch,
+        host: &HostTierOf<T, O>,
+        rows: &mut [SelectRow<'_, DeviceTierOf<T, O>>],
+        scratch: &mut OffloadScratch<T, O::Scratch>,
+    ) -> anyhow::Result<()> {
+        for r in rows
+            .iter_mut()
+            .filter(|r| r.selection.selector != Selector::Quest)
+        {
+            // The oracle's softmax covers every token: the caller settles the step's first.
+            anyhow::ensure!(
+                r.selection.selector != Selector::Oracle || host.pending.is_empty(),
+                "an oracle selection before the step's tokens reached the host tier"
+            );
+            self.cpu.plan_selection(
+                &host.tier,
+                r.table,
+                &mut r.dev.plan,
+                &r.selection,
+                r.heads,
+                &mut scratch.cpu,
+            )?;
+        }
+        let quest: Vec<usize> = (0..rows.len())
+            .filter(|&i| rows[i].selection.selector == Selector::Quest)
+            .collect();
+        if quest.is_empty() {
+            return Ok(());
+        }
+        self.select_on_device(host, rows, &quest, scratch)?;
+        let n_kv = self.geo.num_kv_heads;
+        for (k, &i) in quest.iter().enumerate() {
+            let r = &mut rows[i];
+            for h in (0..n_kv).filter(|&h| r.heads[h]) {
+                let plans = &scratch.plans;
+                r.dev
+                    .plan
+                    .set_plan(h, plans.plan(k * n_kv + h).iter().copied());
+                r.dev.plan.set_margin(h, plans.margin(k * n_kv + h));
+            }
+        }
+        Ok(())
+    }
+
+    /// Selects for `rows[i]` of each `i` of `quest` on the device, from its mirror of the
+    /// summaries: the `k`-th row's plans into `scratch.plans` (rows `k * n_kv + head`).
+    fn select_on_device(
+        &self,
+        host: &HostTierOf<T, O>,
+        rows: &[SelectRow<'_, DeviceTierOf<T, O>>],
+        quest: &[usize],
+        scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<()> {
         let Some(mirror) = host.summaries.as_ref() else {
             anyhow::bail!(
                 "page selection on a layer allocated as dense (no page summaries on the device)"
             );
         };
-        scratch.blocks.clear();
-        scratch.blocks.extend_from_slice(&table[candidates.clone()]);
+        let sel = self.geo.selected_slots();
+        let OffloadScratch {
+            blocks,
+            resident,
+            plans,
+            device,
+            ..
+        } = scratch;
+        blocks.clear();
+        resident.clear();
+        let mut spans = Vec::with_capacity(quest.len());
+        for &i in quest {
+            let r = &rows[i];
+            let start = blocks.len();
+            blocks.extend_from_slice(&r.table[r.selection.candidates.clone()]);
+            spans.push(start..blocks.len());
+            for h in 0..self.geo.num_kv_heads {
+                resident.extend_from_slice(&r.dev.plan.slots(h)[sel.clone()]);
+            }
+        }
         let stale = (!host.unmirrored.is_empty())
-            .then(|| scratch.blocks.iter().find(|b| host.unmirrored.contains(b)))
+            .then(|| blocks.iter().find(|b| host.unmirrored.contains(b)))
             .flatten();
         if let Some(b) = stale {
             anyhow::bail!(
@@ -44,64 +107,23 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
                  again at the layer's next call)"
             );
         }
+        let w = self.geo.num_kv_heads * self.geo.sel_pages;
+        let jobs: Vec<PageSelection<'_>> = quest
+            .iter()
+            .zip(spans)
+            .enumerate()
+            .map(|(k, (&i, span))| PageSelection {
+                blocks: &blocks[span],
+                first: rows[i].selection.candidates.start,
+                query: rows[i].dev.plan.query(),
+                heads: rows[i].heads,
+                pooling: self.pooling,
+                resident: &resident[k * w..(k + 1) * w],
+            })
+            .collect();
         self.ops
-            .score_pages(
-                mirror,
-                &PageScoring {
-                    blocks: &scratch.blocks,
-                    query: dev.plan.query(),
-                    heads,
-                    pooling: self.pooling,
-                },
-                &mut scratch.scores,
-                &mut scratch.device,
-            )
-            .context("scoring the candidate pages")
-    }
-
-    /// Scores and plans a selection (see [`Backend::select`]) without recalling it.
-    pub(super) fn plan_selection(
-        &self,
-        host: &HostTierOf<T, O>,
-        table: &[u32],
-        dev: &mut OffloadTier<T, O::Slots, O::Query>,
-        selection: &Selection,
-        heads: &[bool],
-        scratch: &mut OffloadScratch<T, O::Scratch>,
-    ) -> anyhow::Result<()> {
-        if selection.selector != Selector::Quest {
-            // Selectors that read keys run on the host, over the host tier, as on the CPU. The
-            // oracle's softmax covers every token: the caller settles the step's first.
-            anyhow::ensure!(
-                selection.selector != Selector::Oracle || host.pending.is_empty(),
-                "an oracle selection before the step's tokens reached the host tier"
-            );
-            return self.cpu.plan_selection(
-                &host.tier,
-                table,
-                &mut dev.plan,
-                selection,
-                heads,
-                &mut scratch.cpu,
-            );
-        }
-        let g = &self.geo;
-        let candidates = selection.candidates.clone();
-        let n = candidates.len();
-        scratch.scores.clear();
-        scratch.scores.resize(g.num_kv_heads * n, 0.0);
-        self.score_on_device(host, table, dev, &candidates, heads, scratch)?;
-        let sel = g.selected_slots();
-        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
-            let sc = &mut scratch.select;
-            sc.pooled.clear();
-            sc.pooled
-                .extend_from_slice(&scratch.scores[h * n..(h + 1) * n]);
-            plan_replacement(g, candidates.clone(), &dev.plan.slots(h)[sel.clone()], sc);
-            dev.plan.set_plan(h, sc.plan.iter().copied());
-            dev.plan.set_margin(h, sc.margin);
-        }
-        Ok(())
+            .select_pages(mirror, &jobs, plans, device)
+            .context("selecting the pages on the device")
     }
 
     /// Applies the pending plan of the heads in `heads`: brings the missing pages into their
