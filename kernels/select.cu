@@ -232,15 +232,38 @@ extern "C" __global__ void freekv_plan_pages(const float* __restrict__ pooled,
         if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
       }
       __syncthreads();
-      if (tid == 0) {
-        u32 acc = 0;
-        int b = 255;
-        for (; b > 0; --b) {
-          if (acc + hist[b] >= remaining) break;
-          acc += hist[b];
+      if (tid < 32) {
+        // The bin holding the `remaining`-th largest key, walking the bins from the top: lane
+        // l holds bins 255 - 8l down to 248 - 8l; a prefix sum over the lanes finds the lane,
+        // which walks its 8 bins.
+        u32 local[8], sum = 0;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          local[i] = hist[255 - 8 * tid - i];
+          sum += local[i];
         }
-        s_prefix = prefix | ((u64)b << shift);
-        s_remaining = remaining - acc;
+        u32 incl = sum;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const u32 v = __shfl_up_sync(0xffffffffu, incl, o);
+          if (tid >= o) incl += v;
+        }
+        const u32 excl = incl - sum;
+        const u32 hit = __ballot_sync(0xffffffffu, excl < remaining && incl >= remaining);
+        if (tid == __ffs(hit) - 1) {
+          u32 acc = excl;
+          int b = 248 - 8 * tid;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            if (acc + local[i] >= remaining) {
+              b = 255 - 8 * tid - i;
+              break;
+            }
+            acc += local[i];
+          }
+          s_prefix = prefix | ((u64)b << shift);
+          s_remaining = remaining - acc;
+        }
       }
       __syncthreads();
       prefix = s_prefix;

@@ -1,12 +1,14 @@
 //! Batched decode on CPU: one decode step of one layer for 32 sequences at once (FreeKV's
 //! speculative retrieval with correction, and dense attention over every page through the same
-//! path), reported per row, side by side in one run.
+//! path), reported per row, side by side in one run; FreeKV with the CPU's one background
+//! worker (the default there) and with two.
 //!
 //! `cargo bench -p freekv-plugin --bench decode_batch [-- --quick]`
 //!
 //! Each sequence holds a 4096-token context (Llama-3.1-8B's attention shape, bf16 KV, budget
 //! 2048); steps run over 4 layers round-robin so the background selection of one layer overlaps
-//! the others, as in a model. The variants are interleaved round by round.
+//! the others, as in a model. The variants are interleaved round by round, each round starting
+//! with the next one.
 
 use std::time::{Duration, Instant};
 
@@ -45,11 +47,13 @@ struct Variant {
     row_steps: usize,
 }
 
-fn prefill(shape: Shape, mode: Mode, label: &'static str, steps: usize, rng: &mut Rng) -> Variant {
-    let config = FreeKvConfig {
-        page_size: PAGE,
-        ..bench_config(mode)
-    };
+fn prefill(
+    shape: Shape,
+    config: FreeKvConfig,
+    label: &'static str,
+    steps: usize,
+    rng: &mut Rng,
+) -> Variant {
     let pages = (CONTEXT + steps + 1).div_ceil(PAGE);
     let model = ModelShape {
         num_layers: LAYERS,
@@ -138,16 +142,30 @@ fn main() {
         .collect();
     let steps = warmup + rounds * per_round;
     let params = AttnParams::scaled(1.0 / (shape.d as f32).sqrt());
+    let freekv = bench_config(Mode::FreeKv);
+    let two_workers = FreeKvConfig {
+        workers: 2,
+        ..freekv.clone()
+    };
     let mut variants = vec![
-        prefill(shape, Mode::FreeKv, "freekv", steps, &mut rng),
-        prefill(shape, Mode::Dense, "dense", steps, &mut rng),
+        prefill(
+            shape,
+            freekv,
+            "freekv (1 worker, the CPU's default)",
+            steps,
+            &mut rng,
+        ),
+        prefill(shape, two_workers, "freekv (2 workers)", steps, &mut rng),
+        prefill(shape, bench_config(Mode::Dense), "dense", steps, &mut rng),
     ];
     for v in variants.iter_mut() {
         v.run(&inputs, warmup, &params, false);
     }
-    for _ in 0..rounds {
-        for v in variants.iter_mut() {
-            v.run(&inputs, per_round, &params, true);
+    // Each round starts with the next variant, so that no variant always runs first.
+    let n = variants.len();
+    for round in 0..rounds {
+        for i in 0..n {
+            variants[(round + i) % n].run(&inputs, per_round, &params, true);
         }
     }
     println!(

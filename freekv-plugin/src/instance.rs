@@ -237,8 +237,12 @@ impl<B: Backend> Instance<B> {
         });
         let (jobs, queue) = channel();
         let queue = Arc::new(Mutex::new(queue));
-        let mut workers = Vec::with_capacity(shared.config.workers);
-        for i in 0..shared.config.workers.max(1) {
+        let n_workers = match shared.config.workers {
+            0 => shared.backend.default_workers().max(1),
+            n => n,
+        };
+        let mut workers = Vec::with_capacity(n_workers);
+        for i in 0..n_workers {
             let (shared, queue) = (shared.clone(), queue.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("freekv-worker-{i}"))

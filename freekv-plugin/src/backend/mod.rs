@@ -125,6 +125,11 @@ pub trait Memory: Send + Sync + 'static {
     fn holds_short_contexts(&self) -> bool {
         false
     }
+    /// Background worker threads where the configuration leaves it to the backend
+    /// (`workers = 0`): one on the CPU, whose workers compute on the cores the engine uses.
+    fn default_workers(&self) -> usize {
+        1
+    }
     /// The slot tables of a working set (which logical page each slot of each head holds).
     fn slot_plan(dev: &Self::DeviceTier) -> &SlotPlan;
 }

@@ -110,9 +110,11 @@ declare_knobs! {
     /// their own, as on a GPU).
     device_tier: DeviceTierLayout = DeviceTierLayout::InPlace, "freekv-device-tier", "FREEKV_DEVICE_TIER", "KIND";
     /// Background threads per model that run the selections and recalls behind the decode,
-    /// 1 to 16: layers queued behind each other are served in parallel (each layer's work
-    /// still runs in order, on one thread at a time).
-    workers: usize = 2, "freekv-workers", "FREEKV_WORKERS", "THREADS";
+    /// 0 to 16: layers queued behind each other are served in parallel (each layer's work
+    /// still runs in order, on one thread at a time). 0: the backend's choice, 2 on a GPU
+    /// (a worker mostly waits for the device) and 1 on the CPU (workers compute on the
+    /// engine's cores).
+    workers: usize = 0, "freekv-workers", "FREEKV_WORKERS", "THREADS";
     /// Which attention computes a prompt's output: engine (the engine's own, on the model's
     /// device, for prompts without a cached prefix in full-attention layers), freekv (FreeKV's
     /// over cached prefix and new tokens, on FreeKV's device) or auto (engine on a GPU, freekv
@@ -295,11 +297,11 @@ impl FreeKvConfig {
                 "1 to 16 pages shortlisted per selected page (4: four times the selected pages)",
             ));
         }
-        if !(1..=16).contains(&self.workers) {
+        if self.workers > 16 {
             return Err(err(
                 "workers",
                 self.workers,
-                "1 to 16 background threads per model (2: two layers' selections at once)",
+                "0 to 16 background threads per model (0: 2 on a GPU, 1 on the CPU)",
             ));
         }
         if !(0.0..=1.0).contains(&self.correction_rate) {

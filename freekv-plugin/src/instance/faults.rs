@@ -82,6 +82,9 @@ impl<B: Memory> Memory for Faulty<B> {
     fn device_pool_bytes(&self, num_blocks: usize, scored: bool) -> usize {
         self.inner.device_pool_bytes(num_blocks, scored)
     }
+    fn default_workers(&self) -> usize {
+        self.inner.default_workers()
+    }
     fn holds_short_contexts(&self) -> bool {
         self.inner.holds_short_contexts()
     }

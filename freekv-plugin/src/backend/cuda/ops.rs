@@ -167,6 +167,12 @@ impl<T: KvElem> DeviceMemory<T> for CudaOps<T> {
         &self.device
     }
 
+    /// Two: a worker mostly waits for the GPU (its selection's plans, a step's staged values),
+    /// so a second one selects for a layer queued behind it meanwhile.
+    fn default_workers(&self) -> usize {
+        2
+    }
+
     fn alloc_batch(&self) -> CudaBatch {
         CudaBatch::default()
     }

@@ -484,6 +484,10 @@ impl<T: KvElem, O: DeviceOps<T>> Memory for OffloadBackend<T, O> {
         true
     }
 
+    fn default_workers(&self) -> usize {
+        self.ops.default_workers()
+    }
+
     fn slot_plan(dev: &Self::DeviceTier) -> &SlotPlan {
         &dev.plan
     }

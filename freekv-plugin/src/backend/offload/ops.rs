@@ -116,6 +116,11 @@ pub trait DeviceMemory<T: KvElem>: Send + Sync + 'static {
 
     /// Where the engine's tensors live and outputs are returned.
     fn device(&self) -> &Device;
+    /// Background worker threads by default (see `Memory::default_workers`): one where the
+    /// device's work runs on the host's cores.
+    fn default_workers(&self) -> usize {
+        1
+    }
     /// Allocates `n_slots` slots (contents unspecified).
     fn alloc_slots(&self, n_slots: usize) -> anyhow::Result<Self::Slots>;
     /// Bytes of `n_slots` slots (and the device's own tables for them).
