@@ -9,7 +9,8 @@
 //!   what the kernels cost against candle's, before any retrieval;
 //! - `sync`: FreeKV's synchronous retrieval (select with q_i, recall, attend; all blocking);
 //! - `speculative`: speculative retrieval without correction;
-//! - `freekv`: speculative retrieval with correction (tau 0.9).
+//! - `freekv`: speculative retrieval with correction (tau 0.9), with the GPU's default two
+//!   background workers; `freekv-1-worker`: the same with one.
 //!
 //! Queries drift (consecutive cosine about 0.93 per query head), as in `decode_step`. Reported as
 //! one JSON object per line (stdout and `$FREEKV_BENCH_OUT`): ms per step (all layers), the
@@ -40,7 +41,7 @@ use freekv_plugin::cuda::mem::{DeviceBuffer, HostRegistration, PinnedBuffer};
 use freekv_plugin::cuda::module;
 use freekv_plugin::cuda::recall::{RawEvent, RecallPipeline};
 use freekv_plugin::cuda::source::{KernelConfig, KernelDtype};
-use freekv_plugin::{AttnParams, DecodeRow, FreeKv, KvDType, Mode, ModelShape, Qkv};
+use freekv_plugin::{AttnParams, DecodeRow, FreeKv, FreeKvConfig, KvDType, Mode, ModelShape, Qkv};
 
 mod inputs;
 #[allow(dead_code)] // the CPU benchmarks' other shape
@@ -169,7 +170,7 @@ struct Workload<'a> {
 
 /// One FreeKV mode through `FreeKv::new_on`: prefill (not timed), then `n` timed decode steps
 /// over every layer after a warm-up.
-fn freekv(w: &Workload, mode: Mode) -> anyhow::Result<Timed> {
+fn freekv(w: &Workload, mode: Mode, workers: usize) -> anyhow::Result<Timed> {
     let Workload {
         device,
         layers,
@@ -188,7 +189,11 @@ fn freekv(w: &Workload, mode: Mode) -> anyhow::Result<Timed> {
         head_dim: s.d,
     };
     let pages = (ctx + warmup + n).div_ceil(PAGE) + 1;
-    let fk = FreeKv::new_on(device, bench_config(mode), shape, pages, KvDType::BF16)?;
+    let config = FreeKvConfig {
+        workers,
+        ..bench_config(mode)
+    };
+    let fk = FreeKv::new_on(device, config, shape, pages, KvDType::BF16)?;
     let table: Vec<u32> = (0..pages as u32).collect();
     prefill_sequence(&fk, s, layers, prompt, ctx, &table, PAGE);
     let params = AttnParams::scaled(1.0 / (s.d as f32).sqrt());
@@ -292,13 +297,15 @@ fn main() -> anyhow::Result<()> {
         };
         let dense = dense_gpu(&w)?;
         let mut rows = vec![("dense-gpu", dense)];
-        for (label, mode) in [
-            ("dense-freekv", Mode::Dense),
-            ("sync", Mode::Sync),
-            ("speculative", Mode::Speculative),
-            ("freekv", Mode::FreeKv),
+        // Workers 0: the device's default (two).
+        for (label, mode, workers) in [
+            ("dense-freekv", Mode::Dense, 0),
+            ("sync", Mode::Sync, 0),
+            ("speculative", Mode::Speculative, 0),
+            ("freekv", Mode::FreeKv, 0),
+            ("freekv-1-worker", Mode::FreeKv, 1),
         ] {
-            rows.push((label, freekv(&w, mode)?));
+            rows.push((label, freekv(&w, mode, workers)?));
         }
         let dense_ms = rows[0].1.ms_per_step;
         let dense_bytes = rows[0].1.device_kv_bytes;
