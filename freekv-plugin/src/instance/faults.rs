@@ -379,21 +379,27 @@ fn a_failed_decode_operation_fails_only_its_call_and_names_the_operation() {
     }
 }
 
-#[test]
-fn a_failed_background_selection_is_reported_by_its_sequence_only() {
-    // No head is corrected, so the worker selects every head (a head corrected on the
-    // critical path keeps that selection for the next step where the candidates agree).
+/// A clean instance and a faulty one, each with sequences 1 and 2 prefilled, whose heads are
+/// never corrected: the worker selects every head (a head corrected on the critical path
+/// keeps that selection for the next step where the candidates agree).
+fn never_corrected_pair() -> (FaultyInstance, FaultyInstance, Arc<Mutex<Option<Fault>>>) {
     let cfg = || FreeKvConfig {
         tau: -1.0,
         ..config()
     };
+    let (clean, _) = instance_with(cfg());
+    let (faulty, fault) = instance_with(cfg());
+    for inst in [&clean, &faulty] {
+        prefill(inst, 1).unwrap();
+        prefill(inst, 2).unwrap();
+    }
+    (clean, faulty, fault)
+}
+
+#[test]
+fn a_failed_background_selection_is_reported_by_its_sequence_only() {
     for op in ["select"] {
-        let (clean, _) = instance_with(cfg());
-        let (faulty, fault) = instance_with(cfg());
-        for inst in [&clean, &faulty] {
-            prefill(inst, 1).unwrap();
-            prefill(inst, 2).unwrap();
-        }
+        let (clean, faulty, fault) = never_corrected_pair();
         let mut len = PROMPT + 1;
         decode(&clean, &[1, 2], len).unwrap();
         decode(&faulty, &[1, 2], len).unwrap();
@@ -430,16 +436,7 @@ fn a_failed_background_selection_is_reported_by_its_sequence_only() {
 /// to. A failure that does not recur (injected once) costs neither sequence anything.
 #[test]
 fn a_failed_selection_of_several_sequences_is_retried_one_by_one() {
-    let cfg = || FreeKvConfig {
-        tau: -1.0,
-        ..config()
-    };
-    let (clean, _) = instance_with(cfg());
-    let (faulty, fault) = instance_with(cfg());
-    for inst in [&clean, &faulty] {
-        prefill(inst, 1).unwrap();
-        prefill(inst, 2).unwrap();
-    }
+    let (clean, faulty, fault) = never_corrected_pair();
     let mut len = PROMPT + 1;
     for _ in 0..2 {
         decode(&clean, &[1, 2], len).unwrap();
