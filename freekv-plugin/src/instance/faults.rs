@@ -398,37 +398,36 @@ fn never_corrected_pair() -> (FaultyInstance, FaultyInstance, Arc<Mutex<Option<F
 
 #[test]
 fn a_failed_background_selection_is_reported_by_its_sequence_only() {
-    for op in ["select"] {
-        let (clean, faulty, fault) = never_corrected_pair();
-        let mut len = PROMPT + 1;
-        decode(&clean, &[1, 2], len).unwrap();
-        decode(&faulty, &[1, 2], len).unwrap();
-        len += 1;
-        // Sequence 1's step schedules its next selection, which fails on the worker.
-        decode(&clean, &[1], len).unwrap();
-        faulty.join_background().unwrap();
-        arm(&fault, op, true);
-        decode(&faulty, &[1], len).unwrap();
-        faulty.join_background().unwrap();
-        assert!(
-            fault.lock().unwrap().is_none(),
-            "{op} never ran on the worker"
-        );
-        // Sequence 2 (not in that selection) is unaffected, on every layer.
-        assert_eq!(
-            decode(&clean, &[2], len).unwrap(),
-            decode(&faulty, &[2], len).unwrap()
-        );
-        // Sequence 1's next step reports the failure...
-        let err = format!("{:#}", decode(&faulty, &[1], len + 1).unwrap_err());
-        assert!(err.contains("background selection"), "{op}: {err}");
-        assert!(err.contains(op), "{op}: {err}");
-        // ...once: a retried step selects again on the critical path and attends.
-        let blocking = faulty.counters().total.blocking_selections;
-        let out = decode(&faulty, &[1], len + 1).unwrap();
-        assert!(out.iter().all(|x| x.is_finite()));
-        assert!(faulty.counters().total.blocking_selections > blocking);
-    }
+    let op = "select";
+    let (clean, faulty, fault) = never_corrected_pair();
+    let mut len = PROMPT + 1;
+    decode(&clean, &[1, 2], len).unwrap();
+    decode(&faulty, &[1, 2], len).unwrap();
+    len += 1;
+    // Sequence 1's step schedules its next selection, which fails on the worker.
+    decode(&clean, &[1], len).unwrap();
+    faulty.join_background().unwrap();
+    arm(&fault, op, true);
+    decode(&faulty, &[1], len).unwrap();
+    faulty.join_background().unwrap();
+    assert!(
+        fault.lock().unwrap().is_none(),
+        "{op} never ran on the worker"
+    );
+    // Sequence 2 (not in that selection) is unaffected, on every layer.
+    assert_eq!(
+        decode(&clean, &[2], len).unwrap(),
+        decode(&faulty, &[2], len).unwrap()
+    );
+    // Sequence 1's next step reports the failure...
+    let err = format!("{:#}", decode(&faulty, &[1], len + 1).unwrap_err());
+    assert!(err.contains("background selection"), "{op}: {err}");
+    assert!(err.contains(op), "{op}: {err}");
+    // ...once: a retried step selects again on the critical path and attends.
+    let blocking = faulty.counters().total.blocking_selections;
+    let out = decode(&faulty, &[1], len + 1).unwrap();
+    assert!(out.iter().all(|x| x.is_finite()));
+    assert!(faulty.counters().total.blocking_selections > blocking);
 }
 
 /// The worker selects for every sequence of a layer in one call; when that call fails, each
