@@ -172,10 +172,12 @@ __device__ __forceinline__ u64 cand_key(const float* __restrict__ pooled, int j)
 }
 
 // The relative gap between the last winner and the best candidate left out (0 on a tie, +inf
-// when every candidate wins), as the CPU backend's `margin`.
+// when every candidate wins or an infinite winner beats a finite loser), as the CPU backend's
+// `margin`; never NaN.
 __device__ __forceinline__ float plan_margin(float worst_winner, float best_loser) {
   if (best_loser == FKV_NEG_INF && worst_winner > best_loser) return __int_as_float(0x7f800000);
   if (isnan(worst_winner) || isnan(best_loser) || worst_winner <= best_loser) return 0.0f;
+  if (worst_winner == __int_as_float(0x7f800000)) return worst_winner;
   const float scale = fmaxf(fmaxf(fabsf(worst_winner), fabsf(best_loser)), 1.17549435e-38f);
   return (worst_winner - best_loser) / scale;
 }
@@ -218,7 +220,8 @@ extern "C" __global__ void freekv_plan_pages(const float* __restrict__ pooled,
   u64* mkey = ekey + n_sel;
   u32* eorder = reinterpret_cast<u32*>(mkey + n_sel);
   u32* morder = eorder + n_sel;
-  const int k = min(sel_k, n);
+  // At most one winner per selected slot (the lists below hold n_sel entries).
+  const int k = min(min(sel_k, n), n_sel);
 
   // The k-th largest key (exact: keys are distinct). With k = 0 no key reaches it.
   u64 prefix = 0, mask = 0;

@@ -32,7 +32,9 @@ mod gpu;
 mod rng;
 use rng::Rng;
 
-// The top-k and replacement plan kernel.
+// The top-k and replacement plan kernel, against the brute-force plan.
+#[path = "support/brute_plan.rs"]
+mod brute_plan;
 #[path = "cuda_kernels/plan.rs"]
 mod plan;
 

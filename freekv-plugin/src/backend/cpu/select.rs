@@ -225,14 +225,18 @@ pub fn rerank<T: KvElem>(
 }
 
 /// How far a selection's worst winner scored above the best candidate left out, relative to
-/// the larger magnitude: +inf when nothing was left out, 0 at a tie. Two backends whose scores
-/// differ in rounding may pick differently only where this is below their rounding.
+/// the larger magnitude: +inf when nothing was left out (or only finite scores below an
+/// infinite winner), 0 at a tie. Two backends whose scores differ in rounding may pick
+/// differently only where this is below their rounding. Never NaN.
 pub fn margin(worst_winner: f32, best_loser: f32) -> f32 {
     if best_loser == f32::NEG_INFINITY && worst_winner > best_loser {
         return f32::INFINITY;
     }
     if worst_winner.is_nan() || best_loser.is_nan() || worst_winner <= best_loser {
         return 0.0;
+    }
+    if worst_winner == f32::INFINITY {
+        return f32::INFINITY;
     }
     let scale = worst_winner
         .abs()
@@ -312,6 +316,11 @@ pub fn plan_replacement(
         }
     }
 }
+
+/// The brute-force plan the GPU's plan kernel is tested against too (tests/cuda_kernels).
+#[cfg(test)]
+#[path = "../../../tests/support/brute_plan.rs"]
+mod brute_plan;
 
 #[cfg(test)]
 mod tests {
@@ -469,6 +478,41 @@ mod tests {
         assert_eq!(got, vec![2, 3]);
     }
 
+    /// `plan_replacement` is the brute-force plan written from the spec, pair for pair and
+    /// margin bit for bit, on seeded random cases: ties, infinities, NaN and -0.0 scores,
+    /// resident pages among the candidates, outside them, empty or held twice.
+    #[test]
+    fn plans_match_a_brute_force_plan() {
+        use rand::{Rng as _, SeedableRng};
+        let mut failures = Vec::new();
+        for seed in 0..300u64 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let mut draw = |lo: usize, hi: usize| rng.random_range(lo..=hi);
+            let n_sel = [1, 3, 8, 56][draw(0, 3)];
+            let n = [0, 1, n_sel - 1, n_sel, n_sel + 1, 3 * n_sel + 5, 400][draw(0, 6)];
+            let first = draw(0, 40) as u32;
+            let case = brute_plan::random_case(&mut draw, first, n, n_sel);
+            let g = geo(n_sel);
+            let slot0 = g.selected_slots().start as u32;
+            let mut sc = SelectScratch {
+                pooled: case.scores.clone(),
+                ..Default::default()
+            };
+            let cand = first as usize..first as usize + n;
+            plan_replacement(&g, cand, &case.resident, &mut sc);
+            let got: Vec<(u32, u32)> = sc.plan.iter().map(|e| (e.slot, e.page)).collect();
+            let (want, margin) = brute_plan::brute_plan(&case, g.sel_pages, slot0);
+            if got != want || sc.margin.to_bits() != margin.to_bits() {
+                failures.push(format!(
+                    "seed {seed} (n {n}, n_sel {n_sel}): got {got:?} margin {}, want {want:?} \
+                     margin {margin}",
+                    sc.margin
+                ));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
     #[test]
     fn ties_pick_lower_pages() {
         let g = geo(2);
@@ -502,5 +546,9 @@ mod tests {
         assert_eq!(sc.margin, f32::INFINITY, "every candidate wins");
         assert_eq!(margin(-1.0, f32::NEG_INFINITY), f32::INFINITY);
         assert_eq!(margin(f32::NEG_INFINITY, f32::NEG_INFINITY), 0.0);
+        // An infinite winner over a finite loser: not inf / inf.
+        assert_eq!(margin(f32::INFINITY, 1.0), f32::INFINITY);
+        assert_eq!(margin(f32::INFINITY, f32::INFINITY), 0.0);
+        assert_eq!(margin(f32::INFINITY, f32::NAN), 0.0);
     }
 }

@@ -65,9 +65,10 @@ impl PagePlans {
     }
 
     /// Reads the rows a device wrote for `jobs` (`[jobs][n_kv]` rows of
-    /// [`plan_row_len`]`(n_sel)` u32) for the heads each job asks for, checking each pair: a
-    /// slot in `slots` and one of the job's candidate pages or [`NO_PAGE`], each slot once. An
-    /// error names the first value out of place (no plan is applied).
+    /// [`plan_row_len`]`(n_sel)` u32) for the heads each job asks for, checking each pair (a
+    /// slot in `slots` and one of the job's candidate pages or [`NO_PAGE`], each slot once)
+    /// and the result (no page in two slots once the plan applies). An error names the first
+    /// value out of place (no plan is applied).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub fn read_rows(
         &mut self,
@@ -86,7 +87,15 @@ impl PagePlans {
         );
         self.reset(jobs.len() * n_kv, n_sel);
         let mut seen = vec![false; n_sel];
+        let mut after = Vec::with_capacity(n_sel);
         for (s, job) in jobs.iter().enumerate() {
+            anyhow::ensure!(
+                job.heads.len() == n_kv && job.resident.len() == n_kv * n_sel,
+                "sequence {s}'s selection has {} heads and {} resident pages ({n_kv} heads of \
+                 {n_sel} slots expected)",
+                job.heads.len(),
+                job.resident.len()
+            );
             let pages = job.first..job.first + job.blocks.len();
             for h in (0..n_kv).filter(|&h| job.heads[h]) {
                 let i = s * n_kv + h;
@@ -114,6 +123,21 @@ impl PagePlans {
                         page,
                     };
                 }
+                // What the slots hold once the plan applies: no page twice.
+                after.clear();
+                after.extend_from_slice(&job.resident[h * n_sel..(h + 1) * n_sel]);
+                for e in &self.entries[i * n_sel..i * n_sel + count] {
+                    after[e.slot as usize - slots.start] = e.page;
+                }
+                after.retain(|&p| p != NO_PAGE);
+                after.sort_unstable();
+                if let Some(w) = after.windows(2).find(|w| w[0] == w[1]) {
+                    anyhow::bail!(
+                        "the device's plan for head {h} of sequence {s} leaves page {} in two \
+                         slots",
+                        w[0]
+                    );
+                }
                 self.counts[i] = count;
                 self.margins[i] = f32::from_bits(row[1]);
             }
@@ -136,14 +160,19 @@ mod tests {
         r
     }
 
-    fn job<'a>(first: usize, blocks: &'a [u32], heads: &'a [bool]) -> PageSelection<'a> {
+    fn job<'a>(
+        first: usize,
+        blocks: &'a [u32],
+        heads: &'a [bool],
+        resident: &'a [u32],
+    ) -> PageSelection<'a> {
         PageSelection {
             blocks,
             first,
             query: &[],
             heads,
             pooling: Pooling::Max,
-            resident: &[],
+            resident,
         }
     }
 
@@ -158,9 +187,10 @@ mod tests {
         rows.extend(row(1, 0.0, &[(4, 21)], n_sel));
         rows.extend(row(0, 0.0, &[], n_sel));
         let blocks = [0u32; 10];
+        let empty = [NO_PAGE; 9];
         let jobs = [
-            job(2, &blocks, &[true, true, false]),
-            job(20, &blocks[..2], &[true, true, true]),
+            job(2, &blocks, &[true, true, false], &empty),
+            job(20, &blocks[..2], &[true, true, true], &empty),
         ];
         let mut plans = PagePlans::default();
         plans.read_rows(&rows, &jobs, 3, 4..7).unwrap();
@@ -189,12 +219,19 @@ mod tests {
         let n_sel = 2;
         let mut plans = PagePlans::default();
         let blocks = [0u32; 10];
-        let jobs = [job(2, &blocks, &[true])];
+        // Slot 5 holds page 7.
+        let resident = [NO_PAGE, 7];
+        let jobs = [job(2, &blocks, &[true], &resident)];
         let cases = [
             (row(3, 0.0, &[], n_sel), "planned 3 replacements for head 0"),
             (row(1, 0.0, &[(3, 2)], n_sel), "into slot 3"),
             (row(1, 0.0, &[(4, 12)], n_sel), "page 12 into slot 4"),
             (row(2, 0.0, &[(4, 2), (4, 3)], n_sel), "page 3 into slot 4"),
+            (row(1, 0.0, &[(4, 7)], n_sel), "leaves page 7 in two slots"),
+            (
+                row(2, 0.0, &[(4, 3), (5, 3)], n_sel),
+                "leaves page 3 in two slots",
+            ),
         ];
         for (rows, want) in cases {
             let e = plans
@@ -205,5 +242,11 @@ mod tests {
         }
         let short = plans.read_rows(&[0; 5], &jobs, 1, 4..6).unwrap_err();
         assert!(short.to_string().contains("5 plan values"), "{short}");
+        // Moving page 7 from slot 5 to slot 4 is fine.
+        let moved = row(2, 0.0, &[(4, 7), (5, NO_PAGE)], n_sel);
+        plans.read_rows(&moved, &jobs, 1, 4..6).unwrap();
+        let bad = [job(2, &blocks, &[true, true], &resident)];
+        let e = plans.read_rows(&moved, &bad, 1, 4..6).unwrap_err();
+        assert!(e.to_string().contains("2 heads"), "{e}");
     }
 }
