@@ -399,7 +399,9 @@ fn bandwidth(device: &Device, out: &mut Out) -> anyhow::Result<()> {
         let done = Arc::new(RawEvent::new(&ctx)?);
         ctx.synchronize()?;
         let t0 = Instant::now();
-        let st = pipe.submit(jobs, vec![], done.clone()).wait_enqueued()?;
+        let st = pipe
+            .submit(jobs, vec![], vec![done.clone()])
+            .wait_enqueued()?;
         done.synchronize()?;
         calls = st.copy_calls;
         best = best.max((4096 * chunk_bytes) as f64 / t0.elapsed().as_secs_f64() / 1e9);

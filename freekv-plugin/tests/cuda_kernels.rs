@@ -440,7 +440,7 @@ fn recall_pipeline_is_exact() {
         }
         let first = Arc::new(RawEvent::new(&ctx).unwrap());
         let stats = pipe
-            .submit(chunks, vec![], first.clone())
+            .submit(chunks, vec![], vec![first.clone()])
             .wait_enqueued()
             .unwrap();
         assert!(stats.groups >= 2);
@@ -453,7 +453,7 @@ fn recall_pipeline_is_exact() {
             .submit(
                 (0..n_kv).map(|h| job(7, 0, h)).collect(),
                 vec![first.clone()],
-                second.clone(),
+                vec![second.clone()],
             )
             .wait_enqueued()
             .unwrap();

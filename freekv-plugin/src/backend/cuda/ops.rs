@@ -28,7 +28,7 @@ use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::offload::ops::{consecutive_runs, decode_rows, STAGED_CHUNKS_PER_BUFFER};
 use crate::backend::offload::{
-    ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PagePlans, PageSelection,
+    ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PagePlans, PageSelection, SlotMoves,
 };
 use crate::backend::Role;
 use crate::geometry::Geometry;
@@ -139,6 +139,54 @@ impl<T: KvElem> CudaOps<T> {
     /// Bytes of one token's K (or V) rows of every KV head.
     fn kv_row_bytes(&self) -> usize {
         self.geo.num_kv_heads * self.geo.head_dim * 2
+    }
+
+    /// Every set's chunk moves as one request to the recall pipeline: the copies wait on the
+    /// device for each set's last reader and previous move; each set's `filled` event is
+    /// recorded once all have landed, and whatever reads or writes a set next on the engine's
+    /// stream waits for it there. Returns once the request is enqueued.
+    fn move_into_sets(
+        &self,
+        host: &HostTier<T>,
+        sets: &mut [SlotMoves<'_, CudaSlots>],
+    ) -> anyhow::Result<()> {
+        let mut chunks = Vec::new();
+        let (mut waits, mut done) = (Vec::new(), Vec::new());
+        for set in sets.iter().filter(|s| !s.moves.is_empty()) {
+            let shape = &set.slots.shape;
+            if let Some(m) = set
+                .moves
+                .iter()
+                .find(|m| m.slot as usize >= shape.n_slots || m.head as usize >= shape.n_kv)
+            {
+                anyhow::bail!(
+                    "chunk move into slot {} head {} of {} slots of {} KV heads",
+                    m.slot,
+                    m.head,
+                    shape.n_slots,
+                    shape.n_kv
+                );
+            }
+            chunks.extend(set.moves.iter().map(|m| RecallJob {
+                src: host.chunk(m.block, m.head as usize).as_ptr() as u64,
+                slots: set.slots.slots.ptr(),
+                slot: m.slot as i32,
+                head: m.head as i32,
+            }));
+            waits.extend([set.slots.last_use.clone(), set.slots.filled.clone()]);
+            done.push(set.slots.filled.clone());
+        }
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // The host chunks stay allocated and registered until the copies have run (the host
+        // tier is freed after its registration, whose release waits for the device).
+        self.pipeline.submit(chunks, waits, done).wait_enqueued()?;
+        for set in sets.iter().filter(|s| !s.moves.is_empty()) {
+            set.slots.note_move();
+        }
+        Ok(())
     }
 
     /// The thread's scoring buffers (and stream), created on first use.
@@ -397,41 +445,16 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         moves: &[ChunkMove],
         _scratch: Option<&mut CudaOpsScratch<T>>,
     ) -> anyhow::Result<()> {
-        if moves.is_empty() {
-            return Ok(());
-        }
-        if let Some(m) = moves
-            .iter()
-            .find(|m| m.slot as usize >= slots.shape.n_slots || m.head as usize >= slots.shape.n_kv)
-        {
-            anyhow::bail!(
-                "chunk move into slot {} head {} of {} slots of {} KV heads",
-                m.slot,
-                m.head,
-                slots.shape.n_slots,
-                slots.shape.n_kv
-            );
-        }
-        self.bind()?;
-        let chunks: Vec<RecallJob> = moves
-            .iter()
-            .map(|m| RecallJob {
-                src: host.chunk(m.block, m.head as usize).as_ptr() as u64,
-                slots: slots.slots.ptr(),
-                slot: m.slot as i32,
-                head: m.head as i32,
-            })
-            .collect();
-        // The host chunks stay allocated and registered until the copies have run (the host
-        // tier is freed after its registration, whose release waits for the device). The copies
-        // wait on the device for the slots' last reader and their previous move; whatever
-        // reads or writes the slots next on the engine's stream waits for `filled` there.
-        let waits = vec![slots.last_use.clone(), slots.filled.clone()];
-        self.pipeline
-            .submit(chunks, waits, slots.filled.clone())
-            .wait_enqueued()?;
-        slots.note_move();
-        Ok(())
+        self.move_into_sets(host, &mut [SlotMoves { slots, moves }])
+    }
+
+    fn move_chunks_into_sets(
+        &self,
+        host: &HostTier<T>,
+        sets: &mut [SlotMoves<'_, CudaSlots>],
+        _scratch: Option<&mut CudaOpsScratch<T>>,
+    ) -> anyhow::Result<()> {
+        self.move_into_sets(host, sets)
     }
 
     fn append_token(

@@ -94,7 +94,7 @@ pub struct PipelineStats {
 struct Request {
     chunks: Vec<RecallJob>,
     waits: Vec<Arc<RawEvent>>,
-    done: Arc<RawEvent>,
+    done: Vec<Arc<RawEvent>>,
     reply: mpsc::Sender<anyhow::Result<PipelineStats>>,
 }
 
@@ -198,14 +198,14 @@ impl RecallPipeline {
     }
 
     /// Hands `chunks` to the worker (each job's `src`: the chunk's host address, in memory
-    /// that stays allocated and registered until `done` has fired). `waits`: events the copies
-    /// must wait for on the device (their last records at this call). `done` is recorded once
-    /// everything has landed in the slots.
+    /// that stays allocated and registered until `done` has fired; its `slots`: any slot set's).
+    /// `waits`: events the copies must wait for on the device (their last records at this
+    /// call). Each event of `done` is recorded once everything has landed in the slots.
     pub fn submit(
         &self,
         chunks: Vec<RecallJob>,
         waits: Vec<Arc<RawEvent>>,
-        done: Arc<RawEvent>,
+        done: Vec<Arc<RawEvent>>,
     ) -> Ticket {
         let (reply, rx) = mpsc::channel();
         let req = Request {
@@ -334,21 +334,25 @@ impl Worker {
             stats.bytes += group.len() * chunk_bytes;
             stats.groups += 1;
         }
-        // One `done` event for the whole request: join the other stream into the last used one.
+        // The `done` events mark the whole request: join the other stream into the last used
+        // one.
         let s0 = bufs[0].stream.cu_stream();
-        match used {
+        let last = match used {
             [true, true] => {
                 bufs[1].reusable.wait_on(s0)?;
-                req.done.record(s0)?;
+                s0
             }
-            [false, true] => req.done.record(bufs[1].stream.cu_stream())?,
-            [true, false] => req.done.record(s0)?,
+            [false, true] => bufs[1].stream.cu_stream(),
+            [true, false] => s0,
             [false, false] => {
                 for w in &req.waits {
                     w.wait_on(s0)?;
                 }
-                req.done.record(s0)?;
+                s0
             }
+        };
+        for done in &req.done {
+            done.record(last)?;
         }
         Ok(stats)
     }

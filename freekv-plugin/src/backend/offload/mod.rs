@@ -66,7 +66,7 @@ use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling};
 
 pub use ops::{
-    token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageSelection,
+    token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageSelection, SlotMoves,
 };
 pub use page_plans::PagePlans;
 use prompt::DevicePrompt;
@@ -671,9 +671,7 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<Vec<RecallStats>> {
         self.plan_selections(host, rows, scratch)?;
-        rows.iter_mut()
-            .map(|r| self.recall(host, r.table, r.dev, r.heads, scratch))
-            .collect()
+        self.recall_rows(host, rows, scratch)
     }
 
     fn attend(

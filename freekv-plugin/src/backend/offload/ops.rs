@@ -263,6 +263,21 @@ pub trait DeviceOps<T: KvElem>: DeviceMemory<T> {
         scratch: Option<&mut Self::Scratch>,
     ) -> anyhow::Result<()>;
 
+    /// [`DeviceOps::move_chunks`] into several slot sets at once, each set's moves in order:
+    /// one request to the device where it can take them together (a layer-step's recalls of
+    /// every sequence). Default: one call per set.
+    fn move_chunks_into_sets(
+        &self,
+        host: &HostTier<T>,
+        sets: &mut [SlotMoves<'_, Self::Slots>],
+        mut scratch: Option<&mut Self::Scratch>,
+    ) -> anyhow::Result<()> {
+        for set in sets.iter_mut() {
+            self.move_chunks(host, set.slots, set.moves, scratch.as_deref_mut())?;
+        }
+        Ok(())
+    }
+
     /// Writes one token's K and V rows of every KV head at `token` of `slot`.
     fn append_token(
         &self,
@@ -287,6 +302,14 @@ pub trait DeviceOps<T: KvElem>: DeviceMemory<T> {
         params: &AttnParams,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<()>;
+}
+
+/// One slot set's chunks of a [`DeviceOps::move_chunks_into_sets`] call.
+pub struct SlotMoves<'a, S> {
+    /// The slots the chunks go into.
+    pub slots: &'a mut S,
+    /// The chunks, in order.
+    pub moves: &'a [ChunkMove],
 }
 
 /// One row of a [`DeviceOps::decode`] call.

@@ -1,6 +1,6 @@
 //! Selection on a device: the candidates scored, the top-k and each head's replacement plan
 //! made by the device from its mirror of the page summaries, and the recall of the missing
-//! pages.
+//! pages; every sequence of a layer-step in one call each.
 
 use anyhow::Context;
 
@@ -11,8 +11,8 @@ use crate::geometry::NO_PAGE;
 use crate::Selector;
 
 use super::{
-    ChunkMove, DeviceOps, DeviceTierOf, HostTierOf, OffloadBackend, OffloadScratch, OffloadTier,
-    PageSelection,
+    ChunkMove, DeviceOps, DeviceTierOf, HostTierOf, OffloadBackend, OffloadScratch, PageSelection,
+    SlotMoves,
 };
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
@@ -126,42 +126,57 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             .context("selecting the pages on the device")
     }
 
-    /// Applies the pending plan of the heads in `heads`: brings the missing pages into their
-    /// slots.
-    pub(super) fn recall(
+    /// Applies the pending plans of `rows` (each row's heads): brings the missing pages into
+    /// their slots, every row's in one call to the device. Returns what each row moved.
+    pub(super) fn recall_rows(
         &self,
         host: &HostTierOf<T, O>,
-        table: &[u32],
-        dev: &mut OffloadTier<T, O::Slots, O::Query>,
-        heads: &[bool],
+        rows: &mut [SelectRow<'_, DeviceTierOf<T, O>>],
         scratch: &mut OffloadScratch<T, O::Scratch>,
-    ) -> anyhow::Result<RecallStats> {
+    ) -> anyhow::Result<Vec<RecallStats>> {
         let g = &self.geo;
-        dev.held_len = 0;
-        scratch.moves.clear();
-        for h in (0..g.num_kv_heads).filter(|&h| heads[h]) {
-            for e in dev.plan.plan(h) {
-                if e.page != NO_PAGE {
-                    scratch.moves.push(ChunkMove {
-                        block: table[e.page as usize],
-                        head: h as u32,
-                        slot: e.slot,
-                    });
+        let OffloadScratch { moves, device, .. } = scratch;
+        moves.clear();
+        let mut spans = Vec::with_capacity(rows.len());
+        for r in rows.iter_mut() {
+            r.dev.held_len = 0;
+            let start = moves.len();
+            for h in (0..g.num_kv_heads).filter(|&h| r.heads[h]) {
+                for e in r.dev.plan.plan(h) {
+                    if e.page != NO_PAGE {
+                        moves.push(ChunkMove {
+                            block: r.table[e.page as usize],
+                            head: h as u32,
+                            slot: e.slot,
+                        });
+                    }
                 }
             }
+            spans.push(start..moves.len());
         }
+        let mut sets: Vec<SlotMoves<'_, O::Slots>> = rows
+            .iter_mut()
+            .zip(&spans)
+            .filter(|(_, span)| !span.is_empty())
+            .map(|(r, span)| SlotMoves {
+                slots: &mut r.dev.slots,
+                moves: &moves[span.clone()],
+            })
+            .collect();
         self.ops
-            .move_chunks(
-                &host.tier,
-                &mut dev.slots,
-                &scratch.moves,
-                Some(&mut scratch.device),
-            )
+            .move_chunks_into_sets(&host.tier, &mut sets, Some(device))
             .context("recalling the selected pages")?;
+        drop(sets);
         // The tables follow the data (and the plans are consumed).
-        let mut stats = CpuBackend::<T>::apply_plan(&mut dev.plan, heads);
-        debug_assert_eq!(stats.pages, scratch.moves.len());
-        stats.bytes = stats.pages * self.chunk_bytes();
-        Ok(stats)
+        Ok(rows
+            .iter_mut()
+            .zip(spans)
+            .map(|(r, span)| {
+                let mut stats = CpuBackend::<T>::apply_plan(&mut r.dev.plan, r.heads);
+                debug_assert_eq!(stats.pages, span.len());
+                stats.bytes = stats.pages * self.chunk_bytes();
+                stats
+            })
+            .collect())
     }
 }
