@@ -32,12 +32,15 @@ pub fn background_selection<B: Backend>(
     } = st;
     let settled = cx.backend.settle(host, batch, scratch);
     let mut ready: Vec<&mut SeqLayer<B>> = Vec::new();
+    // The step's row each stored query was read from here (None: stored at the step).
+    let mut query_rows = Vec::new();
     for seq in seqs.values_mut().filter(|s| s.phase == Phase::Speculating) {
         let t = Instant::now();
+        let query_row = seq.query_row.take();
         let stored = settled
             .as_ref()
             .map_err(|e| anyhow::anyhow!("{e:#}"))
-            .and_then(|()| match (seq.query_row.take(), seq.dev.as_mut()) {
+            .and_then(|()| match (query_row, seq.dev.as_mut()) {
                 (Some(row), Some(dev)) => {
                     let mut one = [StoreQuery { dev, row, token: 0 }];
                     cx.backend.store_query(&mut one, batch)
@@ -46,13 +49,17 @@ pub fn background_selection<B: Backend>(
             });
         seq.counters.background_ns += t.elapsed().as_nanos() as u64;
         match stored {
-            Ok(()) => ready.push(seq),
+            Ok(()) => {
+                ready.push(seq);
+                query_rows.push(query_row);
+            }
             Err(e) => fail(seq, e),
         }
     }
     let t = Instant::now();
     let together = ready.len() > 1;
-    let selected = select_for_next_steps(cx, host, &mut ready, all_heads, scratch);
+    let selected =
+        select_for_next_steps(cx, host, &mut ready, &query_rows, all_heads, batch, scratch);
     let share = t.elapsed().as_nanos() as u64 / ready.len().max(1) as u64;
     for seq in ready.iter_mut() {
         seq.counters.background_ns += share;
@@ -65,9 +72,19 @@ pub fn background_selection<B: Backend>(
             }
         }
         Err(_) => {
-            for seq in ready {
+            for (seq, query_row) in ready.into_iter().zip(query_rows) {
                 let t = Instant::now();
-                if let Err(e) = select_for_next_step(cx, host, seq, all_heads, scratch) {
+                let mut one = [&mut *seq];
+                let selected = select_for_next_steps(
+                    cx,
+                    host,
+                    &mut one,
+                    &[query_row],
+                    all_heads,
+                    batch,
+                    scratch,
+                );
+                if let Err(e) = selected {
                     fail(seq, e);
                 }
                 seq.counters.background_ns += t.elapsed().as_nanos() as u64;
@@ -85,25 +102,30 @@ fn fail<B: Backend>(seq: &mut SeqLayer<B>, e: anyhow::Error) {
 /// Selection with the stored query over the candidates of the sequence's next step, and the
 /// recall, for the heads in `heads` (counted in the sequence's counters). A head this step
 /// already selected with the same query over the same candidates keeps that selection (the
-/// selection would be the same: every winner resident, nothing to recall).
+/// selection would be the same: every winner resident, nothing to recall). `batch`: the
+/// layer's loaded call (a prompt's, whose rows no device reads in place).
 pub fn select_for_next_step<B: Backend>(
     cx: &LayerCtx<'_, B>,
     host: &B::HostTier,
     seq: &mut SeqLayer<B>,
     heads: &[bool],
+    batch: &B::Batch,
     scratch: &mut B::Scratch,
 ) -> anyhow::Result<()> {
-    select_for_next_steps(cx, host, &mut [seq], heads, scratch)
+    select_for_next_steps(cx, host, &mut [seq], &[None], heads, batch, scratch)
 }
 
-/// [`select_for_next_step`] for several sequences, in one selection call. On an error no
-/// sequence's state says it selected (each still holds what it held, a plan possibly half
-/// recalled, and may select again).
+/// [`select_for_next_step`] for several sequences, in one selection call; `query_rows[i]`:
+/// the row of the loaded decode step whose query `seqs[i]` stored, if it stored it from there
+/// (see `SelectRow::query_row`). On an error no sequence's state says it selected (each still
+/// holds what it held and may select again).
 fn select_for_next_steps<B: Backend>(
     cx: &LayerCtx<'_, B>,
     host: &B::HostTier,
     seqs: &mut [&mut SeqLayer<B>],
+    query_rows: &[Option<usize>],
     heads: &[bool],
+    batch: &B::Batch,
     scratch: &mut B::Scratch,
 ) -> anyhow::Result<()> {
     let n_kv = heads.len();
@@ -143,9 +165,10 @@ fn select_for_next_steps<B: Backend>(
                 dev: dev.as_mut().expect("picked with a working set"),
                 selection: selection.clone(),
                 heads,
+                query_row: query_rows[i],
             });
         }
-        let stats = cx.backend.select(host, &mut rows, scratch)?;
+        let stats = cx.backend.select(host, &mut rows, batch, scratch)?;
         drop(rows);
         for ((i, _, selecting), stats) in picks.iter().zip(stats) {
             let seq = &mut seqs[*i];

@@ -127,7 +127,7 @@ pub fn prefill_step<B: Backend>(
         cx.backend.store_query(&mut one, batch)?;
         seq.counters
             .add_recall(stats.into_iter().next().unwrap_or_default());
-        select_for_next_step(cx, host, seq, all_heads, scratch)?;
+        select_for_next_step(cx, host, seq, all_heads, batch, scratch)?;
         seq.counters.blocking_ns += t.elapsed().as_nanos() as u64;
     }
     Ok(())

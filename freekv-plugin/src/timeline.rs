@@ -422,6 +422,8 @@ fn correct<B: Backend>(
                 dev: dev.as_mut().expect("checked above"),
                 selection,
                 heads: &cor.heads[r * n_kv..(r + 1) * n_kv],
+                // A row that selects now stored its query from this step's row (above).
+                query_row: Some(r),
             });
         }
     }
@@ -432,7 +434,7 @@ fn correct<B: Backend>(
     let stats = if selects.is_empty() {
         Vec::new()
     } else {
-        cx.backend.select(host, &mut selects, scratch)?
+        cx.backend.select(host, &mut selects, batch, scratch)?
     };
     drop(selects);
     // The selections' blocking time, shared by the rows that selected.

@@ -239,6 +239,9 @@ pub struct SelectRow<'a, D> {
     pub selection: Selection,
     /// The KV heads that select.
     pub heads: &'a [bool],
+    /// The row of the layer's loaded decode step whose query the stored query is (stored from
+    /// it at this step), if any: a device may read it there, in place.
+    pub query_row: Option<usize>,
 }
 
 /// One row's decode attention: the query of batch row `row` (position `len - 1`) over the
@@ -361,11 +364,13 @@ pub trait Backend: Memory {
     /// attention mass), takes the exact top-k per KV head in `heads`, plans the replacement
     /// (winners already resident stay, missing winners go into the lowest-scored selected
     /// slots) and recalls the missing pages into their slots. Returns what each recall moved,
-    /// in row order.
+    /// in row order. `batch` is the layer's loaded call, whose query rows a device may read in
+    /// place of the stored queries they equal (`SelectRow::query_row`).
     fn select(
         &self,
         host: &Self::HostTier,
         rows: &mut [SelectRow<'_, Self::DeviceTier>],
+        batch: &Self::Batch,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<Vec<RecallStats>>;
     /// The attention of every row of `job`, written into the batch's output.

@@ -150,10 +150,11 @@ impl<B: Backend> Backend for Faulty<B> {
         &self,
         host: &B::HostTier,
         rows: &mut [SelectRow<'_, B::DeviceTier>],
+        b: &B::Batch,
         s: &mut B::Scratch,
     ) -> anyhow::Result<Vec<RecallStats>> {
         self.check("select")?;
-        self.inner.select(host, rows, s)
+        self.inner.select(host, rows, b, s)
     }
     fn attend(
         &self,

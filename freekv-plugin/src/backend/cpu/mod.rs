@@ -278,6 +278,7 @@ impl<T: KvElem> Backend for CpuBackend<T> {
         &self,
         host: &HostTier<T>,
         rows: &mut [SelectRow<'_, SlotPlan>],
+        _batch: &CpuBatch,
         scratch: &mut CpuScratch<T>,
     ) -> anyhow::Result<Vec<RecallStats>> {
         rows.iter_mut()

@@ -28,7 +28,8 @@ use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::offload::ops::{consecutive_runs, decode_rows, STAGED_CHUNKS_PER_BUFFER};
 use crate::backend::offload::{
-    ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PagePlans, PageSelection, SlotMoves,
+    ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PagePlans, PageSelection,
+    SelectQuery, SlotMoves,
 };
 use crate::backend::Role;
 use crate::geometry::Geometry;
@@ -390,6 +391,7 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
     fn select_pages(
         &self,
         mirror: &DeviceSummaries,
+        batch: &CudaBatch,
         jobs: &[PageSelection<'_>],
         out: &mut PagePlans,
         scratch: &mut CudaOpsScratch<T>,
@@ -408,16 +410,19 @@ impl<T: KvElem> DeviceOps<T> for CudaOps<T> {
         let rows = &mut scratch.rows;
         rows.clear();
         rows.resize(jobs.len() * q_len, T::default());
+        // The host's queries in 16 bits; a query read in place is copied over its row after.
         for (job, dst) in jobs.iter().zip(rows.chunks_mut(q_len)) {
-            anyhow::ensure!(
-                job.query.len() == q_len,
-                "page selection got a {}-value query ({q_len} expected)",
-                job.query.len()
-            );
-            T::from_f32s(job.query, dst);
+            if let SelectQuery::Host(query) = job.query {
+                anyhow::ensure!(
+                    query.len() == q_len,
+                    "page selection got a {}-value query ({q_len} expected)",
+                    query.len()
+                );
+                T::from_f32s(query, dst);
+            }
         }
         let bufs = self.score_buffers(&mut scratch.score)?;
-        bufs.select(&self.kernels, mirror, jobs, rows, out)
+        bufs.select(&self.kernels, mirror, batch, jobs, rows, out)
     }
 
     fn query_similarities(

@@ -10,10 +10,11 @@ use cudarc::driver::{CudaContext, CudaStream};
 use crate::backend::cpu::elem::KvElem;
 use crate::backend::cpu::host_tier::HostTier;
 use crate::backend::offload::page_plans::plan_row_len;
-use crate::backend::offload::{PagePlans, PageSelection};
+use crate::backend::offload::{PagePlans, PageSelection, SelectQuery};
 use crate::geometry::Geometry;
 use crate::Pooling;
 
+use super::batch::CudaBatch;
 use super::kernels::{
     as_bytes, plan_work_bytes, KernelPooling, Kernels, PlanLaunch, ScoreLaunch, SeqDesc, SeqRows,
 };
@@ -174,13 +175,15 @@ impl ScoreBuffers {
     }
 
     /// Selects for every sequence of `jobs` from `mirror`, with `q_rows` (each job's query as
-    /// 16-bit `[n_q][d]`, one after the other): scores, pools and plans every head of every
+    /// 16-bit `[n_q][d]`, one after the other; a job whose query is read in place from `batch`
+    /// has its row copied there on the device): scores, pools and plans every head of every
     /// sequence on the device in one launch each, then reads back the plans of the heads the
     /// jobs ask for into `out` (only the plans cross to the host), and waits for them.
     pub fn select<T: KvElem>(
         &mut self,
         kernels: &Kernels,
         mirror: &DeviceSummaries,
+        batch: &CudaBatch,
         jobs: &[PageSelection<'_>],
         q_rows: &[T],
         out: &mut PagePlans,
@@ -265,6 +268,22 @@ impl ScoreBuffers {
             up(first, &self.host_first[..], s)?;
             up(blocks, &self.host_blocks[..], s)?;
             up(resident, &self.host_resident[..], s)?;
+        }
+        // Queries read in place: the batch's rows, long produced on the engine's stream (the
+        // caller read the step's values on the host).
+        let q_bytes = q_len * std::mem::size_of::<T>();
+        for (i, job) in jobs.iter().enumerate() {
+            if let SelectQuery::Batch(row) = job.query {
+                anyhow::ensure!(
+                    row < batch.rows && batch.q != 0,
+                    "a selection's query in row {row} of a {}-row batch",
+                    batch.rows
+                );
+                let (dst, src) = (q + (i * q_bytes) as u64, batch.q + (row * q_bytes) as u64);
+                // SAFETY: both rows lie inside their buffers (q holds every job's, the batch
+                // every row's); the batch's tensors live until its next load, after this call.
+                unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, q_bytes, s) }?;
+            }
         }
         kernels.score_and_pool(
             s,

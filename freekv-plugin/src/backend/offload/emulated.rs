@@ -26,7 +26,7 @@ use crate::AttnParams;
 
 use super::ops::{
     decode_rows, span_tokens, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken,
-    PageSelection,
+    PageSelection, SelectQuery,
 };
 use super::page_plans::PagePlans;
 use super::staged::StagedRecall;
@@ -353,12 +353,14 @@ impl<T: KvElem> DeviceOps<T> for EmulatedDevice<T> {
     fn select_pages(
         &self,
         mirror: &EmulatedSummaries<T>,
+        batch: &EmulatedBatch<T>,
         jobs: &[PageSelection<'_>],
         out: &mut PagePlans,
         scratch: &mut EmulatedScratch<T>,
     ) -> anyhow::Result<()> {
         let g = &self.geo;
         let (d, n_kv, n_sel) = (g.head_dim, g.num_kv_heads, g.sel_pages);
+        let w = g.num_q_heads() * d;
         out.reset(jobs.len() * n_kv, n_sel);
         for (s, job) in jobs.iter().enumerate() {
             let PageSelection {
@@ -369,6 +371,17 @@ impl<T: KvElem> DeviceOps<T> for EmulatedDevice<T> {
                 pooling,
                 resident,
             } = *job;
+            let query = match query {
+                SelectQuery::Host(q) => q,
+                SelectQuery::Batch(row) => {
+                    anyhow::ensure!(
+                        row < batch.rows,
+                        "a selection's query in row {row} of a {}-row batch",
+                        batch.rows
+                    );
+                    &batch.q[row * w..(row + 1) * w]
+                }
+            };
             anyhow::ensure!(
                 query.len() == g.num_q_heads() * d && resident.len() == n_kv * n_sel,
                 "page selection got a {}-value query and {} resident pages",

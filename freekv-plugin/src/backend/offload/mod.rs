@@ -66,7 +66,8 @@ use crate::plan::SlotPlan;
 use crate::{AttnParams, FreeKvConfig, Pooling};
 
 pub use ops::{
-    token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageSelection, SlotMoves,
+    token_span, ChunkMove, DecodeDesc, DeviceMemory, DeviceOps, NewToken, PageSelection,
+    SelectQuery, SlotMoves,
 };
 pub use page_plans::PagePlans;
 use prompt::DevicePrompt;
@@ -668,9 +669,10 @@ impl<T: KvElem, O: DeviceOps<T>> Backend for OffloadBackend<T, O> {
         &self,
         host: &Self::HostTier,
         rows: &mut [SelectRow<'_, Self::DeviceTier>],
+        batch: &Self::Batch,
         scratch: &mut Self::Scratch,
     ) -> anyhow::Result<Vec<RecallStats>> {
-        self.plan_selections(host, rows, scratch)?;
+        self.plan_selections(host, rows, batch, scratch)?;
         self.recall_rows(host, rows, scratch)
     }
 

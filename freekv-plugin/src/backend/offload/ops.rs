@@ -159,6 +159,16 @@ pub trait DeviceMemory<T: KvElem>: Send + Sync + 'static {
     fn upload_query(&self, query: &[f32], dst: &mut Self::Query) -> anyhow::Result<()>;
 }
 
+/// Where a selection's query is read.
+#[derive(Clone, Copy, Debug)]
+pub enum SelectQuery<'a> {
+    /// `[n_q][d]` f32 on the host (the stored query).
+    Host(&'a [f32]),
+    /// The query of this row of the decode batch, in place (the stored query was taken from
+    /// it; the caller has read the batch's values on the host, so the device produced them).
+    Batch(usize),
+}
+
 /// One sequence's selection for [`DeviceOps::select_pages`]: the candidates, the query, and
 /// the pages each head's selected slots hold.
 #[derive(Clone, Copy, Debug)]
@@ -167,8 +177,8 @@ pub struct PageSelection<'a> {
     pub blocks: &'a [u32],
     /// The first candidate's page.
     pub first: usize,
-    /// The query `[n_q][d]` f32.
-    pub query: &'a [f32],
+    /// The query.
+    pub query: SelectQuery<'a>,
     /// The KV heads to plan (the others' plans are left empty).
     pub heads: &'a [bool],
     /// How a group's query heads pool into their KV head's score.
@@ -229,11 +239,13 @@ pub trait DeviceOps<T: KvElem>: DeviceMemory<T> {
     /// `heads`: the Quest bound of every query head of the group against the summary of each
     /// candidate, pooled over the group, then the top `sel_pages` and the replacement plan of
     /// the head's selected slots, exactly as the CPU backend's `plan_replacement` makes them
-    /// from those pooled scores, into `out` (job `i`'s head `h` at `i * n_kv + h`). Returns once
+    /// from those pooled scores, into `out` (job `i`'s head `h` at `i * n_kv + h`). A job's
+    /// query is read from the host or in place from `batch` ([`SelectQuery`]). Returns once
     /// `out` is written (only the plans come back from the device; one wait for all jobs).
     fn select_pages(
         &self,
         mirror: &Self::Summaries,
+        batch: &Self::Batch,
         jobs: &[PageSelection<'_>],
         out: &mut PagePlans,
         scratch: &mut Self::Scratch,

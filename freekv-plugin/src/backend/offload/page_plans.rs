@@ -149,6 +149,7 @@ impl PagePlans {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::offload::SelectQuery;
     use crate::Pooling;
 
     fn row(count: u32, margin: f32, pairs: &[(u32, u32)], n_sel: usize) -> Vec<u32> {
@@ -169,7 +170,7 @@ mod tests {
         PageSelection {
             blocks,
             first,
-            query: &[],
+            query: SelectQuery::Host(&[]),
             heads,
             pooling: Pooling::Max,
             resident,

@@ -11,8 +11,8 @@ use crate::geometry::NO_PAGE;
 use crate::Selector;
 
 use super::{
-    ChunkMove, DeviceOps, DeviceTierOf, HostTierOf, OffloadBackend, OffloadScratch, PageSelection,
-    SlotMoves,
+    Call, ChunkMove, DeviceOps, DeviceTierOf, HostTierOf, OffloadBackend, OffloadBatch,
+    OffloadScratch, PageSelection, SelectQuery, SlotMoves,
 };
 
 impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
@@ -23,6 +23,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         &self,
         host: &HostTierOf<T, O>,
         rows: &mut [SelectRow<'_, DeviceTierOf<T, O>>],
+        batch: &OffloadBatch<O::Batch, O::Staged>,
         scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<()> {
         for r in rows
@@ -49,7 +50,7 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
         if quest.is_empty() {
             return Ok(());
         }
-        self.select_on_device(host, rows, &quest, scratch)?;
+        self.select_on_device(host, rows, &quest, batch, scratch)?;
         let n_kv = self.geo.num_kv_heads;
         for (k, &i) in quest.iter().enumerate() {
             let r = &mut rows[i];
@@ -65,12 +66,16 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
     }
 
     /// Selects for `rows[i]` of each `i` of `quest` on the device, from its mirror of the
-    /// summaries: the `k`-th row's plans into `scratch.plans` (rows `k * n_kv + head`).
+    /// summaries: the `k`-th row's plans into `scratch.plans` (rows `k * n_kv + head`). A
+    /// row's query is read in place from the loaded decode step where it was stored from there
+    /// and the step's values were read on the host (so the device has long produced them);
+    /// otherwise from the stored query on the host.
     fn select_on_device(
         &self,
         host: &HostTierOf<T, O>,
         rows: &[SelectRow<'_, DeviceTierOf<T, O>>],
         quest: &[usize],
+        batch: &OffloadBatch<O::Batch, O::Staged>,
         scratch: &mut OffloadScratch<T, O::Scratch>,
     ) -> anyhow::Result<()> {
         let Some(mirror) = host.summaries.as_ref() else {
@@ -108,6 +113,13 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             );
         }
         let w = self.geo.num_kv_heads * self.geo.sel_pages;
+        let in_place = matches!(
+            batch.call,
+            Call::Decode {
+                host_loaded: true,
+                ..
+            }
+        );
         let jobs: Vec<PageSelection<'_>> = quest
             .iter()
             .zip(spans)
@@ -115,14 +127,17 @@ impl<T: KvElem, O: DeviceOps<T>> OffloadBackend<T, O> {
             .map(|(k, (&i, span))| PageSelection {
                 blocks: &blocks[span],
                 first: rows[i].selection.candidates.start,
-                query: rows[i].dev.plan.query(),
+                query: match rows[i].query_row {
+                    Some(row) if in_place => SelectQuery::Batch(row),
+                    _ => SelectQuery::Host(rows[i].dev.plan.query()),
+                },
                 heads: rows[i].heads,
                 pooling: self.pooling,
                 resident: &resident[k * w..(k + 1) * w],
             })
             .collect();
         self.ops
-            .select_pages(mirror, &jobs, plans, device)
+            .select_pages(mirror, &batch.dev, &jobs, plans, device)
             .context("selecting the pages on the device")
     }
 

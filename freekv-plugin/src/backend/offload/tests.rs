@@ -203,14 +203,16 @@ fn a_failed_summary_copy_is_retried_before_any_selection_scores_it() {
         selector: crate::Selector::Quest,
         shortlist: 2,
     };
+    let none = off.alloc_batch();
     let mut select = |host: &HostTierOf<f32, EmulatedDevice<f32>>, scratch: &mut _| {
         let mut one = [crate::backend::SelectRow {
             table: &table,
             dev: &mut dev,
             selection: selection.clone(),
             heads: &heads,
+            query_row: None,
         }];
-        off.select(host, &mut one, scratch)
+        off.select(host, &mut one, &none, scratch)
     };
     let err = select(&host, &mut scratch).unwrap_err();
     assert!(format!("{err:#}").contains("block 2 is stale"), "{err:#}");
@@ -225,4 +227,83 @@ fn a_failed_summary_copy_is_retried_before_any_selection_scores_it() {
         let o = (h * m.num_blocks + 2) * w;
         assert_eq!(&m.data[o..o + w], host.tier.summary(2, h), "head {h}");
     }
+}
+
+/// A selection whose stored query was taken from a row of the loaded decode step reads that
+/// row in place (the step's values having been read on the host): the pages follow the row
+/// it names, as they follow the stored query read from the host.
+#[test]
+fn a_selection_reads_its_query_in_place_from_the_row_it_names() {
+    let g = geo();
+    let off = OffloadBackend::new(g, &FreeKvConfig::default(), EmulatedDevice::<f32>::new(g));
+    let mut host = off.alloc_host_tier(10, true).unwrap();
+    let mut scratch = off.alloc_scratch(Role::Worker);
+    let (n_q, n_kv, d) = (g.num_q_heads(), g.num_kv_heads, g.head_dim);
+    let val = |i: usize| ((i * 7919 % 61) as f32 - 30.0) / 9.0;
+    let table: Vec<u32> = (0..10).collect();
+    for b in 1..7u32 {
+        for h in 0..n_kv {
+            for t in 0..g.page_size {
+                let k: Vec<f32> = (0..d)
+                    .map(|c| val(((b as usize * 5 + h) * 31 + t) * 17 + c * 3))
+                    .collect();
+                host.tier.write_row(b, h, t, &k, &k);
+            }
+        }
+    }
+    off.ensure_summaries(&mut host, &table[1..7], &mut scratch)
+        .unwrap();
+    // A decode step of two rows whose queries differ.
+    let cpu = Device::Cpu;
+    let q: Vec<f32> = (0..2 * n_q * d).map(|i| val(i * 13 + 1)).collect();
+    let q = Tensor::from_vec(q, (2, n_q, d), &cpu).unwrap();
+    let kv = Tensor::zeros((2, n_kv, d), DType::F32, &cpu).unwrap();
+    let mut batch = off.alloc_batch();
+    let step = Inputs::Decode {
+        q: &q,
+        k: &kv,
+        v: &kv,
+    };
+    off.load(&mut batch, step).unwrap();
+    let heads = vec![true; n_kv];
+    let selection = crate::backend::Selection {
+        candidates: 1..7,
+        len: 9 * g.page_size,
+        params: crate::AttnParams::scaled(1.0),
+        selector: crate::Selector::Quest,
+        shortlist: 2,
+    };
+    // The selected pages of a working set that stored `stored`'s query, selecting with the
+    // query of `query_row` in place (None: the stored query).
+    let mut pages = |stored: usize, query_row: Option<usize>| -> Vec<Vec<u32>> {
+        let mut dev = off.alloc_device_tier().unwrap();
+        let mut one = [crate::backend::StoreQuery {
+            dev: &mut dev,
+            row: stored,
+            token: 0,
+        }];
+        off.store_query(&mut one, &mut batch).unwrap();
+        let mut one = [crate::backend::SelectRow {
+            table: &table,
+            dev: &mut dev,
+            selection: selection.clone(),
+            heads: &heads,
+            query_row,
+        }];
+        off.select(&host, &mut one, &batch, &mut scratch).unwrap();
+        (0..n_kv)
+            .map(|h| {
+                let mut p = dev.plan.slots(h)[g.selected_slots()].to_vec();
+                p.sort();
+                p
+            })
+            .collect()
+    };
+    let (by_row0, by_row1) = (pages(0, None), pages(1, None));
+    assert_ne!(by_row0, by_row1, "the two queries must select differently");
+    assert_eq!(pages(1, Some(1)), by_row1);
+    assert_eq!(pages(0, Some(0)), by_row0);
+    // The row named is the one read (here deliberately not the stored one).
+    assert_eq!(pages(1, Some(0)), by_row0);
+    assert_eq!(pages(0, Some(1)), by_row1);
 }
