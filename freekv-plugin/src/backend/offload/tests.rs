@@ -7,6 +7,22 @@ use crate::backend::AttendRow;
 use crate::plan::tests::geo;
 use candle_core::Device;
 
+/// Writes every token of `block` in the host tier, behind the backend's back (no summary):
+/// keys and values `f(head, token, channel)`.
+fn fill_block(
+    host: &mut HostTierOf<f32, EmulatedDevice<f32>>,
+    block: u32,
+    f: impl Fn(usize, usize, usize) -> f32,
+) {
+    let g = geo();
+    for h in 0..g.num_kv_heads {
+        for t in 0..g.page_size {
+            let k: Vec<f32> = (0..g.head_dim).map(|c| f(h, t, c)).collect();
+            host.tier.write_row(block, h, t, &k, &k);
+        }
+    }
+}
+
 /// Summaries the host computes outside a page fill (`ensure_summaries`) reach the device's
 /// mirror, and a dense layer has none.
 #[test]
@@ -17,14 +33,9 @@ fn summaries_computed_late_reach_the_mirror() {
     let mut host = off.alloc_host_tier(4, true).unwrap();
     let mut scratch = off.alloc_scratch(Role::Worker);
     // Block 2 filled behind the backend's back (no summary yet).
-    for h in 0..g.num_kv_heads {
-        for t in 0..g.page_size {
-            let k: Vec<f32> = (0..g.head_dim)
-                .map(|c| ((h * 31 + t * 7 + c * 3) % 11) as f32 - 5.0)
-                .collect();
-            host.tier.write_row(2, h, t, &k, &k);
-        }
-    }
+    fill_block(&mut host, 2, |h, t, c| {
+        ((h * 31 + t * 7 + c * 3) % 11) as f32 - 5.0
+    });
     // The mirror's record of block 2 for every head, against the host tier's.
     let w = 2 * g.head_dim;
     let mirrored = |host: &HostTierOf<f32, EmulatedDevice<f32>>| -> Vec<Vec<f32>> {
@@ -176,14 +187,9 @@ fn a_failed_summary_copy_is_retried_before_any_selection_scores_it() {
     let off = OffloadBackend::new(g, &FreeKvConfig::default(), EmulatedDevice::<f32>::new(g));
     let mut host = off.alloc_host_tier(4, true).unwrap();
     let mut scratch = off.alloc_scratch(Role::Worker);
-    for h in 0..g.num_kv_heads {
-        for t in 0..g.page_size {
-            let k: Vec<f32> = (0..g.head_dim)
-                .map(|c| ((h * 13 + t * 5 + c) % 9) as f32 - 4.0)
-                .collect();
-            host.tier.write_row(2, h, t, &k, &k);
-        }
-    }
+    fill_block(&mut host, 2, |h, t, c| {
+        ((h * 13 + t * 5 + c) % 9) as f32 - 4.0
+    });
     // A mirror too small for block 2: its copy fails, naming the block.
     let mirror = host.summaries.replace(off.ops.alloc_summaries(2).unwrap());
     let err = off
@@ -242,14 +248,9 @@ fn a_selection_reads_its_query_in_place_from_the_row_it_names() {
     let val = |i: usize| ((i * 7919 % 61) as f32 - 30.0) / 9.0;
     let table: Vec<u32> = (0..10).collect();
     for b in 1..7u32 {
-        for h in 0..n_kv {
-            for t in 0..g.page_size {
-                let k: Vec<f32> = (0..d)
-                    .map(|c| val(((b as usize * 5 + h) * 31 + t) * 17 + c * 3))
-                    .collect();
-                host.tier.write_row(b, h, t, &k, &k);
-            }
-        }
+        fill_block(&mut host, b, |h, t, c| {
+            val(((b as usize * 5 + h) * 31 + t) * 17 + c * 3)
+        });
     }
     off.ensure_summaries(&mut host, &table[1..7], &mut scratch)
         .unwrap();
