@@ -146,10 +146,22 @@ generate() {
   local m=$MODELS/$1 f=$WORK/$1-$2
   RUST_LOG=info "$BIN/mistralrs" --token-source none $3 run -m "$m" $E2E_FLAGS $4 \
     -i "$(cat "$m/prompt.txt")" >"$f.out" 2>&1 || return 1
-  # The engine's log lines (ANSI-coloured, timestamped) go; one may end the text's last line.
-  grep -av $'^\e\[' "$f.out" | sed -E $'s/\e\\[2m[0-9]{4}-[0-9]{2}-[0-9]{2}T[^ ]*Z\e\\[0m.*$//' |
-    sed '/^Stats:/,$d' | sed '/^$/d' >"$f.tokens"
-  [ -s "$f.tokens" ]
+  # The engine's log records (ANSI-coloured, timestamped, on stdout like the text) go, with
+  # their newline, wherever they start: one may land inside the streamed text (FreeKV's
+  # release line is logged while the last tokens are printed), whose two halves then rejoin.
+  python3 - "$f.out" >"$f.tokens" <<'PY' || return 1
+import re, sys
+raw = open(sys.argv[1], encoding="utf-8", errors="replace").read()
+raw = re.sub(r"\x1b\[2m\d{4}-\d\d-\d\dT[^ ]*Z\x1b\[0m[^\n]*(\n|$)", "", raw)
+lines = []
+for line in raw.split("\n"):
+    if line.startswith("Stats:"):
+        break
+    if line and not line.startswith("\x1b["):
+        lines.append(line)
+print("\n".join(lines))
+PY
+  [ -s "$f.tokens" ] && [ "$(wc -c <"$f.tokens")" -gt 1 ]
 }
 
 # same_tokens ARCH TAG: FreeKV's run TAG gave the stock run's tokens.
