@@ -224,13 +224,12 @@ impl ScoreBuffers {
                     mirror.num_blocks
                 );
             }
-            let first = i32::try_from(job.first + job.blocks.len()).map_err(|_| {
-                anyhow::anyhow!(
-                    "candidate pages up to {} exceed i32",
-                    job.first + job.blocks.len()
-                )
-            })?;
-            self.host_first.push(first - job.blocks.len() as i32);
+            let last = job.first + job.blocks.len();
+            anyhow::ensure!(
+                i32::try_from(last).is_ok(),
+                "candidate pages up to {last} exceed i32"
+            );
+            self.host_first.push(job.first as i32);
             self.host_blocks.extend_from_slice(job.blocks);
             self.host_blocks.resize((s + 1) * stride, 0);
             self.host_resident.extend_from_slice(job.resident);

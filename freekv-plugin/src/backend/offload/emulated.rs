@@ -383,7 +383,7 @@ impl<T: KvElem> DeviceOps<T> for EmulatedDevice<T> {
                 }
             };
             anyhow::ensure!(
-                query.len() == g.num_q_heads() * d && resident.len() == n_kv * n_sel,
+                query.len() == w && resident.len() == n_kv * n_sel,
                 "page selection got a {}-value query and {} resident pages",
                 query.len(),
                 resident.len()
